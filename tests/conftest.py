@@ -1,0 +1,32 @@
+import pytest
+
+from gradientspace.config import ModelConfig
+from gradientspace.data import Record
+from gradientspace.models import load_lora_model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny-random with LoRA whose B is non-zero, so both A and B have non-trivial gradients."""
+    import torch
+
+    loaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=4, lora_alpha=8), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return loaded
+
+
+def make_records(n: int, seed: int = 0) -> list[Record]:
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega tau rho".split()
+    records = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
+        response = " ".join(rng.choice(words) for _ in range(rng.randint(1, 15)))
+        records.append(Record(id=f"r{i}", messages=[{"role": "user", "content": prompt}], response=response, source=f"s{i % 3}"))
+    return records
