@@ -59,6 +59,7 @@ class SketchConfig:
     rank: int = field(default=16, metadata={"help": "Reported rank r of the online SVD."})
     internal_rank: int | None = field(default=None, metadata={"help": "Rank r' kept during updates (default 4·r); larger keeps the lower components accurate."})
     block_size: int = field(default=64, metadata={"help": "Gradient columns buffered per incremental SVD update."})
+    dtype: str = field(default="float64", metadata={"help": "Precision of the sketch's basis (`float64` or `float32`, which halves its memory for very large d)."})
 
 
 @dataclass
@@ -88,6 +89,7 @@ class RunConfig:
 
 CHOICES = {
     "gradients.tokens": ("response", "instruction"),
+    "sketch.dtype": ("float64", "float32"),
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
 }
 

@@ -134,6 +134,13 @@ class OnlineSVD:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={**meta, **(metadata or {})})
 
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.U, self.S, self.V = (tensors[n].to(self.device, self.dtype) for n in ("U", "S", "V"))
+        self.indices = tensors["indices"].cpu()
+        self.total_energy = float(tensors["total_energy"])
+        self._pending = [tensors["pending"].to(self.device, self.dtype)] if len(tensors["pending"]) else []
+        self._pending_indices = tensors["pending_indices"].tolist()
+
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "OnlineSVD":
         from safetensors import safe_open
@@ -143,10 +150,5 @@ class OnlineSVD:
         tensors = load_file(str(path))
         sketch = cls(tensors["U"].shape[0], int(meta["rank"]), int(meta["internal_rank"]), int(meta["block_size"]),
                      dtype=tensors["U"].dtype, device=device)
-        sketch.U, sketch.S, sketch.V = (tensors[n].to(device) for n in ("U", "S", "V"))
-        sketch.indices = tensors["indices"]
-        sketch.total_energy = float(tensors["total_energy"])
-        if len(tensors["pending"]):
-            sketch._pending = [tensors["pending"].to(device)]
-            sketch._pending_indices = tensors["pending_indices"].tolist()
+        sketch.load_state_dict(tensors)
         return sketch

@@ -1,0 +1,148 @@
+"""Clustering in gradient space, the baselines behind the same interface, and cluster metrics.
+
+Methods (all end in k-means from scikit-learn on unit-norm rows, i.e. spherical k-means):
+- `gradientspace`: the online-SVD coordinates of the full gradients (the project's method);
+- `random-projection`: full gradients × a seeded Rademacher matrix (LESS / ELREA style);
+- `exact`: the full gradients themselves, kept in memory (the ceiling; small N×d only);
+- `embedding`: all-MiniLM-L6-v2 embeddings of the prompt text;
+- `random`: seeded random assignment (the control).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics.cluster import contingency_matrix
+
+GRADIENT_METHODS = ("gradientspace", "random-projection", "exact")
+
+
+class RademacherProjector:
+    """Projects gradients to k dims with a ±1/√k matrix that is regenerated block by block, never stored.
+
+    Row block j of the d×k matrix comes from a generator seeded with (seed, j), so every call sees
+    the same matrix. Regenerating it costs d·k random draws per call, so gradients are buffered
+    and projected `buffer_rows` at a time.
+    """
+
+    def __init__(self, dim: int, k: int, seed: int, block_rows: int = 8192, buffer_rows: int = 256):
+        self.dim, self.k, self.seed = dim, k, seed
+        self.block_rows, self.buffer_rows = block_rows, buffer_rows
+        self._pending: list[torch.Tensor] = []
+        self._pending_indices: list[int] = []
+        self.features: list[torch.Tensor] = []
+        self.indices: list[int] = []
+
+    def block(self, j: int, device: torch.device) -> torch.Tensor:
+        rows = min(self.block_rows, self.dim - j * self.block_rows)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        signs = torch.randint(0, 2, (rows, self.k), generator=generator, dtype=torch.int8)
+        return (signs.to(device, torch.float32) * 2 - 1) / math.sqrt(self.k)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(rows), self.k, device=rows.device)
+        for j in range(math.ceil(self.dim / self.block_rows)):
+            start = j * self.block_rows
+            out += rows[:, start:start + self.block_rows].float() @ self.block(j, rows.device)
+        return out
+
+    def add(self, rows: torch.Tensor, indices: list[int]) -> None:
+        self._pending.append(rows.float())
+        self._pending_indices.extend(indices)
+        if sum(len(p) for p in self._pending) >= self.buffer_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.features.append(self.project(torch.cat(self._pending)).cpu())
+            self.indices.extend(self._pending_indices)
+            self._pending, self._pending_indices = [], []
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        self.flush()
+        return torch.cat(self.features) if self.features else torch.zeros(0, self.k), list(self.indices)
+
+
+class ExactStore:
+    """Keeps every full gradient (float32): the ceiling for the sketch, affordable only for small N×d."""
+
+    def __init__(self, dim: int, expected_rows: int, max_bytes: int):
+        needed = dim * expected_rows * 4
+        if needed > max_bytes:
+            raise ValueError(f"method `exact` would hold {needed / 2**30:.1f} GiB of gradients ({expected_rows} × {dim}); "
+                             f"raise config key `cluster.exact_max_bytes` ({max_bytes / 2**30:.1f} GiB) or use `gradientspace`")
+        self.rows: list[torch.Tensor] = []
+        self.indices: list[int] = []
+
+    def add(self, rows: torch.Tensor, indices: list[int]) -> None:
+        self.rows.append(rows.float().cpu())
+        self.indices.extend(indices)
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        return torch.cat(self.rows), list(self.indices)
+
+
+def _unit_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = features.double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return array / np.maximum(norms, 1e-30)
+
+
+def spherical_kmeans(features, k: int, seed: int, n_init: int = 10) -> np.ndarray:
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(_unit_rows(features))
+
+
+def choose_k(features, k_max: int, seed: int, n_init: int = 10) -> tuple[int, dict[int, float]]:
+    """K in 2..k_max with the best cosine silhouette; returns (K, {K: silhouette})."""
+    unit = _unit_rows(features)
+    scores = {}
+    for k in range(2, min(k_max, len(unit) - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(unit)
+        scores[k] = float(silhouette_score(unit, labels, metric="cosine")) if len(set(labels)) > 1 else -1.0
+    if not scores:
+        raise ValueError(f"`k: auto` needs at least 3 samples, got {len(unit)}")
+    return max(scores, key=scores.get), scores
+
+
+def random_labels(n: int, k: int, seed: int) -> np.ndarray:
+    """Balanced random assignment: a seeded permutation of round-robin labels."""
+    return np.random.default_rng(seed).permutation(np.arange(n) % k)
+
+
+def label_metrics(labels, sources) -> dict[str, float]:
+    """NMI, ARI and purity of clusters against evaluation-only `source` labels."""
+    matrix = contingency_matrix(sources, labels)
+    return {"nmi": float(normalized_mutual_info_score(sources, labels)),
+            "ari": float(adjusted_rand_score(sources, labels)),
+            "purity": float(matrix.max(axis=0).sum() / matrix.sum())}
+
+
+def within_cluster_cosine(coordinates: torch.Tensor, labels) -> float:
+    """Mean pairwise cosine of gradients inside clusters, from sketch coordinates of unit gradients.
+
+    For unit vectors g_i ≈ U c_i: Σ_{i≠j} cos = ‖Σ c_i‖² − Σ‖c_i‖², so no pair loop is needed.
+    The value is a slight underestimate: the part of each gradient outside the top-r basis is left out.
+    """
+    coordinates = coordinates.double()
+    labels = torch.as_tensor(np.asarray(labels))
+    total, pairs = 0.0, 0
+    for cluster in labels.unique():
+        members = coordinates[labels == cluster]
+        n = len(members)
+        if n > 1:
+            total += float(members.sum(0).square().sum() - members.square().sum())
+            pairs += n * (n - 1)
+    return total / pairs if pairs else float("nan")
+
+
+def composition(labels, sources) -> dict[str, dict[str, int]]:
+    """cluster → {source: count}, for reports."""
+    table: dict[str, dict[str, int]] = {}
+    for label, source in zip(labels, sources):
+        row = table.setdefault(str(int(label)), {})
+        row[source] = row.get(source, 0) + 1
+    return table
