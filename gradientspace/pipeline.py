@@ -75,7 +75,7 @@ def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: Loade
     plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed)
     with run.stage("warmup", key) as stage:
         summary = train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, folder, desc="warm-up")
-        stage.update(summary, samples=len(examples), outputs=["warmup/adapter/adapter_model.safetensors", "warmup/optimizer.safetensors"])
+        stage.update(summary, samples=len(examples), outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
     return folder
 
 
@@ -142,7 +142,7 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
     """
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(loaded.model, load_file(str(warmup_dir / "adapter" / "adapter_model.safetensors")))
+    set_peft_model_state_dict(loaded.model, load_file(str(warmup_dir / "adapter_model.safetensors")))
     layout = layout_of(loaded.model)
     examples, batches = gradient_batches(records, loaded, config)
     rank, world_size = distributed.world()

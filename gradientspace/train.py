@@ -42,12 +42,15 @@ def _batches_for(examples: list[Example], plan: TrainPlan) -> list[list[Example]
 
 
 def _save_adapter(model, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
+    """Write the adapter files into `folder` atomically, file by file, and drop the checkpoint."""
+    tmp = folder.with_name(folder.name + ".adapter-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in tmp.iterdir():
+        file.replace(folder / file.name)
+    tmp.rmdir()
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
 
 
 def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -55,7 +58,11 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def train_adapter(model, examples: list[Example], pad_id: int, device: torch.device, plan: TrainPlan, out_dir: Path, desc: str) -> dict:
-    """Train the model's active LoRA adapter; write `out_dir/{adapter files, optimizer.safetensors, losses.json}`."""
+    """Train the model's active LoRA adapter.
+
+    `out_dir` becomes a peft adapter folder (`PeftModel.from_pretrained(base, out_dir)` and vLLM's
+    `--lora-modules` load it as it is) that also holds `optimizer.safetensors` and `losses.json`.
+    """
     from peft import set_peft_model_state_dict
 
     out_dir = Path(out_dir)
@@ -87,11 +94,10 @@ def train_adapter(model, examples: list[Example], pad_id: int, device: torch.dev
             _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
     progress.close()
     model.eval()
-    _save_adapter(model, out_dir / "adapter")
+    _save_adapter(model, out_dir)
     _save_moments(optimizer, named, out_dir / "optimizer.safetensors")
     write_json(out_dir / "losses.json", {"loss": losses, "steps": len(batches), "examples": len(examples),
                                          "tokens": sum(sum(1 for l in e.labels if l != -100) for b in batches for e in b)})
-    shutil.rmtree(checkpoint, ignore_errors=True)
     return {"steps": len(batches), "final_loss": losses[-1] if losses else None}
 
 

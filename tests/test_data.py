@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from conftest import make_records
+from gradientspace.data import IGNORE, DataError, Record, load_records, mix4_packaged, shuffled_length_batches, tokenize
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_alpaca_and_chat_records(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5", "source": "math", "id": "a"},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ])
+    records, report = load_records(path)
+    assert [r.id for r in records] == ["a", "d-1"]
+    assert records[0].messages[0]["content"] == "Add\n\n2 and 3"
+    assert records[1].response == "Hello" and records[1].source is None
+    assert report.records == 2
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"instruction": "x"}, "output"),
+    ({"instruction": "x", "output": "  "}, "output"),
+    ({"instruction": 3, "output": "y"}, "instruction"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+    ('{"instruction": "x", "output": ', "invalid JSON"),
+])
+def test_bad_record_names_file_line_and_field(tmp_path, bad, field):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "ok", "output": "fine"}, bad])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert f"{path}:2" in str(err.value) and field in str(err.value)
+
+
+def test_skip_bad_counts(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "ok", "output": "fine"}, {"instruction": "x"}, "not json"])
+    records, report = load_records(path, skip_bad=True)
+    assert len(records) == 1 and report.skipped == 2
+
+
+def test_parquet_and_json_files(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert [r.response for r in load_records(str(tmp_path / "d.parquet"))[0]] == ["a0", "a1", "a2"]
+    assert len(load_records(str(tmp_path / "d.json"))[0]) == 3
+
+
+def test_unknown_path_and_suffix(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_records(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported"):
+        load_records(str(tmp_path / "d.csv"))
+
+
+def test_response_mask_covers_exactly_the_response(tiny):
+    tokenizer = tiny.tokenizer
+    record = Record("x", [{"role": "user", "content": "What is two plus two?"}], "Four.")
+    (example,) = tokenize([record], tokenizer, max_length=256)
+    covered = [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE]
+    text = tokenizer.decode(covered)
+    assert text.startswith("Four.") and "two plus two" not in text
+    (instruction,) = tokenize([record], tokenizer, max_length=256, tokens="instruction")
+    assert "two plus two" in tokenizer.decode(instruction.input_ids) and "Four" not in tokenizer.decode(instruction.input_ids)
+
+
+def test_truncation_keeps_some_response_and_is_reported(tiny):
+    record = Record("x", [{"role": "user", "content": "word " * 300}], "answer " * 100)
+    (example,) = tokenize([record], tiny.tokenizer, max_length=128)
+    assert example.truncated and len(example.input_ids) == 128
+    assert sum(1 for l in example.labels if l != IGNORE) >= 32
+
+
+def test_length_batches_cover_every_sample_once(tiny):
+    examples = tokenize(make_records(37), tiny.tokenizer, max_length=128)
+    batches = shuffled_length_batches(examples, batch_size=4, chunk_size=16, seed=1)
+    seen = sorted(e.index for b in batches for e in b)
+    assert seen == list(range(37))
+    assert shuffled_length_batches(examples, 4, 16, seed=1)[0][0].index == batches[0][0].index
+
+
+def test_mix4_packaged_is_deterministic_and_labelled():
+    a = mix4_packaged(per_source=5, seed=0)
+    b = mix4_packaged(per_source=5, seed=0)
+    test = mix4_packaged(per_source=5, seed=0, split="test")
+    assert [r.id for r in a] == [r.id for r in b] and [r.response for r in a] == [r.response for r in b]
+    assert sorted({r.source for r in a}) == ["code", "finance", "math", "writing"]
+    assert len(a) == 20
+    train_prompts = {r.prompt_text for r in a}
+    assert not train_prompts & {r.prompt_text for r in test}
