@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, config_from_run, load_config
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -57,6 +57,82 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace, flags: dict[str, str] | None = None):
+    return config_from_run(args.run, _overrides(args, flags or {}))
+
+
+def cmd_train_experts(args: argparse.Namespace) -> int:
+    from .experts import train_experts
+
+    config = _run_config(args, {"strategies": "experts.strategies", "epochs": "experts.epochs"})
+    for strategy, summary in train_experts(config).items():
+        print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}")
+    print(f"experts: {config.out}/experts/<k>/ (peft adapter folders); baselines: {config.out}/strategies/")
+    return 0
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    from .router import train_routers
+
+    config = _run_config(args, {"strategies": "experts.strategies"})
+    for strategy, summary in train_routers(config).items():
+        print(f"router for {strategy:<20} held-out accuracy {summary['heldout_accuracy']:.3f}   train accuracy {summary['train_accuracy']:.3f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import Record, load_records
+    from .inference import StrategyModel
+
+    config = _run_config(args, {"threshold": "router.threshold"})
+    if (args.prompt is None) == (args.data is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --data FILE")
+    records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad)[0]
+    engine = StrategyModel(config, [args.strategy])
+    for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
+        print(json.dumps({"id": record.id, "expert": generation.expert, "probability": round(generation.probability, 4), "text": generation.text}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_strategies, markdown_table
+
+    config = _run_config(args, {"data": "evaluate.data", "limit": "evaluate.limit"})
+    strategies = args.strategies.split(",") if args.strategies else None
+    results = evaluate_strategies(config, strategies)
+    print(markdown_table(results, strategies or list(config.experts.strategies)))
+    print(f"written: {config.out}/eval.json, {config.out}/eval.md")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    for figure in make_report(args.run):
+        print(figure)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from .evaluate import markdown_table
+    from .workflow import run_all
+
+    config = load_config(args.config, _overrides(args, {"out": "out"}))
+    start = time.perf_counter()
+    result = run_all(config)
+    print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
+    from .runs import Run
+
+    stages = Run(config.out).manifest["stages"]
+    print("seconds per stage: " + ", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in stages.items()))
+    print(f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report/   results: {config.out}/eval.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int)
     cluster.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     cluster.set_defaults(func=cmd_cluster)
+
+    run = sub.add_parser("run", help="the whole pipeline from one YAML config: cluster, experts, router, evaluate, report")
+    run.add_argument("config", help="YAML config")
+    run.add_argument("--out", help="run directory (overrides the config's `out`)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE")
+    run.set_defaults(func=cmd_run)
+
+    def run_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("run", help="run directory made by `gradientspace cluster` or `run`")
+        command.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key of the run")
+        command.set_defaults(func=func)
+        return command
+
+    experts = run_command("train-experts", "one LoRA expert per cluster, plus the comparison strategies' adapters", cmd_train_experts)
+    experts.add_argument("--strategies", help="comma-separated, e.g. routed,single,oracle")
+    experts.add_argument("--epochs", type=int)
+    router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
+    router.add_argument("--strategies", help="comma-separated routed strategies")
+    generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
+    generate.add_argument("--prompt")
+    generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
+    generate.add_argument("--strategy", default="routed")
+    generate.add_argument("--threshold", type=float, help="router confidence below which the warm-up adapter answers")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--skip-bad", action="store_true")
+    evaluate = run_command("evaluate", "held-out NLL, accuracy and latency of every strategy", cmd_evaluate)
+    evaluate.add_argument("--data", help="test data (default: the config's evaluate.data)")
+    evaluate.add_argument("--strategies", help="comma-separated (default: experts.strategies)")
+    evaluate.add_argument("--limit", type=int)
+    report = sub.add_parser("report", help="PNG figures of a run")
+    report.add_argument("run")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -90,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError) as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
         print(f"gradientspace: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,6 +72,40 @@ class ClusterConfig:
     exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients."})
 
 
+STRATEGIES = ("routed", "single", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble")
+
+
+@dataclass
+class ExpertsConfig:
+    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "oracle", "random-clusters", "elrea-ensemble"], metadata={"help": f"Strategies to build and evaluate: {', '.join(STRATEGIES)}. `routed` and `elrea-ensemble` share the gradient-cluster experts."})
+    init: str = field(default="warmup", metadata={"help": "`warmup`: experts start from the warm-up adapter; `fresh`: from a new LoRA (B = 0)."})
+    epochs: int = field(default=2, metadata={"help": "Epochs over each expert's own cluster. Equal epochs = equal tokens and steps as the single adapter."})
+    snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (experts and the single adapter alike)."})
+    batch_size: int = field(default=4, metadata={"help": "Training batch size."})
+    checkpoint_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+
+
+@dataclass
+class RouterConfig:
+    finetune_encoder: bool = field(default=False, metadata={"help": "Also fine-tune MiniLM (slower); by default only the linear head trains on frozen embeddings."})
+    epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned)."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned)."})
+    validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy."})
+    threshold: float = field(default=0.0, metadata={"help": "Below this top probability a prompt goes to the warm-up (generalist) adapter."})
+
+
+@dataclass
+class EvalConfig:
+    data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records."})
+    generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Decoding budget per prompt."})
+    humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when code is in the mix (0 = off)."})
+    latency_prompts: int = field(default=4, metadata={"help": "Prompts timed per strategy for routing time, time to first token and tokens/s."})
+    elrea_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature over standardised cosine similarities (elrea-ensemble)."})
+
+
 @dataclass
 class RunConfig:
     out: str = field(default="runs/default", metadata={"help": "Run directory."})
@@ -82,6 +116,9 @@ class RunConfig:
     gradients: GradientConfig = field(default_factory=GradientConfig)
     sketch: SketchConfig = field(default_factory=SketchConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,7 +128,9 @@ CHOICES = {
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
+    "experts.init": ("warmup", "fresh"),
 }
+LIST_CHOICES = {"experts.strategies": STRATEGIES}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -147,6 +186,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             value = _coerce(value, hint, key)
             if key in CHOICES and value not in CHOICES[key]:
                 raise ConfigError(f"config key `{key}`: {value!r} is not one of {', '.join(CHOICES[key])}")
+            for item in value if key in LIST_CHOICES else []:
+                if item not in LIST_CHOICES[key]:
+                    raise ConfigError(f"config key `{key}`: {item!r} is not one of {', '.join(LIST_CHOICES[key])}")
             kwargs[name] = value
     return cls(**kwargs)
 
@@ -161,9 +203,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file (optional), apply dotted-key overrides (`{"sketch.rank": 32}`), validate."""
-    tree: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, tree: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (or take a ready `tree`), apply dotted-key overrides (`{"sketch.rank": 32}`), validate."""
+    tree = dict(tree or {})
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -188,9 +230,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
+def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The config a run was made with (from its manifest), with overrides; `out` stays the run."""
+    import json
+
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json): run `gradientspace cluster --out {run_dir}` first")
+    tree = json.loads(manifest.read_text()).get("config", {})
+    tree["out"] = str(run_dir)
+    return load_config(None, overrides, tree=tree)
+
+
 def internal_rank(sketch: SketchConfig) -> int:
     return sketch.internal_rank or 4 * sketch.rank
-
-
-def section_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -77,11 +77,17 @@ class PerSampleGradients:
         self._handles = []
 
     def __enter__(self) -> "PerSampleGradients":
+        # Adapters loaded for inference are frozen; their outputs must still carry a graph.
+        self._frozen = [m.weight for _, m in self.modules if not m.weight.requires_grad]
+        for weight in self._frozen:
+            weight.requires_grad_(True)
         for position, (_, module) in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._keep(position)))
         return self
 
     def __exit__(self, *exc) -> None:
+        for weight in self._frozen:
+            weight.requires_grad_(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

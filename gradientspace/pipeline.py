@@ -214,10 +214,24 @@ def save_gradient_outputs(run: Run, config: RunConfig, consumers: GradientConsum
 
 # ---------------------------------------------------------------- clustering
 
-def method_projection_dims(config: RunConfig) -> tuple[int, ...]:
-    if config.cluster.method != "random-projection":
-        return ()
-    return (config.cluster.projection_dim or config.sketch.rank,)
+def clustering_projection_dim(config: RunConfig) -> int:
+    """`--method random-projection` projects to the sketch rank unless told otherwise (a like-for-like comparison)."""
+    return config.cluster.projection_dim or config.sketch.rank
+
+
+def strategy_projection_dim(config: RunConfig) -> int:
+    """The `projection-clusters` experts use LESS/ELREA's 8192 dimensions unless told otherwise."""
+    return config.cluster.projection_dim or 8192
+
+
+def projection_dims(config: RunConfig) -> tuple[int, ...]:
+    """Every projection the gradient pass must produce for the configured method and strategies."""
+    dims = []
+    if config.cluster.method == "random-projection":
+        dims.append(clustering_projection_dim(config))
+    if "projection-clusters" in config.experts.strategies:
+        dims.append(strategy_projection_dim(config))
+    return tuple(sorted(set(dims)))
 
 
 def features_for(run: Run, config: RunConfig, records: list[Record], device: torch.device) -> torch.Tensor | None:
@@ -225,7 +239,7 @@ def features_for(run: Run, config: RunConfig, records: list[Record], device: tor
     if method == "gradientspace":
         return load_file(str(run.path("sketch.safetensors")))["coordinates"]
     if method == "random-projection":
-        return load_file(str(run.path(f"projection-{method_projection_dims(config)[0]}.safetensors")))["features"]
+        return load_file(str(run.path(f"projection-{clustering_projection_dim(config)}.safetensors")))["features"]
     if method == "exact":
         return load_file(str(run.path("gradients-exact.safetensors")))["features"]
     if method == "embedding":
@@ -266,10 +280,10 @@ def cluster(config: RunConfig) -> ClusterOutcome:
         distributed.barrier()
         run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
         warmup_dir = run.path("warmup")
-        key = config_hash(warmup_key(config), asdict(config.gradients), asdict(config.sketch), method_projection_dims(config), method == "exact")
+        key = config_hash(warmup_key(config), asdict(config.gradients), asdict(config.sketch), projection_dims(config), method == "exact")
         if not run.is_done("gradients", key):
             with run.stage("gradients", key) as stage:
-                consumers = run_gradient_pass(run, config, records, loaded, warmup_dir, method_projection_dims(config), method == "exact")
+                consumers = run_gradient_pass(run, config, records, loaded, warmup_dir, projection_dims(config), method == "exact")
                 if distributed.is_main():
                     save_gradient_outputs(run, config, consumers, layout_of(loaded.model).to_json(), stage)
         if not distributed.is_main():

@@ -30,15 +30,20 @@ class TrainPlan:
     seed: int
     max_steps: int | None = None  # cut the schedule short (equal-budget comparisons)
     checkpoint_every: int = 50
+    snapshot_epochs: tuple[int, ...] = ()  # keep the adapter as it was after these epochs, in `epoch-<e>/`
 
 
-def _batches_for(examples: list[Example], plan: TrainPlan) -> list[list[Example]]:
-    batches = []
+def _batches_for(examples: list[Example], plan: TrainPlan) -> tuple[list[list[Example]], dict[int, int]]:
+    """The whole schedule of batches, and {step after which an epoch ends: epoch number}."""
+    batches, epoch_ends = [], {}
     for epoch in range(plan.epochs):
         epoch_batches = shuffled_length_batches(examples, plan.batch_size, chunk_size=max(plan.batch_size * 16, 64), seed=plan.seed * 1000 + epoch)
         random.Random(plan.seed * 1000 + epoch).shuffle(epoch_batches)  # length-sorted chunks, mixed order
         batches.extend(epoch_batches)
-    return batches[: plan.max_steps] if plan.max_steps is not None else batches
+        epoch_ends[len(batches)] = epoch + 1
+    if plan.max_steps is not None:
+        batches = batches[: plan.max_steps]
+    return batches, epoch_ends
 
 
 def _save_adapter(model, folder: Path) -> None:
@@ -67,7 +72,7 @@ def train_adapter(model, examples: list[Example], pad_id: int, device: torch.dev
 
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint"
-    batches = _batches_for(examples, plan)
+    batches, epoch_ends = _batches_for(examples, plan)
     named = _trainable(model)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=plan.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
     losses: list[float] = []
@@ -90,11 +95,15 @@ def train_adapter(model, examples: list[Example], pad_id: int, device: torch.dev
         losses.append(round(loss.item(), 5))
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        if epoch_ends.get(step + 1) in plan.snapshot_epochs and step + 1 < len(batches):
+            _save_adapter(model, out_dir / f"epoch-{epoch_ends[step + 1]}")
         if (step + 1) % plan.checkpoint_every == 0 and step + 1 < len(batches):
             _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
     progress.close()
     model.eval()
     _save_adapter(model, out_dir)
+    if plan.epochs in plan.snapshot_epochs:  # the final adapter is the last snapshot: a copy keeps curves uniform
+        _save_adapter(model, out_dir / f"epoch-{plan.epochs}")
     _save_moments(optimizer, named, out_dir / "optimizer.safetensors")
     write_json(out_dir / "losses.json", {"loss": losses, "steps": len(batches), "examples": len(examples),
                                          "tokens": sum(sum(1 for l in e.labels if l != -100) for b in batches for e in b)})

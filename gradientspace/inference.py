@@ -1,0 +1,261 @@
+"""Routed inference and the comparison strategies, on one base model holding every adapter.
+
+| strategy | adapter used for a prompt |
+| --- | --- |
+| routed | the gradient-cluster expert the router picks (warm-up adapter below the threshold) |
+| single | the adapter trained on all the data |
+| oracle | the expert of the prompt's true `source` (the ceiling; needs `source`) |
+| random-clusters / embedding-clusters / projection-clusters | that partition's expert, picked by its own router |
+| elrea-ensemble | all gradient-cluster experts and the warm-up adapter, their next-token logits mixed with weights from the softmax over the standardised cosine between the prompt's instruction-token gradient (w.r.t. the warm-up adapter) and each cluster's mean gradient |
+
+Every strategy but the ensemble runs one forward pass per token with one adapter; the ensemble
+needs a backward pass per prompt and K + 1 forward passes per token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import Record, collate, tokenize
+from .experts import GRADIENT_CLUSTER_STRATEGIES, strategy_dir, trained_strategies
+from .gradients import PerSampleGradients, per_sample_mean_loss, transform
+from .models import load_base_model, load_tokenizer, pick_device
+from .router import GENERALIST, Router
+from .runs import Run, atomic_path
+
+WARMUP = "warmup"
+ROUTED_STRATEGIES = ("routed", "random-clusters", "embedding-clusters", "projection-clusters")
+
+
+def router_dir(run: Run, strategy: str) -> Path:
+    return run.path("router") if strategy in GRADIENT_CLUSTER_STRATEGIES else strategy_dir(run, strategy) / "router"
+
+
+@dataclass
+class Choice:
+    """How one prompt is served: adapter weights (one adapter with weight 1 unless ensembling)."""
+    weights: dict[str, float]
+    expert: int | str
+    probability: float
+
+    @property
+    def single_adapter(self) -> str | None:
+        return next(iter(self.weights)) if len(self.weights) == 1 else None
+
+
+@dataclass
+class Generation:
+    text: str
+    expert: int | str
+    probability: float
+    routing_seconds: float
+    first_token_seconds: float
+    new_tokens: int
+    decode_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class StrategyModel:
+    """The base model with the warm-up adapter and every expert of the requested strategies."""
+
+    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None):
+        from peft import PeftModel
+
+        self.config, self.run = config, Run(config.out)
+        self.device = pick_device(config.model.device)
+        self.tokenizer = load_tokenizer(config.model.name)
+        base = load_base_model(config.model.name, self.device)
+        self.model = PeftModel.from_pretrained(base, str(self.run.path("warmup")), adapter_name=WARMUP).eval()
+        self.groups: dict[str, list[str]] = {}
+        self.routers: dict[str, Router] = {}
+        suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
+        for strategy in dict.fromkeys(s if s != "elrea-ensemble" else "routed" for s in strategies):
+            folder = strategy_dir(self.run, strategy)
+            if not (folder / "partition.json").exists():
+                raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
+            self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
+            for group in self.groups[strategy]:
+                path = folder / group / suffix
+                if (path / "adapter_model.safetensors").exists():
+                    self.model.load_adapter(str(path), adapter_name=self.adapter_name(strategy, group))
+            if strategy in ROUTED_STRATEGIES:
+                self.routers[strategy] = Router.load(router_dir(self.run, strategy), self.device, threshold=config.router.threshold)
+        self.model.eval()
+        self.centroids = None
+        if "elrea-ensemble" in strategies:
+            self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(self.device)
+
+    @staticmethod
+    def adapter_name(strategy: str, group: str) -> str:
+        return f"{strategy}__{group}"
+
+    def _adapter_or_warmup(self, strategy: str, group: int) -> str:
+        if group == GENERALIST:
+            return WARMUP
+        name = self.adapter_name(strategy, self.groups[strategy][group])
+        return name if name in self.model.peft_config else WARMUP  # an empty cluster has no expert
+
+    def choose(self, strategy: str, records: list[Record]) -> tuple[list[Choice], float]:
+        """How each prompt is served, and the seconds spent deciding (routing / gradient)."""
+        start = time.perf_counter()
+        if strategy == "single":
+            choices = [Choice({self.adapter_name("single", "0"): 1.0}, 0, 1.0) for _ in records]
+        elif strategy == "oracle":
+            names = self.groups["oracle"]
+            choices = [Choice({self._adapter_or_warmup("oracle", names.index(r.source)) if r.source in names else WARMUP: 1.0},
+                              r.source or GENERALIST, 1.0) for r in records]
+        elif strategy in ROUTED_STRATEGIES:
+            experts, probabilities = self.routers[strategy].route([r.prompt_text for r in records])
+            choices = [Choice({self._adapter_or_warmup(strategy, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
+        elif strategy == "elrea-ensemble":
+            choices = self._ensemble_choices(records)
+        else:
+            raise ValueError(f"unknown strategy `{strategy}`")
+        return choices, time.perf_counter() - start
+
+    def prompt_gradients(self, records: list[Record]) -> torch.Tensor:
+        """Unit-norm instruction-token gradients w.r.t. the warm-up adapter, one row per prompt."""
+        self.model.set_adapter(WARMUP)
+        examples = tokenize(records, self.tokenizer, self.config.data.max_length, "instruction")
+        rows = []
+        with PerSampleGradients(self.model) as engine:
+            for start in range(0, len(examples), 8):
+                input_ids, mask, labels = (t.to(self.device) for t in collate(examples[start:start + 8], self.tokenizer.pad_token_id))
+                grads, _ = engine.batch(input_ids, mask, labels)
+                rows.append(transform(grads, None, normalize=True))
+        return torch.cat(rows)
+
+    def _ensemble_choices(self, records: list[Record]) -> list[Choice]:
+        grads = self.prompt_gradients(records)
+        centroids = torch.nn.functional.normalize(self.centroids, dim=1)
+        similarity = grads @ centroids.T  # [prompts, K + 1]; the last centroid is the warm-up's (all data)
+        z = (similarity - similarity.mean(dim=1, keepdim=True)) / similarity.std(dim=1, keepdim=True).clamp(min=1e-8)
+        weights = torch.softmax(z / self.config.evaluate.elrea_temperature, dim=1).cpu()
+        names = [self._adapter_or_warmup("routed", g) for g in range(len(self.groups["routed"]))] + [WARMUP]
+        choices = []
+        for row in weights:
+            mix: dict[str, float] = {}
+            for name, weight in zip(names, row.tolist()):
+                mix[name] = mix.get(name, 0.0) + weight
+            top = int(row.argmax())
+            choices.append(Choice(mix, top if top < len(names) - 1 else GENERALIST, float(row.max())))
+        return choices
+
+    # ------------------------------------------------------------------ scoring
+
+    def _mixed_logits(self, weights: dict[str, float], input_ids, mask, past=None):
+        """Weighted sum of next-token logits over adapters (one adapter: its logits)."""
+        logits, caches = None, {}
+        for name, weight in weights.items():
+            self.model.set_adapter(name)
+            out = self.model(input_ids=input_ids, attention_mask=mask, past_key_values=(past or {}).get(name), use_cache=past is not None)
+            part = out.logits.float() * weight
+            logits = part if logits is None else logits + part
+            caches[name] = out.past_key_values
+        return logits, caches
+
+    @torch.no_grad()
+    def nll(self, strategy: str, records: list[Record], batch_size: int = 8) -> list[float]:
+        """Teacher-forced mean response-token NLL per record under the strategy."""
+        choices, _ = self.choose(strategy, records)
+        examples = tokenize(records, self.tokenizer, self.config.data.max_length, "response")
+        losses = [0.0] * len(records)
+        groups: dict[tuple, list[int]] = {}
+        for i, choice in enumerate(choices):
+            groups.setdefault(tuple(sorted(choice.weights.items())) if choice.single_adapter is None else (choice.single_adapter,), []).append(i)
+        for key, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                batch = members[start:start + batch_size]
+                input_ids, mask, labels = (t.to(self.device) for t in collate([examples[i] for i in batch], self.tokenizer.pad_token_id))
+                weights = choices[batch[0]].weights
+                if choices[batch[0]].single_adapter is None:  # ensemble: weights differ per prompt, score one by one
+                    for i in batch:
+                        ids, m, lab = (t.to(self.device) for t in collate([examples[i]], self.tokenizer.pad_token_id))
+                        logits, _ = self._mixed_logits(choices[i].weights, ids, m)
+                        losses[i] = float(per_sample_mean_loss(logits, lab)[0])
+                    continue
+                logits, _ = self._mixed_logits(weights, input_ids, mask)
+                for i, loss in zip(batch, per_sample_mean_loss(logits, labels).tolist()):
+                    losses[i] = loss
+        return losses
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def _greedy(self, weights: dict[str, float], prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+        """Greedy decoding with a KV cache per adapter; returns (new tokens, first-token seconds, total seconds)."""
+        start = time.perf_counter()
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
+        ids = torch.tensor([prompt_ids], device=self.device)
+        mask = torch.ones_like(ids)
+        past: dict = {name: None for name in weights}
+        new: list[int] = []
+        first = 0.0
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits, past = self._mixed_logits(weights, step_input, mask, past=past)
+            token = int(logits[0, -1].argmax())
+            if not new:
+                first = time.perf_counter() - start
+            if token in eos:
+                break
+            new.append(token)
+            step_input = torch.tensor([[token]], device=self.device)
+            mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+        return new, first, time.perf_counter() - start
+
+    def generate(self, strategy: str, records: list[Record], max_new_tokens: int = 128, progress: bool = False) -> list[Generation]:
+        """Route, then decode each prompt with its adapter(s). Prompts are served grouped by expert."""
+        from .data import prompt_text
+
+        results: list[Generation | None] = [None] * len(records)
+        choices, routing_seconds = self.choose(strategy, records)
+        per_prompt_routing = routing_seconds / max(len(records), 1)
+        order = sorted(range(len(records)), key=lambda i: str(choices[i].single_adapter))
+        for i in tqdm(order, desc=f"generate ({strategy})", disable=not progress, dynamic_ncols=True):
+            ids = self.tokenizer(prompt_text(self.tokenizer, records[i]), add_special_tokens=False)["input_ids"]
+            new, first, total = self._greedy(choices[i].weights, ids, max_new_tokens)
+            results[i] = Generation(self.tokenizer.decode(new, skip_special_tokens=True), choices[i].expert, choices[i].probability,
+                                    per_prompt_routing, first, len(new), total)
+        return results
+
+
+def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
+    """Mean unit instruction-token gradient (w.r.t. the warm-up adapter) of each gradient cluster, plus of all data."""
+    from peft import PeftModel
+
+    from .experts import partition
+
+    run = Run(config.out)
+    path = run.path("elrea", "centroids.safetensors")
+    labels, groups = partition(run, config, records, "routed")
+    device = pick_device(config.model.device)
+    tokenizer = load_tokenizer(config.model.name)
+    model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(run.path("warmup")), adapter_name=WARMUP).eval()
+    examples = tokenize(records, tokenizer, config.data.max_length, "instruction")
+    sums, total = None, None
+    with PerSampleGradients(model) as engine:
+        for start in tqdm(range(0, len(examples), 8), desc="elrea centroids", dynamic_ncols=True):
+            batch = examples[start:start + 8]
+            grads, _ = engine.batch(*(t.to(device) for t in collate(batch, tokenizer.pad_token_id)))
+            grads = transform(grads, None, normalize=True)
+            if sums is None:
+                sums = torch.zeros(len(groups) + 1, grads.shape[1], device=device, dtype=torch.float64)
+            for example, row in zip(batch, grads):
+                sums[labels[example.index]] += row
+                sums[-1] += row
+    counts = torch.bincount(torch.tensor(labels), minlength=len(groups)).tolist() + [len(records)]
+    centroids = (sums / torch.tensor(counts, device=device, dtype=torch.float64).clamp(min=1).unsqueeze(1)).float().cpu()
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"centroids": centroids.contiguous()}, str(tmp))
+    return path

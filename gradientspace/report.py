@@ -1,0 +1,147 @@
+"""`gradientspace report RUN`: PNG figures of a run, from its files only.
+
+sketch map (by cluster, by source) · cluster × source composition · captured-energy curve ·
+per-domain NLL per strategy · latency per strategy · training-loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from .runs import Run  # noqa: E402
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return path
+
+
+def sketch_map(run: Run, out: Path) -> Path | None:
+    if not run.path("sketch.safetensors").exists() or not run.path("clusters.jsonl").exists():
+        return None
+    coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].double().numpy()
+    unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
+    clusters = [row["cluster"] for row in _rows(run.path("clusters.jsonl"))]
+    sources = [row["source"] for row in _rows(run.path("samples.jsonl"))]
+    panels = [("cluster", [str(c) for c in clusters])] + ([("source", sources)] if all(s is not None for s in sources) else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
+    for axis, (title, labels) in zip(axes[0], panels):
+        for label in sorted(set(labels)):
+            mask = np.array([l == label for l in labels])
+            axis.scatter(unit[mask, 0], unit[mask, 1], s=12, alpha=0.75, label=label)
+        axis.set_title(f"gradient sketch, coloured by {title}")
+        axis.set_xlabel("component 1 (unit-normalised)")
+        axis.set_ylabel("component 2")
+        axis.legend(fontsize=8, markerscale=1.5)
+    return _save(figure, out / "sketch_map.png")
+
+
+def composition_heatmap(run: Run, out: Path) -> Path | None:
+    table = run.stage_entry("cluster").get("composition")
+    if not table:
+        return None
+    clusters = sorted(table, key=int)
+    sources = sorted({s for row in table.values() for s in row})
+    matrix = np.array([[table[c].get(s, 0) for s in sources] for c in clusters])
+    figure, axis = plt.subplots(figsize=(1.2 * len(sources) + 2, 0.6 * len(clusters) + 1.8))
+    image = axis.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        axis.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
+    axis.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    axis.set_yticks(range(len(clusters)), [f"cluster {c}" for c in clusters])
+    axis.set_title("cluster × source composition")
+    figure.colorbar(image, ax=axis, shrink=0.8)
+    return _save(figure, out / "composition.png")
+
+
+def energy_curve(run: Run, out: Path) -> Path | None:
+    curve = run.stage_entry("gradients").get("energy_curve")
+    if not curve:
+        return None
+    rank = run.manifest.get("config", {}).get("sketch", {}).get("rank")
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    axis.plot(range(1, len(curve) + 1), curve, marker=".")
+    if rank:
+        axis.axvline(rank, color="grey", linestyle="--", label=f"reported rank r = {rank}")
+        axis.legend()
+    axis.set_xlabel("components kept")
+    axis.set_ylabel("captured energy ΣS² / Σ‖g‖²")
+    axis.set_ylim(0, 1)
+    axis.set_title("energy captured by the online SVD")
+    return _save(figure, out / "energy_curve.png")
+
+
+def nll_bars(results: dict, out: Path) -> Path | None:
+    strategies = [s for s in results if isinstance(results[s], dict) and "overall" in results[s]]
+    if not strategies:
+        return None
+    domains = results["domains"] + ["overall"]
+    width = 0.8 / len(strategies)
+    figure, axis = plt.subplots(figsize=(1.6 * len(domains) + 3, 4.2))
+    for i, strategy in enumerate(strategies):
+        values = [results[strategy][d]["nll"] or 0 for d in domains]
+        axis.bar(np.arange(len(domains)) + i * width, values, width, label=strategy)
+    axis.set_xticks(np.arange(len(domains)) + width * (len(strategies) - 1) / 2, domains)
+    axis.set_ylabel("held-out response NLL (lower is better)")
+    axis.set_title("per-domain NLL by strategy")
+    axis.legend(fontsize=8)
+    return _save(figure, out / "nll_by_domain.png")
+
+
+def latency_bars(results: dict, out: Path) -> Path | None:
+    latency = results.get("latency") or {}
+    if not latency:
+        return None
+    strategies = list(latency)
+    routing = [latency[s]["routing_ms"] or 0 for s in strategies]
+    first = [latency[s]["first_token_ms"] or 0 for s in strategies]
+    figure, axis = plt.subplots(figsize=(1.4 * len(strategies) + 3, 4.2))
+    axis.bar(strategies, routing, label="routing / gradient")
+    axis.bar(strategies, first, bottom=routing, label="first token")
+    axis.set_ylabel("milliseconds per request")
+    axis.set_title("time to first token, one request at a time")
+    axis.tick_params(axis="x", rotation=25)
+    axis.legend()
+    return _save(figure, out / "latency.png")
+
+
+def loss_curves(run: Run, out: Path) -> Path | None:
+    files = sorted(run.root.glob("warmup/losses.json")) + sorted(run.root.glob("experts/*/losses.json")) + sorted(run.root.glob("strategies/*/*/losses.json"))
+    if not files:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for path in files:
+        losses = json.loads(path.read_text())["loss"]
+        if len(losses) > 1:
+            window = max(1, len(losses) // 20)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            axis.plot(smooth, label=str(path.parent.relative_to(run.root)), linewidth=1.2)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss (moving average)")
+    axis.set_title("training-loss curves")
+    axis.legend(fontsize=7, ncol=2)
+    return _save(figure, out / "training_loss.png")
+
+
+def make_report(run_dir: str | Path) -> list[Path]:
+    run = Run(run_dir)
+    out = run.path("report")
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads(run.path("eval.json").read_text()) if run.path("eval.json").exists() else {}
+    figures = [sketch_map(run, out), composition_heatmap(run, out), energy_curve(run, out),
+               nll_bars(results, out) if results else None, latency_bars(results, out) if results else None, loss_curves(run, out)]
+    return [f for f in figures if f is not None]

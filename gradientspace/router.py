@@ -1,0 +1,177 @@
+"""The router: a MiniLM encoder and a linear head that send a prompt to one expert.
+
+Trained on prompt text → group id of the training records (never on `source`), with a seeded,
+stratified held-out split whose accuracy is reported. At inference one encoder forward picks
+the expert; a top probability below `threshold` sends the prompt to the warm-up (generalist)
+adapter instead, reported as expert -1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .encoder import embed_texts, load_encoder, mean_pool
+from .runs import atomic_path, write_json
+
+GENERALIST = -1
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices), the held-out share taken from every group that has ≥ 2 members."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for group in sorted(set(labels)):
+        members = [i for i, l in enumerate(labels) if l == group]
+        rng.shuffle(members)
+        cut = int(round(fraction * len(members))) if len(members) > 1 else 0
+        held.extend(members[:cut])
+        train.extend(members[cut:])
+    return sorted(train), sorted(held)
+
+
+@dataclass
+class Router:
+    head: torch.nn.Linear
+    threshold: float
+    encoder: tuple | None = None  # (tokenizer, model) when fine-tuned, else the packaged MiniLM is used
+    device: torch.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def probabilities(self, texts: list[str]) -> torch.Tensor:
+        embeddings = embed_texts(texts, self.device, encoder=self.encoder or _shared_encoder(self.device))
+        return torch.softmax(self.head(embeddings.to(self.device)), dim=1).cpu()
+
+    def route(self, texts: list[str]) -> tuple[list[int], list[float]]:
+        """(expert id or GENERALIST, top probability) per prompt."""
+        probabilities = self.probabilities(texts)
+        top, choice = probabilities.max(dim=1)
+        experts = [int(c) if float(p) >= self.threshold else GENERALIST for p, c in zip(top, choice)]
+        return experts, top.tolist()
+
+    def save(self, folder: Path, details: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "head.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
+        if self.encoder is not None:
+            tokenizer, model = self.encoder
+            model.save_pretrained(folder / "encoder")
+            tokenizer.save_pretrained(folder / "encoder")
+        write_json(folder / "router.json", {"classes": self.head.out_features, "threshold": self.threshold,
+                                            "finetuned_encoder": self.encoder is not None, **details})
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device, threshold: float | None = None) -> "Router":
+        info = json.loads((folder / "router.json").read_text())
+        state = load_file(str(folder / "head.safetensors"))
+        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device)
+        head.load_state_dict(state)
+        encoder = None
+        if info["finetuned_encoder"]:
+            from transformers import AutoModel, AutoTokenizer
+
+            encoder = (AutoTokenizer.from_pretrained(folder / "encoder"), AutoModel.from_pretrained(folder / "encoder").to(device).eval())
+        return cls(head, info["threshold"] if threshold is None else threshold, encoder, device)
+
+
+_ENCODERS: dict[str, tuple] = {}
+
+
+def _shared_encoder(device: torch.device):
+    """The packaged MiniLM, loaded once per process."""
+    if str(device) not in _ENCODERS:
+        _ENCODERS[str(device)] = load_encoder(device)
+    return _ENCODERS[str(device)]
+
+
+def _accuracy(router: Router, texts: list[str], labels: list[int]) -> float | None:
+    if not texts:
+        return None
+    predicted = router.probabilities(texts).argmax(dim=1)
+    return float((predicted == torch.tensor(labels)).float().mean())
+
+
+def train_router(texts: list[str], labels: list[int], classes: int, device: torch.device, *, epochs: int, learning_rate: float,
+                 validation_fraction: float, threshold: float, seed: int, finetune_encoder: bool = False) -> tuple[Router, dict]:
+    """Fit the head (and optionally the encoder) with cross-entropy; returns (router, details with held-out accuracy)."""
+    train_idx, held_idx = stratified_split(labels, validation_fraction, seed)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(384, classes).to(device)
+    y = torch.tensor(labels, device=device)
+    curve = []
+    if not finetune_encoder:
+        features = embed_texts(texts, device, encoder=_shared_encoder(device)).to(device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-2)
+        for _ in range(epochs):  # full batch: a few hundred 384-d rows
+            loss = torch.nn.functional.cross_entropy(head(features[train_idx]), y[train_idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            curve.append(round(loss.item(), 5))
+        router = Router(head, threshold, None, device)
+    else:
+        tokenizer, model = load_encoder(device)
+        model.train()
+        optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": 2e-5}, {"params": head.parameters(), "lr": learning_rate}])
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
+            for start in range(0, len(order), 16):
+                batch = order[start:start + 16]
+                encoded = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
+                pooled = torch.nn.functional.normalize(mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1)
+                loss = torch.nn.functional.cross_entropy(head(pooled), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                curve.append(round(loss.item(), 5))
+        model.eval()
+        router = Router(head, threshold, (tokenizer, model), device)
+    details = {"train_samples": len(train_idx), "heldout_samples": len(held_idx), "loss_curve": curve,
+               "train_accuracy": _accuracy(router, [texts[i] for i in train_idx], [labels[i] for i in train_idx]),
+               "heldout_accuracy": _accuracy(router, [texts[i] for i in held_idx], [labels[i] for i in held_idx])}
+    return router, details
+
+
+def train_routers(config, strategies: list[str] | None = None) -> dict:
+    """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first)."""
+    from dataclasses import asdict
+
+    from .experts import strategy_dir
+    from .inference import ROUTED_STRATEGIES, router_dir
+    from .models import pick_device
+    from .pipeline import load_data
+    from .runs import Run, config_hash
+
+    run = Run(config.out)
+    records = load_data(run, config)
+    device = pick_device(config.model.device)
+    wanted = [s for s in (strategies or config.experts.strategies) if s in ROUTED_STRATEGIES]
+    summaries = {}
+    for strategy in wanted:
+        partition_file = strategy_dir(run, strategy) / "partition.json"
+        if not partition_file.exists():
+            raise FileNotFoundError(f"{partition_file} is missing: train the `{strategy}` experts first")
+        partition = json.loads(partition_file.read_text())
+        labels = [partition["assignment"][r.id] for r in records]
+        folder = router_dir(run, strategy)
+        key = config_hash(asdict(config.router), partition["assignment"], config.seed)
+        stage = f"router/{strategy}"
+        if not run.is_done(stage, key):
+            with run.stage(stage, key) as record:
+                router, details = train_router([r.prompt_text for r in records], labels, len(partition["groups"]), device,
+                                               epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
+                                               learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
+                                               threshold=config.router.threshold, seed=config.seed, finetune_encoder=config.router.finetune_encoder)
+                router.save(folder, details)
+                record.update(outputs=[str((folder / "router.json").relative_to(run.root))],
+                              heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
+        summaries[strategy] = {k: run.stage_entry(stage).get(k) for k in ("heldout_accuracy", "train_accuracy")}
+    run.manifest.setdefault("router", {}).update(summaries)
+    run.save()
+    return summaries
