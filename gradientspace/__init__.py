@@ -2,13 +2,23 @@
 
 Python API (mirrors the CLI):
 
-    from gradientspace import load_config, cluster
+    from gradientspace import load_config, cluster, train_experts, train_routers, evaluate_strategies, run_all
     config = load_config("configs/demo.yaml", {"cluster.k": 4, "out": "runs/mine"})
-    outcome = cluster(config)
+    outcome = cluster(config)           # gradientspace cluster
+    train_experts(config)               # gradientspace train-experts RUN
+    train_routers(config)               # gradientspace train-router RUN
+    results = evaluate_strategies(config)   # gradientspace evaluate RUN
+    # or all of it: run_all(config)     # gradientspace run CONFIG
 """
 
-from .config import RunConfig, load_config
+from .config import RunConfig, config_from_run, load_config
+from .evaluate import evaluate_strategies
+from .experts import train_experts
+from .inference import StrategyModel
 from .pipeline import ClusterOutcome, cluster
+from .router import train_routers
+from .workflow import run_all
 
-__all__ = ["RunConfig", "load_config", "cluster", "ClusterOutcome"]
+__all__ = ["RunConfig", "load_config", "config_from_run", "cluster", "ClusterOutcome", "train_experts", "train_routers",
+           "StrategyModel", "evaluate_strategies", "run_all"]
 __version__ = "0.1.0"
