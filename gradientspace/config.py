@@ -7,6 +7,7 @@ are rejected with their dotted path so a typo never silently falls back to a def
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -137,10 +138,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a YAML/CLI value against a dataclass field type; CLI strings are parsed as YAML scalars."""
     if isinstance(value, str) and hint is not str:
         parsed = yaml.safe_load(value) if value != "" else value
-        if hint in (int, float, bool) or get_origin(hint) in (Union, list) or hint is type(None):
+        if hint in (int, float, bool) or get_origin(hint) in (Union, types.UnionType, list):
             value = parsed
     origin = get_origin(hint)
-    if origin is Union or str(origin) == "types.UnionType":
+    if origin in (Union, types.UnionType):
         options = get_args(hint)
         if value is None and type(None) in options:
             return None

@@ -36,3 +36,10 @@ def test_missing_file_is_named(tmp_path):
 
 def test_list_override_from_comma_string():
     assert load_config(None, {"model.target_modules": "q_proj,v_proj"}).model.target_modules == ["q_proj", "v_proj"]
+
+
+def test_optional_fields_parse_cli_strings():
+    config = load_config(None, {"sketch.internal_rank": "48", "data.limit": "5", "cluster.projection_dim": "null"})
+    assert config.sketch.internal_rank == 48 and config.data.limit == 5 and config.cluster.projection_dim is None
+    with pytest.raises(ConfigError, match="data.limit"):
+        load_config(None, {"data.limit": "many"})
