@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
         raise ConfigError("give exactly one of --prompt TEXT or --data FILE")
-    records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad)[0]
+    records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
     engine = StrategyModel(config, [args.strategy])
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
         print(json.dumps({"id": record.id, "expert": generation.expert, "probability": round(generation.probability, 4), "text": generation.text}))

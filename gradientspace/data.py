@@ -43,7 +43,7 @@ class LoadReport:
     first_errors: list[str] = field(default_factory=list)
 
 
-def _parse_record(raw: Any, where: str) -> Record:
+def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     source = raw.get("source")
@@ -56,6 +56,8 @@ def _parse_record(raw: Any, where: str) -> Record:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise DataError(f"{where}: field `messages[{i}]` must be an object with string `role` and `content`")
+        if prompts_only and messages[-1]["role"] != "assistant":
+            messages = messages + [{"role": "assistant", "content": "-"}]
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: field `messages` must end with an `assistant` message (the response)")
         if not messages[-1]["content"].strip():
@@ -64,6 +66,8 @@ def _parse_record(raw: Any, where: str) -> Record:
         if not prompt:
             raise DataError(f"{where}: field `messages` has no prompt turn before the assistant's answer")
     else:
+        if prompts_only:
+            raw = {"output": "-", **raw}
         for name in ("instruction", "output"):
             if name not in raw:
                 raise DataError(f"{where}: missing field `{name}` (records need `instruction` and `output`, or `messages`)")
@@ -124,8 +128,12 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
 
 
-def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0) -> tuple[list[Record], LoadReport]:
-    """Load and validate records; a bad record stops the run unless `skip_bad`."""
+def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0,
+                 prompts_only: bool = False) -> tuple[list[Record], LoadReport]:
+    """Load and validate records; a bad record stops the run unless `skip_bad`.
+
+    `prompts_only` (for generation) accepts records without a response.
+    """
     if path in RECIPES:
         records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
         report = LoadReport(path=path, records=len(records))
@@ -138,7 +146,7 @@ def load_records(path: str, skip_bad: bool = False, limit: int | None = None, pe
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                record = _parse_record(raw, where)
+                record = _parse_record(raw, where, prompts_only)
             except DataError as err:
                 if not skip_bad:
                     raise DataError(f"{err} (pass --skip-bad to skip bad records)") from None

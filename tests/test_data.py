@@ -96,3 +96,11 @@ def test_mix4_packaged_is_deterministic_and_labelled():
     assert len(a) == 20
     train_prompts = {r.prompt_text for r in a}
     assert not train_prompts & {r.prompt_text for r in test}
+
+
+def test_prompts_only_records_for_generation(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Say hi"}, {"messages": [{"role": "user", "content": "Hello?"}]}])
+    with pytest.raises(DataError, match="output"):
+        load_records(path)
+    records, _ = load_records(path, prompts_only=True)
+    assert [r.prompt_text for r in records] == ["Say hi", "Hello?"]
