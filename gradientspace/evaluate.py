@@ -146,6 +146,8 @@ def humaneval(engine, strategy: str, config: RunConfig) -> float:
 def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> dict:
     """Per-request latency on the first `latency_prompts` test prompts, one request at a time."""
     chosen = records[: config.evaluate.latency_prompts]
+    if chosen:
+        engine.generate(strategy, chosen[:1], max_new_tokens=2)  # untimed: first-use costs are not per-request latency
     routing, first, rates = [], [], []
     for record in chosen:
         (generation,) = engine.generate(strategy, [record], max_new_tokens=32)
