@@ -72,7 +72,11 @@ def bench_dataset(name: str, args) -> dict:
         final = epochs == max(args.epochs)
         if final:  # decode and time only the full budget
             config.evaluate.generate_per_domain, config.evaluate.latency_prompts = args.generate_per_domain, args.latency_prompts
-        results = evaluate_strategies(config, STRATEGIES, test, adapter_epoch=epochs)
+        done = Path(config.out) / f"eval-epoch-{epochs}.json"
+        if done.exists() and not final:  # resume: NLL-only evaluations of earlier budgets are kept
+            results = json.loads(done.read_text())
+        else:
+            results = evaluate_strategies(config, STRATEGIES, test, adapter_epoch=epochs)
         report["by_epochs"][str(epochs)] = summarise(results)
         if final:
             latency = results["latency"]
