@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Record, collate, tokenize
-from .experts import GRADIENT_CLUSTER_STRATEGIES, strategy_dir, trained_strategies
+from .experts import GRADIENT_CLUSTER_STRATEGIES, strategy_dir
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
 from .models import load_base_model, load_tokenizer, pick_device
 from .router import GENERALIST, Router
@@ -60,7 +60,6 @@ class Generation:
     first_token_seconds: float
     new_tokens: int
     decode_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class StrategyModel:
@@ -241,7 +240,7 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     tokenizer = load_tokenizer(config.model.name)
     model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(run.path("warmup")), adapter_name=WARMUP).eval()
     examples = tokenize(records, tokenizer, config.data.max_length, "instruction")
-    sums, total = None, None
+    sums = None
     with PerSampleGradients(model) as engine:
         for start in tqdm(range(0, len(examples), 8), desc="elrea centroids", dynamic_ncols=True):
             batch = examples[start:start + 8]

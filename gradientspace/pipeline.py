@@ -23,7 +23,7 @@ from .config import RunConfig, internal_rank
 from .data import Record, load_records, shuffled_length_batches, tokenize
 from .gradients import layout_of, stream_gradients
 from .models import LoadedModel, load_lora_model
-from .runs import Run, atomic_path, config_hash, write_json, write_jsonl
+from .runs import Run, atomic_path, config_hash, write_jsonl
 from .sketch import OnlineSVD, SketchResult
 from .train import TrainPlan, load_adam_state, train_adapter
 
