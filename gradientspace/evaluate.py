@@ -3,8 +3,10 @@
 Per `source` domain and overall:
 - `nll`: teacher-forced mean response-token NLL (the primary metric for small models), on every
   test record;
-- `exact_match` for math (the number after GSM8K's `####`, else the last number), `rouge_l` for
-  everything else, on `evaluate.generate_per_domain` decoded prompts per domain;
+- `exact_match` on `evaluate.generate_per_domain` decoded prompts per domain: for math the number
+  after GSM8K's `####` (else the last number), for other domains the first line of the answer,
+  lower-cased, without surrounding punctuation (short answers: labels, yes/no, spans);
+- `rouge_l` for every non-math domain, on the same decoded prompts;
 - `humaneval_pass@1` when code is in the mix and `evaluate.humaneval_problems` > 0: completions
   run in a subprocess with a timeout;
 - latency per request: routing seconds, time to first token, decode tokens per second.
@@ -41,6 +43,19 @@ def final_number(text: str) -> str | None:
     except ValueError:
         return None
     return str(int(number)) if number == int(number) else str(number)
+
+
+def normalised_answer(text: str) -> str:
+    """First non-empty line, lower-cased, whitespace collapsed, surrounding punctuation stripped."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = " ".join(lines[0].lower().split()) if lines else ""
+    return first.strip(" .,;:!?\"'`")
+
+
+def answers_match(domain: str | None, prediction: str, reference: str) -> bool:
+    if domain in MATH_DOMAINS:
+        return final_number(prediction) == final_number(reference)
+    return normalised_answer(prediction) == normalised_answer(reference)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -109,10 +124,9 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
             members = [i for i, r in enumerate(records) if domain == "overall" or (r.source or "all") == domain]
             row: dict = {"n": len(members), "nll": _mean([nll[i] for i in members])}
             decoded = [i for i in members if i in by_index]
-            math = [i for i in decoded if records[i].source in MATH_DOMAINS]
             free = [i for i in decoded if records[i].source not in MATH_DOMAINS]
-            if math:
-                row["exact_match"] = _mean([float(final_number(by_index[i].text) == final_number(records[i].response)) for i in math])
+            if decoded:
+                row["exact_match"] = _mean([float(answers_match(records[i].source, by_index[i].text, records[i].response)) for i in decoded])
             if free:
                 row["rouge_l"] = _mean([rouge_l(by_index[i].text, records[i].response) for i in free])
             row["generated"] = len(decoded)
@@ -161,12 +175,12 @@ def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> 
 
 def markdown_table(results: dict, strategies: list[str]) -> str:
     domains = results["domains"] + ["overall"]
-    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + " | math EM | ROUGE-L | routing ms | first token ms | tok/s |",
+    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + " | exact match | ROUGE-L | routing ms | first token ms | tok/s |",
              "| --- |" + " ---: |" * (len(domains) + 5)]
     for strategy in strategies:
         table, speed = results[strategy], results["latency"][strategy]
         cells = [f"{table[d]['nll']:.3f}" if table[d]["nll"] is not None else "–" for d in domains]
-        em = table.get("math", {}).get("exact_match")
+        em = table["overall"].get("exact_match")
         rouge = table["overall"].get("rouge_l")
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {fmt(em, '.2f')} | {fmt(rouge, '.3f')} | {fmt(speed['routing_ms'], '.1f')} | "

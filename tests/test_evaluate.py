@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradientspace.evaluate import final_number, rouge_l, run_humaneval_case
+from gradientspace.evaluate import answers_match, final_number, rouge_l, run_humaneval_case
 from gradientspace.router import GENERALIST, stratified_split, train_router
 
 
@@ -10,6 +10,15 @@ def test_final_number():
     assert final_number("The answer is 12.0 apples") == "12"
     assert final_number("the result: -3.5, then 8") == "8"
     assert final_number("no digits") is None
+
+
+def test_answers_match_by_number_for_math_and_by_first_line_otherwise():
+    assert answers_match("math", "so it is 42 in total", "... #### 42")
+    assert not answers_match("math", "41", "#### 42")
+    assert answers_match("classification", " Yes.\nBecause the question is fine.", "yes")
+    assert not answers_match("classification", "No.", "Yes.")
+    assert not answers_match("answer_generation", "", "1:00 PM.")
+    assert answers_match("answer_generation", "1:00  pm", "1:00 PM.")
 
 
 def test_rouge_l_against_hand_computed_values():

@@ -40,7 +40,7 @@ def test_run_writes_every_stage(finished_run):
         overall = results[strategy]["overall"]
         assert overall["n"] == 8 and 0 < overall["nll"] < 20
         assert results["latency"][strategy]["first_token_ms"] > 0
-    assert "exact_match" in results["routed"]["math"] and "rouge_l" in results["routed"]["overall"]
+    assert "exact_match" in results["routed"]["math"] and "exact_match" in results["routed"]["overall"] and "rouge_l" in results["routed"]["overall"]
     assert "humaneval_pass@1" in results["routed"]["code"]
     # the ensemble pays a gradient per prompt; single pays no routing at all
     assert results["latency"]["elrea-ensemble"]["routing_ms"] > results["latency"]["single"]["routing_ms"]
