@@ -100,3 +100,20 @@ def test_generate_command(finished_run, capsys):
     assert set(line) == {"id", "expert", "probability", "text"} and 0 < line["probability"] <= 1
     assert main(["generate", str(run), "--prompt", "x", "--threshold", "1.01", "--max-new-tokens", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["expert"] == -1  # below threshold: the warm-up adapter
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
+    """Left-padded batches per adapter decode the same tokens as the batch-1 greedy loop."""
+    from gradientspace.data import load_records
+    from gradientspace.inference import StrategyModel
+
+    config_path, _ = finished_run
+    records, _ = load_records("mix4-packaged:test", limit=6, per_source=5)
+    engine = StrategyModel(load_config(config_path), ["single", "routed"])
+    for strategy in ("single", "routed"):
+        batched = engine.generate(strategy, records, max_new_tokens=6, batch_size=4)
+        alone = [engine.generate(strategy, [r], max_new_tokens=6)[0] for r in records]
+        assert [g.text for g in batched] == [g.text for g in alone]
+        assert [g.expert for g in batched] == [g.expert for g in alone]
+        assert sum(g.new_tokens for g in batched) > len(records)
+    assert len({len(engine.tokenizer(r.prompt_text)["input_ids"]) for r in records}) > 1  # padding was exercised
