@@ -41,9 +41,9 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
     return chosen
 
 
-def summarise(results: dict) -> dict:
+def summarise(results: dict, strategies: list[str]) -> dict:
     keep = {}
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         table = results.get(strategy, {})
         keep[strategy] = {domain: {k: v for k, v in row.items() if k in ("nll", "exact_match", "rouge_l", "n")} for domain, row in table.items()}
     return keep
@@ -56,7 +56,7 @@ def bench_dataset(name: str, args) -> dict:
     write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))
     config = load_config(None, {
         "out": str(folder / "run"), "model.name": args.model, "data.path": str(folder / "train.jsonl"), "data.max_length": args.max_length,
-        "cluster.k": 4, "cluster.projection_dim": 8192, "experts.strategies": STRATEGIES, "experts.epochs": max(args.epochs),
+        "cluster.k": 4, "cluster.projection_dim": 8192, "experts.strategies": args.strategies, "experts.epochs": max(args.epochs),
         "experts.snapshot_epochs": args.epochs, "experts.batch_size": 4, "experts.learning_rate": 2e-4,
         "evaluate.data": str(folder / "test.jsonl"), "evaluate.generate_per_domain": 0, "evaluate.latency_prompts": 0,
         "evaluate.max_new_tokens": args.max_new_tokens,
@@ -65,7 +65,8 @@ def bench_dataset(name: str, args) -> dict:
     print(f"[{name}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
     train_experts(config)
     routers = train_routers(config)
-    elrea_centroids(config)
+    if "elrea-ensemble" in args.strategies:
+        elrea_centroids(config)
     test, _ = load_records(config.evaluate.data)
     report = {"train": len(outcome.labels), "test": len(test), "cluster_metrics": outcome.metrics, "router": routers, "by_epochs": {}}
     for epochs in args.epochs:
@@ -76,16 +77,16 @@ def bench_dataset(name: str, args) -> dict:
         if done.exists() and not final:  # resume: NLL-only evaluations of earlier budgets are kept
             results = json.loads(done.read_text())
         else:
-            results = evaluate_strategies(config, STRATEGIES, test, adapter_epoch=epochs)
-        report["by_epochs"][str(epochs)] = summarise(results)
-        if final:
+            results = evaluate_strategies(config, args.strategies, test, adapter_epoch=epochs)
+        report["by_epochs"][str(epochs)] = summarise(results, args.strategies)
+        if final and {"single", "routed", "elrea-ensemble"} <= set(args.strategies):
             latency = results["latency"]
             report["latency"] = latency
             report["experts_used"] = results["experts_used"]
             single_first = latency["single"]["total_first_token_ms"]
-            report["latency_ratios_vs_single"] = {s: round(latency[s]["total_first_token_ms"] / single_first, 2) for s in STRATEGIES if latency[s]["total_first_token_ms"]}
+            report["latency_ratios_vs_single"] = {s: round(latency[s]["total_first_token_ms"] / single_first, 2) for s in args.strategies if latency[s]["total_first_token_ms"]}
             report["tokens_per_second_ratio_routed_vs_ensemble"] = round(latency["routed"]["tokens_per_second"] / latency["elrea-ensemble"]["tokens_per_second"], 2)
-        print(f"[{name}] epochs {epochs}: " + ", ".join(f"{s} {report['by_epochs'][str(epochs)][s]['overall']['nll']:.3f}" for s in STRATEGIES), file=sys.stderr)
+        print(f"[{name}] epochs {epochs}: " + ", ".join(f"{s} {report['by_epochs'][str(epochs)][s]['overall']['nll']:.3f}" for s in args.strategies), file=sys.stderr)
     report["stage_seconds"] = {k: v.get("seconds") for k, v in Run(config.out).manifest["stages"].items()}
     return report
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--generate-per-domain", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--latency-prompts", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     parser.add_argument("--out", type=Path, default=Path("bench/out/experts-runs"))
     args = parser.parse_args()
     missing = [d for d in args.datasets if not (SHARED / d / "train.jsonl").exists()]
@@ -110,6 +112,7 @@ def main() -> None:
               "epochs": args.epochs, "datasets": {}}
     for name in args.datasets:
         report["datasets"][name] = bench_dataset(name, args)
+        report["strategies"] = args.strategies
         print(json.dumps(report, indent=2), file=open(args.out / "partial.json", "w"))
     print(json.dumps(report, indent=2))
 
