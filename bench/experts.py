@@ -109,10 +109,9 @@ def main() -> None:
     if missing:
         sys.exit(f"bench/experts.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)")
     report = {"model": args.model, "per_label": args.per_label, "test_per_label": args.test_per_label, "max_length": args.max_length,
-              "epochs": args.epochs, "datasets": {}}
+              "epochs": args.epochs, "strategies": args.strategies, "datasets": {}}
     for name in args.datasets:
         report["datasets"][name] = bench_dataset(name, args)
-        report["strategies"] = args.strategies
         print(json.dumps(report, indent=2), file=open(args.out / "partial.json", "w"))
     print(json.dumps(report, indent=2))
 

@@ -33,7 +33,7 @@ VARIANTS = {
     "rank32": {"sketch.rank": 32},
     "warmup-30pct": {"warmup.fraction": 0.3},
 }
-KEPT_FROM_BASE = ("eval-epoch-*", "report", "elrea")
+NOT_COPIED = ("eval-epoch-*", "report", "elrea")
 
 
 def nll_table(results: dict, strategy: str) -> dict:
@@ -42,7 +42,7 @@ def nll_table(results: dict, strategy: str) -> dict:
 
 def run_variant(base_run: Path, out: Path, overrides: dict, epochs: list[int], test_path: Path) -> dict:
     if not out.exists():
-        shutil.copytree(base_run, out, ignore=shutil.ignore_patterns(*KEPT_FROM_BASE))
+        shutil.copytree(base_run, out, ignore=shutil.ignore_patterns(*NOT_COPIED))
     config = config_from_run(out, overrides)
     start = time.perf_counter()
     outcome = cluster(config)

@@ -72,6 +72,7 @@ class StrategyModel:
         self.config, self.run = config, Run(config.out)
         self.device = pick_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.name)
+        self.eos_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
         base = load_base_model(config.model.name, self.device)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -196,7 +197,6 @@ class StrategyModel:
     def _greedy(self, weights: dict[str, float], prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
         """Greedy decoding with a KV cache per adapter; returns (new tokens, first-token seconds, total seconds)."""
         start = time.perf_counter()
-        eos = set(self._eos_ids())
         ids = torch.tensor([prompt_ids], device=self.device)
         mask = torch.ones_like(ids)
         past: dict = {name: None for name in weights}
@@ -208,15 +208,12 @@ class StrategyModel:
             token = int(logits[0, -1].argmax())
             if not new:
                 first = time.perf_counter() - start
-            if token in eos:
+            if token in self.eos_ids:
                 break
             new.append(token)
             step_input = torch.tensor([[token]], device=self.device)
             mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
         return new, first, time.perf_counter() - start
-
-    def _eos_ids(self) -> list[int]:
-        return sorted({self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None})
 
     @torch.no_grad()
     def _greedy_batch(self, adapter: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
@@ -227,13 +224,12 @@ class StrategyModel:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        eos = self._eos_ids()
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=pad)
+                                  eos_token_id=sorted(self.eos_ids), pad_token_id=pad)
         rows = []
         for row in out[:, width:].tolist():
-            ends = [i for i, token in enumerate(row) if token in eos]
-            rows.append(row[: ends[0]] if ends else row)
+            end = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
+            rows.append(row[:end])
         return rows, time.perf_counter() - start
 
     def generate(self, strategy: str, records: list[Record], max_new_tokens: int = 128, progress: bool = False,
