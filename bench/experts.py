@@ -1,13 +1,29 @@
-"""Experts per strategy at equal budgets, on real data: the paper's central claim, measured.
+"""Are routed experts better than the one adapter a user would otherwise train? Every arm to convergence.
 
-For each data set (../shared/data/mix4 and skills4; `--per-label` training and `--test-per-label`
-test records per label, seeded), one run directory goes through the whole pipeline with every
-strategy: routed (gradient clusters + router), single, oracle, random-clusters,
-embedding-clusters, projection-clusters (k = 8192) and elrea-ensemble. All adapters train for
-the same number of epochs over their own data (equal tokens), and are snapshotted after epochs
-1 and 2 of 4, so each is scored at 1, 2 and 4 epochs: a budget curve. Test split only.
+For each data set (../shared/data/mix4, skills4), training size (`--per-label` records per label)
+and seed, one run directory goes through the default protocol: the generalist (`single`) trains
+with early stopping on the validation split; every expert branches from it, stops on its own
+cluster's validation share, and falls back to the generalist when it does not beat it there; the
+router threshold is chosen on validation. The test split (`--test-per-label` per label) is scored
+once, at the end. Arms:
 
-    python bench/experts.py --datasets mix4 skills4 > bench/out/experts.json
+| arm | what it is |
+| --- | --- |
+| single | one LoRA (rank r) on everything: the generalist |
+| single-wide | one LoRA of rank K·r on everything: as many parameters as K experts |
+| routed | gradient clusters + MiniLM router (ours) |
+| gradient-oracle | gradient-cluster experts, each test record sent by its own response gradient (no router can) |
+| random-clusters / embedding-clusters / projection-clusters | the same protocol on other partitions |
+| oracle | experts per true label (the ceiling of label routing) |
+| elrea-ensemble | ELREA-style mixture of every expert and the generalist |
+
+Per arm: test NLL per label and overall, exact match where decoding is meaningful (every skills4
+classification record), the experts that fell back, training tokens, optimizer steps and seconds.
+One JSON per (data set, size, seed) goes to `--results`; `bench/plot_experts.py` aggregates them
+(mean ± std over seeds, paired bootstrap CI of routed − single, the data-per-expert curve).
+
+    python bench/experts.py --datasets skills4 --per-label 100 --seeds 0 1 2
+    python bench/experts.py --datasets skills4 mix4 --per-label 25 50 200 --strategies routed single
 """
 
 from __future__ import annotations
@@ -16,19 +32,20 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
-from gradientspace.config import load_config
+from gradientspace.config import STRATEGIES, load_config
 from gradientspace.data import load_records
 from gradientspace.evaluate import evaluate_strategies
 from gradientspace.experts import train_experts
 from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
-from gradientspace.runs import Run, write_jsonl
-from gradientspace.workflow import elrea_centroids
+from gradientspace.runs import Run, write_json, write_jsonl
+from gradientspace.workflow import elrea_centroids, router_thresholds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STRATEGIES = ["routed", "single", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
+SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
 
 
 def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
@@ -36,84 +53,93 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["source"], []).append(row)
-    chosen = [row for label in sorted(by_label) for row in random.Random(f"{seed}-{label}").sample(by_label[label], per_label)]
+    chosen = [row for label in sorted(by_label) for row in random.Random(f"{seed}-{label}").sample(by_label[label], min(per_label, len(by_label[label])))]
     random.Random(seed).shuffle(chosen)
     return chosen
 
 
-def summarise(results: dict, strategies: list[str]) -> dict:
-    keep = {}
-    for strategy in strategies:
-        table = results.get(strategy, {})
-        keep[strategy] = {domain: {k: v for k, v in row.items() if k in ("nll", "exact_match", "rouge_l", "n")} for domain, row in table.items()}
-    return keep
+def compute(manifest: dict, strategy: str) -> dict:
+    """Training cost of one arm: its own adapters, and with the generalist it branched from."""
+    own = "routed" if strategy in ("gradient-oracle", "elrea-ensemble") else strategy
+    stages = {name: entry for name, entry in manifest["stages"].items() if name.startswith(f"experts/{own}/")}
+    cost = {key: sum(entry.get(key) or 0 for entry in stages.values()) for key in ("tokens", "steps", "train_seconds")}
+    if own != "single" and own != "single-wide":
+        generalist = manifest["stages"].get("experts/single/0", {})
+        cost.update({f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0) for key in ("tokens", "steps", "train_seconds")})
+    if own in ("routed", "projection-clusters"):
+        cost["gradient_pass_seconds"] = manifest["stages"].get("gradients", {}).get("seconds")
+    return cost
 
 
-def bench_dataset(name: str, args) -> dict:
-    folder = args.out / name
+def bench_one(name: str, per_label: int, seed: int, args) -> dict:
+    folder = args.out / f"{name}-{per_label}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", args.per_label, 0))
-    write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))
+    write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
+    write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))  # one test set for every seed
     config = load_config(None, {
-        "out": str(folder / "run"), "model.name": args.model, "data.path": str(folder / "train.jsonl"), "data.max_length": args.max_length,
-        "cluster.k": 4, "cluster.projection_dim": 8192, "experts.strategies": args.strategies, "experts.epochs": max(args.epochs),
-        "experts.snapshot_epochs": args.epochs, "experts.batch_size": 4, "experts.learning_rate": 2e-4,
+        "out": str(folder / "run"), "seed": seed, "model.name": args.model, "data.path": str(folder / "train.jsonl"),
+        "data.max_length": args.max_length, "cluster.k": args.k, "cluster.projection_dim": 8192, "experts.strategies": args.strategies,
         "evaluate.data": str(folder / "test.jsonl"), "evaluate.generate_per_domain": 0, "evaluate.latency_prompts": 0,
-        "evaluate.max_new_tokens": args.max_new_tokens,
+        "evaluate.decode_all_domains": SHORT_ANSWER_LABELS.get(name, []) if args.decode else [], "evaluate.max_new_tokens": args.max_new_tokens,
+        **dict(item.split("=", 1) for item in args.set),
     })
+    start = time.perf_counter()
     outcome = cluster(config)
-    print(f"[{name}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
-    train_experts(config)
+    print(f"[{name} {per_label}/label seed {seed}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
+    experts = train_experts(config)
     routers = train_routers(config)
+    thresholds = router_thresholds(config)
     if "elrea-ensemble" in args.strategies:
         elrea_centroids(config)
     test, _ = load_records(config.evaluate.data)
-    report = {"train": len(outcome.labels), "test": len(test), "cluster_metrics": outcome.metrics, "router": routers, "by_epochs": {}}
-    for epochs in args.epochs:
-        final = epochs == max(args.epochs)
-        if final:  # decode and time only the full budget
-            config.evaluate.generate_per_domain, config.evaluate.latency_prompts = args.generate_per_domain, args.latency_prompts
-        done = Path(config.out) / f"eval-epoch-{epochs}.json"
-        if done.exists() and not final:  # resume: NLL-only evaluations of earlier budgets are kept
-            results = json.loads(done.read_text())
-        else:
-            results = evaluate_strategies(config, args.strategies, test, adapter_epoch=epochs)
-        report["by_epochs"][str(epochs)] = summarise(results, args.strategies)
-        if final and {"single", "routed", "elrea-ensemble"} <= set(args.strategies):
-            latency = results["latency"]
-            report["latency"] = latency
-            report["experts_used"] = results["experts_used"]
-            single_first = latency["single"]["total_first_token_ms"]
-            report["latency_ratios_vs_single"] = {s: round(latency[s]["total_first_token_ms"] / single_first, 2) for s in args.strategies if latency[s]["total_first_token_ms"]}
-            report["tokens_per_second_ratio_routed_vs_ensemble"] = round(latency["routed"]["tokens_per_second"] / latency["elrea-ensemble"]["tokens_per_second"], 2)
-        print(f"[{name}] epochs {epochs}: " + ", ".join(f"{s} {report['by_epochs'][str(epochs)][s]['overall']['nll']:.3f}" for s in args.strategies), file=sys.stderr)
-    report["stage_seconds"] = {k: v.get("seconds") for k, v in Run(config.out).manifest["stages"].items()}
+    results = evaluate_strategies(config, args.strategies, test)
+    manifest = Run(config.out).manifest
+    arms = {}
+    for strategy in args.strategies:
+        table = results[strategy]
+        arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
+                          "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
+                          "compute": compute(manifest, strategy)}
+        own = "routed" if strategy in ("gradient-oracle", "elrea-ensemble") else strategy
+        if own in experts:
+            arms[strategy]["fallback"] = experts[own]["fallback"]
+            arms[strategy]["experts"] = experts[own]["experts"]
+    report = {"dataset": name, "per_label": per_label, "seed": seed, "train": len(outcome.labels), "test": len(test), "ids": results["ids"],
+              "config": config.to_dict(), "cluster_metrics": outcome.metrics, "cluster_sizes": outcome.sizes, "routers": routers,
+              "thresholds": thresholds, "arms": arms, "wall_seconds": round(time.perf_counter() - start, 1),
+              "stage_seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()}}
+    print(f"[{name} {per_label}/label seed {seed}] " + ", ".join(f"{s} {arms[s]['by_label']['overall']['nll']:.4f}" for s in args.strategies), file=sys.stderr)
     return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--datasets", nargs="+", default=["mix4", "skills4"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["skills4", "mix4"])
+    parser.add_argument("--per-label", type=int, nargs="+", default=[100])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--test-per-label", type=int, default=50)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--per-label", type=int, default=20)
-    parser.add_argument("--test-per-label", type=int, default=10)
-    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--generate-per-domain", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--latency-prompts", type=int, default=3)
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="decoding budget for short answers (exact match)")
+    parser.add_argument("--no-decode", dest="decode", action="store_false", help="NLL only")
+    parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES], choices=STRATEGIES)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("bench/out/experts-runs"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results/experts"))
     args = parser.parse_args()
     missing = [d for d in args.datasets if not (SHARED / d / "train.jsonl").exists()]
     if missing:
         sys.exit(f"bench/experts.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)")
-    report = {"model": args.model, "per_label": args.per_label, "test_per_label": args.test_per_label, "max_length": args.max_length,
-              "epochs": args.epochs, "strategies": args.strategies, "datasets": {}}
-    for name in args.datasets:
-        report["datasets"][name] = bench_dataset(name, args)
-        print(json.dumps(report, indent=2), file=open(args.out / "partial.json", "w"))
-    print(json.dumps(report, indent=2))
+    for per_label in args.per_label:
+        for seed in args.seeds:
+            for name in args.datasets:
+                result_file = args.results / f"{name}-{per_label}-seed{seed}-{'-'.join(sorted(args.strategies)) if len(args.strategies) < len(STRATEGIES) else 'all'}.json"
+                if result_file.exists():
+                    print(f"done already: {result_file}", file=sys.stderr)
+                    continue
+                write_json(result_file, bench_one(name, per_label, seed, args))
+                print(f"wrote {result_file}", file=sys.stderr)
 
 
 if __name__ == "__main__":

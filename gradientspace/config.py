@@ -35,6 +35,7 @@ class DataConfig:
     skip_bad: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs."})
     per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes."})
+    validation_fraction: float = field(default=0.15, metadata={"help": "Share of the training records held out (seeded, stratified by `source` when every record has one) for early stopping, keep-or-fall-back and the router threshold. No adapter trains on it; the test data is never used for a choice."})
 
 
 @dataclass
@@ -73,18 +74,24 @@ class ClusterConfig:
     exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients."})
 
 
-STRATEGIES = ("routed", "single", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble")
+STRATEGIES = ("routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters",
+              "projection-clusters", "elrea-ensemble")
 
 
 @dataclass
 class ExpertsConfig:
-    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "oracle", "random-clusters", "elrea-ensemble"], metadata={"help": f"Strategies to build and evaluate: {', '.join(STRATEGIES)}. `routed` and `elrea-ensemble` share the gradient-cluster experts."})
-    init: str = field(default="warmup", metadata={"help": "`warmup`: experts start from the warm-up adapter; `fresh`: from a new LoRA (B = 0)."})
-    epochs: int = field(default=2, metadata={"help": "Epochs over each expert's own cluster. Equal epochs = equal tokens and steps as the single adapter."})
+    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": f"Strategies to build and evaluate: {', '.join(STRATEGIES)}. `single` (the generalist) is always trained: the others branch from it and fall back to it."})
+    init: str = field(default="generalist", metadata={"help": "Where experts start: `generalist` (the converged single adapter; experts specialise from it), `warmup` (the warm-up adapter) or `fresh` (a new LoRA, B = 0)."})
+    epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`)."})
+    branch_epochs: int = field(default=3, metadata={"help": "Maximum epochs of each expert over its own cluster (`init: generalist`)."})
+    branch_learning_rate: float = field(default=2.5e-4, metadata={"help": "Peak learning rate of experts branched from the generalist: lower than the generalist's, since they start converged."})
+    schedule: str = field(default="cosine", metadata={"help": "Learning-rate decay after warm-up: `cosine`, `linear` or `constant_with_warmup` (transformers' names)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of each adapter's steps spent ramping the learning rate up."})
+    patience: int = field(default=1, metadata={"help": "Epochs without validation improvement before an adapter stops (its best epoch is kept)."})
+    equal_budget: bool = field(default=False, metadata={"help": "Train every adapter exactly `epochs` epochs with no early stopping and no fall-back (equal tokens for every strategy: budget curves)."})
     snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (experts and the single adapter alike)."})
-    batch_size: int = field(default=4, metadata={"help": "Training batch size."})
-    checkpoint_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "Training batch size."})
 
 
 @dataclass
@@ -93,7 +100,7 @@ class RouterConfig:
     epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned)."})
     learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned)."})
     validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy."})
-    threshold: float = field(default=0.0, metadata={"help": "Below this top probability a prompt goes to the warm-up (generalist) adapter."})
+    threshold: Union[float, str] = field(default="auto", metadata={"help": "Below this top router probability a prompt goes to the generalist (single) adapter; `auto` picks it on the validation split (lowest NLL)."})
 
 
 @dataclass
@@ -101,6 +108,7 @@ class EvalConfig:
     data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records."})
     generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part)."})
+    decode_all_domains: list[str] = field(default_factory=list, metadata={"help": "Domains (`source` labels) whose every test prompt is decoded, e.g. short-answer classification."})
     max_new_tokens: int = field(default=96, metadata={"help": "Decoding budget per prompt."})
     humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when code is in the mix (0 = off)."})
     latency_prompts: int = field(default=4, metadata={"help": "Prompts timed per strategy for routing time, time to first token and tokens/s."})
@@ -129,7 +137,7 @@ CHOICES = {
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
-    "experts.init": ("warmup", "fresh"),
+    "experts.init": ("generalist", "warmup", "fresh"),
 }
 LIST_CHOICES = {"experts.strategies": STRATEGIES}
 
@@ -226,6 +234,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"config key `cluster.k`: {k!r} must be an integer ≥ 2 or `auto`")
     if isinstance(k, int) and k < 2:
         raise ConfigError(f"config key `cluster.k`: {k} must be at least 2")
+    threshold = config.router.threshold
+    if isinstance(threshold, str) and threshold != "auto":
+        raise ConfigError(f"config key `router.threshold`: {threshold!r} must be a probability in [0, 1] or `auto`")
+    if not 0 <= config.data.validation_fraction < 0.9:
+        raise ConfigError(f"config key `data.validation_fraction`: {config.data.validation_fraction} must be in [0, 0.9)")
     if not 0 < config.warmup.fraction <= 1:
         raise ConfigError(f"config key `warmup.fraction`: {config.warmup.fraction} must be in (0, 1]")
     return config

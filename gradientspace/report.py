@@ -120,20 +120,30 @@ def latency_bars(results: dict, out: Path) -> Path | None:
 
 
 def loss_curves(run: Run, out: Path) -> Path | None:
-    files = sorted(run.root.glob("warmup/losses.json")) + sorted(run.root.glob("experts/*/losses.json")) + sorted(run.root.glob("strategies/*/*/losses.json"))
+    """Training loss per step (moving average) and validation NLL per epoch of every adapter."""
+    files = sorted(run.root.glob("warmup/trainer_log.json")) + sorted(run.root.glob("experts/*/trainer_log.json")) + sorted(run.root.glob("strategies/*/*/trainer_log.json"))
     if not files:
         return None
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    figure, (train_axis, validation_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for path in files:
-        losses = json.loads(path.read_text())["loss"]
+        log = json.loads(path.read_text())
+        label = str(path.parent.relative_to(run.root))
+        losses = log["loss"]
         if len(losses) > 1:
             window = max(1, len(losses) // 20)
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            axis.plot(smooth, label=str(path.parent.relative_to(run.root)), linewidth=1.2)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss (moving average)")
-    axis.set_title("training-loss curves")
-    axis.legend(fontsize=7, ncol=2)
+            train_axis.plot(np.convolve(losses, np.ones(window) / window, mode="valid"), label=label, linewidth=1.2)
+        curve = log.get("validation_curve") or []
+        if curve:
+            epochs = [0] + [row["epoch"] for row in curve]
+            values = [log.get("initial_eval_loss")] + [row["eval_loss"] for row in curve]
+            validation_axis.plot(epochs, values, marker="o", label=label, linewidth=1.2)
+    train_axis.set_xlabel("optimizer step")
+    train_axis.set_ylabel("training loss (moving average)")
+    validation_axis.set_xlabel("epoch (0 = where the adapter started)")
+    validation_axis.set_ylabel("validation NLL")
+    train_axis.set_title("training loss")
+    validation_axis.set_title("validation NLL (early stopping keeps the minimum)")
+    train_axis.legend(fontsize=7, ncol=2)
     return _save(figure, out / "training_loss.png")
 
 

@@ -2,8 +2,9 @@
 
 Trained on prompt text → group id of the training records (never on `source`), with a seeded,
 stratified held-out split whose accuracy is reported. At inference one encoder forward picks
-the expert; a top probability below `threshold` sends the prompt to the warm-up (generalist)
-adapter instead, reported as expert -1.
+the expert; a top probability below `threshold` sends the prompt to the generalist (single)
+adapter instead, reported as expert -1. The router never sees the validation split, so the
+threshold can be chosen there honestly (`inference.calibrate_threshold`).
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ def train_router(texts: list[str], labels: list[int], classes: int, device: torc
     return router, details
 
 
+def fixed_threshold(config) -> float:
+    """The configured threshold, or 0 until `auto` is calibrated on the validation split."""
+    return 0.0 if config.router.threshold == "auto" else float(config.router.threshold)
+
+
 def train_routers(config, strategies: list[str] | None = None) -> dict:
     """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first)."""
     from dataclasses import asdict
@@ -148,8 +154,12 @@ def train_routers(config, strategies: list[str] | None = None) -> dict:
     from .pipeline import load_data
     from .runs import Run, config_hash
 
+    from .data import validation_ids
+
     run = Run(config.out)
     records = load_data(run, config)
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    records = [r for r in records if r.id not in held]
     device = pick_device(config.model.device)
     wanted = [s for s in (strategies or config.experts.strategies) if s in ROUTED_STRATEGIES]
     summaries = {}
@@ -160,14 +170,15 @@ def train_routers(config, strategies: list[str] | None = None) -> dict:
         partition = json.loads(partition_file.read_text())
         labels = [partition["assignment"][r.id] for r in records]
         folder = router_dir(run, strategy)
-        key = config_hash(asdict(config.router), partition["assignment"], config.seed)
+        key = config_hash({k: v for k, v in asdict(config.router).items() if k != "threshold"}, partition["assignment"],
+                          sorted(r.id for r in records), config.seed)
         stage = f"router/{strategy}"
         if not run.is_done(stage, key):
             with run.stage(stage, key) as record:
                 router, details = train_router([r.prompt_text for r in records], labels, len(partition["groups"]), device,
                                                epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
                                                learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
-                                               threshold=config.router.threshold, seed=config.seed, finetune_encoder=config.router.finetune_encoder)
+                                               threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
                 router.save(folder, details)
                 record.update(outputs=[str((folder / "router.json").relative_to(run.root))],
                               heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])

@@ -1,53 +1,186 @@
-"""A thin LoRA training loop shared by the warm-up adapter and the experts.
+"""LoRA training on transformers' `Trainer`: the warm-up adapter, the generalist and the experts.
 
-It checkpoints (adapter, optimizer, step, losses) every `checkpoint_every` steps and resumes from
-the last checkpoint, and saves the final adapter as a plain peft folder, plus the optimizer's Adam
-moments (used to precondition gradients as LESS does) and the loss curve.
+What the project adds to a stock `Trainer` is small and stated here:
+- the loss is the project's: each sample's mean response-token loss, then the mean over the batch
+  (`per_sample_mean_loss`), so a long answer does not outweigh a short one — the same loss the
+  gradient engine differentiates;
+- evaluation on a validation split every epoch, early stopping on validation NLL with patience,
+  and the best epoch's adapter kept (`load_best_model_at_end`); with `patience=None` training runs
+  a fixed number of epochs (the equal-budget mode used for budget curves);
+- checkpoints live in a folder named by the caller's key, so a changed input (learning rate,
+  membership of a cluster…) can never resume stale state;
+- the final adapter is saved as a plain peft folder, with the optimizer's Adam moments (LESS-style
+  preconditioning reads them) and `trainer_log.json` (losses, validation curve, steps, tokens, seconds).
+Schedules, mixed precision, gradient clipping and multi-process (DDP under torchrun) are Trainer's.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .data import Example, collate, shuffled_length_batches
+from .data import Example, collate
 from .gradients import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, per_sample_mean_loss
 from .runs import atomic_path, write_json
 
 
 @dataclass
 class TrainPlan:
-    epochs: int
+    max_epochs: int
     learning_rate: float
     batch_size: int
     seed: int
-    max_steps: int | None = None  # cut the schedule short (equal-budget comparisons)
-    checkpoint_every: int = 50
+    schedule: str = "cosine"  # transformers' lr_scheduler_type: cosine | linear | constant_with_warmup …
+    warmup_ratio: float = 0.1  # share of all steps spent ramping the learning rate up
+    patience: int | None = 1  # epochs without validation improvement before stopping; None = fixed epochs
     snapshot_epochs: tuple[int, ...] = ()  # keep the adapter as it was after these epochs, in `epoch-<e>/`
 
 
-def _batches_for(examples: list[Example], plan: TrainPlan) -> tuple[list[list[Example]], dict[int, int]]:
-    """The whole schedule of batches, and {step after which an epoch ends: epoch number}."""
-    batches, epoch_ends = [], {}
-    for epoch in range(plan.epochs):
-        epoch_batches = shuffled_length_batches(examples, plan.batch_size, chunk_size=max(plan.batch_size * 16, 64), seed=plan.seed * 1000 + epoch)
-        random.Random(plan.seed * 1000 + epoch).shuffle(epoch_batches)  # length-sorted chunks, mixed order
-        batches.extend(epoch_batches)
-        epoch_ends[len(batches)] = epoch + 1
-    if plan.max_steps is not None:
-        batches = batches[: plan.max_steps]
-    return batches, epoch_ends
+class _ExampleDataset(torch.utils.data.Dataset):
+    """Examples as the dicts Trainer's length-grouped sampler reads (`input_ids` gives the length)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+def _collator(pad_id: int):
+    def collate_dicts(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = [Example(i, row["input_ids"], row["labels"], False) for i, row in enumerate(rows)]
+        input_ids, mask, labels = collate(batch, pad_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    return collate_dicts
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class ResponseLossTrainer(Trainer):
+        """Trainer with the project's loss: mean response-token loss per sample, mean over the batch."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # our loss is already a per-batch mean
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = per_sample_mean_loss(outputs.logits, labels).mean()
+            return (loss, outputs) if return_outputs else loss
+
+    return ResponseLossTrainer
+
+
+def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool) -> list:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        """Save the adapter after the epochs named in `plan.snapshot_epochs` (budget curves)."""
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            epoch = round(state.epoch or 0)
+            if epoch in plan.snapshot_epochs and state.is_world_process_zero:
+                _save_adapter(model, out_dir / f"epoch-{epoch}")
+
+    callbacks = [Snapshots()] if plan.snapshot_epochs else []
+    if has_validation and plan.patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=plan.patience))
+    return callbacks
+
+
+def _quiet_progress(trainer) -> None:
+    """Keep Trainer's progress bar but show the loss in it instead of printing a dict per log step."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossInBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossInBar())
+
+
+def train_adapter(model, train: list[Example], validation: list[Example], pad_id: int, device: torch.device, plan: TrainPlan,
+                  out_dir: Path, key: str, desc: str) -> dict:
+    """Train the model's active LoRA adapter; `out_dir` becomes a plain peft folder.
+
+    Checkpoints go to `<out_dir>.trainer-<key>/` and are resumed from only when the key matches;
+    they are removed once the adapter is saved. With a validation split, the adapter saved is the
+    best epoch's; its validation NLL before training (`initial_eval_loss`) is recorded too, so a
+    caller can tell whether training helped at all.
+    """
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out_dir = Path(out_dir)
+    work_dir = out_dir.with_name(f"{out_dir.name}.trainer-{key}")
+    has_validation = bool(validation)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(work_dir), num_train_epochs=plan.max_epochs, learning_rate=plan.learning_rate,
+        per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size * 2,
+        lr_scheduler_type=plan.schedule, warmup_steps=plan.warmup_ratio, weight_decay=0.0,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
+        eval_strategy="epoch" if has_validation else "no", save_strategy="epoch",
+        load_best_model_at_end=has_validation and plan.patience is not None, metric_for_best_model="eval_loss",
+        greater_is_better=False, save_total_limit=2, logging_steps=1, report_to=[], seed=plan.seed, data_seed=plan.seed,
+        bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy="group_by_length",
+        dataloader_num_workers=0, disable_tqdm=False, label_names=["labels"],
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=_ExampleDataset(train),
+                               eval_dataset=_ExampleDataset(validation) if has_validation else None,
+                               data_collator=_collator(pad_id), callbacks=_callbacks(plan, out_dir, has_validation))
+    _quiet_progress(trainer)
+    resume = get_last_checkpoint(str(work_dir)) if work_dir.exists() else None
+    initial = None
+    if has_validation:
+        initial_file = work_dir / "initial_eval.json"
+        if resume and initial_file.exists():
+            initial = json.loads(initial_file.read_text())["eval_loss"]
+        else:
+            initial = trainer.evaluate()["eval_loss"]
+            write_json(initial_file, {"eval_loss": initial})
+    print(f"{desc}: {'resuming from ' + Path(resume).name if resume else 'training'} "
+          f"({len(train)} samples, {len(validation)} validation)", flush=True)
+    output = trainer.train(resume_from_checkpoint=resume)
+    model.eval()
+    history = trainer.state.log_history
+    validation_curve = [{"epoch": round(h["epoch"]), "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    best = min(validation_curve, key=lambda row: row["eval_loss"]) if validation_curve else None
+    epochs_run = round(trainer.state.epoch or 0)
+    tokens_per_epoch = sum(sum(1 for label in e.labels if label != -100) for e in train)
+    summary = {
+        "steps": trainer.state.global_step, "epochs_run": epochs_run, "max_epochs": plan.max_epochs,
+        "samples": len(train), "validation_samples": len(validation), "tokens": tokens_per_epoch * epochs_run,
+        "train_seconds": round(output.metrics.get("train_runtime", 0.0), 2),
+        "initial_eval_loss": initial, "best_epoch": best["epoch"] if best and plan.patience is not None else epochs_run,
+        "best_eval_loss": best["eval_loss"] if best and plan.patience is not None else (validation_curve[-1]["eval_loss"] if validation_curve else None),
+    }
+    if trainer.is_world_process_zero():
+        _save_adapter(model, out_dir)
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        _save_moments(optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad], out_dir / "optimizer.safetensors")
+        write_json(out_dir / "trainer_log.json", {**summary, "validation_curve": validation_curve,
+                                                  "loss": [round(h["loss"], 5) for h in history if "loss" in h]})
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return summary
 
 
 def _save_adapter(model, folder: Path) -> None:
-    """Write the adapter files into `folder` atomically, file by file, and drop the checkpoint."""
+    """Write the adapter files into `folder` atomically, file by file."""
     tmp = folder.with_name(folder.name + ".adapter-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -55,72 +188,6 @@ def _save_adapter(model, folder: Path) -> None:
     for file in tmp.iterdir():
         file.replace(folder / file.name)
     tmp.rmdir()
-    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
-
-
-def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def train_adapter(model, examples: list[Example], pad_id: int, device: torch.device, plan: TrainPlan, out_dir: Path, desc: str) -> dict:
-    """Train the model's active LoRA adapter.
-
-    `out_dir` becomes a peft adapter folder (`PeftModel.from_pretrained(base, out_dir)` and vLLM's
-    `--lora-modules` load it as it is) that also holds `optimizer.safetensors` and `losses.json`.
-    """
-    from peft import set_peft_model_state_dict
-
-    out_dir = Path(out_dir)
-    checkpoint = out_dir / "checkpoint"
-    batches, epoch_ends = _batches_for(examples, plan)
-    named = _trainable(model)
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=plan.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
-    losses: list[float] = []
-    start = 0
-    if (checkpoint / "state.json").exists():
-        state = json.loads((checkpoint / "state.json").read_text())
-        set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-        start, losses = state["step"], state["losses"]
-    model.train()
-    torch.manual_seed(plan.seed)
-    progress = tqdm(total=len(batches), initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    for step in range(start, len(batches)):
-        input_ids, mask, labels = (t.to(device) for t in collate(batches[step], pad_id))
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-        loss = per_sample_mean_loss(logits, labels).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(round(loss.item(), 5))
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        if epoch_ends.get(step + 1) in plan.snapshot_epochs and step + 1 < len(batches):
-            _save_adapter(model, out_dir / f"epoch-{epoch_ends[step + 1]}")
-        if (step + 1) % plan.checkpoint_every == 0 and step + 1 < len(batches):
-            _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
-    progress.close()
-    model.eval()
-    _save_adapter(model, out_dir)
-    if plan.epochs in plan.snapshot_epochs:  # the final adapter is the last snapshot: a copy keeps curves uniform
-        _save_adapter(model, out_dir / f"epoch-{plan.epochs}")
-    _save_moments(optimizer, named, out_dir / "optimizer.safetensors")
-    write_json(out_dir / "losses.json", {"loss": losses, "steps": len(batches), "examples": len(examples),
-                                         "tokens": sum(sum(1 for l in e.labels if l != -100) for b in batches for e in b)})
-    return {"steps": len(batches), "final_loss": losses[-1] if losses else None}
-
-
-def _save_checkpoint(model, optimizer, step: int, losses: list[float], folder: Path) -> None:
-    from peft import get_peft_model_state_dict
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
 
 
 def _save_moments(optimizer, named, path: Path) -> None:

@@ -25,9 +25,10 @@ def test_rouge_l_against_hand_computed_values():
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("a b c d", "a c") == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # LCS 2: precision 2/4, recall 2/2
     assert rouge_l("x y", "a b") == 0.0
+    assert rouge_l("The cats sat.", "the cat sat") == 1.0  # rouge_score's tokeniser and stemmer
 
 
-PROBLEM = {"prompt": "def add(a, b):\n", "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+PROBLEM = {"task_id": "test/0", "prompt": "def add(a, b):\n", "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
 
 
 def test_humaneval_runner_passes_fails_and_times_out():

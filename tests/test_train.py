@@ -1,4 +1,6 @@
-"""The LoRA training loop resumes from its checkpoint to the same adapter, and snapshots epochs."""
+"""Training on transformers' Trainer: resume to the same adapter, keep the best epoch, never resume stale state."""
+
+import json
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import make_records
 from gradientspace import train as train_module
 from gradientspace.config import ModelConfig
-from gradientspace.data import tokenize
+from gradientspace.data import collate, tokenize
+from gradientspace.gradients import per_sample_mean_loss
 from gradientspace.models import load_lora_model
 from gradientspace.train import TrainPlan, train_adapter
 
@@ -16,35 +19,89 @@ def fresh():
     return load_lora_model(ModelConfig(name="tiny-random", lora_rank=2), seed=0)
 
 
+def split(loaded, n=16, held=4):
+    examples = tokenize(make_records(n), loaded.tokenizer, 96)
+    return examples[held:], examples[:held]
+
+
+def mean_nll(model, examples, pad_id) -> float:
+    """The naive reference: one forward per example, the project's per-sample loss, averaged."""
+    with torch.no_grad():
+        return sum(float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l)[0])
+                   for i, m, l in (collate([e], pad_id) for e in examples)) / len(examples)
+
+
 def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch):
-    plan = TrainPlan(epochs=2, learning_rate=1e-2, batch_size=4, seed=0, checkpoint_every=2, snapshot_epochs=(1, 2))
+    plan = TrainPlan(max_epochs=3, learning_rate=1e-2, batch_size=4, seed=0, patience=None, snapshot_epochs=(1,))
     loaded = fresh()
-    examples = tokenize(make_records(12), loaded.tokenizer, 96)
-    summary = train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "clean", "clean")
-    assert summary["steps"] == 6
+    train, validation = split(loaded)
+    pad = loaded.tokenizer.pad_token_id
+    summary = train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "clean", "k", "clean")
+    assert summary["steps"] == 9 and summary["epochs_run"] == 3
     assert (tmp_path / "clean" / "epoch-1" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "clean" / "epoch-2" / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.glob("*.trainer-*"))  # checkpoints are removed once the adapter is saved
 
     real_loss = train_module.per_sample_mean_loss
     calls = {"n": 0}
 
-    def crash_on_fifth(*args):
+    def crash_during_epoch_two(*args):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 6:  # 1 initial evaluation + 3 steps + 1 evaluation, then a step of epoch 2
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(train_module, "per_sample_mean_loss", crash_on_fifth)
+    monkeypatch.setattr(train_module, "per_sample_mean_loss", crash_during_epoch_two)
     loaded = fresh()
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "resumed", "resumed")
-    assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
+        train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
+    assert (tmp_path / "resumed.trainer-k" / "checkpoint-3").exists()
     monkeypatch.setattr(train_module, "per_sample_mean_loss", real_loss)
     loaded = fresh()
-    train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "resumed", "resumed")
-    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
     a = load_file(str(tmp_path / "clean" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], load_file(str(tmp_path / "clean" / "epoch-1" / "adapter_model.safetensors"))[k]) for k in a)
+
+
+def test_a_changed_key_never_resumes_a_stale_checkpoint(tmp_path, monkeypatch, capsys):
+    plan = TrainPlan(max_epochs=2, learning_rate=1e-2, batch_size=4, seed=0, patience=None)
+    loaded = fresh()
+    train, validation = split(loaded)
+    real_loss = train_module.per_sample_mean_loss
+    calls = {"n": 0}
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "per_sample_mean_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "old-key", "a")
+    monkeypatch.setattr(train_module, "per_sample_mean_loss", real_loss)
+    capsys.readouterr()
+    loaded = fresh()
+    summary = train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "new-key", "a")
+    assert "resuming" not in capsys.readouterr().out and summary["steps"] == 6
+    assert (tmp_path / "a.trainer-old-key").exists() and not (tmp_path / "a.trainer-new-key").exists()
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    """The saved adapter scores the minimum of the validation curve (checked by a naive forward loop)."""
+    plan = TrainPlan(max_epochs=6, learning_rate=3e-2, batch_size=4, seed=0, patience=1)
+    loaded = fresh()
+    train, validation = split(loaded, n=20, held=6)
+    pad = loaded.tokenizer.pad_token_id
+    summary = train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "best", "k", "best")
+    log = json.loads((tmp_path / "best" / "trainer_log.json").read_text())
+    curve = [row["eval_loss"] for row in log["validation_curve"]]
+    assert summary["best_eval_loss"] == pytest.approx(min(curve))
+    assert summary["best_epoch"] == 1 + curve.index(min(curve))
+    if summary["epochs_run"] < plan.max_epochs:  # it stopped: patience epochs came after the best without improving
+        assert summary["epochs_run"] == summary["best_epoch"] + plan.patience
+    reloaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=2), adapter=tmp_path / "best")
+    assert mean_nll(reloaded.model.eval(), validation, pad) == pytest.approx(min(curve), rel=1e-4)
+    assert summary["initial_eval_loss"] == pytest.approx(mean_nll(fresh().model.eval(), validation, pad), rel=1e-4)

@@ -9,7 +9,7 @@ from gradientspace import workflow
 from gradientspace.cli import main
 from gradientspace.config import load_config
 
-STRATEGIES = ["routed", "single", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
+STRATEGIES = ["routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ data: {{path: mix4-packaged, per_source: 5, max_length: 96}}
 warmup: {{fraction: 0.25}}
 sketch: {{rank: 4}}
 cluster: {{k: 3, projection_dim: 16}}
-experts: {{epochs: 2, snapshot_epochs: [1], strategies: {json.dumps(STRATEGIES)}}}
+experts: {{epochs: 2, branch_epochs: 2, snapshot_epochs: [1], strategies: {json.dumps(STRATEGIES)}}}
 router: {{epochs: 20}}
 evaluate: {{data: "mix4-packaged:test", limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1}}
 """)
@@ -99,7 +99,7 @@ def test_generate_command(finished_run, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(line) == {"id", "expert", "probability", "text"} and 0 < line["probability"] <= 1
     assert main(["generate", str(run), "--prompt", "x", "--threshold", "1.01", "--max-new-tokens", "2"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["expert"] == -1  # below threshold: the warm-up adapter
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["expert"] == -1  # below threshold: the generalist
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
