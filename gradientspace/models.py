@@ -78,6 +78,7 @@ def smollm2_folder() -> Path:
     """The converted SmolLM2-135M-Instruct folder, converting from GGUF on first use."""
     folder = cache_dir() / "smollm2-135m-instruct"
     if (folder / "config.json").exists():
+        _drop_gguf_marker(folder / "config.json")
         return folder
     gguf = _smollm2_gguf_path()
 
@@ -89,8 +90,20 @@ def smollm2_folder() -> Path:
         model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_gguf_marker(tmp / "config.json")
 
     return _atomic_folder(folder, convert)
+
+
+def _drop_gguf_marker(config_file: Path) -> None:
+    """The converted weights are plain fp32: a leftover GGUF `quantization_config` makes Trainer refuse to train."""
+    import json
+
+    config = json.loads(config_file.read_text())
+    if config.pop("quantization_config", None) is not None:
+        from .runs import write_json
+
+        write_json(config_file, config)
 
 
 def _tiny_random_folder() -> Path:

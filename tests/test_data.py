@@ -104,3 +104,37 @@ def test_prompts_only_records_for_generation(tmp_path):
         load_records(path)
     records, _ = load_records(path, prompts_only=True)
     assert [r.prompt_text for r in records] == ["Say hi", "Hello?"]
+
+
+def long_paragraphs(text: str) -> set[str]:
+    """Paragraphs of 30+ words (story paragraphs, long answers), whitespace-folded; boilerplate lines are shorter."""
+    import re
+
+    return {" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if len(p.split()) >= 30}
+
+
+@pytest.mark.parametrize("recipe", ["mix4-packaged"])
+def test_recipe_train_and_test_share_no_paragraph(recipe):
+    """No test prompt, answer, or long paragraph of either appears in training (the writing split once shared them)."""
+    train, _ = load_records(recipe, per_source=60)
+    test, _ = load_records(f"{recipe}:test", per_source=60)
+    assert not {r.prompt_text for r in train} & {r.prompt_text for r in test}
+    assert not {r.response for r in train} & {r.response for r in test}
+    seen = set().union(*(long_paragraphs(r.prompt_text) | long_paragraphs(r.response) for r in train))
+    shared = [(r.id, p[:60]) for r in test for p in long_paragraphs(r.prompt_text) | long_paragraphs(r.response) if p in seen]
+    assert not shared, f"{len(shared)} test paragraphs also in training, e.g. {shared[:3]}"
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
+    from gradientspace.config import load_config
+    from gradientspace.data import validation_ids
+    from gradientspace.pipeline import warmup_subset
+
+    records = [Record(f"r{i}", [{"role": "user", "content": "q"}], "a", source=f"s{i % 3}") for i in range(60)]
+    held = validation_ids(records, 0.2, seed=0)
+    assert held == validation_ids(records, 0.2, seed=0) and held != validation_ids(records, 0.2, seed=1)
+    assert len(held) == 12 and all(sum(r.id in held for r in records if r.source == s) == 4 for s in ("s0", "s1", "s2"))
+    config = load_config(None, {"data.validation_fraction": 0.2, "warmup.fraction": 0.5})
+    warmup = warmup_subset(records, config)
+    assert len(warmup) == 24 and not {r.id for r in warmup} & held
+    assert validation_ids(records, 0.0, seed=0) == set()
