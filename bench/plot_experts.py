@@ -1,48 +1,111 @@
-"""Budget curves from bench/experts.py results: test NLL per strategy against epochs, per data set.
+"""Aggregate bench/experts.py results: the arms table, the routed − single bootstrap CI, the data curve.
 
-    python bench/plot_experts.py bench/results/experts-mix4.json bench/results/experts-skills4.json \
-        --out bench/results/budget_curves.png
+Reads every `bench/results/experts/*.json` (one per data set, size and seed; several files of the
+same run with different arm subsets are merged) and writes `bench/results/experts.md` (mean ± std
+over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI of routed − single
+over test records, pooled over seeds by averaging each record's difference) and
+`bench/results/experts_curve.png` (overall test NLL of routed and single against training records
+per label).
+
+    python bench/plot_experts.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-STYLE = {"routed": ("C0", "o", "-"), "single": ("C1", "s", "-"), "oracle": ("C2", "^", "--"), "random-clusters": ("C7", "x", ":"),
-         "embedding-clusters": ("C4", "D", "--"), "projection-clusters": ("C5", "v", "--"), "elrea-ensemble": ("C3", "*", "-.")}
+ORDER = ["single", "single-wide", "routed", "gradient-oracle", "random-clusters", "embedding-clusters", "projection-clusters", "oracle", "elrea-ensemble"]
+
+
+def load(folder: Path) -> dict:
+    """{(data set, per label): {seed: merged result}}."""
+    runs: dict = {}
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        key = (result["dataset"], result["per_label"])
+        merged = runs.setdefault(key, {}).setdefault(result["seed"], {**result, "arms": {}})
+        merged["arms"].update(result["arms"])
+    return runs
+
+
+def paired_bootstrap(differences: np.ndarray, samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, len(differences), size=(samples, len(differences)))].mean(axis=1)
+    return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
+    arms = [a for a in ORDER if any(a in r["arms"] for r in seeds.values())]
+    labels = [l for l in next(iter(seeds.values()))["arms"][arms[0]]["by_label"] if l != "overall"]
+    lines = [f"### {dataset}, {per_label} training records per label (seeds {sorted(seeds)})", "",
+             "| arm | seeds | overall NLL | " + " | ".join(labels) + " | exact match (short answers) | fell back | steps | tokens | train s (with generalist) |",
+             "| --- | ---: | ---: |" + " ---: |" * len(labels) + " --- | --- | ---: | ---: | ---: |"]
+    for arm in arms:
+        runs = [r["arms"][arm] for r in seeds.values() if arm in r["arms"]]
+        overall = mean_std([a["by_label"]["overall"]["nll"] for a in runs])
+        per_label_cells = [mean_std([a["by_label"][l]["nll"] for a in runs]) for l in labels]
+        exact = [a["by_label"][l].get("exact_match") for a in runs for l in labels if a["by_label"][l].get("exact_match") is not None]
+        fallback = "; ".join(",".join(a.get("fallback", [])) or "none" for a in runs) if arm not in ("single", "single-wide") else "–"
+        compute = runs[0]["compute"]
+        seconds = compute.get("train_seconds_with_generalist", compute.get("train_seconds"))
+        lines.append(f"| {arm} | {len(runs)} | {overall} | " + " | ".join(per_label_cells) + f" | {mean_std(exact) if exact else '–'} | {fallback} | "
+                     f"{compute.get('steps_with_generalist', compute['steps'])} | {compute.get('tokens_with_generalist', compute['tokens'])} | {seconds:.0f} |")
+    lines.append("")
+    for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide"):
+        both = [r for r in seeds.values() if arm in r["arms"] and "single" in r["arms"]]
+        if not both:
+            continue
+        differences = np.mean([np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"]["single"]["per_record_nll"]) for r in both], axis=0)
+        mean, low, high = paired_bootstrap(differences)
+        lines.append(f"- {arm} − single, test NLL, paired bootstrap over {len(differences)} test records ({len(both)} seed(s) averaged per record): "
+                     f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f})")
+    lines.append("")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("results", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/budget_curves.png"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results/experts"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    panels = []
-    for path in args.results:
-        report = json.loads(path.read_text())
-        panels.extend((name, data) for name, data in report["datasets"].items())
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for axis, (name, data) in zip(axes[0], panels):
-        epochs = sorted(data["by_epochs"], key=int)
-        for strategy, (colour, marker, line) in STYLE.items():
-            values = [data["by_epochs"][e][strategy]["overall"]["nll"] for e in epochs]
-            axis.plot([int(e) for e in epochs], values, color=colour, marker=marker, linestyle=line, label=strategy)
-        axis.set_title(f"{name}: {data['train']} train / {data['test']} test records")
-        axis.set_xlabel("epochs over each adapter's own data (equal tokens)")
-        axis.set_xticks([int(e) for e in epochs])
-        axis.set_ylabel("held-out response NLL, overall (lower is better)")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    runs = load(args.results)
+    lines = ["# Routed experts vs one adapter, every arm to convergence (bench/experts.py)", ""]
+    for (dataset, per_label), seeds in sorted(runs.items()):
+        lines.extend(table(dataset, per_label, seeds))
+    (args.out / "experts.md").write_text("\n".join(lines) + "\n")
+    datasets = sorted({d for d, _ in runs})
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for arm, style in (("single", "o-"), ("routed", "s-"), ("random-clusters", "^--")):
+            points = sorted((per_label, [r["arms"][arm]["by_label"]["overall"]["nll"] for r in seeds.values() if arm in r["arms"]])
+                            for (d, per_label), seeds in runs.items() if d == dataset)
+            points = [(x, ys) for x, ys in points if ys]
+            if points:
+                axis.errorbar([x for x, _ in points], [statistics.mean(ys) for _, ys in points],
+                              yerr=[statistics.stdev(ys) if len(ys) > 1 else 0 for _, ys in points], fmt=style, label=arm, capsize=3)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("training records per label")
+        axis.set_ylabel("test NLL (mean over seeds)")
+        axis.set_title(dataset)
+        axis.legend()
     figure.tight_layout()
-    figure.savefig(args.out, dpi=150)
-    print(args.out)
+    figure.savefig(args.out / "experts_curve.png", dpi=150)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

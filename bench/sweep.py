@@ -1,13 +1,14 @@
-"""Where routed experts lose to the single adapter: vary one knob at a time and re-score routed.
+"""Tune how experts branch from the generalist, choosing on the validation split only.
 
-Starts from a finished `bench/experts.py` run directory (same data, test set and budget). Each
-variant is a copy of that run with one setting changed; only what the change invalidates is
-recomputed (the run manifest's stage keys decide): K re-clusters the same sketch; the gradient
-token choice and the sketch rank redo the gradient pass; the warm-up length redoes everything,
-the single adapter included (both start from the warm-up adapter). Test split, NLL per domain at
-each snapshot epoch, next to the base run's single and oracle.
+Starts from a finished `bench/experts.py` run directory. Each variant is a copy of that run with
+one setting changed; only what the change invalidates is recomputed (the manifest's stage keys
+decide): branch settings retrain the routed experts from the same generalist; K re-clusters the
+same sketch. Every variant is scored by the routed strategy's mean NLL on the validation split
+(experts kept or fallen back and the router threshold chosen there too, as in a real run), next to
+the generalist's. The test split is not read: the chosen variant goes back through
+`bench/experts.py --set …` for its test numbers.
 
-    python bench/sweep.py --base bench/out/experts-runs/mix4 > bench/out/sweep-mix4.json
+    python bench/sweep.py --base bench/out/experts-runs/skills4-100-seed0 > bench/results/sweep-skills4.json
 """
 
 from __future__ import annotations
@@ -20,59 +21,55 @@ import time
 from pathlib import Path
 
 from gradientspace.config import config_from_run
-from gradientspace.data import load_records
-from gradientspace.evaluate import evaluate_strategies
+from gradientspace.data import validation_ids
 from gradientspace.experts import train_experts
-from gradientspace.pipeline import cluster
+from gradientspace.inference import StrategyModel
+from gradientspace.pipeline import cluster, load_data
 from gradientspace.router import train_routers
+from gradientspace.runs import Run
+from gradientspace.workflow import router_thresholds
 
 VARIANTS = {
+    "base": {},
+    "branch-lr-1e-4": {"experts.branch_learning_rate": 1e-4},
+    "branch-lr-5e-4": {"experts.branch_learning_rate": 5e-4},
+    "branch-1-epoch": {"experts.branch_epochs": 1},
     "k2": {"cluster.k": 2},
-    "k8": {"cluster.k": 8},
-    "instruction-tokens": {"gradients.tokens": "instruction"},
-    "rank32": {"sketch.rank": 32},
-    "warmup-30pct": {"warmup.fraction": 0.3},
 }
-NOT_COPIED = ("eval-epoch-*", "report", "elrea")
+NOT_COPIED = ("eval*", "report", "elrea", "strategies/random-clusters", "strategies/embedding-clusters",
+              "strategies/projection-clusters", "strategies/oracle", "strategies/single-wide")
 
 
-def nll_table(results: dict, strategy: str) -> dict:
-    return {domain: round(row["nll"], 4) for domain, row in results[strategy].items()}
-
-
-def run_variant(base_run: Path, out: Path, overrides: dict, epochs: list[int], test_path: Path) -> dict:
-    if not out.exists():
-        shutil.copytree(base_run, out, ignore=shutil.ignore_patterns(*NOT_COPIED))
-    config = config_from_run(out, overrides)
+def validation_score(out: Path, overrides: dict) -> dict:
+    config = config_from_run(out, {**overrides, "experts.strategies": ["routed", "single"]})
     start = time.perf_counter()
     outcome = cluster(config)
-    retrain = ["routed", "single"] if "warmup.fraction" in overrides else ["routed"]
-    train_experts(config, retrain)
-    router = train_routers(config, ["routed"])
-    test, _ = load_records(str(test_path))
-    scores = {}
-    for epoch in epochs:
-        results = evaluate_strategies(config, retrain, test, adapter_epoch=epoch, write=False)
-        scores[str(epoch)] = {s: nll_table(results, s) for s in retrain}
-    return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "router": router["routed"], "sizes": outcome.metrics.get("sizes"),
-            "nll_by_epochs": scores, "seconds": round(time.perf_counter() - start, 1)}
+    experts = train_experts(config, ["single", "routed"])
+    train_routers(config, ["routed"])
+    thresholds = router_thresholds(config)
+    records = load_data(Run(out), config)
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    validation = [r for r in records if r.id in held]
+    engine = StrategyModel(config, ["routed", "single"])
+    scores = {s: sum(engine.nll(s, validation)) / len(validation) for s in ("routed", "single")}
+    return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "fallback": experts["routed"]["fallback"],
+            "threshold": thresholds.get("routed"), "validation_nll": scores,
+            "validation_gain_vs_single": scores["single"] - scores["routed"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--base", type=Path, required=True, help="a bench/experts.py data-set folder (holds run/ and test.jsonl)")
+    parser.add_argument("--base", type=Path, required=True, help="a bench/experts.py run folder (holds run/)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
-    base_run = args.base / "run"
-    report = {"base": str(args.base), "base_nll_by_epochs": {}, "variants": {}}
-    for epoch in args.epochs:
-        base = json.loads((base_run / f"eval-epoch-{epoch}.json").read_text())
-        report["base_nll_by_epochs"][str(epoch)] = {s: nll_table(base, s) for s in ("routed", "single", "oracle")}
+    report = {"base": str(args.base), "chosen_on": "validation split", "variants": {}}
     for name in args.variants:
-        report["variants"][name] = run_variant(base_run, args.base / f"sweep-{name}", VARIANTS[name], args.epochs, args.base / "test.jsonl")
-        overall = {e: {s: t["overall"] for s, t in row.items()} for e, row in report["variants"][name]["nll_by_epochs"].items()}
-        print(f"[{name}] {overall}", file=sys.stderr)
+        out = args.base / f"sweep-{name}"
+        if not out.exists():
+            shutil.copytree(args.base / "run", out, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        report["variants"][name] = validation_score(out, VARIANTS[name])
+        print(f"[{name}] {report['variants'][name]['validation_nll']}", file=sys.stderr)
+    report["chosen"] = min(report["variants"], key=lambda n: report["variants"][n]["validation_nll"]["routed"])
     print(json.dumps(report, indent=2))
 
 

@@ -127,7 +127,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
     from .runs import Run
 
-    stages = Run(config.out).manifest["stages"]
+    manifest = Run(config.out).manifest
+    for strategy, summary in manifest.get("experts", {}).items():
+        if strategy in config.experts.strategies and strategy != "single":
+            kept = [g for g in summary["groups"] if g not in summary["fallback"]]
+            gains = ", ".join(f"{g}: {e['initial_eval_loss']:.3f} → {e['best_eval_loss']:.3f}" for g, e in summary["experts"].items()
+                              if e.get("initial_eval_loss") is not None and e.get("best_eval_loss") is not None)
+            print(f"{strategy}: experts kept {kept or 'none'}, fell back to the generalist {summary['fallback'] or 'none'} "
+                  f"(validation NLL generalist → expert: {gains})")
+    latency = result["eval"].get("latency", {})
+    single_ms = (latency.get("single") or {}).get("total_first_token_ms")
+    if single_ms:
+        print("time to first token vs single: " + ", ".join(f"{s} {v['total_first_token_ms'] / single_ms:.2f}×" for s, v in latency.items()
+                                                             if v.get("total_first_token_ms")))
+    stages = manifest["stages"]
     print("seconds per stage: " + ", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in stages.items()))
     print(f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report/   results: {config.out}/eval.md")
     return 0

@@ -84,7 +84,7 @@ class ExpertsConfig:
     init: str = field(default="generalist", metadata={"help": "Where experts start: `generalist` (the converged single adapter; experts specialise from it), `warmup` (the warm-up adapter) or `fresh` (a new LoRA, B = 0)."})
     epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`)."})
-    branch_epochs: int = field(default=3, metadata={"help": "Maximum epochs of each expert over its own cluster (`init: generalist`)."})
+    branch_epochs: int = field(default=2, metadata={"help": "Maximum epochs of each expert over its own cluster (`init: generalist`)."})
     branch_learning_rate: float = field(default=2.5e-4, metadata={"help": "Peak learning rate of experts branched from the generalist: lower than the generalist's, since they start converged."})
     schedule: str = field(default="cosine", metadata={"help": "Learning-rate decay after warm-up: `cosine`, `linear` or `constant_with_warmup` (transformers' names)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of each adapter's steps spent ramping the learning rate up."})

@@ -140,7 +140,9 @@ def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy:
     branch = config.experts.init == "generalist" and strategy not in ONE_GROUP_STRATEGIES
     init, init_key = _start(run, config, strategy, fresh_state)
     plan = _plan(config, branch)
-    experts_section = {k: v for k, v in asdict(config.experts).items() if k != "strategies"}
+    # what the adapters of this strategy depend on: the generalist ignores how experts branch from it
+    ignored = ("strategies", "init", "branch_epochs", "branch_learning_rate") if strategy in ONE_GROUP_STRATEGIES else ("strategies",)
+    experts_section = {k: v for k, v in asdict(config.experts).items() if k not in ignored}
     summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {}, "fallback": []}
     for group, name in enumerate(names):
         members = [r for r, l in zip(records, labels) if l == group]

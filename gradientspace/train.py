@@ -39,6 +39,7 @@ class TrainPlan:
     warmup_ratio: float = 0.1  # share of all steps spent ramping the learning rate up
     patience: int | None = 1  # epochs without validation improvement before stopping; None = fixed epochs
     snapshot_epochs: tuple[int, ...] = ()  # keep the adapter as it was after these epochs, in `epoch-<e>/`
+    sampling: str = "group_by_length"  # Trainer's train_sampling_strategy; `sequential` keeps the given order (benchmarks)
 
 
 class _ExampleDataset(torch.utils.data.Dataset):
@@ -137,7 +138,7 @@ def train_adapter(model, train: list[Example], validation: list[Example], pad_id
         eval_strategy="epoch" if has_validation else "no", save_strategy="epoch",
         load_best_model_at_end=has_validation and plan.patience is not None, metric_for_best_model="eval_loss",
         greater_is_better=False, save_total_limit=2, logging_steps=1, report_to=[], seed=plan.seed, data_seed=plan.seed,
-        bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy="group_by_length",
+        bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy=plan.sampling,
         dataloader_num_workers=0, disable_tqdm=False, label_names=["labels"],
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=_ExampleDataset(train),
