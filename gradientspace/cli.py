@@ -106,7 +106,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data import Record, load_records
     from .inference import StrategyModel
-
     from .runs import Run
 
     config = _run_config(args, {"threshold": "router.threshold"})
@@ -127,7 +126,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     strategies = _strategies(args.strategies)
     config = _run_config(args, {"data": "evaluate.data", "limit": "evaluate.limit"})
-    results = run_until(config, "evaluate", strategies, overwrite=args.overwrite)["eval"]
+    results = run_until(config, "evaluate", strategies, overwrite=args.overwrite).get("eval")
+    if results is None:  # a non-zero rank of a multi-process run
+        return 0
     print(markdown_table(results, strategies or list(config.experts.strategies)))
     print(f"written: {config.out}/eval.json, {config.out}/eval.md")
     return 0

@@ -93,7 +93,7 @@ class RouterConfig:
     epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned).", "check": ">=1"})
     learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned).", "check": ">0"})
     validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy.", "check": "[0,1)"})
-    threshold: float = field(default=0.0, metadata={"help": "Below this top probability a prompt goes to the warm-up (generalist) adapter.", "check": "[0,1]"})
+    threshold: float = field(default=0.0, metadata={"help": "Below this top probability a prompt goes to the warm-up (generalist) adapter (above 1: always).", "check": ">=0"})
 
 
 @dataclass

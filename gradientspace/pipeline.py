@@ -1,8 +1,10 @@
 """The clustering pipeline: data → warm-up → gradient pass (sketch) → clusters.
 
-Each stage records itself in `RUN/manifest.json` with a key hashed from the config sections it
-depends on; a stage whose key matches and whose outputs exist is skipped, so re-running the same
-command resumes. The gradient pass also checkpoints every `gradients.checkpoint_every` batches.
+Each stage records itself in `RUN/manifest.json` with its named inputs (`*_inputs` below: config
+sections, the data file's content hash, the upstream stage's key) and a key hashed from them; a
+stage whose key matches and whose outputs exist is skipped, so re-running the same command
+resumes, and a changed input re-runs exactly the stages downstream of it. The gradient pass also
+checkpoints every `gradients.checkpoint_every` batches (default: about ten times per pass).
 """
 
 from __future__ import annotations
@@ -109,18 +111,21 @@ def warmup_subset(n: int, config: RunConfig) -> list[int]:
 
 def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> Path:
     """Train the warm-up (generalist) adapter on a random fraction; returns its folder."""
-    folder = run.path("warmup")
+    if not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
+        train_warmup(run, config, records, loaded)
+    return run.path("warmup")
+
+
+def train_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> None:
     inputs = warmup_inputs(config)
     key = config_hash(inputs)
-    if run.is_done("warmup", key, inputs):
-        return folder
+    folder = run.path("warmup")
     subset = [records[i] for i in warmup_subset(len(records), config)]
     examples = tokenize(subset, loaded.tokenizer, config.data.max_length, "response")
     plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed)
     with run.stage("warmup", key, inputs) as stage:
         summary = train_adapter(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, plan, folder, desc="warm-up")
         stage.update(summary, samples=len(examples), outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
-    return folder
 
 
 # ---------------------------------------------------------------- gradient pass
@@ -325,11 +330,10 @@ def cluster(config: RunConfig) -> ClusterOutcome:
     method = config.cluster.method
     device = pick_device(config.model.device)
     if method in GRADIENT_METHODS:
-        # loading the model costs seconds; a run whose warm-up and gradients are done does not need it
-        loaded = load_lora_model(config.model, seed=config.seed) if not run.is_done("gradients", config_hash(gradients_inputs(config)), quiet=True) else None
-        if distributed.is_main() and (loaded is not None or not run.is_done("warmup", warmup_key(config), quiet=True)):
-            loaded = loaded or load_lora_model(config.model, seed=config.seed)
-            run_warmup(run, config, records, loaded)
+        loaded = None  # loading the model costs seconds; a run whose warm-up and gradients are done does not need it
+        if distributed.is_main() and not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
+            loaded = load_lora_model(config.model, seed=config.seed)
+            train_warmup(run, config, records, loaded)
         distributed.barrier()
         run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
         inputs = gradients_inputs(config)

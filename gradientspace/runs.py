@@ -89,6 +89,14 @@ def note(message: str) -> None:
         print(message, flush=True)
 
 
+_SKIPS_SAID: set[tuple[Path, str, str]] = set()
+
+
+def new_command() -> None:
+    """Start a command: its skip lines are said again, once each."""
+    _SKIPS_SAID.clear()
+
+
 class Run:
     """A run directory and its manifest."""
 
@@ -123,19 +131,18 @@ class Run:
     def missing_outputs(self, stage: str) -> list[str]:
         return [output for output in self.stage_entry(stage).get("outputs", []) if not self.path(output).exists()]
 
-    def is_done(self, stage: str, key: str, inputs: dict[str, Any] | None = None, quiet: bool = False) -> bool:
-        """Whether `stage` can be skipped; says so, or says why it runs, in one line (unless `quiet`).
+    def is_done(self, stage: str, key: str, inputs: dict[str, Any] | None = None) -> bool:
+        """Whether `stage` can be skipped; says so, or says why it runs, in one line.
 
         `inputs` (name → hash) lets the line name what changed, e.g. `re-run gradients: warm-up changed`.
         """
         entry = self.stage_entry(stage)
         missing = self.missing_outputs(stage)
         if entry.get("key") == key and entry.get("done") and not missing:
-            if not quiet:
+            if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several stages reload the data: say it once
+                _SKIPS_SAID.add((self.root.resolve(), stage, key))
                 note(f"skip {stage}: done, key {key[:8]}")
             return True
-        if quiet:
-            return False
         if not entry:
             note(f"run {stage}: not done yet")
         elif entry.get("key") == key and not entry.get("done"):

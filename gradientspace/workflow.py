@@ -22,7 +22,7 @@ from .pipeline import cluster, cluster_inputs, load_data, warmup_key
 from .preflight import preflight
 from .report import make_report
 from .router import train_routers
-from .runs import Run, config_hash, note
+from .runs import Run, config_hash, new_command, note
 
 STEPS = ("cluster", "experts", "router", "evaluate", "report")
 
@@ -77,6 +77,7 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
 
     Under torchrun every rank takes its shard of the gradient pass; the later stages run on rank 0.
     """
+    new_command()
     wanted = list(strategies or config.experts.strategies)
     preflight(config, evaluate=STEPS.index(last) >= STEPS.index("evaluate"), overwrite=overwrite)
     result: dict = {"cluster": cluster(config)}
