@@ -97,7 +97,8 @@ def load_data(run: Run, config: RunConfig) -> list[Record]:
             stage["outputs"] = ["samples.jsonl"]
             stage.update({"records": report.records, "skipped_bad": report.skipped, "first_errors": report.first_errors, "truncated": truncated})
         note(f"data: {report.records} records" + (f", {report.skipped} bad ones skipped" if report.skipped else "")
-             + f", {truncated} truncated to data.max_length = {data.max_length} tokens")
+             + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
+             + (" (most samples lose tokens: consider a larger data.max_length)" if truncated > report.records / 2 else ""))
     return records
 
 
