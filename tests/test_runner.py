@@ -4,6 +4,7 @@ decision said in one line, nothing stale served, the manifest written by rank 0 
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import interrupted_after, make_records
@@ -150,3 +151,26 @@ def test_decisions_name_what_changed(tmp_path, capsys):
     assert not run.is_done("s", "k1")
     assert capsys.readouterr().out.splitlines() == ["skip s: done, key k1", "re-run s: b changed (key k1 → k2)",
                                                     "re-run s: output out.txt is missing", "resume s: interrupted earlier, inputs unchanged (key k1)"]
+
+
+def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypatch, capsys):
+    """Rank 0 of two processes saw every other batch: resuming its state in one process would drop half the data."""
+    from gradientspace import distributed
+
+    data = write_data(tmp_path / "train.jsonl", 16)
+    overrides = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96, "sketch.rank": 4,
+                 "cluster.k": 2, "gradients.batch_size": 2, "gradients.checkpoint_every": 1, "warmup.fraction": 0.25}
+    clean = pipeline.cluster(load_config(None, {**overrides, "out": str(tmp_path / "clean")}))
+    config = load_config(None, {**overrides, "out": str(tmp_path / "run")})
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "world", lambda: (0, 2))  # rank 0's view of a two-process run, without a process group
+        patch.setattr(distributed, "init", lambda: None)
+        patch.setattr(pipeline, "stream_gradients", interrupted_after(pipeline.stream_gradients, 2))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.cluster(config)
+    assert (tmp_path / "run" / "checkpoints" / "gradients.rank0.safetensors").exists()
+    capsys.readouterr()
+    resumed = pipeline.cluster(config)
+    assert "resuming from the checkpoint" not in capsys.readouterr().out
+    a, b = (load_file(str(tmp_path / name / "sketch.safetensors"))["coordinates"] for name in ("clean", "run"))
+    assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
