@@ -130,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if results is None:  # a non-zero rank of a multi-process run
         return 0
     print(markdown_table(results, strategies or list(config.experts.strategies)))
-    print(f"written: {config.out}/eval.json, {config.out}/eval.md")
+    print(f"results: {config.out}/eval.json, {config.out}/eval.md")
     return 0
 
 
