@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, config_from_run, load_config
+from .config import STRATEGIES, ConfigError, config_from_run, load_config
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -42,11 +42,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad command line; argparse's message, made one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and the message on two lines; we keep one
+        raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+
+
+def _strategies(text: str | None, flag: str = "--strategies") -> list[str] | None:
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise ConfigError(f"{flag}: {unknown[0] if unknown else text!r} is not a strategy (choose from {', '.join(STRATEGIES)})")
+    return names
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from .pipeline import cluster
+    from .workflow import run_until
 
     config = load_config(args.config, _overrides(args, CLUSTER_FLAGS))
-    outcome = cluster(config)
+    outcome = run_until(config, "cluster", overwrite=args.overwrite)["cluster"]
     if not outcome.labels:  # a non-zero rank of a multi-process run
         return 0
     print(f"\nmethod {outcome.method}   K = {outcome.k}   samples {len(outcome.labels)}   run {outcome.run_dir}")
@@ -62,20 +81,22 @@ def _run_config(args: argparse.Namespace, flags: dict[str, str] | None = None):
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
-    from .experts import train_experts
+    from .workflow import run_until
 
+    _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies", "epochs": "experts.epochs"})
-    for strategy, summary in train_experts(config).items():
+    for strategy, summary in run_until(config, "experts", overwrite=args.overwrite).get("experts", {}).items():
         print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}")
     print(f"experts: {config.out}/experts/<k>/ (peft adapter folders); baselines: {config.out}/strategies/")
     return 0
 
 
 def cmd_train_router(args: argparse.Namespace) -> int:
-    from .router import train_routers
+    from .workflow import run_until
 
+    _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies"})
-    for strategy, summary in train_routers(config).items():
+    for strategy, summary in run_until(config, "router", overwrite=args.overwrite).get("router", {}).items():
         print(f"router for {strategy:<20} held-out accuracy {summary['heldout_accuracy']:.3f}   train accuracy {summary['train_accuracy']:.3f}")
     return 0
 
@@ -85,10 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data import Record, load_records
     from .inference import StrategyModel
+    from .runs import Run
 
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
         raise ConfigError("give exactly one of --prompt TEXT or --data FILE")
+    _strategies(args.strategy, "--strategy")
+    Run(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
     records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
     engine = StrategyModel(config, [args.strategy])
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
@@ -97,19 +121,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_strategies, markdown_table
+    from .evaluate import markdown_table
+    from .workflow import run_until
 
+    strategies = _strategies(args.strategies)
     config = _run_config(args, {"data": "evaluate.data", "limit": "evaluate.limit"})
-    strategies = args.strategies.split(",") if args.strategies else None
-    results = evaluate_strategies(config, strategies)
+    results = run_until(config, "evaluate", strategies, overwrite=args.overwrite).get("eval")
+    if results is None:  # a non-zero rank of a multi-process run
+        return 0
     print(markdown_table(results, strategies or list(config.experts.strategies)))
-    print(f"written: {config.out}/eval.json, {config.out}/eval.md")
+    print(f"results: {config.out}/eval.json, {config.out}/eval.md")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
 
+    config_from_run(args.run)  # a missing or corrupt run fails here, in one line
     for figure in make_report(args.run):
         print(figure)
     return 0
@@ -119,11 +147,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from .evaluate import markdown_table
+    from .runs import Run
     from .workflow import run_all
 
     config = load_config(args.config, _overrides(args, {"out": "out"}))
-    start = time.perf_counter()
-    result = run_all(config)
+    started, start = time.time(), time.perf_counter()
+    result = run_all(config, overwrite=args.overwrite)
+    if "eval" not in result:  # a non-zero rank of a multi-process run
+        return 0
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
     from .runs import Run
 
@@ -141,13 +172,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("time to first token vs single: " + ", ".join(f"{s} {v['total_first_token_ms'] / single_ms:.2f}×" for s, v in latency.items()
                                                              if v.get("total_first_token_ms")))
     stages = manifest["stages"]
-    print("seconds per stage: " + ", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in stages.items()))
-    print(f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report/   results: {config.out}/eval.md")
+    ran = {name: entry for name, entry in stages.items() if entry.get("finished_at", 0) >= started}
+    print("seconds per stage run now: " + (", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in ran.items()) or "none"))
+    skipped = [name for name in stages if name not in ran]
+    if skipped:
+        print(f"skipped (done earlier, same inputs): {', '.join(skipped)}")
+    print(f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report.html   results: {config.out}/eval.md")
     return 0
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="re-run stages of an existing run whose config differs, instead of refusing")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
+    parser = _Parser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="list built-in model aliases and whether each is available")
@@ -168,18 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--limit", type=int, help="use only the first N records")
     cluster.add_argument("--seed", type=int)
     cluster.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    _add_run_flags(cluster)
     cluster.set_defaults(func=cmd_cluster)
 
     run = sub.add_parser("run", help="the whole pipeline from one YAML config: cluster, experts, router, evaluate, report")
     run.add_argument("config", help="YAML config")
     run.add_argument("--out", help="run directory (overrides the config's `out`)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _add_run_flags(run)
     run.set_defaults(func=cmd_run)
 
     def run_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("run", help="run directory made by `gradientspace cluster` or `run`")
         command.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key of the run")
+        _add_run_flags(command)
         command.set_defaults(func=func)
         return command
 
@@ -199,25 +243,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="test data (default: the config's evaluate.data)")
     evaluate.add_argument("--strategies", help="comma-separated (default: experts.strategies)")
     evaluate.add_argument("--limit", type=int)
-    report = sub.add_parser("report", help="PNG figures of a run")
+    report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")
     report.add_argument("run")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     report.set_defaults(func=cmd_report)
     return parser
 
 
+def _error(message: str) -> None:
+    print(" ".join(str(message).split()), file=sys.stderr)  # one line, whatever the message held
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends in one line on stderr and exit 2, any other failure in exit 1 (`--debug`: traceback)."""
     from .data import DataError
     from .models import ModelError
+    from .runs import RunError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
-        print(f"gradientspace: error: {err}", file=sys.stderr)
+    except UsageError as err:
+        _error(str(err))
+        return 2
+    except SystemExit as exit:  # --help
+        return int(exit.code or 0)
+    except (ConfigError, DataError, ModelError, RunError, FileNotFoundError) as err:
+        if debug:
+            raise
+        _error(f"gradientspace: error: {err}")
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or an environment failure: still one line unless --debug
+        if debug:
+            raise
+        _error(f"gradientspace: error: {type(err).__name__}: {err} (re-run with --debug for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

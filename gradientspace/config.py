@@ -10,7 +10,7 @@ import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = field(default="smollm2-135m", metadata={"help": "Hugging Face id, local folder, or a built-in alias (`gradientspace models`)."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r.", "check": ">=1"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r.", "check": ">0"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps."})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`…"})
 
@@ -31,19 +31,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = field(default="mix4-packaged", metadata={"help": "JSONL/JSON/Parquet file, a saved `datasets` folder, or a built-in recipe (`mix4-packaged`)."})
-    max_length: int = field(default=256, metadata={"help": "Tokens per sample after the chat template; longer samples are truncated (and counted)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per sample after the chat template; longer samples are truncated (and counted).", "check": ">=1"})
     skip_bad: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs."})
-    per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes."})
-    validation_fraction: float = field(default=0.15, metadata={"help": "Share of the training records held out (seeded, stratified by `source` when every record has one) for early stopping, keep-or-fall-back and the router threshold. No adapter trains on it; the test data is never used for a choice."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs.", "check": ">=1"})
+    per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes.", "check": ">=1"})
+    validation_fraction: float = field(default=0.15, metadata={"help": "Share of the training records held out (seeded, stratified by `source` when every record has one) for early stopping, keep-or-fall-back and the router threshold. No adapter trains on it; the test data is never used for a choice.", "check": "[0,0.9)"})
 
 
 @dataclass
 class WarmupConfig:
-    fraction: float = field(default=0.1, metadata={"help": "Random fraction of the data the warm-up adapter trains on (B = 0 makes A's gradient zero without it)."})
-    epochs: int = field(default=1, metadata={"help": "Warm-up epochs."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
-    batch_size: int = field(default=4, metadata={"help": "Warm-up batch size."})
+    fraction: float = field(default=0.1, metadata={"help": "Random fraction of the data the warm-up adapter trains on (B = 0 makes A's gradient zero without it).", "check": "(0,1]"})
+    epochs: int = field(default=1, metadata={"help": "Warm-up epochs.", "check": ">=1"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate.", "check": ">0"})
+    batch_size: int = field(default=4, metadata={"help": "Warm-up batch size.", "check": ">=1"})
 
 
 @dataclass
@@ -51,16 +51,16 @@ class GradientConfig:
     tokens: str = field(default="response", metadata={"help": "`response`: loss on response tokens (the training signal); `instruction`: loss on prompt tokens (ELREA style)."})
     adam_precondition: bool = field(default=False, metadata={"help": "Turn each gradient into the Adam update it would cause, using the warm-up optimizer state (as LESS does)."})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise each per-sample gradient (otherwise a few large-norm samples dominate the SVD)."})
-    batch_size: int = field(default=8, metadata={"help": "Samples per batched backward pass."})
-    chunk_size: int = field(default=256, metadata={"help": "Samples are shuffled, then sorted by length inside chunks of this size to form batches."})
-    checkpoint_every: int = field(default=50, metadata={"help": "Save the streaming state every N batches so an interrupted pass resumes."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per batched backward pass.", "check": ">=1"})
+    chunk_size: int = field(default=256, metadata={"help": "Samples are shuffled, then sorted by length inside chunks of this size to form batches.", "check": ">=1"})
+    checkpoint_every: int | None = field(default=None, metadata={"help": "Save the streaming state every N batches so an interrupted pass resumes (default: about every tenth of the pass, at most every 50 batches).", "check": ">=1"})
 
 
 @dataclass
 class SketchConfig:
-    rank: int = field(default=16, metadata={"help": "Reported rank r of the online SVD."})
-    internal_rank: int | None = field(default=None, metadata={"help": "Rank r' kept during updates (default 4·r); larger keeps the lower components accurate."})
-    block_size: int = field(default=64, metadata={"help": "Gradient columns buffered per incremental SVD update."})
+    rank: int = field(default=16, metadata={"help": "Reported rank r of the online SVD.", "check": ">=1"})
+    internal_rank: int | None = field(default=None, metadata={"help": "Rank r' kept during updates (default 4·r); larger keeps the lower components accurate.", "check": ">=1"})
+    block_size: int = field(default=64, metadata={"help": "Gradient columns buffered per incremental SVD update.", "check": ">=1"})
     dtype: str = field(default="float64", metadata={"help": "Precision of the sketch's basis (`float64` or `float32`, which halves its memory for very large d)."})
 
 
@@ -68,10 +68,10 @@ class SketchConfig:
 class ClusterConfig:
     method: str = field(default="gradientspace", metadata={"help": "gradientspace | random-projection | embedding | random | exact"})
     k: Union[int, str] = field(default=4, metadata={"help": "Number of clusters, or `auto` (silhouette over 2..k_max)."})
-    k_max: int = field(default=8, metadata={"help": "Largest K tried by `k: auto`."})
-    projection_dim: int | None = field(default=None, metadata={"help": "random-projection: target dimension (default: the sketch rank; LESS/ELREA use 8192)."})
-    n_init: int = field(default=10, metadata={"help": "k-means restarts."})
-    exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients."})
+    k_max: int = field(default=8, metadata={"help": "Largest K tried by `k: auto`.", "check": ">=2"})
+    projection_dim: int | None = field(default=None, metadata={"help": "random-projection: target dimension (default: the sketch rank; LESS/ELREA use 8192).", "check": ">=1"})
+    n_init: int = field(default=10, metadata={"help": "k-means restarts.", "check": ">=1"})
+    exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients.", "check": ">=1"})
 
 
 STRATEGIES = ("routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters",
@@ -82,43 +82,43 @@ STRATEGIES = ("routed", "single", "single-wide", "gradient-oracle", "oracle", "r
 class ExpertsConfig:
     strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": f"Strategies to build and evaluate: {', '.join(STRATEGIES)}. `single` (the generalist) is always trained: the others branch from it and fall back to it."})
     init: str = field(default="generalist", metadata={"help": "Where experts start: `generalist` (the converged single adapter; experts specialise from it), `warmup` (the warm-up adapter) or `fresh` (a new LoRA, B = 0)."})
-    epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`)."})
-    branch_epochs: int = field(default=2, metadata={"help": "Maximum epochs of each expert over its own cluster (`init: generalist`)."})
-    branch_learning_rate: float = field(default=2.5e-4, metadata={"help": "Peak learning rate of experts branched from the generalist: lower than the generalist's, since they start converged."})
+    epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving.", "check": ">=1"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`).", "check": ">0"})
+    branch_epochs: int = field(default=2, metadata={"help": "Maximum epochs of each expert over its own cluster (`init: generalist`).", "check": ">=1"})
+    branch_learning_rate: float = field(default=2.5e-4, metadata={"help": "Peak learning rate of experts branched from the generalist: lower than the generalist's, since they start converged.", "check": ">0"})
     schedule: str = field(default="cosine", metadata={"help": "Learning-rate decay after warm-up: `cosine`, `linear` or `constant_with_warmup` (transformers' names)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of each adapter's steps spent ramping the learning rate up."})
-    patience: int = field(default=1, metadata={"help": "Epochs without validation improvement before an adapter stops (its best epoch is kept)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of each adapter's steps spent ramping the learning rate up.", "check": "[0,1)"})
+    patience: int = field(default=1, metadata={"help": "Epochs without validation improvement before an adapter stops (its best epoch is kept).", "check": ">=1"})
     equal_budget: bool = field(default=False, metadata={"help": "Train every adapter exactly `epochs` epochs with no early stopping and no fall-back (equal tokens for every strategy: budget curves)."})
     snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
-    batch_size: int = field(default=8, metadata={"help": "Training batch size."})
+    batch_size: int = field(default=8, metadata={"help": "Training batch size.", "check": ">=1"})
 
 
 @dataclass
 class RouterConfig:
     finetune_encoder: bool = field(default=False, metadata={"help": "Also fine-tune MiniLM (slower); by default only the linear head trains on frozen embeddings."})
-    epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned)."})
-    learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned)."})
-    validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy."})
-    threshold: Union[float, str] = field(default="auto", metadata={"help": "Below this top router probability a prompt goes to the generalist (single) adapter; `auto` picks it on the validation split (lowest NLL)."})
+    epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned).", "check": ">=1"})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned).", "check": ">0"})
+    validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy.", "check": "[0,1)"})
+    threshold: Union[float, str] = field(default="auto", metadata={"help": "Below this top router probability a prompt goes to the generalist (single) adapter (above 1: always); `auto` picks it on the validation split (lowest NLL).", "check": ">=0"})
 
 
 @dataclass
 class EvalConfig:
     data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records."})
-    generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records.", "check": ">=1"})
+    generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part).", "check": ">=0"})
     decode_all_domains: list[str] = field(default_factory=list, metadata={"help": "Domains (`source` labels) whose every test prompt is decoded, e.g. short-answer classification."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Decoding budget per prompt."})
-    humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when code is in the mix (0 = off)."})
-    latency_prompts: int = field(default=4, metadata={"help": "Prompts timed per strategy for routing time, time to first token and tokens/s."})
-    elrea_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature over standardised cosine similarities (elrea-ensemble)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Decoding budget per prompt.", "check": ">=1"})
+    humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when code is in the mix (0 = off).", "check": ">=0"})
+    latency_prompts: int = field(default=4, metadata={"help": "Prompts timed per strategy for routing time, time to first token and tokens/s.", "check": ">=0"})
+    elrea_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature over standardised cosine similarities (elrea-ensemble).", "check": ">0"})
 
 
 @dataclass
 class RunConfig:
     out: str = field(default="runs/default", metadata={"help": "Run directory."})
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling, warm-up, projections and k-means."})
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling, warm-up, projections and k-means.", "check": ">=0"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -170,6 +170,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"config key `{key}`: expected {hint.__name__}, got {value!r}")
@@ -229,19 +234,80 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if value is not None:
             _set_dotted(tree, dotted, value)
     config = _build(RunConfig, tree, "")
+    validate(config)
+    return config
+
+
+def _violates(value: Any, check: str) -> bool:
+    """True when `value` breaks a field's `check`: `>0`, `>=1`, or an interval such as `(0,1]`."""
+    if check.startswith((">=", ">")):
+        bound = float(check.lstrip(">="))
+        return value < bound if check.startswith(">=") else value <= bound
+    low, high = (float(x) for x in check[1:-1].split(","))
+    too_low = value < low if check[0] == "[" else value <= low
+    too_high = value > high if check[-1] == "]" else value >= high
+    return too_low or too_high
+
+
+def _describe(check: str) -> str:
+    if check.startswith(">="):
+        return f"at least {check[2:]}"
+    if check.startswith(">"):
+        return f"greater than {check[1:]}"
+    return f"in {check[0]}{check[1:-1].replace(',', ', ')}{check[-1]}"
+
+
+def _field_errors(section: Any, prefix: str) -> Iterator[str]:
+    """Each field's `check` metadata (bounds), applied to its value (every item of a list)."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        key = f"{prefix}.{item.name}" if prefix else item.name
+        if dataclasses.is_dataclass(value):
+            yield from _field_errors(value, key)
+            continue
+        check = item.metadata.get("check")
+        numbers = value if isinstance(value, list) else [value]
+        for number in numbers:
+            if check and isinstance(number, (int, float)) and not isinstance(number, bool) and _violates(number, check):
+                yield f"config key `{key}`: {number} must be {_describe(check)}"
+
+
+def validate(config: RunConfig) -> None:
+    """Every check that needs only the config; raises ConfigError naming the first bad dotted key.
+
+    Checks that need the data or the tokenizer (K against the data size, `data.max_length`
+    against the chat template) live in `preflight.py`.
+    """
+    errors = list(_field_errors(config, ""))
     k = config.cluster.k
     if isinstance(k, str) and k != "auto":
-        raise ConfigError(f"config key `cluster.k`: {k!r} must be an integer ≥ 2 or `auto`")
+        errors.append(f"config key `cluster.k`: {k!r} must be an integer ≥ 2 or `auto`")
     if isinstance(k, int) and k < 2:
-        raise ConfigError(f"config key `cluster.k`: {k} must be at least 2")
+        errors.append(f"config key `cluster.k`: {k} must be at least 2")
     threshold = config.router.threshold
     if isinstance(threshold, str) and threshold != "auto":
-        raise ConfigError(f"config key `router.threshold`: {threshold!r} must be a probability in [0, 1] or `auto`")
-    if not 0 <= config.data.validation_fraction < 0.9:
-        raise ConfigError(f"config key `data.validation_fraction`: {config.data.validation_fraction} must be in [0, 0.9)")
-    if not 0 < config.warmup.fraction <= 1:
-        raise ConfigError(f"config key `warmup.fraction`: {config.warmup.fraction} must be in (0, 1]")
-    return config
+        errors.append(f"config key `router.threshold`: {threshold!r} must be a probability or `auto`")
+    if config.sketch.internal_rank is not None and config.sketch.internal_rank < config.sketch.rank:
+        errors.append(f"config key `sketch.internal_rank`: {config.sketch.internal_rank} must be at least `sketch.rank` ({config.sketch.rank})")
+    if not config.model.target_modules:
+        errors.append("config key `model.target_modules`: must name at least one module")
+    if not config.experts.strategies:
+        errors.append(f"config key `experts.strategies`: must name at least one of {', '.join(STRATEGIES)}")
+    late = [e for e in config.experts.snapshot_epochs if e > config.experts.epochs]
+    if late:
+        errors.append(f"config key `experts.snapshot_epochs`: epoch {late[0]} is after the last epoch (`experts.epochs` = {config.experts.epochs})")
+    if config.model.device != "auto":
+        import torch
+
+        try:
+            device = torch.device(config.model.device)
+        except RuntimeError:
+            errors.append(f"config key `model.device`: {config.model.device!r} is not a device (use auto, cpu, cuda or cuda:N)")
+        else:
+            if device.type == "cuda" and not torch.cuda.is_available():
+                errors.append(f"config key `model.device`: {config.model.device!r} but CUDA is not available here (use auto or cpu)")
+    if errors:
+        raise ConfigError(errors[0])
 
 
 def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -249,9 +315,17 @@ def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None
     import json
 
     manifest = Path(run_dir) / "manifest.json"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: make it with `gradientspace cluster --out {run_dir}` or `gradientspace run`")
     if not manifest.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no manifest.json): run `gradientspace cluster --out {run_dir}` first")
-    tree = json.loads(manifest.read_text()).get("config", {})
+    try:
+        tree = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{manifest} is not valid JSON ({err}); move it away to start the run over") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
+        raise ConfigError(f"{manifest}: field `config` is missing or not a mapping; move the manifest away to start the run over")
+    tree = tree["config"]
     tree["out"] = str(run_dir)
     return load_config(None, overrides, tree=tree)
 

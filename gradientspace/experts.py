@@ -176,9 +176,9 @@ def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy:
     return summary
 
 
-def trained_strategies(config: RunConfig) -> list[str]:
+def trained_strategies(strategies: list[str]) -> list[str]:
     """Strategies that need adapters of their own, the generalist first (the others branch from it and fall back to it)."""
-    wanted = ["routed" if s in GRADIENT_CLUSTER_STRATEGIES else s for s in config.experts.strategies]
+    wanted = ["routed" if s in GRADIENT_CLUSTER_STRATEGIES else s for s in strategies]
     return list(dict.fromkeys([GENERALIST] + wanted))
 
 
@@ -189,7 +189,7 @@ def train_experts(config: RunConfig, strategies: list[str] | None = None, loaded
     run = Run(config.out)
     records = load_data(run, config)
     summaries = {}
-    for strategy in strategies or trained_strategies(config):
+    for strategy in trained_strategies(strategies or config.experts.strategies):
         wide = strategy == "single-wide"
         model_config = wide_model_config(config, cluster_count(run)) if wide else config.model
         model = load_lora_model(model_config, seed=config.seed) if wide or loaded is None else loaded

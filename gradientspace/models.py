@@ -137,6 +137,40 @@ def resolve(name: str) -> str:
     return name
 
 
+def hub_allowed() -> bool:
+    """Downloads from the Hugging Face hub only when `HF_HUB_OFFLINE` is set to a false value.
+
+    The tool is offline by default: an unset `HF_HUB_OFFLINE` means offline, so a mistyped
+    name fails at once instead of after a minute of hub retries.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def check_model_name(name: str) -> None:
+    """Fail in milliseconds, naming `model.name`, unless `name` is an alias, a model folder or a cached hub model."""
+    if name in ALIASES:
+        if name == "smollm2-135m" and not (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
+            _smollm2_gguf_path()
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ModelError(f"config key `model.name`: folder {name} holds no config.json (not a Hugging Face model folder)")
+        return
+    if hub_allowed():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not even a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelError(f"config key `model.name`: unknown model `{name}`: not a built-in alias ({', '.join(ALIASES)}), "
+                         f"a local folder, or a model in the Hugging Face cache {constants.HF_HUB_CACHE} "
+                         "(offline; set HF_HUB_OFFLINE=0 to allow downloads)")
+
+
 def alias_status() -> list[dict[str, str]]:
     rows = []
     for alias, description in ALIASES.items():
@@ -154,7 +188,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), local_files_only=not hub_allowed())
     except OSError as err:
         raise ModelError(f"cannot load tokenizer for model `{name}`: {err}") from None
     if tokenizer.pad_token is None:
@@ -166,7 +200,7 @@ def load_base_model(name: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32, local_files_only=not hub_allowed())
     except OSError as err:
         raise ModelError(f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}") from None
     return model.to(device)

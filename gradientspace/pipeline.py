@@ -1,12 +1,16 @@
 """The clustering pipeline: data → warm-up → gradient pass (sketch) → clusters.
 
-Each stage records itself in `RUN/manifest.json` with a key hashed from the config sections it
-depends on; a stage whose key matches and whose outputs exist is skipped, so re-running the same
-command resumes. The gradient pass also checkpoints every `gradients.checkpoint_every` batches.
+Each stage records itself in `RUN/manifest.json` with its named inputs (`*_inputs` below: config
+sections, the data file's content hash, the upstream stage's key) and a key hashed from them; a
+stage whose key matches and whose outputs exist is skipped, so re-running the same command
+resumes, and a changed input re-runs exactly the stages downstream of it. The gradient pass also
+checkpoints every `gradients.checkpoint_every` batches (default: about ten times per pass).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +24,15 @@ from . import distributed
 from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       random_labels, spherical_kmeans, within_cluster_cosine)
 from .config import RunConfig, internal_rank
-from .data import Record, load_records, shuffled_length_batches, tokenize, validation_ids
+from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
 from .gradients import layout_of, stream_gradients
-from .models import LoadedModel, load_lora_model
-from .runs import Run, atomic_path, config_hash, write_jsonl
+from .models import LoadedModel, load_lora_model, pick_device
+from .runs import Run, atomic_path, config_hash, note, write_jsonl
 from .sketch import OnlineSVD, SketchResult
 from .train import TrainPlan, load_adam_state, train_adapter
+
+
+PROMPT_CHARS = 300  # of each prompt kept in samples.jsonl, for the report's cluster browser
 
 
 @dataclass
@@ -41,22 +48,61 @@ class ClusterOutcome:
 
 # ---------------------------------------------------------------- data
 
+# Each stage's inputs, by name: the hashes its key is made of. Naming them lets the runner say
+# which one changed (`re-run gradients: warm-up changed`).
+
+def data_inputs(config: RunConfig) -> dict[str, str]:
+    """The data file's content (not its path), how it is read, and the tokenizer that truncates it."""
+    settings = {k: v for k, v in asdict(config.data).items() if k != "path"}
+    return {"data content": fingerprint(config.data.path), "data settings": config_hash(settings, config.seed),
+            "tokenizer": config_hash(config.model.name)}
+
+
+def warmup_inputs(config: RunConfig) -> dict[str, str]:
+    return {"data": config_hash(data_inputs(config)), "model": config_hash(asdict(config.model)),
+            "warm-up settings": config_hash(asdict(config.warmup), config.seed)}
+
+
+def warmup_key(config: RunConfig) -> str:
+    return config_hash(warmup_inputs(config))
+
+
+def gradients_inputs(config: RunConfig) -> dict[str, str]:
+    # checkpoint_every changes when state is saved, not what is computed
+    settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
+    return {"warm-up": warmup_key(config), "gradient settings": config_hash(settings), "sketch settings": config_hash(asdict(config.sketch)),
+            "projections": config_hash(projection_dims(config), config.cluster.method == "exact")}
+
+
+def cluster_inputs(config: RunConfig) -> dict[str, str]:
+    inputs = {"data": config_hash(data_inputs(config)), "cluster settings": config_hash(asdict(config.cluster), config.seed)}
+    if config.cluster.method in GRADIENT_METHODS:
+        inputs["gradients"] = config_hash(gradients_inputs(config))
+    return inputs
+
+
 def load_data(run: Run, config: RunConfig) -> list[Record]:
     data = config.data
     records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
-    key = config_hash(asdict(data), config.seed)
-    if not run.is_done("data", key):
-        with run.stage("data", key) as stage:
-            write_jsonl(run.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source} for i, r in enumerate(records)])
+    inputs = data_inputs(config)
+    key = config_hash(inputs)
+    if not run.is_done("data", key, inputs):
+        from .models import load_tokenizer
+
+        # counted on training samples (prompt + response), the way warm-up and experts tokenise them
+        truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(config.model.name), data.max_length))
+        with run.stage("data", key, inputs) as stage:
+            write_jsonl(run.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
+                                                    for i, r in enumerate(records)])
             stage["outputs"] = ["samples.jsonl"]
-            stage.update({"records": report.records, "skipped_bad": report.skipped, "first_errors": report.first_errors})
+            stage.update({"records": report.records, "skipped_bad": report.skipped, "first_errors": report.first_errors, "truncated": truncated})
+        note(f"data: {report.records} records" + (f", {report.skipped} bad ones skipped" if report.skipped else "")
+             + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
+             + (" (most samples lose tokens: consider a larger data.max_length)" if truncated > report.records / 2 else ""))
     return records
 
 
 # ---------------------------------------------------------------- warm-up
-
-def warmup_key(config: RunConfig) -> str:
-    return config_hash(asdict(config.model), asdict(config.data), asdict(config.warmup), config.seed)
 
 
 def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
@@ -69,17 +115,21 @@ def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
 
 def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> Path:
     """Train the warm-up adapter (fixed epochs) on a random fraction; returns its folder."""
+    if not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
+        train_warmup(run, config, records, loaded)
+    return run.path("warmup")
+
+
+def train_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> None:
+    inputs = warmup_inputs(config)
+    key = config_hash(inputs)
     folder = run.path("warmup")
-    key = warmup_key(config)
-    if run.is_done("warmup", key):
-        return folder
     examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
     plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
                      schedule="constant", warmup_ratio=0.0, patience=None)
-    with run.stage("warmup", key) as stage:
+    with run.stage("warmup", key, inputs) as stage:
         summary = train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
         stage.update(summary, outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
-    return folder
 
 
 # ---------------------------------------------------------------- gradient pass
@@ -152,24 +202,27 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
     adam = load_adam_state(warmup_dir / "optimizer.safetensors", layout, loaded.device) if config.gradients.adam_precondition else None
     consumers = GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
     checkpoint = run.path("checkpoints", f"{stage_name}.rank{rank}.safetensors")
+    # a shard's state is only valid for the same inputs and the same split of batches across ranks
+    checkpoint_key = config_hash(gradients_inputs(config), projection_dims, exact, world_size)
     start = 0
     if checkpoint.exists():
         from safetensors import safe_open
 
         with safe_open(str(checkpoint), framework="pt") as handle:
             meta = handle.metadata()
-        if meta.get("key") == config_hash(asdict(config), projection_dims, exact):
+        if meta.get("key") == checkpoint_key:
             consumers.restore(load_file(str(checkpoint)))
             start = int(meta["next_batch"])
+            note(f"gradients: resuming from the checkpoint after batch {start}")
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
     progress = tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine[:start]), desc=f"gradients ({config.gradients.tokens})",
                     unit="sample", dynamic_ncols=True, disable=not distributed.is_main() and world_size > 1)
-    every = config.gradients.checkpoint_every
+    every = config.gradients.checkpoint_every or default_checkpoint_every(len(mine))
     for number, indices, grads, losses in stream_gradients(loaded.model, mine, loaded.tokenizer.pad_token_id, loaded.device,
                                                            adam, config.gradients.normalize, start=start, progress=progress):
         consumers.add(grads, indices, losses)
         if (number + 1) % every == 0 and number + 1 < len(mine):
-            _save_tensors(checkpoint, consumers.state(), {"next_batch": str(number + 1), "key": config_hash(asdict(config), projection_dims, exact)})
+            _save_tensors(checkpoint, consumers.state(), {"next_batch": str(number + 1), "key": checkpoint_key})
     progress.close()
     if world_size > 1:
         _save_tensors(run.path("shards", f"{stage_name}.rank{rank}.safetensors"), consumers.state(), {})
@@ -189,6 +242,11 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
                 consumers.losses.update(shard.losses)
     checkpoint.unlink(missing_ok=True)
     return consumers
+
+
+def default_checkpoint_every(batches: int) -> int:
+    """About ten checkpoints per pass, and at least one every 50 batches, so small runs resume too."""
+    return max(1, min(50, math.ceil(batches / 10)))
 
 
 def save_gradient_outputs(run: Run, config: RunConfig, consumers: GradientConsumers, layout_json: dict, stage: dict) -> SketchResult:
@@ -271,29 +329,34 @@ def cluster(config: RunConfig) -> ClusterOutcome:
     """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run."""
     distributed.init()
     run = Run(config.out)
-    if distributed.is_main():
-        run.set_config(config.to_dict())
+    run.set_config(config.to_dict())
     records = load_data(run, config)
     method = config.cluster.method
-    loaded = None
+    device = pick_device(config.model.device)
     if method in GRADIENT_METHODS:
-        loaded = load_lora_model(config.model, seed=config.seed)
-        if distributed.is_main():
-            run_warmup(run, config, records, loaded)
+        loaded = None  # loading the model costs seconds; a run whose warm-up and gradients are done does not need it
+        if distributed.is_main() and not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
+            loaded = load_lora_model(config.model, seed=config.seed)
+            train_warmup(run, config, records, loaded)
         distributed.barrier()
         run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
-        warmup_dir = run.path("warmup")
-        key = config_hash(warmup_key(config), asdict(config.gradients), asdict(config.sketch), projection_dims(config), method == "exact")
-        if not run.is_done("gradients", key):
-            with run.stage("gradients", key) as stage:
-                consumers = run_gradient_pass(run, config, records, loaded, warmup_dir, projection_dims(config), method == "exact")
+        inputs = gradients_inputs(config)
+        key = config_hash(inputs)
+        if not run.is_done("gradients", key, inputs):
+            loaded = loaded or load_lora_model(config.model, seed=config.seed)
+            with run.stage("gradients", key, inputs) as stage:
+                consumers = run_gradient_pass(run, config, records, loaded, run.path("warmup"), projection_dims(config), method == "exact")
                 if distributed.is_main():
                     save_gradient_outputs(run, config, consumers, layout_of(loaded.model).to_json(), stage)
         if not distributed.is_main():
             return ClusterOutcome(run.root, method, 0, [], [])
-    device = loaded.device if loaded is not None else torch.device("cpu")
-    key = config_hash(run.manifest["stages"].get("gradients", {}).get("key"), asdict(config.cluster), asdict(config.data), config.seed)
-    with run.stage("cluster", key) as stage:
+    inputs = cluster_inputs(config)
+    key = config_hash(inputs)
+    if run.is_done("cluster", key, inputs):
+        entry = run.stage_entry("cluster")
+        labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
+        return ClusterOutcome(run.root, method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"])
+    with run.stage("cluster", key, inputs) as stage:
         features = features_for(run, config, records, device)
         labels, k, details = assign(features, len(records), config, config.seed)
         write_jsonl(run.path("clusters.jsonl"), [{"id": r.id, "cluster": int(l)} for r, l in zip(records, labels)])

@@ -1,12 +1,20 @@
-"""`gradientspace report RUN`: PNG figures of a run, from its files only.
+"""`gradientspace report RUN`: PNG figures of a run and one self-contained `report.html`, from its files only.
 
 sketch map (by cluster, by source) · cluster × source composition · captured-energy curve ·
 per-domain NLL per strategy · latency per strategy · training-loss curves.
+
+`report.html` holds everything in one file a person can mail or open offline (figures embedded
+as base64 PNG, no scripts, no external resources): the config, per-stage timings, the result
+table, every figure, and a cluster browser (size, label composition, the prompts nearest each
+centroid in the sketch, and the adapter that serves the cluster).
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -16,11 +24,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from .runs import Run  # noqa: E402
+from .runs import Run, RunError, atomic_path  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunError(f"{path}:{number}: invalid JSON ({err.msg}); re-run the stage that wrote it") from None
+    return rows
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); re-run the stage that wrote it") from None
 
 
 def _save(figure, path: Path) -> Path:
@@ -147,11 +169,103 @@ def loss_curves(run: Run, out: Path) -> Path | None:
     return _save(figure, out / "training_loss.png")
 
 
+# ---------------------------------------------------------------- report.html
+
+NEAREST = 3  # prompts shown per cluster
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:.9em}
+th{background:#f0f3f7}td.n{text-align:right}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+details{border:1px solid #ddd;border-radius:4px;padding:.4em .8em;margin:.4em 0}summary{cursor:pointer;font-weight:600}
+.prompt{white-space:pre-wrap;background:#f7f7f7;padding:.3em .5em;margin:.3em 0;font-size:.85em}code{font-size:.9em}"""
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    cell = lambda v, tag: f"<{tag}{' class=n' if isinstance(v, (int, float)) else ''}>{html.escape(str(v))}</{tag}>"
+    return ("<table><tr>" + "".join(cell(h, "th") for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for name, value in tree.items():
+        items.extend(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else [(f"{prefix}{name}", value)])
+    return items
+
+
+def _result_table(results: dict, strategies: list[str]) -> str:
+    """eval.md's table as HTML: the same columns, so the two never disagree."""
+    from .evaluate import markdown_table
+
+    lines = markdown_table(results, strategies).splitlines()
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    return _table(cells(lines[0]), [cells(line) for line in lines[2:]])
+
+
+def cluster_browser(run: Run) -> str:
+    """Per cluster: size, label composition, the prompts nearest its centroid (sketch coordinates), its adapter."""
+    if not run.path("clusters.jsonl").exists() or not run.path("samples.jsonl").exists():
+        return "<p>No clusters yet: run <code>gradientspace cluster</code>.</p>"
+    clusters = np.array([row["cluster"] for row in _rows(run.path("clusters.jsonl"))])
+    samples = _rows(run.path("samples.jsonl"))
+    unit = None
+    if run.path("sketch.safetensors").exists():
+        coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].double().numpy()
+        if len(coordinates) == len(clusters):
+            unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
+    composition = run.stage_entry("cluster").get("composition") or {}
+    parts = []
+    for k in sorted(set(clusters.tolist())):
+        members = np.flatnonzero(clusters == k)
+        if unit is not None:  # spherical k-means: nearest = highest cosine to the mean direction
+            scores = unit[members] @ unit[members].mean(axis=0)
+            nearest = members[np.argsort(-scores)[:NEAREST]]
+        else:
+            nearest = members[:NEAREST]
+        adapter = run.path("experts", str(k), "adapter_model.safetensors")
+        expert = run.stage_entry(f"experts/routed/{k}")
+        serves = (f"expert <code>experts/{k}/</code> ({expert.get('samples', '?')} samples, {expert.get('steps', '?')} steps)"
+                  if adapter.exists() else "no expert trained yet: prompts routed here would get the warm-up adapter")
+        labels = composition.get(str(k)) or {}
+        body = [f"<p>Served by {serves}.</p>"]
+        if labels:
+            body.append(_table(["label", "records"], sorted(labels.items(), key=lambda kv: -kv[1])))
+        body.append(f"<p>{'Nearest to the centroid' if unit is not None else 'First members'}:</p>")
+        body.extend(f"<div class=prompt><b>{html.escape(str(samples[i]['id']))}</b>: {html.escape(samples[i].get('prompt', '(prompt not recorded)'))}</div>"
+                    for i in nearest)
+        parts.append(f"<details open><summary>cluster {k} · {len(members)} samples</summary>{''.join(body)}</details>")
+    return "".join(parts)
+
+
+def write_html(run: Run, figures: list[Path], results: dict) -> Path:
+    config = run.manifest.get("config", {})
+    stages = [[name, "done" if e.get("done") else "unfinished", e.get("seconds", "–"), str(e.get("key", ""))[:8],
+               time.strftime("%Y-%m-%d %H:%M", time.localtime(e["finished_at"])) if e.get("finished_at") else "–"]
+              for name, e in run.manifest["stages"].items()]
+    strategies = [s for s in results if isinstance(results[s], dict) and "overall" in results[s]]
+    images = "".join(f"<figure><img alt='{f.stem}' src='data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}'>"
+                     f"<figcaption>{f.name}</figcaption></figure>" for f in figures)
+    sections = [
+        f"<h1>GradientSpace run <code>{html.escape(str(run.root))}</code></h1>",
+        "<h2>Results</h2>" + (_result_table(results, strategies) if strategies else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"),
+        "<h2>Figures</h2>" + (images or "<p>No figures yet.</p>"),
+        "<h2>Clusters</h2>" + cluster_browser(run),
+        "<h2>Stages</h2>" + _table(["stage", "state", "seconds", "key", "finished"], stages),
+        "<h2>Config</h2>" + _table(["key", "value"], [[k, json.dumps(v)] for k, v in _flat(config)]),
+    ]
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>GradientSpace report: {html.escape(run.root.name)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    with atomic_path(run.path("report.html")) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return run.path("report.html")
+
+
 def make_report(run_dir: str | Path) -> list[Path]:
+    """Every figure the run's files allow, then report.html; returns their paths."""
     run = Run(run_dir)
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads(run.path("eval.json").read_text()) if run.path("eval.json").exists() else {}
+    results = _json(run.path("eval.json")) if run.path("eval.json").exists() else {}
     figures = [sketch_map(run, out), composition_heatmap(run, out), energy_curve(run, out),
                nll_bars(results, out) if results else None, latency_bars(results, out) if results else None, loss_curves(run, out)]
-    return [f for f in figures if f is not None]
+    figures = [f for f in figures if f is not None]
+    return figures + [write_html(run, figures, results)]

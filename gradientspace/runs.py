@@ -1,8 +1,10 @@
 """The run directory: atomic file writes and the JSON manifest every stage reads and writes.
 
-`RUN/manifest.json` holds the config, library versions, and per stage: the hash of the config
-sections it depends on, seconds, peak memory, and its outputs. A stage whose recorded hash
-matches and whose outputs exist is skipped; any stage can be re-run alone.
+`RUN/manifest.json` holds the config, library versions, and per stage: its named inputs (hashes
+of the config sections and the file contents it reads), the key hashed from them, seconds, peak
+memory, when it finished, and its outputs. A stage whose key matches and whose outputs exist is
+skipped; every decision (skip, run, resume, re-run and why) is printed as one line. Only rank 0
+writes the manifest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from . import distributed
 
 
 @contextlib.contextmanager
@@ -75,6 +79,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class RunError(ValueError):
+    """A run directory or one of its files is missing or corrupt; the message names the file."""
+
+
+def note(message: str) -> None:
+    """One line about what a command does (skip / run / resume / re-run and why), from rank 0 only."""
+    if distributed.is_main():
+        print(message, flush=True)
+
+
+_SKIPS_SAID: set[tuple[Path, str, str]] = set()
+
+
+def new_command() -> None:
+    """Start a command: its skip lines are said again, once each."""
+    _SKIPS_SAID.clear()
+
+
 class Run:
     """A run directory and its manifest."""
 
@@ -85,8 +107,10 @@ class Run:
         if self.manifest_path.exists():
             try:
                 self.manifest = json.loads(self.manifest_path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.manifest_path} is not valid JSON ({err}); move it away to start the run over") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RunError(f"{self.manifest_path} is not valid JSON ({err}); move it away to start the run over") from None
+            if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("stages", {}), dict):
+                raise RunError(f"{self.manifest_path}: expected an object with a `stages` mapping; move it away to start the run over")
         self.manifest.setdefault("stages", {})
         self.manifest.setdefault("metrics", {})
 
@@ -94,6 +118,8 @@ class Run:
         return self.root.joinpath(*parts)
 
     def save(self) -> None:
+        if not distributed.is_main():  # under torchrun, one writer: rank 0
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.manifest_path, self.manifest)
 
@@ -102,20 +128,53 @@ class Run:
         self.manifest["versions"] = library_versions()
         self.save()
 
-    def is_done(self, stage: str, key: str) -> bool:
-        entry = self.manifest["stages"].get(stage)
-        if not entry or entry.get("key") != key or not entry.get("done"):
-            return False
-        return all(self.path(output).exists() for output in entry.get("outputs", []))
+    def missing_outputs(self, stage: str) -> list[str]:
+        return [output for output in self.stage_entry(stage).get("outputs", []) if not self.path(output).exists()]
+
+    def is_done(self, stage: str, key: str, inputs: dict[str, Any] | None = None) -> bool:
+        """Whether `stage` can be skipped; says so, or says why it runs, in one line.
+
+        `inputs` (name → hash) lets the line name what changed, e.g. `re-run gradients: warm-up changed`.
+        """
+        entry = self.stage_entry(stage)
+        missing = self.missing_outputs(stage)
+        if entry.get("key") == key and entry.get("done") and not missing:
+            if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several stages reload the data: say it once
+                _SKIPS_SAID.add((self.root.resolve(), stage, key))
+                note(f"skip {stage}: done, key {key[:8]}")
+            return True
+        if not entry:
+            note(f"run {stage}: not done yet")
+        elif entry.get("key") == key and not entry.get("done"):
+            note(f"resume {stage}: interrupted earlier, inputs unchanged (key {key[:8]})")
+        elif entry.get("key") == key:
+            note(f"re-run {stage}: output {missing[0]} is missing")
+        else:
+            before = entry.get("inputs") or {}
+            changed = [name for name, value in (inputs or {}).items() if name in before and before[name] != value]
+            why = f"{', '.join(changed)} changed" if changed else "its inputs changed"
+            note(f"re-run {stage}: {why} (key {str(entry.get('key'))[:8]} → {key[:8]})")
+        return False
+
+    def require(self, stage: str, hint: str) -> None:
+        """Stop with one line when a stage another command needs has not finished (or lost its outputs)."""
+        entry = self.stage_entry(stage)
+        if not entry.get("done"):
+            raise RunError(f"{self.root}: stage `{stage}` has not finished; {hint}")
+        missing = self.missing_outputs(stage)
+        if missing:
+            raise RunError(f"{self.path(missing[0])} is missing (an output of stage `{stage}`); {hint}")
 
     def stage_entry(self, stage: str) -> dict[str, Any]:
         return self.manifest["stages"].get(stage, {})
 
     @contextlib.contextmanager
-    def stage(self, stage: str, key: str) -> Iterator[dict[str, Any]]:
+    def stage(self, stage: str, key: str, inputs: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Time a stage; the yielded dict collects its `outputs` and any details to record."""
         start = time.perf_counter()
         record: dict[str, Any] = {"key": key, "outputs": []}
+        if inputs is not None:
+            record["inputs"] = inputs
         previous = self.manifest["stages"].get(stage, {})
         if previous.get("key") == key:
             record["seconds_before_resume"] = previous.get("seconds", 0) + previous.get("seconds_before_resume", 0)
@@ -125,5 +184,6 @@ class Run:
         record["seconds"] = round(time.perf_counter() - start, 2)
         record.update(peak_memory_mb())
         record["done"] = True
+        record["finished_at"] = time.time()  # lets `run` tell stages it ran from stages it skipped
         self.manifest["stages"][stage] = record
         self.save()

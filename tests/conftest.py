@@ -30,3 +30,14 @@ def make_records(n: int, seed: int = 0) -> list[Record]:
         response = " ".join(rng.choice(words) for _ in range(rng.randint(1, 15)))
         records.append(Record(id=f"r{i}", messages=[{"role": "user", "content": prompt}], response=response, source=f"s{i % 3}"))
     return records
+
+
+def interrupted_after(stream, batches: int):
+    """`stream` (a generator function) that raises KeyboardInterrupt after yielding `batches` items: a killed pass."""
+    def interrupted(*args, **kwargs):
+        for count, item in enumerate(stream(*args, **kwargs)):
+            if count == batches:
+                raise KeyboardInterrupt
+            yield item
+
+    return interrupted

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_records
+from conftest import interrupted_after, make_records
 from gradientspace import cluster, load_config
 from gradientspace import pipeline
 from gradientspace.cli import main
@@ -59,14 +59,7 @@ def test_cli_writes_run_and_resumes(data_file, tmp_path, capsys, monkeypatch):
 def test_interrupted_gradient_pass_resumes_to_the_same_sketch(data_file, tmp_path, monkeypatch):
     clean = cluster(config_for(data_file, tmp_path / "clean"))
     real_stream = pipeline.stream_gradients
-
-    def interrupted(*args, **kwargs):
-        for count, item in enumerate(real_stream(*args, **kwargs)):
-            if count == 3:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(pipeline, "stream_gradients", interrupted)
+    monkeypatch.setattr(pipeline, "stream_gradients", interrupted_after(real_stream, 3))
     with pytest.raises(KeyboardInterrupt):
         cluster(config_for(data_file, tmp_path / "resumed"))
     assert list((tmp_path / "resumed" / "checkpoints").glob("gradients.rank0.safetensors"))

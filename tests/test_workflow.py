@@ -117,3 +117,63 @@ def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
         assert [g.expert for g in batched] == [g.expert for g in alone]
         assert sum(g.new_tokens for g in batched) > len(records)
     assert len({len(engine.tokenizer(r.prompt_text)["input_ids"]) for r in records}) > 1  # padding was exercised
+
+
+REPORT_FACTS = """({
+  external: [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href')).filter(u => !u.startsWith('data:')),
+  results: (() => { const t = [...document.querySelectorAll('h2')].find(h => h.textContent === 'Results').nextElementSibling;
+                    return {tag: t.tagName, rows: t.rows ? t.rows.length : 0, text: t.innerText, box: t.getBoundingClientRect().toJSON()}; })(),
+  images: [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, box: i.getBoundingClientRect().toJSON()})),
+  clusters: [...document.querySelectorAll('details')].map(d => ({summary: d.querySelector('summary').innerText, prompts: d.querySelectorAll('.prompt').length,
+                                                                serves: d.querySelector('p').innerText})),
+})"""
+
+
+def test_report_html_in_headless_chromium(finished_run):
+    """report.html loads with no console errors, no external resources, and its screenshot shows the table and every figure."""
+    from chromium import chromium, load_page, region_std
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    _, run = finished_run
+    page = load_page(run / "report.html", REPORT_FACTS)
+    facts = page.facts
+    assert page.errors == [] and facts["external"] == []
+    assert facts["results"]["tag"] == "TABLE" and facts["results"]["rows"] == 1 + len(STRATEGIES)
+    assert all(strategy in facts["results"]["text"] for strategy in STRATEGIES)
+    figures = sorted(p.stem for p in (run / "report").glob("*.png"))
+    assert sorted(image["alt"] for image in facts["images"]) == figures and len(figures) == 6
+    for image in facts["images"]:
+        assert image["width"] > 0, image["alt"]
+        assert region_std(page.screenshot, image["box"]) > 5, f"{image['alt']} is blank in the screenshot"
+    assert region_std(page.screenshot, facts["results"]["box"]) > 5
+    groups = json.loads((run / "experts" / "partition.json").read_text())["groups"]
+    assert len(facts["clusters"]) == len(groups)
+    for cluster in facts["clusters"]:
+        assert cluster["prompts"] >= 1 and "expert experts/" in cluster["serves"]
+
+
+def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, monkeypatch, capsys):
+    """The evaluation's key covers the strategies and the test data's content; `run` re-evaluates after another `evaluate`."""
+    config, run = finished_run
+    calls = []
+
+    def evaluated(config, strategies):  # the real evaluation is tested above; this test is about when it runs
+        calls.append((config.evaluate.data, list(strategies)))
+        return json.loads((run / "eval.json").read_text())
+
+    monkeypatch.setattr(workflow, "evaluate_strategies", evaluated)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"instruction": "2 + 2?", "output": "4", "source": "math"}) + "\n")
+    assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single"]) == 0
+    assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single"]) == 0
+    assert "skip evaluate: done" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
+    other.write_text(json.dumps({"instruction": "3 + 3?", "output": "6", "source": "math"}) + "\n")
+    assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
+    assert "re-run evaluate: test data changed" in capsys.readouterr().out
+    assert main(["run", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert calls == [(str(other), ["single"]), (str(other), ["single", "oracle"]), (str(other), ["single", "oracle"]),
+                     ("mix4-packaged:test", STRATEGIES)]
+    assert "seconds per stage run now: evaluate" in printed and "skipped (done earlier, same inputs): data, warmup" in printed

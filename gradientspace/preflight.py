@@ -1,0 +1,114 @@
+"""Checks that run before any expensive work, so a bad run fails in seconds with one line.
+
+`config.validate` (run by `load_config`) checks what the config alone can tell. These checks
+need more, and all of it is cheap: the model name against the aliases, local folders and the
+Hugging Face cache; `data.max_length` against the tokenizer's chat template; the data's records
+and K against their number; the test data; the output directory being writable; and an existing
+run in that directory. Nothing here writes, so a command that fails its checks leaves the run
+directory (and its manifest) as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .data import RECIPES, Record, fingerprint, load_records, template_overhead
+from .models import check_model_name, load_tokenizer
+from .runs import Run
+
+# The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
+# with other values there is another run. Later sections (experts, router, evaluate) may change
+# on an existing run; their stages re-run.
+RUN_IDENTITY = ("seed", "model", "data", "warmup", "gradients", "sketch", "cluster")
+NOT_IDENTITY = {"gradients.checkpoint_every", "data.path"}  # when state is saved; the data's content is compared instead
+
+
+def check_output_dir(out: str) -> None:
+    """`out` (or the nearest folder above it that exists) must be a writable directory; creates nothing."""
+    path = Path(out).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"config key `out`: {out} cannot be a run directory: {existing} is a file")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".gradientspace-write-test-", dir=existing)
+    except OSError as err:
+        raise ConfigError(f"config key `out`: cannot write in {existing}: {err.strerror}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        flat.update(_flat(value, f"{key}.") if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def check_existing_run(config: RunConfig, overwrite: bool) -> None:
+    """Refuse an output directory that holds a run made with another config for its clustering stages."""
+    run = Run(config.out)  # a corrupt manifest.json fails here, naming the file
+    done = [s for s in ("data", "warmup", "gradients", "cluster") if run.stage_entry(s).get("done")]
+    if overwrite or not done or not isinstance(run.manifest.get("config"), dict):
+        return
+    before, now = _flat(run.manifest["config"]), _flat(config.to_dict())
+    differing = [f"{key} {before.get(key)!r} → {now.get(key)!r}" for key in sorted(set(before) | set(now))
+                 if key.split(".")[0] in RUN_IDENTITY and key not in NOT_IDENTITY and before.get(key) != now.get(key)]
+    recorded = run.stage_entry("data").get("inputs", {}).get("data content")
+    if before.get("data.path") != config.data.path and recorded not in (None, fingerprint(config.data.path)):
+        differing.insert(0, f"data.path {before.get('data.path')!r} → {config.data.path!r} (other content)")
+    if differing:
+        raise ConfigError(f"{config.out} holds a run whose {', '.join(done)} stages used another config: {'; '.join(differing)}. "
+                          "Pass --overwrite to re-run them with this config, or choose another output directory")
+
+
+def check_max_length(config: RunConfig, tokenizer) -> None:
+    """A sample must keep the chat template's fixed part plus at least one prompt and one response token."""
+    needed = template_overhead(tokenizer) + 2
+    if config.data.max_length < needed:
+        raise ConfigError(f"config key `data.max_length`: {config.data.max_length} tokens cannot hold the chat template of `{config.model.name}` "
+                          f"({needed - 2} tokens) plus a prompt and a response; use at least {needed}")
+
+
+def _path_exists(path: str, key: str) -> None:
+    if path not in RECIPES and not Path(path).exists():
+        raise ConfigError(f"config key `{key}`: {path} does not exist (give a .jsonl/.json/.parquet file, "
+                          f"a saved datasets folder, or one of {', '.join(RECIPES)})")
+
+
+def check_records(config: RunConfig) -> list[Record]:
+    """Load and validate every training record; check K and the strategies against them."""
+    _path_exists(config.data.path, "data.path")
+    data = config.data
+    records, _ = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
+    k, n = config.cluster.k, len(records)
+    if isinstance(k, int) and k > n:
+        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} records in {data.path}")
+    if k == "auto" and config.cluster.k_max >= n:
+        raise ConfigError(f"config key `cluster.k_max`: {config.cluster.k_max} needs more than {n} records (the silhouette needs K < N)")
+    unlabelled = next((r for r in records if r.source is None), None)
+    if "oracle" in config.experts.strategies and unlabelled is not None:
+        raise ConfigError(f"config key `experts.strategies`: `oracle` needs a `source` on every record; record `{unlabelled.id}` of {data.path} has none")
+    return records
+
+
+def check_eval_data(config: RunConfig) -> None:
+    _path_exists(config.evaluate.data, "evaluate.data")
+    if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
+        load_records(config.evaluate.data, limit=config.evaluate.limit)
+
+
+def preflight(config: RunConfig, *, evaluate: bool = False, overwrite: bool = False) -> None:
+    """Every check that can fail before the expensive work, cheapest first; raises on the first failure."""
+    check_model_name(config.model.name)
+    check_output_dir(config.out)
+    check_existing_run(config, overwrite)
+    if evaluate:
+        check_eval_data(config)
+    check_records(config)
+    check_max_length(config, load_tokenizer(config.model.name))

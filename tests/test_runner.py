@@ -1,0 +1,176 @@
+"""Runs resume correctly: stages keyed by what they read (the data's content, not its path), each
+decision said in one line, nothing stale served, the manifest written by rank 0 only."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import interrupted_after, make_records
+from gradientspace import pipeline
+from gradientspace.cli import main
+from gradientspace.config import load_config
+from gradientspace.models import load_tokenizer
+from gradientspace.runs import Run
+
+FLAGS = ["--model", "tiny-random", "--k", "2", "--max-length", "96", "--batch-size", "4",
+         "--set", "model.lora_rank=2", "--set", "sketch.rank=4", "--set", "warmup.fraction=0.25"]
+
+
+def write_data(path, n, seed=0):
+    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(n, seed)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("a stage whose inputs did not change ran again")
+
+
+def stage_lines(printed: str) -> dict[str, str]:
+    """{stage: its decision line} from a command's output."""
+    lines = {}
+    for line in printed.splitlines():
+        verb, _, rest = line.partition(" ")
+        if verb in ("skip", "run", "re-run", "resume") and ":" in rest:
+            lines[rest.split(":")[0]] = line
+    return lines
+
+
+def test_editing_the_data_in_place_reruns_every_stage_that_read_it(tmp_path, capsys, monkeypatch):
+    data, out = write_data(tmp_path / "train.jsonl", 16), tmp_path / "run"
+    argv = ["cluster", *FLAGS, "--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    first = stage_lines(capsys.readouterr().out)
+    assert all(first[s].startswith("run ") for s in ("data", "warmup", "gradients", "cluster")), first
+
+    with monkeypatch.context() as patch:  # same file, same content: everything is skipped, clustering included
+        for name in ("run_gradient_pass", "train_adapter", "assign"):
+            patch.setattr(pipeline, name, must_not_run)
+        assert main(argv) == 0
+    again = stage_lines(capsys.readouterr().out)
+    assert all(again[s].startswith(f"skip {s}: done, key ") for s in ("data", "warmup", "gradients", "cluster")), again
+
+    write_data(data, 20, seed=1)  # edited in place: same path, other records
+    assert main(argv) == 0
+    edited = stage_lines(capsys.readouterr().out)
+    assert edited["data"].startswith("re-run data: data content changed"), edited
+    assert edited["warmup"].startswith("re-run warmup: data changed"), edited
+    assert edited["gradients"].startswith("re-run gradients: warm-up changed"), edited
+    assert edited["cluster"].startswith("re-run cluster: data, gradients changed"), edited
+    ids = [json.loads(line)["id"] for line in data.read_text().splitlines()]
+    assert [json.loads(line)["id"] for line in (out / "samples.jsonl").read_text().splitlines()] == ids
+    assert [json.loads(line)["id"] for line in (out / "clusters.jsonl").read_text().splitlines()] == ids
+    assert load_file(str(out / "sketch.safetensors"))["coordinates"].shape[0] == 20
+
+
+def test_moving_the_data_file_reruns_nothing(tmp_path, capsys, monkeypatch):
+    data = write_data(tmp_path / "train.jsonl", 12)
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    moved = data.rename(tmp_path / "moved.jsonl")
+    capsys.readouterr()
+    for name in ("run_gradient_pass", "train_adapter", "assign"):
+        monkeypatch.setattr(pipeline, name, must_not_run)
+    assert main(["cluster", *FLAGS, "--data", str(moved), "--out", str(tmp_path / "run")]) == 0
+    assert all(line.startswith("skip") for line in stage_lines(capsys.readouterr().out).values())
+
+
+def test_another_config_needs_overwrite_then_reruns_what_changed(tmp_path, capsys, monkeypatch):
+    data = write_data(tmp_path / "train.jsonl", 12)
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3"]) == 2
+    assert "cluster.k 2 → 3" in capsys.readouterr().err
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest  # a refused command writes nothing
+    monkeypatch.setattr(pipeline, "run_gradient_pass", must_not_run)  # K is read by the clustering alone
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3", "--overwrite"]) == 0
+    lines = stage_lines(capsys.readouterr().out)
+    assert lines["gradients"].startswith("skip") and lines["cluster"].startswith("re-run cluster: cluster settings changed"), lines
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["k"] == 3
+
+
+def test_truncated_samples_are_counted(tmp_path, capsys):
+    """Against the obvious count: the full chat-templated sample is longer than max_length."""
+    data = write_data(tmp_path / "train.jsonl", 24)
+    max_length = 44
+    tokenizer = load_tokenizer("tiny-random")
+    expected = 0
+    for record in make_records(24):
+        messages = record.messages + [{"role": "assistant", "content": record.response}]
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        expected += len(tokenizer(full, add_special_tokens=False)["input_ids"]) > max_length
+    assert 0 < expected < 24  # the case tests both sides
+    config = load_config(None, {"model.name": "tiny-random", "data.path": str(data), "data.max_length": max_length, "out": str(tmp_path / "run")})
+    pipeline.load_data(Run(config.out), config)
+    assert Run(config.out).stage_entry("data")["truncated"] == expected
+    assert f"{expected} truncated to data.max_length = {max_length} tokens" in capsys.readouterr().out
+
+
+def test_default_checkpoint_every_scales_with_the_pass(tmp_path, monkeypatch):
+    assert [pipeline.default_checkpoint_every(b) for b in (1, 3, 12, 100, 5000)] == [1, 1, 2, 10, 50]
+    data = write_data(tmp_path / "train.jsonl", 24)  # 6 batches of 4: the old default (50 batches) never saved
+    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96,
+                                "sketch.rank": 4, "cluster.k": 2, "gradients.batch_size": 4, "warmup.fraction": 0.25, "out": str(tmp_path / "run")})
+    assert config.gradients.checkpoint_every is None
+    monkeypatch.setattr(pipeline, "stream_gradients", interrupted_after(pipeline.stream_gradients, 3))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.cluster(config)
+    checkpoint = tmp_path / "run" / "checkpoints" / "gradients.rank0.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert handle.metadata()["next_batch"] == "3"
+
+
+def test_only_rank_zero_writes_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = Run(tmp_path / "run")
+    run.set_config({"seed": 0})
+    with run.stage("data", "k") as stage:
+        stage["outputs"] = []
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    run.save()
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["data"]["done"]
+
+
+def test_decisions_name_what_changed(tmp_path, capsys):
+    run = Run(tmp_path / "run")
+    assert not run.is_done("s", "k1", {"a": "1", "b": "2"})
+    assert capsys.readouterr().out == "run s: not done yet\n"
+    with run.stage("s", "k1", {"a": "1", "b": "2"}) as stage:
+        (tmp_path / "run" / "out.txt").write_text("x")
+        stage["outputs"] = ["out.txt"]
+    assert run.is_done("s", "k1", {"a": "1", "b": "2"})
+    assert not run.is_done("s", "k2", {"a": "1", "b": "3"})
+    (tmp_path / "run" / "out.txt").unlink()
+    assert not run.is_done("s", "k1", {"a": "1", "b": "2"})
+    run.manifest["stages"]["s"]["done"] = False
+    assert not run.is_done("s", "k1")
+    assert capsys.readouterr().out.splitlines() == ["skip s: done, key k1", "re-run s: b changed (key k1 → k2)",
+                                                    "re-run s: output out.txt is missing", "resume s: interrupted earlier, inputs unchanged (key k1)"]
+
+
+def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypatch, capsys):
+    """Rank 0 of two processes saw every other batch: resuming its state in one process would drop half the data."""
+    from gradientspace import distributed
+
+    data = write_data(tmp_path / "train.jsonl", 16)
+    overrides = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96, "sketch.rank": 4,
+                 "cluster.k": 2, "gradients.batch_size": 2, "gradients.checkpoint_every": 1, "warmup.fraction": 0.25}
+    clean = pipeline.cluster(load_config(None, {**overrides, "out": str(tmp_path / "clean")}))
+    config = load_config(None, {**overrides, "out": str(tmp_path / "run")})
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "world", lambda: (0, 2))  # rank 0's view of a two-process run, without a process group
+        patch.setattr(distributed, "init", lambda: None)
+        patch.setattr(pipeline, "stream_gradients", interrupted_after(pipeline.stream_gradients, 2))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.cluster(config)
+    assert (tmp_path / "run" / "checkpoints" / "gradients.rank0.safetensors").exists()
+    capsys.readouterr()
+    resumed = pipeline.cluster(config)
+    assert "resuming from the checkpoint" not in capsys.readouterr().out
+    a, b = (load_file(str(tmp_path / name / "sketch.safetensors"))["coordinates"] for name in ("clean", "run"))
+    assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
