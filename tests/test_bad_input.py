@@ -90,7 +90,7 @@ CASES = [
     ("k-max-auto-above-data", lambda c: c.cluster("--k", "auto", "--set", "cluster.k_max=20"), "`cluster.k_max`"),
     ("unknown-key", lambda c: c.cluster("--set", "sketch.rnak=3"), "`sketch.rnak`"),
     ("internal-rank-below-rank", lambda c: c.cluster("--set", "sketch.internal_rank=2"), "`sketch.internal_rank`: 2 must be at least `sketch.rank`"),
-    ("snapshot-after-last-epoch", lambda c: c.cluster("--set", "experts.snapshot_epochs=[5]"), "`experts.snapshot_epochs`"),
+    ("snapshot-after-last-epoch", lambda c: c.cluster("--set", "experts.snapshot_epochs=[99]"), "`experts.snapshot_epochs`"),
     ("bad-device", lambda c: c.cluster("--set", "model.device=gpu"), "`model.device`"),
     ("unknown-method", lambda c: c.cluster("--method", "kmeans"), "`cluster.method`"),
     ("unknown-strategy-in-config", lambda c: c.cluster("--set", "experts.strategies=routed,bogus"), "`experts.strategies`: 'bogus'"),
@@ -117,7 +117,8 @@ CASES = [
     ("empty-data-file", lambda c: c.cluster(data=c.file("d.jsonl", "\n")), "d.jsonl: no usable records"),
     ("unsupported-extension", lambda c: c.cluster(data=c.file("d.txt", "hello\n")), "d.txt: unsupported file type `.txt`"),
     ("json-not-a-list", lambda c: c.cluster(data=c.file("d.json", '{"rows": 1}')), "d.json: a .json file must hold a list"),
-    ("oracle-without-sources", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [{k: v for k, v in r.items() if k != "source"} for r in GOOD_ROWS])),
+    ("oracle-without-sources", lambda c: c.cluster("--set", "experts.strategies=[routed,oracle]",
+                                                    data=jsonl(c.user / "d.jsonl", [{k: v for k, v in r.items() if k != "source"} for r in GOOD_ROWS])),
      "`experts.strategies`: `oracle` needs a `source`"),
     # command lines
     ("flag-not-an-int", lambda c: ["cluster", "--rank", "x"], "argument --rank: invalid int value: 'x'"),
