@@ -24,7 +24,8 @@ class ModelConfig:
     name: str = field(default="smollm2-135m", metadata={"help": "Hugging Face id, local folder, or a built-in alias (`gradientspace models`)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps."})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps, or `all-linear` (peft's spelling: every Linear layer but the output head)."})
+    dtype: str = field(default="auto", metadata={"help": "Base-model precision: `auto` (bfloat16 on a GPU that supports it, else float32), `float32`, `bfloat16`, `float16`. LoRA weights and per-sample gradients stay float32."})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`…"})
 
 
@@ -53,6 +54,7 @@ class GradientConfig:
     batch_size: int = field(default=8, metadata={"help": "Samples per batched backward pass."})
     chunk_size: int = field(default=256, metadata={"help": "Samples are shuffled, then sorted by length inside chunks of this size to form batches."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save the streaming state every N batches so an interrupted pass resumes."})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in backward instead of keeping its activations (less memory, ~1/3 more compute): for large models and batches."})
 
 
 @dataclass
@@ -126,6 +128,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),

@@ -163,7 +163,8 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
                     unit="sample", dynamic_ncols=True, disable=not distributed.is_main() and world_size > 1)
     every = config.gradients.checkpoint_every
     for number, indices, grads, losses in stream_gradients(loaded.model, mine, loaded.tokenizer.pad_token_id, loaded.device,
-                                                           adam, config.gradients.normalize, start=start, progress=progress):
+                                                           adam, config.gradients.normalize, start=start, progress=progress,
+                                                           checkpointing=config.gradients.activation_checkpointing):
         consumers.add(grads, indices, losses)
         if (number + 1) % every == 0 and number + 1 < len(mine):
             _save_tensors(checkpoint, consumers.state(), {"next_batch": str(number + 1), "key": config_hash(asdict(config), projection_dims, exact)})
