@@ -66,6 +66,14 @@ class RademacherProjector:
         self.flush()
         return torch.cat(self.features) if self.features else torch.zeros(0, self.k), list(self.indices)
 
+    def merge(self, other: "RademacherProjector") -> "RademacherProjector":
+        """Take over a disjoint shard's projected rows (same seed, so the same matrix)."""
+        self.flush()
+        features, indices = other.result()
+        self.features.append(features)
+        self.indices.extend(indices)
+        return self
+
 
 class ExactStore:
     """Keeps every full gradient (float32): the ceiling for the sketch, affordable only for small N×d."""
@@ -84,6 +92,11 @@ class ExactStore:
 
     def result(self) -> tuple[torch.Tensor, list[int]]:
         return torch.cat(self.rows), list(self.indices)
+
+    def merge(self, other: "ExactStore") -> "ExactStore":
+        self.rows.extend(other.rows)
+        self.indices.extend(other.indices)
+        return self
 
 
 def _unit_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -62,7 +62,8 @@ class SketchConfig:
     rank: int = field(default=16, metadata={"help": "Reported rank r of the online SVD."})
     internal_rank: int | None = field(default=None, metadata={"help": "Rank r' kept during updates (default 4·r); larger keeps the lower components accurate."})
     block_size: int = field(default=64, metadata={"help": "Gradient columns buffered per incremental SVD update."})
-    dtype: str = field(default="float64", metadata={"help": "Precision of the sketch's basis (`float64` or `float32`, which halves its memory for very large d)."})
+    dtype: str = field(default="float32", metadata={"help": "Precision of the sketch's basis: `float32` (d×r' of it must fit one device at d ≈ 2·10⁷) or `float64`."})
+    reorthonormalize_every: int = field(default=32, metadata={"help": "Make the basis orthonormal again every N updates, undoing float32 drift (0 = never)."})
 
 
 @dataclass
