@@ -36,6 +36,7 @@ class DataConfig:
     skip_bad: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs."})
     per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for validating and tokenising a data file (`datasets.map`); both are cached next to the Arrow copy."})
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ClusterConfig:
     k_max: int = field(default=8, metadata={"help": "Largest K tried by `k: auto`."})
     projection_dim: int | None = field(default=None, metadata={"help": "random-projection: target dimension (default: the sketch rank; LESS/ELREA use 8192)."})
     n_init: int = field(default=10, metadata={"help": "k-means restarts."})
+    minibatch_above: int = field(default=50_000, metadata={"help": "Above this many samples k-means runs on mini-batches (scikit-learn's MiniBatchKMeans)."})
+    silhouette_sample: int = field(default=10_000, metadata={"help": "`k: auto` estimates each silhouette on this many sampled rows (the exact one is O(N²))."})
     exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients."})
 
 

@@ -43,7 +43,8 @@ class ClusterOutcome:
 
 def load_data(run: Run, config: RunConfig) -> list[Record]:
     data = config.data
-    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
+    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed,
+                                   num_proc=data.num_proc)
     key = config_hash(asdict(data), config.seed)
     if not run.is_done("data", key):
         with run.stage("data", key) as stage:
@@ -258,11 +259,11 @@ def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) 
         k = k if isinstance(k, int) else config.cluster.k_max
         return random_labels(n, k, seed), k, details
     if k == "auto":
-        k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init)
+        k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init, config.cluster.minibatch_above, config.cluster.silhouette_sample)
         details["silhouette"] = scores
     if k > n:
         raise ValueError(f"config key `cluster.k`: {k} clusters for only {n} samples")
-    return spherical_kmeans(features, k, seed, config.cluster.n_init), k, details
+    return spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above), k, details
 
 
 def cluster(config: RunConfig) -> ClusterOutcome:
