@@ -7,7 +7,8 @@ Parts (each measured in a fresh subprocess, so its peak RSS is its own):
   engine  : peak memory of one gradient batch on smollm2-135m: the previous engine (outputs
             retained, one autograd.grad over all of them), the new one (written inside backward),
             the new one with activation checkpointing, and a plain batched fwd+bwd (the floor).
-  loader  : `load_records` + tokenisation of a 1 M-record synthetic JSONL (seconds, peak RSS).
+  loader  : validation + tokenisation of a 1 M-record synthetic JSONL into Arrow (seconds, peak
+            RSS), against the previous shape (a list of parsed records).
 Then `plan`: the costed table of a 1 M × 8 B run on 8 and 64 H100s (bench/results/scale.md).
 
     python bench/scale.py                 # everything, ~20 min on 2 cores
@@ -27,9 +28,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# (d, samples, block size). Per-update cost is ~d·r'·(4m + 2(r'+m)) flops, so N shrinks as d grows to
-# keep the whole bench near 20 minutes on 2 shared cores; the long stream at small d shows the N-dependence.
-SKETCH_CASES = [(16_000, 50_000, 64), (1_000_000, 1_024, 64), (5_000_000, 512, 32), (20_000_000, 128, 16)]
+# (d, samples, block size). An update costs `sketch_flops(d, r', m)`, so N shrinks as d grows to keep
+# the bench near 20 minutes on 2 shared cores, and the block shrinks at 20 M so that U + two blocks fit
+# beside other jobs; the long stream at small d shows the N-dependence (V's rotation) and the drift.
+SKETCH_CASES = {16_000: (16_000, 10_000, 64), 1_000_000: (1_000_000, 256, 64), 5_000_000: (5_000_000, 128, 32),
+                20_000_000: (20_000_000, 80, 16)}
 INTERNAL_RANK = 64
 
 
@@ -98,6 +101,7 @@ def sketch_case(dim: int, samples: int, block: int) -> dict:
     sketch = OnlineSVD(dim, rank=16, internal_rank=INTERNAL_RANK, block_size=block)
     reset_peak_rss()
     sketch_seconds = generate_seconds = 0.0
+    timed = 0
     for start in range(0, samples, block):
         t0 = time.perf_counter()
         rows = stream.rows(min(block, samples - start))
@@ -105,7 +109,9 @@ def sketch_case(dim: int, samples: int, block: int) -> dict:
         sketch.add(rows, list(range(start, start + len(rows))))
         del rows
         generate_seconds += t1 - t0
-        sketch_seconds += time.perf_counter() - t1
+        if start >= INTERNAL_RANK:  # the first r' samples fill the basis with cheaper, narrower updates: untimed
+            sketch_seconds += time.perf_counter() - t1
+            timed += min(block, samples - start)
     drift = sketch.orthogonality_error()
     t0 = time.perf_counter()
     result = sketch.result()
@@ -114,7 +120,7 @@ def sketch_case(dim: int, samples: int, block: int) -> dict:
     expected = stream.sigma[:16].double() * math.sqrt(samples)  # the signal's own singular values
     return {
         "dim": dim, "samples": samples, "block_size": block, "internal_rank": INTERNAL_RANK, "dtype": "float32",
-        "seconds_per_1000_samples": round(1000 * sketch_seconds / samples, 3),
+        "timed_samples": timed, "seconds_per_1000_samples": round(1000 * sketch_seconds / timed, 3),
         "generate_seconds_excluded": round(generate_seconds, 1),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
         "model_bytes_gib": round((dim * INTERNAL_RANK + 3 * dim * block + samples * INTERNAL_RANK) * 4 / 2**30, 3),
@@ -193,33 +199,54 @@ def engine_case(variant: str, dtype: str, targets: str, batch_size: int, max_len
 
 # ---------------------------------------------------------------- loader
 
-def loader_case(records: int, num_proc: int) -> dict:
-    from gradientspace.data import load_dataset_records, tokenize_dataset
-    from gradientspace.models import load_tokenizer
-
+def synthetic_jsonl(records: int) -> Path:
     path = RESULTS.parent / ".cache" / f"synthetic-{records}.jsonl"
     path.parent.mkdir(exist_ok=True)
     if not path.exists():
         words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega tau rho".split()
-        with open(path, "w") as handle:
+        with open(path.with_suffix(".tmp"), "w") as handle:
             for i in range(records):
                 prompt = " ".join(words[(i * 7 + j) % 13] for j in range(12 + i % 20))
                 answer = " ".join(words[(i * 3 + j) % 13] for j in range(8 + i % 30))
                 handle.write(json.dumps({"id": f"r{i}", "instruction": prompt, "output": answer, "source": words[i % 4]}) + "\n")
-    cache = path.with_suffix(".datasets")
-    tokenizer = load_tokenizer("smollm2-135m")
+        path.with_suffix(".tmp").rename(path)
+    return path
+
+
+def loader_case(records: int, num_proc: int, mode: str, tokenize_records: int = 5_000) -> dict:
+    """`datasets`: validate into Arrow, tokenise the first `tokenize_records` (the chat template and
+    tokenizer cost ~1 ms per record on this loaded CPU, so all 1 M would take most of an hour; the
+    per-record rate is reported), then a cached reload; `python-list`: the previous loader's shape,
+    one parsed `Record` per line held in a list (for the memory comparison)."""
+    import resource
+
+    from gradientspace.data import _parse_record, load_dataset_records, tokenize_dataset
+    from gradientspace.models import load_tokenizer
+
+    path = synthetic_jsonl(records)
+    cache = str(path.with_suffix(".datasets"))
     reset_peak_rss()
     t0 = time.perf_counter()
-    dataset = load_dataset_records(str(path), cache_dir=str(cache), num_proc=num_proc)
+    if mode == "python-list":
+        with open(path) as handle:
+            held = [_parse_record(json.loads(line), f"{path}:{n}") for n, line in enumerate(handle, 1)]
+        return {"mode": mode, "records": len(held), "load_seconds": round(time.perf_counter() - t0, 1),
+                "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3)}
+    tokenizer = load_tokenizer("smollm2-135m")
+    table, _ = load_dataset_records(str(path), cache_dir=cache, num_proc=num_proc)
     t1 = time.perf_counter()
-    tokenized = tokenize_dataset(dataset, tokenizer, max_length=256, num_proc=num_proc)
+    tokenized = tokenize_dataset(table[:tokenize_records], tokenizer, max_length=256, num_proc=num_proc)
     t2 = time.perf_counter()
-    lengths = tokenized["length"]  # one Arrow column, not a million Python objects
-    again = tokenize_dataset(load_dataset_records(str(path), cache_dir=str(cache), num_proc=num_proc), tokenizer, max_length=256, num_proc=num_proc)
+    lengths = tokenized.data.column("length").to_numpy()  # one Arrow column, not a million Python objects
+    again = tokenize_dataset(load_dataset_records(str(path), cache_dir=cache, num_proc=num_proc)[0][:tokenize_records], tokenizer, max_length=256)
     t3 = time.perf_counter()
-    return {"records": len(dataset), "num_proc": num_proc, "load_seconds": round(t1 - t0, 1), "tokenize_seconds": round(t2 - t1, 1),
-            "cached_reload_seconds": round(t3 - t2, 1), "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
-            "mean_tokens": round(float(sum(lengths)) / len(lengths), 1), "same_after_reload": len(again) == len(tokenized),
+    return {"mode": mode, "records": len(table), "num_proc": num_proc, "load_seconds": round(t1 - t0, 1),
+            "tokenized_records": len(tokenized), "tokenize_seconds": round(t2 - t1, 1),
+            "tokenize_ms_per_record_per_process": round(1000 * (t2 - t1) * num_proc / len(tokenized), 3),
+            "cached_reload_seconds": round(t3 - t2, 1),
+            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+            "worker_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3),
+            "mean_tokens": round(float(lengths.mean()), 1), "reload_hit_cache": again.cache_files == tokenized.cache_files,
             "file_gib": round(path.stat().st_size / 2**30, 3)}
 
 
@@ -229,11 +256,21 @@ def loader_case(records: int, num_proc: int) -> dict:
 ASSUME = {
     "h100_bf16_dense_tflops": 989, "mfu": 0.40, "h100_fp32_tflops_tf32_off": 67, "hbm_tb_per_s": 3.35,
     "hbm_gib": 80, "nvlink_gb_per_s": 450, "ib_gb_per_s_per_gpu": 50,
-    "model_params": 8.0e9, "tokens_per_sample": 512, "fwd_bwd_flops_per_token": "6·params (2 forward + 4 backward)",
-    "checkpointing_extra_forward": "+2·params per token (one more forward)",
-    "lora_rank": 16, "lora_dim_all_linear_8b": 20_971_520, "internal_rank": INTERNAL_RANK, "block_size": 64,
+    "model_params": 8.0e9, "tokens_per_sample": 512,
+    "flops_per_token": "6·params: 2 forward + 2 backward (activation gradients only: the base is frozen, so no "
+                       "weight gradients, which is why it is not the usual 6 for full training) + 2 recomputation under checkpointing",
+    # Llama-3-8B shapes: 32 layers, hidden 4096, 8 KV heads (k/v out 1024), MLP 14336. LoRA r = 8 on
+    # q,k,v,o,gate,up,down: 32 · 8 · (2·8192 + 2·5120 + 3·18432) = 20 971 520 = d.
+    "lora_rank": 8, "lora_dim_all_linear_8b": 20_971_520, "vocab": 128_256, "internal_rank": INTERNAL_RANK, "block_size": 64,
     "layers": 32, "hidden": 4096, "batch_per_gpu": 8,
 }
+
+
+def sketch_flops(d: int, r: int, m: int) -> float:
+    """FLOPs of one OnlineSVD update of m columns: two Gram–Schmidt passes (UᵀC and U·P each, 8dr'm),
+    CholeskyQR2 of the d×m block (two Gram products and two rotations, 8dm²), and the in-place
+    rotation of [U Q] (2d(r'+m)r'). The r'×r' and (r'+m)² work is negligible at large d."""
+    return 8 * d * r * m + 8 * d * m * m + 2 * d * (r + m) * r
 
 
 def plan(measured: dict) -> tuple[dict, str]:
@@ -241,17 +278,17 @@ def plan(measured: dict) -> tuple[dict, str]:
     a = ASSUME
     samples, d, r, m = 1_000_000, a["lora_dim_all_linear_8b"], a["internal_rank"], a["block_size"]
     tokens = samples * a["tokens_per_sample"]
-    flops_per_token = 8 * a["model_params"]  # 6·P fwd+bwd, +2·P recomputation under activation checkpointing
+    flops_per_token = 6 * a["model_params"]  # see ASSUME["flops_per_token"]
     gradient_gpu_hours = tokens * flops_per_token / (a["h100_bf16_dense_tflops"] * 1e12 * a["mfu"]) / 3600
-    # Sketch flops per sample (float32, no tensor-core TF32 assumed): two Gram–Schmidt passes 4·d·r',
-    # the QR of the d×m block amortised 2·d·m, the in-place basis rotation 2·d·r'·(r'+m)/m.
-    sketch_flops_per_sample = 4 * d * r + 2 * d * m + 2 * d * r * (r + m) / m
-    # The updates are matrix products streaming U (d×r' float32) from HBM about 4 times per block: bandwidth-bound check.
-    sketch_bytes_per_sample = 4 * d * r * 4 / m
+    sketch_flops_per_sample = sketch_flops(d, r, m) / m
+    # Each block streams U (d×r' float32) from HBM about six times (4 projection products, the rotation's read and write).
+    sketch_bytes_per_sample = 6 * d * r * 4 / m
     sketch_seconds_per_sample = max(sketch_flops_per_sample / (a["h100_fp32_tflops_tf32_off"] * 1e12 * 0.5),
                                     sketch_bytes_per_sample / (a["hbm_tb_per_s"] * 1e12))
     cpu = {c["dim"]: c for c in measured.get("sketch", [])}
-    cpu_per_sample = {k: v["seconds_per_1000_samples"] / 1000 for k, v in cpu.items()}
+    cpu_per_sample = {k: v["seconds_per_1000_samples"] / 1000 for k, v in cpu.items() if "error" not in v}
+    # The flop model against the CPU: the same implied GFLOPS at every d means the cost is linear in d as modelled.
+    implied_cpu_gflops = {k: round(sketch_flops(k, r, cpu[k]["block_size"]) / cpu[k]["block_size"] / v / 1e9, 2) for k, v in cpu_per_sample.items()}
     rows = []
     for gpus in (8, 64):
         per_rank = samples / gpus
@@ -260,24 +297,28 @@ def plan(measured: dict) -> tuple[dict, str]:
         u_bytes = d * r * 4
         v_bytes = per_rank * r * 4
         memory = {"model_bf16_gib": a["model_params"] * 2 / 2**30, "sketch_U_gib": u_bytes / 2**30,
-                  "sketch_block_and_Q_gib": 3 * d * m * 4 / 2**30, "sketch_V_gib": v_bytes / 2**30,
+                  # the pending rows and the d×m block (Q is written over the block in place)
+                  "sketch_block_gib": 2 * d * m * 4 / 2**30, "sketch_V_gib": v_bytes / 2**30,
                   "per_sample_grad_buffer_gib": a["batch_per_gpu"] * d * 4 / 2**30,
-                  # checkpointed: one layer's activations + the layer inputs kept at the boundaries
-                  "activations_checkpointed_gib": a["batch_per_gpu"] * a["tokens_per_sample"] * a["hidden"] * 2 * (a["layers"] + 34) / 2**30}
+                  # checkpointed: the layer inputs kept at the boundaries + one layer's activations (~34 h-wide bf16 tensors)
+                  "activations_checkpointed_gib": a["batch_per_gpu"] * a["tokens_per_sample"] * a["hidden"] * 2 * (a["layers"] + 34) / 2**30,
+                  # float32 logits and their gradient for the per-sample cross-entropy
+                  "logits_fp32_gib": 2 * a["batch_per_gpu"] * a["tokens_per_sample"] * a["vocab"] * 4 / 2**30}
         rounds = math.ceil(math.log2(gpus))
         # Each round: send one shard state (U and V) over the slowest link used, then one merge update with m = r'.
         merge_bytes = u_bytes + samples / gpus * r * 4
         link = a["nvlink_gb_per_s"] if gpus <= 8 else a["ib_gb_per_s_per_gpu"]
-        merge_update_seconds = (4 * d * r * r + 2 * d * r * r + 2 * d * r * 2 * r) / (a["h100_fp32_tflops_tf32_off"] * 1e12 * 0.5)
+        merge_update_seconds = sketch_flops(d, r, r) / (a["h100_fp32_tflops_tf32_off"] * 1e12 * 0.5)  # one update, m = r'
+
         merge_seconds = rounds * (merge_bytes / (link * 1e9) + merge_update_seconds) + (gpus - 1) / gpus * samples * r * 4 / (link * 1e9)
         rows.append({"gpus": gpus, "gradient_pass_hours": round(gradient_hours, 2), "sketch_hours": round(sketch_hours, 3),
-                     "memory_per_rank_gib": {k: round(v, 2) for k, v in memory.items()},
+                     "memory_per_rank_gib": {k: round(v, 3) for k, v in memory.items()},
                      "memory_per_rank_total_gib": round(sum(memory.values()), 1),
                      "merge_rounds": rounds, "merge_seconds": round(merge_seconds, 1),
                      "wall_hours": round(gradient_hours + sketch_hours + merge_seconds / 3600, 2)})
     details = {"assumptions": ASSUME, "sketch_flops_per_sample": sketch_flops_per_sample,
                "sketch_gpu_seconds_per_sample": sketch_seconds_per_sample, "gradient_gpu_hours_total": round(gradient_gpu_hours, 1),
-               "cpu_sketch_seconds_per_sample_measured": cpu_per_sample, "rows": rows}
+               "cpu_sketch_seconds_per_sample_measured": cpu_per_sample, "cpu_implied_gflops": implied_cpu_gflops, "rows": rows}
     if 20_000_000 in cpu_per_sample:
         details["cpu_sketch_hours_per_rank_if_on_cpu_64_ranks"] = round(cpu_per_sample[20_000_000] * samples / 64 / 3600, 1)
     return details, plan_markdown(details, measured)
@@ -296,19 +337,21 @@ def plan_markdown(details: dict, measured: dict) -> str:
     row("gradient pass (h)", lambda r: r["gradient_pass_hours"])
     row("sketch, on the same GPU (h)", lambda r: r["sketch_hours"])
     row("memory per rank (GiB)", lambda r: r["memory_per_rank_total_gib"])
-    row("  of which model / U / block+Q / V / grad buffer / activations",
+    row("  of which model / U / block / V / grad buffer / activations / logits",
         lambda r: " / ".join(str(v) for v in r["memory_per_rank_gib"].values()))
     row("merge: rounds, seconds", lambda r: f"{r['merge_rounds']}, {r['merge_seconds']}")
     row("wall time (h)", lambda r: r["wall_hours"])
     lines += ["", "Assumptions: H100 SXM bf16 dense {h100_bf16_dense_tflops} TFLOPS at {mfu:.0%} MFU for the model; "
               "float32 sketch on CUDA cores at {h100_fp32_tflops_tf32_off} TFLOPS × 50 %; HBM {hbm_tb_per_s} TB/s; "
               "NVLink {nvlink_gb_per_s} GB/s inside a node, InfiniBand {ib_gb_per_s_per_gpu} GB/s per GPU between nodes; "
-              "fwd+bwd ≈ 6·params FLOPs per token, +2·params for the checkpointing recomputation. The LoRA einsums "
+              "6·params FLOPs per token = 2 forward + 2 backward (activation gradients only: the base is frozen) + 2 "
+              "checkpointing recomputation. The per-sample LoRA einsums "
               "add 2·d·tokens per sample, < 0.1 % of the model's FLOPs.".format(**a), "",
-              "Sketch cost per sample = 4dr' (two Gram–Schmidt passes) + 2dm (QR) + 2dr'(r'+m)/m (basis rotation) "
+              "Sketch cost per sample = 8dr' (two Gram–Schmidt passes) + 8dm (CholeskyQR2) + 2dr'(r'+m)/m (basis rotation) "
               f"= {details['sketch_flops_per_sample'] / 1e9:.1f} GFLOP; on the CPU here it measured "
               + ", ".join(f"{v:.3g} s/sample at d = {k:,}" for k, v in sorted(details["cpu_sketch_seconds_per_sample_measured"].items()))
-              + ". The sketch is linear in d, so the measured CPU rate scales to d = 2·10⁷ as the table assumes; "
+              + " (implied " + ", ".join(f"{v} GFLOPS" for v in details["cpu_implied_gflops"].values())
+              + "): the cost is linear in d as modelled, so the GPU figure is the flop count at the stated rate; "
               "it overlaps with the next batch's backward on another CUDA stream or runs after it (counted serially here).", "",
               "Merge: ⌈log₂ P⌉ rounds of `tree_merge`; each moves one shard state (U: d·r'·4 bytes, V: N/P·r'·4) "
               "and does one update with m = r', then rank 0 holds V for all N (N·r'·4 = "
@@ -331,6 +374,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="sketch,engine,loader,plan")
     parser.add_argument("--loader-records", type=int, default=1_000_000)
+    parser.add_argument("--sketch-dims", default=",".join(str(d) for d in SKETCH_CASES))
+    parser.add_argument("--engine-variants", default="plain,previous,new,new+checkpointing")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,21 +387,31 @@ def main() -> None:
     out_file = RESULTS / "scale.json"
     results = json.loads(out_file.read_text()) if out_file.exists() else {}
     parts = args.parts.split(",")
-    results["machine"] = {"cpus": os.cpu_count(), "note": "2 shared CPU cores, other jobs running: timings are noisy; no GPU in this session"}
+    results["machine"] = {"cpus": os.cpu_count(), "note": "2 CPU cores shared with other jobs (load average 10–14 during the run): "
+                          "timings are several times slower than an idle machine; no GPU in this session"}
+
+    def save() -> None:  # after every part, so a long run that is stopped keeps what it measured
+        RESULTS.mkdir(exist_ok=True)
+        out_file.write_text(json.dumps(results, indent=2) + "\n")
+
     if "sketch" in parts:
-        results["sketch"] = [child("sketch", {"dim": d, "samples": n, "block": m}) for d, n, m in SKETCH_CASES]
+        for dim in [int(d) for d in args.sketch_dims.split(",")]:
+            d, n, m = SKETCH_CASES[dim]
+            kept = [c for c in results.get("sketch", []) if c.get("dim") != d]
+            results["sketch"] = sorted(kept + [child("sketch", {"dim": d, "samples": n, "block": m})], key=lambda c: c["dim"])
+            save()
     if "engine" in parts:
-        cases = [("plain", "float32", "qkvo"), ("previous", "float32", "qkvo"), ("new", "float32", "qkvo"),
-                 ("new+checkpointing", "float32", "qkvo"), ("previous", "float32", "all-linear"), ("new", "float32", "all-linear"),
-                 ("new+checkpointing", "float32", "all-linear"), ("new", "bfloat16", "all-linear"), ("new+checkpointing", "bfloat16", "all-linear")]
-        results["engine"] = [child("engine", {"variant": v, "dtype": t, "targets": g, "batch_size": 8, "max_length": 256}) for v, t, g in cases]
+        results["engine"] = [child("engine", {"variant": v, "dtype": "float32", "targets": "qkvo", "batch_size": 4, "max_length": 128})
+                             for v in args.engine_variants.split(",")]
+        save()
     if "loader" in parts:
-        results["loader"] = child("loader", {"records": args.loader_records, "num_proc": args.num_proc})
+        results["loader"] = [child("loader", {"records": args.loader_records, "num_proc": args.num_proc, "mode": mode})
+                             for mode in ("python-list", "datasets")]
+        save()
     if "plan" in parts:
         results["plan"], markdown = plan(results)
         (RESULTS / "scale.md").write_text(markdown)
-    RESULTS.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps(results, indent=2) + "\n")
+        save()
     print(json.dumps(results, indent=2))
 
 

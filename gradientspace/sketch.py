@@ -14,8 +14,8 @@ Truncating at exactly the reported rank r rotates the lower components away (mea
 values off by 8–13 %), so the sketch keeps r' = 4r by default and reports the top r.
 
 At d ≈ 2·10⁷ the basis dominates memory, so it is float32 by default and updated in place, row
-chunk by row chunk: peak memory is U (d×r') + one block of columns and its Q (d×m each) + V
-(N×r'), never a second copy of U. Each update multiplies U by a small rotation, and float32
+chunk by row chunk: peak memory is U (d×r') + the pending rows and one d×m block (its Q is
+written over it) + V (N×r'), never a second copy of U. Each update multiplies U by a small rotation, and float32
 rounding slowly erodes UᵀU = I; every `reorthonormalize_every` updates the basis is made
 orthonormal again (Cholesky QR: UᵀU = LLᵀ, U ← U L⁻ᵀ) and the factor folded into S and V, so
 the represented matrix U diag(S) Vᵀ is unchanged.
@@ -70,8 +70,10 @@ def tall_skinny_qr(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     R = torch.eye(A.shape[1], dtype=torch.float64, device=A.device)
     Q = A
     for _ in range(2):
+        if not Q.shape[1]:  # nothing left: every column was inside span U (or zero)
+            break
         values, vectors = torch.linalg.eigh(gram(Q))
-        keep = values > values[-1].clamp(min=0) * torch.finfo(A.dtype).eps if len(values) else values > 0
+        keep = values > values[-1].clamp(min=0) * torch.finfo(A.dtype).eps
         values, vectors = values[keep], vectors[:, keep]
         Q = _rotate_rows_(Q, (vectors / values.sqrt()).to(A.dtype))  # over A's storage: A is a scratch residual
         R = (vectors.T * values.sqrt()[:, None]) @ R
@@ -168,6 +170,9 @@ class OnlineSVD:
         inverse = torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=lower.dtype, device=lower.device), upper=False)
         # U = (U L⁻ᵀ) Lᵀ, and Lᵀ diag(S) = u s vhᵀ, so U diag(S) Vᵀ = (U L⁻ᵀ u) diag(s) (V vh)ᵀ.
         u, s, vh = torch.linalg.svd(lower.T * self.S.double())
+        # u ≈ I (L is near I and S is sorted): keep it so, or every pass could flip a component's sign.
+        signs = torch.where(torch.diagonal(u) < 0, -1.0, 1.0).to(u.dtype)
+        u, vh = u * signs, vh * signs[:, None]
         self.U = _rotate_rows_(self.U, (inverse.T @ u).to(self.dtype))
         self.S = s.to(self.dtype)
         self.V = self.V @ vh.T.to(self.dtype)
@@ -184,6 +189,8 @@ class OnlineSVD:
         self.flush()
         other.flush()
         self.total_energy += other.total_energy
+        if not other.S.numel():  # a shard that saw no samples (more ranks than batches)
+            return self
         other_u = other.U.to(self.device, self.dtype)
         self._update(other_u * other.S.to(self.device, self.dtype), other.V.to(self.device, self.dtype), other.indices)
         return self

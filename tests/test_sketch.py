@@ -196,3 +196,17 @@ def test_tree_merge_across_three_gloo_ranks_equals_sequential_merge(tmp_path):
     assert torch.equal(tree.indices, sequential.indices)
     assert torch.allclose(tree.singular_values, sequential.singular_values, rtol=1e-5)
     assert torch.allclose(tree.coordinates @ tree.basis.T, sequential.coordinates @ sequential.basis.T, atol=1e-4)
+
+
+def test_zero_gradients_and_an_empty_shard():
+    """Samples without loss tokens have zero gradients; a rank may get no batches at all."""
+    rows = low_rank(12, 50, 3, seed=16)
+    rows[:4] = 0
+    rows[8:] = 0
+    sketch = OnlineSVD(50, rank=3, internal_rank=8, block_size=4)
+    result = stream(sketch, rows, batch=4)
+    assert torch.equal(result.indices, torch.arange(12))
+    assert result.coordinates[:4].abs().max() == 0 and result.coordinates[8:].abs().max() == 0
+    assert torch.allclose(result.coordinates @ result.basis.T, rows.float(), atol=1e-5)
+    merged = sketch.merge(OnlineSVD(50, rank=3, internal_rank=8, block_size=4)).result()
+    assert torch.allclose(merged.coordinates, result.coordinates, atol=1e-5)
