@@ -142,8 +142,13 @@ def retained_outputs_engine(model, input_ids, mask, labels):
 
     modules = lora_linears(model)
     inputs, outputs = {}, {}
-    handles = [m.register_forward_hook(lambda mod, i, o, p=p: (inputs.__setitem__(p, i[0].detach()), outputs.__setitem__(p, o)))
-               for p, (_, m) in enumerate(modules)]
+
+    def keep(position):
+        def hook(module, args, output):
+            inputs[position], outputs[position] = args[0].detach(), output
+        return hook
+
+    handles = [m.register_forward_hook(keep(p)) for p, (_, m) in enumerate(modules)]
     try:
         losses = per_sample_mean_loss(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, labels)
         grads = torch.autograd.grad(losses.sum(), [outputs[p] for p in range(len(modules))])
@@ -356,6 +361,30 @@ def plan_markdown(details: dict, measured: dict) -> str:
               "Merge: ⌈log₂ P⌉ rounds of `tree_merge`; each moves one shard state (U: d·r'·4 bytes, V: N/P·r'·4) "
               "and does one update with m = r', then rank 0 holds V for all N (N·r'·4 = "
               f"{1_000_000 * a['internal_rank'] * 4 / 2**30:.2f} GiB)."]
+    lines += ["", "## Measured on this machine (CPU; see `machine` in scale.json)", ""]
+    engine = [c for c in measured.get("engine", []) if "error" not in c]
+    if engine:
+        lines += ["Gradient engine, smollm2-135m, LoRA r = 8 on q/k/v/o (d = {:,}), fp32, one batch of {} × {} tokens: peak RSS "
+                  "increase over the loaded model.".format(engine[0]["dim"], engine[0]["batch_size"], engine[0]["tokens"] // engine[0]["batch_size"]),
+                  "", "| engine | peak increase (GiB) | seconds | ‖gradients‖ |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['variant']} | {c['peak_increase_gib']} | {c['seconds']} | {c['gradient_norm'] if c['gradient_norm'] is not None else '–'} |" for c in engine]
+    sketch = [c for c in measured.get("sketch", []) if "error" not in c]
+    if sketch:
+        lines += ["", "Sketch (float32, r' = 64), synthetic stream with 100 directions σ_j = 1/j over a full-rank noise floor:", "",
+                  "| d | N (timed) | block m | s / 1000 samples | peak RSS (GiB) | U+V+blocks (GiB) | ‖UᵀU − I‖ end of stream | after `result()` |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['dim']:,} | {c['samples']} ({c['timed_samples']}) | {c['block_size']} | {c['seconds_per_1000_samples']} | {c['peak_rss_gib']} | "
+                  f"{c['model_bytes_gib']} | {c['orthogonality_error_end_of_stream']:.1e} | {c['orthogonality_error_result']:.1e} |" for c in sketch]
+    loader = [c for c in measured.get("loader", []) if "error" not in c] if isinstance(measured.get("loader"), list) else []
+    if loader:
+        lines += ["", "Loader, synthetic JSONL:", "", "| mode | records | seconds | peak RSS (GiB) | notes |", "| --- | --- | --- | --- | --- |"]
+        for c in loader:
+            if c["mode"] == "python-list":
+                lines.append(f"| list of parsed records (previous shape) | {c['records']:,} | {c['load_seconds']} | {c['peak_rss_gib']} | |")
+            else:
+                lines.append(f"| `datasets` → Arrow (validate) | {c['records']:,} | {c['load_seconds']} | {c['peak_rss_gib']} (workers ≤ {c['worker_peak_rss_gib']}) | "
+                             f"{c['num_proc']} processes; tokenising {c['tokenized_records']:,} took {c['tokenize_seconds']} s "
+                             f"({c['tokenize_ms_per_record_per_process']} ms/record/process); cached reload {c['cached_reload_seconds']} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -390,8 +419,17 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "note": "2 CPU cores shared with other jobs (load average 10–14 during the run): "
                           "timings are several times slower than an idle machine; no GPU in this session"}
 
-    def save() -> None:  # after every part, so a long run that is stopped keeps what it measured
+    def save() -> None:
+        """After every part, so a stopped run keeps what it measured; re-read first, so that runs of
+        other parts that finished meanwhile are kept."""
         RESULTS.mkdir(exist_ok=True)
+        on_disk = json.loads(out_file.read_text()) if out_file.exists() else {}
+        parts_here = {"engine", "loader", "plan", "machine"} & set(results) & (set(parts) | {"machine"})
+        merged = {**on_disk, **{k: results[k] for k in parts_here}}
+        if "sketch" in results and "sketch" in parts:
+            dims = {c["dim"] for c in results["sketch"]}
+            merged["sketch"] = sorted([c for c in on_disk.get("sketch", []) if c["dim"] not in dims] + results["sketch"], key=lambda c: c["dim"])
+        results.update(merged)
         out_file.write_text(json.dumps(results, indent=2) + "\n")
 
     if "sketch" in parts:
@@ -401,8 +439,9 @@ def main() -> None:
             results["sketch"] = sorted(kept + [child("sketch", {"dim": d, "samples": n, "block": m})], key=lambda c: c["dim"])
             save()
     if "engine" in parts:
-        results["engine"] = [child("engine", {"variant": v, "dtype": "float32", "targets": "qkvo", "batch_size": 4, "max_length": 128})
-                             for v in args.engine_variants.split(",")]
+        variants = args.engine_variants.split(",")
+        results["engine"] = [c for c in results.get("engine", []) if c["variant"] not in variants] + [
+            child("engine", {"variant": v, "dtype": "float32", "targets": "qkvo", "batch_size": 4, "max_length": 128}) for v in variants]
         save()
     if "loader" in parts:
         results["loader"] = [child("loader", {"records": args.loader_records, "num_proc": args.num_proc, "mode": mode})
