@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 
@@ -66,6 +66,14 @@ class RademacherProjector:
         self.flush()
         return torch.cat(self.features) if self.features else torch.zeros(0, self.k), list(self.indices)
 
+    def merge(self, other: "RademacherProjector") -> "RademacherProjector":
+        """Take over a disjoint shard's projected rows (same seed, so the same matrix)."""
+        self.flush()
+        features, indices = other.result()
+        self.features.append(features)
+        self.indices.extend(indices)
+        return self
+
 
 class ExactStore:
     """Keeps every full gradient (float32): the ceiling for the sketch, affordable only for small N×d."""
@@ -85,6 +93,11 @@ class ExactStore:
     def result(self) -> tuple[torch.Tensor, list[int]]:
         return torch.cat(self.rows), list(self.indices)
 
+    def merge(self, other: "ExactStore") -> "ExactStore":
+        self.rows.extend(other.rows)
+        self.indices.extend(other.indices)
+        return self
+
 
 def _unit_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:
     array = features.double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float64)
@@ -92,17 +105,30 @@ def _unit_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:
     return array / np.maximum(norms, 1e-30)
 
 
-def spherical_kmeans(features, k: int, seed: int, n_init: int = 10) -> np.ndarray:
-    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(_unit_rows(features))
+MINIBATCH_ABOVE = 50_000  # Lloyd's k-means touches every row every iteration; above this, mini-batches
+SILHOUETTE_SAMPLE = 10_000  # the silhouette is O(n²) in memory and time; it is estimated on this many rows
 
 
-def choose_k(features, k_max: int, seed: int, n_init: int = 10) -> tuple[int, dict[int, float]]:
-    """K in 2..k_max with the best cosine silhouette; returns (K, {K: silhouette})."""
+def _kmeans(k: int, n: int, seed: int, n_init: int, minibatch_above: int):
+    if n > minibatch_above:
+        return MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed, batch_size=4096)
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+
+
+def spherical_kmeans(features, k: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE) -> np.ndarray:
     unit = _unit_rows(features)
+    return _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
+
+
+def choose_k(features, k_max: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE,
+             silhouette_sample: int = SILHOUETTE_SAMPLE) -> tuple[int, dict[int, float]]:
+    """K in 2..k_max with the best cosine silhouette (on a seeded sample of rows); returns (K, {K: silhouette})."""
+    unit = _unit_rows(features)
+    sample = silhouette_sample if len(unit) > silhouette_sample else None
     scores = {}
     for k in range(2, min(k_max, len(unit) - 1) + 1):
-        labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(unit)
-        scores[k] = float(silhouette_score(unit, labels, metric="cosine")) if len(set(labels)) > 1 else -1.0
+        labels = _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
+        scores[k] = float(silhouette_score(unit, labels, metric="cosine", sample_size=sample, random_state=seed)) if len(set(labels)) > 1 else -1.0
     if not scores:
         raise ValueError(f"`k: auto` needs at least 3 samples, got {len(unit)}")
     return max(scores, key=scores.get), scores

@@ -24,7 +24,8 @@ class ModelConfig:
     name: str = field(default="smollm2-135m", metadata={"help": "Hugging Face id, local folder, or a built-in alias (`gradientspace models`)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r.", "check": ">=1"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r.", "check": ">0"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps."})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps, or `all-linear` (peft's spelling: every Linear layer but the output head)."})
+    dtype: str = field(default="auto", metadata={"help": "Base-model precision: `auto` (bfloat16 on a GPU that supports it, else float32), `float32`, `bfloat16`, `float16`. LoRA weights and per-sample gradients stay float32."})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`…"})
 
 
@@ -36,6 +37,7 @@ class DataConfig:
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs.", "check": ">=1"})
     per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes.", "check": ">=1"})
     validation_fraction: float = field(default=0.15, metadata={"help": "Share of the training records held out (seeded, stratified by `source` when every record has one) for early stopping, keep-or-fall-back and the router threshold. No adapter trains on it; the test data is never used for a choice.", "check": "[0,0.9)"})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for validating and tokenising a data file (`datasets.map`); both are cached next to the Arrow copy.", "check": ">=1"})
 
 
 @dataclass
@@ -54,6 +56,7 @@ class GradientConfig:
     batch_size: int = field(default=8, metadata={"help": "Samples per batched backward pass.", "check": ">=1"})
     chunk_size: int = field(default=256, metadata={"help": "Samples are shuffled, then sorted by length inside chunks of this size to form batches.", "check": ">=1"})
     checkpoint_every: int | None = field(default=None, metadata={"help": "Save the streaming state every N batches so an interrupted pass resumes (default: about every tenth of the pass, at most every 50 batches).", "check": ">=1"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in backward instead of keeping its activations (less memory, ~1/3 more compute): for large models and batches."})
 
 
 @dataclass
@@ -61,7 +64,8 @@ class SketchConfig:
     rank: int = field(default=16, metadata={"help": "Reported rank r of the online SVD.", "check": ">=1"})
     internal_rank: int | None = field(default=None, metadata={"help": "Rank r' kept during updates (default 4·r); larger keeps the lower components accurate.", "check": ">=1"})
     block_size: int = field(default=64, metadata={"help": "Gradient columns buffered per incremental SVD update.", "check": ">=1"})
-    dtype: str = field(default="float64", metadata={"help": "Precision of the sketch's basis (`float64` or `float32`, which halves its memory for very large d)."})
+    dtype: str = field(default="float32", metadata={"help": "Precision of the sketch's basis: `float32` (d×r' of it must fit one device at d ≈ 2·10⁷) or `float64`."})
+    reorthonormalize_every: int = field(default=32, metadata={"help": "Make the basis orthonormal again every N updates, undoing float32 drift (0 = never).", "check": ">=0"})
 
 
 @dataclass
@@ -71,6 +75,8 @@ class ClusterConfig:
     k_max: int = field(default=8, metadata={"help": "Largest K tried by `k: auto`.", "check": ">=2"})
     projection_dim: int | None = field(default=None, metadata={"help": "random-projection: target dimension (default: the sketch rank; LESS/ELREA use 8192).", "check": ">=1"})
     n_init: int = field(default=10, metadata={"help": "k-means restarts.", "check": ">=1"})
+    minibatch_above: int = field(default=50_000, metadata={"help": "Above this many samples k-means runs on mini-batches (scikit-learn's MiniBatchKMeans).", "check": ">=1"})
+    silhouette_sample: int = field(default=10_000, metadata={"help": "`k: auto` estimates each silhouette on this many sampled rows (the exact one is O(N²)).", "check": ">=2"})
     exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients.", "check": ">=1"})
 
 
@@ -134,6 +140,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),

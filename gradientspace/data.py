@@ -3,6 +3,12 @@
 A record is Alpaca-style (`instruction`, optional `input`, `output`) or chat-style (`messages`,
 a list of {role, content} ending with the assistant's answer), with an optional `id` and an
 optional `source` label. `source` is only ever read by evaluation code.
+
+Files load through `datasets`: each record is validated in a (parallel, cached) `map` into an
+Arrow table that is memory-mapped from disk, and `load_records` hands out a `RecordTable` that
+builds a `Record` only when one is asked for. Tokenisation of such a table is another cached
+`map` (`tokenize_dataset`), and the gradient pass batches straight from its Arrow columns, so a
+million-record file never becomes a million Python objects.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 IGNORE = -100
 RECIPES = ("mix4-packaged", "mix4-packaged:test")
@@ -88,29 +94,34 @@ def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
     return Record(id="" if record_id is None else str(record_id), messages=prompt, response=response, source=source)
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw record) with the location a user can find: file:line or file record N."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if path.is_dir():
-        from datasets import load_from_disk
+RECORD_FEATURES = {"id": "string", "response": "string", "source": "string", "status": "string"}
 
-        dataset = load_from_disk(str(path))
-        if hasattr(dataset, "keys"):  # a DatasetDict: take the training split
-            split = "train" if "train" in dataset else next(iter(dataset.keys()))
-            dataset = dataset[split]
-        for i, row in enumerate(dataset):
-            yield f"{path} record {i}", row
-    elif suffix in (".jsonl", ".jsonl.gz"):
-        opener = gzip.open if suffix.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{path}:{number}", DataError(f"{path}:{number}: invalid JSON: {err.msg} at column {err.colno}")
-    elif suffix == ".json":
+
+def _record_features():
+    from datasets import Features, List, Value
+
+    return Features({**{k: Value(v) for k, v in RECORD_FEATURES.items()},
+                     "messages": List({"role": Value("string"), "content": Value("string")})})
+
+
+def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
+    """(Arrow table with one JSON string per record in column `text`, whether locations are file lines)."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if path.is_dir() or suffix == ".parquet":
+        if path.is_dir():
+            dataset = load_from_disk(str(path))
+            if hasattr(dataset, "keys"):  # a DatasetDict: take the training split
+                dataset = dataset["train" if "train" in dataset else next(iter(dataset.keys()))]
+        else:
+            dataset = Dataset.from_parquet(str(path), cache_dir=cache_dir)
+        as_json = lambda batch: {"text": [json.dumps(dict(zip(batch, values))) for values in zip(*batch.values())]}
+        return dataset.map(as_json, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="reading"), False
+    if suffix in (".jsonl", ".jsonl.gz"):
+        # The `text` builder keeps blank lines as rows, so row i is line i + 1 of the file.
+        return load_dataset("text", data_files=str(path), split="train", cache_dir=cache_dir), True
+    if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -119,53 +130,106 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
             rows = rows["data"]
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json file must hold a list of records (or {{\"data\": [...]}})")
-        for i, row in enumerate(rows):
-            yield f"{path} record {i}", row
-    elif suffix == ".parquet":
-        from datasets import Dataset
+        return Dataset.from_dict({"text": [json.dumps(row) for row in rows]}), False
+    raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
 
-        for i, row in enumerate(Dataset.from_parquet(str(path))):
-            yield f"{path} record {i}", row
-    else:
-        raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
+
+def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool) -> dict:
+    """One `map` step: parse and check each record; a bad one keeps its error message in `status`."""
+    out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": []}
+    for index, text in zip(indices, batch["text"]):
+        where = f"{path}:{index + 1}" if lines else f"{path} record {index}"
+        record, status = None, "ok"
+        if not text.strip():
+            status = "blank"
+        else:
+            try:
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
+                record = _parse_record(raw, where, prompts_only)
+            except DataError as err:
+                status = str(err)
+        out["id"].append(record.id if record else "")
+        out["messages"].append([{"role": m["role"], "content": m["content"]} for m in record.messages] if record else [])
+        out["response"].append(record.response if record else "")
+        out["source"].append(record.source if record else None)
+        out["status"].append(status)
+    return out
+
+
+class RecordTable(Sequence):
+    """Records in a memory-mapped Arrow table; a `Record` object exists only while someone holds it.
+
+    `num_proc` is remembered for the maps that follow (tokenisation).
+    """
+
+    def __init__(self, dataset, num_proc: int | None = None):
+        self.dataset, self.num_proc = dataset, num_proc
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @staticmethod
+    def _record(row: dict) -> Record:
+        return Record(row["id"], row["messages"], row["response"], row["source"])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return RecordTable(self.dataset.select(range(len(self))[index]), self.num_proc)
+        return self._record(self.dataset[index])
+
+    def __iter__(self) -> Iterator[Record]:
+        for batch in self.dataset.iter(batch_size=1024):
+            for values in zip(*(batch[k] for k in ("id", "messages", "response", "source"))):
+                yield Record(*values)
+
+
+def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
+                         num_proc: int | None = None) -> tuple[RecordTable, LoadReport]:
+    """Validate a data file into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
+    import pyarrow.compute as pc
+
+    raw, lines = _raw_table(file, cache_dir, num_proc)
+    checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
+                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
+    status = checked.data.column("status")
+    bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
+    report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
+    if bad and not skip_bad:
+        raise DataError(f"{report.first_errors[0]} (pass --skip-bad to skip bad records)")
+    good = pc.indices_nonzero(pc.equal(status, "ok"))
+    records = checked.select(good.to_numpy().astype("int64")) if len(good) < len(checked) else checked
+    if not len(records):
+        raise DataError(f"{path}: no usable records" + (f" ({report.skipped} skipped as bad)" if report.skipped else ""))
+    if pc.any(pc.equal(records.data.column("id"), "")).as_py():  # ids default to `<file stem>-<position>`
+        stem = file.stem
+        records = records.map(lambda batch, idx: {"id": [i or f"{stem}-{n}" for i, n in zip(batch["id"], idx)]},
+                              batched=True, with_indices=True, num_proc=num_proc, desc="naming")
+    counts = pc.value_counts(records.data.column("id"))
+    duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(duplicated):
+        raise DataError(f"{path}: duplicate id `{duplicated[0].as_py()}`; ids must be unique")
+    report.records = len(records)
+    return RecordTable(records.remove_columns(["status"]), num_proc), report
 
 
 def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0,
-                 prompts_only: bool = False) -> tuple[list[Record], LoadReport]:
+                 prompts_only: bool = False, num_proc: int | None = None) -> tuple[Sequence[Record], LoadReport]:
     """Load and validate records; a bad record stops the run unless `skip_bad`.
 
-    `prompts_only` (for generation) accepts records without a response.
+    `prompts_only` (for generation) accepts records without a response. Files give a
+    `RecordTable` (a lazy sequence over Arrow), recipes a list.
     """
     if path in RECIPES:
         records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
         report = LoadReport(path=path, records=len(records))
     else:
-        file = Path(path)
-        if not file.exists():
-            raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
-        records, report = [], LoadReport(path=path)
-        for where, raw in _raw_records(file):
-            try:
-                if isinstance(raw, DataError):
-                    raise raw
-                record = _parse_record(raw, where, prompts_only)
-            except DataError as err:
-                if not skip_bad:
-                    raise DataError(f"{err} (pass --skip-bad to skip bad records)") from None
-                report.skipped += 1
-                if len(report.first_errors) < 5:
-                    report.first_errors.append(str(err))
-                continue
-            if not record.id:
-                record.id = f"{file.stem}-{len(records)}"
-            records.append(record)
-        if not records:
-            raise DataError(f"{path}: no usable records" + (f" ({report.skipped} skipped as bad)" if report.skipped else ""))
-        seen: dict[str, str] = {}
-        for record in records:
-            if record.id in seen:
-                raise DataError(f"{path}: duplicate id `{record.id}`; ids must be unique")
-            seen[record.id] = record.id
+        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc)
     if limit is not None:
         records = records[:limit]
     report.records = len(records)
@@ -181,9 +245,10 @@ def validation_ids(records: list[Record], fraction: float, seed: int) -> set[str
     """
     if fraction <= 0:
         return set()
+    labelled = all(r.source is not None for r in records)
     groups: dict[str | None, list[str]] = {}
     for record in records:
-        groups.setdefault(record.source if all(r.source is not None for r in records) else None, []).append(record.id)
+        groups.setdefault(record.source if labelled else None, []).append(record.id)
     chosen: set[str] = set()
     for name in sorted(groups, key=str):
         ids = sorted(groups[name])
@@ -336,45 +401,101 @@ def prompt_text(tokenizer, record: Record) -> str:
     return _templated(tokenizer, record)[0]
 
 
-def tokenize(records: list[Record], tokenizer, max_length: int, tokens: str = "response") -> list[Example]:
-    """Chat-template each record; the loss covers response tokens (`response`) or prompt tokens (`instruction`).
-
-    With `instruction` only the prompt is tokenised, so a test prompt (no answer) is handled the
-    same way as a training sample. Long samples keep the end of the prompt (where the template's
-    assistant header is) and as much response as fits, at least a quarter of `max_length`.
-    """
+def _tokenized(records: Sequence[Record], tokenizer, max_length: int, tokens: str) -> Iterator[tuple[list[int], list[int], bool]]:
+    """(input ids, labels, truncated) per record, the tokenizer called once per list of records."""
     if tokens not in ("response", "instruction"):
         raise ValueError(f"tokens must be `response` or `instruction`, got {tokens!r}")
-    examples = []
-    for index, record in enumerate(records):
-        prompt, response = _templated(tokenizer, record)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if tokens == "instruction":
-            truncated = len(prompt_ids) > max_length
+    templated = [_templated(tokenizer, record) for record in records]
+    prompts = tokenizer([p for p, _ in templated], add_special_tokens=False)["input_ids"] if templated else []
+    if tokens == "instruction":
+        for prompt_ids in prompts:
             ids = prompt_ids[-max_length:]
-            examples.append(Example(index, ids, list(ids), truncated))
-            continue
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+            yield ids, list(ids), len(prompt_ids) > max_length
+        return
+    responses = tokenizer([r for _, r in templated], add_special_tokens=False)["input_ids"] if templated else []
+    for prompt_ids, response_ids in zip(prompts, responses):
         truncated = len(prompt_ids) + len(response_ids) > max_length
         if truncated:
             response_budget = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
             response_ids = response_ids[:response_budget]
             prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
-        examples.append(Example(index, prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, truncated))
-    return examples
+        yield prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, truncated
 
 
-def shuffled_length_batches(examples: list[Example], batch_size: int, chunk_size: int, seed: int) -> list[list[Example]]:
+def tokenize(records: Sequence[Record], tokenizer, max_length: int, tokens: str = "response") -> Sequence[Example]:
+    """Chat-template each record; the loss covers response tokens (`response`) or prompt tokens (`instruction`).
+
+    With `instruction` only the prompt is tokenised, so a test prompt (no answer) is handled the
+    same way as a training sample. Long samples keep the end of the prompt (where the template's
+    assistant header is) and as much response as fits, at least a quarter of `max_length`.
+    A `RecordTable` is tokenised by a cached `datasets.map` into an `ExampleTable`.
+    """
+    if isinstance(records, RecordTable):
+        return ExampleTable(tokenize_dataset(records, tokenizer, max_length, tokens))
+    return [Example(index, ids, labels, truncated)
+            for index, (ids, labels, truncated) in enumerate(_tokenized(records, tokenizer, max_length, tokens))]
+
+
+def tokenize_dataset(records: RecordTable, tokenizer, max_length: int, tokens: str = "response", num_proc: int | None = None):
+    """The Arrow version of `tokenize`: columns input_ids, labels, truncated, length; cached by fingerprint."""
+    def encode(batch: dict) -> dict:
+        rows = [Record(*values) for values in zip(batch["id"], batch["messages"], batch["response"], batch["source"])]
+        out = {"input_ids": [], "labels": [], "truncated": [], "length": []}
+        for ids, labels, truncated in _tokenized(rows, tokenizer, max_length, tokens):
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+            out["length"].append(len(ids))
+        return out
+
+    dataset = records.dataset
+    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       num_proc=num_proc if num_proc is not None else records.num_proc, desc=f"tokenizing ({tokens})")
+
+
+class ExampleTable(Sequence):
+    """Tokenised samples in Arrow; `lengths` is one array, an `Example` is built only when asked for."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.lengths = dataset.data.column("length").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Example:
+        row = self.dataset[int(index)]
+        return Example(int(index), row["input_ids"], row["labels"], row["truncated"])
+
+
+class LazyBatch(Sequence):
+    """One batch of an `ExampleTable`: its size is known without reading a row."""
+
+    def __init__(self, examples: ExampleTable, indices):
+        self.examples, self.indices = examples, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Example:
+        return self.examples[self.indices[position]]
+
+
+def shuffled_length_batches(examples: Sequence[Example], batch_size: int, chunk_size: int, seed: int) -> list[Sequence[Example]]:
     """Seeded shuffle, then sort by length inside chunks: padding stays small, order stays mixed.
 
-    A source-grouped order hurts the online SVD, so whole chunks stay in shuffled order.
+    A source-grouped order hurts the online SVD, so whole chunks stay in shuffled order. An
+    `ExampleTable` gives `LazyBatch`es (the same batches, rows read when a batch is used).
     """
+    lazy = isinstance(examples, ExampleTable)
+    lengths = examples.lengths if lazy else [len(e.input_ids) for e in examples]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     batches = []
     for start in range(0, len(order), chunk_size):
-        chunk = sorted(order[start:start + chunk_size], key=lambda i: len(examples[i].input_ids))
-        batches.extend([[examples[i] for i in chunk[b:b + batch_size]] for b in range(0, len(chunk), batch_size)])
+        chunk = sorted(order[start:start + chunk_size], key=lambda i: lengths[i])
+        for b in range(0, len(chunk), batch_size):
+            batches.append(LazyBatch(examples, chunk[b:b + batch_size]) if lazy else [examples[i] for i in chunk[b:b + batch_size]])
     return batches
 
 

@@ -1,12 +1,16 @@
 """Multi-process support under `torchrun` / `accelerate launch`: rank, world size, barrier.
 
-The gradient pass is data-parallel: each rank streams its shard of batches into its own sketch,
-and rank 0 merges the shard sketches (see `OnlineSVD.merge`). Everything else runs on rank 0.
+The gradient pass is data-parallel: each rank streams its shard of batches into its own
+consumers (sketch, projections…), then `tree_merge` folds them together in ⌈log₂ P⌉ rounds of
+point-to-point sends (NCCL on GPUs, gloo on CPUs): in round s, rank r with r mod 2s = s sends its
+state to rank r − s, which merges it. Each round moves one shard state (d×r' + N_shard×r' floats)
+per pair, all pairs at once, and rank 0 ends with everything. Everything else runs on rank 0.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import torch
 
@@ -30,3 +34,40 @@ def barrier() -> None:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def send_tensors(tensors: dict[str, torch.Tensor], dst: int, device: torch.device | str = "cpu") -> None:
+    """Send a dict of tensors: names, shapes and dtypes first (as one object), then each tensor from `device` (NCCL: a GPU)."""
+    header = [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()]]
+    torch.distributed.send_object_list(header, dst=dst)
+    for tensor in tensors.values():
+        torch.distributed.send(tensor.to(device).contiguous(), dst=dst)
+
+
+def recv_tensors(src: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    header = [None]
+    torch.distributed.recv_object_list(header, src=src)
+    tensors = {}
+    for name, shape, dtype in header[0]:
+        tensors[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        torch.distributed.recv(tensors[name], src=src)
+    return tensors
+
+
+def tree_merge(local: Any, state: Callable[[Any], dict[str, torch.Tensor]], restore: Callable[[dict[str, torch.Tensor]], Any],
+               device: torch.device | str = "cpu") -> Any | None:
+    """Merge every rank's `local` into rank 0's, pairwise in a binary tree; rank 0 gets the result, others None.
+
+    `state` turns a consumer into tensors to send, `restore` builds a consumer from received ones,
+    and `merge(other)` folds a disjoint shard in.
+    """
+    rank, size = world()
+    step = 1
+    while step < size:
+        if rank % (2 * step) == step:
+            send_tensors(state(local), rank - step, device)
+            return None
+        if rank + step < size:
+            local.merge(restore(recv_tensors(rank + step, device)))
+        step *= 2
+    return local

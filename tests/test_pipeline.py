@@ -105,3 +105,16 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert f"{bad}:2" in capsys.readouterr().err
     assert main(["cluster", "--set", "sketch.rnak=3", "--out", str(tmp_path / "r")]) == 2
     assert "sketch.rnak" in capsys.readouterr().err
+
+
+def test_all_linear_with_checkpointing_end_to_end(data_file, tmp_path):
+    """`--set model.target_modules=all-linear` reaches peft, and the MLP projections enter the gradient."""
+    out = tmp_path / "all-linear"
+    argv = ["cluster", "--model", "tiny-random", "--data", str(data_file), "--k", "3", "--out", str(out), "--max-length", "96",
+            "--set", "sketch.rank=4", "--set", "model.lora_rank=2", "--set", "warmup.fraction=0.25",
+            "--set", "model.target_modules=all-linear", "--set", "gradients.activation_checkpointing=true"]
+    assert main(argv) == 0
+    layout = json.loads((out / "manifest.json").read_text())["stages"]["gradients"]["layout"]
+    names = [p["name"] for p in layout["parameters"]]
+    assert any("down_proj.lora_B" in n for n in names) and any("q_proj.lora_A" in n for n in names)
+    assert len(names) == 2 * 2 * 7  # 2 layers × 7 projections × (A, B)
