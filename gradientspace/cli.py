@@ -133,6 +133,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.threshold"}
+
+
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"this command needs {', '.join(missing)}: pip install 'gradientspace[serve]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    from .serving.server import serve
+
+    serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    from .serving.route_proxy import route
+
+    route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend)
+    return 0
+
+
+def cmd_backend_command(args: argparse.Namespace) -> int:
+    from .serving.backends import backend_command
+
+    print(backend_command(args.run, _run_config(args).model.name, args.backend))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="test data (default: the config's evaluate.data)")
     evaluate.add_argument("--strategies", help="comma-separated (default: experts.strategies)")
     evaluate.add_argument("--limit", type=int)
+    serve = run_command("serve", "OpenAI-compatible server: each request routed to one expert, concurrent requests batched", cmd_serve)
+    route = run_command("route", "only the router, in front of a vLLM / SGLang server that holds the experts", cmd_route)
+    for command in (serve, route):
+        command.add_argument("--host", help="listen address (default 127.0.0.1)")
+        command.add_argument("--port", type=int, help="listen port (default 8000)")
+        command.add_argument("--threshold", type=float, help="router confidence below which the generalist answers")
+    serve.add_argument("--max-batch-size", type=int, help="most requests decoded together")
+    route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
+    route.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
+    backend.add_argument("--backend", required=True, choices=["vllm", "sglang"])
     report = sub.add_parser("report", help="PNG figures of a run")
     report.add_argument("run")
     report.set_defaults(func=cmd_report)
@@ -195,11 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
+    from .serving.backends import BackendError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, BackendError) as err:
         print(f"gradientspace: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -299,3 +299,36 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     with atomic_path(path) as tmp:
         save_file({"centroids": centroids.contiguous()}, str(tmp))
     return path
+
+
+# ------------------------------------------------------------------ serving: what a routed server answers with
+
+GENERALIST_MODEL = "generalist"
+
+
+@dataclass
+class ServedAdapter:
+    """One adapter behind a routed server: its public model id, the router output it answers, its peft folder."""
+    name: str
+    expert: int
+    folder: Path
+
+
+def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
+    """Every expert with a trained adapter, then the generalist that answers every other router output.
+
+    The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
+    serving tests check the two agree), so `serve`, `route` and `backend-command` need no model.
+    """
+    folder = strategy_dir(run, strategy)
+    if not (folder / "partition.json").exists():
+        raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
+    groups = json.loads((folder / "partition.json").read_text())["groups"]
+    experts = [ServedAdapter(f"expert-{group}", i, folder / group) for i, group in enumerate(groups)
+               if (folder / group / "adapter_model.safetensors").exists()]
+    return experts + [ServedAdapter(GENERALIST_MODEL, GENERALIST, run.path("warmup"))]
+
+
+def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:
+    """Public model id → the adapter `model` loaded for it, for every served adapter."""
+    return {served.name: model._adapter_or_warmup(strategy, served.expert) for served in served_adapters(model.run, strategy)}
