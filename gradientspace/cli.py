@@ -163,7 +163,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_backend_command(args: argparse.Namespace) -> int:
     from .serving.backends import backend_command
 
-    print(backend_command(args.run, _run_config(args).model.name, args.backend))
+    print(backend_command(args.run, _run_config(args).model.name, args.backend, args.port))
     return 0
 
 
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--backend", required=True, choices=["vllm", "sglang"])
     backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
     backend.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
     report = sub.add_parser("report", help="PNG figures of a run")
     report.add_argument("run")
     report.set_defaults(func=cmd_report)

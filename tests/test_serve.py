@@ -289,7 +289,7 @@ def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
     names = [s.name if backend == "vllm" else f"BASE:{s.name}" for s in adapters]
     stub = Stub(["BASE"] + names)
     assert upstream_base(stub.server.url, backend, adapters) == "BASE"
-    proxy = Background(create_route_app(router, adapters, "BASE", stub.server.url, backend))
+    proxy = Background(create_route_app(router, adapters, "BASE", f"{stub.server.url}/v1/", backend))  # the OpenAI-style URL works too
     try:
         request = {"model": "gradientspace", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4, "temperature": 0.3, "top_k": 5}
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json=request)
@@ -369,9 +369,10 @@ def test_backend_command(run_dir, capsys):
     assert words[:3] == ["vllm", "serve", resolve("tiny-random")]
     assert words[3:9] == ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--lora-modules"]  # rank 2 rounds up to 8
     assert words[9:] == [f"{name}={folder}" for name, folder in folders.items()]
-    assert main(["backend-command", str(run_dir), "--backend", "sglang"]) == 0
+    assert main(["backend-command", str(run_dir), "--backend", "sglang", "--port", "30001"]) == 0
     words = shlex.split(capsys.readouterr().out)
-    assert words[:4] == ["python", "-m", "sglang.launch_server", "--model-path"] and words[words.index("--max-lora-rank") + 1] == "2"
+    assert words[:7] == ["python", "-m", "sglang.launch_server", "--model-path", resolve("tiny-random"), "--port", "30001"]
+    assert words[words.index("--max-lora-rank") + 1] == "2" and words[words.index("--max-loras-per-batch") + 1] == "4"
     assert words[words.index("--lora-paths") + 1:] == [f"{name}={folder}" for name, folder in folders.items()]
 
 

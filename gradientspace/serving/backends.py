@@ -56,22 +56,23 @@ def upstream_model(backend: str, name: str, base: str) -> str:
     return name if backend == "vllm" else f"{base}:{name}"
 
 
-def launch_command(backend: str, base: str, served: list[ServedAdapter]) -> list[str]:
+def launch_command(backend: str, base: str, served: list[ServedAdapter], port: int | None = None) -> list[str]:
     """The command that serves `base` with every adapter by its public name, each batch holding all of them."""
     check_backend(backend)
     rank = max(adapter_rank(s.folder, backend) for s in served)
     modules = [f"{s.name}={s.folder.resolve()}" for s in served]
+    listen = ["--port", str(port)] if port else []
     if backend == "vllm":
         rounded = next(value for value in VLLM_RANKS if value >= rank)
-        return ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(rounded), "--max-loras", str(len(served)), "--lora-modules", *modules]
-    return ["python", "-m", "sglang.launch_server", "--model-path", base, "--enable-lora", "--max-lora-rank", str(rank),
+        return ["vllm", "serve", base, *listen, "--enable-lora", "--max-lora-rank", str(rounded), "--max-loras", str(len(served)), "--lora-modules", *modules]
+    return ["python", "-m", "sglang.launch_server", "--model-path", base, *listen, "--enable-lora", "--max-lora-rank", str(rank),
             "--max-loras-per-batch", str(len(served)), "--lora-paths", *modules]
 
 
-def backend_command(run_dir: str | Path, base_model: str, backend: str) -> str:
+def backend_command(run_dir: str | Path, base_model: str, backend: str, port: int | None = None) -> str:
     """`gradientspace backend-command RUN --backend vllm|sglang`: the launch command as one shell line."""
     from ..inference import served_adapters
     from ..models import resolve
     from ..runs import Run
 
-    return shlex.join(launch_command(backend, resolve(base_model), served_adapters(Run(run_dir))))
+    return shlex.join(launch_command(backend, resolve(base_model), served_adapters(Run(run_dir)), port))

@@ -27,10 +27,15 @@ from .protocol import APIError, ChatRequest, CompletionRequest, install_error_ha
 RELAYED_HEADERS = ("content-type", "content-encoding", "cache-control")
 
 
+def upstream_root(url: str) -> str:
+    """`http://host:8001`, whether the user wrote that or the OpenAI-style `http://host:8001/v1/`."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: float = 10.0) -> str:
     """The base model the upstream serves, after checking it lists every served adapter."""
     try:
-        response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=timeout)
+        response = httpx.get(f"{upstream_root(url)}/v1/models", timeout=timeout)
         response.raise_for_status()
         cards = response.json()["data"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
@@ -46,7 +51,7 @@ def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: 
 
 
 def create_route_app(router: Router, served: list[ServedAdapter], base: str, upstream: str, backend: str) -> FastAPI:
-    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=httpx.Timeout(None, connect=10.0))
+    client = httpx.AsyncClient(base_url=upstream_root(upstream), timeout=httpx.Timeout(None, connect=10.0))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

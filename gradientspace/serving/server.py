@@ -30,9 +30,16 @@ class _Pending:
     """A submitted request as the event loop sees it: the worker's events arrive on an asyncio queue."""
 
     def __init__(self, engine: Engine, request_args: dict):
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.request = engine.submit(Request(**request_args, emit=lambda kind, value: loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))))
+        self.request = engine.submit(Request(**request_args, emit=self.emit))
+
+    def emit(self, kind: str, value: object) -> None:
+        """Called by the engine's worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (the server is shutting down): nobody is listening
+            self.request.cancel()
 
     async def next(self, http: HTTPRequest) -> tuple[str, object]:
         """The next event; cancels the generation if the client has gone meanwhile."""
