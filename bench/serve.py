@@ -3,14 +3,16 @@
 A small real run (smollm2-135m on `--per-source` records per mix4-packaged domain, K = 4, one
 epoch; made once, then reused) is served by `gradientspace serve` in its own process. N
 concurrent streaming clients (`--concurrency`, default 1, 4, 16) send `--requests` chat requests
+(at least `clients` per round)
 from the mix4 test split (greedy, `--max-tokens`), once with `model: gradientspace` (each request
 routed to its expert, experts mixed inside batches) and once pinned to the generalist (every
-request on one adapter: a single-adapter server). Then the server stops and the ELREA-style
+request on one adapter: a single-adapter server), the two alternating in `--rounds` rounds. Then the server stops and the ELREA-style
 ensemble (one gradient per prompt, K + 1 forward passes per token) decodes the same prompts one
 at a time through the Python API, the only way it runs.
 
 Per setting: requests/s, p50 / p95 time to first token (request sent → first text chunk), and
-completion tokens/s; then the ratios the serving claims rest on.
+completion tokens/s; then the ratios the serving claims rest on. In-process, one batch of 16 is
+also decoded on one adapter and mixing all adapters (peft's `adapter_names` vs StackedLoRA).
 
     python bench/serve.py > bench/results/serve.json
 """
@@ -93,7 +95,25 @@ async def load(url: str, model: str, prompts: list[str], clients: int, max_token
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
-    return {**summary(wall, first, tokens[0], len(prompts)), "experts": experts}
+    return {"wall": wall, "first": first, "tokens": tokens[0], "requests": len(prompts), "experts": experts}
+
+
+def interleaved(url: str, prompts: list[str], clients: int, max_tokens: int, rounds: int) -> dict:
+    """Routed and single alternate, `rounds` times over halves of the prompts, so drifting load on a shared machine hits both alike."""
+    parts: dict[str, list[dict]] = {"routed": [], "single": []}
+    for round in range(rounds):
+        share = prompts[round::rounds]
+        for mode, model in (("routed", "gradientspace"), ("single", "generalist")):
+            parts[mode].append(asyncio.run(load(url, model, share, clients, max_tokens)))
+    merged = {}
+    for mode, runs in parts.items():
+        experts: dict[str, int] = {}
+        for part in runs:
+            for name, count in part["experts"].items():
+                experts[name] = experts.get(name, 0) + count
+        merged[mode] = {**summary(sum(r["wall"] for r in runs), [f for r in runs for f in r["first"]], sum(r["tokens"] for r in runs),
+                                  sum(r["requests"] for r in runs)), "experts": experts}
+    return merged
 
 
 def start_server(run: Path, port: int) -> subprocess.Popen:
@@ -113,11 +133,54 @@ def start_server(run: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("the server did not start within 300 s")
 
 
-def ensemble(run: Path, records, max_tokens: int) -> dict:
-    """The ELREA-style ensemble through the Python API, one prompt at a time (each prompt mixes its own weights)."""
-    from gradientspace.inference import StrategyModel
+def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dict:
+    """Seconds to decode one batch of these prompts, `max_tokens` each: on one adapter, and mixing every served adapter
+    through peft's `adapter_names` and through the engine's StackedLoRA."""
+    import torch
 
-    model = StrategyModel(config_from_run(run), ["elrea-ensemble"])
+    from gradientspace.data import prompt_text
+    from gradientspace.inference import serving_names
+    from gradientspace.serving.engine import StackedLoRA
+
+    adapters = list(serving_names(model).values())
+    rows = [adapters[i % len(adapters)] for i in range(len(records))]
+    prompts = [model.tokenizer(prompt_text(model.tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
+    width = max(map(len, prompts))
+    pad = model.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    stacked = StackedLoRA(model.model, adapters)
+
+    def decode(**extra) -> None:
+        model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=pad, **extra)
+
+    def one_adapter() -> None:
+        model.model.set_adapter(rows[0])
+        decode()
+
+    def stacked_mix() -> None:
+        with stacked.batch(rows):
+            decode()
+
+    ways = {"one adapter": one_adapter, "mixed, peft adapter_names": lambda: decode(adapter_names=rows), "mixed, StackedLoRA": stacked_mix}
+    seconds = {}
+    with torch.no_grad():
+        one_adapter()  # untimed warm-up
+        for name, way in ways.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                way()
+                times.append(time.perf_counter() - start)
+            seconds[name] = round(min(times), 3)
+    return {"rows": len(rows), "adapters": len(adapters), "new_tokens": max_tokens, "seconds": seconds,
+            "one adapter / peft mixed": round(seconds["one adapter"] / seconds["mixed, peft adapter_names"], 3),
+            "one adapter / stacked mixed": round(seconds["one adapter"] / seconds["mixed, StackedLoRA"], 3)}
+
+
+def ensemble(model, records, max_tokens: int) -> dict:
+    """The ELREA-style ensemble through the Python API, one prompt at a time (each prompt mixes its own weights)."""
     model.generate("elrea-ensemble", records[:1], max_new_tokens=2)  # untimed warm-up
     first, tokens = [], 0
     start = time.perf_counter()
@@ -133,15 +196,18 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=ROOT / "bench" / "out" / "serve-run")
     parser.add_argument("--per-source", type=int, default=8, help="training records per mix4 domain for the run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=32, help="requests per (mode, concurrency)")
-    parser.add_argument("--ensemble-requests", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=16, help="requests per (mode, concurrency)")
+    parser.add_argument("--rounds", type=int, default=2, help="routed and single alternate this many times per concurrency")
+    parser.add_argument("--ensemble-requests", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--port", type=int, default=8931)
     args = parser.parse_args()
 
     run = make_run(args.run, args.per_source)
-    records, _ = load_records("mix4-packaged:test", per_source=max(args.requests // 4, 2), seed=0)
-    prompts = [r.messages[-1]["content"] for r in records][: args.requests]
+    # every round keeps all clients busy: at least `clients` requests per round
+    needed = {clients: max(args.requests, clients * args.rounds) for clients in args.concurrency}
+    records, _ = load_records("mix4-packaged:test", per_source=-(-max(needed.values()) // 4), seed=0)
+    prompts = [r.messages[-1]["content"] for r in records]
     url = f"http://127.0.0.1:{args.port}"
     server = start_server(run, args.port)
     results: dict = {"model": "smollm2-135m", "run": str(args.run), "max_tokens": args.max_tokens, "cpu_threads": os.cpu_count(),
@@ -149,14 +215,19 @@ def main() -> None:
     try:
         asyncio.run(load(url, "gradientspace", prompts[:4], 4, 4))  # untimed warm-up
         for clients in args.concurrency:
-            for mode, model in (("routed", "gradientspace"), ("single", "generalist")):
-                results.setdefault(mode, {})[str(clients)] = asyncio.run(load(url, model, prompts, clients, args.max_tokens))
-                print(f"{mode:<7} clients {clients:>2}: {results[mode][str(clients)]}", file=sys.stderr)
+            for mode, numbers in interleaved(url, prompts[: needed[clients]], clients, args.max_tokens, args.rounds).items():
+                results.setdefault(mode, {})[str(clients)] = numbers
+                print(f"{mode:<7} clients {clients:>2}: {numbers}", file=sys.stderr)
         results["engine"] = httpx.get(f"{url}/health").json()["engine"]
     finally:
         server.terminate()
         server.wait()
-    results["elrea-ensemble (Python API, sequential)"] = ensemble(run, records[: args.ensemble_requests], args.max_tokens)
+    from gradientspace.inference import StrategyModel
+
+    model = StrategyModel(config_from_run(run), ["elrea-ensemble"])  # holds the routed experts too
+    results["one batch of 16 decoded in-process"] = mixed_batch_decode(model, records[:16], args.max_tokens)
+    print(f"mixed batch: {results['one batch of 16 decoded in-process']}", file=sys.stderr)
+    results["elrea-ensemble (Python API, sequential)"] = ensemble(model, records[: args.ensemble_requests], args.max_tokens)
     rate = lambda mode, n: results[mode][str(n)]["requests_per_second"]
     low, high = min(args.concurrency), max(args.concurrency)
     results["ratios"] = {

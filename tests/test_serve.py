@@ -93,11 +93,16 @@ def chat(client, model, prompt, **kwargs):
 # ------------------------------------------------------------------ serve
 
 
-def test_served_names_load_their_folders(run_dir):
+@pytest.fixture(scope="module")
+def strategy_model(run_dir):
+    return StrategyModel(config_from_run(run_dir), ["routed"])
+
+
+def test_served_names_load_their_folders(strategy_model):
     """Each public model id answers with the weights in the folder that `backend-command` hands to vLLM."""
     from peft import get_peft_model_state_dict
 
-    model = StrategyModel(config_from_run(run_dir), ["routed"])
+    model = strategy_model
     names = serving_names(model)
     assert list(names) == ["expert-0", "expert-1", "expert-2", "generalist"]
     for served in served_adapters(model.run):
@@ -105,6 +110,28 @@ def test_served_names_load_their_folders(run_dir):
         on_disk = load_file(str(served.folder / "adapter_model.safetensors"))
         assert set(loaded) == set(on_disk)
         assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+
+
+def test_stacked_lora_batch_equals_each_adapter_alone(strategy_model):
+    from gradientspace.serving.engine import StackedLoRA
+
+    peft_model = strategy_model.model
+    adapters = list(serving_names(strategy_model).values())
+    rows = [adapters[i % len(adapters)] for i in range(6)]
+    ids = torch.randint(10, 5000, (6, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with StackedLoRA(peft_model, adapters).batch(rows):
+            mixed = peft_model(input_ids=ids).logits
+        alone = []
+        for row, adapter in enumerate(rows):
+            peft_model.set_adapter(adapter)
+            alone.append(peft_model(input_ids=ids[row:row + 1]).logits[0])
+        peft_model.set_adapter(rows[0])
+        after = peft_model(input_ids=ids[:1]).logits[0]  # the hooks are gone, peft's own LoRA is back
+    between_adapters = (alone[0] - alone[1]).abs().max()
+    for row in range(len(rows)):  # equal up to float summation order (a batch of 6 vs 1)
+        assert (mixed[row] - alone[row]).abs().max() < min(1e-3, 1e-2 * between_adapters)
+    assert torch.equal(after, alone[0])
 
 
 def test_model_list(client):

@@ -2,10 +2,18 @@
 
 The worker takes the first waiting request, waits `batch_window` seconds for more (at most
 `max_batch_size`), routes the unpinned ones in one router pass (`StrategyModel.choose`), and
-decodes the whole batch in ONE transformers `generate` call: rows bound for different adapters
-through peft's mixed-adapter batches (`adapter_names=[...]`, each LoRA layer applies each row's
-own adapter), a batch on one adapter through the plain single-adapter path. Batches are static:
-a request that arrives while a batch decodes joins the next one.
+decodes the whole batch in ONE transformers `generate` call: a batch on one adapter through
+peft's single-adapter path, rows bound for different adapters through `StackedLoRA` (below).
+Batches are static: a request that arrives while a batch decodes joins the next one.
+
+`StackedLoRA`: for row b with adapter a(b), a LoRA layer computes y_b = W x_b + s_a B_a A_a x_b.
+Stacking every served adapter's A (by rows) and s·B (by columns) gives, for the whole batch at
+once, y = W x + B_cat (m ⊙ (A_cat x)), where the mask m keeps row b's own block of rank columns
+and zeroes the rest: two small matmuls per layer whatever the number of adapters, exactly equal to
+each row's own adapter. peft's mixed-adapter batches (`adapter_names=[...]`) compute the same
+thing with a Python loop of gather, two matmuls and scatter per adapter per layer, which on a
+small model costs more than the layer itself (`bench/serve.py` times both). The price is K× the
+LoRA flops, which at rank 8 is noise next to W x.
 
 Per row, inside that one call:
 - `RowStops` (a StoppingCriteria) takes each row's newest token, detokenises it incrementally,
@@ -23,6 +31,7 @@ Per row, inside that one call:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import secrets
 import threading
@@ -163,6 +172,50 @@ class RowSampler(LogitsProcessor):
         return scores
 
 
+class StackedLoRA:
+    """Every LoRA layer's adapters stacked, so a batch mixing adapters costs two matmuls per layer (see the module docstring)."""
+
+    def __init__(self, peft_model, adapters: list[str]):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        self.peft_model, self.adapters = peft_model, list(dict.fromkeys(adapters))
+        self.layers = []  # (module, A_cat [R, in], scaled B_cat [out, R], each adapter's column span)
+        with torch.no_grad():
+            for module in peft_model.modules():
+                if isinstance(module, LoraLinear) and all(a in module.lora_A for a in self.adapters):
+                    a_cat = torch.cat([module.lora_A[a].weight for a in self.adapters])
+                    b_cat = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in self.adapters], dim=1)
+                    ends = torch.tensor([module.lora_A[a].weight.shape[0] for a in self.adapters]).cumsum(0).tolist()
+                    self.layers.append((module, a_cat, b_cat, dict(zip(self.adapters, zip([0] + ends[:-1], ends)))))
+
+    @contextlib.contextmanager
+    def batch(self, row_adapters: list[str]):
+        """Inside: the model applies row b's own adapter to row b (peft's LoRA switched off, the stacked update hooked on)."""
+        masks: dict[tuple, torch.Tensor] = {}  # one mask per distinct rank layout (usually a single one)
+        hooks = []
+        for module, a_cat, b_cat, spans in self.layers:
+            key = tuple(spans[a] for a in self.adapters)
+            if key not in masks:
+                mask = torch.zeros(len(row_adapters), 1, a_cat.shape[0], device=a_cat.device, dtype=a_cat.dtype)
+                for row, adapter in enumerate(row_adapters):
+                    start, end = spans[adapter]
+                    mask[row, 0, start:end] = 1
+                masks[key] = mask
+            hooks.append(module.register_forward_hook(_stacked_update(a_cat, b_cat, masks[key])))
+        try:
+            with self.peft_model.disable_adapter():
+                yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
+    def hook(module, args, output):
+        return output + ((args[0] @ a_cat.T) * mask) @ b_cat.T
+    return hook
+
+
 class Engine:
     """Owns a StrategyModel in one worker thread; `submit` may be called from any thread."""
 
@@ -173,6 +226,7 @@ class Engine:
         self.adapters = serving_names(model, strategy)  # public id → loaded adapter
         self.public = {adapter: name for name, adapter in self.adapters.items()}
         self.experts = {served.name: served.expert for served in served_adapters(model.run, strategy)}
+        self.stacked = StackedLoRA(model.model, list(self.adapters.values()))
         self.context_length = getattr(model.model.config, "max_position_embeddings", None)
         self.stats: Counter = Counter()
         self._queue: queue.Queue[Request | None] = queue.Queue()
@@ -284,19 +338,20 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=model.device)
         mixed = len(set(adapters)) > 1
         if mixed:
-            extra = {"adapter_names": adapters}
+            adapter_context = self.stacked.batch(adapters)
         else:
             model.model.set_adapter(adapters[0])
-            extra = {}
+            adapter_context = contextlib.nullcontext()
         sampling = any(r.sampling.temperature > 0 for r in batch)
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         self.stats["mixed_batches"] += int(mixed)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.sampling.max_tokens for r in batch),
-                             do_sample=False, eos_token_id=sorted(model.eos_ids), pad_token_id=pad,
-                             stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
-                             logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []), **extra)
+        with adapter_context:
+            model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.sampling.max_tokens for r in batch),
+                                 do_sample=False, eos_token_id=sorted(model.eos_ids), pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
+                                 logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []))
         for row in rows:
             if row.finish is None:  # generate ran out of steps before the row's own check
                 row._send(tokenizer.decode(row.tokens, skip_special_tokens=True))

@@ -108,4 +108,6 @@ def route(config: RunConfig, upstream: str, backend: str) -> None:
     served = served_adapters(run)
     base = upstream_base(upstream, backend, served)
     router = Router.load(router_dir(run, "routed"), pick_device(config.model.device), threshold=config.router.threshold)
+    print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
+          f"(base {base}); listening on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
     uvicorn.run(create_route_app(router, served, base, upstream, backend), host=config.serve.host, port=config.serve.port, log_level="info")

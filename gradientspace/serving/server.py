@@ -183,6 +183,8 @@ def serve(config: RunConfig) -> None:
     import uvicorn
 
     app, engine = build(config)
+    print(f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
+          f"on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level="info")
     finally:
