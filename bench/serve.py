@@ -11,7 +11,7 @@ ensemble (one gradient per prompt, K + 1 forward passes per token) decodes the s
 at a time through the Python API, the only way it runs.
 
 Per setting: requests/s, p50 / p95 time to first token (request sent → first text chunk), and
-completion tokens/s; then the ratios the serving claims rest on. In-process, one batch of 16 is
+completion tokens/s; then the ratios the serving claims rest on. In-process, one batch (`--mixed-rows`) is
 also decoded on one adapter and mixing all adapters (peft's `adapter_names` vs StackedLoRA).
 
     python bench/serve.py > bench/results/serve.json
@@ -199,6 +199,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per (mode, concurrency)")
     parser.add_argument("--rounds", type=int, default=2, help="routed and single alternate this many times per concurrency")
     parser.add_argument("--ensemble-requests", type=int, default=4)
+    parser.add_argument("--mixed-rows", type=int, default=16, help="rows of the in-process mixed batch")
+    parser.add_argument("--repeats", type=int, default=2, help="in-process decodes per way (the fastest counts)")
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--port", type=int, default=8931)
     args = parser.parse_args()
@@ -225,8 +227,8 @@ def main() -> None:
     from gradientspace.inference import StrategyModel
 
     model = StrategyModel(config_from_run(run), ["elrea-ensemble"])  # holds the routed experts too
-    results["one batch of 16 decoded in-process"] = mixed_batch_decode(model, records[:16], args.max_tokens)
-    print(f"mixed batch: {results['one batch of 16 decoded in-process']}", file=sys.stderr)
+    results["one batch decoded in-process"] = mixed_batch_decode(model, records[: args.mixed_rows], args.max_tokens, args.repeats)
+    print(f"mixed batch: {results['one batch decoded in-process']}", file=sys.stderr)
     results["elrea-ensemble (Python API, sequential)"] = ensemble(model, records[: args.ensemble_requests], args.max_tokens)
     rate = lambda mode, n: results[mode][str(n)]["requests_per_second"]
     low, high = min(args.concurrency), max(args.concurrency)
