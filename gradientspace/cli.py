@@ -186,6 +186,40 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
+SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.threshold"}
+
+
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"this command needs {', '.join(missing)}: pip install 'gradientspace[serve]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    from .serving.server import serve
+
+    serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    from .serving.route_proxy import route
+
+    route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend)
+    return 0
+
+
+def cmd_backend_command(args: argparse.Namespace) -> int:
+    from .serving.backends import backend_command
+
+    print(backend_command(args.run, _run_config(args).model.name, args.backend, args.port))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -243,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="test data (default: the config's evaluate.data)")
     evaluate.add_argument("--strategies", help="comma-separated (default: experts.strategies)")
     evaluate.add_argument("--limit", type=int)
+    serve = run_command("serve", "OpenAI-compatible server: each request routed to one expert, concurrent requests batched", cmd_serve)
+    route = run_command("route", "only the router, in front of a vLLM / SGLang server that holds the experts", cmd_route)
+    for command in (serve, route):
+        command.add_argument("--host", help="listen address (default 127.0.0.1)")
+        command.add_argument("--port", type=int, help="listen port (default 8000)")
+        command.add_argument("--threshold", type=float, help="router confidence below which the generalist answers")
+    serve.add_argument("--max-batch-size", type=int, help="most requests decoded together")
+    route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
+    route.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
+    backend.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
+    
     report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")
     report.add_argument("run")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -259,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
     from .runs import RunError
+    from .serving.backends import BackendError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -270,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit:  # --help
         return int(exit.code or 0)
-    except (ConfigError, DataError, ModelError, RunError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, RunError, FileNotFoundError, BackendError) as err:
         if debug:
             raise
         _error(f"gradientspace: error: {err}")

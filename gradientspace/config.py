@@ -122,6 +122,15 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address `gradientspace serve` and `route` listen on (0.0.0.0 for every interface)."})
+    port: int = field(default=8000, metadata={"help": "Port `gradientspace serve` and `route` listen on."})
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together in one batch (mixed adapters included)."})
+    batch_window_ms: float = field(default=10.0, metadata={"help": "How long the engine waits after a request arrives for others to join its batch."})
+    default_max_tokens: int = field(default=256, metadata={"help": "Completion tokens when a request names no `max_tokens` (capped by the model's context)."})
+
+
+@dataclass
 class RunConfig:
     out: str = field(default="runs/default", metadata={"help": "Run directory."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling, warm-up, projections and k-means.", "check": ">=0"})
@@ -134,6 +143,7 @@ class RunConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -144,19 +144,43 @@ def humaneval(engine, strategy: str, config: RunConfig) -> float:
 
 
 def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> dict:
-    """Per-request latency on the first `latency_prompts` test prompts, one request at a time."""
+    """Per-request latency on the first `latency_prompts` test prompts, one request at a time.
+
+    Servable strategies are timed through the serving engine, the queue and batches behind
+    `gradientspace serve`, so time to first token includes its batching window and the prefill;
+    the ELREA ensemble, which mixes adapters per prompt and has no server, through the Python API.
+    """
     chosen = records[: config.evaluate.latency_prompts]
-    if chosen:
-        engine.generate(strategy, chosen[:1], max_new_tokens=2)  # untimed: first-use costs are not per-request latency
+    timings = _python_api_timings(engine, strategy, chosen) if strategy == "elrea-ensemble" else _served_timings(engine, strategy, chosen, config)
     routing, first, rates = [], [], []
-    for record in chosen:
-        (generation,) = engine.generate(strategy, [record], max_new_tokens=32)
-        routing.append(generation.routing_seconds)
-        first.append(generation.first_token_seconds)
-        if generation.new_tokens > 1:
-            rates.append((generation.new_tokens - 1) / max(generation.decode_seconds - generation.first_token_seconds, 1e-9))
+    for routing_seconds, first_seconds, new_tokens, total_seconds in timings:
+        routing.append(routing_seconds)
+        first.append(first_seconds)
+        if new_tokens > 1:
+            rates.append((new_tokens - 1) / max(total_seconds - first_seconds, 1e-9))
     return {"requests": len(chosen), "routing_ms": _mean([1000 * r for r in routing]), "first_token_ms": _mean([1000 * f for f in first]),
             "tokens_per_second": _mean(rates), "total_first_token_ms": _mean([1000 * (r + f) for r, f in zip(routing, first)])}
+
+
+def _served_timings(engine, strategy: str, records: list[Record], config: RunConfig):
+    """(routing, first token after routing, new tokens, total after routing) seconds per request, through the serving engine."""
+    from .serving.engine import Engine, Sampling
+
+    with Engine(engine, strategy, config.serve.max_batch_size, config.serve.batch_window_ms / 1000) as served:
+        if records:
+            served.complete(records[0], Sampling(2, temperature=0.0))  # untimed: first-use costs are not per-request latency
+        for record in records:
+            request, _, _ = served.complete(record, Sampling(32, temperature=0.0))
+            waited = request.submitted + request.routing_seconds
+            yield request.routing_seconds, request.first_token - waited, request.completion_tokens, request.finished - waited
+
+
+def _python_api_timings(engine, strategy: str, records: list[Record]):
+    if records:
+        engine.generate(strategy, records[:1], max_new_tokens=2)  # untimed: first-use costs are not per-request latency
+    for record in records:
+        (generation,) = engine.generate(strategy, [record], max_new_tokens=32)
+        yield generation.routing_seconds, generation.first_token_seconds, generation.new_tokens, generation.decode_seconds
 
 
 def markdown_table(results: dict, strategies: list[str]) -> str:

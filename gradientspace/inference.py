@@ -387,3 +387,37 @@ def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Recor
                "validation_nll_always_generalist": sum(generalist_nll) / max(len(validation), 1)}
     write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
     return details
+
+
+# ------------------------------------------------------------------ serving: what a routed server answers with
+
+GENERALIST_MODEL = "generalist"
+
+
+@dataclass
+class ServedAdapter:
+    """One adapter behind a routed server: its public model id, the router output it answers, its peft folder."""
+    name: str
+    expert: int
+    folder: Path
+
+
+def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
+    """Every expert that was kept (not fallen back), then the generalist that answers every other router output.
+
+    The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
+    serving tests check the two agree), so `serve`, `route` and `backend-command` need no model.
+    """
+    folder = strategy_dir(run, strategy)
+    if not (folder / "partition.json").exists():
+        raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
+    partition = json.loads((folder / "partition.json").read_text())
+    fallback = set(partition.get("fallback", []))
+    experts = [ServedAdapter(f"expert-{group}", i, folder / group) for i, group in enumerate(partition["groups"])
+               if group not in fallback and (folder / group / "adapter_model.safetensors").exists()]
+    return experts + [ServedAdapter(GENERALIST_MODEL, ROUTER_UNSURE, generalist_folder(run))]
+
+
+def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:
+    """Public model id → the adapter `model` loaded for it, for every served adapter."""
+    return {served.name: model.adapter_for(strategy, served.expert) for served in served_adapters(model.run, strategy)}

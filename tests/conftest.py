@@ -41,3 +41,22 @@ def interrupted_after(stream, batches: int):
             yield item
 
     return interrupted
+
+
+def tiny_run_config(root, strategies: list[str], experts: str = "", evaluate: str = "limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1"):
+    """A `gradientspace run` config for tiny-random on a few mix4 records: every stage in seconds."""
+    import json
+
+    config = root / "tiny.yaml"
+    config.write_text(f"""
+out: {root / 'run'}
+model: {{name: tiny-random, lora_rank: 2}}
+data: {{path: mix4-packaged, per_source: 5, max_length: 96}}
+warmup: {{fraction: 0.25}}
+sketch: {{rank: 4}}
+cluster: {{k: 3, projection_dim: 16}}
+experts: {{epochs: 2, strategies: {json.dumps(strategies)}{', ' + experts if experts else ''}}}
+router: {{epochs: 20}}
+evaluate: {{data: "mix4-packaged:test", {evaluate}}}
+""")
+    return config

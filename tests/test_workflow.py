@@ -9,24 +9,16 @@ from gradientspace import workflow
 from gradientspace.cli import main
 from gradientspace.config import load_config
 
+from conftest import tiny_run_config
+
 STRATEGIES = ["routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
-    config = root / "tiny.yaml"
-    config.write_text(f"""
-out: {root / 'run'}
-model: {{name: tiny-random, lora_rank: 2}}
-data: {{path: mix4-packaged, per_source: 5, max_length: 96}}
-warmup: {{fraction: 0.25}}
-sketch: {{rank: 4}}
-cluster: {{k: 3, projection_dim: 16}}
-experts: {{epochs: 2, branch_epochs: 2, snapshot_epochs: [1], strategies: {json.dumps(STRATEGIES)}}}
-router: {{epochs: 20}}
-evaluate: {{data: "mix4-packaged:test", limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1}}
-""")
+    config = tiny_run_config(root, STRATEGIES, experts="branch_epochs: 2, snapshot_epochs: [1]",
+                             evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1")
     assert main(["run", str(config)]) == 0
     return config, root / "run"
 

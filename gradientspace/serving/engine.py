@@ -1,0 +1,359 @@
+"""The serving engine: one worker thread owns the model; requests that arrive together decode together.
+
+The worker takes the first waiting request, waits `batch_window` seconds for more (at most
+`max_batch_size`), routes the unpinned ones in one router pass (`StrategyModel.choose`), and
+decodes the whole batch in ONE transformers `generate` call: a batch on one adapter through
+peft's single-adapter path, rows bound for different adapters through `StackedLoRA` (below).
+Batches are static: a request that arrives while a batch decodes joins the next one.
+
+`StackedLoRA`: for row b with adapter a(b), a LoRA layer computes y_b = W x_b + s_a B_a A_a x_b.
+Stacking every served adapter's A (by rows) and s·B (by columns) gives, for the whole batch at
+once, y = W x + B_cat (m ⊙ (A_cat x)), where the mask m keeps row b's own block of rank columns
+and zeroes the rest: two small matmuls per layer whatever the number of adapters, exactly equal to
+each row's own adapter. peft's mixed-adapter batches (`adapter_names=[...]`) compute the same
+thing with a Python loop of gather, two matmuls and scatter per adapter per layer, which on a
+small model costs more than the layer itself (`bench/serve.py` times both). The price is K× the
+LoRA flops, which at rank 8 is noise next to W x.
+
+Per row, inside that one call:
+- `RowStops` (a StoppingCriteria) takes each row's newest token, detokenises it incrementally,
+  sends the new text to that row's consumer, and ends the row at end-of-sequence, `max_tokens`,
+  a `stop` string, or when its client went away (`Request.cancel`). A stopping criterion sees the
+  new token in every transformers version, whereas a streamer's place relative to the stop check
+  changed in 5.x (it now runs after it), which would cost a finished row one extra step.
+- `RowSampler` (a LogitsProcessor) makes sampling per row too, so requests with different
+  temperature / top_p / seed share a batch: `generate` runs greedy, and a sampling row's scores
+  are replaced by the single token it draws (transformers' temperature and top-p warpers, then a
+  multinomial draw from the request's own `torch.Generator`). A request with a `seed` therefore
+  gives the same text whatever it is batched with (up to floating-point differences between
+  batch shapes); without one it draws fresh randomness. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from ..data import Record, prompt_text
+from ..inference import StrategyModel, serving_names, served_adapters
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Route:
+    """Which adapter answers a request: its public model id, the router's expert id and top probability."""
+    model: str
+    expert: int | str
+    probability: float
+
+
+@dataclass
+class Request:
+    """One generation request and what the worker reports back through `emit(kind, value)`.
+
+    Kinds, in order: `routed` (a Route), any number of `text` (str), then `done` (the finish
+    reason: stop | length | cancelled) or `error` (a message).
+    """
+    record: Record  # its prompt text is what the router reads
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[str, object], None]
+    pinned: str | None = None  # a public model id; None = let the router choose
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    routing_seconds: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+    completion_tokens: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    def __init__(self, request: Request, tokenizer, eos_ids: set[int]):
+        self.request, self.tokenizer, self.eos_ids = request, tokenizer, eos_ids
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.finish: str | None = None
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def push(self, token: int) -> None:
+        if self.finish is not None:
+            return  # generate pads rows that are done
+        request = self.request
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+        if request.cancelled.is_set():
+            return self._end("cancelled")
+        request.completion_tokens += 1
+        if token in self.eos_ids:
+            return self._end("stop")
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        stops = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in request.sampling.stop) if i >= 0]
+        if stops:
+            self._send(text[:min(stops)])
+            return self._end("stop")
+        if len(self.tokens) >= request.sampling.max_tokens:
+            self._send(text)
+            return self._end("length")
+        self._send(text[:len(text) - _held_back(text, request.sampling.stop)])
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.request.emit("text", text[self.sent:])
+            self.sent = len(text)
+
+    def _end(self, reason: str) -> None:
+        """Finish the row now, so its client has its answer before the rest of the batch is done."""
+        self.finish = reason
+        self.request.finished = time.perf_counter()
+        self.request.emit("done", reason)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not to send yet: an unfinished UTF-8 character, or the start of a stop string."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                held = max(held, k)
+                break
+    return held
+
+
+class RowStops(StoppingCriteria):
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        for row, token in zip(self.rows, input_ids[:, -1].tolist()):
+            row.push(token)
+        return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
+
+
+class RowSampler(LogitsProcessor):
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, row in enumerate(self.rows):
+            sampling = row.request.sampling
+            if sampling.temperature <= 0 or row.finish is not None:
+                continue
+            row_scores = TemperatureLogitsWarper(sampling.temperature)(input_ids[i:i + 1], scores[i:i + 1].float())
+            if sampling.top_p < 1:
+                row_scores = TopPLogitsWarper(sampling.top_p)(input_ids[i:i + 1], row_scores)
+            token = int(torch.multinomial(torch.softmax(row_scores, dim=-1).cpu(), 1, generator=row.generator))
+            scores[i] = float("-inf")
+            scores[i, token] = 0.0
+        return scores
+
+
+class StackedLoRA:
+    """Every LoRA layer's adapters stacked, so a batch mixing adapters costs two matmuls per layer (see the module docstring)."""
+
+    def __init__(self, peft_model, adapters: list[str]):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        self.peft_model, self.adapters = peft_model, list(dict.fromkeys(adapters))
+        self.layers = []  # (module, A_cat [R, in], scaled B_cat [out, R], each adapter's column span)
+        with torch.no_grad():
+            for module in peft_model.modules():
+                if isinstance(module, LoraLinear) and all(a in module.lora_A for a in self.adapters):
+                    a_cat = torch.cat([module.lora_A[a].weight for a in self.adapters])
+                    b_cat = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in self.adapters], dim=1)
+                    ends = torch.tensor([module.lora_A[a].weight.shape[0] for a in self.adapters]).cumsum(0).tolist()
+                    self.layers.append((module, a_cat, b_cat, dict(zip(self.adapters, zip([0] + ends[:-1], ends)))))
+
+    @contextlib.contextmanager
+    def batch(self, row_adapters: list[str]):
+        """Inside: the model applies row b's own adapter to row b (peft's LoRA switched off, the stacked update hooked on)."""
+        masks: dict[tuple, torch.Tensor] = {}  # one mask per distinct rank layout (usually a single one)
+        hooks = []
+        for module, a_cat, b_cat, spans in self.layers:
+            key = tuple(spans[a] for a in self.adapters)
+            if key not in masks:
+                mask = torch.zeros(len(row_adapters), 1, a_cat.shape[0], device=a_cat.device, dtype=a_cat.dtype)
+                for row, adapter in enumerate(row_adapters):
+                    start, end = spans[adapter]
+                    mask[row, 0, start:end] = 1
+                masks[key] = mask
+            hooks.append(module.register_forward_hook(_stacked_update(a_cat, b_cat, masks[key])))
+        try:
+            with self.peft_model.disable_adapter():
+                yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
+    def hook(module, args, output):
+        return output + ((args[0] @ a_cat.T) * mask) @ b_cat.T
+    return hook
+
+
+class Engine:
+    """Owns a StrategyModel in one worker thread; `submit` may be called from any thread."""
+
+    def __init__(self, model: StrategyModel, strategy: str = "routed", max_batch_size: int = 16, batch_window: float = 0.01):
+        self.model, self.strategy = model, strategy
+        self.max_batch_size, self.batch_window = max_batch_size, batch_window
+        self.tokenizer = model.tokenizer
+        self.adapters = serving_names(model, strategy)  # public id → loaded adapter
+        self.public = {adapter: name for name, adapter in self.adapters.items()}
+        self.experts = {served.name: served.expert for served in served_adapters(model.run, strategy)}
+        self.stacked = StackedLoRA(model.model, list(self.adapters.values()))
+        self.context_length = getattr(model.model.config, "max_position_embeddings", None)
+        self.stats: Counter = Counter()
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._loop, name="gradientspace-engine", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[Record, list[int]]:
+        """The record the router reads and the prompt ids, with the chat template the adapters were trained with."""
+        record = Record("request", messages, "")
+        return record, self.tokenizer(prompt_text(self.tokenizer, record), add_special_tokens=False)["input_ids"]
+
+    def text_prompt(self, prompt: str) -> tuple[Record, list[int]]:
+        """A raw completion prompt: no chat template, routed on its text."""
+        return Record("request", [{"role": "user", "content": prompt}], ""), self.tokenizer(prompt)["input_ids"]
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: Request) -> Request:
+        self._queue.put(request)
+        return request
+
+    def complete(self, record: Record, sampling: Sampling, pinned: str | None = None) -> tuple[Request, str, Route]:
+        """Blocking: one chat request through the same queue and batches as the server's; (request, text, route)."""
+        events: queue.Queue = queue.Queue()
+        _, prompt_ids = self.chat_prompt(record.messages)
+        request = self.submit(Request(record, prompt_ids, sampling, lambda kind, value: events.put((kind, value)), pinned))
+        text, route = [], None
+        while True:
+            kind, value = events.get()
+            if kind == "routed":
+                route = value
+            elif kind == "text":
+                text.append(value)
+            elif kind == "error":
+                raise RuntimeError(value)
+            else:
+                return request, "".join(text), route
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the worker
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, closing = [first], False
+            # counted from the first request's arrival: requests that queued behind a running batch start at once
+            deadline = first.submitted + self.batch_window
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.perf_counter(), 0.0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                batch.append(item)
+            live = [r for r in batch if not r.cancelled.is_set()]
+            for request in batch:
+                if request.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                    request.emit("done", "cancelled")
+            try:
+                if live:
+                    self._decode(live, self._route(live))
+            except Exception as err:  # one bad batch must not take the server down
+                self.stats["failed_batches"] += 1
+                for request in live:
+                    request.emit("error", f"{type(err).__name__}: {err}")
+            if closing:
+                return
+
+    def _route(self, batch: list[Request]) -> list[str]:
+        """Adapter of each request (pinned, or chosen by the router in one pass); emits each request's Route."""
+        adapters: list[str | None] = [self.adapters[r.pinned] if r.pinned else None for r in batch]
+        unpinned = [i for i, r in enumerate(batch) if not r.pinned]
+        if unpinned:
+            choices, seconds = self.model.choose(self.strategy, [batch[i].record for i in unpinned])
+            for i, choice in zip(unpinned, choices):
+                if choice.single_adapter is None:
+                    raise ValueError(f"strategy `{self.strategy}` mixes adapters per prompt; it cannot be served")
+                adapters[i] = choice.single_adapter
+                batch[i].routing_seconds = seconds
+                batch[i].emit("routed", Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert, choice.probability))
+        for i, request in enumerate(batch):
+            if request.pinned:
+                request.emit("routed", Route(request.pinned, self.experts[request.pinned], 1.0))
+        return adapters
+
+    @torch.no_grad()
+    def _decode(self, batch: list[Request], adapters: list[str]) -> None:
+        model, tokenizer = self.model, self.tokenizer
+        rows = [_Row(r, tokenizer, model.eos_ids) for r in batch]
+        width = max(len(r.prompt_ids) for r in batch)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=model.device)
+        mixed = len(set(adapters)) > 1
+        if mixed:
+            adapter_context = self.stacked.batch(adapters)
+        else:
+            model.model.set_adapter(adapters[0])
+            adapter_context = contextlib.nullcontext()
+        sampling = any(r.sampling.temperature > 0 for r in batch)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["mixed_batches"] += int(mixed)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        with adapter_context:
+            model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.sampling.max_tokens for r in batch),
+                                 do_sample=False, eos_token_id=sorted(model.eos_ids), pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
+                                 logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []))
+        for row in rows:
+            if row.finish is None:  # generate ran out of steps before the row's own check
+                row._send(tokenizer.decode(row.tokens, skip_special_tokens=True))
+                row._end("length")
+            self.stats["cancelled"] += row.finish == "cancelled"

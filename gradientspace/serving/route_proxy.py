@@ -1,0 +1,113 @@
+"""`gradientspace route RUN --upstream URL --backend vllm|sglang`: the router in front of an inference server.
+
+Only the router is loaded. Each request is validated as by `serve`, routed (or pinned), its
+`model` rewritten to the chosen adapter as the backend names it (`backends.upstream_model`), and
+forwarded with every other field untouched; the upstream's answer — status, body, stream — is
+relayed byte for byte, with the routing headers added. An unreachable upstream is a 502. At
+start-up the upstream's `/v1/models` must list every served adapter, or `route` refuses to
+start and names the missing ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..config import RunConfig
+from ..inference import GENERALIST_MODEL, ServedAdapter
+from ..router import Router
+from .backends import BackendError, upstream_model
+from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
+
+RELAYED_HEADERS = ("content-type", "content-encoding", "cache-control")
+
+
+def upstream_root(url: str) -> str:
+    """`http://host:8001`, whether the user wrote that or the OpenAI-style `http://host:8001/v1/`."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: float = 10.0) -> str:
+    """The base model the upstream serves, after checking it lists every served adapter."""
+    try:
+        response = httpx.get(f"{upstream_root(url)}/v1/models", timeout=timeout)
+        response.raise_for_status()
+        cards = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
+        raise BackendError(f"upstream {url}: GET /v1/models failed ({err}); is the {backend} server running there?") from None
+    ids = [card["id"] for card in cards]
+    bases = [card["id"] for card in cards if not card.get("parent")] or ids[:1]
+    base = bases[0] if bases else ""
+    missing = [s.name for s in served if s.name not in ids and upstream_model(backend, s.name, base) not in ids]
+    if missing:
+        raise BackendError(f"upstream {url} does not serve {', '.join(missing)} (it lists {', '.join(ids) or 'nothing'}); "
+                           f"start it with the command `gradientspace backend-command RUN --backend {backend}` prints")
+    return base
+
+
+def create_route_app(router: Router, served: list[ServedAdapter], base: str, upstream: str, backend: str) -> FastAPI:
+    client = httpx.AsyncClient(base_url=upstream_root(upstream), timeout=httpx.Timeout(None, connect=10.0))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="GradientSpace router", description=f"Routes each request to one LoRA expert served by {backend} at {upstream}", lifespan=lifespan)
+    install_error_handlers(app)
+    names = {s.expert: s.name for s in served}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "upstream": upstream, "backend": backend}
+
+    @app.get("/v1/models")
+    async def models():
+        return model_list(served, base)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: HTTPRequest):
+        return await relay(body, http)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        return await relay(body, http)
+
+    async def relay(body: ChatRequest | CompletionRequest, http: HTTPRequest):
+        name, probability = resolve_model(body.model, served), 1.0
+        if name is None:
+            experts, probabilities = await run_in_threadpool(router.route, [body.routing_text()])
+            name, probability = names.get(experts[0], GENERALIST_MODEL), probabilities[0]
+        payload = await http.json()
+        payload["model"] = upstream_model(backend, name, base)
+        forwarded = {k: v for k, v in http.headers.items() if k.lower() in ("authorization", "accept")}
+        try:
+            response = await client.send(client.build_request("POST", http.url.path, json=payload, headers=forwarded), stream=True)
+        except httpx.HTTPError as err:
+            raise APIError(502, f"upstream {upstream} is unreachable: {type(err).__name__}: {err}", type="server_error", code="upstream_unreachable") from None
+        headers = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS} | route_headers(name, probability)
+        return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=headers, background=BackgroundTask(response.aclose))
+
+    return app
+
+
+def route(config: RunConfig, upstream: str, backend: str) -> None:
+    """`gradientspace route RUN`: blocks until interrupted."""
+    import uvicorn
+
+    from ..inference import router_dir, served_adapters
+    from ..models import pick_device
+    from ..runs import Run
+
+    run = Run(config.out)
+    served = served_adapters(run)
+    base = upstream_base(upstream, backend, served)
+    router = Router.load(router_dir(run, "routed"), pick_device(config.model.device), threshold=config.router.threshold)
+    print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
+          f"(base {base}); listening on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
+    uvicorn.run(create_route_app(router, served, base, upstream, backend), host=config.serve.host, port=config.serve.port, log_level="info")
