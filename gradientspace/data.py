@@ -13,6 +13,7 @@ million-record file never becomes a million Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -186,6 +187,22 @@ class RecordTable(Sequence):
                 yield Record(*values)
 
 
+LARGE_FILE_BYTES = 64 * 2**20  # below this, loading takes seconds: `datasets`' progress bars would only be noise on stderr
+
+
+@contextlib.contextmanager
+def datasets_progress(show: bool) -> Iterator[None]:
+    """`datasets`' own progress bars on (large inputs) or off (small ones, whose errors must stay one line)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if show else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
 def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
                          num_proc: int | None = None) -> tuple[RecordTable, LoadReport]:
     """Validate a data file into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
@@ -194,9 +211,11 @@ def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool =
         raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
     import pyarrow.compute as pc
 
-    raw, lines = _raw_table(file, cache_dir, num_proc)
-    checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
-                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
+    size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
+    with datasets_progress(size >= LARGE_FILE_BYTES):
+        raw, lines = _raw_table(file, cache_dir, num_proc)
+        checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
+                          fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
     status = checked.data.column("status")
     bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
     report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
@@ -449,8 +468,9 @@ def tokenize_dataset(records: RecordTable, tokenizer, max_length: int, tokens: s
         return out
 
     dataset = records.dataset
-    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                       num_proc=num_proc if num_proc is not None else records.num_proc, desc=f"tokenizing ({tokens})")
+    with datasets_progress(len(dataset) >= 100_000):
+        return dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                           num_proc=num_proc if num_proc is not None else records.num_proc, desc=f"tokenizing ({tokens})")
 
 
 class ExampleTable(Sequence):
