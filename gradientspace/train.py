@@ -11,15 +11,19 @@ What the project adds to a stock `Trainer` is small and stated here:
   membership of a cluster…) can never resume stale state;
 - the final adapter is saved as a plain peft folder, with the optimizer's Adam moments (LESS-style
   preconditioning reads them) and `trainer_log.json` (losses, validation curve, steps, tokens, seconds).
-Schedules, mixed precision, gradient clipping and multi-process (DDP under torchrun) are Trainer's.
+Schedules, mixed precision and gradient clipping are Trainer's. Under torchrun the pipeline shards
+the gradient pass and trains adapters on rank 0 alone (see `_one_process`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,8 +118,30 @@ def _quiet_progress(trainer) -> None:
     trainer.add_callback(LossInBar())
 
 
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Let Trainer see a one-process job even under torchrun.
+
+    The pipeline shards only the gradient pass; adapters train on rank 0 while the other ranks
+    wait at a barrier, so Trainer must not wrap the model in DDP (its first collective would wait
+    for ranks that never join). accelerate decides from these variables, once per process.
+    """
+    names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def train_adapter(model, train: list[Example], validation: list[Example], pad_id: int, device: torch.device, plan: TrainPlan,
                   out_dir: Path, key: str, desc: str) -> dict:
+    with _one_process():
+        return _train_adapter(model, train, validation, pad_id, device, plan, out_dir, key, desc)
+
+
+def _train_adapter(model, train: list[Example], validation: list[Example], pad_id: int, device: torch.device, plan: TrainPlan,
+                   out_dir: Path, key: str, desc: str) -> dict:
     """Train the model's active LoRA adapter; `out_dir` becomes a plain peft folder.
 
     Checkpoints go to `<out_dir>.trainer-<key>/` and are resumed from only when the key matches;
