@@ -420,4 +420,5 @@ def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
 
 def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:
     """Public model id → the adapter `model` loaded for it, for every served adapter."""
-    return {served.name: model.adapter_for(strategy, served.expert) for served in served_adapters(model.run, strategy)}
+    owner = "routed" if strategy in GRADIENT_CLUSTER_STRATEGIES else strategy  # whose adapters the strategy serves
+    return {served.name: model.adapter_for(owner, served.expert) for served in served_adapters(model.run, owner)}
