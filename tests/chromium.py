@@ -52,7 +52,8 @@ def load_page(path: Path, expression: str, timeout: float = 60.0) -> Page:
     import websocket
 
     page = Page()
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+    # Chromium's helper processes can still be writing the profile when the browser has exited: cleanup is best effort
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
