@@ -156,7 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "eval" not in result:  # a non-zero rank of a multi-process run
         return 0
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
-    from .runs import Run
 
     manifest = Run(config.out).manifest
     for strategy, summary in manifest.get("experts", {}).items():
