@@ -35,13 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-from gradientspace.config import STRATEGIES, load_config
+from gradientspace.config import load_config
 from gradientspace.data import load_records
 from gradientspace.evaluate import evaluate_strategies
 from gradientspace.experts import train_experts
 from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
 from gradientspace.runs import Run, write_json, write_jsonl
+from gradientspace.strategies import STRATEGIES, get
 from gradientspace.workflow import elrea_centroids, router_thresholds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,13 +61,13 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
 
 def compute(manifest: dict, strategy: str) -> dict:
     """Training cost of one arm: its own adapters, and with the generalist it branched from."""
-    own = "routed" if strategy in ("gradient-oracle", "elrea-ensemble") else strategy
+    own = get(strategy).owner
     stages = {name: entry for name, entry in manifest["stages"].items() if name.startswith(f"experts/{own}/")}
     cost = {key: sum(entry.get(key) or 0 for entry in stages.values()) for key in ("tokens", "steps", "train_seconds")}
-    if own != "single" and own != "single-wide":
+    if not get(own).one_adapter:
         generalist = manifest["stages"].get("experts/single/0", {})
         cost.update({f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0) for key in ("tokens", "steps", "train_seconds")})
-    if own in ("routed", "projection-clusters"):
+    if own == "routed" or get(own).needs_projection:
         cost["gradient_pass_seconds"] = manifest["stages"].get("gradients", {}).get("seconds")
     return cost
 
@@ -89,7 +90,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     experts = train_experts(config)
     routers = train_routers(config)
     thresholds = router_thresholds(config)
-    if "elrea-ensemble" in args.strategies:
+    if any(get(s).needs_cluster_centroids for s in args.strategies):
         elrea_centroids(config)
     test, _ = load_records(config.evaluate.data)
     results = evaluate_strategies(config, args.strategies, test)
@@ -100,7 +101,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
         arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
                           "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
                           "compute": compute(manifest, strategy)}
-        own = "routed" if strategy in ("gradient-oracle", "elrea-ensemble") else strategy
+        own = get(strategy).owner
         if own in experts:
             arms[strategy]["fallback"] = experts[own]["fallback"]
             arms[strategy]["experts"] = experts[own]["experts"]
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=8, help="decoding budget for short answers (exact match)")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="NLL only")
-    parser.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES], choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("bench/out/experts-runs"))
     parser.add_argument("--results", type=Path, default=Path("bench/results/experts"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import STRATEGIES, ConfigError, config_from_run, load_config
+from .config import ConfigError, config_from_run, load_config
+from .strategies import GENERALIST, STRATEGIES
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -159,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manifest = Run(config.out).manifest
     for strategy, summary in manifest.get("experts", {}).items():
-        if strategy in config.experts.strategies and strategy != "single":
+        if strategy in config.experts.strategies and strategy != GENERALIST:
             kept = [g for g in summary["groups"] if g not in summary["fallback"]]
             gains = ", ".join(f"{g}: {e['initial_eval_loss']:.3f} → {e['best_eval_loss']:.3f}" for g, e in summary["experts"].items()
                               if e.get("initial_eval_loss") is not None and e.get("best_eval_loss") is not None)
@@ -261,15 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     experts = run_command("train-experts", "one LoRA expert per cluster, plus the comparison strategies' adapters", cmd_train_experts)
-    experts.add_argument("--strategies", help="comma-separated, e.g. routed,single,oracle")
+    experts.add_argument("--strategies", help=f"comma-separated, from {', '.join(STRATEGIES)}")
     experts.add_argument("--epochs", type=int)
     router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
-    router.add_argument("--strategies", help="comma-separated routed strategies")
+    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(n for n, s in STRATEGIES.items() if s.routed)}")
     generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
     generate.add_argument("--prompt")
     generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
     generate.add_argument("--strategy", default="routed")
-    generate.add_argument("--threshold", type=float, help="router confidence below which the warm-up adapter answers")
+    generate.add_argument("--threshold", type=float, help="router confidence below which the generalist answers (default: the one chosen on validation)")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--skip-bad", action="store_true")
     evaluate = run_command("evaluate", "held-out NLL, accuracy and latency of every strategy", cmd_evaluate)

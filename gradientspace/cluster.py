@@ -18,10 +18,12 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from .consumers import GradientConsumer
+
 GRADIENT_METHODS = ("gradientspace", "random-projection", "exact")
 
 
-class RademacherProjector:
+class RademacherProjector(GradientConsumer):
     """Projects gradients to k dims with a ±1/√k matrix that is regenerated block by block, never stored.
 
     Row block j of the d×k matrix comes from a generator seeded with (seed, j), so every call sees
@@ -66,7 +68,7 @@ class RademacherProjector:
         self.flush()
         return torch.cat(self.features) if self.features else torch.zeros(0, self.k), list(self.indices)
 
-    def merge(self, other: "RademacherProjector") -> "RademacherProjector":
+    def merge(self, other: RademacherProjector) -> RademacherProjector:
         """Take over a disjoint shard's projected rows (same seed, so the same matrix)."""
         self.flush()
         features, indices = other.result()
@@ -74,8 +76,17 @@ class RademacherProjector:
         self.indices.extend(indices)
         return self
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        features, indices = self.result()
+        return {"features": features, "indices": torch.tensor(indices, dtype=torch.long)}
 
-class ExactStore:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> RademacherProjector:
+        self._pending, self._pending_indices = [], []
+        self.features, self.indices = [tensors["features"]], tensors["indices"].tolist()
+        return self
+
+
+class ExactStore(GradientConsumer):
     """Keeps every full gradient (float32): the ceiling for the sketch, affordable only for small N×d."""
 
     def __init__(self, dim: int, expected_rows: int, max_bytes: int):
@@ -83,6 +94,7 @@ class ExactStore:
         if needed > max_bytes:
             raise ValueError(f"method `exact` would hold {needed / 2**30:.1f} GiB of gradients ({expected_rows} × {dim}); "
                              f"raise config key `cluster.exact_max_bytes` ({max_bytes / 2**30:.1f} GiB) or use `gradientspace`")
+        self.dim = dim
         self.rows: list[torch.Tensor] = []
         self.indices: list[int] = []
 
@@ -91,11 +103,19 @@ class ExactStore:
         self.indices.extend(indices)
 
     def result(self) -> tuple[torch.Tensor, list[int]]:
-        return torch.cat(self.rows), list(self.indices)
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, self.dim), list(self.indices)
 
-    def merge(self, other: "ExactStore") -> "ExactStore":
+    def merge(self, other: ExactStore) -> ExactStore:
         self.rows.extend(other.rows)
         self.indices.extend(other.indices)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        features, indices = self.result()
+        return {"features": features, "indices": torch.tensor(indices, dtype=torch.long)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> ExactStore:
+        self.rows, self.indices = [tensors["features"]], tensors["indices"].tolist()
         return self
 
 

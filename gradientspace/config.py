@@ -14,6 +14,8 @@ from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .strategies import STRATEGIES
+
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key."""
@@ -80,8 +82,6 @@ class ClusterConfig:
     exact_max_bytes: int = field(default=8 * 1024**3, metadata={"help": "`exact` refuses to hold more than this many bytes of full gradients.", "check": ">=1"})
 
 
-STRATEGIES = ("routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters",
-              "projection-clusters", "elrea-ensemble")
 
 
 @dataclass
@@ -156,7 +156,7 @@ CHOICES = {
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
     "experts.init": ("generalist", "warmup", "fresh"),
 }
-LIST_CHOICES = {"experts.strategies": STRATEGIES}
+LIST_CHOICES = {"experts.strategies": STRATEGIES}  # the registry itself: a strategy added to it is accepted
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

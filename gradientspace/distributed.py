@@ -9,6 +9,7 @@ per pair, all pairs at once, and rank 0 ends with everything. Everything else ru
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Callable
 
@@ -24,7 +25,9 @@ def init() -> None:
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        # the other ranks wait at a barrier while rank 0 trains the warm-up adapter, which on a large
+        # run takes longer than the default 30-minute collective timeout
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=24))
 
 
 def barrier() -> None:

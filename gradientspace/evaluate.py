@@ -22,6 +22,7 @@ import statistics
 from .config import RunConfig
 from .data import Record, load_records
 from .runs import Run, write_json
+from .strategies import get
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MATH_DOMAINS = ("math",)
@@ -151,7 +152,7 @@ def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> 
     the ELREA ensemble, which mixes adapters per prompt and has no server, through the Python API.
     """
     chosen = records[: config.evaluate.latency_prompts]
-    timings = _python_api_timings(engine, strategy, chosen) if strategy == "elrea-ensemble" else _served_timings(engine, strategy, chosen, config)
+    timings = _python_api_timings(engine, strategy, chosen) if not get(strategy).single_adapter_per_prompt else _served_timings(engine, strategy, chosen, config)
     routing, first, rates = [], [], []
     for routing_seconds, first_seconds, new_tokens, total_seconds in timings:
         routing.append(routing_seconds)

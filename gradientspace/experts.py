@@ -13,80 +13,26 @@ validation by construction. The decision and both validation NLLs are recorded i
 `partition.json` and the manifest. `experts.equal_budget` instead trains every adapter a fixed
 number of epochs with no early stopping and no fall-back (equal tokens: budget curves).
 
-| strategy | partition | folder |
-| --- | --- | --- |
-| single | everything in one group (the generalist) | `RUN/strategies/single/0/` |
-| single-wide | everything, LoRA rank K·r (the same total parameters as K experts) | `RUN/strategies/single-wide/0/` |
-| routed, gradient-oracle, elrea-ensemble | gradient clusters (`clusters.jsonl`) | `RUN/experts/<k>/` |
-| oracle | the true `source` labels (the ceiling) | `RUN/strategies/oracle/<k>/` |
-| random-clusters | balanced random groups, same K (the control) | `RUN/strategies/random-clusters/<k>/` |
-| embedding-clusters | k-means on MiniLM prompt embeddings | `RUN/strategies/embedding-clusters/<k>/` |
-| projection-clusters | k-means on random-projected gradients | `RUN/strategies/projection-clusters/<k>/` |
+Each strategy's partition comes from its object in `strategies.STRATEGIES`. Folders: the gradient
+clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN/strategies/<name>/<k>/`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .cluster import random_labels, spherical_kmeans
 from .config import RunConfig
 from .data import Record, tokenize, validation_ids
-from .models import LoadedModel, load_lora_model
-from .pipeline import strategy_projection_dim, warmup_key
-from .runs import Run, config_hash, write_json
+from .models import LoadedModel
+from .pipeline import ModelOnDemand, load_data, warmup_key
+from .runs import Run, Stage, config_hash, write_json
+from .strategies import GENERALIST, cluster_count, get, trained
 from .train import TrainPlan, train_adapter
-
-GRADIENT_CLUSTER_STRATEGIES = ("routed", "gradient-oracle", "elrea-ensemble")
-GENERALIST = "single"
-ONE_GROUP_STRATEGIES = ("single", "single-wide")
-
-
-def strategy_dir(run: Run, strategy: str) -> Path:
-    return run.path("experts") if strategy in GRADIENT_CLUSTER_STRATEGIES else run.path("strategies", strategy)
-
-
-def partition(run: Run, config: RunConfig, records: list[Record], strategy: str) -> tuple[list[int], list[str]]:
-    """(group of each training record, group names) for a strategy."""
-    n = len(records)
-    if strategy in GRADIENT_CLUSTER_STRATEGIES:
-        path = run.path("clusters.jsonl")
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `gradientspace cluster` first")
-        by_id = {row["id"]: row["cluster"] for row in map(json.loads, path.read_text().splitlines())}
-        labels = [by_id[r.id] for r in records]
-    elif strategy in ONE_GROUP_STRATEGIES:
-        labels = [0] * n
-    elif strategy == "oracle":
-        if any(r.source is None for r in records):
-            raise ValueError("strategy `oracle` needs a `source` label on every training record")
-        names = sorted({r.source for r in records})
-        return [names.index(r.source) for r in records], names
-    elif strategy == "random-clusters":
-        labels = random_labels(n, cluster_count(run), config.seed).tolist()
-    elif strategy == "embedding-clusters":
-        from .encoder import embed_texts
-
-        features = embed_texts([r.prompt_text for r in records], torch.device("cpu"))
-        labels = spherical_kmeans(features, cluster_count(run), config.seed, config.cluster.n_init).tolist()
-    elif strategy == "projection-clusters":
-        path = run.path(f"projection-{strategy_projection_dim(config)}.safetensors")
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the gradient pass makes it when `projection-clusters` is among experts.strategies")
-        labels = spherical_kmeans(load_file(str(path))["features"], cluster_count(run), config.seed, config.cluster.n_init).tolist()
-    else:
-        raise ValueError(f"strategy `{strategy}` trains no experts")
-    k = max(labels) + 1
-    return [int(l) for l in labels], [str(i) for i in range(k)]
-
-
-def cluster_count(run: Run) -> int:
-    return int(run.stage_entry("cluster")["k"])
 
 
 def fresh_lora_state(model, seed: int) -> dict[str, torch.Tensor]:
@@ -103,13 +49,11 @@ def fresh_lora_state(model, seed: int) -> dict[str, torch.Tensor]:
 
 
 def generalist_folder(run: Run) -> Path:
-    return strategy_dir(run, GENERALIST) / "0"
+    return get(GENERALIST).folder(run) / "0"
 
 
 def wide_model_config(config: RunConfig, k: int):
     """LoRA rank K·r with the same alpha / r scale: as many trainable parameters as K experts."""
-    from dataclasses import replace
-
     return replace(config.model, lora_rank=config.model.lora_rank * k, lora_alpha=config.model.lora_alpha * k)
 
 
@@ -121,48 +65,69 @@ def _plan(config: RunConfig, branch: bool) -> TrainPlan:
                      patience=None if experts.equal_budget else experts.patience, snapshot_epochs=tuple(experts.snapshot_epochs))
 
 
-def _start(run: Run, config: RunConfig, strategy: str, fresh_state: dict) -> tuple[dict, str | None]:
-    """(initial LoRA weights, the stage key of the adapter they come from) for one strategy's adapters."""
-    if strategy in ONE_GROUP_STRATEGIES or config.experts.init == "fresh":
-        return fresh_state, None
+def _start(run: Run, config: RunConfig, strategy: str) -> tuple[str, str | None]:
+    """(where one strategy's adapters start: `fresh`, `warmup` or `generalist`, and the stage key of that adapter)."""
+    if get(strategy).one_adapter or config.experts.init == "fresh":
+        return "fresh", None
     if config.experts.init == "warmup":
-        return load_file(str(run.path("warmup", "adapter_model.safetensors"))), run.stage_entry("warmup").get("key")
-    return load_file(str(generalist_folder(run) / "adapter_model.safetensors")), run.stage_entry(f"experts/{GENERALIST}/0").get("key")
+        return "warmup", run.stage_entry("warmup").get("key")
+    return "generalist", run.stage_entry(f"experts/{GENERALIST}/0").get("key")
 
 
-def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, loaded: LoadedModel, fresh_state: dict) -> dict:
+class AdapterStage(Stage):
+    """One adapter of one strategy: trained from its starting point on its group, stopped on the group's validation share."""
+
+    def __init__(self, run: Run, config: RunConfig, strategy: str, group: str, train: list[Record], validation: list[Record],
+                 model: ModelOnDemand, branch: bool):
+        self.name = f"experts/{strategy}/{group}"
+        self.run_dir, self.config, self.strategy, self.group = run, config, strategy, group
+        self.train, self.validation, self.model, self.branch = train, validation, model, branch
+        self.start, self.start_key = _start(run, config, strategy)
+
+    def inputs(self) -> dict[str, str]:
+        # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
+        ignored = ("strategies", "init", "branch_epochs", "branch_learning_rate") if get(self.strategy).one_adapter else ("strategies",)
+        config = self.config
+        # the model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it
+        return {"warm-up": warmup_key(config), "model": config_hash(asdict(self.model.config.model)),
+                "training settings": config_hash({k: v for k, v in asdict(config.experts).items() if k not in ignored}, config.seed),
+                "starting adapter": str(self.start_key), "training records": config_hash(sorted(r.id for r in self.train)),
+                "validation records": config_hash(sorted(r.id for r in self.validation))}
+
+    def initial_state(self, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+        if self.start == "fresh":
+            return fresh_lora_state(loaded.model, self.config.seed)
+        folder = self.run_dir.path("warmup") if self.start == "warmup" else generalist_folder(self.run_dir)
+        return load_file(str(folder / "adapter_model.safetensors"))
+
+    def run(self, key: str, record: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        config, loaded = self.config, self.model()
+        folder = get(self.strategy).folder(self.run_dir) / self.group
+        set_peft_model_state_dict(loaded.model, self.initial_state(loaded))
+        to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
+        result = train_adapter(loaded.model, to_examples(self.train), to_examples(self.validation), loaded.tokenizer.pad_token_id,
+                               loaded.device, _plan(config, self.branch), folder, key, desc=f"{self.strategy} adapter {self.group}")
+        record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(self.run_dir.root))])
+
+
+def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, model: ModelOnDemand) -> dict:
     """Train (or resume, or skip) every adapter of one strategy, deciding keep-or-fall-back; returns its summary."""
-    from peft import set_peft_model_state_dict
-
-    labels, names = partition(run, config, records, strategy)
-    folder = strategy_dir(run, strategy)
+    labels, names = get(strategy).partition(run, config, records)
+    folder = get(strategy).folder(run)
     held = validation_ids(records, config.data.validation_fraction, config.seed)
-    branch = config.experts.init == "generalist" and strategy not in ONE_GROUP_STRATEGIES
-    init, init_key = _start(run, config, strategy, fresh_state)
-    plan = _plan(config, branch)
-    # what the adapters of this strategy depend on: the generalist ignores how experts branch from it
-    ignored = ("strategies", "init", "branch_epochs", "branch_learning_rate") if strategy in ONE_GROUP_STRATEGIES else ("strategies",)
-    experts_section = {k: v for k, v in asdict(config.experts).items() if k not in ignored}
+    branch = config.experts.init == "generalist" and not get(strategy).one_adapter
     summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {}, "fallback": []}
     for group, name in enumerate(names):
         members = [r for r, l in zip(records, labels) if l == group]
         train = [r for r in members if r.id not in held]
         validation = [r for r in members if r.id in held]
-        stage = f"experts/{strategy}/{name}"
-        key = config_hash(warmup_key(config), asdict(config.model), experts_section, init_key, sorted(r.id for r in train),
-                          sorted(r.id for r in validation))
         if not train:
             summary["experts"][name] = {"samples": 0, "kept": False}
             summary["fallback"].append(name)
             continue
-        if not run.is_done(stage, key):
-            set_peft_model_state_dict(loaded.model, init)
-            to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
-            with run.stage(stage, key) as record:
-                result = train_adapter(loaded.model, to_examples(train), to_examples(validation), loaded.tokenizer.pad_token_id,
-                                       loaded.device, plan, folder / name, key, desc=f"{strategy} adapter {name}")
-                record.update(result, outputs=[str((folder / name / "adapter_model.safetensors").relative_to(run.root))])
-        entry = run.stage_entry(stage)
+        entry = run.execute(AdapterStage(run, config, strategy, name, train, validation, model, branch))
         before, after = entry.get("initial_eval_loss"), entry.get("best_eval_loss")
         # Only a branch can lose to where it started; the generalist and fixed-budget adapters are always kept.
         kept = not branch or config.experts.equal_budget or before is None or after is None or after < before
@@ -176,26 +141,16 @@ def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy:
     return summary
 
 
-def trained_strategies(strategies: list[str]) -> list[str]:
-    """Strategies that need adapters of their own, the generalist first (the others branch from it and fall back to it)."""
-    wanted = ["routed" if s in GRADIENT_CLUSTER_STRATEGIES else s for s in strategies]
-    return list(dict.fromkeys([GENERALIST] + wanted))
-
-
-def train_experts(config: RunConfig, strategies: list[str] | None = None, loaded: LoadedModel | None = None) -> dict:
-    """`gradientspace train-experts RUN`: the Python API."""
-    from .pipeline import load_data
-
+def train_experts(config: RunConfig, strategies: list[str] | None = None) -> dict:
+    """`gradientspace train-experts RUN`: the Python API. The model is loaded only if some adapter must train."""
     run = Run(config.out)
     records = load_data(run, config)
     summaries = {}
-    for strategy in trained_strategies(strategies or config.experts.strategies):
-        wide = strategy == "single-wide"
-        model_config = wide_model_config(config, cluster_count(run)) if wide else config.model
-        model = load_lora_model(model_config, seed=config.seed) if wide or loaded is None else loaded
-        if not wide:
-            loaded = model
-        summaries[strategy] = train_strategy(run, config, records, strategy, model, fresh_lora_state(model.model, config.seed))
+    model = ModelOnDemand(config)
+    for strategy in trained(strategies or config.experts.strategies):
+        wide = get(strategy).wide
+        own_model = ModelOnDemand(replace(config, model=wide_model_config(config, cluster_count(run)))) if wide else model
+        summaries[strategy] = train_strategy(run, config, records, strategy, own_model)
     run.manifest.setdefault("experts", {}).update(summaries)
     run.save()
     return summaries

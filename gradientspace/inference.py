@@ -1,17 +1,7 @@
 """Routed inference and the comparison strategies, on one base model holding every adapter.
 
-| strategy | adapter used for a prompt |
-| --- | --- |
-| routed | the gradient-cluster expert the router picks (the generalist below the threshold, or where the expert fell back) |
-| single | the generalist: one adapter trained on all the data |
-| single-wide | one adapter of rank K·r trained on all the data (as many parameters as K experts) |
-| gradient-oracle | the gradient-cluster expert whose centroid is nearest the prompt's own response gradient projected on the sketch basis: no router can see that at inference, so routed vs gradient-oracle separates routing error from expert quality |
-| oracle | the expert of the prompt's true `source` (the ceiling; needs `source`) |
-| random-clusters / embedding-clusters / projection-clusters | that partition's expert, picked by its own router |
-| elrea-ensemble | all gradient-cluster experts and the generalist (ELREA's base adapter), their next-token logits mixed with weights from the softmax over the standardised cosine between the prompt's instruction-token gradient (w.r.t. the generalist) and each cluster's mean gradient |
-
-Every strategy but the ensemble runs one forward pass per token with one adapter; the ensemble
-needs a backward pass per prompt and K + 1 forward passes per token.
+The strategies themselves (what each partitions and how it picks an adapter per prompt) are the
+objects of `strategies.STRATEGIES`; this module holds what they run on.
 """
 
 from __future__ import annotations
@@ -28,30 +18,14 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Record, collate, tokenize
-from .experts import GENERALIST, GRADIENT_CLUSTER_STRATEGIES, generalist_folder, strategy_dir
+from .experts import generalist_folder
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
 from .models import load_base_model, load_tokenizer, pick_device
-from .router import GENERALIST as ROUTER_UNSURE, Router
+from .router import Router, threshold_override
 from .runs import Run, atomic_path, write_json
+from .strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
 
 WARMUP = "warmup"
-ROUTED_STRATEGIES = ("routed", "random-clusters", "embedding-clusters", "projection-clusters")
-
-
-def router_dir(run: Run, strategy: str) -> Path:
-    return run.path("router") if strategy in GRADIENT_CLUSTER_STRATEGIES else strategy_dir(run, strategy) / "router"
-
-
-@dataclass
-class Choice:
-    """How one prompt is served: adapter weights (one adapter with weight 1 unless ensembling)."""
-    weights: dict[str, float]
-    expert: int | str
-    probability: float
-
-    @property
-    def single_adapter(self) -> str | None:
-        return next(iter(self.weights)) if len(self.weights) == 1 else None
 
 
 @dataclass
@@ -87,9 +61,8 @@ class StrategyModel:
         self.groups: dict[str, list[str]] = {}
         self.fallback: dict[str, set[str]] = {}
         self.routers: dict[str, Router] = {}
-        threshold = None if config.router.threshold == "auto" else float(config.router.threshold)
-        for strategy in dict.fromkeys("routed" if s in GRADIENT_CLUSTER_STRATEGIES else s for s in strategies):
-            folder = strategy_dir(self.run, strategy)
+        for strategy in trained(strategies):
+            folder = get(strategy).folder(self.run)
             if not (folder / "partition.json").exists():
                 raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
             partition = json.loads((folder / "partition.json").read_text())
@@ -100,15 +73,15 @@ class StrategyModel:
                 name = self.adapter_name(strategy, group)
                 if name not in self.model.peft_config and group not in self.fallback[strategy] and (path / "adapter_model.safetensors").exists():
                     self.model.load_adapter(str(path), adapter_name=name)
-            if strategy in ROUTED_STRATEGIES:
-                self.routers[strategy] = Router.load(router_dir(self.run, strategy), self.device, threshold=threshold)
+            if get(strategy).routed:
+                self.routers[strategy] = Router.load(get(strategy).router_folder(self.run), self.device, threshold=threshold_override(config))
         self.oracle_space = None
         if "gradient-oracle" in strategies:
             self.model.load_adapter(str(self.run.path("warmup")), adapter_name=WARMUP)
             self.oracle_space = gradient_cluster_space(self.run)
         self.model.eval()
         self.centroids = None
-        if "elrea-ensemble" in strategies:
+        if any(get(s).needs_cluster_centroids for s in strategies):
             self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(self.device)
 
     @staticmethod
@@ -125,21 +98,7 @@ class StrategyModel:
     def choose(self, strategy: str, records: list[Record]) -> tuple[list[Choice], float]:
         """How each prompt is served, and the seconds spent deciding (routing / gradient)."""
         start = time.perf_counter()
-        if strategy in ("single", "single-wide"):
-            choices = [Choice({self.adapter_for(strategy, 0): 1.0}, 0, 1.0) for _ in records]
-        elif strategy == "oracle":
-            names = self.groups["oracle"]
-            choices = [Choice({self.adapter_for("oracle", names.index(r.source)) if r.source in names else self.generalist: 1.0},
-                              r.source or ROUTER_UNSURE, 1.0) for r in records]
-        elif strategy in ROUTED_STRATEGIES:
-            experts, probabilities = self.routers[strategy].route([r.prompt_text for r in records])
-            choices = [Choice({self.adapter_for(strategy, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
-        elif strategy == "gradient-oracle":
-            choices = [Choice({self.adapter_for("routed", e): 1.0}, e, 1.0) for e in self._gradient_oracle_groups(records)]
-        elif strategy == "elrea-ensemble":
-            choices = self._ensemble_choices(records)
-        else:
-            raise ValueError(f"unknown strategy `{strategy}`")
+        choices = get(strategy).choose(self, records)
         return choices, time.perf_counter() - start
 
     def gradients(self, records: list[Record], adapter: str, tokens: str, adam=None, normalize: bool = True) -> torch.Tensor:
@@ -158,7 +117,7 @@ class StrategyModel:
         """Unit-norm instruction-token gradients w.r.t. the generalist (ELREA's base adapter), one row per prompt."""
         return self.gradients(records, self.generalist, "instruction")
 
-    def _gradient_oracle_groups(self, records: list[Record]) -> list[int]:
+    def gradient_oracle_groups(self, records: list[Record]) -> list[int]:
         """Each record's gradient cluster from its own response gradient, as the clustering pass computed it."""
         from .gradients import layout_of
         from .train import load_adam_state
@@ -171,7 +130,7 @@ class StrategyModel:
         coordinates = torch.nn.functional.normalize(grads.double().cpu() @ basis, dim=1)
         return (coordinates @ centroids.T).argmax(dim=1).tolist()
 
-    def _ensemble_choices(self, records: list[Record]) -> list[Choice]:
+    def ensemble_choices(self, records: list[Record]) -> list[Choice]:
         grads = self.prompt_gradients(records)
         centroids = torch.nn.functional.normalize(self.centroids, dim=1)
         similarity = grads @ centroids.T  # [prompts, K + 1]; the last centroid is the warm-up's (all data)
@@ -311,11 +270,9 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data."""
     from peft import PeftModel
 
-    from .experts import partition
-
     run = Run(config.out)
     path = run.path("elrea", "centroids.safetensors")
-    labels, groups = partition(run, config, records, "routed")
+    labels, groups = get("routed").partition(run, config, records)
     device = pick_device(config.model.device)
     tokenizer = load_tokenizer(config.model.name)
     model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(generalist_folder(run))).eval()
@@ -373,7 +330,7 @@ def best_threshold(top_probabilities: list[float], expert_nll: list[float], gene
 def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
     """Choose the router threshold on the validation split and store it in the router's `router.json`."""
     run = Run(config.out)
-    folder = router_dir(run, strategy)
+    folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
     engine = StrategyModel(config, [strategy])
     probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
@@ -408,7 +365,7 @@ def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
     The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
     serving tests check the two agree), so `serve`, `route` and `backend-command` need no model.
     """
-    folder = strategy_dir(run, strategy)
+    folder = get(strategy).folder(run)
     if not (folder / "partition.json").exists():
         raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
     partition = json.loads((folder / "partition.json").read_text())
@@ -420,5 +377,5 @@ def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
 
 def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:
     """Public model id → the adapter `model` loaded for it, for every served adapter."""
-    owner = "routed" if strategy in GRADIENT_CLUSTER_STRATEGIES else strategy  # whose adapters the strategy serves
+    owner = get(strategy).owner
     return {served.name: model.adapter_for(owner, served.expert) for served in served_adapters(model.run, owner)}

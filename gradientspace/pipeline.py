@@ -24,11 +24,13 @@ from . import distributed
 from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       random_labels, spherical_kmeans, within_cluster_cosine)
 from .config import RunConfig, internal_rank
+from .consumers import GradientConsumer
 from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
 from .gradients import layout_of, stream_gradients
 from .models import LoadedModel, load_lora_model, pick_device
-from .runs import Run, atomic_path, config_hash, note, write_jsonl
+from .runs import Run, Stage, atomic_path, config_hash, note, write_jsonl
 from .sketch import OnlineSVD, SketchResult
+from .strategies import get, strategy_projection_dim
 from .train import TrainPlan, load_adam_state, train_adapter
 
 
@@ -81,26 +83,58 @@ def cluster_inputs(config: RunConfig) -> dict[str, str]:
     return inputs
 
 
-def load_data(run: Run, config: RunConfig) -> list[Record]:
-    data = config.data
-    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed,
-                                   num_proc=data.num_proc)
-    inputs = data_inputs(config)
-    key = config_hash(inputs)
-    if not run.is_done("data", key, inputs):
+class RecordsStage(Stage):
+    """A stage over the run's training records; those that train or take gradients also get the model, loaded on demand."""
+
+    def __init__(self, run: Run, config: RunConfig, records: list[Record], model: ModelOnDemand | None = None):
+        self.run_dir, self.config, self.records, self.model = run, config, records, model
+
+
+class DataStage(RecordsStage):
+    """Records the records a run trains on (`samples.jsonl`, for the report) and how many were cut by `data.max_length`."""
+    name = "data"
+
+    def __init__(self, run: Run, config: RunConfig, records: list[Record], report):
+        super().__init__(run, config, records)
+        self.report = report
+
+    def inputs(self) -> dict[str, str]:
+        return data_inputs(self.config)
+
+    def run(self, key: str, record: dict) -> None:
         from .models import load_tokenizer
 
+        data, records, report = self.config.data, self.records, self.report
         # counted on training samples (prompt + response), the way warm-up and experts tokenise them
-        truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(config.model.name), data.max_length))
-        with run.stage("data", key, inputs) as stage:
-            write_jsonl(run.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
-                                                    for i, r in enumerate(records)])
-            stage["outputs"] = ["samples.jsonl"]
-            stage.update({"records": report.records, "skipped_bad": report.skipped, "first_errors": report.first_errors, "truncated": truncated})
+        truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(self.config.model.name), data.max_length))
+        write_jsonl(self.run_dir.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
+                                                         for i, r in enumerate(records)])
+        record.update(outputs=["samples.jsonl"], records=report.records, skipped_bad=report.skipped, first_errors=report.first_errors,
+                      truncated=truncated)
         note(f"data: {report.records} records" + (f", {report.skipped} bad ones skipped" if report.skipped else "")
              + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
              + (" (most samples lose tokens: consider a larger data.max_length)" if truncated > report.records / 2 else ""))
+
+
+def load_data(run: Run, config: RunConfig) -> list[Record]:
+    """The training records (every stage reads them); the `data` stage runs when they changed."""
+    data = config.data
+    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed,
+                                   num_proc=data.num_proc)
+    run.execute(DataStage(run, config, records, report))
     return records
+
+
+class ModelOnDemand:
+    """The LoRA-wrapped base model, loaded the first time a stage needs it: a run whose stages are all done loads none."""
+
+    def __init__(self, config: RunConfig):
+        self.config, self.loaded = config, None
+
+    def __call__(self) -> LoadedModel:
+        if self.loaded is None:
+            self.loaded = load_lora_model(self.config.model, seed=self.config.seed)
+        return self.loaded
 
 
 # ---------------------------------------------------------------- warm-up
@@ -114,76 +148,74 @@ def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
     return random.Random(f"warmup-{config.seed}").sample(candidates, min(len(candidates), count))
 
 
+class WarmupStage(RecordsStage):
+    """The warm-up adapter (fixed epochs on a random fraction): the point the gradients are taken at, and its Adam moments."""
+    name = "warmup"
+
+    def inputs(self) -> dict[str, str]:
+        return warmup_inputs(self.config)
+
+    def run(self, key: str, record: dict) -> None:
+        config, loaded = self.config, self.model()
+        examples = tokenize(warmup_subset(self.records, config), loaded.tokenizer, config.data.max_length, "response")
+        plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
+                         schedule="constant", warmup_ratio=0.0, patience=None)
+        summary = train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, self.run_dir.path("warmup"),
+                                key, desc="warm-up")
+        record.update(summary, outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
+
+
 def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> Path:
-    """Train the warm-up adapter (fixed epochs) on a random fraction; returns its folder."""
-    if not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
-        train_warmup(run, config, records, loaded)
+    """Train the warm-up adapter unless it is done; returns its folder."""
+    model = ModelOnDemand(config)
+    model.loaded = loaded
+    run.execute(WarmupStage(run, config, records, model))
     return run.path("warmup")
-
-
-def train_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> None:
-    inputs = warmup_inputs(config)
-    key = config_hash(inputs)
-    folder = run.path("warmup")
-    examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
-    plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
-                     schedule="constant", warmup_ratio=0.0, patience=None)
-    with run.stage("warmup", key, inputs) as stage:
-        summary = train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
-        stage.update(summary, outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
 
 
 # ---------------------------------------------------------------- gradient pass
 
 class GradientConsumers:
-    """What the gradient pass feeds: the sketch always, plus a projector or an exact store if asked."""
+    """What the gradient pass feeds: the sketch always, plus a projector or an exact store if asked, and each sample's loss.
+
+    Every part is a `GradientConsumer`, so checkpointing, restoring and merging shards treat them
+    alike; each is named after the file it ends in (`RUN/<name>.safetensors`).
+    """
 
     def __init__(self, dim: int, n: int, config: RunConfig, device: torch.device, projection_dims: tuple[int, ...] = (), exact: bool = False):
-        self.sketch = OnlineSVD(dim, config.sketch.rank, internal_rank(config.sketch), config.sketch.block_size,
-                                dtype=getattr(torch, config.sketch.dtype), device=device,
-                                reorthonormalize_every=config.sketch.reorthonormalize_every)
-        self.projectors = {k: RademacherProjector(dim, k, seed=config.seed) for k in projection_dims}
-        self.exact = ExactStore(dim, n, config.cluster.exact_max_bytes) if exact else None
+        self.parts: dict[str, GradientConsumer] = {"sketch": OnlineSVD(
+            dim, config.sketch.rank, internal_rank(config.sketch), config.sketch.block_size, dtype=getattr(torch, config.sketch.dtype),
+            device=device, reorthonormalize_every=config.sketch.reorthonormalize_every)}
+        self.parts.update({f"projection-{k}": RademacherProjector(dim, k, seed=config.seed) for k in projection_dims})
+        if exact:
+            self.parts["gradients-exact"] = ExactStore(dim, n, config.cluster.exact_max_bytes)
         self.losses: dict[int, float] = {}
 
+    @property
+    def sketch(self) -> OnlineSVD:
+        return self.parts["sketch"]
+
     def add(self, rows: torch.Tensor, indices: list[int], losses: torch.Tensor) -> None:
-        self.sketch.add(rows, indices)
-        for projector in self.projectors.values():
-            projector.add(rows, indices)
-        if self.exact is not None:
-            self.exact.add(rows, indices)
+        for part in self.parts.values():
+            part.add(rows, indices)
         self.losses.update(zip(indices, losses.tolist()))
 
     def state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"sketch.{k}": v.detach().cpu().contiguous() for k, v in self.sketch.state_dict().items()}
-        for k, projector in self.projectors.items():
-            features, indices = projector.result()
-            tensors[f"projection{k}.features"], tensors[f"projection{k}.indices"] = features.contiguous(), torch.tensor(indices, dtype=torch.long)
-        if self.exact is not None and self.exact.rows:
-            features, indices = self.exact.result()
-            tensors["exact.features"], tensors["exact.indices"] = features.contiguous(), torch.tensor(indices, dtype=torch.long)
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, part in self.parts.items() for k, v in part.state_dict().items()}
         tensors["loss.indices"] = torch.tensor(list(self.losses), dtype=torch.long)
         tensors["loss.values"] = torch.tensor(list(self.losses.values()), dtype=torch.float64)
         return tensors
 
-    def merge(self, other: "GradientConsumers") -> "GradientConsumers":
+    def merge(self, other: GradientConsumers) -> GradientConsumers:
         """Fold in the consumers of a disjoint shard (another rank's batches)."""
-        self.sketch.merge(other.sketch)
-        for k, projector in self.projectors.items():
-            projector.merge(other.projectors[k])
-        if self.exact is not None:
-            self.exact.merge(other.exact)
+        for name, part in self.parts.items():
+            part.merge(other.parts[name])
         self.losses.update(other.losses)
         return self
 
-    def restore(self, tensors: dict[str, torch.Tensor]) -> "GradientConsumers":
-        self.sketch.load_state_dict({k[len("sketch."):]: v for k, v in tensors.items() if k.startswith("sketch.")})
-        for k, projector in self.projectors.items():
-            if f"projection{k}.features" in tensors:
-                projector.features = [tensors[f"projection{k}.features"]]
-                projector.indices = tensors[f"projection{k}.indices"].tolist()
-        if self.exact is not None and "exact.features" in tensors:
-            self.exact.rows, self.exact.indices = [tensors["exact.features"]], tensors["exact.indices"].tolist()
+    def restore(self, tensors: dict[str, torch.Tensor]) -> GradientConsumers:
+        for name, part in self.parts.items():
+            part.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
         self.losses = dict(zip(tensors["loss.indices"].tolist(), tensors["loss.values"].tolist()))
         return self
 
@@ -259,15 +291,12 @@ def save_gradient_outputs(run: Run, config: RunConfig, consumers: GradientConsum
                "energy_curve": torch.tensor(consumers.sketch.energy_curve(), dtype=torch.float64)}
     _save_tensors(run.path("sketch.safetensors"), tensors, {"captured_energy": str(result.captured_energy), "rank": str(config.sketch.rank)})
     outputs = ["sketch.safetensors"]
-    for k, projector in consumers.projectors.items():
-        features, indices = projector.result()
-        order = np.argsort(indices)
-        _save_tensors(run.path(f"projection-{k}.safetensors"), {"features": features[order].contiguous()}, {})
-        outputs.append(f"projection-{k}.safetensors")
-    if consumers.exact is not None:
-        features, indices = consumers.exact.result()
-        _save_tensors(run.path("gradients-exact.safetensors"), {"features": features[np.argsort(indices)].contiguous()}, {})
-        outputs.append("gradients-exact.safetensors")
+    for name, part in consumers.parts.items():
+        if name == "sketch":
+            continue
+        features, indices = part.result()
+        _save_tensors(run.path(f"{name}.safetensors"), {"features": features[np.argsort(indices)].contiguous()}, {})
+        outputs.append(f"{name}.safetensors")
     losses = [consumers.losses[i] for i in sorted(consumers.losses)]
     stage.update(outputs=outputs, samples=len(result.indices), dim=layout_json["dim"], layout=layout_json,
                  captured_energy=result.captured_energy, energy_curve=[round(e, 5) for e in consumers.sketch.energy_curve()],
@@ -282,17 +311,12 @@ def clustering_projection_dim(config: RunConfig) -> int:
     return config.cluster.projection_dim or config.sketch.rank
 
 
-def strategy_projection_dim(config: RunConfig) -> int:
-    """The `projection-clusters` experts use LESS/ELREA's 8192 dimensions unless told otherwise."""
-    return config.cluster.projection_dim or 8192
-
-
 def projection_dims(config: RunConfig) -> tuple[int, ...]:
     """Every projection the gradient pass must produce for the configured method and strategies."""
     dims = []
     if config.cluster.method == "random-projection":
         dims.append(clustering_projection_dim(config))
-    if "projection-clusters" in config.experts.strategies:
+    if any(get(s).needs_projection for s in config.experts.strategies):
         dims.append(strategy_projection_dim(config))
     return tuple(sorted(set(dims)))
 
@@ -327,42 +351,33 @@ def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) 
     return spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above), k, details
 
 
-def cluster(config: RunConfig) -> ClusterOutcome:
-    """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run."""
-    distributed.init()
-    run = Run(config.out)
-    run.set_config(config.to_dict())
-    records = load_data(run, config)
-    method = config.cluster.method
-    device = pick_device(config.model.device)
-    if method in GRADIENT_METHODS:
-        loaded = None  # loading the model costs seconds; a run whose warm-up and gradients are done does not need it
-        if distributed.is_main() and not run.is_done("warmup", warmup_key(config), warmup_inputs(config)):
-            loaded = load_lora_model(config.model, seed=config.seed)
-            train_warmup(run, config, records, loaded)
-        distributed.barrier()
-        run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
-        inputs = gradients_inputs(config)
-        key = config_hash(inputs)
-        if not run.is_done("gradients", key, inputs):
-            loaded = loaded or load_lora_model(config.model, seed=config.seed)
-            with run.stage("gradients", key, inputs) as stage:
-                consumers = run_gradient_pass(run, config, records, loaded, run.path("warmup"), projection_dims(config), method == "exact")
-                if distributed.is_main():
-                    save_gradient_outputs(run, config, consumers, layout_of(loaded.model).to_json(), stage)
-        if not distributed.is_main():
-            return ClusterOutcome(run.root, method, 0, [], [])
-    inputs = cluster_inputs(config)
-    key = config_hash(inputs)
-    if run.is_done("cluster", key, inputs):
-        entry = run.stage_entry("cluster")
-        labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
-        return ClusterOutcome(run.root, method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"])
-    with run.stage("cluster", key, inputs) as stage:
-        features = features_for(run, config, records, device)
+class GradientStage(RecordsStage):
+    """Every sample's exact LoRA gradient w.r.t. the warm-up adapter, streamed into the sketch (and projections)."""
+    name = "gradients"
+
+    def inputs(self) -> dict[str, str]:
+        return gradients_inputs(self.config)
+
+    def run(self, key: str, record: dict) -> None:
+        loaded = self.model()
+        exact = self.config.cluster.method == "exact"
+        consumers = run_gradient_pass(self.run_dir, self.config, self.records, loaded, self.run_dir.path("warmup"), projection_dims(self.config), exact)
+        if distributed.is_main():
+            save_gradient_outputs(self.run_dir, self.config, consumers, layout_of(loaded.model).to_json(), record)
+
+
+class ClusterStage(RecordsStage):
+    """K clusters of the samples, by the configured method; `clusters.jsonl` and the label metrics."""
+    name = "cluster"
+
+    def inputs(self) -> dict[str, str]:
+        return cluster_inputs(self.config)
+
+    def run(self, key: str, record: dict) -> None:
+        run, config, records, method = self.run_dir, self.config, self.records, self.config.cluster.method
+        features = features_for(run, config, records, pick_device(config.model.device))
         labels, k, details = assign(features, len(records), config, config.seed)
         write_jsonl(run.path("clusters.jsonl"), [{"id": r.id, "cluster": int(l)} for r, l in zip(records, labels)])
-        sizes = np.bincount(labels, minlength=k).tolist()
         metrics: dict[str, float] = {}
         if run.path("sketch.safetensors").exists() and method in GRADIENT_METHODS:
             coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"]
@@ -371,8 +386,31 @@ def cluster(config: RunConfig) -> ClusterOutcome:
         sources = [r.source for r in records]
         if all(s is not None for s in sources):
             metrics.update(label_metrics(labels, sources))
-            stage["composition"] = composition(labels, sources)
-        stage.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=sizes, **details)
-    run.manifest["metrics"] = metrics
+            record["composition"] = composition(labels, sources)
+        record.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=np.bincount(labels, minlength=k).tolist(), metrics=metrics, **details)
+
+
+def cluster(config: RunConfig) -> ClusterOutcome:
+    """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run.
+
+    Under torchrun rank 0 trains the warm-up, every rank takes its shard of the gradient pass, and
+    rank 0 alone clusters (the other ranks return an empty outcome).
+    """
+    distributed.init()
+    run = Run(config.out)
+    run.set_config(config.to_dict())
+    records = load_data(run, config)
+    if config.cluster.method in GRADIENT_METHODS:
+        model = ModelOnDemand(config)
+        if distributed.is_main():
+            run.execute(WarmupStage(run, config, records, model))
+        distributed.barrier()
+        run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
+        run.execute(GradientStage(run, config, records, model))
+        if not distributed.is_main():
+            return ClusterOutcome(run.root, config.cluster.method, 0, [], [])
+    entry = run.execute(ClusterStage(run, config, records))
+    run.manifest["metrics"] = entry.get("metrics", {})
     run.save()
-    return ClusterOutcome(run.root, method, k, [int(l) for l in labels], [r.id for r in records], metrics, sizes)
+    labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
+    return ClusterOutcome(run.root, config.cluster.method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"])

@@ -18,6 +18,7 @@ from .config import ConfigError, RunConfig
 from .data import RECIPES, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
 from .runs import Run
+from .strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
 # with other values there is another run. Later sections (experts, router, evaluate) may change
@@ -92,8 +93,9 @@ def check_records(config: RunConfig) -> list[Record]:
     if k == "auto" and config.cluster.k_max >= n:
         raise ConfigError(f"config key `cluster.k_max`: {config.cluster.k_max} needs more than {n} records (the silhouette needs K < N)")
     unlabelled = next((r for r in records if r.source is None), None)
-    if "oracle" in config.experts.strategies and unlabelled is not None:
-        raise ConfigError(f"config key `experts.strategies`: `oracle` needs a `source` on every record; record `{unlabelled.id}` of {data.path} has none")
+    needing = next((s for s in config.experts.strategies if get(s).needs_source), None)
+    if needing and unlabelled is not None:
+        raise ConfigError(f"config key `experts.strategies`: `{needing}` needs a `source` on every record; record `{unlabelled.id}` of {data.path} has none")
     return records
 
 

@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .encoder import embed_texts, load_encoder, mean_pool
-from .runs import atomic_path, write_json
-
-GENERALIST = -1
+from .runs import Run, Stage, atomic_path, config_hash, write_json
+from .strategies import ROUTER_UNSURE, get, routed
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -49,10 +48,10 @@ class Router:
         return torch.softmax(self.head(embeddings.to(self.device)), dim=1).cpu()
 
     def route(self, texts: list[str]) -> tuple[list[int], list[float]]:
-        """(expert id or GENERALIST, top probability) per prompt."""
+        """(expert id, or ROUTER_UNSURE for the generalist, top probability) per prompt."""
         probabilities = self.probabilities(texts)
         top, choice = probabilities.max(dim=1)
-        experts = [int(c) if float(p) >= self.threshold else GENERALIST for p, c in zip(top, choice)]
+        experts = [int(c) if float(p) >= self.threshold else ROUTER_UNSURE for p, c in zip(top, choice)]
         return experts, top.tolist()
 
     def save(self, folder: Path, details: dict) -> None:
@@ -67,7 +66,7 @@ class Router:
                                             "finetuned_encoder": self.encoder is not None, **details})
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device, threshold: float | None = None) -> "Router":
+    def load(cls, folder: Path, device: torch.device, threshold: float | None = None) -> Router:
         info = json.loads((folder / "router.json").read_text())
         state = load_file(str(folder / "head.safetensors"))
         head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device)
@@ -147,45 +146,56 @@ def fixed_threshold(config) -> float:
     return 0.0 if config.router.threshold == "auto" else float(config.router.threshold)
 
 
+def threshold_override(config) -> float | None:
+    """A set `router.threshold`, or None for `auto`: the router then uses the one calibrated on validation (in router.json)."""
+    return None if config.router.threshold == "auto" else float(config.router.threshold)
+
+
+class RouterStage(Stage):
+    """The router of one routed strategy, trained on its partition of the training part (never the validation split)."""
+
+    def __init__(self, run: Run, config, strategy: str, records: list, device: torch.device):
+        self.name = f"router/{strategy}"
+        self.run_dir, self.config, self.strategy, self.records, self.device = run, config, strategy, records, device
+        partition_file = get(strategy).folder(run) / "partition.json"
+        if not partition_file.exists():
+            raise FileNotFoundError(f"{partition_file} is missing: train the `{strategy}` experts first")
+        self.partition = json.loads(partition_file.read_text())
+
+    def inputs(self) -> dict[str, str]:
+        from dataclasses import asdict
+
+        settings = {k: v for k, v in asdict(self.config.router).items() if k != "threshold"}  # the threshold is chosen after training
+        return {"router settings": config_hash(settings, self.config.seed), "partition": config_hash(self.partition["assignment"]),
+                "training records": config_hash(sorted(r.id for r in self.records))}
+
+    def run(self, key: str, record: dict) -> None:
+        config, folder = self.config, get(self.strategy).router_folder(self.run_dir)
+        labels = [self.partition["assignment"][r.id] for r in self.records]
+        router, details = train_router([r.prompt_text for r in self.records], labels, len(self.partition["groups"]), self.device,
+                                       epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
+                                       learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
+                                       threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
+        router.save(folder, details)
+        record.update(outputs=[str((folder / "router.json").relative_to(self.run_dir.root))],
+                      heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
+
+
 def train_routers(config, strategies: list[str] | None = None) -> dict:
     """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first)."""
-    from dataclasses import asdict
-
-    from .experts import strategy_dir
-    from .inference import ROUTED_STRATEGIES, router_dir
+    from .data import validation_ids
     from .models import pick_device
     from .pipeline import load_data
-    from .runs import Run, config_hash
-
-    from .data import validation_ids
 
     run = Run(config.out)
     records = load_data(run, config)
     held = validation_ids(records, config.data.validation_fraction, config.seed)
     records = [r for r in records if r.id not in held]
     device = pick_device(config.model.device)
-    wanted = [s for s in (strategies or config.experts.strategies) if s in ROUTED_STRATEGIES]
     summaries = {}
-    for strategy in wanted:
-        partition_file = strategy_dir(run, strategy) / "partition.json"
-        if not partition_file.exists():
-            raise FileNotFoundError(f"{partition_file} is missing: train the `{strategy}` experts first")
-        partition = json.loads(partition_file.read_text())
-        labels = [partition["assignment"][r.id] for r in records]
-        folder = router_dir(run, strategy)
-        key = config_hash({k: v for k, v in asdict(config.router).items() if k != "threshold"}, partition["assignment"],
-                          sorted(r.id for r in records), config.seed)
-        stage = f"router/{strategy}"
-        if not run.is_done(stage, key):
-            with run.stage(stage, key) as record:
-                router, details = train_router([r.prompt_text for r in records], labels, len(partition["groups"]), device,
-                                               epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
-                                               learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
-                                               threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
-                router.save(folder, details)
-                record.update(outputs=[str((folder / "router.json").relative_to(run.root))],
-                              heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
-        summaries[strategy] = {k: run.stage_entry(stage).get(k) for k in ("heldout_accuracy", "train_accuracy")}
+    for strategy in routed(strategies or config.experts.strategies):
+        entry = run.execute(RouterStage(run, config, strategy, records, device))
+        summaries[strategy] = {k: entry.get(k) for k in ("heldout_accuracy", "train_accuracy")}
     run.manifest.setdefault("router", {}).update(summaries)
     run.save()
     return summaries

@@ -1,10 +1,14 @@
-"""The run directory: atomic file writes and the JSON manifest every stage reads and writes.
+"""The run directory, its manifest, and the one runner that decides whether a stage runs.
 
-`RUN/manifest.json` holds the config, library versions, and per stage: its named inputs (hashes
-of the config sections and the file contents it reads), the key hashed from them, seconds, peak
-memory, when it finished, and its outputs. A stage whose key matches and whose outputs exist is
-skipped; every decision (skip, run, resume, re-run and why) is printed as one line. Only rank 0
-writes the manifest.
+Every stage of a run (data, warm-up, gradients, cluster, each adapter, each router and its
+threshold, the ensemble's centroids, evaluation, report) is a `Stage`: it names its inputs
+(hashes of the config sections and of the *content* of the files it reads, and the keys of the
+stages it builds on), lists its outputs, and does its work in `run`. `Run.execute(stage)` alone
+decides: skip (key unchanged, outputs present), resume (same key, interrupted: the stage's
+checkpoints live in folders named by its key, so a changed input never resumes stale state),
+or (re-)run, saying which and why in one line. `RUN/manifest.json` holds the config, library
+versions, and per stage its inputs, key, seconds, peak memory, when it finished and its
+outputs; only rank 0 writes it, atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,12 +102,31 @@ def new_command() -> None:
     _SKIPS_SAID.clear()
 
 
+class Stage(ABC):
+    """One step of a run. Subclasses hold what they need (config, records, model) and declare the rest."""
+
+    name: str
+    always = False  # a stage that is cheap and reads everything (the report) runs every time
+
+    @abstractmethod
+    def inputs(self) -> dict[str, str]:
+        """What the stage reads, by name → hash; the key is hashed from these and the names say what changed."""
+
+    @abstractmethod
+    def run(self, key: str, record: dict[str, Any]) -> None:
+        """Do the work. Checkpoints go in folders named by `key`; `record` collects `outputs` (paths in the run) and details."""
+
+
 class Run:
     """A run directory and its manifest."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the manifest from disk (another `Run` of this directory, or rank 0, may have written since)."""
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.exists():
             try:
@@ -165,6 +189,20 @@ class Run:
         if missing:
             raise RunError(f"{self.path(missing[0])} is missing (an output of stage `{stage}`); {hint}")
 
+    def execute(self, stage: Stage) -> dict[str, Any]:
+        """Run `stage` unless it is done with the same inputs (said in one line either way); returns its manifest entry."""
+        if stage.always:
+            note(f"run {stage.name}: redone every time (it is cheap and reads every other stage)")
+            inputs, key = {}, "always"
+        else:
+            inputs = stage.inputs()
+            key = config_hash(inputs)
+            if self.is_done(stage.name, key, inputs):
+                return self.stage_entry(stage.name)
+        with self.stage(stage.name, key, inputs) as record:
+            stage.run(key, record)
+        return record
+
     def stage_entry(self, stage: str) -> dict[str, Any]:
         return self.manifest["stages"].get(stage, {})
 
@@ -178,12 +216,17 @@ class Run:
         previous = self.manifest["stages"].get(stage, {})
         if previous.get("key") == key:
             record["seconds_before_resume"] = previous.get("seconds", 0) + previous.get("seconds_before_resume", 0)
-        self.manifest["stages"][stage] = {**record, "done": False}
-        self.save()
+        self._record(stage, {**record, "done": False})
         yield record
         record["seconds"] = round(time.perf_counter() - start, 2)
         record.update(peak_memory_mb())
         record["done"] = True
         record["finished_at"] = time.time()  # lets `run` tell stages it ran from stages it skipped
-        self.manifest["stages"][stage] = record
+        self._record(stage, record)
+
+    def _record(self, stage: str, entry: dict[str, Any]) -> None:
+        """Write one stage's entry over the manifest as it is on disk now, so no other stage's entry is lost."""
+        if distributed.is_main():
+            self.reload()
+        self.manifest["stages"][stage] = entry
         self.save()

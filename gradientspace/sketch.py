@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .runs import atomic_path
+from .consumers import GradientConsumer
 
 
 @dataclass
@@ -89,7 +89,7 @@ def gram(U: torch.Tensor) -> torch.Tensor:
     return total
 
 
-class OnlineSVD:
+class OnlineSVD(GradientConsumer):
     def __init__(self, dim: int, rank: int, internal_rank: int | None = None, block_size: int = 64,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", reorthonormalize_every: int = 32):
         self.dim, self.rank = dim, rank
@@ -219,11 +219,8 @@ class OnlineSVD:
                 "pending": pending, "pending_indices": torch.tensor(self._pending_indices, dtype=torch.long),
                 "total_energy": torch.tensor(self.total_energy, dtype=torch.float64)}
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        meta = {"rank": str(self.rank), "internal_rank": str(self.internal_rank), "block_size": str(self.block_size)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={**meta, **(metadata or {})})
+    def metadata(self) -> dict[str, str]:
+        return {"rank": str(self.rank), "internal_rank": str(self.internal_rank), "block_size": str(self.block_size)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> "OnlineSVD":
         self.U, self.S, self.V = (tensors[n].to(self.device, self.dtype) for n in ("U", "S", "V"))
@@ -234,7 +231,8 @@ class OnlineSVD:
         return self
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "OnlineSVD":
+    def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> "OnlineSVD":
+        """A sketch rebuilt from `save`'s file alone (its settings are in the file's metadata)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

@@ -18,83 +18,123 @@ from . import distributed
 from .config import RunConfig
 from .data import fingerprint
 from .evaluate import evaluate_strategies
-from .experts import strategy_dir, train_experts, trained_strategies
 from .data import validation_ids
-from .inference import ROUTED_STRATEGIES, calibrate_threshold, compute_elrea_centroids, router_dir
+from .experts import train_experts
+from .inference import calibrate_threshold, compute_elrea_centroids
 from .pipeline import cluster, cluster_inputs, load_data, warmup_key
 from .preflight import preflight
 from .report import make_report
 from .router import train_routers
-from .runs import Run, config_hash, new_command, note
+from .runs import Run, Stage, config_hash, new_command
+from .strategies import GENERALIST, get, routed, trained
 
 STEPS = ("cluster", "experts", "router", "evaluate", "report")
+
+
+class CentroidStage(Stage):
+    """The ELREA ensemble's per-cluster mean gradients (w.r.t. the generalist)."""
+    name = "elrea-centroids"
+
+    def __init__(self, run: Run, config: RunConfig, records: list):
+        self.run_dir, self.config, self.records = run, config, records
+
+    def inputs(self) -> dict[str, str]:
+        return {"warm-up": warmup_key(self.config), "clusters": config_hash(cluster_inputs(self.config)),
+                "generalist": str(self.run_dir.stage_entry(f"experts/{GENERALIST}/0").get("key"))}
+
+    def run(self, key: str, record: dict) -> None:
+        compute_elrea_centroids(self.config, self.records)
+        record["outputs"] = ["elrea/centroids.safetensors"]
 
 
 def elrea_centroids(config: RunConfig) -> str:
     """The ensemble's per-cluster mean gradients; returns the stage key (an input of evaluation)."""
     run = Run(config.out)
-    inputs = {"warm-up": warmup_key(config), "clusters": config_hash(cluster_inputs(config)),
-              "generalist": str(run.stage_entry("experts/single/0").get("key"))}
-    key = config_hash(inputs)
-    if run.is_done("elrea-centroids", key, inputs):
-        return key
-    records = load_data(run, config)
-    with run.stage("elrea-centroids", key, inputs) as stage:
-        compute_elrea_centroids(config, records)
-        stage["outputs"] = ["elrea/centroids.safetensors"]
-    return key
+    return run.execute(CentroidStage(run, config, load_data(run, config)))["key"]
+
+
+class ThresholdStage(Stage):
+    """`router.threshold: auto`: the router's threshold chosen on the validation split, after its experts' fall-backs."""
+
+    def __init__(self, run: Run, config: RunConfig, strategy: str, validation: list):
+        self.name = f"threshold/{strategy}"
+        self.run_dir, self.config, self.strategy, self.validation = run, config, strategy, validation
+
+    def inputs(self) -> dict[str, str]:
+        run = self.run_dir
+        return {"router": str(run.stage_entry(f"router/{self.strategy}").get("key")),
+                "experts and fall-backs": config_hash((get(self.strategy).folder(run) / "partition.json").read_text()),
+                "generalist": str(run.stage_entry(f"experts/{GENERALIST}/0").get("key")),
+                "validation records": config_hash(sorted(r.id for r in self.validation))}
+
+    def run(self, key: str, record: dict) -> None:
+        record.update(calibrate_threshold(self.config, self.strategy, self.validation))
+        record["outputs"] = [str((get(self.strategy).router_folder(self.run_dir) / "router.json").relative_to(self.run_dir.root))]
 
 
 def router_thresholds(config: RunConfig, strategies: list[str] | None = None) -> dict:
-    """`router.threshold: auto`: pick each router's threshold on the validation split (after its experts' fall-backs)."""
+    """Each routed strategy's threshold chosen on validation (`router.threshold: auto`; none when it is set by hand)."""
     run = Run(config.out)
     if config.router.threshold != "auto":
         return {}
-    records = None
-    chosen = {}
-    for strategy in [s for s in strategies or config.experts.strategies if s in ROUTED_STRATEGIES]:
-        stage = f"threshold/{strategy}"
-        partition = strategy_dir(run, strategy) / "partition.json"
-        key = config_hash(run.stage_entry(f"router/{strategy}").get("key"), partition.read_text(),
-                          run.stage_entry("experts/single/0").get("key"), config.data.validation_fraction)
-        if not run.is_done(stage, key):
-            records = records or load_data(run, config)
-            held = validation_ids(records, config.data.validation_fraction, config.seed)
-            validation = [r for r in records if r.id in held]
-            if not validation:
-                continue
-            with run.stage(stage, key) as entry:
-                entry.update(calibrate_threshold(config, strategy, validation))
-                entry["outputs"] = [str((router_dir(run, strategy) / "router.json").relative_to(run.root))]
-        chosen[strategy] = run.stage_entry(stage).get("threshold")
-    return chosen
+    records = load_data(run, config)
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    validation = [r for r in records if r.id in held]
+    if not validation:
+        return {}
+    return {strategy: run.execute(ThresholdStage(run, config, strategy, validation)).get("threshold")
+            for strategy in routed(strategies or config.experts.strategies)}
 
 
 def evaluate_inputs(run: Run, config: RunConfig, strategies: list[str], centroids_key: str | None) -> dict[str, str]:
     """What the evaluation reads: its settings, the test data's content, and every adapter, router and centroid it serves with."""
     adapters = {}
-    for strategy in trained_strategies(strategies):
-        groups = json.loads((strategy_dir(run, strategy) / "partition.json").read_text())["groups"]
+    for strategy in trained(strategies):
+        groups = json.loads((get(strategy).folder(run) / "partition.json").read_text())["groups"]
         adapters[strategy] = [run.stage_entry(f"experts/{strategy}/{g}").get("key") for g in groups]
     routers = {s: [run.stage_entry(f"{stage}/{s}").get("key") for stage in ("router", "threshold")]
-               for s in trained_strategies(strategies) if s in ROUTED_STRATEGIES}
+               for s in routed(strategies)}
     return {"strategies": config_hash(strategies), "test data": fingerprint(config.evaluate.data),
             "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
             "model": config_hash(asdict(config.model)), "adapters": config_hash(adapters), "routers": config_hash(routers),
             "elrea centroids": str(centroids_key)}
 
 
+class EvaluateStage(Stage):
+    """Every asked strategy on the test data: NLL, answer accuracy, latency (`eval.json`, `eval.md`)."""
+    name = "evaluate"
+
+    def __init__(self, run: Run, config: RunConfig, strategies: list[str], centroids_key: str | None):
+        self.run_dir, self.config, self.strategies, self.centroids_key = run, config, strategies, centroids_key
+
+    def inputs(self) -> dict[str, str]:
+        return evaluate_inputs(self.run_dir, self.config, self.strategies, self.centroids_key)
+
+    def run(self, key: str, record: dict) -> None:
+        evaluate_strategies(self.config, self.strategies)
+        record["outputs"] = ["eval.json", "eval.md"]
+
+
 def evaluate_stage(config: RunConfig, strategies: list[str]) -> dict:
+    centroids_key = elrea_centroids(config) if any(get(s).needs_cluster_centroids for s in strategies) else None
     run = Run(config.out)
-    centroids_key = elrea_centroids(config) if "elrea-ensemble" in strategies else None
-    inputs = evaluate_inputs(run, config, strategies, centroids_key)
-    key = config_hash(inputs)
-    if run.is_done("evaluate", key, inputs):
-        return json.loads(run.path("eval.json").read_text())
-    with Run(config.out).stage("evaluate", key, inputs) as stage:
-        results = evaluate_strategies(config, strategies)
-        stage["outputs"] = ["eval.json", "eval.md"]
-    return results
+    run.execute(EvaluateStage(run, config, strategies, centroids_key))
+    return json.loads(run.path("eval.json").read_text())
+
+
+class ReportStage(Stage):
+    """Figures and `report.html`: cheap, and they read everything, so they are redrawn every time."""
+    name = "report"
+    always = True
+
+    def __init__(self, run: Run):
+        self.run_dir = run
+
+    def inputs(self) -> dict[str, str]:
+        return {}
+
+    def run(self, key: str, record: dict) -> None:
+        record["outputs"] = [str(f.relative_to(self.run_dir.root)) for f in make_report(self.run_dir.root)]
 
 
 def run_until(config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False) -> dict:
@@ -108,21 +148,18 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
     result: dict = {"cluster": cluster(config)}
     if last == "cluster" or not distributed.is_main():
         return result
-    result["experts"] = train_experts(config, trained_strategies(wanted))
+    result["experts"] = train_experts(config, trained(wanted))
     if last == "experts":
         return result
-    result["router"] = train_routers(config, trained_strategies(wanted))
+    result["router"] = train_routers(config, routed(wanted))
     result["thresholds"] = router_thresholds(config, wanted)
     if last == "router":
         return result
     result["eval"] = evaluate_stage(config, wanted)
     if last == "evaluate":
         return result
-    note("run report: figures and report.html are redrawn every time")
-    with Run(config.out).stage("report", "always") as stage:
-        figures = make_report(config.out)
-        stage["outputs"] = [str(f.relative_to(Run(config.out).root)) for f in figures]
-    result["figures"] = figures
+    run = Run(config.out)
+    result["figures"] = [run.path(p) for p in run.execute(ReportStage(run))["outputs"]]
     return result
 
 

@@ -34,3 +34,30 @@ def test_two_process_run_matches_one_process(tmp_path):
     gram = lambda c: c.double() @ c.double().T
     assert torch.allclose(gram(two["coordinates"]), gram(one["coordinates"]), atol=1e-5)
     assert (tmp_path / "two" / "clusters.jsonl").exists()
+
+
+def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_path):
+    """`torchrun --nproc_per_node 2 … run`: the gradient pass is sharded, rank 0 trains the adapters and evaluates."""
+    from conftest import tiny_run_config
+
+    outputs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "gradientspace.cli"]),
+                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "gradientspace.cli"])):
+        (tmp_path / name).mkdir()
+        # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
+        config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
+        config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
+        result = subprocess.run([*launcher, "run", str(config)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        run = tmp_path / name / "run"
+        outputs[name] = {"clusters": (run / "clusters.jsonl").read_text(), "eval": json.loads((run / "eval.json").read_text())["per_record"],
+                         "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("*/*/*/adapter_model.safetensors")}
+                         | {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("experts/*/adapter_model.safetensors")}}
+    one, two = outputs["one"], outputs["two"]
+    assert two["clusters"] == one["clusters"]
+    assert two["adapters"].keys() == one["adapters"].keys() and len(one["adapters"]) >= 2
+    for name, tensors in one["adapters"].items():
+        assert all(torch.allclose(two["adapters"][name][k], v, atol=1e-6) for k, v in tensors.items()), name
+    for strategy, record in one["eval"].items():
+        assert two["eval"][strategy]["adapter"] == record["adapter"]
+        assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-5), strategy

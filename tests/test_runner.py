@@ -174,3 +174,22 @@ def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypat
     assert "resuming from the checkpoint" not in capsys.readouterr().out
     a, b = (load_file(str(tmp_path / name / "sketch.safetensors"))["coordinates"] for name in ("clean", "run"))
     assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
+
+
+def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_path, capsys):
+    """Asserted from the manifest: the adapters, thresholds and evaluation are redone; data, warm-up, gradients, clusters and routers are not."""
+    from conftest import tiny_run_config
+
+    config = tiny_run_config(tmp_path, ["routed", "single"], evaluate="limit: 4")
+    assert main(["run", str(config)]) == 0
+    before = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert main(["run", str(config), "--set", "experts.learning_rate=0.003"]) == 2  # another config: refused without --overwrite
+    assert "experts.learning_rate 0.001 → 0.003" in capsys.readouterr().err
+    assert main(["run", str(config), "--set", "experts.learning_rate=0.003", "--overwrite"]) == 0
+    after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
+    assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
+    assert {n for n in after if n.startswith("experts/")} | {"threshold/routed", "evaluate", "report"} == redone
+    assert all(after[n]["key"] != before[n]["key"] for n in redone if n != "report")
+    lines = stage_lines(capsys.readouterr().out)
+    assert lines["experts/single/0"].startswith("re-run experts/single/0: training settings changed"), lines

@@ -303,11 +303,11 @@ class Stub:
 
 @pytest.fixture(scope="module")
 def router(run_dir):
-    from gradientspace.inference import router_dir
     from gradientspace.router import Router
+    from gradientspace.strategies import get
 
     run = Run(run_dir)
-    return Router.load(router_dir(run, "routed"), torch.device("cpu"))
+    return Router.load(get("routed").router_folder(run), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["vllm", "sglang"])

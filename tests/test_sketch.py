@@ -90,7 +90,7 @@ def test_save_and_load_round_trip(tmp_path):
     sketch = OnlineSVD(80, rank=4, block_size=16, dtype=torch.float64)
     sketch.add(rows[:40], list(range(40)))  # leaves 8 rows pending
     sketch.save(tmp_path / "s.safetensors")
-    restored = OnlineSVD.load(tmp_path / "s.safetensors")
+    restored = OnlineSVD.from_file(tmp_path / "s.safetensors")
     restored.add(rows[40:], list(range(40, 50)))
     sketch.add(rows[40:], list(range(40, 50)))
     a, b = sketch.result(), restored.result()
@@ -190,7 +190,7 @@ def test_tree_merge_across_three_gloo_ranks_equals_sequential_merge(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     mp.spawn(_tree_merge_worker, args=(3, port, str(tmp_path / "tree.safetensors"), rows, bounds, kwargs), nprocs=3)
-    tree = OnlineSVD.load(tmp_path / "tree.safetensors").result()
+    tree = OnlineSVD.from_file(tmp_path / "tree.safetensors").result()
     shards = [shard_sketch(rows, a, b, **kwargs) for a, b in bounds]
     sequential = shards[0].merge(shards[1]).merge(shards[2]).result()  # the tree's order for three ranks: (0 ← 1) ← 2
     assert torch.equal(tree.indices, sequential.indices)

@@ -20,7 +20,8 @@ from starlette.background import BackgroundTask
 
 from ..config import RunConfig
 from ..inference import GENERALIST_MODEL, ServedAdapter
-from ..router import Router
+from ..router import Router, threshold_override
+from ..strategies import get
 from .backends import BackendError, upstream_model
 from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
 
@@ -100,14 +101,14 @@ def route(config: RunConfig, upstream: str, backend: str) -> None:
     """`gradientspace route RUN`: blocks until interrupted."""
     import uvicorn
 
-    from ..inference import router_dir, served_adapters
+    from ..inference import served_adapters
     from ..models import pick_device
     from ..runs import Run
 
     run = Run(config.out)
     served = served_adapters(run)
     base = upstream_base(upstream, backend, served)
-    router = Router.load(router_dir(run, "routed"), pick_device(config.model.device), threshold=config.router.threshold)
+    router = Router.load(get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config))
     print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
           f"(base {base}); listening on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
     uvicorn.run(create_route_app(router, served, base, upstream, backend), host=config.serve.host, port=config.serve.port, log_level="info")

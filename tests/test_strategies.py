@@ -1,0 +1,51 @@
+"""The strategy registry is the one place a strategy is defined: config, CLI, training, routing and evaluation read it."""
+
+import json
+
+import pytest
+
+from conftest import tiny_run_config
+from gradientspace import strategies
+from gradientspace.cli import main
+from gradientspace.config import ConfigError, load_config
+from gradientspace.strategies import STRATEGIES, RoutedPartition, get, routed, trained
+from gradientspace.workflow import run_all
+
+
+class AlternatingGroups(RoutedPartition):
+    """A strategy the package does not ship: records alternate between two groups."""
+    name, help = "alternating", "records alternate between two groups (a test strategy)"
+
+    def labels(self, run, config, records):
+        return [i % 2 for i in range(len(records))]
+
+
+def test_what_each_strategy_needs_trained():
+    assert trained(["routed"]) == ["single", "routed"]  # the generalist first: experts branch from it
+    assert trained(["gradient-oracle", "elrea-ensemble"]) == ["single", "routed"]  # they serve routed's experts
+    assert routed(["single", "oracle", "gradient-oracle", "random-clusters"]) == ["routed", "random-clusters"]
+    assert [n for n, s in STRATEGIES.items() if s.owner != n] == ["gradient-oracle", "elrea-ensemble"]
+    with pytest.raises(ValueError, match="unknown strategy `nope`"):
+        get("nope")
+
+
+def test_config_and_cli_accept_exactly_the_registry(tmp_path, capsys):
+    for name in STRATEGIES:
+        assert load_config(None, {"experts.strategies": [name]}).experts.strategies == [name]
+    with pytest.raises(ConfigError, match="`experts.strategies`: 'alternating' is not one of routed, single"):
+        load_config(None, {"experts.strategies": ["alternating"]})
+    assert main(["evaluate", str(tmp_path / "none"), "--strategies", "alternating"]) != 0
+    assert "--strategies: 'alternating' is not a strategy" in capsys.readouterr().err
+
+
+def test_a_strategy_added_to_the_registry_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(strategies.STRATEGIES, AlternatingGroups.name, AlternatingGroups())
+    config = load_config(tiny_run_config(tmp_path, ["single", "alternating"], evaluate="limit: 4"))
+    result = run_all(config)
+    partition = json.loads((tmp_path / "run" / "strategies" / "alternating" / "partition.json").read_text())
+    assert partition["groups"] == ["0", "1"]
+    assert (tmp_path / "run" / "strategies" / "alternating" / "router" / "router.json").exists()  # routed: it got its own router
+    assert "alternating" in result["thresholds"]  # and its threshold chosen on validation
+    assert result["eval"]["alternating"]["overall"]["nll"] > 0
+    served = set(result["eval"]["per_record"]["alternating"]["adapter"])
+    assert served <= {"alternating__0", "alternating__1", "single__0"} and served
