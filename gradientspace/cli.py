@@ -136,11 +136,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import make_report
+    """Draws what the run holds so far (a report of a clustered-only run is a useful one), through the runner."""
+    from .runs import Run
+    from .workflow import ReportStage
 
     config_from_run(args.run)  # a missing or corrupt run fails here, in one line
-    for figure in make_report(args.run):
-        print(figure)
+    run = Run(args.run)
+    for figure in run.execute(ReportStage(run))["outputs"]:
+        print(run.path(figure))
     return 0
 
 
