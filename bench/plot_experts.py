@@ -2,8 +2,9 @@
 
 Reads every `bench/results/experts/*.json` (one per data set, size and seed; several files of the
 same run with different arm subsets are merged) and writes `bench/results/experts.md` (mean ± std
-over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI of routed − single
-over test records, pooled over seeds by averaging each record's difference) and
+over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI of routed − single,
+and of routed − random-clusters (the control with the same training but no clustering), over test
+records, pooled over seeds by averaging each record's difference, with the per-seed spread) and
 `bench/results/experts_curve.png` (overall test NLL of routed and single against training records
 per label).
 
@@ -66,14 +67,17 @@ def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
         lines.append(f"| {arm} | {len(runs)} | {overall} | " + " | ".join(per_label_cells) + f" | {mean_std(exact) if exact else '–'} | {fallback} | "
                      f"{compute.get('steps_with_generalist', compute['steps'])} | {compute.get('tokens_with_generalist', compute['tokens'])} | {seconds:.0f} |")
     lines.append("")
-    for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide"):
-        both = [r for r in seeds.values() if arm in r["arms"] and "single" in r["arms"]]
+    # against the generalist, and routed against the control that has the same training but no clustering
+    comparisons = [(arm, "single") for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide")] + [("routed", "random-clusters")]
+    for arm, baseline in comparisons:
+        both = [r for r in seeds.values() if arm in r["arms"] and baseline in r["arms"]]
         if not both:
             continue
-        differences = np.mean([np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"]["single"]["per_record_nll"]) for r in both], axis=0)
-        mean, low, high = paired_bootstrap(differences)
-        lines.append(f"- {arm} − single, test NLL, paired bootstrap over {len(differences)} test records ({len(both)} seed(s) averaged per record): "
-                     f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f})")
+        per_seed = [np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"][baseline]["per_record_nll"]) for r in both]
+        mean, low, high = paired_bootstrap(np.mean(per_seed, axis=0))
+        spread = f"; per seed {mean_std([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
+        lines.append(f"- {arm} − {baseline}, test NLL, paired bootstrap over {len(per_seed[0])} test records ({len(both)} seed(s) averaged per record): "
+                     f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f}){spread}")
     lines.append("")
     return lines
 
