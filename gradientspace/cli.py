@@ -136,14 +136,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Draws what the run holds so far (a report of a clustered-only run is a useful one), through the runner."""
-    from .runs import Run
-    from .workflow import ReportStage
+    """Read-only: draws what the run holds so far, and writes nothing to its manifest (the run may be in progress elsewhere)."""
+    from .report import make_report
 
     config_from_run(args.run)  # a missing or corrupt run fails here, in one line
-    run = Run(args.run)
-    for figure in run.execute(ReportStage(run))["outputs"]:
-        print(run.path(figure))
+    for figure in make_report(args.run):
+        print(figure)
     return 0
 
 
@@ -157,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args, {"out": "out"}))
     started, start = time.time(), time.perf_counter()
     result = run_all(config, overwrite=args.overwrite)
-    if "eval" not in result:  # a non-zero rank of a multi-process run
+    if result.get("eval") is None:  # a non-zero rank of a multi-process run
         return 0
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
 

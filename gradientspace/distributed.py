@@ -4,7 +4,9 @@ The gradient pass is data-parallel: each rank streams its shard of batches into 
 consumers (sketch, projections…), then `tree_merge` folds them together in ⌈log₂ P⌉ rounds of
 point-to-point sends (NCCL on GPUs, gloo on CPUs): in round s, rank r with r mod 2s = s sends its
 state to rank r − s, which merges it. Each round moves one shard state (d×r' + N_shard×r' floats)
-per pair, all pairs at once, and rank 0 ends with everything. Everything else runs on rank 0.
+per pair, all pairs at once, and rank 0 ends with everything. Evaluation is sharded too (each
+rank scores every world-size-th test record, `gather_to_main` brings them to rank 0); the
+warm-up, the adapters, routers and thresholds train on rank 0 while the others wait.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def init() -> None:
         # the other ranks wait at a barrier while rank 0 trains the warm-up adapter, which on a large
         # run takes longer than the default 30-minute collective timeout
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+        if backend == "nccl":  # object collectives (gather_to_main) stage their bytes on the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def barrier() -> None:
@@ -37,6 +41,16 @@ def barrier() -> None:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def gather_to_main(item: Any) -> list[Any] | None:
+    """Every rank's `item`, in rank order, on rank 0 (None elsewhere); `[item]` in a one-process run."""
+    rank, size = world()
+    if size == 1:
+        return [item]
+    gathered = [None] * size if rank == 0 else None
+    torch.distributed.gather_object(item, gathered, dst=0)
+    return gathered
 
 
 def send_tensors(tensors: dict[str, torch.Tensor], dst: int, device: torch.device | str = "cpu") -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import statistics
 
+from . import distributed
 from .config import RunConfig
 from .data import Record, load_records
 from .runs import Run, write_json
@@ -87,8 +88,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, records: list[Record] | None = None,
-                        adapter_epoch: int | None = None, write: bool = True) -> dict:
-    """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content."""
+                        adapter_epoch: int | None = None, write: bool = True) -> dict | None:
+    """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
+
+    Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
+    """
     from .inference import StrategyModel
 
     strategies = strategies or list(config.experts.strategies)
@@ -101,11 +105,13 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     for domain in domains:
         members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
         to_generate.extend(members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain])
+    rank, world = distributed.world()
+    mine = list(range(rank, len(records), world))  # a strided shard: every rank sees every domain
     for strategy in strategies:
-        choices, _ = engine.choose(strategy, records)
-        nll = engine.nll_for_choices(choices, records)
-        generations = engine.generate(strategy, [records[i] for i in to_generate], config.evaluate.max_new_tokens, progress=True) if to_generate else []
-        by_index = dict(zip(to_generate, generations))
+        choices, nll, by_index = _score_sharded(engine, strategy, records, mine, [i for i in to_generate if i % world == rank], config)
+        if not distributed.is_main():
+            continue
+        by_index = {i: by_index[i] for i in to_generate if i in by_index}  # in the order the samples are shown
         table: dict = {}
         for domain in domains + ["overall"]:
             members = [i for i, r in enumerate(records) if domain == "overall" or (r.source or "all") == domain]
@@ -127,12 +133,32 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
         results["latency"][strategy] = latency(engine, strategy, records, config)
         results.setdefault("experts_used", {})[strategy] = experts_used
         results.setdefault("samples", {})[strategy] = [{"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]]
+    if not distributed.is_main():
+        return None
     if write:
         run = Run(config.out)
         name = "eval.json" if adapter_epoch is None else f"eval-epoch-{adapter_epoch}.json"
         write_json(run.path(name), results)
         (run.path(name.replace(".json", ".md"))).write_text(markdown_table(results, strategies))
     return results
+
+
+def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int], generate: list[int], config: RunConfig):
+    """(choice, NLL and generation by test record index) on rank 0, each rank having scored its shard `mine`."""
+    shard = [records[i] for i in mine]
+    choices, _ = engine.choose(strategy, shard)
+    nll = engine.nll_for_choices(choices, shard)
+    generations = engine.generate(strategy, [records[i] for i in generate], config.evaluate.max_new_tokens,
+                                  progress=distributed.is_main()) if generate else []
+    gathered = distributed.gather_to_main((mine, choices, nll, generate, generations))
+    if gathered is None:
+        return None, None, None
+    all_choices, all_nll, by_index = [None] * len(records), [0.0] * len(records), {}
+    for indices, part_choices, part_nll, generated, part_generations in gathered:
+        for i, choice, value in zip(indices, part_choices, part_nll):
+            all_choices[i], all_nll[i] = choice, value
+        by_index.update(zip(generated, part_generations))
+    return all_choices, all_nll, by_index
 
 
 def humaneval(engine, strategy: str, config: RunConfig) -> float:

@@ -16,9 +16,8 @@ from dataclasses import asdict
 
 from . import distributed
 from .config import RunConfig
-from .data import fingerprint
+from .data import fingerprint, validation_ids
 from .evaluate import evaluate_strategies
-from .data import validation_ids
 from .experts import train_experts
 from .inference import calibrate_threshold, compute_elrea_centroids
 from .pipeline import cluster, cluster_inputs, load_data, warmup_key
@@ -115,11 +114,12 @@ class EvaluateStage(Stage):
         record["outputs"] = ["eval.json", "eval.md"]
 
 
-def evaluate_stage(config: RunConfig, strategies: list[str]) -> dict:
+def evaluate_stage(config: RunConfig, strategies: list[str]) -> dict | None:
+    """The evaluation, sharded across ranks under torchrun; its results on rank 0 (None elsewhere)."""
     centroids_key = elrea_centroids(config) if any(get(s).needs_cluster_centroids for s in strategies) else None
     run = Run(config.out)
     run.execute(EvaluateStage(run, config, strategies, centroids_key))
-    return json.loads(run.path("eval.json").read_text())
+    return json.loads(run.path("eval.json").read_text()) if distributed.is_main() else None
 
 
 class ReportStage(Stage):
@@ -140,23 +140,28 @@ class ReportStage(Stage):
 def run_until(config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False) -> dict:
     """Check everything cheap first, then run every stage up to `last` (one of STEPS), skipping finished ones.
 
-    Under torchrun every rank takes its shard of the gradient pass; the later stages run on rank 0.
+    Under torchrun every rank takes its shard of the gradient pass and of the evaluation; the
+    warm-up, adapters, routers and thresholds train on rank 0 (one-process Trainer jobs) while
+    the other ranks wait, and the report is drawn by rank 0.
     """
     new_command()
     wanted = list(strategies or config.experts.strategies)
     preflight(config, evaluate=STEPS.index(last) >= STEPS.index("evaluate"), overwrite=overwrite)
     result: dict = {"cluster": cluster(config)}
-    if last == "cluster" or not distributed.is_main():
+    if last == "cluster":
         return result
-    result["experts"] = train_experts(config, trained(wanted))
-    if last == "experts":
+    if distributed.is_main():
+        result["experts"] = train_experts(config, trained(wanted))
+        if STEPS.index(last) >= STEPS.index("router"):
+            result["router"] = train_routers(config, routed(wanted))
+            result["thresholds"] = router_thresholds(config, wanted)
+        if STEPS.index(last) >= STEPS.index("evaluate") and any(get(s).needs_cluster_centroids for s in wanted):
+            elrea_centroids(config)
+    if last in ("experts", "router"):
         return result
-    result["router"] = train_routers(config, routed(wanted))
-    result["thresholds"] = router_thresholds(config, wanted)
-    if last == "router":
-        return result
+    distributed.barrier()  # the other ranks wait here while rank 0 trains, then score their shard of the test data
     result["eval"] = evaluate_stage(config, wanted)
-    if last == "evaluate":
+    if last == "evaluate" or not distributed.is_main():
         return result
     run = Run(config.out)
     result["figures"] = [run.path(p) for p in run.execute(ReportStage(run))["outputs"]]

@@ -37,7 +37,7 @@ def test_two_process_run_matches_one_process(tmp_path):
 
 
 def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_path):
-    """`torchrun --nproc_per_node 2 … run`: the gradient pass is sharded, rank 0 trains the adapters and evaluates."""
+    """`torchrun --nproc_per_node 2 … run`: the gradient pass and the evaluation are sharded, rank 0 trains the adapters."""
     from conftest import tiny_run_config
 
     outputs = {}
@@ -60,4 +60,5 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
         assert all(torch.allclose(two["adapters"][name][k], v, atol=1e-6) for k, v in tensors.items()), name
     for strategy, record in one["eval"].items():
         assert two["eval"][strategy]["adapter"] == record["adapter"]
-        assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-5), strategy
+        # scored in other batches (other padding) than one process does: equal up to float rounding
+        assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), strategy

@@ -183,9 +183,9 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_
     config = tiny_run_config(tmp_path, ["routed", "single"], evaluate="limit: 4")
     assert main(["run", str(config)]) == 0
     before = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
-    assert main(["run", str(config), "--set", "experts.learning_rate=0.003"]) == 2  # another config: refused without --overwrite
-    assert "experts.learning_rate 0.001 → 0.003" in capsys.readouterr().err
-    assert main(["run", str(config), "--set", "experts.learning_rate=0.003", "--overwrite"]) == 0
+    capsys.readouterr()
+    # a section after the clustering may change on an existing run (no --overwrite needed): its stages re-run
+    assert main(["run", str(config), "--set", "experts.learning_rate=0.003"]) == 0
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
     assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
