@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from . import distributed, runs
 from .config import RunConfig
 from .data import Record, tokenize, validation_ids
 from .models import LoadedModel
@@ -112,45 +113,98 @@ class AdapterStage(Stage):
         record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(self.run_dir.root))])
 
 
-def train_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, model: ModelOnDemand) -> dict:
-    """Train (or resume, or skip) every adapter of one strategy, deciding keep-or-fall-back; returns its summary."""
+def partition_groups(run: Run, config: RunConfig, records: list[Record], strategy: str) -> tuple[list[int], dict[str, tuple[list, list]]]:
+    """(group of each training record, group name → (its training part, its validation share))."""
     labels, names = get(strategy).partition(run, config, records)
-    folder = get(strategy).folder(run)
     held = validation_ids(records, config.data.validation_fraction, config.seed)
-    branch = config.experts.init == "generalist" and not get(strategy).one_adapter
-    summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {}, "fallback": []}
+    groups = {}
     for group, name in enumerate(names):
         members = [r for r, l in zip(records, labels) if l == group]
-        train = [r for r in members if r.id not in held]
-        validation = [r for r in members if r.id in held]
+        groups[name] = ([r for r in members if r.id not in held], [r for r in members if r.id in held])
+    return labels, groups
+
+
+def summarize_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, labels: list[int],
+                       groups: dict[str, tuple[list, list]]) -> dict:
+    """Keep or fall back per group, from the adapters' manifest entries; writes `partition.json`. Rank 0 only."""
+    branch = config.experts.init == "generalist" and not get(strategy).one_adapter
+    names = list(groups)
+    summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {}, "fallback": []}
+    for name, (train, _) in groups.items():
         if not train:
             summary["experts"][name] = {"samples": 0, "kept": False}
             summary["fallback"].append(name)
             continue
-        entry = run.execute(AdapterStage(run, config, strategy, name, train, validation, model, branch))
+        entry = run.stage_entry(f"experts/{strategy}/{name}")
         before, after = entry.get("initial_eval_loss"), entry.get("best_eval_loss")
         # Only a branch can lose to where it started; the generalist and fixed-budget adapters are always kept.
         kept = not branch or config.experts.equal_budget or before is None or after is None or after < before
         summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
-                                                               "train_seconds", "initial_eval_loss", "best_eval_loss")}
+                                                               "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
         summary["experts"][name]["kept"] = kept
         if not kept:
             summary["fallback"].append(name)
-    write_json(folder / "partition.json", {"strategy": strategy, "groups": names, "fallback": summary["fallback"],
-                                           "assignment": {r.id: l for r, l in zip(records, labels)}})
+    write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "fallback": summary["fallback"],
+                                                              "assignment": {r.id: l for r, l in zip(records, labels)}})
     return summary
 
 
+def spread_over_ranks() -> bool:
+    """Whether, under torchrun, each rank trains its share of the adapters (else rank 0 trains them all while the others wait).
+
+    Trainer runs one-process jobs here (each adapter is small; DDP would synchronise every step for
+    nothing), and in that mode it puts the model on cuda:0 and splits batches over every GPU the
+    process sees. So adapters are spread only where that is the rank's own device: on CPUs, or
+    where each process sees one GPU (e.g. CUDA_VISIBLE_DEVICES set per rank by the launcher).
+    """
+    return distributed.world()[1] > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() == 1)
+
+
 def train_experts(config: RunConfig, strategies: list[str] | None = None) -> dict:
-    """`gradientspace train-experts RUN`: the Python API. The model is loaded only if some adapter must train."""
+    """`gradientspace train-experts RUN`: the Python API. The model is loaded only if some adapter must train.
+
+    The generalist trains first (every expert branches from it); then every other adapter, under
+    torchrun spread round-robin over the ranks (`spread_over_ranks`). Each rank writes only its own
+    adapters' folders; rank 0 writes their manifest entries (gathered from the ranks), decides
+    keep-or-fall-back and returns the summaries (the other ranks return {}).
+    """
     run = Run(config.out)
     records = load_data(run, config)
-    summaries = {}
+    wanted = trained(strategies or config.experts.strategies)
     model = ModelOnDemand(config)
-    for strategy in trained(strategies or config.experts.strategies):
-        wide = get(strategy).wide
-        own_model = ModelOnDemand(replace(config, model=wide_model_config(config, cluster_count(run)))) if wide else model
-        summaries[strategy] = train_strategy(run, config, records, strategy, own_model)
+    models = {s: ModelOnDemand(replace(config, model=wide_model_config(config, cluster_count(run)))) if get(s).wide else model for s in wanted}
+    partitions = {s: partition_groups(run, config, records, s) for s in wanted}
+    jobs = [(s, name) for s in wanted for name, (train, _) in partitions[s][1].items() if train]
+
+    def execute(job: tuple[str, str]) -> dict:
+        strategy, name = job
+        train, validation = partitions[strategy][1][name]
+        branch = config.experts.init == "generalist" and not get(strategy).one_adapter
+        return run.execute(AdapterStage(run, config, strategy, name, train, validation, models[strategy], branch))
+
+    rank, world = distributed.world()
+    spread = spread_over_ranks()
+    if distributed.is_main():
+        execute(jobs[0])  # the generalist: `trained` puts it first
+    if spread:
+        distributed.barrier()
+        run.reload()  # the generalist's key: the experts' starting point
+        ran = {f"experts/{s}/{n}": {**execute((s, n)), "rank": rank} for i, (s, n) in enumerate(jobs[1:]) if i % world == rank}
+        gathered = distributed.gather_to_main(ran)
+        if not distributed.is_main():
+            return {}
+        for other, entries in enumerate(gathered[1:], start=1):
+            for stage, entry in entries.items():
+                if entry.get("key") != run.stage_entry(stage).get("key") or not run.stage_entry(stage).get("done"):
+                    runs.note(f"{stage}: trained on rank {other}")
+                    run.record_stage(stage, entry)
+    elif distributed.is_main():
+        for job in jobs[1:]:
+            execute(job)
+    else:
+        return {}
+    summaries = {s: summarize_strategy(run, config, records, s, *partitions[s]) for s in wanted}
+    run.reload()
     run.manifest.setdefault("experts", {}).update(summaries)
     run.save()
     return summaries

@@ -216,16 +216,19 @@ class Run:
         previous = self.manifest["stages"].get(stage, {})
         if previous.get("key") == key:
             record["seconds_before_resume"] = previous.get("seconds", 0) + previous.get("seconds_before_resume", 0)
-        self._record(stage, {**record, "done": False})
+        self.record_stage(stage, {**record, "done": False})
         yield record
         record["seconds"] = round(time.perf_counter() - start, 2)
         record.update(peak_memory_mb())
         record["done"] = True
         record["finished_at"] = time.time()  # lets `run` tell stages it ran from stages it skipped
-        self._record(stage, record)
+        self.record_stage(stage, record)
 
-    def _record(self, stage: str, entry: dict[str, Any]) -> None:
-        """Write one stage's entry over the manifest as it is on disk now, so no other stage's entry is lost."""
+    def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
+        """Write one stage's entry over the manifest as it is on disk now, so no other stage's entry is lost.
+
+        Rank 0 writes; a stage another rank ran reaches the manifest when rank 0 records its gathered entry.
+        """
         if distributed.is_main():
             self.reload()
         self.manifest["stages"][stage] = entry

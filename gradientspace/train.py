@@ -122,9 +122,10 @@ def _quiet_progress(trainer) -> None:
 def _one_process() -> Iterator[None]:
     """Let Trainer see a one-process job even under torchrun.
 
-    The pipeline shards only the gradient pass; adapters train on rank 0 while the other ranks
-    wait at a barrier, so Trainer must not wrap the model in DDP (its first collective would wait
-    for ranks that never join). accelerate decides from these variables, once per process.
+    Every adapter is one rank's own job (rank 0 trains the warm-up and the generalist while the
+    others wait; the experts are spread over the ranks), so Trainer must not wrap the model in DDP
+    (its first collective would wait for ranks that never join). accelerate decides from these
+    variables, once per process.
     """
     names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}

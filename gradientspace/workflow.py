@@ -140,9 +140,10 @@ class ReportStage(Stage):
 def run_until(config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False) -> dict:
     """Check everything cheap first, then run every stage up to `last` (one of STEPS), skipping finished ones.
 
-    Under torchrun every rank takes its shard of the gradient pass and of the evaluation; the
-    warm-up, adapters, routers and thresholds train on rank 0 (one-process Trainer jobs) while
-    the other ranks wait, and the report is drawn by rank 0.
+    Under torchrun every rank takes its shard of the gradient pass, of the adapters after the
+    generalist (`experts.spread_over_ranks`) and of the evaluation; the warm-up, the generalist,
+    routers and thresholds train on rank 0 (one-process Trainer jobs) while the other ranks wait,
+    and the report is drawn by rank 0.
     """
     new_command()
     wanted = list(strategies or config.experts.strategies)
@@ -150,8 +151,8 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
     result: dict = {"cluster": cluster(config)}
     if last == "cluster":
         return result
+    result["experts"] = train_experts(config, trained(wanted))  # every rank: the adapters are spread over them
     if distributed.is_main():
-        result["experts"] = train_experts(config, trained(wanted))
         if STEPS.index(last) >= STEPS.index("router"):
             result["router"] = train_routers(config, routed(wanted))
             result["thresholds"] = router_thresholds(config, wanted)

@@ -37,7 +37,7 @@ def test_two_process_run_matches_one_process(tmp_path):
 
 
 def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_path):
-    """`torchrun --nproc_per_node 2 … run`: the gradient pass and the evaluation are sharded, rank 0 trains the adapters."""
+    """`torchrun --nproc_per_node 2 … run`: the gradient pass, the experts and the evaluation are spread over the two ranks."""
     from conftest import tiny_run_config
 
     outputs = {}
@@ -50,11 +50,16 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
         result = subprocess.run([*launcher, "run", str(config)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
         assert result.returncode == 0, result.stderr[-2000:]
         run = tmp_path / name / "run"
+        stages = json.loads((run / "manifest.json").read_text())["stages"]
         outputs[name] = {"clusters": (run / "clusters.jsonl").read_text(), "eval": json.loads((run / "eval.json").read_text())["per_record"],
+                         "ranks": {stage: entry.get("rank", 0) for stage, entry in stages.items() if stage.startswith("experts/")},
                          "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("*/*/*/adapter_model.safetensors")}
                          | {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("experts/*/adapter_model.safetensors")}}
     one, two = outputs["one"], outputs["two"]
     assert two["clusters"] == one["clusters"]
+    # the generalist on rank 0, then the experts round-robin: rank 1 trained some, and every one is in rank 0's manifest
+    assert two["ranks"].keys() == one["ranks"].keys() and two["ranks"]["experts/single/0"] == 0
+    assert set(two["ranks"].values()) == {0, 1} and set(one["ranks"].values()) == {0}
     assert two["adapters"].keys() == one["adapters"].keys() and len(one["adapters"]) >= 2
     for name, tensors in one["adapters"].items():
         assert all(torch.allclose(two["adapters"][name][k], v, atol=1e-6) for k, v in tensors.items()), name
