@@ -29,10 +29,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (d, samples, block size). An update costs `sketch_flops(d, r', m)`, so N shrinks as d grows to keep
-# the bench near 20 minutes on 2 shared cores, and the block shrinks at 20 M so that U + two blocks fit
-# beside other jobs; the long stream at small d shows the N-dependence (V's rotation) and the drift.
-SKETCH_CASES = {16_000: (16_000, 10_000, 64), 1_000_000: (1_000_000, 256, 64), 5_000_000: (5_000_000, 128, 32),
-                20_000_000: (20_000_000, 80, 16)}
+# the bench near 20 minutes on 2 cores, and the block shrinks at 20 M so that U + three blocks fit in
+# 24 GiB; the long stream at small d (N = 50 000) shows the N-dependence (V's rotation) and the drift.
+SKETCH_CASES = {16_000: (16_000, 50_000, 64), 1_000_000: (1_000_000, 256, 64), 5_000_000: (5_000_000, 128, 32),
+                20_000_000: (20_000_000, 128, 16)}
 INTERNAL_RANK = 64
 
 
@@ -381,32 +381,42 @@ def plan_markdown(details: dict, measured: dict) -> str:
     sketch = [c for c in measured.get("sketch", []) if "error" not in c]
     if sketch:
         lines += ["", "Sketch (float32, r' = 64), synthetic stream with 100 directions σ_j = 1/j over a full-rank noise floor:", "",
-                  "| d | N (timed) | block m | s / 1000 samples | peak RSS (GiB) | U+V+blocks (GiB) | ‖UᵀU − I‖ end of stream | after `result()` |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| d | N (timed) | block m | s / 1000 samples | peak RSS (GiB) | U+V+blocks (GiB) | ‖UᵀU − I‖ end of stream | after `result()` | load before / after |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {c['dim']:,} | {c['samples']} ({c['timed_samples']}) | {c['block_size']} | {c['seconds_per_1000_samples']} | {c['peak_rss_gib']} | "
-                  f"{c['model_bytes_gib']} | {c['orthogonality_error_end_of_stream']:.1e} | {c['orthogonality_error_result']:.1e} |" for c in sketch]
+                  f"{c['model_bytes_gib']} | {c['orthogonality_error_end_of_stream']:.1e} | {c['orthogonality_error_result']:.1e} | {_load(c)} |" for c in sketch]
     loader = [c for c in measured.get("loader", []) if "error" not in c] if isinstance(measured.get("loader"), list) else []
     if loader:
-        lines += ["", "Loader, synthetic JSONL:", "", "| mode | records | seconds | peak RSS (GiB) | notes |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "Loader, synthetic JSONL:", "", "| mode | records | seconds | peak RSS (GiB) | notes | load before / after |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for c in loader:
             if c["mode"] == "python-list":
-                lines.append(f"| list of parsed records (previous shape) | {c['records']:,} | {c['load_seconds']} | {c['peak_rss_gib']} | |")
+                lines.append(f"| list of parsed records (previous shape) | {c['records']:,} | {c['load_seconds']} | {c['peak_rss_gib']} | | {_load(c)} |")
             else:
                 lines.append(f"| `datasets` → Arrow (validate) | {c['records']:,} | {c['load_seconds']} | {c['peak_rss_gib']} (workers ≤ {c['worker_peak_rss_gib']}) | "
                              f"{c['num_proc']} processes; tokenising {c['tokenized_records']:,} took {c['tokenize_seconds']} s "
-                             f"({c['tokenize_ms_per_record_per_process']} ms/record/process); cached reload {c['cached_reload_seconds']} s |")
+                             f"({c['tokenize_ms_per_record_per_process']} ms/record/process); cached reload {c['cached_reload_seconds']} s | {_load(c)} |")
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- driver
 
+def _load(case: dict) -> str:
+    """The 1-minute load average around a case, or the shared-machine load of the cases measured before it was recorded."""
+    before_after = case.get("load_average_1min_before_after")
+    return " / ".join(str(v) for v in before_after) if before_after else "10–14 (shared)"
+
+
 def child(part: str, spec: dict) -> dict:
     """Run one case in a fresh interpreter (its own peak RSS); returns its JSON."""
     env = {**os.environ, "PYTHONPATH": str(RESULTS.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, "--child", part, json.dumps(spec)], capture_output=True, text=True, env=env)
+    # the timings move with what else runs on the cores: each case says how busy they were
+    load = {"load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}", **spec}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}", **spec, **load}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), **load}
 
 
 def main() -> None:
@@ -426,8 +436,8 @@ def main() -> None:
     out_file = RESULTS / "scale.json"
     results = json.loads(out_file.read_text()) if out_file.exists() else {}
     parts = args.parts.split(",")
-    results["machine"] = {"cpus": os.cpu_count(), "note": "2 CPU cores shared with other jobs (load average 10–14 during the run): "
-                          "timings are several times slower than an idle machine; no GPU in this session"}
+    results["machine"] = {"cpus": os.cpu_count(), "note": "CPU only, no GPU in these sessions; each case records the 1-minute load average "
+                          "before and after it (cases without it ran beside other jobs at load 10–14, several times slower than idle)"}
 
     def save() -> None:
         """After every part, so a stopped run keeps what it measured; re-read first, so that runs of
