@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .config import ConfigError, config_from_run, load_config
-from .strategies import GENERALIST, STRATEGIES
+from .strategies import GENERALIST, STRATEGIES, get
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -87,7 +87,8 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
     _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies", "epochs": "experts.epochs"})
     for strategy, summary in run_until(config, "experts", overwrite=args.overwrite).get("experts", {}).items():
-        print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}")
+        fallback = "" if get(strategy).one_adapter else f"  fell back to the generalist {summary['fallback'] or 'none'}"
+        print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}{fallback}")
     print(f"experts: {config.out}/experts/<k>/ (peft adapter folders); baselines: {config.out}/strategies/")
     return 0
 

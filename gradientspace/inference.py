@@ -247,7 +247,7 @@ class StrategyModel:
         by_adapter: dict[str | None, list[int]] = {}
         for i, choice in enumerate(choices):
             by_adapter.setdefault(choice.single_adapter, []).append(i)
-        bar = tqdm(total=len(records), desc=f"generate ({strategy})", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(records), desc=f"generate ({strategy})", dynamic_ncols=True, **({} if progress else {"disable": True}))
         for adapter, members in by_adapter.items():
             step = batch_size if adapter is not None else 1
             for start in range(0, len(members), step):

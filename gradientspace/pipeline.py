@@ -262,7 +262,9 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
             note(f"gradients: resuming from the checkpoint after batch {start}")
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
     progress = tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine[:start]), desc=f"gradients ({config.gradients.tokens})",
-                    unit="sample", dynamic_ncols=True, disable=not distributed.is_main() and world_size > 1)
+                    unit="sample", dynamic_ncols=True,
+                    # only rank 0 shows it; left unset on rank 0 so that TQDM_DISABLE=1 still hides it
+                    **({"disable": True} if not distributed.is_main() else {}))
     every = config.gradients.checkpoint_every or default_checkpoint_every(len(mine))
     for number, indices, grads, losses in stream_gradients(loaded.model, mine, loaded.tokenizer.pad_token_id, loaded.device,
                                                            adam, config.gradients.normalize, start=start, progress=progress,
