@@ -356,9 +356,9 @@ def plan_markdown(details: dict, measured: dict) -> str:
               f"= {details['sketch_flops_per_sample'] / 1e9:.1f} GFLOP; on the CPU here it measured "
               + ", ".join(f"{v:.3g} s/sample at d = {k:,}" for k, v in sorted(details["cpu_sketch_seconds_per_sample_measured"].items()))
               + " (implied " + ", ".join(f"{v} GFLOPS" for v in details["cpu_implied_gflops"].values())
-              + "). The CPU rates are not a GPU predictor (they moved with the machine's load, 10–14 on 2 cores, "
-              "while each case ran); the GPU row is the flop count at the stated rate, and the CPU runs check the "
-              "memory and the orthogonality, which do not depend on the load; "
+              + ") on 2 idle cores (the load average around each case is in the table below). The CPU rates are not "
+              "a GPU predictor: the GPU row is the flop count at the stated rate, and the CPU runs check the time's "
+              "scaling in d, the memory and the orthogonality; "
               "it overlaps with the next batch's backward on another CUDA stream or runs after it (counted serially here).", "",
               "Merge: ⌈log₂ P⌉ rounds of `tree_merge`; each moves one shard state (U: d·r'·4 bytes, V: N/P·r'·4) "
               "and does one update with m = r', then rank 0 holds V for all N (N·r'·4 = "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -204,7 +205,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8931)
     args = parser.parse_args()
 
-    run = make_run(args.run, args.per_source)
+    with contextlib.redirect_stdout(sys.stderr):  # the runner's skip / run lines; stdout is the JSON
+        run = make_run(args.run, args.per_source)
     # every round keeps all clients busy: at least `clients` requests per round
     needed = {clients: max(args.requests, clients * args.rounds) for clients in args.concurrency}
     records, _ = load_records("mix4-packaged:test", per_source=-(-max(needed.values()) // 4), seed=0)
