@@ -4,7 +4,8 @@ Reads every `bench/results/experts/*.json` (one per data set, size and seed; sev
 same run with different arm subsets are merged) and writes `bench/results/experts.md` (mean ± std
 over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI of routed − single,
 and of routed − random-clusters (the control with the same training but no clustering), over test
-records, pooled over seeds by averaging each record's difference, with the per-seed spread) and
+records, pooled over seeds by averaging each record's difference, with the per-seed spread and a
+t-interval over seeds) and
 `bench/results/experts_curve.png` (overall test NLL of routed and single against training records
 per label).
 
@@ -44,6 +45,15 @@ def paired_bootstrap(differences: np.ndarray, samples: int = 10000, seed: int = 
     return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def seed_interval(per_seed: list[float]) -> str:
+    """The 95 % t-interval over seeds: the bootstrap above pools seeds per record, so it leaves out how much
+    a whole run (its data sample, its generalist's early stop) moves the difference."""
+    from scipy import stats
+
+    mean, half = statistics.mean(per_seed), stats.t.ppf(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / len(per_seed) ** 0.5
+    return f"95 % t-interval over seeds {mean - half:+.4f} … {mean + half:+.4f}"
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -54,7 +64,7 @@ def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
     arms = [a for a in ORDER if any(a in r["arms"] for r in seeds.values())]
     labels = [l for l in next(iter(seeds.values()))["arms"][arms[0]]["by_label"] if l != "overall"]
     lines = [f"### {dataset}, {per_label} training records per label (seeds {sorted(seeds)})", "",
-             "| arm | seeds | overall NLL | " + " | ".join(labels) + " | exact match (short answers) | fell back | steps | tokens | train s (with generalist) |",
+             "| arm | seeds | overall NLL | " + " | ".join(labels) + " | exact match (short answers) | fell back | steps | tokens | train s (with generalist; mean over seeds) |",
              "| --- | ---: | ---: |" + " ---: |" * len(labels) + " --- | --- | ---: | ---: | ---: |"]
     for arm in arms:
         runs = [r["arms"][arm] for r in seeds.values() if arm in r["arms"]]
@@ -62,10 +72,13 @@ def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
         per_label_cells = [mean_std([a["by_label"][l]["nll"] for a in runs]) for l in labels]
         exact = [a["by_label"][l].get("exact_match") for a in runs for l in labels if a["by_label"][l].get("exact_match") is not None]
         fallback = "; ".join(",".join(a.get("fallback", [])) or "none" for a in runs) if arm not in ("single", "single-wide") else "–"
-        compute = runs[0]["compute"]
-        seconds = compute.get("train_seconds_with_generalist", compute.get("train_seconds"))
+        # compute per seed (the generalist's early stop differs between seeds), shown as the mean over seeds
+        compute = [a["compute"] for a in runs]
+        steps = statistics.mean(c.get("steps_with_generalist", c["steps"]) for c in compute)
+        tokens = statistics.mean(c.get("tokens_with_generalist", c["tokens"]) for c in compute)
+        seconds = statistics.mean(c.get("train_seconds_with_generalist", c.get("train_seconds")) for c in compute)
         lines.append(f"| {arm} | {len(runs)} | {overall} | " + " | ".join(per_label_cells) + f" | {mean_std(exact) if exact else '–'} | {fallback} | "
-                     f"{compute.get('steps_with_generalist', compute['steps'])} | {compute.get('tokens_with_generalist', compute['tokens'])} | {seconds:.0f} |")
+                     f"{steps:.0f} | {tokens:.0f} | {seconds:.0f} |")
     lines.append("")
     # against the generalist, and routed against the control that has the same training but no clustering
     comparisons = [(arm, "single") for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide")] + [("routed", "random-clusters")]
@@ -75,7 +88,7 @@ def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
             continue
         per_seed = [np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"][baseline]["per_record_nll"]) for r in both]
         mean, low, high = paired_bootstrap(np.mean(per_seed, axis=0))
-        spread = f"; per seed {mean_std([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
+        spread = f"; per seed {mean_std([float(d.mean()) for d in per_seed])}, {seed_interval([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
         lines.append(f"- {arm} − {baseline}, test NLL, paired bootstrap over {len(per_seed[0])} test records ({len(both)} seed(s) averaged per record): "
                      f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f}){spread}")
     lines.append("")

@@ -219,17 +219,19 @@ def synthetic_jsonl(records: int) -> Path:
 
 
 def loader_case(records: int, num_proc: int, mode: str, tokenize_records: int = 5_000) -> dict:
-    """`datasets`: validate into Arrow, tokenise the first `tokenize_records` (the chat template and
-    tokenizer cost ~1 ms per record on this loaded CPU, so all 1 M would take most of an hour; the
-    per-record rate is reported), then a cached reload; `python-list`: the previous loader's shape,
-    one parsed `Record` per line held in a list (for the memory comparison)."""
+    """`datasets`: validate into Arrow from an empty cache, tokenise the first `tokenize_records`
+    (`--tokenize-records`; the chat template and tokenizer cost ~0.6 ms per record per process on
+    idle cores), then a cached reload; `python-list`: the previous loader's shape, one parsed
+    `Record` per line held in a list (for the memory comparison)."""
     import resource
+    import shutil
 
     from gradientspace.data import _parse_record, load_dataset_records, tokenize_dataset
     from gradientspace.models import load_tokenizer
 
     path = synthetic_jsonl(records)
     cache = str(path.with_suffix(".datasets"))
+    shutil.rmtree(cache, ignore_errors=True)  # a cache left by an earlier run would make the first load a reload
     reset_peak_rss()
     t0 = time.perf_counter()
     if mode == "python-list":
@@ -426,6 +428,7 @@ def main() -> None:
     parser.add_argument("--sketch-dims", default=",".join(str(d) for d in SKETCH_CASES))
     parser.add_argument("--engine-variants", default="plain,previous,new,new+checkpointing")
     parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--tokenize-records", type=int, default=5_000, help="records the loader case tokenises (all: the same as --loader-records)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -464,8 +467,8 @@ def main() -> None:
             child("engine", {"variant": v, "dtype": "float32", "targets": "qkvo", "batch_size": 4, "max_length": 128}) for v in variants]
         save()
     if "loader" in parts:
-        results["loader"] = [child("loader", {"records": args.loader_records, "num_proc": args.num_proc, "mode": mode})
-                             for mode in ("python-list", "datasets")]
+        results["loader"] = [child("loader", {"records": args.loader_records, "num_proc": args.num_proc, "mode": mode,
+                                              "tokenize_records": args.tokenize_records}) for mode in ("python-list", "datasets")]
         save()
     if "plan" in parts:
         results["plan"], markdown = plan(results)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from gradientspace.config import config_from_run, load_config
+from gradientspace.config import ServeConfig, config_from_run, load_config
 from gradientspace.data import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,10 @@ def interleaved(url: str, prompts: list[str], clients: int, max_tokens: int, rou
     return merged
 
 
-def start_server(run: Path, port: int) -> subprocess.Popen:
+def start_server(run: Path, port: int, batch_window_ms: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "gradientspace.cli", "serve", str(run), "--port", str(port)], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "gradientspace.cli", "serve", str(run), "--port", str(port),
+                               "--set", f"serve.batch_window_ms={batch_window_ms}"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="in-process decodes per way (the fastest counts)")
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--batch-window-ms", type=float, default=ServeConfig.batch_window_ms,
+                        help="how long the server waits for more requests to join a batch (serve.batch_window_ms)")
     args = parser.parse_args()
 
     with contextlib.redirect_stdout(sys.stderr):  # the runner's skip / run lines; stdout is the JSON
@@ -212,8 +215,9 @@ def main() -> None:
     records, _ = load_records("mix4-packaged:test", per_source=-(-max(needed.values()) // 4), seed=0)
     prompts = [r.messages[-1]["content"] for r in records]
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(run, args.port)
+    server = start_server(run, args.port, args.batch_window_ms)
     results: dict = {"model": "smollm2-135m", "run": str(args.run), "max_tokens": args.max_tokens, "cpu_threads": os.cpu_count(),
+                     "batch_window_ms": args.batch_window_ms,
                      "modes": {"routed": "model=gradientspace: routed, experts mixed in a batch", "single": "model=generalist: every request on one adapter"}}
     try:
         asyncio.run(load(url, "gradientspace", prompts[:4], 4, 4))  # untimed warm-up
