@@ -4,8 +4,8 @@ Reads every `bench/results/experts/*.json` (one per data set, size and seed; sev
 same run with different arm subsets are merged) and writes `bench/results/experts.md` (mean ± std
 over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI of routed − single,
 and of routed − random-clusters (the control with the same training but no clustering), over test
-records, pooled over seeds by averaging each record's difference, with the per-seed spread and a
-t-interval over seeds) and
+records, pooled over seeds by averaging each record's difference, with the per-seed spread, a
+t-interval over seeds and each seed's own CI of routed − single) and
 `bench/results/experts_curve.png` (overall test NLL of routed and single against training records
 per label).
 
@@ -91,6 +91,9 @@ def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
         spread = f"; per seed {mean_std([float(d.mean()) for d in per_seed])}, {seed_interval([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
         lines.append(f"- {arm} − {baseline}, test NLL, paired bootstrap over {len(per_seed[0])} test records ({len(both)} seed(s) averaged per record): "
                      f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f}){spread}")
+        if len(per_seed) > 1 and (arm, baseline) == ("routed", "single"):  # which runs carry the mean
+            cells = [f"seed {r['seed']} {m:+.4f} ({lo:+.4f} … {hi:+.4f})" for r, (m, lo, hi) in zip(both, map(paired_bootstrap, per_seed))]
+            lines.append("  - each seed alone: " + "; ".join(cells))
     lines.append("")
     return lines
 
