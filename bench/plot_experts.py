@@ -6,8 +6,9 @@ over seeds per arm, per label; compute; fall-backs; the paired bootstrap 95 % CI
 and of routed − random-clusters (the control with the same training but no clustering), over test
 records, pooled over seeds by averaging each record's difference, with the per-seed spread, a
 t-interval over seeds and each seed's own CI of routed − single) and
-`bench/results/experts_curve.png` (overall test NLL of routed and single against training records
-per label).
+`bench/results/experts_curve.png` (top: overall test NLL of routed and single against training
+records per label; bottom: routed − single with its record-bootstrap 95 % CI, so a reader sees
+where, if anywhere, the curves cross).
 
     python bench/plot_experts.py
 """
@@ -109,20 +110,35 @@ def main() -> None:
         lines.extend(table(dataset, per_label, seeds))
     (args.out / "experts.md").write_text("\n".join(lines) + "\n")
     datasets = sorted({d for d, _ in runs})
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
+    figure, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7), squeeze=False, sharex=True)
+    for column, dataset in enumerate(datasets):
+        sizes = sorted((per_label, seeds) for (d, per_label), seeds in runs.items() if d == dataset)
+        axis = axes[0][column]
         for arm, style in (("single", "o-"), ("routed", "s-"), ("random-clusters", "^--")):
-            points = sorted((per_label, [r["arms"][arm]["by_label"]["overall"]["nll"] for r in seeds.values() if arm in r["arms"]])
-                            for (d, per_label), seeds in runs.items() if d == dataset)
+            points = [(x, [r["arms"][arm]["by_label"]["overall"]["nll"] for r in seeds.values() if arm in r["arms"]]) for x, seeds in sizes]
             points = [(x, ys) for x, ys in points if ys]
             if points:
                 axis.errorbar([x for x, _ in points], [statistics.mean(ys) for _, ys in points],
                               yerr=[statistics.stdev(ys) if len(ys) > 1 else 0 for _, ys in points], fmt=style, label=arm, capsize=3)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("training records per label")
-        axis.set_ylabel("test NLL (mean over seeds)")
+        axis.set_ylabel("test NLL (mean ± std over seeds)")
         axis.set_title(dataset)
         axis.legend()
+        axis = axes[1][column]
+        differences = []
+        for x, seeds in sizes:
+            both = [r for r in seeds.values() if "routed" in r["arms"] and "single" in r["arms"]]
+            if both:
+                per_record = np.mean([np.array(r["arms"]["routed"]["per_record_nll"]) - np.array(r["arms"]["single"]["per_record_nll"]) for r in both], axis=0)
+                differences.append((x, len(both), *paired_bootstrap(per_record)))
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.errorbar([d[0] for d in differences], [d[2] for d in differences],
+                      yerr=[[d[2] - d[3] for d in differences], [d[4] - d[2] for d in differences]], fmt="s-", capsize=3)
+        for x, count, mean, _, _ in differences:
+            axis.annotate(f"{count} seed{'s' if count > 1 else ''}", (x, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([x for x, _ in sizes], [str(x) for x, _ in sizes])
+        axis.set_xlabel("training records per label")
+        axis.set_ylabel("routed − single (95 % CI over test records)")
     figure.tight_layout()
     figure.savefig(args.out / "experts_curve.png", dpi=150)
     print("\n".join(lines))
