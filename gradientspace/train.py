@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -88,8 +89,19 @@ def _trainer_class():
     return ResponseLossTrainer
 
 
-def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool) -> list:
+def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool, seconds_file: Path, seconds_before: float) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class SecondsAtCheckpoint(TrainerCallback):
+        """Write the training seconds so far beside each checkpoint: Trainer's `train_runtime` restarts on
+        resume, and a resumed adapter's compute must count the interrupted run's seconds too."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                write_json(seconds_file, {"seconds": seconds_before + time.monotonic() - self.start})
 
     class Snapshots(TrainerCallback):
         """Save the adapter after the epochs named in `plan.snapshot_epochs` (budget curves)."""
@@ -99,7 +111,7 @@ def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool) -> list:
             if epoch in plan.snapshot_epochs and state.is_world_process_zero:
                 _save_adapter(model, out_dir / f"epoch-{epoch}")
 
-    callbacks = [Snapshots()] if plan.snapshot_epochs else []
+    callbacks = [SecondsAtCheckpoint()] + ([Snapshots()] if plan.snapshot_epochs else [])
     if has_validation and plan.patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=plan.patience))
     return callbacks
@@ -168,11 +180,13 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
         bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy=plan.sampling,
         dataloader_num_workers=0, disable_tqdm=False, label_names=["labels"],
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=_ExampleDataset(train),
-                               eval_dataset=_ExampleDataset(validation) if has_validation else None,
-                               data_collator=_collator(pad_id), callbacks=_callbacks(plan, out_dir, has_validation))
-    _quiet_progress(trainer)
     resume = get_last_checkpoint(str(work_dir)) if work_dir.exists() else None
+    seconds_file = work_dir / "train_seconds.json"
+    seconds_before = json.loads(seconds_file.read_text())["seconds"] if resume and seconds_file.exists() else 0.0
+    trainer = _trainer_class()(model=model, args=args, train_dataset=_ExampleDataset(train),
+                               eval_dataset=_ExampleDataset(validation) if has_validation else None, data_collator=_collator(pad_id),
+                               callbacks=_callbacks(plan, out_dir, has_validation, seconds_file, seconds_before))
+    _quiet_progress(trainer)
     initial = None
     if has_validation:
         initial_file = work_dir / "initial_eval.json"
@@ -193,7 +207,7 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
     summary = {
         "steps": trainer.state.global_step, "epochs_run": epochs_run, "max_epochs": plan.max_epochs,
         "samples": len(train), "validation_samples": len(validation), "tokens": tokens_per_epoch * epochs_run,
-        "train_seconds": round(output.metrics.get("train_runtime", 0.0), 2),
+        "train_seconds": round(seconds_before + output.metrics.get("train_runtime", 0.0), 2),
         "initial_eval_loss": initial, "best_epoch": best["epoch"] if best and plan.patience is not None else epochs_run,
         "best_eval_loss": best["eval_loss"] if best and plan.patience is not None else (validation_curve[-1]["eval_loss"] if validation_curve else None),
     }

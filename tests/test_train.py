@@ -55,9 +55,14 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
     assert (tmp_path / "resumed.trainer-k" / "checkpoint-3").exists()
+    # the interrupted run's seconds count in the resumed adapter's compute (made large so that only a sum reaches them)
+    seconds_file = tmp_path / "resumed.trainer-k" / "train_seconds.json"
+    assert json.loads(seconds_file.read_text())["seconds"] > 0
+    seconds_file.write_text(json.dumps({"seconds": 1000.0}))
     monkeypatch.setattr(train_module, "per_sample_mean_loss", real_loss)
     loaded = fresh()
-    train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
+    resumed = train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
+    assert 1000.0 < resumed["train_seconds"] < 1000.0 + summary["train_seconds"] * 10
     a = load_file(str(tmp_path / "clean" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
