@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .config import ConfigError, config_from_run, load_config
-from .strategies import GENERALIST, STRATEGIES, get
+from .strategies import STRATEGIES
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -73,6 +73,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     print(f"cluster sizes: {outcome.sizes}")
     for name, value in outcome.metrics.items():
         print(f"  {name:<24} {value:.4f}" if isinstance(value, float) else f"  {name:<24} {value}")
+    if outcome.interference:
+        print("interference with the rest of the data (mean-gradient cosine: low = conflict; energy outside the others' span: high = own directions):")
+        for cluster, row in outcome.interference.items():
+            print(f"  cluster {cluster:<3} size {row['size']:<6} cosine {row['mean_cosine']:+.3f}   outside energy {row['outside_energy']:.3f}")
     print(f"assignments: {outcome.run_dir / 'clusters.jsonl'}")
     return 0
 
@@ -87,8 +91,8 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
     _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies", "epochs": "experts.epochs"})
     for strategy, summary in run_until(config, "experts", overwrite=args.overwrite).get("experts", {}).items():
-        fallback = "" if get(strategy).one_adapter else f"  fell back to the generalist {summary['fallback'] or 'none'}"
-        print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}{fallback}")
+        empty = f"  no training records (the generalist serves them): {summary['empty']}" if summary["empty"] else ""
+        print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}{empty}")
     print(f"experts: {config.out}/experts/<k>/ (peft adapter folders); baselines: {config.out}/strategies/")
     return 0
 
@@ -98,9 +102,17 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
     _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies"})
-    for strategy, summary in run_until(config, "router", overwrite=args.overwrite).get("router", {}).items():
+    result = run_until(config, "router", overwrite=args.overwrite)
+    for strategy, summary in result.get("router", {}).items():
         print(f"router for {strategy:<20} held-out accuracy {summary['heldout_accuracy']:.3f}   train accuracy {summary['train_accuracy']:.3f}")
+    for strategy, decisions in result.get("kept", {}).items():
+        print(_decision_line(strategy, decisions))
     return 0
+
+
+def _decision_line(strategy: str, decisions: dict[str, dict]) -> str:
+    """One line per strategy: each group's served blend weight λ (0: the generalist serves it) and why."""
+    return f"{strategy}: " + "; ".join(f"group {g} λ = {d['lambda']:g} ({d['reason']})" for g, d in decisions.items())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -161,13 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
 
     manifest = Run(config.out).manifest
-    for strategy, summary in manifest.get("experts", {}).items():
-        if strategy in config.experts.strategies and strategy != GENERALIST:
-            kept = [g for g in summary["groups"] if g not in summary["fallback"]]
-            gains = ", ".join(f"{g}: {e['initial_eval_loss']:.3f} → {e['best_eval_loss']:.3f}" for g, e in summary["experts"].items()
-                              if e.get("initial_eval_loss") is not None and e.get("best_eval_loss") is not None)
-            print(f"{strategy}: experts kept {kept or 'none'}, fell back to the generalist {summary['fallback'] or 'none'} "
-                  f"(validation NLL generalist → expert: {gains})")
+    for strategy, entry in manifest["stages"].items():
+        if entry.get("groups") and strategy.startswith("keep/"):
+            print(_decision_line(strategy.split("/", 1)[1], entry["groups"]))
     latency = result["eval"].get("latency", {})
     single_ms = (latency.get("single") or {}).get("total_first_token_ms")
     if single_ms:

@@ -185,6 +185,33 @@ def within_cluster_cosine(coordinates: torch.Tensor, labels) -> float:
     return total / pairs if pairs else float("nan")
 
 
+def interference(coordinates: torch.Tensor, labels, energy: float = 0.9) -> dict[str, dict[str, float]]:
+    """How much each cluster's gradients disagree with the rest of the data, from the sketch coordinates c_i = Uᵀg_i.
+
+    Per cluster C, against the other samples O:
+    - `mean_cosine`: cos(mean_{i∈C} c_i, mean_{j∈O} c_j). Near 1, one adapter's update serves both; near 0 or
+      below, a step that helps C does nothing for (or undoes) the rest — the interference an expert removes.
+    - `outside_energy`: the share of C's gradient energy Σ‖c_i‖² outside the span of O's leading directions (the
+      fewest right singular vectors of O's coordinates that hold `energy` of O's energy). Near 0, C lives in
+      directions the rest of the data already trains; near 1, in directions of its own.
+    Energy outside the sketch's r directions is not seen, as for `within_cluster_cosine`.
+    """
+    coordinates = coordinates.double()
+    labels = torch.as_tensor(np.asarray(labels))
+    statistics = {}
+    for cluster in labels.unique().tolist():
+        members, others = coordinates[labels == cluster], coordinates[labels != cluster]
+        if len(others) == 0:
+            continue
+        cosine = torch.nn.functional.cosine_similarity(members.mean(0), others.mean(0), dim=0)
+        _, values, directions = torch.linalg.svd(others, full_matrices=False)
+        share = values.square().cumsum(0) / values.square().sum()
+        leading = directions[: int((share < energy).sum()) + 1]
+        inside = (members @ leading.T).square().sum() / members.square().sum().clamp(min=1e-300)
+        statistics[str(cluster)] = {"size": len(members), "mean_cosine": float(cosine), "outside_energy": float(1 - inside)}
+    return statistics
+
+
 def composition(labels, sources) -> dict[str, dict[str, int]]:
     """cluster → {source: count}, for reports."""
     table: dict[str, dict[str, int]] = {}

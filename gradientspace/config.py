@@ -98,6 +98,9 @@ class ExpertsConfig:
     equal_budget: bool = field(default=False, metadata={"help": "Train every adapter exactly `epochs` epochs with no early stopping and no fall-back (equal tokens for every strategy: budget curves)."})
     snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size.", "check": ">=1"})
+    blend_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "Interpolation weights λ tried per expert between the generalist's LoRA update (λ = 0) and the expert's (λ = 1), chosen on the validation records the router sends that expert; `[1.0]` keeps or drops whole experts only.", "check": "(0,1]"})
+    keep_confidence: float = field(default=0.95, metadata={"help": "An expert (or blend) is kept only if the one-sided upper confidence bound, at this level, of its paired-bootstrap NLL gain over the generalist on the validation records it would serve is below 0.", "check": "(0,1)"})
+    keep_min_records: int = field(default=5, metadata={"help": "Fewest validation records an expert must serve to be kept: fewer cannot show a gain.", "check": ">=1"})
 
 
 @dataclass
@@ -310,6 +313,10 @@ def validate(config: RunConfig) -> None:
         errors.append("config key `model.target_modules`: must name at least one module")
     if not config.experts.strategies:
         errors.append(f"config key `experts.strategies`: must name at least one of {', '.join(STRATEGIES)}")
+    if not config.experts.blend_weights:
+        errors.append("config key `experts.blend_weights`: must name at least one weight in (0, 1] (`[1.0]`: whole experts only)")
+    if "single-continued" in config.experts.strategies and config.experts.init != "generalist":
+        errors.append(f"config key `experts.init`: `single-continued` continues the generalist, so it needs `init: generalist` (not {config.experts.init!r})")
     late = [e for e in config.experts.snapshot_epochs if e > config.experts.epochs]
     if late:
         errors.append(f"config key `experts.snapshot_epochs`: epoch {late[0]} is after the last epoch (`experts.epochs` = {config.experts.epochs})")

@@ -6,12 +6,11 @@ split (`data.validation_fraction`, the same records for every strategy, never tr
 
 The default protocol (`experts.init: generalist`): the `single` adapter (the generalist: one LoRA
 on all the data, what a user would otherwise train) is trained to convergence first; every expert
-then branches from it and continues on its own group at a lower learning rate. An expert that
-does not beat the generalist on its group's validation split is dropped (*falls back*): that
-group is served by the generalist, so routed inference is never worse than the generalist on
-validation by construction. The decision and both validation NLLs are recorded in
-`partition.json` and the manifest. `experts.equal_budget` instead trains every adapter a fixed
-number of epochs with no early stopping and no fall-back (equal tokens: budget curves).
+then branches from it and continues on its own group at a lower learning rate. Whether each expert
+is then kept, blended with the generalist or dropped (*falls back*) is decided on the validation
+records the router would send it (`keep.py`), so routed inference does not lose to the generalist
+on validation beyond the keep rule's margin. `experts.equal_budget` instead trains every adapter a
+fixed number of epochs with no early stopping and no fall-back (equal tokens: budget curves).
 
 Each strategy's partition comes from its object in `strategies.STRATEGIES`. Folders: the gradient
 clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN/strategies/<name>/<k>/`.
@@ -19,6 +18,7 @@ clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -87,7 +87,10 @@ class AdapterStage(Stage):
 
     def inputs(self) -> dict[str, str]:
         # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
-        ignored = ("strategies", "init", "branch_epochs", "branch_learning_rate") if get(self.strategy).one_adapter else ("strategies",)
+        # nor on how its expert is kept or blended afterwards (`keep.py`)
+        ignored = ("strategies", "blend_weights", "keep_confidence", "keep_min_records")
+        if get(self.strategy).one_adapter:
+            ignored += ("init", "branch_epochs", "branch_learning_rate")
         config = self.config
         # the model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it
         return {"warm-up": warmup_key(config), "model": config_hash(asdict(self.model.config.model)),
@@ -126,27 +129,49 @@ def partition_groups(run: Run, config: RunConfig, records: list[Record], strateg
 
 def summarize_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, labels: list[int],
                        groups: dict[str, tuple[list, list]]) -> dict:
-    """Keep or fall back per group, from the adapters' manifest entries; writes `partition.json`. Rank 0 only."""
-    branch = config.experts.init == "generalist" and not get(strategy).one_adapter
+    """What each group's adapter cost and reached, from the adapters' manifest entries; writes `partition.json`. Rank 0 only.
+
+    Whether an expert is kept, blended or dropped is decided later, on the validation records the
+    router sends it (`keep.py`); a group with no training records has no adapter at all (`empty`).
+    """
     names = list(groups)
-    summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {}, "fallback": []}
-    for name, (train, _) in groups.items():
-        if not train:
-            summary["experts"][name] = {"samples": 0, "kept": False}
-            summary["fallback"].append(name)
-            continue
-        entry = run.stage_entry(f"experts/{strategy}/{name}")
-        before, after = entry.get("initial_eval_loss"), entry.get("best_eval_loss")
-        # Only a branch can lose to where it started; the generalist and fixed-budget adapters are always kept.
-        kept = not branch or config.experts.equal_budget or before is None or after is None or after < before
+    summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {},
+               "empty": [name for name, (train, _) in groups.items() if not train]}
+    for name in names:
+        entry = run.stage_entry(f"experts/{strategy}/{name}") if name not in summary["empty"] else {}
         summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
                                                                "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
-        summary["experts"][name]["kept"] = kept
-        if not kept:
-            summary["fallback"].append(name)
-    write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "fallback": summary["fallback"],
+    write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "empty": summary["empty"],
                                                               "assignment": {r.id: l for r, l in zip(records, labels)}})
     return summary
+
+
+def decided(config: RunConfig, strategy: str) -> bool:
+    """Whether a strategy's adapters are kept, blended or dropped on validation (`keep.py`): experts branched from the
+    generalist are; the generalist itself, one-adapter controls and fixed-budget adapters are always served as trained."""
+    return config.experts.init == "generalist" and not get(strategy).one_adapter and not config.experts.equal_budget
+
+
+BLENDED = "blended"  # the sub-folder of a group's adapter holding its blend with the generalist
+
+
+def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict[str, tuple[Path | None, float]]:
+    """Each group's served adapter folder and its weight λ on the expert: the expert itself (λ = 1), its blend with the
+    generalist (0 < λ < 1, `<group>/blended/`), or None (λ = 0: the generalist serves the group).
+
+    `keep.json` (written by the keep stage) holds the decisions; without it (or with `apply_decisions` off, which the
+    keep stage itself uses) every trained adapter is served as it is.
+    """
+    folder = get(strategy).folder(run)
+    partition = json.loads((folder / "partition.json").read_text())
+    keep_file = folder / "keep.json"
+    decisions = json.loads(keep_file.read_text())["groups"] if apply_decisions and keep_file.exists() else {}
+    served = {}
+    for group in partition["groups"]:
+        weight = 0.0 if group in partition.get("empty", []) else decisions.get(group, {}).get("lambda", 1.0)
+        path = None if weight == 0 else folder / group if weight == 1 else folder / group / BLENDED
+        served[group] = (path, weight)
+    return served
 
 
 def spread_over_ranks() -> bool:

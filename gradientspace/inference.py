@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Record, collate, tokenize
-from .experts import generalist_folder
+from .experts import generalist_folder, served_groups
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
 from .models import load_base_model, load_tokenizer, pick_device
 from .router import Router, threshold_override
@@ -42,7 +42,7 @@ class Generation:
 class StrategyModel:
     """The base model with the generalist and every adapter of the requested strategies."""
 
-    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None):
+    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, apply_decisions: bool = True):
         from peft import PeftModel
 
         self.config, self.run = config, Run(config.out)
@@ -59,20 +59,16 @@ class StrategyModel:
         self.generalist = self.adapter_name(GENERALIST, "0")
         self.model = PeftModel.from_pretrained(base, str(generalist), adapter_name=self.generalist).eval()
         self.groups: dict[str, list[str]] = {}
-        self.fallback: dict[str, set[str]] = {}
         self.routers: dict[str, Router] = {}
         for strategy in trained(strategies):
             folder = get(strategy).folder(self.run)
             if not (folder / "partition.json").exists():
                 raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
-            partition = json.loads((folder / "partition.json").read_text())
-            self.groups[strategy] = partition["groups"]
-            self.fallback[strategy] = set(partition.get("fallback", []))
-            for group in self.groups[strategy]:
-                path = folder / group / suffix
+            self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
+            for group, (path, _) in served_groups(self.run, strategy, apply_decisions).items():
                 name = self.adapter_name(strategy, group)
-                if name not in self.model.peft_config and group not in self.fallback[strategy] and (path / "adapter_model.safetensors").exists():
-                    self.model.load_adapter(str(path), adapter_name=name)
+                if path is not None and name not in self.model.peft_config and (path / suffix / "adapter_model.safetensors").exists():
+                    self.model.load_adapter(str(path / suffix), adapter_name=name)
             if get(strategy).routed:
                 self.routers[strategy] = Router.load(get(strategy).router_folder(self.run), self.device, threshold=threshold_override(config))
         self.oracle_space = None
@@ -360,7 +356,7 @@ class ServedAdapter:
 
 
 def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
-    """Every expert that was kept (not fallen back), then the generalist that answers every other router output.
+    """Every expert that is served (kept, or blended with the generalist), then the generalist that answers every other router output.
 
     The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
     serving tests check the two agree), so `serve`, `route` and `backend-command` need no model.
@@ -368,10 +364,8 @@ def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
     folder = get(strategy).folder(run)
     if not (folder / "partition.json").exists():
         raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
-    partition = json.loads((folder / "partition.json").read_text())
-    fallback = set(partition.get("fallback", []))
-    experts = [ServedAdapter(f"expert-{group}", i, folder / group) for i, group in enumerate(partition["groups"])
-               if group not in fallback and (folder / group / "adapter_model.safetensors").exists()]
+    experts = [ServedAdapter(f"expert-{group}", i, path) for i, (group, (path, _)) in enumerate(served_groups(run, strategy).items())
+               if path is not None and (path / "adapter_model.safetensors").exists()]
     return experts + [ServedAdapter(GENERALIST_MODEL, ROUTER_UNSURE, generalist_folder(run))]
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
-                      random_labels, spherical_kmeans, within_cluster_cosine)
+                      interference, random_labels, spherical_kmeans, within_cluster_cosine)
 from .config import RunConfig, internal_rank
 from .consumers import GradientConsumer
 from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
@@ -46,6 +46,7 @@ class ClusterOutcome:
     ids: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)
+    interference: dict[str, dict[str, float]] = field(default_factory=dict)  # per cluster, `cluster.interference`
 
 
 # ---------------------------------------------------------------- data
@@ -385,6 +386,7 @@ class ClusterStage(RecordsStage):
             coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"]
             metrics["within_cluster_cosine"] = within_cluster_cosine(coordinates, labels)
             metrics["captured_energy"] = run.stage_entry("gradients").get("captured_energy")
+            record["interference"] = interference(coordinates, labels)
         sources = [r.source for r in records]
         if all(s is not None for s in sources):
             metrics.update(label_metrics(labels, sources))
@@ -413,6 +415,8 @@ def cluster(config: RunConfig) -> ClusterOutcome:
             return ClusterOutcome(run.root, config.cluster.method, 0, [], [])
     entry = run.execute(ClusterStage(run, config, records))
     run.manifest["metrics"] = entry.get("metrics", {})
+    run.manifest["interference"] = entry.get("interference", {})
     run.save()
     labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
-    return ClusterOutcome(run.root, config.cluster.method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"])
+    return ClusterOutcome(run.root, config.cluster.method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"],
+                          entry.get("interference", {}))

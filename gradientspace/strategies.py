@@ -9,6 +9,7 @@ it; adding a strategy is adding one object here.
 | routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the generalist below the threshold, or where the expert fell back) |
 | single | everything in one group: the generalist | the generalist |
 | single-wide | everything, LoRA rank K·r (as many parameters as K experts) | that adapter |
+| single-continued | everything in one group, branched from the generalist with the experts' schedule (the annealed baseline) | that adapter if it beat the generalist on validation, else the generalist |
 | gradient-oracle | serves routed's experts | the expert whose centroid is nearest the prompt's own response gradient projected on the sketch basis: no router can see it, so routed vs gradient-oracle separates routing error from expert quality |
 | oracle | the true `source` labels | the expert of the prompt's label (the ceiling; needs `source`) |
 | random-clusters | balanced random groups, same K (the control) | that partition's expert, by its own router |
@@ -86,6 +87,10 @@ class Strategy(ABC):
     def choose(self, model: StrategyModel, records: list[Record]) -> list[Choice]:
         """How each prompt is served."""
 
+    def serving_groups(self, model: StrategyModel, records: list[Record]) -> list[int]:
+        """The group whose adapter would serve each record, before any fall-back: what keep-or-fall-back is decided on."""
+        raise NotImplementedError(f"strategy `{self.name}` trains no adapters of its own to keep or drop")
+
 
 class OneAdapter(Strategy):
     one_adapter = True
@@ -98,6 +103,26 @@ class OneAdapter(Strategy):
 
     def choose(self, model, records):
         return [Choice({model.adapter_for(self.name, 0): 1.0}, 0, 1.0) for _ in records]
+
+
+class ContinuedGeneralist(Strategy):
+    """The annealed baseline: the generalist continued on all the training data with exactly the experts' branch
+    schedule (learning rate, epochs, decay, early stopping), kept only where it beats the generalist on validation.
+
+    The generalist stops early with its learning rate still high, and every expert then gets a full decayed
+    schedule of its own; this arm gives one adapter the same extra annealing at the cost of one more expert, so
+    routed experts are compared with a baseline that had the same schedule treatment.
+    """
+    name, help = "single-continued", "the generalist continued on all the data with the experts' branch schedule (the annealed baseline)"
+
+    def labels(self, run, config, records):
+        return [0] * len(records)
+
+    def choose(self, model, records):
+        return [Choice({model.adapter_for(self.name, 0): 1.0}, 0, 1.0) for _ in records]
+
+    def serving_groups(self, model, records):
+        return [0] * len(records)
 
 
 class TrueLabels(Strategy):
@@ -115,6 +140,10 @@ class TrueLabels(Strategy):
         return [Choice({model.adapter_for(self.name, names.index(r.source)) if r.source in names else model.generalist: 1.0},
                        r.source or ROUTER_UNSURE, 1.0) for r in records]
 
+    def serving_groups(self, model, records):
+        names = model.groups[self.name]
+        return [names.index(r.source) if r.source in names else ROUTER_UNSURE for r in records]
+
 
 class RoutedPartition(Strategy):
     """Experts on some partition, each prompt sent by a router trained on that partition."""
@@ -123,6 +152,10 @@ class RoutedPartition(Strategy):
     def choose(self, model, records):
         experts, probabilities = model.routers[self.name].route([r.prompt_text for r in records])
         return [Choice({model.adapter_for(self.name, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
+
+    def serving_groups(self, model, records):
+        # the router's top choice, before the threshold: the threshold is chosen afterwards, on the adapters kept here
+        return model.routers[self.name].probabilities([r.prompt_text for r in records]).argmax(dim=1).tolist()
 
 
 class GradientClusters(RoutedPartition):
@@ -201,6 +234,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     GradientClusters(),
     OneAdapter("single", "one LoRA (rank r) on everything: the generalist"),
     OneAdapter("single-wide", "one LoRA of rank K·r on everything: as many parameters as K experts", wide=True),
+    ContinuedGeneralist(),
     GradientOracle(),
     TrueLabels(),
     RandomClusters(),

@@ -1,8 +1,8 @@
 """`gradientspace run CONFIG` and the stage-by-stage commands: the stages in order, each skipping itself when done.
 
 cluster (data → warm-up → gradients + sketch → clusters) → the generalist, then the experts of
-every strategy (branched from it, kept or fallen back on validation) → routers → router
-thresholds chosen on validation → ELREA centroids (when the ensemble is evaluated) → evaluation →
+every strategy (branched from it) → routers → each expert kept, blended with the generalist or
+dropped on the validation records its router sends it → router thresholds chosen on validation → ELREA centroids (when the ensemble is evaluated) → evaluation →
 report. `run_until(config, "experts")` runs the stages up to and including one, so
 `train-experts`, `train-router` and `evaluate` bring their prerequisites up to date first (a
 finished stage costs one line). Every check that can fail cheaply (`preflight`) runs before the
@@ -20,6 +20,7 @@ from .data import fingerprint, validation_ids
 from .evaluate import evaluate_strategies
 from .experts import train_experts
 from .inference import calibrate_threshold, compute_elrea_centroids
+from .keep import keep_decisions
 from .pipeline import cluster, cluster_inputs, load_data, warmup_key
 from .preflight import preflight
 from .report import make_report
@@ -52,8 +53,31 @@ def elrea_centroids(config: RunConfig) -> str:
     return run.execute(CentroidStage(run, config, load_data(run, config)))["key"]
 
 
+def validation_records(run: Run, config: RunConfig) -> list:
+    """The validation split (`data.validation_fraction`): never trained on; keep decisions and thresholds are chosen on it."""
+    records = load_data(run, config)
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    return [r for r in records if r.id in held]
+
+
+def decide_experts(config: RunConfig, strategies: list[str] | None = None) -> dict:
+    """Keep, blend or drop every branched expert on the validation records it would serve (`keep.py`); rank 0."""
+    run = Run(config.out)
+    validation = validation_records(run, config)
+    if not validation:
+        return {}
+    return keep_decisions(run, config, trained(strategies or config.experts.strategies), validation)
+
+
+def served_inputs(run: Run, strategy: str) -> dict[str, str]:
+    """What serving a strategy's adapters reads: every adapter's stage key and its keep decision (`keep.py`)."""
+    groups = json.loads((get(strategy).folder(run) / "partition.json").read_text())["groups"]
+    return {"adapters": config_hash([run.stage_entry(f"experts/{strategy}/{g}").get("key") for g in groups]),
+            "keep decisions": str(run.stage_entry(f"keep/{strategy}").get("key"))}
+
+
 class ThresholdStage(Stage):
-    """`router.threshold: auto`: the router's threshold chosen on the validation split, after its experts' fall-backs."""
+    """`router.threshold: auto`: the router's threshold chosen on the validation split, after its experts are kept, blended or dropped."""
 
     def __init__(self, run: Run, config: RunConfig, strategy: str, validation: list):
         self.name = f"threshold/{strategy}"
@@ -61,8 +85,7 @@ class ThresholdStage(Stage):
 
     def inputs(self) -> dict[str, str]:
         run = self.run_dir
-        return {"router": str(run.stage_entry(f"router/{self.strategy}").get("key")),
-                "experts and fall-backs": config_hash((get(self.strategy).folder(run) / "partition.json").read_text()),
+        return {"router": str(run.stage_entry(f"router/{self.strategy}").get("key")), **served_inputs(run, self.strategy),
                 "generalist": str(run.stage_entry(f"experts/{GENERALIST}/0").get("key")),
                 "validation records": config_hash(sorted(r.id for r in self.validation))}
 
@@ -76,9 +99,7 @@ def router_thresholds(config: RunConfig, strategies: list[str] | None = None) ->
     run = Run(config.out)
     if config.router.threshold != "auto":
         return {}
-    records = load_data(run, config)
-    held = validation_ids(records, config.data.validation_fraction, config.seed)
-    validation = [r for r in records if r.id in held]
+    validation = validation_records(run, config)
     if not validation:
         return {}
     return {strategy: run.execute(ThresholdStage(run, config, strategy, validation)).get("threshold")
@@ -87,10 +108,7 @@ def router_thresholds(config: RunConfig, strategies: list[str] | None = None) ->
 
 def evaluate_inputs(run: Run, config: RunConfig, strategies: list[str], centroids_key: str | None) -> dict[str, str]:
     """What the evaluation reads: its settings, the test data's content, and every adapter, router and centroid it serves with."""
-    adapters = {}
-    for strategy in trained(strategies):
-        groups = json.loads((get(strategy).folder(run) / "partition.json").read_text())["groups"]
-        adapters[strategy] = [run.stage_entry(f"experts/{strategy}/{g}").get("key") for g in groups]
+    adapters = {strategy: served_inputs(run, strategy) for strategy in trained(strategies)}
     routers = {s: [run.stage_entry(f"{stage}/{s}").get("key") for stage in ("router", "threshold")]
                for s in routed(strategies)}
     return {"strategies": config_hash(strategies), "test data": fingerprint(config.evaluate.data),
@@ -155,6 +173,7 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
     if distributed.is_main():
         if STEPS.index(last) >= STEPS.index("router"):
             result["router"] = train_routers(config, routed(wanted))
+            result["kept"] = decide_experts(config, wanted)
             result["thresholds"] = router_thresholds(config, wanted)
         if STEPS.index(last) >= STEPS.index("evaluate") and any(get(s).needs_cluster_centroids for s in wanted):
             elrea_centroids(config)

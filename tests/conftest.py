@@ -32,6 +32,14 @@ def make_records(n: int, seed: int = 0) -> list[Record]:
     return records
 
 
+def write_records(path, n: int) -> None:
+    """`make_records(n)` as a JSON-lines training file."""
+    import json
+
+    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
 def interrupted_after(stream, batches: int):
     """`stream` (a generator function) that raises KeyboardInterrupt after yielding `batches` items: a killed pass."""
     def interrupted(*args, **kwargs):

@@ -1,14 +1,13 @@
-"""The experts protocol: equal tokens in equal-budget mode, keep-or-fall-back, the validation-chosen threshold."""
+"""The experts protocol: equal tokens in equal-budget mode, fall-back to the generalist, the validation-chosen threshold."""
 
-import json
 import random
 
 import pytest
 
-from conftest import make_records
+from conftest import write_records
 from gradientspace import cluster, load_config
 from gradientspace.data import load_records, validation_ids
-from gradientspace.experts import train_experts
+from gradientspace.experts import decided, train_experts
 from gradientspace.inference import StrategyModel, best_threshold
 
 
@@ -16,8 +15,7 @@ from gradientspace.inference import StrategyModel, best_threshold
 def clustered(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
     data = root / "train.jsonl"
-    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(36)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write_records(data, 36)
     return data, root
 
 
@@ -39,39 +37,29 @@ def test_equal_budget_experts_see_the_same_tokens_as_the_single_adapter(clustere
     for strategy in ("routed", "random-clusters"):
         experts = summaries[strategy]["experts"].values()
         assert sum(e["tokens"] for e in experts) == single["tokens"]  # the groups partition the same training part
-        assert all(e["epochs_run"] == 2 for e in experts) and not summaries[strategy]["fallback"]
+        assert all(e["epochs_run"] == 2 for e in experts) and not summaries[strategy]["empty"]
+        assert not decided(config, strategy)  # fixed-budget adapters are served as trained: no keep-or-fall-back
     records, _ = load_records(str(data))
     held = validation_ids(records, 0.25, config.seed)
     assert single["samples"] == len(records) - len(held) and single["validation_samples"] == len(held)
 
 
-def test_an_expert_that_does_not_beat_the_generalist_falls_back_to_it(clustered, monkeypatch):
-    """Experts whose best validation NLL is not below the generalist's are dropped; their groups are served by the generalist."""
-    import gradientspace.experts as experts
-
+def test_an_expert_that_cannot_show_a_gain_on_its_routed_records_falls_back_to_the_generalist(clustered):
+    """No expert serves enough validation records to pass the keep rule: every group is served by the generalist."""
     data, root = clustered
-    config = config_for(data, root / "fallback", **{"experts.strategies": ["routed", "single"], "router.threshold": 0.0})
-    real_train = experts.train_adapter
-
-    def branch_that_never_helps(model, train, validation, pad_id, device, plan, out_dir, key, desc):
-        summary = real_train(model, train, validation, pad_id, device, plan, out_dir, key, desc)
-        if desc.startswith("routed"):
-            summary["best_eval_loss"] = summary["initial_eval_loss"] + 0.1
-        return summary
-
-    monkeypatch.setattr(experts, "train_adapter", branch_that_never_helps)
+    config = config_for(data, root / "fallback", **{"experts.strategies": ["routed", "single"], "router.threshold": 0.0,
+                                                     "experts.keep_min_records": 1000})
     cluster(config)
     summaries = train_experts(config)
-    single = summaries["single"]["experts"]["0"]
-    routed = summaries["routed"]
-    assert sorted(routed["fallback"]) == sorted(routed["groups"]) and summaries["single"]["fallback"] == []
-    for expert in routed["experts"].values():
+    for expert in summaries["routed"]["experts"].values():
         # the branch started where the generalist ended: its initial validation NLL is the generalist's on that group
-        assert expert["kept"] is False and expert["initial_eval_loss"] is not None
-    assert single["best_eval_loss"] is not None
+        assert expert["initial_eval_loss"] is not None and expert["best_eval_loss"] is not None
     from gradientspace.router import train_routers
+    from gradientspace.workflow import decide_experts
 
     train_routers(config)
+    decisions = decide_experts(config)["routed"]
+    assert all(d["lambda"] == 0 and "keep_min_records" in d["reason"] for d in decisions.values())
     records, _ = load_records(str(data))
     engine = StrategyModel(config, ["routed", "single"])
     choices, _ = engine.choose("routed", records)

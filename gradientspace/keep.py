@@ -1,0 +1,154 @@
+"""Keep, blend or fall back: each expert decided on the validation records that serving would send it.
+
+An expert branched from the generalist is served only where it helps. The decision is made the way
+test prompts will be served: every validation record (never trained on) goes to the group its
+strategy would pick for it — the router's top choice for a routed strategy, the true label for
+`oracle`, the one group of `single-continued` — and group g's adapter is judged on its records V_g
+against the generalist G on the same records.
+
+Blending. For each weight λ in `experts.blend_weights` the candidate adapter's update is
+
+    Δ_λ = (1 − λ)·Δ_G + λ·Δ_E,    Δ = s·B A,
+
+which peft's `add_weighted_adapter(combination_type="cat")` builds exactly: A stacked by rows, s·B by
+columns, rank 2r, scale 1 — one plain peft folder (`<group>/blended/`) that vLLM and SGLang load as
+it is, so a prompt still costs one router pass and one adapter. λ = 1 is the expert itself, λ = 0
+the generalist (the fall-back).
+
+The rule, fixed before any test number is read: λ* minimises the mean NLL on V_g; it is kept only if
+V_g holds at least `experts.keep_min_records` records and the one-sided `experts.keep_confidence`
+upper bound of the paired bootstrap of mean(NLL_λ* − NLL_G) over V_g is below zero. Otherwise the
+group falls back (λ = 0). Choosing λ* on the same records makes the bound a little optimistic; the
+margin is what keeps a gain shown by one or two records, or by 0.0003 nats, from being served.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from .config import RunConfig
+from .data import Record
+from .experts import BLENDED, decided, served_groups
+from .inference import StrategyModel
+from .runs import Run, Stage, config_hash, write_json
+from .strategies import GENERALIST, Choice, get
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_upper_bound(differences: np.ndarray, confidence: float, seed: int) -> float:
+    """One-sided upper confidence bound of the mean of paired differences: the `confidence` quantile of resampled means."""
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, len(differences), size=(BOOTSTRAP_RESAMPLES, len(differences)))].mean(axis=1)
+    return float(np.quantile(means, confidence))
+
+
+def keep_rule(candidates: dict[float, list[float]], generalist: list[float], confidence: float, min_records: int, seed: int) -> dict:
+    """The decision for one group: `candidates` maps λ to each record's NLL under that blend, `generalist` the generalist's."""
+    base = np.asarray(generalist)
+    means = {weight: float(np.mean(nll)) for weight, nll in candidates.items()}
+    best = min(means, key=lambda weight: (means[weight], -weight))  # a tie goes to the larger λ: the expert as trained
+    gain = np.asarray(candidates[best]) - base
+    upper = bootstrap_upper_bound(gain, confidence, seed)
+    if len(base) < min_records:
+        weight, reason = 0.0, f"{len(base)} validation record(s) routed to it, fewer than experts.keep_min_records = {min_records}"
+    elif upper >= 0:
+        weight, reason = 0.0, f"best blend λ = {best} changes NLL by {gain.mean():+.4f}, upper {confidence:.0%} bound {upper:+.4f} is not below 0"
+    else:
+        weight, reason = best, f"λ = {best} changes NLL by {gain.mean():+.4f} (upper {confidence:.0%} bound {upper:+.4f})"
+    return {"lambda": weight, "reason": reason, "validation_records": len(base), "generalist_nll": float(base.mean()),
+            "candidate_nll": {str(w): m for w, m in means.items()}, "best_lambda": best, "gain": float(gain.mean()), "upper_bound": upper}
+
+
+def blend_name(strategy: str, group: str, weight: float) -> str:
+    return f"{StrategyModel.adapter_name(strategy, group)}__blend{round(weight * 1000)}"  # peft adapter names cannot hold a "."
+
+
+def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: list[Record]) -> dict[str, dict]:
+    """Every group's decision (`keep_rule`), with each blend built in the engine's model as a rank-2r adapter."""
+    experts = config.experts
+    groups = get(strategy).serving_groups(engine, validation)
+    generalist_nll = engine.nll_for_choices([Choice({engine.generalist: 1.0}, -1, 1.0)] * len(validation), validation)
+    decisions = {}
+    for index, group in enumerate(engine.groups[strategy]):
+        members = [i for i, g in enumerate(groups) if g == index]
+        expert = engine.adapter_for(strategy, index)
+        if expert == engine.generalist:
+            decisions[group] = {"lambda": 0.0, "reason": "no adapter was trained (no training records)", "validation_records": len(members)}
+            continue
+        if not members:
+            decisions[group] = {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}
+            continue
+        records = [validation[i] for i in members]
+        candidates = {}
+        for weight in sorted(set(experts.blend_weights)):
+            adapter = expert if weight == 1 else blend_name(strategy, group, weight)
+            if weight != 1:
+                engine.model.add_weighted_adapter([engine.generalist, expert], [1 - weight, weight], adapter, combination_type="cat")
+            candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
+        decisions[group] = keep_rule(candidates, [generalist_nll[i] for i in members], experts.keep_confidence, experts.keep_min_records, config.seed)
+    return decisions
+
+
+def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) -> None:
+    """The chosen blend as a plain peft folder, `<group>/blended/`, written whole before it replaces an older one."""
+    folder = get(strategy).folder(engine.run) / group
+    tmp = folder / f"{BLENDED}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    name = blend_name(strategy, group, weight)
+    engine.model.save_pretrained(str(tmp), selected_adapters=[name])  # peft saves a named adapter in a sub-folder of that name
+    shutil.rmtree(folder / BLENDED, ignore_errors=True)
+    (tmp / name).replace(folder / BLENDED)
+    shutil.rmtree(tmp)
+
+
+class KeepStage(Stage):
+    """One strategy's keep / blend / fall-back decisions (`keep.json`) and its blended adapters."""
+
+    def __init__(self, run: Run, config: RunConfig, strategy: str, validation: list[Record]):
+        self.name = f"keep/{strategy}"
+        self.run_dir, self.config, self.strategy, self.validation = run, config, strategy, validation
+
+    def inputs(self) -> dict[str, str]:
+        run, experts = self.run_dir, self.config.experts
+        groups = json.loads((get(self.strategy).folder(run) / "partition.json").read_text())["groups"]
+        inputs = {"adapters": config_hash([run.stage_entry(f"experts/{self.strategy}/{g}").get("key") for g in groups]),
+                  "generalist": str(run.stage_entry(f"experts/{GENERALIST}/0").get("key")),
+                  "keep rule": config_hash(experts.blend_weights, experts.keep_confidence, experts.keep_min_records, self.config.seed),
+                  "validation records": config_hash(sorted(r.id for r in self.validation))}
+        if get(self.strategy).routed:
+            inputs["router"] = str(run.stage_entry(f"router/{self.strategy}").get("key"))
+        return inputs
+
+    def run(self, key: str, record: dict) -> None:
+        engine = StrategyModel(self.config, [self.strategy], apply_decisions=False)
+        decisions = decide(engine, self.config, self.strategy, self.validation)
+        folder = get(self.strategy).folder(self.run_dir)
+        outputs = [folder / "keep.json"]
+        for group, decision in decisions.items():
+            if 0 < decision["lambda"] < 1:
+                save_blend(engine, self.strategy, group, decision["lambda"])
+                outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
+        write_json(folder / "keep.json", {"strategy": self.strategy, "groups": decisions})
+        record.update(groups=decisions, outputs=[str(p.relative_to(self.run_dir.root)) for p in outputs])
+
+
+def keep_decisions(run: Run, config: RunConfig, strategies: list[str], validation: list[Record]) -> dict[str, dict]:
+    """Each deciding strategy's decisions, by group (rank 0); the manifest's `experts` summaries gain `kept` and `lambda`."""
+    results = {}
+    for strategy in strategies:
+        if not decided(config, strategy):
+            continue
+        results[strategy] = run.execute(KeepStage(run, config, strategy, validation))["groups"]
+    run.reload()
+    for strategy, decisions in results.items():
+        summary = run.manifest.get("experts", {}).get(strategy)
+        if summary:
+            for group, decision in decisions.items():
+                summary["experts"].setdefault(group, {}).update(kept=decision["lambda"] > 0, **{k: decision.get(k) for k in ("lambda", "reason")})
+            summary["fallback"] = [g for g, (path, _) in served_groups(run, strategy).items() if path is None]
+    run.save()
+    return results

@@ -1,0 +1,204 @@
+"""Keep, blend or fall back (`keep.py`): the rule, the blended adapter's arithmetic, decisions on routed validation records,
+and every stage that reads an adapter keyed by it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_records
+from gradientspace import cluster, load_config
+from gradientspace.cluster import interference
+from gradientspace.experts import served_groups, train_experts
+from gradientspace.keep import bootstrap_upper_bound, keep_rule
+from gradientspace.router import train_routers
+from gradientspace.runs import Run
+
+
+def test_the_upper_bound_of_constant_differences_is_the_constant_and_noise_around_zero_is_not_a_gain():
+    assert bootstrap_upper_bound(np.full(10, -0.25), 0.95, seed=0) == pytest.approx(-0.25)
+    noise = np.random.default_rng(1).normal(0.0, 1.0, size=400)
+    upper = bootstrap_upper_bound(noise, 0.95, seed=0)
+    # the bound sits about 1.645 standard errors above the mean
+    assert upper - noise.mean() == pytest.approx(1.645 * noise.std() / np.sqrt(len(noise)), rel=0.15)
+
+
+def test_the_keep_rule_needs_enough_records_and_a_gain_beyond_noise():
+    generalist = [1.0] * 20
+    clear = {1.0: [0.8] * 20, 0.5: [0.9] * 20}
+    assert keep_rule(clear, generalist, 0.95, 5, seed=0)["lambda"] == 1.0
+    blend_best = {1.0: [1.1] * 20, 0.5: [0.9] * 20}
+    assert keep_rule(blend_best, generalist, 0.95, 5, seed=0)["lambda"] == 0.5
+    tiny_gain_on_one_record = {1.0: [0.9997]}  # the kind of gain the old rule kept an expert on
+    decision = keep_rule(tiny_gain_on_one_record, [1.0], 0.95, 5, seed=0)
+    assert decision["lambda"] == 0.0 and "fewer than experts.keep_min_records" in decision["reason"]
+    rng = np.random.default_rng(0)
+    noisy = {1.0: list(1.0 + rng.normal(0.0, 0.5, size=20) - 0.01)}  # a mean gain far inside the noise
+    decision = keep_rule(noisy, generalist, 0.95, 5, seed=0)
+    assert decision["lambda"] == 0.0 and decision["upper_bound"] >= 0
+    assert keep_rule({1.0: [0.8] * 20, 0.5: [0.8] * 20}, generalist, 0.95, 5, seed=0)["lambda"] == 1.0  # a tie: the expert as trained
+
+
+def test_a_blend_is_one_plain_peft_adapter_that_interpolates_the_two_updates():
+    """λ = 0 gives the generalist's logits, λ = 1 the expert's, λ = ½ those of W + ½ΔG + ½ΔE merged by hand."""
+    from peft import get_peft_model_state_dict
+
+    from gradientspace.config import ModelConfig
+    from gradientspace.models import load_lora_model
+
+    loaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=2, lora_alpha=4), seed=0)
+    model = loaded.model
+    model.add_adapter("expert", model.peft_config["default"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    ids = torch.randint(0, 100, (2, 9), generator=generator)
+
+    def logits(adapter):
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    for weight in (0.0, 0.5, 1.0):
+        name = f"blend{round(weight * 100)}"
+        model.add_weighted_adapter(["default", "expert"], [1 - weight, weight], name, combination_type="cat")
+        assert model.peft_config[name].r == 4  # rank 2r: one adapter, loadable as it is
+        if weight == 0.0:
+            torch.testing.assert_close(logits(name), logits("default"), rtol=1e-5, atol=1e-5)
+        if weight == 1.0:
+            torch.testing.assert_close(logits(name), logits("expert"), rtol=1e-5, atol=1e-5)
+    blended = logits("blend50")
+    state = {k: v.clone() for k, v in model.base_model.model.state_dict().items()}
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.base_layer.weight += 0.5 * module.get_delta_weight("default") + 0.5 * module.get_delta_weight("expert")
+        with model.disable_adapter():
+            merged = model(input_ids=ids).logits
+    model.base_model.model.load_state_dict(state)
+    torch.testing.assert_close(blended, merged, rtol=1e-4, atol=1e-4)
+    assert get_peft_model_state_dict(model, adapter_name="blend50")
+
+
+def test_interference_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    coordinates = torch.tensor(rng.normal(size=(60, 6)))
+    labels = np.repeat([0, 1, 2], 20)
+    coordinates[labels == 2] += torch.tensor([0, 0, 0, 0, 0, 6.0])  # cluster 2 points its own way
+    statistics = interference(coordinates, labels, energy=0.9)
+    x = coordinates.numpy()
+    for group in range(3):
+        members, others = x[labels == group], x[labels != group]
+        a, b = members.mean(0), others.mean(0)
+        assert statistics[str(group)]["mean_cosine"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        values, vectors = np.linalg.eigh(others.T @ others)  # eigenvectors of the Gram matrix: the right singular vectors
+        order = np.argsort(values)[::-1]
+        values, vectors = values[order], vectors[:, order]
+        count = int(np.searchsorted(np.cumsum(values) / values.sum(), 0.9) + 1)
+        inside = np.square(members @ vectors[:, :count]).sum() / np.square(members).sum()
+        assert statistics[str(group)]["outside_energy"] == pytest.approx(1 - inside)
+        assert statistics[str(group)]["size"] == 20
+    assert statistics["2"]["mean_cosine"] < statistics["0"]["mean_cosine"]
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory):
+    """A tiny run through experts and routers: the generalist, three branched experts, `single-continued`."""
+    root = tmp_path_factory.mktemp("keep")
+    data = root / "train.jsonl"
+    write_records(data, 36)
+    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 64,
+                                "out": str(root / "run"), "sketch.rank": 4, "cluster.k": 3, "gradients.batch_size": 4,
+                                "warmup.fraction": 0.25, "data.validation_fraction": 0.25, "experts.batch_size": 4, "experts.epochs": 1,
+                                "experts.branch_epochs": 1, "experts.keep_min_records": 1, "experts.keep_confidence": 0.5,
+                                "experts.strategies": ["routed", "single", "single-continued"], "router.epochs": 5})
+    cluster(config)
+    train_experts(config)
+    train_routers(config)
+    return config
+
+
+def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapters_follow_them(routed_run, monkeypatch):
+    from gradientspace.strategies import RoutedPartition
+    from gradientspace.workflow import decide_experts, router_thresholds
+
+    config, seen = routed_run, {}
+    real = RoutedPartition.serving_groups
+
+    def recording(self, model, records):
+        groups = real(self, model, records)
+        seen[self.name] = (sorted(r.id for r in records), groups)
+        return groups
+
+    monkeypatch.setattr(RoutedPartition, "serving_groups", recording)
+    decisions = decide_experts(config)
+    run = Run(config.out)
+    validation_ids = sorted(r for r, in_validation in _split(config).items() if in_validation)
+    assert seen["routed"][0] == validation_ids  # every validation record, routed as a test prompt would be
+    routed_counts = np.bincount(seen["routed"][1], minlength=3)
+    for group, decision in decisions["routed"].items():
+        assert decision["validation_records"] == routed_counts[int(group)]
+        path, weight = served_groups(run, "routed")[group]
+        assert weight == decision["lambda"]
+        if weight == 0:
+            assert path is None
+        elif weight < 1:
+            blended = json.loads((path / "adapter_config.json").read_text())
+            assert blended["r"] == 2 * config.model.lora_rank and path.name == "blended"
+    assert set(decisions) == {"routed", "single-continued"}  # the generalist itself is never dropped
+    assert decisions["single-continued"]["0"]["validation_records"] == len(validation_ids)
+    assert router_thresholds(config)["routed"] is not None
+
+
+def _split(config) -> dict[str, bool]:
+    from gradientspace.data import load_records, validation_ids
+
+    records, _ = load_records(config.data.path)
+    held = validation_ids(records, config.data.validation_fraction, config.seed)
+    return {r.id: r.id in held for r in records}
+
+
+def test_the_threshold_and_the_evaluation_are_keyed_by_the_experts_they_serve(routed_run):
+    """A re-run that changes only how experts train must recalibrate the threshold: its key follows the adapters' keys."""
+    from gradientspace.workflow import ThresholdStage, evaluate_inputs, validation_records
+
+    config = routed_run
+    run = Run(config.out)
+    validation = validation_records(run, config)
+    before_threshold = ThresholdStage(run, config, "routed", validation).inputs()
+    before_evaluation = evaluate_inputs(run, config, ["routed"], None)
+    entry = run.stage_entry("experts/routed/0")
+    run.record_stage("experts/routed/0", {**entry, "key": "retrained-with-another-branch-rate"})
+    after_threshold = ThresholdStage(run, config, "routed", validation).inputs()
+    assert after_threshold["adapters"] != before_threshold["adapters"]
+    assert evaluate_inputs(run, config, ["routed"], None)["adapters"] != before_evaluation["adapters"]
+    from gradientspace.keep import KeepStage
+
+    keep_inputs = KeepStage(run, config, "routed", validation).inputs()
+    run.record_stage("experts/routed/0", entry)
+    assert KeepStage(run, config, "routed", validation).inputs()["adapters"] != keep_inputs["adapters"]
+
+
+def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(routed_run):
+    from peft import PeftModel
+
+    from gradientspace.inference import StrategyModel
+    from gradientspace.keep import blend_name, save_blend
+    from gradientspace.models import load_base_model
+    from gradientspace.strategies import Choice
+    from gradientspace.workflow import validation_records
+
+    config = routed_run
+    engine = StrategyModel(config, ["routed"], apply_decisions=False)
+    expert = engine.adapter_for("routed", 0)
+    engine.model.add_weighted_adapter([engine.generalist, expert], [0.25, 0.75], blend_name("routed", "0", 0.75), combination_type="cat")
+    records = validation_records(Run(config.out), config)
+    in_memory = engine.nll_for_choices([Choice({blend_name("routed", "0", 0.75): 1.0}, 0, 1.0)] * len(records), records)
+    save_blend(engine, "routed", "0", 0.75)
+    folder = Run(config.out).path("experts", "0", "blended")
+    engine.model = PeftModel.from_pretrained(load_base_model(config.model.name, engine.device), str(folder), adapter_name="reloaded").eval()
+    reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
+    assert reloaded == pytest.approx(in_memory, abs=1e-5)
