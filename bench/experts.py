@@ -1,15 +1,17 @@
-"""Are routed experts better than the one adapter a user would otherwise train? Every arm to convergence.
+"""Are routed experts better than the one adapter a user would otherwise train?
 
 For each data set (../shared/data/mix4, skills4), training size (`--per-label` records per label)
 and seed, one run directory goes through the default protocol: the generalist (`single`) trains
-with early stopping on the validation split; every expert branches from it, stops on its own
-cluster's validation share, and falls back to the generalist when it does not beat it there; the
-router threshold is chosen on validation. The test split (`--test-per-label` per label) is scored
-once, at the end. Arms:
+with early stopping on the validation split; every expert branches from it and stops on its own
+cluster's validation share; each is then kept, blended with the generalist or dropped on the
+validation records its router sends it (`gradientspace/keep.py`); the router threshold is chosen on
+validation. Every arm is scored on the validation split (where the single adapter of record is
+chosen), then the test split (`--test-per-label` per label) is scored once, at the end. Arms:
 
 | arm | what it is |
 | --- | --- |
-| single | one LoRA (rank r) on everything: the generalist |
+| single | one LoRA (rank r) on everything: the generalist (early-stopped, its schedule not annealed) |
+| single-continued | the generalist continued on everything with the experts' branch schedule (the annealed baseline), same keep rule |
 | single-wide | one LoRA of rank K·r on everything: as many parameters as K experts |
 | routed | gradient clusters + MiniLM router (ours) |
 | gradient-oracle | gradient-cluster experts, each test record sent by its own response gradient (no router can) |
@@ -33,6 +35,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from gradientspace.config import load_config
@@ -43,7 +46,7 @@ from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
 from gradientspace.runs import Run, write_json, write_jsonl
 from gradientspace.strategies import STRATEGIES, get
-from gradientspace.workflow import elrea_centroids, router_thresholds
+from gradientspace.workflow import decide_experts, elrea_centroids, router_thresholds, validation_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
@@ -87,11 +90,16 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     start = time.perf_counter()
     outcome = cluster(config)
     print(f"[{name} {per_label}/label seed {seed}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
-    experts = train_experts(config)
+    train_experts(config)
     routers = train_routers(config)
+    decide_experts(config)
     thresholds = router_thresholds(config)
     if any(get(s).needs_cluster_centroids for s in args.strategies):
         elrea_centroids(config)
+    # every arm scored on the validation split too, served exactly as on test: the single adapter of record
+    # (`single` or `single-continued`) is chosen there, before the test split is read
+    validation = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
+                                     args.strategies, validation_records(Run(config.out), config), write=False)
     test, _ = load_records(config.evaluate.data)
     results = evaluate_strategies(config, args.strategies, test)
     manifest = Run(config.out).manifest
@@ -100,11 +108,11 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
         table = results[strategy]
         arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
                           "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
-                          "compute": compute(manifest, strategy)}
-        own = get(strategy).owner
-        if own in experts:
-            arms[strategy]["fallback"] = experts[own]["fallback"]
-            arms[strategy]["experts"] = experts[own]["experts"]
+                          "validation_nll": validation[strategy]["overall"]["nll"], "compute": compute(manifest, strategy)}
+        summary = manifest.get("experts", {}).get(get(strategy).owner, {})
+        if "fallback" in summary:  # decided strategies: each group's λ and why (`keep.py`)
+            arms[strategy]["fallback"] = summary["fallback"]
+            arms[strategy]["experts"] = summary["experts"]
     report = {"dataset": name, "per_label": per_label, "seed": seed, "train": len(outcome.labels), "test": len(test), "ids": results["ids"],
               "config": config.to_dict(), "cluster_metrics": outcome.metrics, "cluster_sizes": outcome.sizes, "routers": routers,
               "thresholds": thresholds, "arms": arms, "wall_seconds": round(time.perf_counter() - start, 1),
