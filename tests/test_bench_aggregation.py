@@ -1,0 +1,112 @@
+"""The scripts that make every headline number (bench/plot_experts.py, arms.py, choose_on_validation.py, interference.py),
+on a small synthetic result set whose answers are known."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import arms  # noqa: E402
+import choose_on_validation  # noqa: E402
+import interference  # noqa: E402
+import plot_experts  # noqa: E402
+
+RECORDS = 40
+
+
+def arm(per_record: np.ndarray, validation: float, used: dict, experts: dict | None = None, steps: int = 100) -> dict:
+    result = {"by_label": {"a": {"nll": float(per_record[: RECORDS // 2].mean()), "n": RECORDS // 2},
+                           "overall": {"nll": float(per_record.mean()), "n": RECORDS}},
+              "per_record_nll": per_record.tolist(), "adapters_used": used, "validation_nll": validation,
+              "compute": {"steps": steps, "tokens": 10 * steps, "train_seconds": steps / 10, "steps_with_generalist": 2 * steps,
+                          "tokens_with_generalist": 20 * steps, "train_seconds_with_generalist": steps / 5, "gradient_pass_seconds": 7.0}}
+    if experts is not None:
+        result["experts"], result["fallback"] = experts, [g for g, e in experts.items() if e["lambda"] == 0]
+    return result
+
+
+def expert(weight: float, initial: float = 1.0, best: float = 0.9) -> dict:
+    return {"lambda": weight, "kept": weight > 0, "initial_eval_loss": initial, "best_eval_loss": best, "validation_samples": 10}
+
+
+def synthetic_results(folder: Path) -> None:
+    """Three seeds; routed is exactly single − 0.1 − 0.01·seed on every record; single-continued wins validation in seed 1 only."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        single = 1.0 + rng.normal(0, 0.2, RECORDS)
+        continued = single - 0.05
+        routed = single - 0.1 - 0.01 * seed
+        result = {"dataset": "toy", "per_label": 10, "seed": seed, "arms": {
+            "single": arm(single, 1.00, {"single__0": RECORDS}),
+            "single-continued": arm(continued, 0.99 if seed == 1 else 1.01, {"single-continued__0": RECORDS}, {"0": expert(1.0)}),
+            "routed": arm(routed, 0.9, {"single__0": 10, "routed__0": 30}, {"0": expert(1.0), "1": expert(0.5), "2": expert(0.0)}),
+            "random-clusters": arm(single - 0.02, 0.95, {"single__0": 20, "random-clusters__0": 20}, {"0": expert(1.0), "1": expert(0.0)})}}
+        (folder / f"toy-10-seed{seed}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture
+def results(tmp_path):
+    synthetic_results(tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_the_best_single_adapter_is_chosen_on_validation_and_routed_is_compared_with_it(results):
+    summary = arms.summarize("toy", 10, plot_experts.load(results)[("toy", 10)])
+    assert summary["arms"]["best-single"]["chosen"] == ["single", "single-continued", "single"]
+    by_pair = {(c["arm"], c["baseline"]): c for c in summary["comparisons"]}
+    # routed − best single: −0.1 − 0.01·seed against single, +0.05 back where single-continued was chosen (seed 1)
+    assert by_pair[("routed", "best-single")]["per_seed"] == pytest.approx([-0.10, -0.06, -0.12])
+    assert by_pair[("routed", "single")]["mean"] == pytest.approx(-0.11)
+    assert by_pair[("routed", "random-clusters")]["mean"] == pytest.approx(-0.09)
+    low, high = by_pair[("routed", "single")]["t_interval_over_seeds"]
+    assert low < -0.11 < high and high < 0  # three seeds of −0.10, −0.11, −0.12
+    # the differences are constant over records, so both bootstraps collapse onto the seed spread
+    assert by_pair[("routed", "single")]["record_bootstrap"] == pytest.approx((-0.11, -0.11))
+    two_low, two_high = by_pair[("routed", "single")]["seed_and_record_bootstrap"]
+    assert -0.12 - 1e-9 <= two_low < two_high <= -0.10 + 1e-9
+    assert summary["arms"]["routed"]["kept_blended_fell_back"] == [(1, 1, 1)] * 3
+    assert summary["arms"]["routed"]["generalist_share"] == [0.25] * 3
+    assert summary["arms"]["routed"]["steps"] == 200
+
+
+def test_arms_and_plot_experts_write_their_tables(results, tmp_path):
+    for script in ("arms.py", "plot_experts.py"):
+        subprocess.run([sys.executable, str(BENCH / script), "--results", str(results), "--out", str(tmp_path)], check=True, capture_output=True)
+    table = (tmp_path / "arms.md").read_text()
+    assert "routed − best-single (3 seed(s)): **-0.0933**" in table
+    assert json.loads((tmp_path / "arms.json").read_text())[0]["seeds"] == [0, 1, 2]
+    old = (tmp_path / "experts.md").read_text()
+    assert "routed − single" in old and "**-0.1100**" in old and (tmp_path / "experts_curve.png").stat().st_size > 0
+
+
+def test_plot_experts_pools_seeds_per_record():
+    differences = np.array([-0.2, 0.0, -0.1])
+    mean, low, high = plot_experts.paired_bootstrap(differences)
+    assert mean == pytest.approx(-0.1) and low < mean < high
+    assert plot_experts.mean_std([1.0, 3.0]) == "2.0000 ± 1.4142"
+
+
+def test_choose_on_validation_scores_kept_experts_by_their_best_loss_and_dropped_ones_by_the_generalist():
+    routed = {"experts": {"0": {"kept": True, "best_eval_loss": 0.5, "initial_eval_loss": 1.0, "validation_samples": 1},
+                          "1": {"kept": False, "best_eval_loss": 0.1, "initial_eval_loss": 2.0, "validation_samples": 3}}}
+    assert choose_on_validation.routed_validation_nll(routed) == pytest.approx((0.5 + 3 * 2.0) / 4)
+
+
+def test_interference_rows_and_rank_correlation():
+    manifest = {"interference": {str(c): {"size": 10, "mean_cosine": 1 - c / 10, "outside_energy": c / 10} for c in range(6)},
+                "experts": {"routed": {"experts": {str(c): {"initial_eval_loss": 1.0, "best_eval_loss": 1.0 - c / 100} for c in range(6)}}},
+                "stages": {"keep/routed": {"groups": {str(c): {"generalist_nll": 1.0, "candidate_nll": {"1.0": 1.0 - c / 50}} for c in range(5)}}}}
+    rows = interference.clusters(manifest, "toy")
+    assert [r["gain_own_share"] for r in rows] == pytest.approx([c / 100 for c in range(6)])
+    assert rows[5]["gain_routed"] is None  # no keep decision for that cluster
+    result = interference.analyse(rows)
+    assert result["gain_own_share"]["outside_energy"]["rho"] == pytest.approx(1.0)
+    assert result["gain_own_share"]["mean_cosine"]["rho"] == pytest.approx(-1.0)
+    assert result["gain_routed"]["outside_energy"]["clusters"] == 5
