@@ -4,11 +4,11 @@ Starts from a finished `bench/experts.py` run directory. Each variant is a copy 
 one setting changed; only what the change invalidates is recomputed (the manifest's stage keys
 decide): branch settings retrain the routed experts from the same generalist; K re-clusters the
 same sketch. Every variant is scored by the routed strategy's mean NLL on the validation split
-(experts kept or fallen back and the router threshold chosen there too, as in a real run), next to
+(experts kept, blended or fallen back and the router threshold chosen there too, as in a real run), next to
 the generalist's. The test split is not read: the chosen variant goes back through
 `bench/experts.py --set …` for its test numbers.
 
-    python bench/sweep.py --base bench/out/experts-runs/skills4-100-seed0 > bench/results/sweep-skills4.json
+    python bench/sweep.py --base bench/out/experts-runs/skills4-100-seed0 > bench/out/sweep-skills4.json
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 from gradientspace.config import config_from_run
-from gradientspace.data import validation_ids
 from gradientspace.experts import train_experts
 from gradientspace.inference import StrategyModel
-from gradientspace.pipeline import cluster, load_data
+from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
 from gradientspace.runs import Run
-from gradientspace.workflow import router_thresholds
+from gradientspace.workflow import decide_experts, router_thresholds, validation_records
 
 VARIANTS = {
     "base": {},
@@ -44,15 +43,14 @@ def validation_score(out: Path, overrides: dict) -> dict:
     config = config_from_run(out, {**overrides, "experts.strategies": ["routed", "single"]})
     start = time.perf_counter()
     outcome = cluster(config)
-    experts = train_experts(config, ["single", "routed"])
+    train_experts(config, ["single", "routed"])
     train_routers(config, ["routed"])
+    kept = decide_experts(config, ["routed"]).get("routed", {})
     thresholds = router_thresholds(config)
-    records = load_data(Run(out), config)
-    held = validation_ids(records, config.data.validation_fraction, config.seed)
-    validation = [r for r in records if r.id in held]
+    validation = validation_records(Run(out), config)
     engine = StrategyModel(config, ["routed", "single"])
     scores = {s: sum(engine.nll(s, validation)) / len(validation) for s in ("routed", "single")}
-    return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "fallback": experts["routed"]["fallback"],
+    return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "fallback": [g for g, d in kept.items() if d["lambda"] == 0],
             "threshold": thresholds.get("routed"), "validation_nll": scores,
             "validation_gain_vs_single": scores["single"] - scores["routed"], "seconds": round(time.perf_counter() - start, 1)}
 

@@ -202,3 +202,13 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     engine.model = PeftModel.from_pretrained(load_base_model(config.model.name, engine.device), str(folder), adapter_name="reloaded").eval()
     reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
     assert reloaded == pytest.approx(in_memory, abs=1e-5)
+    # a group decided at λ = 0.75 is served from that folder, by `serve` and by the vLLM launch command alike
+    from gradientspace.inference import served_adapters
+    from gradientspace.serving.backends import launch_command
+    from gradientspace.runs import write_json
+
+    write_json(Run(config.out).path("experts", "keep.json"), {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}})
+    served = {s.name: s.folder for s in served_adapters(Run(config.out))}
+    assert served["expert-0"] == folder and "expert-1" not in served
+    command = launch_command("vllm", "base", served_adapters(Run(config.out)), 8001)
+    assert f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"  # rank 2r = 4, rounded up to vLLM's 8
