@@ -5,7 +5,7 @@ group on that group's training part, with early stopping on that group's share o
 split (`data.validation_fraction`, the same records for every strategy, never trained on).
 
 The default protocol (`experts.init: generalist`): the `single` adapter (the generalist: one LoRA
-on all the data, what a user would otherwise train) is trained to convergence first; every expert
+on all the data, what a user would otherwise train) is trained first, early-stopped; every expert
 then branches from it and continues on its own group at a lower learning rate. Whether each expert
 is then kept, blended with the generalist or dropped (*falls back*) is decided on the validation
 records the router would send it (`keep.py`), so routed inference does not lose to the generalist
