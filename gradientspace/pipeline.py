@@ -398,7 +398,7 @@ def cluster(config: RunConfig) -> ClusterOutcome:
     """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run.
 
     Under torchrun rank 0 trains the warm-up, every rank takes its shard of the gradient pass, and
-    rank 0 alone clusters (the other ranks return an empty outcome).
+    rank 0 alone clusters while the others wait for it (they return an empty outcome).
     """
     distributed.init()
     run = Run(config.out)
@@ -411,12 +411,14 @@ def cluster(config: RunConfig) -> ClusterOutcome:
         distributed.barrier()
         run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
         run.execute(GradientStage(run, config, records, model))
-        if not distributed.is_main():
-            return ClusterOutcome(run.root, config.cluster.method, 0, [], [])
+    if not distributed.is_main():
+        distributed.barrier()  # every later stage, on every rank, reads the clusters rank 0 is writing
+        return ClusterOutcome(run.root, config.cluster.method, 0, [], [])
     entry = run.execute(ClusterStage(run, config, records))
     run.manifest["metrics"] = entry.get("metrics", {})
     run.manifest["interference"] = entry.get("interference", {})
     run.save()
+    distributed.barrier()
     labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
     return ClusterOutcome(run.root, config.cluster.method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"],
                           entry.get("interference", {}))

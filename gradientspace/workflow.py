@@ -107,13 +107,16 @@ def router_thresholds(config: RunConfig, strategies: list[str] | None = None) ->
 
 
 def evaluate_inputs(run: Run, config: RunConfig, strategies: list[str], centroids_key: str | None) -> dict[str, str]:
-    """What the evaluation reads: its settings, the test data's content, and every adapter, router and centroid it serves with."""
+    """What the evaluation reads: its settings, the test data's content, and every adapter (with its keep decision), router,
+    threshold, centroid and gradient space it serves with."""
     adapters = {strategy: served_inputs(run, strategy) for strategy in trained(strategies)}
     routers = {s: [run.stage_entry(f"{stage}/{s}").get("key") for stage in ("router", "threshold")]
                for s in routed(strategies)}
     return {"strategies": config_hash(strategies), "test data": fingerprint(config.evaluate.data),
             "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
             "model": config_hash(asdict(config.model)), "adapters": config_hash(adapters), "routers": config_hash(routers),
+            # `gradient-oracle` routes by the warm-up adapter's gradients projected on the sketch, onto the clusters
+            "warm-up and clusters": config_hash(warmup_key(config), run.stage_entry("cluster").get("key")),
             "elrea centroids": str(centroids_key)}
 
 

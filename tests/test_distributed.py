@@ -37,12 +37,17 @@ def test_two_process_run_matches_one_process(tmp_path):
 
 
 def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_path):
-    """`torchrun --nproc_per_node 2 … run`: the gradient pass, the experts and the evaluation are spread over the two ranks."""
+    """`torchrun --nproc_per_node 2 … run`: the gradient pass, the experts and the evaluation are spread over the two ranks.
+
+    Rank 0's cluster stage is slowed down on purpose (`slow_rank0.py`), so a rank that read the clusters
+    before rank 0 wrote them would fail every time, not only on a slow machine.
+    """
     from conftest import tiny_run_config
 
     outputs = {}
-    for name, launcher in (("one", [sys.executable, "-m", "gradientspace.cli"]),
-                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "gradientspace.cli"])):
+    slowed = str(Path(__file__).with_name("slow_rank0.py"))
+    for name, launcher in (("one", [sys.executable, slowed]),
+                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", slowed])):
         (tmp_path / name).mkdir()
         # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
         config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
