@@ -114,8 +114,6 @@ TOTAL_BUDGET_S = 470  # full sizes: every part's timeout is also cut to what is 
 # ---------------------------------------------------------------- shared helpers (run inside a part's process)
 
 def device_and_dtype():
-    import torch
-
     from gradientspace.models import pick_device, resolve_dtype
 
     device = pick_device("auto")
@@ -248,8 +246,8 @@ def plan_figures() -> dict:
     plan = json.loads((BENCH / "results" / "scale.json").read_text())["plan"]
     row = next(r for r in plan["rows"] if r["gpus"] == 8)
     memory = row["memory_per_rank_gib"]
-    return {"gpus": 8, "samples": PLAN_SAMPLES, "gradient_pass_hours": row["gradient_pass_hours"],
-            "gradient_seconds_per_sample": round(row["gradient_pass_hours"] * 3600 / (PLAN_SAMPLES / 8), 4),
+    return {"gpus": row["gpus"], "samples": PLAN_SAMPLES, "gradient_pass_hours": row["gradient_pass_hours"],
+            "gradient_seconds_per_sample": round(row["gradient_pass_hours"] * 3600 / (PLAN_SAMPLES / row["gpus"]), 4),
             "sketch_hours": row["sketch_hours"], "memory_per_rank_gib": row["memory_per_rank_total_gib"],
             # what the gradient pass alone holds: everything but the sketch's U, block and V
             "gradient_pass_memory_gib": round(sum(v for k, v in memory.items() if not k.startswith("sketch_")), 3),
@@ -314,14 +312,14 @@ def junit_summary(report: Path) -> dict:
         elif outcome.tag == "skipped":
             counts["skipped"] += 1
         else:
-            message = (outcome.get("message") or outcome.text or "").strip().splitlines()
-            line = message[0][:300] if message else ""
-            if any(mark in (outcome.text or "") + line for mark in MISSING_MARKS):
+            lines = [line.strip() for line in f"{outcome.get('message') or ''}\n{outcome.text or ''}".splitlines() if line.strip()]
+            missing = next((line for line in lines if any(mark in line for mark in MISSING_MARKS)), None)
+            if missing:
                 counts["unavailable"] += 1
-                unavailable.add(line)
+                unavailable.add(missing[:300])
             else:
                 counts["failed" if outcome.tag == "failure" else "errors"] += 1
-                problems.append(f"{case.get('name')}: {line}")
+                problems.append(f"{case.get('name')}: {lines[0][:300] if lines else ''}")
     counts["seconds"] = round(counts["seconds"], 1)
     return {**counts, "problems": problems, "unavailable_because": sorted(unavailable)}
 
@@ -535,6 +533,7 @@ def part_serve(sizes: Sizes, scratch: Path, out: Partial) -> None:
         server.wait()
 
 
+# The measurements first, the tests last: the numbers nobody has yet come before the check that is also run in CI.
 PARTS = {"gradients": part_gradients, "gradients_8b": part_gradients_8b, "sketch": part_sketch, "trainer": part_trainer,
          "serve": part_serve, "tests": part_tests}
 
@@ -566,24 +565,26 @@ def child(name: str, tiny: bool, result_file: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-work-") as scratch:
         try:
             PARTS[name](TINY_SIZES if tiny else FULL, Path(scratch), out)
-        except BaseException as err:  # recorded, not raised: the driver goes on to the next part
+        except BaseException as err:  # recorded beside what the part had measured; the exit status tells the driver
             out.update(error=f"{type(err).__name__}: {err}"[:1000], traceback=traceback.format_exc()[-3000:])
             raise SystemExit(1)
 
 
 def machine() -> dict:
     import platform
+    from importlib.metadata import version
 
-    import peft
     import torch
-    import transformers
 
     cuda = torch.cuda.is_available()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:  # a copy of the tree without git (or without .git) has no commit to name
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit or None}
+            "transformers": version("transformers"), "peft": version("peft"), "commit": commit or None}  # read, not imported: seconds each
 
 
 def main() -> None:
@@ -608,6 +609,7 @@ def main() -> None:
 
     sizes = TINY_SIZES if args.tiny else FULL
     results = {"sizes": "tiny" if args.tiny else "full", "machine": machine(), "budgets_s": sizes.budgets, "parts": {}}
+    write_json(args.out, results)
     for name in args.parts.split(","):
         left = TOTAL_BUDGET_S - (time.perf_counter() - started)
         budget = sizes.budgets[name] if args.tiny else min(sizes.budgets[name], left)
