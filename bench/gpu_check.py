@@ -26,6 +26,7 @@ part and a part writes its numbers as it goes, so a killed run still leaves what
 
     python bench/gpu_check.py --out bench/out/gpu-check.json          # a CUDA device, ≤ 8 minutes
     python bench/gpu_check.py --tiny --out /tmp/gpu-check.json        # tiny shapes, any device
+    python bench/gpu_check.py --parts sketch,serve --budget serve=150 # some parts; another budget for one
 
 `--tiny` runs every part at tiny shapes on whatever device there is (tests/test_gpu_check.py runs
 it, so the script cannot rot). Without it the script refuses to start where there is no CUDA.
@@ -47,7 +48,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -544,7 +545,8 @@ def run_part(name: str, tiny: bool, budget: float) -> dict:
     """One part in a fresh process (its own peak memory, its own CUDA context), killed with its children at `budget` seconds."""
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as scratch:
         result_file = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--child", name, "--child-out", str(result_file)] + (["--tiny"] if tiny else [])
+        command = [sys.executable, __file__, "--child", name, "--child-out", str(result_file), "--child-budget", str(budget)]
+        command += ["--tiny"] if tiny else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         start = time.perf_counter()
         process = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: the serve part's server dies with it
@@ -560,11 +562,13 @@ def run_part(name: str, tiny: bool, budget: float) -> dict:
     return {**result, "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def child(name: str, tiny: bool, result_file: Path) -> None:
+def child(name: str, tiny: bool, result_file: Path, budget: float) -> None:
     out = Partial(result_file)
+    sizes = TINY_SIZES if tiny else FULL
+    sizes = replace(sizes, budgets={**sizes.budgets, name: budget})  # the budget the driver gave, maybe cut to what was left
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-work-") as scratch:
         try:
-            PARTS[name](TINY_SIZES if tiny else FULL, Path(scratch), out)
+            PARTS[name](sizes, Path(scratch), out)
         except BaseException as err:  # recorded beside what the part had measured; the exit status tells the driver
             out.update(error=f"{type(err).__name__}: {err}"[:1000], traceback=traceback.format_exc()[-3000:])
             raise SystemExit(1)
@@ -592,13 +596,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu-check.json")
     parser.add_argument("--tiny", action="store_true", help="every part at tiny shapes, on whatever device there is (seconds)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS", help="another time budget for a part")
     parser.add_argument("--child", choices=list(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = time.perf_counter()  # before torch's import: the 8 minutes are the whole command's
     if args.child:
-        return child(args.child, args.tiny, args.child_out)
-    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+        return child(args.child, args.tiny, args.child_out, args.child_budget)
+    try:
+        budgets = {name: float(seconds) for name, _, seconds in (b.partition("=") for b in args.budget)}
+    except ValueError:
+        parser.error(f"--budget takes PART=SECONDS, got {' '.join(args.budget)}")
+    unknown = [p for p in args.parts.split(",") + list(budgets) if p not in PARTS]
     if unknown:
         parser.error(f"unknown part {', '.join(unknown)}: choose from {', '.join(PARTS)}")
     import torch
@@ -607,14 +617,14 @@ def main() -> None:
         sys.exit("gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)")
     from gradientspace.runs import write_json
 
-    sizes = TINY_SIZES if args.tiny else FULL
-    results = {"sizes": "tiny" if args.tiny else "full", "machine": machine(), "budgets_s": sizes.budgets, "parts": {}}
+    budgets = {**(TINY_SIZES if args.tiny else FULL).budgets, **budgets}
+    results = {"sizes": "tiny" if args.tiny else "full", "machine": machine(), "budgets_s": budgets, "parts": {}}
     write_json(args.out, results)
     for name in args.parts.split(","):
         left = TOTAL_BUDGET_S - (time.perf_counter() - started)
-        budget = sizes.budgets[name] if args.tiny else min(sizes.budgets[name], left)
+        budget = budgets[name] if args.tiny else min(budgets[name], left)
         print(f"gpu_check: {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
-        results["parts"][name] = run_part(name, args.tiny, budget) if budget > 5 else {"error": "not started: the total budget was spent"}
+        results["parts"][name] = run_part(name, args.tiny, budget) if budget > 0 else {"error": "not started: the total budget was spent"}
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         write_json(args.out, results)
     print(json.dumps({name: "error: " + part["error"] if "error" in part else "ok" for name, part in results["parts"].items()}, indent=2))

@@ -86,3 +86,13 @@ def test_full_sizes_refuse_to_start_without_cuda(tmp_path):
     assert completed.returncode != 0
     assert completed.stderr.strip().splitlines() == ["gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)"]
     assert not out.exists()
+
+
+def test_a_part_past_its_budget_is_killed_and_the_next_part_runs(tmp_path):
+    """One second is far less than building a model and starting a server takes anywhere: the serve part is killed."""
+    out = tmp_path / "gpu-check.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--parts", "serve,sketch", "--budget", "serve=1", "--out", str(out)],
+                   cwd=ROOT, check=True, timeout=900)
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["serve"]["error"].startswith("timed out after its budget of 1 s")
+    assert "error" not in parts["sketch"] and parts["sketch"]["seconds_per_1000_samples"] > 0
