@@ -6,9 +6,6 @@ alias. Six parts, each in its own process with its own time budget (a part that 
 of time records its error, and the next one starts); the JSON is rewritten atomically after each
 part and a part writes its numbers as it goes, so a killed run still leaves what it measured.
 
-  tests       : the suite's CUDA-relevant tests (gradients, sketch, train, experts/inference, serve)
-                on whatever `pick_device` chooses (CUDA there); a test that needs a package or model
-                absent from the machine is listed as unavailable, not as failed.
   gradients   : hooked per-sample gradients (`PerSampleGradients`) against a plain batched
                 forward + backward on the same batches, ~1 B Llama shape, bf16, all-linear LoRA r = 8,
                 512 tokens: samples/s of both, their ratio, peak memory of both, and the hooked rows'
@@ -23,6 +20,9 @@ part and a part writes its numbers as it goes, so a killed run still leaves what
   serve       : `gradientspace serve` on the 1 B shape with 4 experts and a generalist (a run folder
                 made of random adapters and a random MiniLM-shaped router): requests/s at 1 and 16
                 clients, routed against single, through bench/serve.py's clients.
+  tests       : the suite's CUDA-relevant tests (gradients, sketch, train, experts/inference, serve)
+                on whatever `pick_device` chooses (CUDA there), one pytest per file; a test that needs
+                a package or model absent from the machine is listed as unavailable, not as failed.
 
     python bench/gpu_check.py --out bench/out/gpu-check.json          # a CUDA device, ≤ 8 minutes
     python bench/gpu_check.py --tiny --out /tmp/gpu-check.json        # tiny shapes, any device
@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
-import math
 import os
 import signal
 import socket
@@ -417,11 +417,11 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
         for start in range(0, sizes.sketch_samples, block):
             with torch.device(device):  # the stream's factory calls land on the device with its generator
                 rows = stream.rows(min(block, sizes.sketch_samples - start))
-            spent = timed(lambda: sketch.add(rows, list(range(start, start + len(rows)))), device)
+            spent = timed(functools.partial(sketch.add, rows, list(range(start, start + len(rows)))), device)
             if start >= rank:  # the first r' samples fill the basis with cheaper, narrower updates: untimed
                 seconds += spent
                 timed_samples += len(rows)
-            del rows
+            del rows  # before the next block is drawn: one block of rows at a time, as the gradient pass hands them over
         drift = sketch.orthogonality_error()
         seconds += timed(sketch.result, device)
     per_sample = seconds / timed_samples
