@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# bench/gpu_check.py on a GPU machine that can download nothing, with its own python3 (no .venv): the wheels in .whl/
+# and the tiny-random model folder in .gpu-cache/ travel with the checkout (README, Development, says how to fetch them).
+GPU_CHECK_OUT ?= bench/out/gpu-check.json
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile .whl/*.whl; fi
+	$(if $(wildcard .gpu-cache),GRADIENTSPACE_CACHE=$(CURDIR)/.gpu-cache) PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,98 @@
+"""bench/gpu_check.py at tiny shapes: every part runs and reports sane numbers, so the prepared GPU check cannot rot."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+PARTS = ["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"]
+
+
+def numbers(tree):
+    """Every number in a JSON tree (booleans are not numbers here)."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from numbers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check") / "gpu-check.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=ROOT, check=True, timeout=1800)
+    return json.loads(out.read_text())
+
+
+def test_every_part_ran_without_error(tiny_result):
+    assert tiny_result["sizes"] == "tiny"
+    assert list(tiny_result["parts"]) == PARTS
+    for name, part in tiny_result["parts"].items():
+        assert "error" not in part, f"{name}: {part['error']}"
+        assert all(math.isfinite(v) for v in numbers(part)), name
+
+
+def test_gradient_parts_report_rates_memory_and_exactness(tiny_result):
+    small = tiny_result["parts"]["gradients"]
+    for method in ("hooked", "plain"):
+        assert small["samples_per_second"][method] > 0
+        assert small["peak_memory_gib"][method] > 0
+    assert small["ratio_hooked_vs_plain"] > 0 and small["memory_hooked_vs_plain"] > 0
+    assert small["sum_of_rows_vs_batch_gradient_relative_error"] < 1e-3  # float32 on a CPU; bf16 on a GPU is looser
+    large = tiny_result["parts"]["gradients_8b"]
+    assert large["plan"]["lora_dim"] == 20_971_520  # the plan's 8 B all-linear d, read from bench/results/scale.json
+    for variant in ("checkpointing", "no_checkpointing"):
+        assert large[variant]["seconds_per_sample"] > 0 and large[variant]["peak_memory_gib"] > 0
+        assert large[variant]["seconds_per_sample_vs_plan"] > 0
+
+
+def test_sketch_stays_orthonormal_and_is_costed_against_the_plan(tiny_result):
+    sketch = tiny_result["parts"]["sketch"]
+    assert sketch["timed_samples"] > 0 and sketch["seconds_per_1000_samples"] > 0
+    assert sketch["orthogonality_error_end_of_stream"] < 1e-4
+    assert sketch["hours_vs_plan"] > 0
+
+
+def test_trainer_and_server_report_throughput(tiny_result):
+    trainer = tiny_result["parts"]["trainer"]
+    assert trainer["steps"] >= 1 and trainer["steps_per_second"] > 0
+    serve = tiny_result["parts"]["serve"]
+    for clients in ("1_clients", "16_clients"):
+        for mode in ("routed", "single"):
+            assert serve[clients][mode]["requests_per_second"] > 0
+        assert set(serve[clients]["routed"]["experts"]) <= {f"expert-{g}" for g in range(4)}  # routed, never the generalist
+        assert serve[clients]["single"]["experts"] == {"generalist": serve[clients]["single"]["requests"]}
+    assert len(serve["16_clients"]["routed"]["experts"]) >= 2  # the router spreads prompts, so batches can mix experts
+
+
+def test_test_part_ran_the_selected_tests(tiny_result):
+    tests = tiny_result["parts"]["tests"]
+    assert tests["passed"] == 2 and tests["failed"] == tests["errors"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_full_sizes_refuse_to_start_without_cuda(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines() == ["gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)"]
+    assert not out.exists()
+
+
+def test_a_part_past_its_budget_is_killed_and_the_next_part_runs(tmp_path):
+    """One second is far less than building a model and starting a server takes anywhere: the serve part is killed."""
+    out = tmp_path / "gpu-check.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--parts", "serve,sketch", "--budget", "serve=1", "--out", str(out)],
+                   cwd=ROOT, check=True, timeout=900)
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["serve"]["error"].startswith("timed out after its budget of 1 s")
+    assert "error" not in parts["sketch"] and parts["sketch"]["seconds_per_1000_samples"] > 0
