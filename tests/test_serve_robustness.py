@@ -13,15 +13,18 @@ import openai
 import pytest
 
 from gradientspace.cli import main
-from gradientspace.config import config_from_run
+from gradientspace.config import ServeConfig, config_from_run
+from gradientspace.inference import served_adapters
+from gradientspace.runs import Run
 
 pytest.importorskip("fastapi")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 # run_dir: the tiny run, its adapters pushed apart so that each answers differently; client: the openai client of `served` below
-from test_serve import Background, client, run_dir  # noqa: E402,F401
+from test_serve import Background, Stub, client, router, run_dir  # noqa: E402,F401
 
 from gradientspace.serving.engine import Request, Sampling  # noqa: E402
 from gradientspace.serving.guards import API_KEY_VARIABLE, api_key  # noqa: E402
+from gradientspace.serving.route_proxy import create_route_app  # noqa: E402
 from gradientspace.serving.server import build  # noqa: E402
 
 MAX_BODY = 64 * 1024
@@ -215,16 +218,16 @@ def test_a_seed_out_of_range_fails_alone_while_its_batch_succeeds(client):
 class Collected:
     """A request's events, gathered from the worker thread."""
 
-    def __init__(self, engine, prompt: str, max_tokens: int, pinned: str | None = None, fail_at_text: int | None = None, seed: int | None = None):
+    def __init__(self, engine, prompt: str, max_tokens: int, pinned: str | None = None, breaks_on: str | None = None):
         record, ids = engine.chat_prompt([{"role": "user", "content": prompt}])
         self.texts, self.ending, self.finished = [], None, threading.Event()
-        self.fail_at_text = fail_at_text
-        self.request = Request(record, ids, Sampling(max_tokens, temperature=0.0, seed=seed), self.emit, pinned)
+        self.breaks_on = breaks_on  # the event kind on which this request's consumer raises, as a client's broken callback would
+        self.request = Request(record, ids, Sampling(max_tokens, temperature=0.0), self.emit, pinned)
 
     def emit(self, kind, value):
+        if kind == self.breaks_on:
+            raise ConnectionError("this request's consumer broke")
         if kind == "text":
-            if self.fail_at_text is not None and len(self.texts) + 1 >= self.fail_at_text:
-                raise ConnectionError("this request's consumer broke")
             self.texts.append(value)
         elif kind in ("done", "error"):
             self.ending = (kind, value)
@@ -263,7 +266,7 @@ def test_a_failure_inside_a_batch_fails_only_the_request_that_caused_it(served):
     before = dict(engine.stats)
     held = HeldWorker(engine)
     together = [Collected(engine, p, 8, pin) for p, pin in zip(prompts, PINS)]
-    breaking = Collected(engine, "Tell me a story.", 8, "expert-1", fail_at_text=1)  # fails mid-decode, after the rows before it sent text
+    breaking = Collected(engine, "Tell me a story.", 8, "expert-1", breaks_on="text")  # fails mid-decode, after the rows before it sent text
     for collected in [*together[:2], breaking, *together[2:]]:
         engine.submit(collected.request)
     held.release.set()
@@ -272,6 +275,40 @@ def test_a_failure_inside_a_batch_fails_only_the_request_that_caused_it(served):
     assert breaking.wait()[0] == ("error", "ConnectionError: this request's consumer broke")
     assert engine.stats["split_batches"] > before.get("split_batches", 0)
     assert engine.stats["failed_requests"] == before.get("failed_requests", 0) + 1
+
+
+def test_a_request_that_breaks_the_router_or_its_own_consumer_fails_alone(served, monkeypatch):
+    _, engine = served
+    choose = engine.model.choose
+
+    def choose_refusing_poison(strategy, records):
+        if any("poison" in record.messages[0]["content"] for record in records):
+            raise RuntimeError("the router cannot read this prompt")
+        return choose(strategy, records)
+
+    monkeypatch.setattr(engine.model, "choose", choose_refusing_poison)
+    held = HeldWorker(engine)
+    good = [Collected(engine, prompt, 3) for prompt in ("What is 2 + 3?", "def add(a, b):", "Why is the sky blue?")]
+    poisoned, deaf = Collected(engine, "poison", 3), Collected(engine, "Name a prime.", 3, breaks_on="routed")
+    for collected in [good[0], poisoned, good[1], deaf, good[2]]:
+        engine.submit(collected.request)
+    held.release.set()
+    assert [c.wait()[0] for c in good] == [("done", "length")] * 3
+    assert poisoned.wait()[0] == ("error", "RuntimeError: the router cannot read this prompt")
+    assert deaf.wait()[0] == ("error", "ConnectionError: this request's consumer broke")
+
+
+def test_a_crash_is_a_500_in_openai_shape_and_the_server_lives(served, client, monkeypatch):
+    _, engine = served
+
+    def broken_template(messages):
+        raise KeyError("chat template")
+
+    monkeypatch.setattr(engine, "chat_prompt", broken_template)
+    error = assert_openai_error(httpx.post(f"{served[0].url}/v1/chat/completions", json=CHAT), 500)
+    assert error["type"] == "server_error" and "KeyError" in error["message"]
+    monkeypatch.undo()
+    assert client.chat.completions.create(**CHAT).usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("change, message", [({"prompt_ids": []}, "empty"), ({"prompt_ids": [10**9]}, "vocabulary"),
@@ -336,6 +373,24 @@ def test_api_key_guards_every_v1_route_and_docs_when_asked(run_dir, monkeypatch)
     assert api_key(None) == "from-env" and api_key("flag") == "flag"
     monkeypatch.delenv(API_KEY_VARIABLE)
     assert api_key(None) is None
+
+
+def test_route_has_the_same_guards(run_dir, router):
+    stub = Stub(["BASE", *(s.name for s in served_adapters(Run(run_dir)))])
+    settings = ServeConfig(max_body_bytes=4096)
+    proxy = Background(create_route_app(router, served_adapters(Run(run_dir)), "BASE", stub.server.url, "vllm", settings, api_key="sekret"))
+    try:
+        assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=CHAT), 401)
+        keyed = {"authorization": "Bearer sekret"}
+        too_long = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+        assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=too_long, headers=keyed), 413)
+        assert httpx.post(f"{proxy.url}/v1/chat/completions", json=CHAT, headers=keyed).content == Stub.ANSWER
+        assert stub.received[-1]["messages"] == CHAT["messages"]  # the replayed body reached the relay whole
+        assert_openai_error(httpx.get(f"{proxy.url}/docs"), 404)
+        assert_openai_error(httpx.get(f"{proxy.url}/v1/chat/completions", headers=keyed), 405)
+    finally:
+        proxy.stop()
+        stub.server.stop()
 
 
 def metric_samples(url: str) -> dict:

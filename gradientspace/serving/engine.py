@@ -354,7 +354,8 @@ class Engine:
             for request in batch:
                 if request.cancelled.is_set():
                     self.stats["cancelled"] += 1
-                    request.emit("done", "cancelled")
+                    with contextlib.suppress(Exception):  # its client is gone: a failing consumer changes nothing
+                        request.emit("done", "cancelled")
             if live:
                 self._decode_isolating(self._route_isolating(live))
             if closing:
@@ -373,7 +374,12 @@ class Engine:
             return [row for request in batch for row in self._route_isolating([request])]
         rows = []
         for request, (adapter, route) in zip(batch, routes):
-            request.emit("routed", route)
+            try:
+                request.emit("routed", route)
+            except Exception as err:  # its own consumer failed: only it is dropped
+                self.stats["failed_requests"] += 1
+                _tell_error(request, err)
+                continue
             rows.append(_Row(request, adapter, self.tokenizer, self.model.eos_ids))
         return rows
 

@@ -1,8 +1,8 @@
 """`gradientspace serve RUN`: an OpenAI-compatible server of routed experts on one base model.
 
 `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`, `POST /v1/chat/completions`,
-`POST /v1/completions`, streamed as server-sent events ending in `data: [DONE]` or not. `model: "gradientspace"` routes the prompt;
-an expert's id (`expert-2`, `generalist`) pins it. The adapter that answered is the response's
+`POST /v1/completions`, streamed as server-sent events ending in `data: [DONE]` or not.
+`model: "gradientspace"` routes the prompt; an expert's id (`expert-2`, `generalist`) pins it. The adapter that answered is the response's
 `model`, the `x-gradientspace-expert` / `x-gradientspace-probability` headers (sent before the
 first streamed byte) and the body's `gradientspace` field. A client that disconnects cancels its
 generation; its batch goes on without it.
