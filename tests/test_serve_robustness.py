@@ -142,6 +142,8 @@ MALFORMED = [
     ("prompt over serve.max_prompt_tokens", "POST", "/v1/chat/completions",
      chat_with(messages=[{"role": "user", "content": "word " * 400}]), 400, "messages"),
     ("prompt over the context", "POST", "/v1/chat/completions", chat_with(messages=[{"role": "user", "content": "word " * 2500}]), 400, "messages"),
+    ("prompt too long to tokenise", "POST", "/v1/chat/completions", chat_with(messages=[{"role": "user", "content": "#" * 30_000}]), 400, "messages"),
+    ("text prompt too long to tokenise", "POST", "/v1/completions", text_with(prompt="#" * 30_000), 400, "prompt"),
     ("body over serve.max_body_bytes", "POST", "/v1/chat/completions", chat_with(messages=[{"role": "user", "content": "x" * (MAX_BODY + 1)}]), 413, None),
     ("text prompt empty", "POST", "/v1/completions", text_with(prompt=""), 400, "prompt"),
     ("text prompt empty list", "POST", "/v1/completions", text_with(prompt=[]), 400, "prompt"),
@@ -348,6 +350,21 @@ def test_prompts_are_tokenised_off_the_event_loop(served, client, monkeypatch):
     monkeypatch.setattr(engine, "chat_prompt", lambda messages: (threads.append(threading.current_thread()), tokenise(messages))[1])
     client.chat.completions.create(**CHAT)
     assert threads and served[0].thread not in threads  # the uvicorn thread runs the event loop
+
+
+def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenising(served, monkeypatch):
+    _, engine = served
+
+    def no_tokenising(*args):
+        raise AssertionError("tokenised a prompt whose length already refused it")
+
+    monkeypatch.setattr(engine, "chat_prompt", no_tokenising)
+    monkeypatch.setattr(engine, "text_prompt", no_tokenising)
+    prompt = "#" * (MAX_PROMPT_TOKENS * engine.longest_token + 1)
+    for path, body, param in (("chat/completions", chat_with(messages=[{"role": "user", "content": prompt}]), "messages"),
+                              ("completions", text_with(prompt=prompt), "prompt")):
+        error = assert_openai_error(httpx.post(f"{served[0].url}/v1/{path}", json=body), 400, param)
+        assert error["code"] == "context_length_exceeded" and str(MAX_PROMPT_TOKENS) in error["message"]
 
 
 # ------------------------------------------------------------------ API key, docs, metrics

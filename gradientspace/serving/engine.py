@@ -266,6 +266,9 @@ class Engine:
         self.stacked = StackedLoRA(model.model, list(self.adapters.values()))
         self.context_length = getattr(model.model.config, "max_position_embeddings", None)
         self.vocabulary = model.model.get_input_embeddings().num_embeddings
+        # a token stands for at most as many characters as its spelling in the vocabulary has (byte-level BPE spells each
+        # byte as one character), so a text of C characters has at least C / longest_token tokens
+        self.longest_token = max(len(token) for token in self.tokenizer.get_vocab())
         self.stats: Counter = Counter()
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queued)
         self._worker = threading.Thread(target=self._loop, name="gradientspace-engine", daemon=True)

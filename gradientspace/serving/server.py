@@ -121,13 +121,26 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
                                 f"({prompt_tokens} in the prompt, {requested} for the completion)", param="max_tokens", code="context_length_exceeded")
         return min(requested or settings.default_max_tokens, limit - prompt_tokens)
 
+    # the most prompt tokens any request may have, and the characters beyond which a prompt surely has more
+    prompt_limit = min((n for n in (settings.max_prompt_tokens, engine.context_length and engine.context_length - 1) if n), default=None)
+    prompt_characters = prompt_limit and prompt_limit * engine.longest_token
+
+    def surely_too_long(characters: int, param: str) -> None:
+        """Refuses, without tokenising it, a prompt whose length in characters alone proves it has too many tokens."""
+        if prompt_characters and characters > prompt_characters:
+            raise APIError(400, f"The prompt has {characters} characters, so at least {characters // engine.longest_token} tokens; this "
+                                f"server accepts at most {prompt_limit}", param=param, code="context_length_exceeded")
+
     async def respond(body: ChatRequest | CompletionRequest, http: HTTPRequest, chat: bool):
         # the cheap checks first, then tokenising (in the thread pool), then the checks that need the tokens
         body.unsupported()
         pinned, stops = resolve_model(body.model, served), body.stops()
         if chat:
-            record, prompt_ids = await run_in_threadpool(engine.chat_prompt, body.turns())
+            turns = body.turns()
+            surely_too_long(sum(len(turn["content"]) for turn in turns), "messages")
+            record, prompt_ids = await run_in_threadpool(engine.chat_prompt, turns)
         else:
+            surely_too_long(len(body.text()), "prompt")
             record, prompt_ids = await run_in_threadpool(engine.text_prompt, body.text())
         sampling = Sampling(budget(len(prompt_ids), body.token_budget(), "messages" if chat else "prompt"), body.temperature, body.top_p, stops, body.seed)
         pending = _Pending(engine, metrics, record, prompt_ids, sampling, pinned)
