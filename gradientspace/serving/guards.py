@@ -9,6 +9,7 @@ wraps a streamed response (a disconnect still reaches the endpoint at once).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -38,6 +39,14 @@ def listen(host: str, port: int) -> socket.socket:
         key = "serve.port" if err.errno == errno.EACCES else "serve.host"
         raise ConfigError(f"config key `{key}`: cannot listen on {host}:{port} ({err.strerror})") from None
     return sock
+
+
+def serve_on(sock: socket.socket, app, host: str, port: int) -> None:
+    """Runs uvicorn on the bound socket until Ctrl-C, which is how a server is stopped (uvicorn re-raises it once shut down)."""
+    import uvicorn
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
 
 
 def api_key(flag: str | None) -> str | None:

@@ -24,7 +24,7 @@ from ..inference import GENERALIST_MODEL, ServedAdapter
 from ..router import Router, threshold_override
 from ..strategies import get
 from .backends import BackendError, upstream_model
-from .guards import BodyLimit, RequireAPIKey, api_key, listen
+from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
 
 RELAYED_HEADERS = ("content-type", "content-encoding", "cache-control")
@@ -108,8 +108,6 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
 
 def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | None = None) -> None:
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
-    import uvicorn
-
     from ..inference import served_adapters
     from ..models import pick_device
     from ..runs import Run
@@ -123,4 +121,4 @@ def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | No
         print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
               f"(base {base}); listening on http://{settings.host}:{settings.port}/v1", flush=True)
         app = create_route_app(router, served, base, upstream, backend, settings, key)
-        uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")).run(sockets=[sock])
+        serve_on(sock, app, settings.host, settings.port)

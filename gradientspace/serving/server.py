@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..config import RunConfig, ServeConfig
 from ..inference import ServedAdapter
 from .engine import Engine, EngineBusy, Request, Route, Sampling
-from .guards import BodyLimit, RequireAPIKey, api_key, listen
+from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .metrics import CountStatuses, ServerMetrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, completion_id, install_error_handlers, model_list,
                        resolve_model, route_headers)
@@ -233,14 +233,12 @@ def build(config: RunConfig, strategy: str = "routed", api_key: str | None = Non
 
 def serve(config: RunConfig, api_key_flag: str | None = None) -> None:
     """`gradientspace serve RUN`: binds the port, then loads the model, then blocks until interrupted."""
-    import uvicorn
-
     settings, key = config.serve, api_key(api_key_flag)
     with listen(settings.host, settings.port) as sock:
         app, engine = build(config, api_key=key)
         print(f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
               f"on http://{settings.host}:{settings.port}/v1 ({'API key required' if key else 'no API key'}; metrics at /metrics)", flush=True)
         try:
-            uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")).run(sockets=[sock])
+            serve_on(sock, app, settings.host, settings.port)
         finally:
             engine.close()
