@@ -8,8 +8,9 @@ first streamed byte) and the body's `gradientspace` field. A client that disconn
 generation; its batch goes on without it.
 
 A request is checked whole before it is queued — its fields (`protocol.py`), its model, its
-prompt length against `serve.max_prompt_tokens` and the context, then whatever could break a
-batch (`Engine.submit`) — so a bad one is a 4xx of its own and never reaches a batch. Prompts
+prompt length against `serve.max_prompt_tokens` and the context (first by characters, so that a
+prompt surely too long is never tokenised, then by tokens), then whatever could break a batch
+(`Engine.submit`) — so a bad one is a 4xx of its own and never reaches a batch. Prompts
 are tokenised in the thread pool, never on the event loop (a megabyte prompt does not stall
 `/health`). The queue is bounded (`serve.max_queued`): beyond it, a 503 with Retry-After. In
 front of every route: the body-size limit (413), the API key on /v1 when one is set
