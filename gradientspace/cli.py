@@ -202,7 +202,7 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.
 def _require_serve_extra() -> None:
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"this command needs {', '.join(missing)}: pip install 'gradientspace[serve]'")
 
@@ -211,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from .serving.server import serve
 
-    serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}))
+    serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}), args.api_key)
     return 0
 
 
@@ -219,7 +219,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from .serving.route_proxy import route
 
-    route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend)
+    route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend, args.api_key)
     return 0
 
 
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--host", help="listen address (default 127.0.0.1)")
         command.add_argument("--port", type=int, help="listen port (default 8000)")
         command.add_argument("--threshold", type=float, help="router confidence below which the generalist answers")
+        command.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 route (default: $GRADIENTSPACE_API_KEY; unset: open)")
     serve.add_argument("--max-batch-size", type=int, help="most requests decoded together")
     route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
     route.add_argument("--backend", required=True, choices=["vllm", "sglang"])

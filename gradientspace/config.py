@@ -126,11 +126,15 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "Address `gradientspace serve` and `route` listen on (0.0.0.0 for every interface)."})
-    port: int = field(default=8000, metadata={"help": "Port `gradientspace serve` and `route` listen on."})
-    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together in one batch (mixed adapters included)."})
-    batch_window_ms: float = field(default=10.0, metadata={"help": "How long the engine waits after a request arrives for others to join its batch."})
-    default_max_tokens: int = field(default=256, metadata={"help": "Completion tokens when a request names no `max_tokens` (capped by the model's context)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address `gradientspace serve` and `route` listen on (0.0.0.0 for every interface); checked by binding it before the model loads."})
+    port: int = field(default=8000, metadata={"help": "Port `gradientspace serve` and `route` listen on; one already in use is refused before the model loads.", "check": "[1,65535]"})
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together in one batch (mixed adapters included).", "check": "[1,1024]"})
+    batch_window_ms: float = field(default=10.0, metadata={"help": "How long the engine waits after a request arrives for others to join its batch.", "check": "[0,10000]"})
+    default_max_tokens: int = field(default=256, metadata={"help": "Completion tokens when a request names no `max_tokens` (capped by the model's context).", "check": "[1,1000000]"})
+    max_queued: int = field(default=256, metadata={"help": "Requests waiting for a batch; beyond this the server answers 503 with Retry-After.", "check": "[1,1000000]"})
+    max_body_bytes: int = field(default=1024 * 1024, metadata={"help": "Largest request body accepted; a larger one is a 413 before it is read.", "check": "[1024,1073741824]"})
+    max_prompt_tokens: int | None = field(default=None, metadata={"help": "Longest prompt in tokens (default: the model's context less one token); a longer one is a 400.", "check": ">=1"})
+    docs: bool = field(default=False, metadata={"help": "Serve the interactive API docs at /docs and the schema at /openapi.json."})
 
 
 @dataclass

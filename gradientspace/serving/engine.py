@@ -6,6 +6,14 @@ decodes the whole batch in ONE transformers `generate` call: a batch on one adap
 peft's single-adapter path, rows bound for different adapters through `StackedLoRA` (below).
 Batches are static: a request that arrives while a batch decodes joins the next one.
 
+One request fails at a time. `submit` checks everything a request could break a batch with (an
+empty prompt, a token outside the vocabulary, a seed `torch.Generator` refuses, a full queue)
+and raises before the request joins the queue. Whatever still fails inside a batch — the router,
+`generate`, or a request's own consumer raising — is retried by halves: the rows not yet finished
+are decoded again in two groups, each row resuming from its own prompt plus the tokens it has
+already sent (so a client never sees text twice, and a greedy row's text is unchanged), until
+the failing group is a single row; only that request gets an `error`.
+
 `StackedLoRA`: for row b with adapter a(b), a LoRA layer computes y_b = W x_b + s_a B_a A_a x_b.
 Stacking every served adapter's A (by rows) and s·B (by columns) gives, for the whole batch at
 once, y = W x + B_cat (m ⊙ (A_cat x)), where the mask m keeps row b's own block of rank columns
@@ -56,6 +64,10 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
+    def generator(self) -> torch.Generator:
+        """This request's own randomness; a seed outside torch's 64-bit range raises ValueError here, before the request is queued."""
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
 
 @dataclass
 class Route:
@@ -70,7 +82,7 @@ class Request:
     """One generation request and what the worker reports back through `emit(kind, value)`.
 
     Kinds, in order: `routed` (a Route), any number of `text` (str), then `done` (the finish
-    reason: stop | length | cancelled) or `error` (a message).
+    reason: stop | length | cancelled) or `error` (a message); `done` or `error` may come first.
     """
     record: Record  # its prompt text is what the router reads
     prompt_ids: list[int]
@@ -83,6 +95,7 @@ class Request:
     first_token: float | None = None
     finished: float | None = None
     completion_tokens: int = 0
+    generator: torch.Generator | None = None  # set by `Engine.submit`
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -91,13 +104,18 @@ class Request:
 class _Row:
     """Decoding state of one request inside a batch."""
 
-    def __init__(self, request: Request, tokenizer, eos_ids: set[int]):
-        self.request, self.tokenizer, self.eos_ids = request, tokenizer, eos_ids
-        self.tokens: list[int] = []
+    def __init__(self, request: Request, adapter: str, tokenizer, eos_ids: set[int]):
+        self.request, self.adapter, self.tokenizer, self.eos_ids = request, adapter, tokenizer, eos_ids
+        self.tokens: list[int] = []  # sent so far: a retried row resumes from prompt + tokens
         self.sent = 0  # characters of the decoded text already emitted
         self.finish: str | None = None
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = request.generator
+
+    def input_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.tokens
+
+    def tokens_left(self) -> int:
+        return self.request.sampling.max_tokens - len(self.tokens)
 
     def push(self, token: int) -> None:
         if self.finish is not None:
@@ -131,6 +149,20 @@ class _Row:
         self.finish = reason
         self.request.finished = time.perf_counter()
         self.request.emit("done", reason)
+
+    def end_at_length(self) -> None:
+        self._send(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        self._end("length")
+
+    def fail(self, err: Exception) -> None:
+        self.finish = "error"
+        _tell_error(self.request, err)
+
+
+def _tell_error(request: Request, err: Exception) -> None:
+    request.finished = time.perf_counter()
+    with contextlib.suppress(Exception):  # the request's own consumer may be what failed
+        request.emit("error", f"{type(err).__name__}: {err}")
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -216,20 +248,29 @@ def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor
     return hook
 
 
+class EngineBusy(Exception):
+    """The queue holds `max_queued` requests already."""
+
+
 class Engine:
     """Owns a StrategyModel in one worker thread; `submit` may be called from any thread."""
 
-    def __init__(self, model: StrategyModel, strategy: str = "routed", max_batch_size: int = 16, batch_window: float = 0.01):
+    def __init__(self, model: StrategyModel, strategy: str = "routed", max_batch_size: int = 16, batch_window: float = 0.01, max_queued: int = 256):
         self.model, self.strategy = model, strategy
         self.max_batch_size, self.batch_window = max_batch_size, batch_window
+        self.on_batch: Callable[[int], None] = lambda size: None  # told each generate call's rows (the server's metrics)
         self.tokenizer = model.tokenizer
         self.adapters = serving_names(model, strategy)  # public id → loaded adapter
         self.public = {adapter: name for name, adapter in self.adapters.items()}
         self.experts = {served.name: served.expert for served in served_adapters(model.run, strategy)}
         self.stacked = StackedLoRA(model.model, list(self.adapters.values()))
         self.context_length = getattr(model.model.config, "max_position_embeddings", None)
+        self.vocabulary = model.model.get_input_embeddings().num_embeddings
+        # a token stands for at most as many characters as its spelling in the vocabulary has (byte-level BPE spells each
+        # byte as one character), so a text of C characters has at least C / longest_token tokens
+        self.longest_token = max(len(token) for token in self.tokenizer.get_vocab())
         self.stats: Counter = Counter()
-        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queued)
         self._worker = threading.Thread(target=self._loop, name="gradientspace-engine", daemon=True)
         self._worker.start()
 
@@ -247,8 +288,24 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: Request) -> Request:
-        self._queue.put(request)
+        """Queues a request that cannot break a batch: ValueError for a bad one, EngineBusy when the queue is full."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= self.vocabulary:
+            raise ValueError(f"a prompt token id is outside the vocabulary [0, {self.vocabulary})")
+        if request.sampling.max_tokens < 1:
+            raise ValueError(f"max_tokens is {request.sampling.max_tokens}; it must be at least 1")
+        if request.pinned is not None and request.pinned not in self.adapters:
+            raise ValueError(f"model {request.pinned!r} is not served here ({', '.join(self.adapters)})")
+        request.generator = request.sampling.generator()
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise EngineBusy(f"{self._queue.maxsize} requests are already waiting") from None
         return request
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     def complete(self, record: Record, sampling: Sampling, pinned: str | None = None) -> tuple[Request, str, Route]:
         """Blocking: one chat request through the same queue and batches as the server's; (request, text, route)."""
@@ -300,60 +357,99 @@ class Engine:
             for request in batch:
                 if request.cancelled.is_set():
                     self.stats["cancelled"] += 1
-                    request.emit("done", "cancelled")
-            try:
-                if live:
-                    self._decode(live, self._route(live))
-            except Exception as err:  # one bad batch must not take the server down
-                self.stats["failed_batches"] += 1
-                for request in live:
-                    request.emit("error", f"{type(err).__name__}: {err}")
+                    with contextlib.suppress(Exception):  # its client is gone: a failing consumer changes nothing
+                        request.emit("done", "cancelled")
+            if live:
+                self._decode_isolating(self._route_isolating(live))
             if closing:
                 return
 
-    def _route(self, batch: list[Request]) -> list[str]:
-        """Adapter of each request (pinned, or chosen by the router in one pass); emits each request's Route."""
-        adapters: list[str | None] = [self.adapters[r.pinned] if r.pinned else None for r in batch]
+    def _route_isolating(self, batch: list[Request]) -> list[_Row]:
+        """Rows of the requests routed in one router pass; if that fails, each request alone, and only those that fail alone get an error."""
+        try:
+            routes = self._route(batch)
+        except Exception as err:
+            if len(batch) == 1:
+                self.stats["failed_requests"] += 1
+                _tell_error(batch[0], err)
+                return []
+            self.stats["split_batches"] += 1
+            return [row for request in batch for row in self._route_isolating([request])]
+        rows = []
+        for request, (adapter, route) in zip(batch, routes):
+            try:
+                request.emit("routed", route)
+            except Exception as err:  # its own consumer failed: only it is dropped
+                self.stats["failed_requests"] += 1
+                _tell_error(request, err)
+                continue
+            rows.append(_Row(request, adapter, self.tokenizer, self.model.eos_ids))
+        return rows
+
+    def _route(self, batch: list[Request]) -> list[tuple[str, Route]]:
+        """(adapter, Route) of each request: pinned, or chosen by the router in one pass."""
+        routes: list[tuple[str, Route] | None] = [(self.adapters[r.pinned], Route(r.pinned, self.experts[r.pinned], 1.0)) if r.pinned else None
+                                                  for r in batch]
         unpinned = [i for i, r in enumerate(batch) if not r.pinned]
         if unpinned:
             choices, seconds = self.model.choose(self.strategy, [batch[i].record for i in unpinned])
             for i, choice in zip(unpinned, choices):
                 if choice.single_adapter is None:
                     raise ValueError(f"strategy `{self.strategy}` mixes adapters per prompt; it cannot be served")
-                adapters[i] = choice.single_adapter
                 batch[i].routing_seconds = seconds
-                batch[i].emit("routed", Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert, choice.probability))
-        for i, request in enumerate(batch):
-            if request.pinned:
-                request.emit("routed", Route(request.pinned, self.experts[request.pinned], 1.0))
-        return adapters
+                routes[i] = (choice.single_adapter, Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert, choice.probability))
+        return routes
+
+    def _decode_isolating(self, rows: list[_Row]) -> None:
+        """Decodes the rows together; if that fails, the unfinished ones again in halves (each resuming where it stopped), down to the one that fails alone."""
+        try:
+            if rows:
+                self._decode(rows)
+        except Exception as err:
+            unfinished = [row for row in rows if row.finish is None]
+            if len(rows) == 1:
+                self.stats["failed_requests"] += len(unfinished)
+                for row in unfinished:
+                    row.fail(err)
+                return
+            self.stats["split_batches"] += 1
+            half = (len(unfinished) + 1) // 2
+            self._decode_isolating(unfinished[:half])
+            self._decode_isolating(unfinished[half:])
 
     @torch.no_grad()
-    def _decode(self, batch: list[Request], adapters: list[str]) -> None:
+    def _decode(self, rows: list[_Row]) -> None:
         model, tokenizer = self.model, self.tokenizer
-        rows = [_Row(r, tokenizer, model.eos_ids) for r in batch]
-        width = max(len(r.prompt_ids) for r in batch)
+        for row in rows:
+            if row.tokens_left() <= 0:  # a retried row whose last token was already sent
+                row.end_at_length()
+        rows = [row for row in rows if row.finish is None]
+        if not rows:
+            return
+        prompts = [row.input_ids() for row in rows]
+        width = max(len(ids) for ids in prompts)
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=model.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=model.device)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        adapters = [row.adapter for row in rows]
         mixed = len(set(adapters)) > 1
         if mixed:
             adapter_context = self.stacked.batch(adapters)
         else:
             model.model.set_adapter(adapters[0])
             adapter_context = contextlib.nullcontext()
-        sampling = any(r.sampling.temperature > 0 for r in batch)
+        sampling = any(row.request.sampling.temperature > 0 for row in rows)
         self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
+        self.stats["rows"] += len(rows)
         self.stats["mixed_batches"] += int(mixed)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self.on_batch(len(rows))
         with adapter_context:
-            model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.sampling.max_tokens for r in batch),
+            model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(row.tokens_left() for row in rows),
                                  do_sample=False, eos_token_id=sorted(model.eos_ids), pad_token_id=pad,
                                  stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
                                  logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []))
         for row in rows:
             if row.finish is None:  # generate ran out of steps before the row's own check
-                row._send(tokenizer.decode(row.tokens, skip_special_tokens=True))
-                row._end("length")
+                row.end_at_length()
             self.stats["cancelled"] += row.finish == "cancelled"

@@ -1,21 +1,24 @@
 """The OpenAI-compatible surface shared by `serve` and `route`: request schemas, errors, model list, headers.
 
 Requests are pydantic models; a body that does not validate is a 400 naming the field. Every
-error is one JSON shape, `{"error": {"message", "type", "param", "code"}}`, as OpenAI's.
-Fields the OpenAI API defines but a GradientSpace server does not implement are refused with a
-400 naming them (`unsupported`), never silently ignored; unknown extra fields are ignored.
+error — a bad body, an unknown route or method, a refused key, a crash — is one JSON shape,
+`{"error": {"message", "type", "param", "code"}}`, as OpenAI's. Fields the OpenAI API (or vLLM's
+extension of it) defines but a GradientSpace server does not implement are refused with a 400
+naming them (`unsupported`) unless they ask for nothing, never silently ignored; other unknown
+fields are ignored, as OpenAI-compatible servers do (`route` relays them upstream).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from ..inference import ServedAdapter
 
@@ -27,12 +30,14 @@ PROBABILITY_HEADER = "x-gradientspace-probability"
 class APIError(Exception):
     """An error a client caused or must hear about, answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status)
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=self.headers)
 
 
 class TextPart(BaseModel):
@@ -53,23 +58,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _asks_for_nothing(value: Any, neutral: tuple) -> bool:
+    """None, or one of the field's neutral values — of the same type, so `true` is not taken for `1`."""
+    return value is None or any(type(value) is type(n) and value == n for n in neutral)
+
+
 class Sampled(BaseModel):
     """What both endpoints share."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # a 64-bit integer, as OpenAI's and torch's
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # OpenAI fields this server does not implement: refused when set to anything but their default
-    logprobs: bool | int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+
+    # Fields this server does not implement, with the values that ask for nothing (clients send
+    # those by default, so they pass); any other value is refused. OpenAI's, then vLLM's.
+    NOT_IMPLEMENTED: ClassVar[dict[str, tuple]] = {
+        "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
+        "best_of": (1,), "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "min_tokens": (0,), "ignore_eos": (False,),
+        "use_beam_search": (False,),
+    }
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -80,16 +93,21 @@ class Sampled(BaseModel):
     def unsupported(self) -> None:
         if self.n != 1:
             raise APIError(400, f"n = {self.n}: this server returns one choice per request; send n = 1 (or several requests)", param="n")
-        for name in ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
-            if getattr(self, name) not in (None, False, 0, 0.0, {}):
-                raise APIError(400, f"`{name}` is not supported by this server", param=name)
+        extra = self.model_extra or {}
+        for name, neutral in self.NOT_IMPLEMENTED.items():
+            if not _asks_for_nothing(extra.get(name), neutral):
+                raise APIError(400, f"`{name}` is not supported by this server (got {extra[name]!r}); leave it out", param=name)
 
 
 class ChatRequest(Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list | None = None
-    response_format: dict | None = None
+
+    NOT_IMPLEMENTED = {
+        **Sampled.NOT_IMPLEMENTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+        "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (),
+        "reasoning_effort": (), "store": (False,),
+    }
 
     def turns(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -97,37 +115,24 @@ class ChatRequest(Sampled):
     def routing_text(self) -> str:
         return "\n\n".join(m.text() for m in self.messages if m.role not in ("system", "developer"))
 
-    def unsupported(self) -> None:
-        super().unsupported()
-        if self.tools:
-            raise APIError(400, "`tools` (function calling) is not supported by this server", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "`response_format` other than text is not supported by this server", param="response_format")
-
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(Sampled):
     prompt: str | list[str]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+
+    NOT_IMPLEMENTED = {**Sampled.NOT_IMPLEMENTED, "echo": (False,), "suffix": ("",)}
 
     def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
+        if not isinstance(self.prompt, str) and len(self.prompt) != 1:
             raise APIError(400, f"`prompt` holds {len(self.prompt)} prompts: send one per request", param="prompt")
-        return self.prompt[0]
+        text = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if not text:
+            raise APIError(400, "`prompt` is empty", param="prompt")
+        return text
 
     routing_text = text
-
-    def unsupported(self) -> None:
-        super().unsupported()
-        for name in ("echo", "suffix", "best_of"):
-            if getattr(self, name) not in (None, False, 1):
-                raise APIError(400, f"`{name}` is not supported by this server", param=name)
 
     def token_budget(self) -> int | None:
         return self.max_tokens
@@ -165,6 +170,11 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):  # an unknown route (404), a wrong method (405)
+        kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
+        return APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", type=kind, headers=err.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):

@@ -5,7 +5,8 @@ Only the router is loaded. Each request is validated as by `serve`, routed (or p
 forwarded with every other field untouched; the upstream's answer — status, body, stream — is
 relayed byte for byte, with the routing headers added. An unreachable upstream is a 502. At
 start-up the upstream's `/v1/models` must list every served adapter, or `route` refuses to
-start and names the missing ones.
+start and names the missing ones. The port is bound first, the API key and the body-size limit
+guard it as they guard `serve` (`guards.py`), and /docs is off unless `serve.docs` is set.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..config import RunConfig
+from ..config import RunConfig, ServeConfig
 from ..inference import GENERALIST_MODEL, ServedAdapter
 from ..router import Router, threshold_override
 from ..strategies import get
 from .backends import BackendError, upstream_model
+from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
 
 RELAYED_HEADERS = ("content-type", "content-encoding", "cache-control")
@@ -51,7 +53,8 @@ def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: 
     return base
 
 
-def create_route_app(router: Router, served: list[ServedAdapter], base: str, upstream: str, backend: str) -> FastAPI:
+def create_route_app(router: Router, served: list[ServedAdapter], base: str, upstream: str, backend: str,
+                     settings: ServeConfig | None = None, api_key: str | None = None) -> FastAPI:
     client = httpx.AsyncClient(base_url=upstream_root(upstream), timeout=httpx.Timeout(None, connect=10.0))
 
     @contextlib.asynccontextmanager
@@ -59,8 +62,14 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
         yield
         await client.aclose()
 
-    app = FastAPI(title="GradientSpace router", description=f"Routes each request to one LoRA expert served by {backend} at {upstream}", lifespan=lifespan)
+    settings = settings or ServeConfig()
+    hidden = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="GradientSpace router", description=f"Routes each request to one LoRA expert served by {backend} at {upstream}",
+                  lifespan=lifespan, **hidden)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if api_key:
+        app.add_middleware(RequireAPIKey, key=api_key)
     names = {s.expert: s.name for s in served}
 
     @app.get("/health")
@@ -97,18 +106,19 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
     return app
 
 
-def route(config: RunConfig, upstream: str, backend: str) -> None:
-    """`gradientspace route RUN`: blocks until interrupted."""
-    import uvicorn
-
+def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | None = None) -> None:
+    """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
     from ..inference import served_adapters
     from ..models import pick_device
     from ..runs import Run
 
-    run = Run(config.out)
-    served = served_adapters(run)
-    base = upstream_base(upstream, backend, served)
-    router = Router.load(get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config))
-    print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
-          f"(base {base}); listening on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
-    uvicorn.run(create_route_app(router, served, base, upstream, backend), host=config.serve.host, port=config.serve.port, log_level="info")
+    settings, key = config.serve, api_key(api_key_flag)
+    with listen(settings.host, settings.port) as sock:
+        run = Run(config.out)
+        served = served_adapters(run)
+        base = upstream_base(upstream, backend, served)
+        router = Router.load(get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config))
+        print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
+              f"(base {base}); listening on http://{settings.host}:{settings.port}/v1", flush=True)
+        app = create_route_app(router, served, base, upstream, backend, settings, key)
+        serve_on(sock, app, settings.host, settings.port)

@@ -1,11 +1,20 @@
 """`gradientspace serve RUN`: an OpenAI-compatible server of routed experts on one base model.
 
-`GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, streamed
-as server-sent events ending in `data: [DONE]` or not. `model: "gradientspace"` routes the prompt;
-an expert's id (`expert-2`, `generalist`) pins it. The adapter that answered is the response's
+`GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`, `POST /v1/chat/completions`,
+`POST /v1/completions`, streamed as server-sent events ending in `data: [DONE]` or not.
+`model: "gradientspace"` routes the prompt; an expert's id (`expert-2`, `generalist`) pins it. The adapter that answered is the response's
 `model`, the `x-gradientspace-expert` / `x-gradientspace-probability` headers (sent before the
 first streamed byte) and the body's `gradientspace` field. A client that disconnects cancels its
 generation; its batch goes on without it.
+
+A request is checked whole before it is queued — its fields (`protocol.py`), its model, its
+prompt length against `serve.max_prompt_tokens` and the context (first by characters, so that a
+prompt surely too long is never tokenised, then by tokens), then whatever could break a batch
+(`Engine.submit`) — so a bad one is a 4xx of its own and never reaches a batch. Prompts
+are tokenised in the thread pool, never on the event loop (a megabyte prompt does not stall
+`/health`). The queue is bounded (`serve.max_queued`): beyond it, a 503 with Retry-After. In
+front of every route: the body-size limit (413), the API key on /v1 when one is set
+(`--api-key` or GRADIENTSPACE_API_KEY), and the status counter of `/metrics`.
 """
 
 from __future__ import annotations
@@ -15,27 +24,40 @@ import json
 import time
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..config import RunConfig
+from ..config import RunConfig, ServeConfig
 from ..inference import ServedAdapter
-from .engine import Engine, Request, Route, Sampling
+from .engine import Engine, EngineBusy, Request, Route, Sampling
+from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
+from .metrics import CountStatuses, ServerMetrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, completion_id, install_error_handlers, model_list,
                        resolve_model, route_headers)
 
 DISCONNECT_POLL_SECONDS = 0.25
+RETRY_AFTER_SECONDS = 1
+ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
 
 class _Pending:
     """A submitted request as the event loop sees it: the worker's events arrive on an asyncio queue."""
 
-    def __init__(self, engine: Engine, request_args: dict):
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, engine: Engine, metrics: ServerMetrics, record, prompt_ids: list[int], sampling: Sampling, pinned: str | None):
+        self.loop, self.metrics = asyncio.get_running_loop(), metrics
         self.events: asyncio.Queue = asyncio.Queue()
-        self.request = engine.submit(Request(**request_args, emit=self.emit))
+        self.request = Request(record, prompt_ids, sampling, self.emit, pinned)
+        try:
+            engine.submit(self.request)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        except EngineBusy as err:
+            raise APIError(503, f"The server is overloaded ({err}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
+                           code="server_overloaded", headers={"retry-after": str(RETRY_AFTER_SECONDS)}) from None
 
     def emit(self, kind: str, value: object) -> None:
         """Called by the engine's worker thread."""
+        self.metrics.observe(self.request, kind, value)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (the server is shutting down): nobody is listening
@@ -52,13 +74,26 @@ class _Pending:
                     return "done", "cancelled"
 
 
-def create_app(engine: Engine, served: list[ServedAdapter], base: str, default_max_tokens: int) -> FastAPI:
-    app = FastAPI(title="GradientSpace", description="Routed LoRA experts behind an OpenAI-compatible API")
+def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings: ServeConfig, api_key: str | None = None) -> FastAPI:
+    """The app in front of `engine`; with `api_key`, every /v1 route requires it."""
+    hidden = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="GradientSpace", description="Routed LoRA experts behind an OpenAI-compatible API", **hidden)
     install_error_handlers(app)
+    metrics = ServerMetrics(engine.queue_depth, ENDPOINTS)
+    engine.on_batch = metrics.batch_size.observe
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # added last = runs first: count, then key, then size
+    if api_key:
+        app.add_middleware(RequireAPIKey, key=api_key)
+    app.add_middleware(CountStatuses, metrics=metrics)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "engine": dict(engine.stats)}
+        return {"status": "ok", "queued": engine.queue_depth(), "engine": dict(engine.stats)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -66,32 +101,50 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, default_m
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
-        body.unsupported()
-        record, prompt_ids = engine.chat_prompt(body.turns())
-        return await respond(body, record, prompt_ids, http, chat=True)
+        return await respond(body, http, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        body.unsupported()
-        record, prompt_ids = engine.text_prompt(body.text())
-        return await respond(body, record, prompt_ids, http, chat=False)
+        return await respond(body, http, chat=False)
 
     def budget(prompt_tokens: int, requested: int | None, param: str) -> int:
         limit = engine.context_length
-        if limit is None:
-            return requested or default_max_tokens
-        if prompt_tokens >= limit:
+        if limit is not None and prompt_tokens >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt alone has {prompt_tokens} tokens",
                            param=param, code="context_length_exceeded")
+        if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
+            raise APIError(400, f"The prompt has {prompt_tokens} tokens; this server accepts at most {settings.max_prompt_tokens} "
+                                f"(serve.max_prompt_tokens)", param=param, code="prompt_too_long")
+        if limit is None:
+            return requested or settings.default_max_tokens
         if requested and prompt_tokens + requested > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested {prompt_tokens + requested} "
                                 f"({prompt_tokens} in the prompt, {requested} for the completion)", param="max_tokens", code="context_length_exceeded")
-        return min(requested or default_max_tokens, limit - prompt_tokens)
+        return min(requested or settings.default_max_tokens, limit - prompt_tokens)
 
-    async def respond(body: ChatRequest | CompletionRequest, record, prompt_ids: list[int], http: HTTPRequest, chat: bool):
-        pinned = resolve_model(body.model, served)
-        sampling = Sampling(budget(len(prompt_ids), body.token_budget(), "messages" if chat else "prompt"), body.temperature, body.top_p, body.stops(), body.seed)
-        pending = _Pending(engine, {"record": record, "prompt_ids": prompt_ids, "sampling": sampling, "pinned": pinned})
+    # the most prompt tokens any request may have, and the characters beyond which a prompt surely has more
+    prompt_limit = min((n for n in (settings.max_prompt_tokens, engine.context_length and engine.context_length - 1) if n), default=None)
+    prompt_characters = prompt_limit and prompt_limit * engine.longest_token
+
+    def surely_too_long(characters: int, param: str) -> None:
+        """Refuses, without tokenising it, a prompt whose length in characters alone proves it has too many tokens."""
+        if prompt_characters and characters > prompt_characters:
+            raise APIError(400, f"The prompt has {characters} characters, so at least {characters // engine.longest_token} tokens; this "
+                                f"server accepts at most {prompt_limit}", param=param, code="context_length_exceeded")
+
+    async def respond(body: ChatRequest | CompletionRequest, http: HTTPRequest, chat: bool):
+        # the cheap checks first, then tokenising (in the thread pool), then the checks that need the tokens
+        body.unsupported()
+        pinned, stops = resolve_model(body.model, served), body.stops()
+        if chat:
+            turns = body.turns()
+            surely_too_long(sum(len(turn["content"]) for turn in turns), "messages")
+            record, prompt_ids = await run_in_threadpool(engine.chat_prompt, turns)
+        else:
+            surely_too_long(len(body.text()), "prompt")
+            record, prompt_ids = await run_in_threadpool(engine.text_prompt, body.text())
+        sampling = Sampling(budget(len(prompt_ids), body.token_budget(), "messages" if chat else "prompt"), body.temperature, body.top_p, stops, body.seed)
+        pending = _Pending(engine, metrics, record, prompt_ids, sampling, pinned)
         kind, route = await pending.next(http)
         if kind == "error":
             raise APIError(500, str(route), type="server_error")
@@ -169,23 +222,24 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build(config: RunConfig, strategy: str = "routed") -> tuple[FastAPI, Engine]:
+def build(config: RunConfig, strategy: str = "routed", api_key: str | None = None) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
     from ..inference import StrategyModel, served_adapters
 
     model = StrategyModel(config, [strategy])
-    engine = Engine(model, strategy, config.serve.max_batch_size, config.serve.batch_window_ms / 1000)
-    return create_app(engine, served_adapters(model.run, strategy), config.model.name, config.serve.default_max_tokens), engine
+    settings = config.serve
+    engine = Engine(model, strategy, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_queued)
+    return create_app(engine, served_adapters(model.run, strategy), config.model.name, settings, api_key), engine
 
 
-def serve(config: RunConfig) -> None:
-    """`gradientspace serve RUN`: blocks until interrupted."""
-    import uvicorn
-
-    app, engine = build(config)
-    print(f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
-          f"on http://{config.serve.host}:{config.serve.port}/v1", flush=True)
-    try:
-        uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level="info")
-    finally:
-        engine.close()
+def serve(config: RunConfig, api_key_flag: str | None = None) -> None:
+    """`gradientspace serve RUN`: binds the port, then loads the model, then blocks until interrupted."""
+    settings, key = config.serve, api_key(api_key_flag)
+    with listen(settings.host, settings.port) as sock:
+        app, engine = build(config, api_key=key)
+        print(f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
+              f"on http://{settings.host}:{settings.port}/v1 ({'API key required' if key else 'no API key'}; metrics at /metrics)", flush=True)
+        try:
+            serve_on(sock, app, settings.host, settings.port)
+        finally:
+            engine.close()
