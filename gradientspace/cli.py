@@ -43,7 +43,7 @@ def _help_from_config(parser: argparse.ArgumentParser, flags: dict[str, str]) ->
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file; flags override it")
+    parser.add_argument("--config", help="YAML config file (relative paths in it are read against its folder); flags override it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. --set sketch.internal_rank=128")
 
 
