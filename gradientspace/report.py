@@ -341,7 +341,7 @@ def write_html(run: Run, figures: list[Path], results: dict) -> Path:
                      f"<figcaption>{f.name}</figcaption></figure>" for f in figures)
     sections = [
         f"<h1>GradientSpace run <code>{html.escape(str(run.root))}</code></h1>",
-        "<h2>Results</h2>" + (scored_data(run, results) + _result_table(results, strategies) + latency_note(results)
+        "<h2>Results</h2>" + (_result_table(results, strategies) + scored_data(run, results) + latency_note(results)
                               if strategies else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"),
         "<h2>Clustering</h2>" + clustering_section(run),
         "<h2>Routing</h2>" + routing_section(run),
