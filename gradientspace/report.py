@@ -1,12 +1,16 @@
 """`gradientspace report RUN`: PNG figures of a run and one self-contained `report.html`, from its files only.
 
 sketch map (by cluster, by source) · cluster × source composition · captured-energy curve ·
-per-domain NLL per strategy · latency per strategy · training-loss curves.
+silhouette per K (`k: auto`) · per-domain NLL per strategy · latency per strategy (when timed) ·
+training-loss curves.
 
 `report.html` holds everything in one file a person can mail or open offline (figures embedded
-as base64 PNG, no scripts, no external resources): the config, per-stage timings, the result
-table, every figure, and a cluster browser (size, label composition, the prompts nearest each
-centroid in the sketch, and the adapter that serves the cluster).
+as base64 PNG, no scripts, no external resources): the config, per-stage timings, the test data
+scored and the result table, the clustering scores (NMI, purity, captured energy, the silhouette
+of each K tried), each router's held-out accuracy, threshold and fall-backs, every figure, and a
+cluster browser (size, label composition, the prompts nearest each centroid in the sketch, and
+the adapter that serves the cluster: the expert, its blend with the generalist, or the generalist
+where its expert fell back, with the keep decision's reason and the cluster's interference statistics).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from .experts import served_groups  # noqa: E402
 from .runs import Run, RunError, atomic_path  # noqa: E402
 
 
@@ -125,7 +130,8 @@ def nll_bars(results: dict, out: Path) -> Path | None:
 
 
 def latency_bars(results: dict, out: Path) -> Path | None:
-    latency = results.get("latency") or {}
+    """None when no strategy was timed (`evaluate.latency_prompts: 0`): an empty chart says nothing."""
+    latency = {s: row for s, row in (results.get("latency") or {}).items() if row.get("first_token_ms") is not None}
     if not latency:
         return None
     strategies = list(latency)
@@ -139,6 +145,23 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     axis.tick_params(axis="x", rotation=25)
     axis.legend()
     return _save(figure, out / "latency.png")
+
+
+def silhouette_curve(run: Run, out: Path) -> Path | None:
+    """`k: auto`: the cosine silhouette of every K tried, the chosen K marked."""
+    entry = run.stage_entry("cluster")
+    scores = {int(k): v for k, v in (entry.get("silhouette") or {}).items()}
+    if not scores:
+        return None
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    axis.plot(sorted(scores), [scores[k] for k in sorted(scores)], marker="o")
+    if entry.get("k") in scores:
+        axis.axvline(entry["k"], color="grey", linestyle="--", label=f"chosen K = {entry['k']}")
+        axis.legend()
+    axis.set_xlabel("K")
+    axis.set_ylabel("cosine silhouette")
+    axis.set_title("k: auto — silhouette per K")
+    return _save(figure, out / "silhouette.png")
 
 
 def loss_curves(run: Run, out: Path) -> Path | None:
@@ -213,6 +236,9 @@ def cluster_browser(run: Run) -> str:
         if len(coordinates) == len(clusters):
             unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
     composition = run.stage_entry("cluster").get("composition") or {}
+    interference = run.stage_entry("cluster").get("interference") or {}
+    served = served_groups(run, "routed") if run.path("experts", "partition.json").exists() else {}
+    decisions = run.stage_entry("keep/routed").get("groups") or {}
     parts = []
     for k in sorted(set(clusters.tolist())):
         members = np.flatnonzero(clusters == k)
@@ -221,12 +247,24 @@ def cluster_browser(run: Run) -> str:
             nearest = members[np.argsort(-scores)[:NEAREST]]
         else:
             nearest = members[:NEAREST]
-        adapter = run.path("experts", str(k), "adapter_model.safetensors")
         expert = run.stage_entry(f"experts/routed/{k}")
-        serves = (f"expert <code>experts/{k}/</code> ({expert.get('samples', '?')} samples, {expert.get('steps', '?')} steps)"
-                  if adapter.exists() else "no expert trained yet: prompts routed here would get the warm-up adapter")
-        labels = composition.get(str(k)) or {}
+        path, weight = served.get(str(k), (None, None))
+        reason = html.escape(str(decisions.get(str(k), {}).get("reason", "")))
+        if weight is None:
+            serves = "no expert trained yet: prompts routed here would get the warm-up adapter"
+        elif weight == 0:  # its expert was trained but not kept on the validation records routed to it
+            serves = f"the generalist (single): expert <code>experts/{k}/</code> fell back ({reason or 'it has no adapter'})"
+        elif weight < 1:
+            serves = f"<code>experts/{k}/blended/</code>, the generalist's and the expert's updates mixed at λ = {weight:g} ({reason})"
+        else:
+            serves = f"expert <code>experts/{k}/</code> ({expert.get('samples', '?')} samples, {expert.get('steps', '?')} steps{'; ' + reason if reason else ''})"
         body = [f"<p>Served by {serves}.</p>"]
+        statistics = interference.get(str(k))
+        if statistics:
+            body.append(f"<p>Interference with the rest of the data: mean-gradient cosine {statistics['mean_cosine']:+.3f} "
+                        f"(low: this cluster's updates do little for the others), energy outside the others' leading directions "
+                        f"{statistics['outside_energy']:.3f} (high: directions of its own).</p>")
+        labels = composition.get(str(k)) or {}
         if labels:
             body.append(_table(["label", "records"], sorted(labels.items(), key=lambda kv: -kv[1])))
         body.append(f"<p>{'Nearest to the centroid' if unit is not None else 'First members'}:</p>")
@@ -234,6 +272,76 @@ def cluster_browser(run: Run) -> str:
                     for i in nearest)
         parts.append(f"<details open><summary>cluster {k} · {len(members)} samples</summary>{''.join(body)}</details>")
     return "".join(parts)
+
+
+def _number(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "–" if value is None else str(value)
+
+
+def clustering_section(run: Run) -> str:
+    """How good the clusters are: the label metrics, the sketch's captured energy, and `k: auto`'s scores."""
+    entry = run.stage_entry("cluster")
+    if not entry.get("done"):
+        return "<p>Not clustered yet: run <code>gradientspace cluster</code>.</p>"
+    names = {"nmi": "NMI against `source`", "ari": "ARI against `source`", "purity": "purity against `source`",
+             "captured_energy": "captured energy ΣS²/Σ‖g‖² (sketch rank r)", "within_cluster_cosine": "mean cosine to own centroid"}
+    metrics = entry.get("metrics") or {}
+    rows = [["method", entry.get("method", "–")], ["K", entry.get("k", "–")], ["sizes", entry.get("sizes", "–")]]
+    rows += [[names.get(name, name), _number(value)] for name, value in metrics.items()]
+    parts = [_table(["measure", "value"], rows)]
+    if not any(name in metrics for name in ("nmi", "purity")):
+        parts.append("<p>No NMI or purity: not every training record has a <code>source</code> label.</p>")
+    silhouette = entry.get("silhouette")
+    if silhouette:
+        parts.append("<p><code>k: auto</code> chose K by the cosine silhouette:</p>"
+                     + _table(["K", "silhouette"], [[int(k), _number(v)] for k, v in sorted(silhouette.items(), key=lambda kv: int(kv[0]))]))
+    return "".join(parts)
+
+
+def routing_section(run: Run) -> str:
+    """Per routed strategy: the router's held-out accuracy, the threshold and how it was chosen, which experts fell back."""
+    from .strategies import STRATEGIES
+
+    rows = []
+    for name, strategy in STRATEGIES.items():
+        if not strategy.routed:
+            continue
+        router_file = strategy.router_folder(run) / "router.json"
+        partition_file = strategy.folder(run) / "partition.json"
+        if not router_file.exists() and not partition_file.exists():
+            continue
+        router = _json(router_file) if router_file.exists() else {}
+        partition = _json(partition_file) if partition_file.exists() else {}
+        calibration = router.get("calibration") or {}
+        chosen = (f"{_number(router.get('threshold'))}, chosen on {calibration['validation_records']} validation records "
+                  f"(NLL {_number(calibration.get('validation_nll'))}; always expert {_number(calibration.get('validation_nll_always_expert'))}, "
+                  f"always generalist {_number(calibration.get('validation_nll_always_generalist'))})"
+                  if calibration else _number(router.get("threshold")) + (" (set by hand)" if router.get("threshold") is not None else ""))
+        served = served_groups(run, name) if partition else {}
+        kept = [f"{g} (λ = {w:g})" if w < 1 else g for g, (_, w) in served.items() if w > 0]
+        fallback = [g for g, (_, w) in served.items() if w == 0]
+        rows.append([name, _number(router.get("heldout_accuracy")), _number(router.get("train_accuracy")), chosen,
+                     ", ".join(kept) or "none", ", ".join(fallback) or "none"])
+    if not rows:
+        return "<p>No router yet: run <code>gradientspace train-router</code>.</p>"
+    return (_table(["strategy", "router held-out accuracy", "router train accuracy", "threshold (below it the generalist answers)",
+                    "experts served (blend weight λ)", "fell back to the generalist"], rows)
+            + "<p>Each expert is judged on the validation records its router sends it: it is served, whole or blended with the "
+              "generalist (λ), only if its NLL gain over the generalist there is beyond a paired-bootstrap margin; otherwise "
+              "its cluster's prompts are answered by the generalist.</p>")
+
+
+def scored_data(run: Run, results: dict) -> str:
+    """Which test data the results come from: the run's `evaluate.data` (the last `evaluate --data` sets it) and how much of it."""
+    settings = run.manifest.get("config", {}).get("evaluate", {})
+    limit = settings.get("limit")
+    return (f"<p>Scored on <code>{html.escape(str(settings.get('data', '?')))}</code>: {results.get('test_records', '?')} test records"
+            f"{f' (evaluate.limit = {limit})' if limit else ''}, domains {html.escape(', '.join(results.get('domains', [])))}.</p>")
+
+
+def latency_note(results: dict) -> str:
+    timed = [row for row in (results.get("latency") or {}).values() if row.get("first_token_ms") is not None]
+    return "" if timed else "<p>Latency was not measured (<code>evaluate.latency_prompts: 0</code>).</p>"
 
 
 def write_html(run: Run, figures: list[Path], results: dict) -> Path:
@@ -246,7 +354,10 @@ def write_html(run: Run, figures: list[Path], results: dict) -> Path:
                      f"<figcaption>{f.name}</figcaption></figure>" for f in figures)
     sections = [
         f"<h1>GradientSpace run <code>{html.escape(str(run.root))}</code></h1>",
-        "<h2>Results</h2>" + (_result_table(results, strategies) if strategies else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"),
+        "<h2>Results</h2>" + (_result_table(results, strategies) + scored_data(run, results) + latency_note(results)
+                              if strategies else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"),
+        "<h2>Clustering</h2>" + clustering_section(run),
+        "<h2>Routing</h2>" + routing_section(run),
         "<h2>Figures</h2>" + (images or "<p>No figures yet.</p>"),
         "<h2>Clusters</h2>" + cluster_browser(run),
         "<h2>Stages</h2>" + _table(["stage", "state", "seconds", "key", "finished"], stages),
@@ -265,7 +376,7 @@ def make_report(run_dir: str | Path) -> list[Path]:
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
     results = _json(run.path("eval.json")) if run.path("eval.json").exists() else {}
-    figures = [sketch_map(run, out), composition_heatmap(run, out), energy_curve(run, out),
+    figures = [sketch_map(run, out), composition_heatmap(run, out), energy_curve(run, out), silhouette_curve(run, out),
                nll_bars(results, out) if results else None, latency_bars(results, out) if results else None, loss_curves(run, out)]
     figures = [f for f in figures if f is not None]
     return figures + [write_html(run, figures, results)]
