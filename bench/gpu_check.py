@@ -485,7 +485,7 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
         randomize_lora_b(model, seed)
         model.save_pretrained(adapter)
     for strategy, names in (("single", ["0"]), ("routed", groups)):  # no fall-backs: every expert is served
-        write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "fallback": [], "assignment": {}})
+        write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "empty": [], "assignment": {}})
     torch.manual_seed(0)
     encoder = (tokenizer, BertModel(BertConfig(vocab_size=len(tokenizer), **MINILM)).to(device).eval())
     # A random head would send nearly every prompt to one expert; centring it on four prompts spreads them over all four.

@@ -2,13 +2,14 @@
 `config-keys` listing, `generate`'s output, and ordinary commands without library warnings."""
 
 import argparse
-import json
 import warnings
 
 import pytest
 
 from gradientspace.cli import build_parser, main
 from gradientspace.config import config_keys, key_default, key_help, load_config
+from gradientspace.experts import served_groups
+from gradientspace.runs import Run
 
 from conftest import tiny_run_config
 
@@ -106,6 +107,6 @@ def test_report_of_a_real_run_has_the_new_sections(quiet_run):
     page = (run / "report.html").read_text()
     for heading in ("<h2>Clustering</h2>", "<h2>Routing</h2>", "Scored on <code>mix4-packaged:test</code>"):
         assert heading in page
-    fallback = json.loads((run / "experts" / "partition.json").read_text())["fallback"]
+    fallback = [g for g, (path, _) in served_groups(Run(run), "routed").items() if path is None]
     for k in fallback:
         assert f"Served by expert <code>experts/{k}/</code>" not in page
