@@ -304,10 +304,11 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input ends in one line on stderr and exit 2, any other failure in exit 1 (`--debug`: traceback)."""
+    """Run one command; bad input ends in one line on stderr and exit 2, a run busy with another command in exit 75
+    (EX_TEMPFAIL: try again later), any other failure in exit 1 (`--debug`: traceback)."""
     from .data import DataError
     from .models import ModelError
-    from .runs import RunError
+    from .runs import RunBusy, RunError
     from .serving.backends import BackendError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -320,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit:  # --help
         return int(exit.code or 0)
+    except RunBusy as err:
+        if debug:
+            raise
+        _error(f"gradientspace: error: {err}")
+        return 75
     except (ConfigError, DataError, ModelError, RunError, FileNotFoundError, BackendError) as err:
         if debug:
             raise

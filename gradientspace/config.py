@@ -340,8 +340,12 @@ def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None
         tree = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{manifest} is not valid JSON ({err}); move it away to start the run over") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
-        raise ConfigError(f"{manifest}: field `config` is missing or not a mapping; move the manifest away to start the run over")
+    from .runs import RUN_MANIFEST_FIELDS
+
+    missing = [name for name in RUN_MANIFEST_FIELDS if not isinstance(tree.get(name) if isinstance(tree, dict) else None, dict)]
+    if missing:
+        raise ConfigError(f"{manifest}: field `{missing[0]}` is missing or not a mapping, so {run_dir} is not a run gradientspace made "
+                          "(or its manifest is damaged: move it away to start the run over)")
     tree = tree["config"]
     tree["out"] = str(run_dir)
     return load_config(None, overrides, tree=tree)

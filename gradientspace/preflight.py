@@ -3,9 +3,11 @@
 `config.validate` (run by `load_config`) checks what the config alone can tell. These checks
 need more, and all of it is cheap: the model name against the aliases, local folders and the
 Hugging Face cache; `data.max_length` against the tokenizer's chat template; the data's records
-and K against their number; the test data; the output directory being writable; and an existing
-run in that directory. Nothing here writes, so a command that fails its checks leaves the run
-directory (and its manifest) as it was.
+and K against their number and their distinct contents; the test data; the output directory
+being new, empty or a run (never a folder of the user's), writable, and holding none of the
+input files; and an existing run in that directory. Nothing here writes, so a command that
+fails its checks leaves the run directory (and its manifest) as it was; the run's lock is
+taken only after them (`workflow.run_until`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig
 from .data import RECIPES, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
-from .runs import Run
+from .runs import LOCK_NAME, Run, is_run_manifest
 from .strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
@@ -28,19 +30,45 @@ NOT_IDENTITY = {"gradients.checkpoint_every", "data.path"}  # when state is save
 
 
 def check_output_dir(out: str) -> None:
-    """`out` (or the nearest folder above it that exists) must be a writable directory; creates nothing."""
+    """`out` must be a new or empty folder, or a run (its manifest says so), and writable; creates nothing.
+
+    As Hugging Face Trainer refuses a non-empty `output_dir` that holds no checkpoint to resume,
+    a folder with anything else in it is refused: the run would write its `samples.jsonl`,
+    `clusters.jsonl`, `manifest.json`, `eval.*`, `report.html` and `report/` over the user's files.
+    `--overwrite` does not change this (it re-runs a run's stages; it never adopts a folder).
+    """
     path = Path(out).expanduser().absolute()
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"config key `out`: {out} cannot be a run directory: {existing} is a file")
+    if existing == path:
+        entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)  # a lock alone: a run that stopped before its manifest
+        manifest = path / "manifest.json"
+        if entries and not manifest.exists():
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ConfigError(f"config key `out`: {out} is not empty ({shown}) and is not a gradientspace run (no manifest.json); "
+                              "give a new or empty folder, so that no file of yours is overwritten")
+        if entries and not is_run_manifest(Run(path).manifest):  # a manifest that is not JSON fails here, naming the file
+            raise ConfigError(f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
+                              "give a new or empty folder, so that no file of yours is overwritten")
     try:
         handle, probe = tempfile.mkstemp(prefix=".gradientspace-write-test-", dir=existing)
     except OSError as err:
         raise ConfigError(f"config key `out`: cannot write in {existing}: {err.strerror}") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_inputs_outside_run(config: RunConfig, evaluate: bool) -> None:
+    """A file the user gives is never in the run directory, where the run's own files would replace it."""
+    out = Path(config.out).expanduser().resolve()
+    inputs = [("data.path", config.data.path)] + ([("evaluate.data", config.evaluate.data)] if evaluate else [])
+    for key, path in inputs:
+        if path not in RECIPES and out in Path(path).expanduser().resolve().parents:
+            raise ConfigError(f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "
+                              "move the file out of it")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -109,6 +137,7 @@ def preflight(config: RunConfig, *, evaluate: bool = False, overwrite: bool = Fa
     """Every check that can fail before the expensive work, cheapest first; raises on the first failure."""
     check_model_name(config.model.name)
     check_output_dir(config.out)
+    check_inputs_outside_run(config, evaluate)
     check_existing_run(config, overwrite)
     if evaluate:
         check_eval_data(config)
