@@ -14,6 +14,7 @@ from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .data import EncodingFault, decode_utf8
 from .strategies import STRATEGIES
 
 
@@ -242,7 +243,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(decode_utf8(path.read_bytes())) or {}
+        except EncodingFault as err:
+            raise ConfigError(f"config file {path}:{err.line}: {err.what}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
