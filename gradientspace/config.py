@@ -7,6 +7,7 @@ are rejected with their dotted path so a typo never silently falls back to a def
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,7 +281,11 @@ def _describe(check: str) -> str:
 
 
 def _field_errors(section: Any, prefix: str) -> Iterator[str]:
-    """Each field's `check` metadata (bounds), applied to its value (every item of a list)."""
+    """Each field's `check` metadata (bounds), applied to its value (every item of a list); no number may be NaN or infinite.
+
+    Finiteness comes first and for every field: NaN compares false with every bound, so it
+    would pass each `check` and fail (or silently change the result) only once the work had begun.
+    """
     for item in dataclasses.fields(section):
         value = getattr(section, item.name)
         key = f"{prefix}.{item.name}" if prefix else item.name
@@ -290,7 +295,9 @@ def _field_errors(section: Any, prefix: str) -> Iterator[str]:
         check = item.metadata.get("check")
         numbers = value if isinstance(value, list) else [value]
         for number in numbers:
-            if check and isinstance(number, (int, float)) and not isinstance(number, bool) and _violates(number, check):
+            if isinstance(number, float) and not math.isfinite(number):
+                yield f"config key `{key}`: {number} is not a finite number"
+            elif check and isinstance(number, (int, float)) and not isinstance(number, bool) and _violates(number, check):
                 yield f"config key `{key}`: {number} must be {_describe(check)}"
 
 

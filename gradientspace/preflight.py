@@ -12,10 +12,13 @@ taken only after them (`workflow.run_until`).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
+from .cluster import GRADIENT_METHODS
 from .config import ConfigError, RunConfig
 from .data import RECIPES, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
@@ -115,16 +118,41 @@ def check_records(config: RunConfig) -> list[Record]:
     _path_exists(config.data.path, "data.path")
     data = config.data
     records, _ = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
-    k, n = config.cluster.k, len(records)
-    if isinstance(k, int) and k > n:
-        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} records in {data.path}")
-    if k == "auto" and config.cluster.k_max >= n:
-        raise ConfigError(f"config key `cluster.k_max`: {config.cluster.k_max} needs more than {n} records (the silhouette needs K < N)")
+    check_k(config, records)
     unlabelled = next((r for r in records if r.source is None), None)
     needing = next((s for s in config.experts.strategies if get(s).needs_source), None)
     if needing and unlabelled is not None:
         raise ConfigError(f"config key `experts.strategies`: `{needing}` needs a `source` on every record; record `{unlabelled.id}` of {data.path} has none")
     return records
+
+
+def distinct_records(records: Sequence[Record], config: RunConfig, enough: int) -> int:
+    """How many records differ in what the clustering reads (the prompt, and the response when its tokens carry the loss), counting up to `enough`."""
+    reads_response = config.cluster.method in GRADIENT_METHODS and config.gradients.tokens == "response"
+    seen: set[str] = set()
+    for record in records:
+        seen.add(json.dumps([record.messages, record.response if reads_response else None]))
+        if len(seen) >= enough:
+            break
+    return len(seen)
+
+
+def check_k(config: RunConfig, records: Sequence[Record]) -> None:
+    """K clusters need K distinct points, and `k: auto` at least 3 (its silhouette scores 2 ≤ K < N): else clusters come out empty.
+
+    `k: auto` searches 2..min(`cluster.k_max`, N − 1), so a `k_max` above the data is no error.
+    """
+    k, n, path = config.cluster.k, len(records), config.data.path
+    if isinstance(k, int) and k > n:
+        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} records in {path}")
+    if config.cluster.method == "random":  # a balanced random assignment fills every cluster whatever the records hold
+        return
+    needed = 3 if k == "auto" else k
+    distinct = distinct_records(records, config, needed)
+    if distinct < needed:
+        what = "`auto` needs at least 3 distinct records (its silhouette scores 2 ≤ K < N)" if k == "auto" else f"{k} clusters need {k} distinct records"
+        have = f"{path} has only {n}" if distinct == n else f"the {n} records of {path} hold only {distinct} (the others repeat them)"
+        raise ConfigError(f"config key `cluster.k`: {what}, and {have}; some clusters would be empty")
 
 
 def check_eval_data(config: RunConfig) -> None:

@@ -87,7 +87,6 @@ CASES = [
     ("k-larger-than-data", lambda c: c.cluster("--k", "50"), "`cluster.k`: 50 clusters for only 12 records"),
     ("k-one", lambda c: c.cluster("--k", "1"), "`cluster.k`: 1 must be at least 2"),
     ("k-not-a-number", lambda c: c.cluster("--k", "many"), "`cluster.k`"),
-    ("k-max-auto-above-data", lambda c: c.cluster("--k", "auto", "--set", "cluster.k_max=20"), "`cluster.k_max`"),
     ("unknown-key", lambda c: c.cluster("--set", "sketch.rnak=3"), "`sketch.rnak`"),
     ("internal-rank-below-rank", lambda c: c.cluster("--set", "sketch.internal_rank=2"), "`sketch.internal_rank`: 2 must be at least `sketch.rank`"),
     ("snapshot-after-last-epoch", lambda c: c.cluster("--set", "experts.snapshot_epochs=[99]"), "`experts.snapshot_epochs`"),
