@@ -65,13 +65,17 @@ def check_output_dir(out: str) -> None:
 
 
 def check_inputs_outside_run(config: RunConfig, evaluate: bool) -> None:
-    """A file the user gives is never in the run directory, where the run's own files would replace it."""
+    """A file the user gives is never in the run directory, where the run's own files would replace it,
+    and the run is never inside a data folder, whose content (and so the run's key) its files would change."""
     out = Path(config.out).expanduser().resolve()
     inputs = [("data.path", config.data.path)] + ([("evaluate.data", config.evaluate.data)] if evaluate else [])
     for key, path in inputs:
-        if path not in RECIPES and out in Path(path).expanduser().resolve().parents:
+        given = Path(path).expanduser().resolve()
+        if path not in RECIPES and out in given.parents:
             raise ConfigError(f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "
                               "move the file out of it")
+        if path not in RECIPES and given.is_dir() and (given == out or given in out.parents):
+            raise ConfigError(f"config key `out`: {config.out} lies inside the data folder {path} (`{key}`); choose a run directory outside it")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:

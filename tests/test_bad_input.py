@@ -225,6 +225,8 @@ CASES += [
      "manifest.json: field `config` is missing or not a mapping, so {}proj is not a run gradientspace made"),
     ("manifest-stages-not-a-mapping", lambda c: ["train-router", str(damaged(c, "manifest.json", json.dumps({"config": {}, "stages": 3})))],
      "manifest.json: field `stages` is missing or not a mapping"),
+    ("out-inside-a-data-folder", lambda c: c.cluster(data=saved_dataset(c), out=c.user / "dataset" / "run"),
+     "config key `out`: {}dataset/run lies inside the data folder {}dataset (`data.path`)"),
     ("out-equals-the-data-file", lambda c: c.cluster(out=c.data), "config key `out`: {}train.jsonl cannot be a run directory"),
     # a run another command is working on (this process holds its lock): refused at once, the holder named
     ("cluster-on-a-run-in-use", lambda c: c.cluster(out=c.locked_run()), "{}run is in use by process {pid} on "),
@@ -327,6 +329,17 @@ CASES += [
     ("generate-unknown-strategy", lambda c: ["generate", str(c.run_copy()), "--prompt", "hi", "--strategy", "bogus"], "--strategy: 'bogus' is not a strategy"),
     ("evaluate-strategies-empty", lambda c: ["evaluate", str(c.run_copy()), "--strategies", ","], "--strategies: ',' is not a strategy"),
 ]
+
+
+def saved_dataset(c: "Case") -> Path:
+    """The records as a saved `datasets` folder (a data path that is a folder)."""
+    from datasets import Dataset
+
+    from gradientspace.data import datasets_progress
+
+    with datasets_progress(False):  # the case's stderr must hold only the error line
+        Dataset.from_list(GOOD_ROWS).save_to_disk(str(c.user / "dataset"))
+    return c.user / "dataset"
 
 
 def without_ids(rows: list[dict]) -> list[dict]:

@@ -53,3 +53,10 @@ def test_all_linear_from_yaml_and_command_line(tmp_path):
     assert load_config(None, {"model.target_modules": "all-linear"}).model.target_modules == ["all-linear"]
     with pytest.raises(ConfigError, match=r"model\.dtype"):
         load_config(None, {"model.dtype": "float8"})
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark; the first key must not become `\\ufeffseed`."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbfseed: 3\nmodel: {name: tiny-random}\n")
+    assert load_config(path).seed == 3
