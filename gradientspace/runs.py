@@ -121,6 +121,12 @@ def is_run_manifest(manifest: Any) -> bool:
     return isinstance(manifest, dict) and all(isinstance(manifest.get(name), dict) for name in RUN_MANIFEST_FIELDS)
 
 
+def _program() -> str:
+    """How the user started this process: `gradientspace` for the console script and for `python -m gradientspace.cli` alike."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "gradientspace" if spec is not None and spec.name == "gradientspace.cli" else Path(sys.argv[0]).name
+
+
 class RunLock:
     """`RUN/.lock`, held with `flock` by one process at a time; the file says who holds it.
 
@@ -148,7 +154,7 @@ class RunLock:
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                 "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}) + "\n")
+                                 "command": shlex.join([_program(), *sys.argv[1:]])}) + "\n")
         handle.flush()
         self.handle = handle
 
