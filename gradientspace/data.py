@@ -196,8 +196,9 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
     if suffix in (".jsonl", ".jsonl.gz"):
         with (gzip.open if suffix.endswith(".gz") else open)(path, "rb") as handle:
             head = handle.read(4)
-        if wide_text(head):  # no line of it is UTF-8: one error for the file, whatever --skip-bad says
-            raise DataError(f"{path}: {wide_text(head)}")
+        wide = wide_text(head)
+        if wide:  # no line of it is UTF-8: one error for the file, whatever --skip-bad says
+            raise DataError(f"{path}: {wide}")
         # Latin-1 reads any byte (each line is decoded as UTF-8 by `_validate_batch`, which names a bad one).
         # The `text` builder keeps blank lines as rows, so row i is line i + 1 of the file.
         if suffix.endswith(".gz"):  # `datasets` opens compressed files as UTF-8 whatever `encoding` says
