@@ -39,6 +39,14 @@ class DataError(ValueError):
     """A data file or record is malformed; the message names file, line/record and field."""
 
 
+class BadRecord(DataError):
+    """A record that `--skip-bad` would skip; `where_what` is the record's own message, without that hint."""
+
+    def __init__(self, where_what: str):
+        super().__init__(f"{where_what} (pass --skip-bad to skip bad records)")
+        self.where_what = where_what
+
+
 @dataclass
 class Record:
     id: str
@@ -332,7 +340,7 @@ def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, 
     bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
     report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
     if bad and not skip_bad:
-        raise DataError(f"{report.first_errors[0]} (pass --skip-bad to skip bad records)")
+        raise BadRecord(report.first_errors[0])
     good = pc.indices_nonzero(pc.equal(status, "ok"))
     records = checked.select(good.to_numpy().astype("int64")) if len(good) < len(checked) else checked
     if not len(records):

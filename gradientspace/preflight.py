@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .cluster import GRADIENT_METHODS
 from .config import ConfigError, RunConfig
-from .data import RECIPES, Record, fingerprint, load_records, template_overhead
+from .data import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
 from .runs import LOCK_NAME, Run, is_run_manifest
 from .strategies import get
@@ -162,7 +162,10 @@ def check_k(config: RunConfig, records: Sequence[Record]) -> None:
 def check_eval_data(config: RunConfig) -> None:
     _path_exists(config.evaluate.data, "evaluate.data")
     if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
-        load_records(config.evaluate.data, limit=config.evaluate.limit)
+        try:
+            load_records(config.evaluate.data, limit=config.evaluate.limit)
+        except BadRecord as err:  # evaluation never skips: a score over part of the test data would not say so
+            raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
 
 def preflight(config: RunConfig, *, evaluate: bool = False, overwrite: bool = False) -> None:

@@ -169,7 +169,7 @@ CASES = [
     ("run-made-with-other-config", lambda c: c.cluster("--k", "3", "--max-length", "64", out=c.run_copy()), "cluster.k 2 → 3; data.max_length 96 → 64. Pass --overwrite"),
     ("evaluate-data-missing", lambda c: ["evaluate", str(c.run_copy()), "--data", str(c.user / "test.jsonl")], "`evaluate.data`: "),
     ("evaluate-data-bad-record", lambda c: ["evaluate", str(c.run_copy()), "--data", str(jsonl(c.user / "test.jsonl", [{"instruction": "q"}]))],
-     "test.jsonl:1: missing field `output`"),
+     "test.jsonl:1: missing field `output` (records need `instruction` and `output`, or `messages`) (the test data is scored whole"),
     # output directories
     ("out-is-a-file", lambda c: [*c.cluster(), "--out", str(c.file("taken", "x"))], "config key `out`: "),
     ("out-below-a-file", lambda c: [*c.cluster(), "--out", str(c.file("taken", "x") / "run")], "is a file"),
@@ -252,7 +252,7 @@ CASES += [
     ("skip-bad-when-every-line-is-bad", lambda c: c.cluster("--skip-bad", data=c.lines("d.jsonl", CAFE.encode("latin-1"), b'{"instruction": "\xff"}')),
      "d.jsonl: no usable records (2 skipped as bad)"),
     ("invalid-byte-in-evaluate-data", lambda c: ["evaluate", str(c.run_copy()), "--data", str(c.lines("test.jsonl", CAFE.encode("latin-1")))],
-     "test.jsonl:1: not valid UTF-8 (byte 0xE9 at column 21)"),
+     "test.jsonl:1: not valid UTF-8 (byte 0xE9 at column 21) (the test data is scored whole: mend or remove the record)"),
     ("invalid-byte-in-generate-prompts", lambda c: ["generate", str(c.run_copy()), "--data", str(c.lines("p.jsonl", b'{"instruction": "\xe9"}'))],
      "p.jsonl:1: not valid UTF-8 (byte 0xE9 at column 18)"),
     ("invalid-byte-in-config-file", lambda c: ["cluster", "--config", str(c.file("c.yaml", b"seed: 1\n# caf\xe9\n"))], "c.yaml:2: not valid UTF-8 (byte 0xE9 at column 6)"),
