@@ -139,6 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
         raise ConfigError("give exactly one of --prompt TEXT or --data FILE")
+    if args.max_new_tokens < 1:  # not a config key, so no `check` covers it
+        raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")
     Run(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
     records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
@@ -255,6 +257,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_backend_command(args: argparse.Namespace) -> int:
     from .serving.backends import backend_command
 
+    if args.port is not None and not 1 <= args.port <= 65535:  # not a config key, so no `check` covers it
+        raise ConfigError(f"--port: {args.port} is not a TCP port (1 to 65535)")
     print(backend_command(args.run, _run_config(args).model.name, args.backend, args.port))
     return 0
 
@@ -354,10 +358,11 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input ends in one line on stderr and exit 2, any other failure in exit 1 (`--debug`: traceback)."""
+    """Run one command; bad input ends in one line on stderr and exit 2, a run busy with another command in exit 75
+    (EX_TEMPFAIL: try again later), any other failure in exit 1 (`--debug`: traceback)."""
     from .data import DataError
     from .models import ModelError
-    from .runs import RunError
+    from .runs import RunBusy, RunError
     from .serving.backends import BackendError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -375,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit:  # --help
         return int(exit.code or 0)
+    except RunBusy as err:
+        if debug:
+            raise
+        _error(f"gradientspace: error: {err}")
+        return 75
     except (ConfigError, DataError, ModelError, RunError, FileNotFoundError, BackendError) as err:
         if debug:
             raise

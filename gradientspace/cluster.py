@@ -11,10 +11,12 @@ Methods (all end in k-means from scikit-learn on unit-norm rows, i.e. spherical 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 
@@ -135,22 +137,34 @@ def _kmeans(k: int, n: int, seed: int, n_init: int, minibatch_above: int):
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed)
 
 
+def _fit(unit: np.ndarray, k: int, seed: int, n_init: int, minibatch_above: int) -> np.ndarray:
+    # scikit-learn warns when the rows hold fewer than K distinct points; the callers find the empty clusters and say so in one line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
+
+
 def spherical_kmeans(features, k: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE) -> np.ndarray:
-    unit = _unit_rows(features)
-    return _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
+    return _fit(_unit_rows(features), k, seed, n_init, minibatch_above)
 
 
 def choose_k(features, k_max: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE,
              silhouette_sample: int = SILHOUETTE_SAMPLE) -> tuple[int, dict[int, float]]:
-    """K in 2..k_max with the best cosine silhouette (on a seeded sample of rows); returns (K, {K: silhouette})."""
+    """K in 2..min(k_max, N − 1) with the best cosine silhouette (on a seeded sample of rows); returns (K, {K: silhouette}).
+
+    The search stops at the first K that leaves a cluster empty: the rows hold fewer distinct
+    points than that, and no larger K can do better.
+    """
     unit = _unit_rows(features)
     sample = silhouette_sample if len(unit) > silhouette_sample else None
     scores = {}
     for k in range(2, min(k_max, len(unit) - 1) + 1):
-        labels = _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
-        scores[k] = float(silhouette_score(unit, labels, metric="cosine", sample_size=sample, random_state=seed)) if len(set(labels)) > 1 else -1.0
+        labels = _fit(unit, k, seed, n_init, minibatch_above)
+        if len(set(labels)) < k:
+            break
+        scores[k] = float(silhouette_score(unit, labels, metric="cosine", sample_size=sample, random_state=seed))
     if not scores:
-        raise ValueError(f"`k: auto` needs at least 3 samples, got {len(unit)}")
+        raise ValueError(f"`k: auto` needs at least 3 samples that form 2 clusters, got {len(unit)} samples")
     return max(scores, key=scores.get), scores
 
 

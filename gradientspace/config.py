@@ -7,6 +7,7 @@ are rejected with their dotted path so a typo never silently falls back to a def
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .data import RECIPES
+from .data import RECIPES, EncodingFault, decode_utf8
 from .strategies import STRATEGIES
 
 
@@ -279,7 +280,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(decode_utf8(path.read_bytes())) or {}
+        except EncodingFault as err:
+            raise ConfigError(f"config file {path}:{err.line}: {err.what}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
@@ -313,7 +318,11 @@ def _describe(check: str) -> str:
 
 
 def _field_errors(section: Any, prefix: str) -> Iterator[str]:
-    """Each field's `check` metadata (bounds), applied to its value (every item of a list)."""
+    """Each field's `check` metadata (bounds), applied to its value (every item of a list); no number may be NaN or infinite.
+
+    Finiteness comes first and for every field: NaN compares false with every bound, so it
+    would pass each `check` and fail (or silently change the result) only once the work had begun.
+    """
     for item in dataclasses.fields(section):
         value = getattr(section, item.name)
         key = f"{prefix}.{item.name}" if prefix else item.name
@@ -323,7 +332,9 @@ def _field_errors(section: Any, prefix: str) -> Iterator[str]:
         check = item.metadata.get("check")
         numbers = value if isinstance(value, list) else [value]
         for number in numbers:
-            if check and isinstance(number, (int, float)) and not isinstance(number, bool) and _violates(number, check):
+            if isinstance(number, float) and not math.isfinite(number):
+                yield f"config key `{key}`: {number} is not a finite number"
+            elif check and isinstance(number, (int, float)) and not isinstance(number, bool) and _violates(number, check):
                 yield f"config key `{key}`: {number} must be {_describe(check)}"
 
 
@@ -382,8 +393,12 @@ def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None
         tree = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{manifest} is not valid JSON ({err}); move it away to start the run over") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict):
-        raise ConfigError(f"{manifest}: field `config` is missing or not a mapping; move the manifest away to start the run over")
+    from .runs import RUN_MANIFEST_FIELDS
+
+    missing = [name for name in RUN_MANIFEST_FIELDS if not isinstance(tree.get(name) if isinstance(tree, dict) else None, dict)]
+    if missing:
+        raise ConfigError(f"{manifest}: field `{missing[0]}` is missing or not a mapping, so {run_dir} is not a run gradientspace made "
+                          "(or its manifest is damaged: move it away to start the run over)")
     tree = tree["config"]
     tree["out"] = str(run_dir)
     return load_config(None, overrides, tree=tree)

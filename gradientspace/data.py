@@ -9,6 +9,13 @@ Arrow table that is memory-mapped from disk, and `load_records` hands out a `Rec
 builds a `Record` only when one is asked for. Tokenisation of such a table is another cached
 `map` (`tokenize_dataset`), and the gradient pass batches straight from its Arrow columns, so a
 million-record file never becomes a million Python objects.
+
+Text must be UTF-8 (a leading byte-order mark, as Excel and Notepad write, is dropped). A JSONL
+file is read as Latin-1, which maps every byte to one character, so no byte can stop the read:
+each line is then decoded as UTF-8 on its own (`decode_utf8`), and a line that is not valid
+UTF-8 is a bad record like any other (`file:line: not valid UTF-8 (byte 0xE9 at column 12)`),
+named, and skipped and counted under `--skip-bad`. A UTF-16 or UTF-32 file is refused whole.
+Lone surrogates (`"\ud800"` in the JSON) are refused by field.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ class DataError(ValueError):
     """A data file or record is malformed; the message names file, line/record and field."""
 
 
+class BadRecord(DataError):
+    """A record that `--skip-bad` would skip; `where_what` is the record's own message, without that hint."""
+
+    def __init__(self, where_what: str):
+        super().__init__(f"{where_what} (pass --skip-bad to skip bad records)")
+        self.where_what = where_what
+
+
 @dataclass
 class Record:
     id: str
@@ -53,9 +68,76 @@ class LoadReport:
     first_errors: list[str] = field(default_factory=list)
 
 
+class EncodingFault(ValueError):
+    """Bytes that are not UTF-8 text: `line` (1-based) and what is wrong (`not valid UTF-8 (byte 0xE9 at column 12)`)."""
+
+    def __init__(self, line: int, what: str):
+        super().__init__(what)
+        self.line, self.what = line, what
+
+
+WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def wide_text(head: bytes) -> str | None:
+    """Why a file starting with `head` is UTF-16 or UTF-32 rather than UTF-8 (None when it is not)."""
+    for bom, name in WIDE_BOMS.items():  # the UTF-32 marks first: one begins with a UTF-16 one
+        if head.startswith(bom):
+            return f"the file is {name} (it starts with the byte-order mark {bom.hex(' ').upper()}), not UTF-8: save it as UTF-8"
+    return None
+
+
+def decode_utf8(raw: bytes, first_line: bool = True) -> str:
+    """`raw` as UTF-8 text, without a leading byte-order mark (only `first_line` may have one).
+
+    A NUL byte is refused too: text files hold none, and a UTF-16 file without a byte-order
+    mark is mostly NULs (UTF-8 would accept them, and the JSON error that followed would not say why).
+    """
+    wide = wide_text(raw) if first_line else None
+    if wide:
+        raise EncodingFault(1, wide)
+    try:
+        text = raw.decode("utf-8-sig" if first_line else "utf-8")
+    except UnicodeDecodeError as err:
+        raise _fault(raw, err.start, f"byte 0x{raw[err.start]:02X}") from None
+    if "\0" in text:
+        raise _fault(raw, raw.index(b"\0"), "a NUL byte", " (UTF-16 text? save the file as UTF-8)")
+    return text
+
+
+def _fault(raw: bytes, start: int, what: str, hint: str = "") -> EncodingFault:
+    """Line and character column of byte `start` (the bytes before it are valid UTF-8)."""
+    line_start = raw.rfind(b"\n", 0, start) + 1
+    column = len(raw[line_start:start].decode("utf-8-sig" if line_start == 0 else "utf-8")) + 1
+    return EncodingFault(raw.count(b"\n", 0, start) + 1, f"not valid UTF-8 ({what} at column {column}){hint}")
+
+
+def _strings(value: Any, name: str) -> Iterator[tuple[str, str]]:
+    """(field path, string) for every string in a parsed record, e.g. (`messages[1].content`, …)."""
+    if isinstance(value, str):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{name}[{i}]")
+
+
+def _check_unicode(raw: dict, where: str) -> None:
+    """JSON can spell a lone surrogate (`"\ud800"`) that no UTF-8 text, and no Arrow column, can hold."""
+    for name, text in _strings(raw, ""):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"{where}: field `{name}` holds a lone surrogate (U+{ord(text[err.start]):04X} at character {err.start + 1}), "
+                            "which is not Unicode text") from None
+
+
 def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    _check_unicode(raw, where)
     source = raw.get("source")
     if source is not None and not isinstance(source, str):
         raise DataError(f"{where}: field `source` must be a string, got {type(source).__name__}")
@@ -121,11 +203,21 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
         as_json = lambda batch: {"text": [json.dumps(dict(zip(batch, values))) for values in zip(*batch.values())]}
         return dataset.map(as_json, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="reading"), False
     if suffix in (".jsonl", ".jsonl.gz"):
+        with (gzip.open if suffix.endswith(".gz") else open)(path, "rb") as handle:
+            head = handle.read(4)
+        wide = wide_text(head)
+        if wide:  # no line of it is UTF-8: one error for the file, whatever --skip-bad says
+            raise DataError(f"{path}: {wide}")
+        # Latin-1 reads any byte (each line is decoded as UTF-8 by `_validate_batch`, which names a bad one).
         # The `text` builder keeps blank lines as rows, so row i is line i + 1 of the file.
-        return load_dataset("text", data_files=str(path), split="train", cache_dir=cache_dir), True
+        if suffix.endswith(".gz"):  # `datasets` opens compressed files as UTF-8 whatever `encoding` says
+            return Dataset.from_generator(_gzip_lines, gen_kwargs={"path": str(path), "content": fingerprint(str(path))}, cache_dir=cache_dir), True
+        return load_dataset("text", data_files=str(path), split="train", cache_dir=cache_dir, encoding="latin-1"), True
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(decode_utf8(path.read_bytes()))
+        except EncodingFault as err:
+            raise DataError(f"{path}:{err.line}: {err.what}") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
         if isinstance(rows, dict) and "data" in rows:
@@ -136,23 +228,46 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
     raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
 
 
+def _gzip_lines(path: str, content: str) -> Iterator[dict]:
+    """A .jsonl.gz file's rows as the `text` builder gives a plain file's (Latin-1, universal newlines).
+
+    `content` (the file's fingerprint) is unused here: it is in the generator's arguments so that
+    `datasets` keys its cache by what the file holds, not by its path.
+    """
+    with gzip.open(path, "rt", encoding="latin-1") as handle:
+        for line in handle:
+            yield {"text": line.rstrip("\n")}
+
+
+def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bool) -> Record | None:
+    """One row: its record, or None for a blank line; DataError naming the place of a bad one.
+
+    File lines arrive as Latin-1 (one character per byte) and are decoded as UTF-8 here.
+    """
+    if lines:
+        try:
+            text = decode_utf8(text.encode("latin-1"), first_line=index == 0)
+        except EncodingFault as err:
+            raise DataError(f"{where}: {err.what}") from None
+    if not text.strip():
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
+    return _parse_record(raw, where, prompts_only)
+
+
 def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool) -> dict:
     """One `map` step: parse and check each record; a bad one keeps its error message in `status`."""
     out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": []}
     for index, text in zip(indices, batch["text"]):
         where = f"{path}:{index + 1}" if lines else f"{path} record {index}"
-        record, status = None, "ok"
-        if not text.strip():
-            status = "blank"
-        else:
-            try:
-                try:
-                    raw = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
-                record = _parse_record(raw, where, prompts_only)
-            except DataError as err:
-                status = str(err)
+        try:
+            record = _check_text(text, index, where, lines, prompts_only)
+            status = "ok" if record else "blank"
+        except DataError as err:
+            record, status = None, str(err)
         out["id"].append(record.id if record else "")
         out["messages"].append([{"role": m["role"], "content": m["content"]} for m in record.messages] if record else [])
         out["response"].append(record.response if record else "")
@@ -210,18 +325,23 @@ def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool =
     file = Path(path)
     if not file.exists():
         raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
-    import pyarrow.compute as pc
-
     size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
     with datasets_progress(size >= LARGE_FILE_BYTES):
-        raw, lines = _raw_table(file, cache_dir, num_proc)
-        checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
-                          fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
+        return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc)
+
+
+def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, cache_dir: str | None,
+                     num_proc: int | None) -> tuple[RecordTable, LoadReport]:
+    import pyarrow.compute as pc
+
+    raw, lines = _raw_table(file, cache_dir, num_proc)
+    checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
+                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
     status = checked.data.column("status")
     bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
     report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
     if bad and not skip_bad:
-        raise DataError(f"{report.first_errors[0]} (pass --skip-bad to skip bad records)")
+        raise BadRecord(report.first_errors[0])
     good = pc.indices_nonzero(pc.equal(status, "ok"))
     records = checked.select(good.to_numpy().astype("int64")) if len(good) < len(checked) else checked
     if not len(records):

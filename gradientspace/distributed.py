@@ -45,6 +45,15 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def from_main(item: Any) -> Any:
+    """Rank 0's `item` on every rank (`item` itself in a one-process run)."""
+    if world()[1] == 1 or not torch.distributed.is_initialized():
+        return item
+    box = [item]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_to_main(item: Any) -> list[Any] | None:
     """Every rank's `item`, in rank order, on rank 0 (None elsewhere); `[item]` in a one-process run."""
     rank, size = world()

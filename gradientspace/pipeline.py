@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       interference, random_labels, spherical_kmeans, within_cluster_cosine)
-from .config import RunConfig, internal_rank
+from .config import ConfigError, RunConfig, internal_rank
 from .consumers import GradientConsumer
 from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
 from .gradients import layout_of, stream_gradients
 from .models import LoadedModel, load_lora_model, pick_device
-from .runs import Run, Stage, atomic_path, config_hash, note, write_jsonl
+from .runs import Run, Stage, atomic_path, config_hash, note, warn, write_jsonl
 from .sketch import OnlineSVD, SketchResult
 from .strategies import get, strategy_projection_dim
 from .train import TrainPlan, load_adam_state, train_adapter
@@ -340,18 +340,41 @@ def features_for(run: Run, config: RunConfig, records: list[Record], device: tor
 
 
 def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) -> tuple[np.ndarray, int, dict]:
-    """Labels for one method; returns (labels, K, details such as the silhouette scores of `k: auto`)."""
+    """Labels for one method; returns (labels, K, details such as the silhouette scores of `k: auto`).
+
+    Every cluster must get a sample: K-means on fewer distinct points than K leaves some empty,
+    and an empty cluster would make an expert with no data, so that stops the run naming the cause.
+    """
     details: dict = {}
     k = config.cluster.k
     if features is None:
-        k = k if isinstance(k, int) else config.cluster.k_max
+        k = k if isinstance(k, int) else min(config.cluster.k_max, n - 1)
         return random_labels(n, k, seed), k, details
     if k == "auto":
         k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init, config.cluster.minibatch_above, config.cluster.silhouette_sample)
         details["silhouette"] = scores
+        say_chosen_k(k, scores, config.cluster.k_max, n)
     if k > n:
-        raise ValueError(f"config key `cluster.k`: {k} clusters for only {n} samples")
-    return spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above), k, details
+        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} samples")
+    labels = spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above)
+    sizes = np.bincount(labels, minlength=k)
+    if (sizes == 0).any():
+        raise ConfigError(f"config key `cluster.k`: k-means left {int((sizes == 0).sum())} of {k} clusters empty (sizes {sizes.tolist()}): "
+                          f"the {n} samples' {config.cluster.method} features form fewer than {k} distinct points; lower K")
+    return labels, k, details
+
+
+def say_chosen_k(k: int, scores: dict[int, float], k_max: int, n: int) -> None:
+    """Which K `k: auto` chose, with the score curve; a warning when the best K is at an edge of the range searched."""
+    curve = ", ".join(f"{K} {score:.3f}" for K, score in scores.items())
+    note(f"k auto: K = {k}, the best cosine silhouette over K = 2..{max(scores)} ({curve})")
+    if len(scores) < 2:
+        return
+    if k == max(scores) and k in (k_max, n - 1):
+        why = f"`cluster.k_max` = {k_max}: raise it to look further" if k == k_max else f"N − 1 for {n} samples: more data would allow a larger K"
+        warn(f"k auto: the best K, {k}, is the largest searched, the limit set by {why}")
+    elif k == 2:
+        warn("k auto: the best K is 2, the smallest searched; the silhouette cannot score K = 1, so the data may form no clusters at all")
 
 
 class GradientStage(RecordsStage):

@@ -3,21 +3,26 @@
 `config.validate` (run by `load_config`) checks what the config alone can tell. These checks
 need more, and all of it is cheap: the model name against the aliases, local folders and the
 Hugging Face cache; `data.max_length` against the tokenizer's chat template; the data's records
-and K against their number; the test data; the output directory being writable; and an existing
-run in that directory. Nothing here writes, so a command that fails its checks leaves the run
-directory (and its manifest) as it was.
+and K against their number and their distinct contents; the test data; the output directory
+being new, empty or a run (never a folder of the user's), writable, and holding none of the
+input files; and an existing run in that directory. Nothing here writes, so a command that
+fails its checks leaves the run directory (and its manifest) as it was; the run's lock is
+taken only after them (`workflow.run_until`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
+from .cluster import GRADIENT_METHODS
 from .config import ConfigError, RunConfig
-from .data import RECIPES, Record, fingerprint, load_records, template_overhead
+from .data import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
-from .runs import Run
+from .runs import LOCK_NAME, Run, is_run_manifest
 from .strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
@@ -28,19 +33,49 @@ NOT_IDENTITY = {"gradients.checkpoint_every", "data.path"}  # when state is save
 
 
 def check_output_dir(out: str) -> None:
-    """`out` (or the nearest folder above it that exists) must be a writable directory; creates nothing."""
+    """`out` must be a new or empty folder, or a run (its manifest says so), and writable; creates nothing.
+
+    As Hugging Face Trainer refuses a non-empty `output_dir` that holds no checkpoint to resume,
+    a folder with anything else in it is refused: the run would write its `samples.jsonl`,
+    `clusters.jsonl`, `manifest.json`, `eval.*`, `report.html` and `report/` over the user's files.
+    `--overwrite` does not change this (it re-runs a run's stages; it never adopts a folder).
+    """
     path = Path(out).expanduser().absolute()
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"config key `out`: {out} cannot be a run directory: {existing} is a file")
+    if existing == path:
+        entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)  # a lock alone: a run that stopped before its manifest
+        manifest = path / "manifest.json"
+        if entries and not manifest.exists():
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ConfigError(f"config key `out`: {out} is not empty ({shown}) and is not a gradientspace run (no manifest.json); "
+                              "give a new or empty folder, so that no file of yours is overwritten")
+        if entries and not is_run_manifest(Run(path).manifest):  # a manifest that is not JSON fails here, naming the file
+            raise ConfigError(f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
+                              "give a new or empty folder, so that no file of yours is overwritten")
     try:
         handle, probe = tempfile.mkstemp(prefix=".gradientspace-write-test-", dir=existing)
     except OSError as err:
         raise ConfigError(f"config key `out`: cannot write in {existing}: {err.strerror}") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_inputs_outside_run(config: RunConfig, evaluate: bool) -> None:
+    """A file the user gives is never in the run directory, where the run's own files would replace it,
+    and the run is never inside a data folder, whose content (and so the run's key) its files would change."""
+    out = Path(config.out).expanduser().resolve()
+    inputs = [("data.path", config.data.path)] + ([("evaluate.data", config.evaluate.data)] if evaluate else [])
+    for key, path in inputs:
+        given = Path(path).expanduser().resolve()
+        if path not in RECIPES and out in given.parents:
+            raise ConfigError(f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "
+                              "move the file out of it")
+        if path not in RECIPES and given.is_dir() and (given == out or given in out.parents):
+            raise ConfigError(f"config key `out`: {config.out} lies inside the data folder {path} (`{key}`); choose a run directory outside it")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -87,11 +122,7 @@ def check_records(config: RunConfig) -> list[Record]:
     _path_exists(config.data.path, "data.path")
     data = config.data
     records, _ = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
-    k, n = config.cluster.k, len(records)
-    if isinstance(k, int) and k > n:
-        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} records in {data.path}")
-    if k == "auto" and config.cluster.k_max >= n:
-        raise ConfigError(f"config key `cluster.k_max`: {config.cluster.k_max} needs more than {n} records (the silhouette needs K < N)")
+    check_k(config, records)
     unlabelled = next((r for r in records if r.source is None), None)
     needing = next((s for s in config.experts.strategies if get(s).needs_source), None)
     if needing and unlabelled is not None:
@@ -99,16 +130,49 @@ def check_records(config: RunConfig) -> list[Record]:
     return records
 
 
+def distinct_records(records: Sequence[Record], config: RunConfig, enough: int) -> int:
+    """How many records differ in what the clustering reads (the prompt, and the response when its tokens carry the loss), counting up to `enough`."""
+    reads_response = config.cluster.method in GRADIENT_METHODS and config.gradients.tokens == "response"
+    seen: set[str] = set()
+    for record in records:
+        seen.add(json.dumps([record.messages, record.response if reads_response else None]))
+        if len(seen) >= enough:
+            break
+    return len(seen)
+
+
+def check_k(config: RunConfig, records: Sequence[Record]) -> None:
+    """K clusters need K distinct points, and `k: auto` at least 3 (its silhouette scores 2 ≤ K < N): else clusters come out empty.
+
+    `k: auto` searches 2..min(`cluster.k_max`, N − 1), so a `k_max` above the data is no error.
+    """
+    k, n, path = config.cluster.k, len(records), config.data.path
+    if isinstance(k, int) and k > n:
+        raise ConfigError(f"config key `cluster.k`: {k} clusters for only {n} records in {path}")
+    if config.cluster.method == "random":  # a balanced random assignment fills every cluster whatever the records hold
+        return
+    needed = 3 if k == "auto" else k
+    distinct = distinct_records(records, config, needed)
+    if distinct < needed:
+        what = "`auto` needs at least 3 distinct records (its silhouette scores 2 ≤ K < N)" if k == "auto" else f"{k} clusters need {k} distinct records"
+        have = f"{path} has only {n}" if distinct == n else f"the {n} records of {path} hold only {distinct} (the others repeat them)"
+        raise ConfigError(f"config key `cluster.k`: {what}, and {have}; some clusters would be empty")
+
+
 def check_eval_data(config: RunConfig) -> None:
     _path_exists(config.evaluate.data, "evaluate.data")
     if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
-        load_records(config.evaluate.data, limit=config.evaluate.limit)
+        try:
+            load_records(config.evaluate.data, limit=config.evaluate.limit)
+        except BadRecord as err:  # evaluation never skips: a score over part of the test data would not say so
+            raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
 
 def preflight(config: RunConfig, *, evaluate: bool = False, overwrite: bool = False) -> None:
     """Every check that can fail before the expensive work, cheapest first; raises on the first failure."""
     check_model_name(config.model.name)
     check_output_dir(config.out)
+    check_inputs_outside_run(config, evaluate)
     check_existing_run(config, overwrite)
     if evaluate:
         check_eval_data(config)

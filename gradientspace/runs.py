@@ -9,16 +9,24 @@ checkpoints live in folders named by its key, so a changed input never resumes s
 or (re-)run, saying which and why in one line. `RUN/manifest.json` holds the config, library
 versions, and per stage its inputs, key, seconds, peak memory, when it finished and its
 outputs; only rank 0 writes it, atomically.
+
+A run directory is the project's alone: a command writes only into a new or empty folder or
+into a run (a folder whose manifest is one this module wrote, `is_run_manifest`), and while it
+works rank 0 holds `RUN/.lock` (`RunLock`, an OS lock: released however the process ends, even
+by SIGKILL), so a second command on the same run stops at once, naming the process that holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import resource
+import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -88,10 +96,106 @@ class RunError(ValueError):
     """A run directory or one of its files is missing or corrupt; the message names the file."""
 
 
+class RunBusy(RunError):
+    """Another process holds the run's lock; the message names it."""
+
+
 def note(message: str) -> None:
     """One line about what a command does (skip / run / resume / re-run and why), from rank 0 only."""
     if distributed.is_main():
         print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """One line on stderr about a result the user should look at (the run goes on), from rank 0 only."""
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+LOCK_NAME = ".lock"
+RUN_MANIFEST_FIELDS = ("config", "stages")  # what every manifest a run wrote has (`set_config` is its first write)
+
+
+def is_run_manifest(manifest: Any) -> bool:
+    """Whether a parsed manifest.json is one a run wrote."""
+    return isinstance(manifest, dict) and all(isinstance(manifest.get(name), dict) for name in RUN_MANIFEST_FIELDS)
+
+
+def _program() -> str:
+    """How the user started this process: `gradientspace` for the console script and for `python -m gradientspace.cli` alike."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "gradientspace" if spec is not None and spec.name == "gradientspace.cli" else Path(sys.argv[0]).name
+
+
+class RunLock:
+    """`RUN/.lock`, held with `flock` by one process at a time; the file says who holds it.
+
+    The kernel drops a `flock` when its process ends in any way (SIGKILL included), so a stale
+    lock cannot outlive a crash, unlike a pid file; the pid, command and start time written into
+    the file serve only to name the holder to a command that finds the run busy, as a database
+    names the process holding a lock. The file itself stays (deleting it would let a process that
+    opened the old file and one that creates a new one both hold "the" lock).
+    """
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / LOCK_NAME
+        self.handle = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read()
+            handle.close()
+            raise RunBusy(f"{self.path.parent} is in use by {self._describe(holder)}; wait for it to finish (or stop it), then run this command again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                 "command": shlex.join([_program(), *sys.argv[1:]])}) + "\n")
+        handle.flush()
+        self.handle = handle
+
+    @staticmethod
+    def _describe(holder: str) -> str:
+        try:
+            info = json.loads(holder)
+            return f"process {info['pid']} on {info['host']} (`{info['command']}`, started {info['started']})"
+        except (json.JSONDecodeError, KeyError, TypeError):  # the holder has the lock but has not written its name yet
+            return "another process"
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file drops the flock
+            self.handle = None
+
+
+@contextlib.contextmanager
+def locked(root: str | Path) -> Iterator[None]:
+    """Hold the run's lock for the block: rank 0 takes it, and every rank learns whether it did.
+
+    Under torchrun the other ranks do not touch the file; they take rank 0's outcome, so when
+    the run is busy every rank stops with the same line instead of waiting at a barrier for a
+    rank 0 that has left.
+    """
+    distributed.init()
+    lock = RunLock(root) if distributed.is_main() else None
+    refusal = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunBusy as err:
+            refusal = str(err)
+    refusal = distributed.from_main(refusal)
+    if refusal:
+        raise RunBusy(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 _SKIPS_SAID: set[tuple[Path, str, str]] = set()

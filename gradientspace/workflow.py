@@ -6,7 +6,7 @@ dropped on the validation records its router sends it → router thresholds chos
 report. `run_until(config, "experts")` runs the stages up to and including one, so
 `train-experts`, `train-router` and `evaluate` bring their prerequisites up to date first (a
 finished stage costs one line). Every check that can fail cheaply (`preflight`) runs before the
-first stage.
+first stage, and the run's lock is held from then until the command ends.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .pipeline import cluster, cluster_inputs, load_data, warmup_key
 from .preflight import preflight
 from .report import make_report
 from .router import train_routers
-from .runs import Run, Stage, config_hash, new_command
+from .runs import Run, Stage, config_hash, locked, new_command
 from .strategies import GENERALIST, get, routed, trained
 
 STEPS = ("cluster", "experts", "router", "evaluate", "report")
@@ -169,6 +169,11 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
     new_command()
     wanted = list(strategies or config.experts.strategies)
     preflight(config, evaluate=STEPS.index(last) >= STEPS.index("evaluate"), overwrite=overwrite)
+    with locked(config.out):  # a second command on this run stops here, naming this one
+        return _run_stages(config, last, wanted)
+
+
+def _run_stages(config: RunConfig, last: str, wanted: list[str]) -> dict:
     result: dict = {"cluster": cluster(config)}
     if last == "cluster":
         return result

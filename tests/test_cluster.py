@@ -85,3 +85,63 @@ def test_minibatch_kmeans_and_sampled_silhouette_above_the_thresholds():
     unit = rows / rows.norm(dim=1, keepdim=True)
     exact = silhouette_score(unit.numpy(), spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000), metric="cosine")
     assert abs(scores[4] - exact) < 0.05
+
+
+def blobs(n_per: int, centres: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(centres, 30, generator=generator)
+    return directions.repeat_interleave(n_per, 0) + 0.05 * torch.randn(centres * n_per, 30, generator=generator)
+
+
+def test_k_auto_searches_up_to_n_minus_one_and_stops_at_an_empty_cluster():
+    k, scores = choose_k(blobs(1, 5), k_max=8, seed=0)  # 5 rows, a k_max of 8 the user never set
+    assert list(scores) == [2, 3, 4]
+    rows = blobs(1, 3).repeat_interleave(6, 0)  # 18 rows, 3 distinct points
+    k, scores = choose_k(rows, k_max=8, seed=0)
+    assert k == 3 and list(scores) == [2, 3]  # K = 4 would leave a cluster empty: the search ends there
+
+
+@pytest.mark.parametrize("centres, k_max, says", [
+    (6, 4, "the best K, 4, is the largest searched, the limit set by `cluster.k_max` = 4: raise it"),
+    (3, 8, None),
+    (2, 8, "the best K is 2, the smallest searched"),
+])
+def test_k_auto_says_its_choice_and_warns_at_an_edge_of_the_range(centres, k_max, says, capsys):
+    from gradientspace.pipeline import say_chosen_k
+
+    rows = blobs(8, centres)
+    k, scores = choose_k(rows, k_max=k_max, seed=0)
+    say_chosen_k(k, scores, k_max, len(rows))
+    out, err = capsys.readouterr()
+    assert out.startswith(f"k auto: K = {k}, the best cosine silhouette over K = 2..{max(scores)} (2 {scores[2]:.3f}, 3 ")
+    assert (says in err and err.count("\n") == 1) if says else err == ""
+
+
+def test_fewer_distinct_points_than_k_is_an_error_naming_the_cause():
+    from gradientspace.config import ConfigError, load_config
+    from gradientspace.pipeline import assign
+
+    rows = torch.ones(12, 16) + torch.arange(12).remainder(2)[:, None] * torch.eye(16)[0]  # 12 samples, 2 distinct directions
+    config = load_config(None, {"cluster.k": 3})
+    with pytest.raises(ConfigError, match=r"config key `cluster.k`: k-means left 1 of 3 clusters empty \(sizes \[.*\]\): the 12 samples' "
+                                          r"gradientspace features form fewer than 3 distinct points; lower K"):
+        assign(rows, 12, config, seed=0)
+    labels, k, _ = assign(rows, 12, load_config(None, {"cluster.k": 2}), seed=0)
+    assert k == 2 and sorted(np.bincount(labels)) == [6, 6]
+
+
+def test_k_auto_on_five_records_runs(tmp_path, capsys):
+    """Five records once failed on `cluster.k_max`, a key the user never set: the search is 2..N − 1 = 4."""
+    import json
+
+    from conftest import make_records
+    from gradientspace.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(5)))
+    assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--k", "auto", "--out", str(tmp_path / "run"), "--max-length", "96",
+                 "--set", "model.lora_rank=2", "--set", "sketch.rank=4", "--set", "warmup.fraction=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "k auto: K = " in out and "over K = 2..4 (2 " in out
+    silhouette = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["silhouette"]
+    assert list(silhouette) == ["2", "3", "4"]

@@ -92,3 +92,10 @@ def test_every_key_has_help_and_path_keys_say_how_they_resolve():
         assert "YAML file's folder" in key_help(key)
     assert "Must be at least 1." in key_help("data.max_length")
     assert (key_default("model.target_modules"), key_default("data.limit"), key_default("out")) == ("[q_proj, k_proj, v_proj, o_proj]", "null", "runs/default")
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark; the first key must not become `\\ufeffseed`."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbfseed: 3\nmodel: {name: tiny-random}\n")
+    assert load_config(path).seed == 3

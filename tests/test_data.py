@@ -208,3 +208,42 @@ def test_duplicate_ids_and_parallel_validation(tmp_path):
     serial, _ = load_records(write_jsonl(tmp_path / "ok.jsonl", rows))
     parallel, _ = load_records(str(tmp_path / "ok.jsonl"), num_proc=2)
     assert list(parallel) == list(serial)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Excel and Notepad write one; only the file's first line may carry it."""
+    import gzip
+
+    row = json.dumps({"instruction": "caf\u00e9", "output": "ok"}).encode()
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + row + b"\n" + row.replace(b"ok", b"two") + b"\n")
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf[" + row + b"]")
+    with gzip.open(tmp_path / "g.jsonl.gz", "wb") as handle:
+        handle.write(b"\xef\xbb\xbf" + row + b"\n")
+    for name in ("d.jsonl", "d.json", "g.jsonl.gz"):
+        records, _ = load_records(str(tmp_path / name))
+        assert records[0].messages[0]["content"] == "caf\u00e9" and records[0].response == "ok", name
+    (tmp_path / "d.jsonl").write_bytes(row + b"\n\xef\xbb\xbf" + row + b"\n")  # a mark inside the file is a stray character
+    with pytest.raises(DataError, match="d.jsonl:2: invalid JSON"):
+        load_records(str(tmp_path / "d.jsonl"))
+
+
+def test_encoding_faults_are_bad_records_that_skip_bad_skips_and_counts(tmp_path):
+    lines = [json.dumps({"instruction": "fine", "output": "ok"}).encode(),
+             b'{"instruction": "caf\xe9", "output": "latin-1"}',
+             json.dumps({"instruction": "\u20ac and \u00e9", "output": "still fine"}).encode(),
+             b'{"instruction": "a", "output": "\\ud83d"}']
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    records, report = load_records(str(tmp_path / "d.jsonl"), skip_bad=True)
+    assert [r.response for r in records] == ["ok", "still fine"] and report.skipped == 2
+    assert report.first_errors == [f"{tmp_path}/d.jsonl:2: not valid UTF-8 (byte 0xE9 at column 21)",
+                                   f"{tmp_path}/d.jsonl:4: field `output` holds a lone surrogate (U+D83D at character 1), which is not Unicode text"]
+
+
+def test_a_compressed_file_is_cached_by_its_content(tmp_path):
+    """`datasets` cannot read a .gz as Latin-1, so the loader reads it itself; rewriting the file must not serve the old rows."""
+    import gzip
+
+    for answer in ("first", "second"):
+        with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as handle:
+            handle.write(json.dumps({"instruction": "q", "output": answer}) + "\n")
+        assert [r.response for r in load_records(str(tmp_path / "d.jsonl.gz"))[0]] == [answer]

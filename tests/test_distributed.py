@@ -72,3 +72,24 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
         assert two["eval"][strategy]["adapter"] == record["adapter"]
         # scored in other batches (other padding) than one process does: equal up to float rounding
         assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), strategy
+
+
+def test_under_torchrun_a_busy_run_stops_every_rank_at_once(tmp_path):
+    """Rank 0 finds the run locked (this process holds the lock) and leaves; rank 1 must stop too, not wait at a barrier."""
+    from gradientspace.runs import RunLock
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(8)))
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    try:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", "--model", "tiny-random",
+                                 "--data", str(data), "--k", "2", "--max-length", "96", "--out", str(tmp_path / "run")],
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    busy = [line for line in result.stderr.splitlines() if f"is in use by process {os.getpid()}" in line]
+    assert len(busy) == 2, result.stderr[-2000:]  # one line from each rank, the same line
+    assert not (tmp_path / "run" / "manifest.json").exists()

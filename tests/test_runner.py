@@ -2,6 +2,11 @@
 decision said in one line, nothing stale served, the manifest written by rank 0 only."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -193,3 +198,100 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_
     assert all(after[n]["key"] != before[n]["key"] for n in redone if n != "report")
     lines = stage_lines(capsys.readouterr().out)
     assert lines["experts/single/0"].startswith("re-run experts/single/0: training settings changed"), lines
+
+
+# ---------------------------------------------------------------- the run directory is the project's
+
+def test_a_users_folder_is_never_written_the_data_loss_case(tmp_path, capsys):
+    """`cluster --data proj/samples.jsonl --out proj` once replaced the user's training file with the run's samples.jsonl."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    data = write_data(proj / "samples.jsonl", 12)
+    (proj / "clusters.jsonl").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in proj.iterdir()}
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(proj)]) == 2
+    err = capsys.readouterr().err
+    assert f"config key `out`: {proj} is not empty (clusters.jsonl, samples.jsonl) and is not a gradientspace run" in err
+    assert {p.name: p.read_bytes() for p in proj.iterdir()} == before  # not a byte changed, nothing added (no lock file either)
+
+    # into a new folder it runs; and a file of the user's put inside that run afterwards is refused as input
+    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    inside = tmp_path / "run" / "mine.jsonl"
+    inside.write_bytes(data.read_bytes())
+    capsys.readouterr()
+    assert main(["cluster", *FLAGS, "--data", str(inside), "--out", str(tmp_path / "run")]) == 2
+    assert f"config key `data.path`: {inside} lies inside the run directory" in capsys.readouterr().err
+
+
+def test_a_second_command_on_a_run_fails_at_once_naming_the_first(tmp_path, capsys, monkeypatch):
+    """Deterministic: this process holds the run's lock, as a command running on it does, then runs a second command."""
+    from gradientspace.runs import RunLock
+
+    data = write_data(tmp_path / "train.jsonl", 12)
+    argv = ["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["gradientspace", "cluster", "--k", "3"])  # what the holder's lock file names
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    try:
+        for name in ("run_gradient_pass", "train_adapter", "assign", "load_data"):  # refused before any stage, even the data's
+            monkeypatch.setattr(pipeline, name, must_not_run)
+        assert main([*argv, "--k", "3", "--overwrite"]) == 75
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and out == ""
+        assert f"{tmp_path / 'run'} is in use by process {os.getpid()} on {socket.gethostname()} (`gradientspace cluster --k 3`, started " in err
+        assert (tmp_path / "run" / "manifest.json").read_text() == manifest
+    finally:
+        lock.release()
+    monkeypatch.undo()
+    assert main([*argv, "--k", "3", "--overwrite"]) == 0  # released: the same command now runs
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["k"] == 3
+
+
+def test_the_lock_dies_with_its_process_even_by_sigkill(tmp_path):
+    """An OS lock, not a pid file: a holder killed with SIGKILL leaves nothing that blocks the next command."""
+    from gradientspace.runs import RunBusy, RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gradientspace.runs import RunLock; "
+                               "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunBusy, match=f"in use by process {holder.pid} "):
+            RunLock(tmp_path / "run").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    lock.release()
+
+
+def test_a_folder_holding_only_a_lock_is_a_run_that_stopped_before_its_manifest(tmp_path):
+    from gradientspace.preflight import check_output_dir
+    from gradientspace.runs import RunLock
+
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    lock.release()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    check_output_dir(str(tmp_path / "run"))
+
+
+def test_under_torchrun_every_rank_stops_when_rank_zero_finds_the_run_busy(tmp_path, monkeypatch):
+    """Rank 1 never touches the lock file: it takes rank 0's outcome (a broadcast), so it cannot wait at a barrier for a rank 0 that left."""
+    from gradientspace import distributed, runs
+
+    monkeypatch.setattr(distributed, "init", lambda: None)
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "from_main", lambda item: "run is in use by process 7")
+    with pytest.raises(runs.RunBusy, match="in use by process 7"):
+        with runs.locked(tmp_path / "run"):
+            raise AssertionError("rank 1 went on")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(distributed, "from_main", lambda item: item)  # rank 0 got the lock: rank 1 goes on, still without the file
+    with runs.locked(tmp_path / "run"):
+        pass
+    assert not (tmp_path / "run").exists()
