@@ -102,6 +102,7 @@ class ExpertsConfig:
     snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size.", "check": ">=1"})
     blend_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "Interpolation weights λ tried per expert between the generalist's LoRA update (λ = 0) and the expert's (λ = 1), chosen on the validation records the router sends that expert; `[1.0]` keeps or drops whole experts only.", "check": "(0,1]"})
+    keep: str = field(default="validation", metadata={"help": "How branched experts are kept: `validation` (each kept, blended or dropped on the validation records its router sends it, with the margin below) or `all` (every trained expert served whole, unchecked: for debugging, or when the validation split is too small to decide anything)."})
     keep_confidence: float = field(default=0.95, metadata={"help": "An expert (or blend) is kept only if the one-sided upper confidence bound, at this level, of its paired-bootstrap NLL gain over the generalist on the validation records it would serve is below 0.", "check": "(0,1)"})
     keep_min_records: int = field(default=5, metadata={"help": "Fewest validation records an expert must serve to be kept: fewer cannot show a gain.", "check": ">=1"})
 
@@ -359,6 +360,8 @@ def validate(config: RunConfig) -> None:
         errors.append("config key `model.target_modules`: must name at least one module")
     if not config.experts.strategies:
         errors.append(f"config key `experts.strategies`: must name at least one of {', '.join(STRATEGIES)}")
+    if config.experts.keep not in ("validation", "all"):
+        errors.append(f"config key `experts.keep`: {config.experts.keep!r} must be `validation` or `all`")
     if not config.experts.blend_weights:
         errors.append("config key `experts.blend_weights`: must name at least one weight in (0, 1] (`[1.0]`: whole experts only)")
     if "single-continued" in config.experts.strategies and config.experts.init != "generalist":

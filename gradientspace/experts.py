@@ -88,7 +88,7 @@ class AdapterStage(Stage):
     def inputs(self) -> dict[str, str]:
         # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
         # nor on how its expert is kept or blended afterwards (`keep.py`)
-        ignored = ("strategies", "blend_weights", "keep_confidence", "keep_min_records")
+        ignored = ("strategies", "keep", "blend_weights", "keep_confidence", "keep_min_records")
         if get(self.strategy).one_adapter:
             ignored += ("init", "branch_epochs", "branch_learning_rate")
         config = self.config
@@ -148,8 +148,10 @@ def summarize_strategy(run: Run, config: RunConfig, records: list[Record], strat
 
 def decided(config: RunConfig, strategy: str) -> bool:
     """Whether a strategy's adapters are kept, blended or dropped on validation (`keep.py`): experts branched from the
-    generalist are; the generalist itself, one-adapter controls and fixed-budget adapters are always served as trained."""
-    return config.experts.init == "generalist" and not get(strategy).one_adapter and not config.experts.equal_budget
+    generalist are, unless `experts.keep: all`; the generalist itself, one-adapter controls and fixed-budget adapters are
+    always served as trained."""
+    experts = config.experts
+    return experts.init == "generalist" and not get(strategy).one_adapter and not experts.equal_budget and experts.keep == "validation"
 
 
 BLENDED = "blended"  # the sub-folder of a group's adapter holding its blend with the generalist

@@ -69,7 +69,7 @@ def quiet_run(tmp_path_factory):
     import io
 
     root = tmp_path_factory.mktemp("quiet")
-    config = tiny_run_config(root, ["routed", "single"])
+    config = tiny_run_config(root, ["routed", "single"], experts="keep: all")  # every expert served: several adapters to score
     stderr = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
         warnings.simplefilter("default")  # what a user's shell shows: each warning once per place

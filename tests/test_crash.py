@@ -71,7 +71,7 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     whole = gradientspace_run(whole_config)
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
-    assert {"data", "warmup", "gradients", "cluster", "experts/single/0", "router/routed", "threshold/routed", "evaluate", "report"} <= set(stages)
+    assert {"data", "warmup", "gradients", "cluster", "experts/single/0", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} <= set(stages)
 
     previous = None
     for stage in stages:

@@ -60,7 +60,7 @@ class Background:
 def run_dir(tmp_path_factory):
     """A tiny run whose served adapters are pushed far apart, so that each one answers differently."""
     root = tmp_path_factory.mktemp("serve")
-    assert main(["run", str(tiny_run_config(root, ["routed", "single"]))]) == 0
+    assert main(["run", str(tiny_run_config(root, ["routed", "single"], experts="keep: all"))]) == 0  # every expert served
     run = root / "run"
     for seed, served in enumerate(served_adapters(Run(run))):
         path = served.folder / "adapter_model.safetensors"

@@ -17,7 +17,8 @@ STRATEGIES = ["routed", "single", "single-wide", "gradient-oracle", "oracle", "r
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
-    config = tiny_run_config(root, STRATEGIES, experts="branch_epochs: 2, snapshot_epochs: [1]",
+    # every expert served (`keep: all`): the ensemble and the figures need several adapters; test_keep.py covers the keep rule
+    config = tiny_run_config(root, STRATEGIES, experts="branch_epochs: 2, snapshot_epochs: [1], keep: all",
                              evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1")
     assert main(["run", str(config)]) == 0
     return config, root / "run"
