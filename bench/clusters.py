@@ -27,8 +27,8 @@ from gradientspace.data import load_records
 from gradientspace.encoder import embed_texts
 from gradientspace.gradients import layout_of, stream_gradients
 from gradientspace.models import load_lora_model
-from gradientspace.pipeline import gradient_batches, run_warmup
-from gradientspace.runs import Run, peak_memory_mb
+from gradientspace.pipeline import gradient_batches, train_warmup
+from gradientspace.runs import config_hash, peak_memory_mb
 from gradientspace.sketch import OnlineSVD
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -90,9 +90,9 @@ def bench_dataset(name: str, args) -> dict:
         config = load_config(None, {"model.name": args.model, "data.path": name, "data.max_length": args.max_length, "out": str(args.out / name),
                                     "gradients.tokens": tokens, "gradients.batch_size": args.batch_size})
         loaded = load_lora_model(config.model, seed=config.seed)
-        run = Run(config.out)
         warm_start = time.perf_counter()
-        warmup_dir = run_warmup(run, config, records, loaded)
+        warmup_dir = args.out / name / "warmup"  # its checkpoints are named by this key: a re-run of the same settings resumes
+        train_warmup(warmup_dir, config, records, loaded, config_hash(config.to_dict(), [r.id for r in records]))
         warmup_seconds = time.perf_counter() - warm_start
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file

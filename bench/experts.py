@@ -44,9 +44,10 @@ from gradientspace.evaluate import evaluate_strategies
 from gradientspace.experts import train_experts
 from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
-from gradientspace.runs import Run, write_json, write_jsonl
+from gradientspace.runner import Run
+from gradientspace.runs import write_json, write_jsonl
 from gradientspace.strategies import STRATEGIES, get
-from gradientspace.workflow import decide_experts, elrea_centroids, router_thresholds, validation_records
+from gradientspace.workflow import decide_experts, elrea_centroids, router_thresholds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
@@ -88,21 +89,23 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
         **dict(item.split("=", 1) for item in args.set),
     })
     start = time.perf_counter()
-    outcome = cluster(config)
+    run = Run(config)
+    outcome = cluster(run)
     print(f"[{name} {per_label}/label seed {seed}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
-    train_experts(config)
-    routers = train_routers(config)
-    decide_experts(config)
-    thresholds = router_thresholds(config)
+    train_experts(run)
+    routers = train_routers(run)
+    decide_experts(run)
+    thresholds = router_thresholds(run)
     if any(get(s).needs_cluster_centroids for s in args.strategies):
-        elrea_centroids(config)
+        elrea_centroids(run)
     # every arm scored on the validation split too, served exactly as on test: the single adapter of record
     # (`single` or `single-continued`) is chosen there, before the test split is read
     validation = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
-                                     args.strategies, validation_records(Run(config.out), config), write=False)
+                                     args.strategies, run.validation, write=False)
     test, _ = load_records(config.evaluate.data)
     results = evaluate_strategies(config, args.strategies, test)
-    manifest = Run(config.out).manifest
+    run.directory.reload()
+    manifest = run.directory.manifest
     arms = {}
     for strategy in args.strategies:
         table = results[strategy]

@@ -467,7 +467,7 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     from gradientspace.experts import generalist_folder
     from gradientspace.models import load_tokenizer
     from gradientspace.router import Router
-    from gradientspace.runs import Run, write_json
+    from gradientspace.runs import RunDirectory, write_json
     from gradientspace.strategies import get
 
     device, dtype = device_and_dtype()
@@ -477,7 +477,7 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     tokenizer.save_pretrained(folder / "base")
     config = load_config(None, {"out": str(folder), "model.name": str(folder / "base"), **{f"model.{k}": v for k, v in LORA.items()},
                                 "experts.strategies": ["routed", "single"]})
-    run = Run(folder)
+    run = RunDirectory(folder)
     run.set_config(config.to_dict())
     model = with_lora(base)
     groups = ["0", "1", "2", "3"]

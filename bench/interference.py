@@ -33,7 +33,7 @@ def clusters(manifest: dict, run: str) -> list[dict]:
     experts = manifest.get("experts", {}).get("routed", {}).get("experts", {})
     decisions = manifest["stages"].get("keep/routed", {}).get("groups", {})
     rows = []
-    for cluster, statistics in manifest.get("interference", {}).items():
+    for cluster, statistics in manifest["stages"].get("cluster", {}).get("interference", {}).items():
         expert, decision = experts.get(cluster, {}), decisions.get(cluster, {})
         own = expert["initial_eval_loss"] - expert["best_eval_loss"] if expert.get("initial_eval_loss") is not None and expert.get("best_eval_loss") is not None else None
         routed = decision["generalist_nll"] - decision["candidate_nll"]["1.0"] if "candidate_nll" in decision and "1.0" in decision["candidate_nll"] else None

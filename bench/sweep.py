@@ -25,8 +25,8 @@ from gradientspace.experts import train_experts
 from gradientspace.inference import StrategyModel
 from gradientspace.pipeline import cluster
 from gradientspace.router import train_routers
-from gradientspace.runs import Run
-from gradientspace.workflow import decide_experts, router_thresholds, validation_records
+from gradientspace.runner import Run
+from gradientspace.workflow import decide_experts, router_thresholds
 
 VARIANTS = {
     "base": {},
@@ -42,12 +42,13 @@ NOT_COPIED = ("eval*", "report", "elrea", "strategies/random-clusters", "strateg
 def validation_score(out: Path, overrides: dict) -> dict:
     config = config_from_run(out, {**overrides, "experts.strategies": ["routed", "single"]})
     start = time.perf_counter()
-    outcome = cluster(config)
-    train_experts(config, ["single", "routed"])
-    train_routers(config, ["routed"])
-    kept = decide_experts(config, ["routed"]).get("routed", {})
-    thresholds = router_thresholds(config)
-    validation = validation_records(Run(out), config)
+    run = Run(config)
+    outcome = cluster(run)
+    train_experts(run, ["single", "routed"])
+    train_routers(run, ["routed"])
+    kept = decide_experts(run, ["routed"]).get("routed", {})
+    thresholds = router_thresholds(run)
+    validation = run.validation
     engine = StrategyModel(config, ["routed", "single"])
     scores = {s: sum(engine.nll(s, validation)) / len(validation) for s in ("routed", "single")}
     return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "fallback": [g for g, d in kept.items() if d["lambda"] == 0],

@@ -134,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data import Record, load_records
     from .inference import StrategyModel
-    from .runs import Run
+    from .runs import RunDirectory
 
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
@@ -142,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # not a config key, so no `check` covers it
         raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")
-    Run(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
+    RunDirectory(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
     records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
     engine = StrategyModel(config, [args.strategy])
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from .evaluate import markdown_table
-    from .runs import Run
+    from .runs import RunDirectory
     from .workflow import run_all
 
     config = load_config(args.config, _overrides(args, {"out": "out"}))
@@ -197,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
 
-    manifest = Run(config.out).manifest
+    manifest = RunDirectory(config.out).manifest
     for strategy, entry in manifest["stages"].items():
         if entry.get("groups") and strategy.startswith("keep/"):
             print(_decision_line(strategy.split("/", 1)[1], entry["groups"]))

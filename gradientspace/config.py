@@ -12,12 +12,11 @@ import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Mapping, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .data import RECIPES, EncodingFault, decode_utf8
-from .strategies import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -89,7 +88,7 @@ class ClusterConfig:
 
 @dataclass
 class ExpertsConfig:
-    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": f"Strategies to build and evaluate: {', '.join(STRATEGIES)}. `single` (the generalist) is always trained: the others branch from it and fall back to it."})
+    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": "Strategies to build and evaluate. `single` (the generalist) is always trained: the others branch from it and fall back to it."})
     init: str = field(default="generalist", metadata={"help": "Where experts start: `generalist` (the converged single adapter; experts specialise from it), `warmup` (the warm-up adapter) or `fresh` (a new LoRA, B = 0)."})
     epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving.", "check": ">=1"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`).", "check": ">0"})
@@ -167,7 +166,9 @@ CHOICES = {
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
     "experts.init": ("generalist", "warmup", "fresh"),
 }
-LIST_CHOICES = {"experts.strategies": STRATEGIES}  # the registry itself: a strategy added to it is accepted
+# The names a list key may hold, registered by the module that defines them (`strategies.py` registers its registry
+# under `experts.strategies`), so that a strategy added there is accepted here and this module imports no stage.
+LIST_CHOICES: dict[str, Mapping[str, object]] = {}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -359,7 +360,7 @@ def validate(config: RunConfig) -> None:
     if not config.model.target_modules:
         errors.append("config key `model.target_modules`: must name at least one module")
     if not config.experts.strategies:
-        errors.append(f"config key `experts.strategies`: must name at least one of {', '.join(STRATEGIES)}")
+        errors.append(f"config key `experts.strategies`: must name at least one of {', '.join(LIST_CHOICES.get('experts.strategies', {}))}")
     if config.experts.keep not in ("validation", "all"):
         errors.append(f"config key `experts.keep`: {config.experts.keep!r} must be `validation` or `all`")
     if not config.experts.blend_weights:
@@ -434,6 +435,8 @@ def key_help(key: str) -> str:
     own help (which names its choices), its range, and how a relative path is read."""
     item = dict(config_keys())[key]
     parts = [item.metadata["help"]]
+    if key in LIST_CHOICES:
+        parts.append(f"Choices: {', '.join(LIST_CHOICES[key])}.")
     if "check" in item.metadata:
         parts.append(f"Must be {_describe(item.metadata['check'])}.")
     if "path" in item.metadata:

@@ -22,7 +22,7 @@ import statistics
 from . import distributed
 from .config import RunConfig
 from .data import Record, load_records
-from .runs import Run, write_json
+from .runs import RunDirectory, write_json
 from .strategies import get
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -136,7 +136,7 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     if not distributed.is_main():
         return None
     if write:
-        run = Run(config.out)
+        run = RunDirectory(config.out)
         name = "eval.json" if adapter_epoch is None else f"eval-epoch-{adapter_epoch}.json"
         write_json(run.path(name), results)
         (run.path(name.replace(".json", ".md"))).write_text(markdown_table(results, strategies))

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import distributed, runs
+from . import distributed
 from .config import RunConfig
-from .data import Record, tokenize, validation_ids
+from .data import Record, tokenize
 from .models import LoadedModel
-from .pipeline import ModelOnDemand, load_data, warmup_key
-from .runs import Run, Stage, config_hash, write_json
+from .pipeline import ClusterStage, DataStage, WarmupStage
+from .runner import Run, as_run
+from .runs import Placement, Stage, config_hash, write_json
 from .strategies import GENERALIST, cluster_count, get, trained
 from .train import TrainPlan, train_adapter
 
@@ -66,84 +67,133 @@ def _plan(config: RunConfig, branch: bool) -> TrainPlan:
                      patience=None if experts.equal_budget else experts.patience, snapshot_epochs=tuple(experts.snapshot_epochs))
 
 
-def _start(run: Run, config: RunConfig, strategy: str) -> tuple[str, str | None]:
-    """(where one strategy's adapters start: `fresh`, `warmup` or `generalist`, and the stage key of that adapter)."""
+class PartitionStage(Stage):
+    """One strategy's groups of the training records (`partition.json`): the clusters, the labels, one group for everything…"""
+
+    def __init__(self, strategy: str):
+        self.strategy = get(strategy)
+        self.name = f"partition/{strategy}"
+
+    def requires(self, run: Run):
+        # a partition that reads the clusters (or their K) is re-made when they change; the others read only the data
+        return [ClusterStage() if self.strategy.reads_clusters else DataStage()]
+
+    def inputs(self, run: Run) -> dict[str, str]:
+        return {"strategy": self.strategy.name, "partition settings": config_hash(asdict(run.config.cluster), run.config.seed)}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        labels, names = self.strategy.partition(run, run.config, run.records)
+        sizes = np.bincount(labels, minlength=len(names)).tolist()
+        trained_groups = {label for r, label in zip(run.records, labels) if r.id not in run.validation_ids}
+        empty = [name for group, name in enumerate(names) if group not in trained_groups]
+        folder = self.strategy.folder(run)
+        write_json(folder / "partition.json", {"strategy": self.strategy.name, "groups": names, "empty": empty,
+                                               "assignment": {r.id: l for r, l in zip(run.records, labels)}})
+        record.update(groups=names, sizes=sizes, empty=empty, outputs=[str((folder / "partition.json").relative_to(run.directory.root))])
+
+
+def read_partition(run: Run, strategy: str) -> dict:
+    """A strategy's `partition.json` (its partition stage must have been built)."""
+    return json.loads((get(strategy).folder(run) / "partition.json").read_text())
+
+
+def group_records(run: Run, strategy: str, group: str) -> tuple[list[Record], list[Record]]:
+    """(a group's training part, its validation share)."""
+    partition = read_partition(run, strategy)
+    number = partition["groups"].index(group)
+    members = [r for r in run.records if partition["assignment"][r.id] == number]
+    return [r for r in members if r.id not in run.validation_ids], [r for r in members if r.id in run.validation_ids]
+
+
+def _start(config: RunConfig, strategy: str) -> str:
+    """Where one strategy's adapters start: `fresh`, `warmup` or `generalist`."""
     if get(strategy).one_adapter or config.experts.init == "fresh":
-        return "fresh", None
-    if config.experts.init == "warmup":
-        return "warmup", run.stage_entry("warmup").get("key")
-    return "generalist", run.stage_entry(f"experts/{GENERALIST}/0").get("key")
+        return "fresh"
+    return config.experts.init
 
 
 class AdapterStage(Stage):
     """One adapter of one strategy: trained from its starting point on its group, stopped on the group's validation share."""
 
-    def __init__(self, run: Run, config: RunConfig, strategy: str, group: str, train: list[Record], validation: list[Record],
-                 model: ModelOnDemand, branch: bool):
+    def __init__(self, strategy: str, group: str):
         self.name = f"experts/{strategy}/{group}"
-        self.run_dir, self.config, self.strategy, self.group = run, config, strategy, group
-        self.train, self.validation, self.model, self.branch = train, validation, model, branch
-        self.start, self.start_key = _start(run, config, strategy)
+        self.strategy, self.group = strategy, group
+        # the generalist trains first, on rank 0; every other adapter may train on any rank
+        self.placement = Placement.SPREAD if strategy != GENERALIST and spread_over_ranks() else Placement.MAIN
 
-    def inputs(self) -> dict[str, str]:
+    def requires(self, run: Run):
+        start = _start(run.config, self.strategy)
+        yield PartitionStage(self.strategy)
+        if start == "generalist":
+            yield AdapterStage(GENERALIST, "0")
+        elif start == "warmup":
+            yield WarmupStage()
+
+    def model_config(self, run: Run):
+        """The model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it."""
+        return wide_model_config(run.config, cluster_count(run)) if get(self.strategy).wide else run.config.model
+
+    def inputs(self, run: Run) -> dict[str, str]:
         # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
         # nor on how its expert is kept or blended afterwards (`keep.py`)
         ignored = ("strategies", "keep", "blend_weights", "keep_confidence", "keep_min_records")
         if get(self.strategy).one_adapter:
             ignored += ("init", "branch_epochs", "branch_learning_rate")
-        config = self.config
-        # the model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it
-        return {"warm-up": warmup_key(config), "model": config_hash(asdict(self.model.config.model)),
+        config = run.config
+        train, validation = group_records(run, self.strategy, self.group)
+        return {"model": config_hash(asdict(self.model_config(run))),
                 "training settings": config_hash({k: v for k, v in asdict(config.experts).items() if k not in ignored}, config.seed),
-                "starting adapter": str(self.start_key), "training records": config_hash(sorted(r.id for r in self.train)),
-                "validation records": config_hash(sorted(r.id for r in self.validation))}
+                "training records": config_hash(sorted(r.id for r in train)), "validation records": config_hash(sorted(r.id for r in validation))}
 
-    def initial_state(self, loaded: LoadedModel) -> dict[str, torch.Tensor]:
-        if self.start == "fresh":
-            return fresh_lora_state(loaded.model, self.config.seed)
-        folder = self.run_dir.path("warmup") if self.start == "warmup" else generalist_folder(self.run_dir)
+    def initial_state(self, run: Run, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+        start = _start(run.config, self.strategy)
+        if start == "fresh":
+            return fresh_lora_state(loaded.model, run.config.seed)
+        folder = run.path("warmup") if start == "warmup" else generalist_folder(run)
         return load_file(str(folder / "adapter_model.safetensors"))
 
-    def run(self, key: str, record: dict) -> None:
+    def run(self, run: Run, key: str, record: dict) -> None:
         from peft import set_peft_model_state_dict
 
-        config, loaded = self.config, self.model()
-        folder = get(self.strategy).folder(self.run_dir) / self.group
-        set_peft_model_state_dict(loaded.model, self.initial_state(loaded))
+        config, loaded = run.config, run.model(self.model_config(run))
+        folder = get(self.strategy).folder(run) / self.group
+        train, validation = group_records(run, self.strategy, self.group)
+        set_peft_model_state_dict(loaded.model, self.initial_state(run, loaded))
         to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
-        result = train_adapter(loaded.model, to_examples(self.train), to_examples(self.validation), loaded.tokenizer.pad_token_id,
-                               loaded.device, _plan(config, self.branch), folder, key, desc=f"{self.strategy} adapter {self.group}")
-        record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(self.run_dir.root))])
+        branch = config.experts.init == "generalist" and not get(self.strategy).one_adapter
+        result = train_adapter(loaded.model, to_examples(train), to_examples(validation), loaded.tokenizer.pad_token_id,
+                               loaded.device, _plan(config, branch), folder, key, desc=f"{self.strategy} adapter {self.group}")
+        record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(run.directory.root))])
 
 
-def partition_groups(run: Run, config: RunConfig, records: list[Record], strategy: str) -> tuple[list[int], dict[str, tuple[list, list]]]:
-    """(group of each training record, group name → (its training part, its validation share))."""
-    labels, names = get(strategy).partition(run, config, records)
-    held = validation_ids(records, config.data.validation_fraction, config.seed)
-    groups = {}
-    for group, name in enumerate(names):
-        members = [r for r, l in zip(records, labels) if l == group]
-        groups[name] = ([r for r in members if r.id not in held], [r for r in members if r.id in held])
-    return labels, groups
+class StrategyAdapters(Stage):
+    """Every adapter of one strategy (a group with no training records has none: the generalist serves it), and what each
+    cost and reached, in the manifest's `experts` section. Whether an expert is then kept, blended or dropped is decided on the
+    validation records its strategy sends it (`keep.py`)."""
 
+    def __init__(self, strategy: str):
+        self.strategy = strategy
+        self.name = f"adapters/{strategy}"
 
-def summarize_strategy(run: Run, config: RunConfig, records: list[Record], strategy: str, labels: list[int],
-                       groups: dict[str, tuple[list, list]]) -> dict:
-    """What each group's adapter cost and reached, from the adapters' manifest entries; writes `partition.json`. Rank 0 only.
+    def requires(self, run: Run):
+        yield PartitionStage(self.strategy)
+        partition = read_partition(run, self.strategy)
+        yield [AdapterStage(self.strategy, group) for group in partition["groups"] if group not in partition["empty"]]
 
-    Whether an expert is kept, blended or dropped is decided later, on the validation records the
-    router sends it (`keep.py`); a group with no training records has no adapter at all (`empty`).
-    """
-    names = list(groups)
-    summary = {"groups": names, "sizes": np.bincount(labels, minlength=len(names)).tolist(), "experts": {},
-               "empty": [name for name, (train, _) in groups.items() if not train]}
-    for name in names:
-        entry = run.stage_entry(f"experts/{strategy}/{name}") if name not in summary["empty"] else {}
-        summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
-                                                               "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
-    write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "empty": summary["empty"],
-                                                              "assignment": {r.id: l for r, l in zip(records, labels)}})
-    return summary
+    def inputs(self, run: Run) -> dict[str, str]:
+        return {}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        partition = read_partition(run, self.strategy)
+        names = partition["groups"]
+        summary = {"groups": names, "sizes": np.bincount(list(partition["assignment"].values()), minlength=len(names)).tolist(),
+                   "experts": {}, "empty": partition["empty"]}
+        for name in names:
+            entry = run.directory.stage_entry(f"experts/{self.strategy}/{name}") if name not in summary["empty"] else {}
+            summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
+                                                                   "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
+        run.directory.record_section("experts", self.strategy, summary)
+        record["summary"] = summary
 
 
 def decided(config: RunConfig, strategy: str) -> bool:
@@ -187,51 +237,13 @@ def spread_over_ranks() -> bool:
     return distributed.world()[1] > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() == 1)
 
 
-def train_experts(config: RunConfig, strategies: list[str] | None = None) -> dict:
-    """`gradientspace train-experts RUN`: the Python API. The model is loaded only if some adapter must train.
+def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:
+    """`gradientspace train-experts RUN`: the Python API; each strategy's summary (on rank 0; {} on the others).
 
-    The generalist trains first (every expert branches from it); then every other adapter, under
-    torchrun spread round-robin over the ranks (`spread_over_ranks`). Each rank writes only its own
-    adapters' folders; rank 0 writes their manifest entries (gathered from the ranks), decides
-    keep-or-fall-back and returns the summaries (the other ranks return {}).
+    The generalist trains first (every expert branches from it); the other adapters are spread over
+    the ranks under torchrun (`spread_over_ranks`). The model is loaded only if some adapter must train.
     """
-    run = Run(config.out)
-    records = load_data(run, config)
-    wanted = trained(strategies or config.experts.strategies)
-    model = ModelOnDemand(config)
-    models = {s: ModelOnDemand(replace(config, model=wide_model_config(config, cluster_count(run)))) if get(s).wide else model for s in wanted}
-    partitions = {s: partition_groups(run, config, records, s) for s in wanted}
-    jobs = [(s, name) for s in wanted for name, (train, _) in partitions[s][1].items() if train]
-
-    def execute(job: tuple[str, str]) -> dict:
-        strategy, name = job
-        train, validation = partitions[strategy][1][name]
-        branch = config.experts.init == "generalist" and not get(strategy).one_adapter
-        return run.execute(AdapterStage(run, config, strategy, name, train, validation, models[strategy], branch))
-
-    rank, world = distributed.world()
-    spread = spread_over_ranks()
-    if distributed.is_main():
-        execute(jobs[0])  # the generalist: `trained` puts it first
-    if spread:
-        distributed.barrier()
-        run.reload()  # the generalist's key: the experts' starting point
-        ran = {f"experts/{s}/{n}": {**execute((s, n)), "rank": rank} for i, (s, n) in enumerate(jobs[1:]) if i % world == rank}
-        gathered = distributed.gather_to_main(ran)
-        if not distributed.is_main():
-            return {}
-        for other, entries in enumerate(gathered[1:], start=1):
-            for stage, entry in entries.items():
-                if entry.get("key") != run.stage_entry(stage).get("key") or not run.stage_entry(stage).get("done"):
-                    runs.note(f"{stage}: trained on rank {other}")
-                    run.record_stage(stage, entry)
-    elif distributed.is_main():
-        for job in jobs[1:]:
-            execute(job)
-    else:
-        return {}
-    summaries = {s: summarize_strategy(run, config, records, s, *partitions[s]) for s in wanted}
-    run.reload()
-    run.manifest.setdefault("experts", {}).update(summaries)
-    run.save()
-    return summaries
+    run = as_run(run)
+    wanted = trained(strategies or run.config.experts.strategies)
+    entries = run.build(*[StrategyAdapters(s) for s in wanted])
+    return {s: entry["summary"] for s, entry in zip(wanted, entries)} if run.is_main else {}

@@ -22,7 +22,7 @@ from .experts import generalist_folder, served_groups
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
 from .models import load_base_model, load_tokenizer, pick_device
 from .router import Router, threshold_override
-from .runs import Run, atomic_path, write_json
+from .runs import RunDirectory, atomic_path, write_json
 from .strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
 
 WARMUP = "warmup"
@@ -45,7 +45,7 @@ class StrategyModel:
     def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, apply_decisions: bool = True):
         from peft import PeftModel
 
-        self.config, self.run = config, Run(config.out)
+        self.config, self.run = config, RunDirectory(config.out)
         self.device = pick_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.name)
         self.eos_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
@@ -266,9 +266,10 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data."""
     from peft import PeftModel
 
-    run = Run(config.out)
+    run = RunDirectory(config.out)
     path = run.path("elrea", "centroids.safetensors")
-    labels, groups = get("routed").partition(run, config, records)
+    partition = json.loads((get("routed").folder(run) / "partition.json").read_text())
+    groups, labels = partition["groups"], [partition["assignment"][r.id] for r in records]
     device = pick_device(config.model.device)
     tokenizer = load_tokenizer(config.model.name)
     model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(generalist_folder(run))).eval()
@@ -293,7 +294,7 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     return path
 
 
-def gradient_cluster_space(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tensor]:
     """(sketch basis [d, r], unit centroids of the gradient clusters in sketch coordinates [K, r]), in float64.
 
     The same space spherical k-means clustered: a training sample's coordinates are Uᵀg, so a new
@@ -325,7 +326,7 @@ def best_threshold(top_probabilities: list[float], expert_nll: list[float], gene
 
 def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
     """Choose the router threshold on the validation split and store it in the router's `router.json`."""
-    run = Run(config.out)
+    run = RunDirectory(config.out)
     folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
     engine = StrategyModel(config, [strategy])
@@ -355,7 +356,7 @@ class ServedAdapter:
     folder: Path
 
 
-def served_adapters(run: Run, strategy: str = "routed") -> list[ServedAdapter]:
+def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedAdapter]:
     """Every expert that is served (kept, or blended with the generalist), then the generalist that answers every other router output.
 
     The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the

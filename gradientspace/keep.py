@@ -31,9 +31,10 @@ import numpy as np
 
 from .config import RunConfig
 from .data import Record
-from .experts import BLENDED, decided, served_groups
+from .experts import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups
 from .inference import StrategyModel
-from .runs import Run, Stage, config_hash, write_json
+from .router import RouterStage
+from .runs import Stage, config_hash, write_json
 from .strategies import GENERALIST, Choice, get
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -108,47 +109,51 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
 class KeepStage(Stage):
     """One strategy's keep / blend / fall-back decisions (`keep.json`) and its blended adapters."""
 
-    def __init__(self, run: Run, config: RunConfig, strategy: str, validation: list[Record]):
+    def __init__(self, strategy: str):
         self.name = f"keep/{strategy}"
-        self.run_dir, self.config, self.strategy, self.validation = run, config, strategy, validation
+        self.strategy = strategy
 
-    def inputs(self) -> dict[str, str]:
-        run, experts = self.run_dir, self.config.experts
-        groups = json.loads((get(self.strategy).folder(run) / "partition.json").read_text())["groups"]
-        inputs = {"adapters": config_hash([run.stage_entry(f"experts/{self.strategy}/{g}").get("key") for g in groups]),
-                  "generalist": str(run.stage_entry(f"experts/{GENERALIST}/0").get("key")),
-                  "keep rule": config_hash(experts.blend_weights, experts.keep_confidence, experts.keep_min_records, self.config.seed),
-                  "validation records": config_hash(sorted(r.id for r in self.validation))}
-        if get(self.strategy).routed:
-            inputs["router"] = str(run.stage_entry(f"router/{self.strategy}").get("key"))
-        return inputs
+    def requires(self, run):
+        yield StrategyAdapters(self.strategy)
+        yield AdapterStage(GENERALIST, "0")
+        if get(self.strategy).routed:  # the validation records go where its router sends them
+            yield RouterStage(self.strategy)
 
-    def run(self, key: str, record: dict) -> None:
-        engine = StrategyModel(self.config, [self.strategy], apply_decisions=False)
-        decisions = decide(engine, self.config, self.strategy, self.validation)
-        folder = get(self.strategy).folder(self.run_dir)
+    def inputs(self, run) -> dict[str, str]:
+        experts = run.config.experts
+        return {"keep rule": config_hash(experts.blend_weights, experts.keep_confidence, experts.keep_min_records, run.config.seed),
+                "validation records": config_hash(sorted(run.validation_ids))}
+
+    def run(self, run, key: str, record: dict) -> None:
+        engine = StrategyModel(run.config, [self.strategy], apply_decisions=False)
+        decisions = decide(engine, run.config, self.strategy, run.validation)
+        folder = get(self.strategy).folder(run)
         outputs = [folder / "keep.json"]
         for group, decision in decisions.items():
             if 0 < decision["lambda"] < 1:
                 save_blend(engine, self.strategy, group, decision["lambda"])
                 outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
         write_json(folder / "keep.json", {"strategy": self.strategy, "groups": decisions})
-        record.update(groups=decisions, outputs=[str(p.relative_to(self.run_dir.root)) for p in outputs])
-
-
-def keep_decisions(run: Run, config: RunConfig, strategies: list[str], validation: list[Record]) -> dict[str, dict]:
-    """Each deciding strategy's decisions, by group (rank 0); the manifest's `experts` summaries gain `kept` and `lambda`."""
-    results = {}
-    for strategy in strategies:
-        if not decided(config, strategy):
-            continue
-        results[strategy] = run.execute(KeepStage(run, config, strategy, validation))["groups"]
-    run.reload()
-    for strategy, decisions in results.items():
-        summary = run.manifest.get("experts", {}).get(strategy)
+        record.update(groups=decisions, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
+        # the strategy's summary in the manifest gains each expert's decision
+        summary = run.directory.manifest.get("experts", {}).get(self.strategy)
         if summary:
             for group, decision in decisions.items():
                 summary["experts"].setdefault(group, {}).update(kept=decision["lambda"] > 0, **{k: decision.get(k) for k in ("lambda", "reason")})
-            summary["fallback"] = [g for g, (path, _) in served_groups(run, strategy).items() if path is None]
-    run.save()
-    return results
+            summary["fallback"] = [g for g, (path, _) in served_groups(run, self.strategy).items() if path is None]
+            run.directory.record_section("experts", self.strategy, summary)
+
+
+def served_stage(run, strategy: str) -> Stage:
+    """What serving a strategy's adapters reads: its keep decisions where it has them (`experts.decided`, and a validation
+    split to decide on), else its adapters as trained."""
+    return KeepStage(strategy) if decided(run.config, strategy) and run.validation_ids else StrategyAdapters(strategy)
+
+
+def keep_decisions(run, strategies: list[str]) -> dict[str, dict]:
+    """Each deciding strategy's decisions, by group (on rank 0); `run` is a `runner.Run` or a config to make one of."""
+    from .runner import as_run
+
+    run = as_run(run)
+    wanted = [s for s in strategies if isinstance(served_stage(run, s), KeepStage)]
+    return {s: entry["groups"] for s, entry in zip(wanted, run.build(*[KeepStage(s) for s in wanted]))}

@@ -1,9 +1,8 @@
 """The clustering pipeline: data → warm-up → gradient pass (sketch) → clusters.
 
-Each stage records itself in `RUN/manifest.json` with its named inputs (`*_inputs` below: config
-sections, the data file's content hash, the upstream stage's key) and a key hashed from them; a
-stage whose key matches and whose outputs exist is skipped, so re-running the same command
-resumes, and a changed input re-runs exactly the stages downstream of it. The gradient pass also
+Each stage requires the one before it and names its own inputs (config sections, the data file's
+content); the runner (`runner.Run.build`) adds the parents' keys, skips a stage whose key matches
+and whose outputs exist, and re-runs exactly what a changed input reaches. The gradient pass also
 checkpoints every `gradients.checkpoint_every` batches (default: about ten times per pass).
 """
 
@@ -27,8 +26,9 @@ from .config import ConfigError, RunConfig, internal_rank
 from .consumers import GradientConsumer
 from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
 from .gradients import layout_of, stream_gradients
-from .models import LoadedModel, load_lora_model, pick_device
-from .runs import Run, Stage, atomic_path, config_hash, note, warn, write_jsonl
+from .models import LoadedModel, pick_device
+from .runner import Run, as_run
+from .runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
 from .sketch import OnlineSVD, SketchResult
 from .strategies import get, strategy_projection_dim
 from .train import TrainPlan, load_adam_state, train_adapter
@@ -51,91 +51,31 @@ class ClusterOutcome:
 
 # ---------------------------------------------------------------- data
 
-# Each stage's inputs, by name: the hashes its key is made of. Naming them lets the runner say
-# which one changed (`re-run gradients: warm-up changed`).
-
-def data_inputs(config: RunConfig) -> dict[str, str]:
-    """The data file's content (not its path), how it is read, and the tokenizer that truncates it."""
-    settings = {k: v for k, v in asdict(config.data).items() if k != "path"}
-    return {"data content": fingerprint(config.data.path), "data settings": config_hash(settings, config.seed),
-            "tokenizer": config_hash(config.model.name)}
-
-
-def warmup_inputs(config: RunConfig) -> dict[str, str]:
-    return {"data": config_hash(data_inputs(config)), "model": config_hash(asdict(config.model)),
-            "warm-up settings": config_hash(asdict(config.warmup), config.seed)}
-
-
-def warmup_key(config: RunConfig) -> str:
-    return config_hash(warmup_inputs(config))
-
-
-def gradients_inputs(config: RunConfig) -> dict[str, str]:
-    # checkpoint_every changes when state is saved, not what is computed
-    settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
-    return {"warm-up": warmup_key(config), "gradient settings": config_hash(settings), "sketch settings": config_hash(asdict(config.sketch)),
-            "projections": config_hash(projection_dims(config), config.cluster.method == "exact")}
-
-
-def cluster_inputs(config: RunConfig) -> dict[str, str]:
-    inputs = {"data": config_hash(data_inputs(config)), "cluster settings": config_hash(asdict(config.cluster), config.seed)}
-    if config.cluster.method in GRADIENT_METHODS:
-        inputs["gradients"] = config_hash(gradients_inputs(config))
-    return inputs
-
-
-class RecordsStage(Stage):
-    """A stage over the run's training records; those that train or take gradients also get the model, loaded on demand."""
-
-    def __init__(self, run: Run, config: RunConfig, records: list[Record], model: ModelOnDemand | None = None):
-        self.run_dir, self.config, self.records, self.model = run, config, records, model
-
-
-class DataStage(RecordsStage):
+class DataStage(Stage):
     """Records the records a run trains on (`samples.jsonl`, for the report) and how many were cut by `data.max_length`."""
     name = "data"
 
-    def __init__(self, run: Run, config: RunConfig, records: list[Record], report):
-        super().__init__(run, config, records)
-        self.report = report
+    def inputs(self, run: Run) -> dict[str, str]:
+        """The data file's content (not its path), how it is read, and the tokenizer that truncates it."""
+        config = run.config
+        settings = {k: v for k, v in asdict(config.data).items() if k != "path"}
+        return {"data content": fingerprint(config.data.path), "data settings": config_hash(settings, config.seed),
+                "tokenizer": config_hash(config.model.name)}
 
-    def inputs(self) -> dict[str, str]:
-        return data_inputs(self.config)
-
-    def run(self, key: str, record: dict) -> None:
+    def run(self, run: Run, key: str, record: dict) -> None:
         from .models import load_tokenizer
 
-        data, records, report = self.config.data, self.records, self.report
+        data = run.config.data
+        records, report = run.loaded_records
         # counted on training samples (prompt + response), the way warm-up and experts tokenise them
-        truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(self.config.model.name), data.max_length))
-        write_jsonl(self.run_dir.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
-                                                         for i, r in enumerate(records)])
+        truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(run.config.model.name), data.max_length))
+        write_jsonl(run.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
+                                                for i, r in enumerate(records)])
         record.update(outputs=["samples.jsonl"], records=report.records, skipped_bad=report.skipped, first_errors=report.first_errors,
                       truncated=truncated)
         note(f"data: {report.records} records" + (f", {report.skipped} bad ones skipped" if report.skipped else "")
              + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
              + (" (most samples lose tokens: consider a larger data.max_length)" if truncated > report.records / 2 else ""))
-
-
-def load_data(run: Run, config: RunConfig) -> list[Record]:
-    """The training records (every stage reads them); the `data` stage runs when they changed."""
-    data = config.data
-    records, report = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed,
-                                   num_proc=data.num_proc)
-    run.execute(DataStage(run, config, records, report))
-    return records
-
-
-class ModelOnDemand:
-    """The LoRA-wrapped base model, loaded the first time a stage needs it: a run whose stages are all done loads none."""
-
-    def __init__(self, config: RunConfig):
-        self.config, self.loaded = config, None
-
-    def __call__(self) -> LoadedModel:
-        if self.loaded is None:
-            self.loaded = load_lora_model(self.config.model, seed=self.config.seed)
-        return self.loaded
 
 
 # ---------------------------------------------------------------- warm-up
@@ -149,29 +89,28 @@ def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
     return random.Random(f"warmup-{config.seed}").sample(candidates, min(len(candidates), count))
 
 
-class WarmupStage(RecordsStage):
+class WarmupStage(Stage):
     """The warm-up adapter (fixed epochs on a random fraction): the point the gradients are taken at, and its Adam moments."""
     name = "warmup"
 
-    def inputs(self) -> dict[str, str]:
-        return warmup_inputs(self.config)
+    def requires(self, run: Run):
+        return [DataStage()]
 
-    def run(self, key: str, record: dict) -> None:
-        config, loaded = self.config, self.model()
-        examples = tokenize(warmup_subset(self.records, config), loaded.tokenizer, config.data.max_length, "response")
-        plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
-                         schedule="constant", warmup_ratio=0.0, patience=None)
-        summary = train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, self.run_dir.path("warmup"),
-                                key, desc="warm-up")
-        record.update(summary, outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
+    def inputs(self, run: Run) -> dict[str, str]:
+        config = run.config
+        return {"model": config_hash(asdict(config.model)), "warm-up settings": config_hash(asdict(config.warmup), config.seed)}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        record.update(train_warmup(run.path("warmup"), run.config, run.records, run.model(), key),
+                      outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
 
 
-def run_warmup(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel) -> Path:
-    """Train the warm-up adapter unless it is done; returns its folder."""
-    model = ModelOnDemand(config)
-    model.loaded = loaded
-    run.execute(WarmupStage(run, config, records, model))
-    return run.path("warmup")
+def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded: LoadedModel, key: str) -> dict:
+    """Train the warm-up adapter into `folder` (resuming a checkpoint of the same `key`); returns the training summary."""
+    examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
+    plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
+                     schedule="constant", warmup_ratio=0.0, patience=None)
+    return train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
 
 
 # ---------------------------------------------------------------- gradient pass
@@ -232,16 +171,18 @@ def gradient_batches(records: list[Record], loaded: LoadedModel, config: RunConf
     return examples, batches
 
 
-def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded: LoadedModel, warmup_dir: Path,
+def run_gradient_pass(run: Run, records: list[Record], loaded: LoadedModel, warmup_dir: Path, checkpoint_key: str,
                       projection_dims: tuple[int, ...] = (), exact: bool = False, stage_name: str = "gradients") -> GradientConsumers:
     """Stream every sample's exact LoRA gradient (w.r.t. the warm-up adapter) into the consumers.
 
     Under torchrun each rank takes every world-size-th batch into its own consumers, and the shards
     are merged into rank 0's as a tree of collectives (`distributed.tree_merge`). Resumes from
-    `RUN/checkpoints/<stage>.safetensors` after an interruption.
+    `RUN/checkpoints/<stage>.rank<r>.safetensors` after an interruption, if it was written for the
+    same `checkpoint_key` (the stage's key) and the same number of ranks.
     """
     from peft import set_peft_model_state_dict
 
+    config = run.config
     set_peft_model_state_dict(loaded.model, load_file(str(warmup_dir / "adapter_model.safetensors")))
     layout = layout_of(loaded.model)
     examples, batches = gradient_batches(records, loaded, config)
@@ -250,7 +191,7 @@ def run_gradient_pass(run: Run, config: RunConfig, records: list[Record], loaded
     consumers = GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
     checkpoint = run.path("checkpoints", f"{stage_name}.rank{rank}.safetensors")
     # a shard's state is only valid for the same inputs and the same split of batches across ranks
-    checkpoint_key = config_hash(gradients_inputs(config), projection_dims, exact, world_size)
+    checkpoint_key = config_hash(checkpoint_key, world_size)
     start = 0
     if checkpoint.exists():
         from safetensors import safe_open
@@ -286,7 +227,8 @@ def default_checkpoint_every(batches: int) -> int:
     return max(1, min(50, math.ceil(batches / 10)))
 
 
-def save_gradient_outputs(run: Run, config: RunConfig, consumers: GradientConsumers, layout_json: dict, stage: dict) -> SketchResult:
+def save_gradient_outputs(run: Run, consumers: GradientConsumers, layout_json: dict, stage: dict) -> SketchResult:
+    config = run.config
     result = consumers.sketch.result()
     order = torch.argsort(result.indices)  # store in dataset order: row i is sample i
     tensors = {"basis": result.basis.float().cpu().contiguous(), "singular_values": result.singular_values.cpu(),
@@ -377,30 +319,43 @@ def say_chosen_k(k: int, scores: dict[int, float], k_max: int, n: int) -> None:
         warn("k auto: the best K is 2, the smallest searched; the silhouette cannot score K = 1, so the data may form no clusters at all")
 
 
-class GradientStage(RecordsStage):
-    """Every sample's exact LoRA gradient w.r.t. the warm-up adapter, streamed into the sketch (and projections)."""
+class GradientStage(Stage):
+    """Every sample's exact LoRA gradient w.r.t. the warm-up adapter, streamed into the sketch (and projections).
+
+    Every rank streams its shard of the batches; the shards meet in rank 0's consumers, which writes the outputs."""
     name = "gradients"
+    placement = Placement.EVERY
 
-    def inputs(self) -> dict[str, str]:
-        return gradients_inputs(self.config)
+    def requires(self, run: Run):
+        return [WarmupStage()]
 
-    def run(self, key: str, record: dict) -> None:
-        loaded = self.model()
-        exact = self.config.cluster.method == "exact"
-        consumers = run_gradient_pass(self.run_dir, self.config, self.records, loaded, self.run_dir.path("warmup"), projection_dims(self.config), exact)
-        if distributed.is_main():
-            save_gradient_outputs(self.run_dir, self.config, consumers, layout_of(loaded.model).to_json(), record)
+    def inputs(self, run: Run) -> dict[str, str]:
+        config = run.config
+        # checkpoint_every changes when state is saved, not what is computed
+        settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
+        return {"gradient settings": config_hash(settings), "sketch settings": config_hash(asdict(config.sketch)),
+                "projections": config_hash(projection_dims(config), config.cluster.method == "exact")}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        loaded = run.model()
+        exact = run.config.cluster.method == "exact"
+        consumers = run_gradient_pass(run, run.records, loaded, run.path("warmup"), key, projection_dims(run.config), exact)
+        if run.is_main:
+            save_gradient_outputs(run, consumers, layout_of(loaded.model).to_json(), record)
 
 
-class ClusterStage(RecordsStage):
-    """K clusters of the samples, by the configured method; `clusters.jsonl` and the label metrics."""
+class ClusterStage(Stage):
+    """K clusters of the samples, by the configured method; `clusters.jsonl`, the label metrics and the interference statistics."""
     name = "cluster"
 
-    def inputs(self) -> dict[str, str]:
-        return cluster_inputs(self.config)
+    def requires(self, run: Run):
+        return [GradientStage() if run.config.cluster.method in GRADIENT_METHODS else DataStage()]
 
-    def run(self, key: str, record: dict) -> None:
-        run, config, records, method = self.run_dir, self.config, self.records, self.config.cluster.method
+    def inputs(self, run: Run) -> dict[str, str]:
+        return {"cluster settings": config_hash(asdict(run.config.cluster), run.config.seed)}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        config, records, method = run.config, run.records, run.config.cluster.method
         features = features_for(run, config, records, pick_device(config.model.device))
         labels, k, details = assign(features, len(records), config, config.seed)
         write_jsonl(run.path("clusters.jsonl"), [{"id": r.id, "cluster": int(l)} for r, l in zip(records, labels)])
@@ -408,7 +363,7 @@ class ClusterStage(RecordsStage):
         if run.path("sketch.safetensors").exists() and method in GRADIENT_METHODS:
             coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"]
             metrics["within_cluster_cosine"] = within_cluster_cosine(coordinates, labels)
-            metrics["captured_energy"] = run.stage_entry("gradients").get("captured_energy")
+            metrics["captured_energy"] = run.entry(GradientStage()).get("captured_energy")
             record["interference"] = interference(coordinates, labels)
         sources = [r.source for r in records]
         if all(s is not None for s in sources):
@@ -417,31 +372,16 @@ class ClusterStage(RecordsStage):
         record.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=np.bincount(labels, minlength=k).tolist(), metrics=metrics, **details)
 
 
-def cluster(config: RunConfig) -> ClusterOutcome:
+def cluster(run: Run | RunConfig) -> ClusterOutcome:
     """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run.
 
     Under torchrun rank 0 trains the warm-up, every rank takes its shard of the gradient pass, and
-    rank 0 alone clusters while the others wait for it (they return an empty outcome).
+    rank 0 clusters while the others wait (`runner.Run.build`).
     """
-    distributed.init()
-    run = Run(config.out)
-    run.set_config(config.to_dict())
-    records = load_data(run, config)
-    if config.cluster.method in GRADIENT_METHODS:
-        model = ModelOnDemand(config)
-        if distributed.is_main():
-            run.execute(WarmupStage(run, config, records, model))
-        distributed.barrier()
-        run = Run(config.out)  # other ranks re-read the manifest rank 0 wrote
-        run.execute(GradientStage(run, config, records, model))
-    if not distributed.is_main():
-        distributed.barrier()  # every later stage, on every rank, reads the clusters rank 0 is writing
-        return ClusterOutcome(run.root, config.cluster.method, 0, [], [])
-    entry = run.execute(ClusterStage(run, config, records))
-    run.manifest["metrics"] = entry.get("metrics", {})
-    run.manifest["interference"] = entry.get("interference", {})
-    run.save()
-    distributed.barrier()
+    run = as_run(run)
+    config = run.config
+    run.directory.set_config(config.to_dict())
+    entry, = run.build(ClusterStage())
     labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
-    return ClusterOutcome(run.root, config.cluster.method, entry["k"], labels, [r.id for r in records], run.manifest["metrics"], entry["sizes"],
-                          entry.get("interference", {}))
+    return ClusterOutcome(run.directory.root, config.cluster.method, entry["k"], labels, [r.id for r in run.records],
+                          entry.get("metrics", {}), entry["sizes"], entry.get("interference", {}))

@@ -22,7 +22,7 @@ from .cluster import GRADIENT_METHODS
 from .config import ConfigError, RunConfig
 from .data import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
 from .models import check_model_name, load_tokenizer
-from .runs import LOCK_NAME, Run, is_run_manifest
+from .runs import LOCK_NAME, RunDirectory, is_run_manifest
 from .strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
@@ -53,7 +53,7 @@ def check_output_dir(out: str) -> None:
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
             raise ConfigError(f"config key `out`: {out} is not empty ({shown}) and is not a gradientspace run (no manifest.json); "
                               "give a new or empty folder, so that no file of yours is overwritten")
-        if entries and not is_run_manifest(Run(path).manifest):  # a manifest that is not JSON fails here, naming the file
+        if entries and not is_run_manifest(RunDirectory(path).manifest):  # a manifest that is not JSON fails here, naming the file
             raise ConfigError(f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
                               "give a new or empty folder, so that no file of yours is overwritten")
     try:
@@ -88,7 +88,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def check_existing_run(config: RunConfig, overwrite: bool) -> None:
     """Refuse an output directory that holds a run made with another config for its clustering stages."""
-    run = Run(config.out)  # a corrupt manifest.json fails here, naming the file
+    run = RunDirectory(config.out)  # a corrupt manifest.json fails here, naming the file
     done = [s for s in ("data", "warmup", "gradients", "cluster") if run.stage_entry(s).get("done")]
     if overwrite or not done or not isinstance(run.manifest.get("config"), dict):
         return
@@ -117,11 +117,11 @@ def _path_exists(path: str, key: str) -> None:
                           f"a saved datasets folder, or one of {', '.join(RECIPES)})")
 
 
-def check_records(config: RunConfig) -> list[Record]:
-    """Load and validate every training record; check K and the strategies against them."""
+def check_records(config: RunConfig, run) -> Sequence[Record]:
+    """Load and validate every training record (through the run, which keeps them); check K and the strategies against them."""
     _path_exists(config.data.path, "data.path")
     data = config.data
-    records, _ = load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=config.seed)
+    records = run.records
     check_k(config, records)
     unlabelled = next((r for r in records if r.source is None), None)
     needing = next((s for s in config.experts.strategies if get(s).needs_source), None)
@@ -168,13 +168,16 @@ def check_eval_data(config: RunConfig) -> None:
             raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
 
-def preflight(config: RunConfig, *, evaluate: bool = False, overwrite: bool = False) -> None:
-    """Every check that can fail before the expensive work, cheapest first; raises on the first failure."""
+def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
+    """Every check that can fail before the expensive work, cheapest first; raises on the first failure.
+
+    `run` is the command's `runner.Run`: the records are read through it, so the stages reuse them."""
+    config = run.config
     check_model_name(config.model.name)
     check_output_dir(config.out)
     check_inputs_outside_run(config, evaluate)
     check_existing_run(config, overwrite)
     if evaluate:
         check_eval_data(config)
-    check_records(config)
+    check_records(config, run)
     check_max_length(config, load_tokenizer(config.model.name))

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from .experts import served_groups  # noqa: E402
-from .runs import Run, RunError, atomic_path  # noqa: E402
+from .runs import RunDirectory, RunError, atomic_path  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:
@@ -57,7 +57,7 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def sketch_map(run: Run, out: Path) -> Path | None:
+def sketch_map(run: RunDirectory, out: Path) -> Path | None:
     if not run.path("sketch.safetensors").exists() or not run.path("clusters.jsonl").exists():
         return None
     coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].double().numpy()
@@ -77,7 +77,7 @@ def sketch_map(run: Run, out: Path) -> Path | None:
     return _save(figure, out / "sketch_map.png")
 
 
-def composition_heatmap(run: Run, out: Path) -> Path | None:
+def composition_heatmap(run: RunDirectory, out: Path) -> Path | None:
     table = run.stage_entry("cluster").get("composition")
     if not table:
         return None
@@ -95,7 +95,7 @@ def composition_heatmap(run: Run, out: Path) -> Path | None:
     return _save(figure, out / "composition.png")
 
 
-def energy_curve(run: Run, out: Path) -> Path | None:
+def energy_curve(run: RunDirectory, out: Path) -> Path | None:
     curve = run.stage_entry("gradients").get("energy_curve")
     if not curve:
         return None
@@ -147,7 +147,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     return _save(figure, out / "latency.png")
 
 
-def silhouette_curve(run: Run, out: Path) -> Path | None:
+def silhouette_curve(run: RunDirectory, out: Path) -> Path | None:
     """`k: auto`: the cosine silhouette of every K tried, the chosen K marked."""
     entry = run.stage_entry("cluster")
     scores = {int(k): v for k, v in (entry.get("silhouette") or {}).items()}
@@ -164,7 +164,7 @@ def silhouette_curve(run: Run, out: Path) -> Path | None:
     return _save(figure, out / "silhouette.png")
 
 
-def loss_curves(run: Run, out: Path) -> Path | None:
+def loss_curves(run: RunDirectory, out: Path) -> Path | None:
     """Training loss per step (moving average) and validation NLL per epoch of every adapter."""
     files = sorted(run.root.glob("warmup/trainer_log.json")) + sorted(run.root.glob("experts/*/trainer_log.json")) + sorted(run.root.glob("strategies/*/*/trainer_log.json"))
     if not files:
@@ -224,7 +224,7 @@ def _result_table(results: dict, strategies: list[str]) -> str:
     return _table(cells(lines[0]), [cells(line) for line in lines[2:]])
 
 
-def cluster_browser(run: Run) -> str:
+def cluster_browser(run: RunDirectory) -> str:
     """Per cluster: size, label composition, the prompts nearest its centroid (sketch coordinates), its adapter."""
     if not run.path("clusters.jsonl").exists() or not run.path("samples.jsonl").exists():
         return "<p>No clusters yet: run <code>gradientspace cluster</code>.</p>"
@@ -278,7 +278,7 @@ def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def clustering_section(run: Run) -> str:
+def clustering_section(run: RunDirectory) -> str:
     """How good the clusters are: the label metrics, the sketch's captured energy, and `k: auto`'s scores."""
     entry = run.stage_entry("cluster")
     if not entry.get("done"):
@@ -298,7 +298,7 @@ def clustering_section(run: Run) -> str:
     return "".join(parts)
 
 
-def routing_section(run: Run) -> str:
+def routing_section(run: RunDirectory) -> str:
     """Per routed strategy: the router's held-out accuracy, the threshold and how it was chosen, which experts fell back."""
     from .strategies import STRATEGIES
 
@@ -331,7 +331,7 @@ def routing_section(run: Run) -> str:
               "its cluster's prompts are answered by the generalist.</p>")
 
 
-def scored_data(run: Run, results: dict) -> str:
+def scored_data(run: RunDirectory, results: dict) -> str:
     """Which test data the results come from: the run's `evaluate.data` (the last `evaluate --data` sets it) and how much of it."""
     settings = run.manifest.get("config", {}).get("evaluate", {})
     limit = settings.get("limit")
@@ -344,7 +344,7 @@ def latency_note(results: dict) -> str:
     return "" if timed else "<p>Latency was not measured (<code>evaluate.latency_prompts: 0</code>).</p>"
 
 
-def write_html(run: Run, figures: list[Path], results: dict) -> Path:
+def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
     config = run.manifest.get("config", {})
     stages = [[name, "done" if e.get("done") else "unfinished", e.get("seconds", "–"), str(e.get("key", ""))[:8],
                time.strftime("%Y-%m-%d %H:%M", time.localtime(e["finished_at"])) if e.get("finished_at") else "–"]
@@ -372,7 +372,7 @@ def write_html(run: Run, figures: list[Path], results: dict) -> Path:
 
 def make_report(run_dir: str | Path) -> list[Path]:
     """Every figure the run's files allow, then report.html; returns their paths."""
-    run = Run(run_dir)
+    run = RunDirectory(run_dir)
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
     results = _json(run.path("eval.json")) if run.path("eval.json").exists() else {}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .encoder import embed_texts, load_encoder, mean_pool
-from .runs import Run, Stage, atomic_path, config_hash, write_json
+from .runs import Stage, atomic_path, config_hash, write_json
 from .strategies import ROUTER_UNSURE, get, routed
 
 
@@ -154,48 +154,43 @@ def threshold_override(config) -> float | None:
 class RouterStage(Stage):
     """The router of one routed strategy, trained on its partition of the training part (never the validation split)."""
 
-    def __init__(self, run: Run, config, strategy: str, records: list, device: torch.device):
+    def __init__(self, strategy: str):
         self.name = f"router/{strategy}"
-        self.run_dir, self.config, self.strategy, self.records, self.device = run, config, strategy, records, device
-        partition_file = get(strategy).folder(run) / "partition.json"
-        if not partition_file.exists():
-            raise FileNotFoundError(f"{partition_file} is missing: train the `{strategy}` experts first")
-        self.partition = json.loads(partition_file.read_text())
+        self.strategy = strategy
 
-    def inputs(self) -> dict[str, str]:
+    def requires(self, run):
+        from .experts import PartitionStage
+
+        return [PartitionStage(self.strategy)]
+
+    def inputs(self, run) -> dict[str, str]:
         from dataclasses import asdict
 
-        settings = {k: v for k, v in asdict(self.config.router).items() if k != "threshold"}  # the threshold is chosen after training
-        return {"router settings": config_hash(settings, self.config.seed), "partition": config_hash(self.partition["assignment"]),
-                "training records": config_hash(sorted(r.id for r in self.records))}
+        settings = {k: v for k, v in asdict(run.config.router).items() if k != "threshold"}  # the threshold is chosen after training
+        return {"router settings": config_hash(settings, run.config.seed), "training records": config_hash(sorted(r.id for r in run.training))}
 
-    def run(self, key: str, record: dict) -> None:
-        config, folder = self.config, get(self.strategy).router_folder(self.run_dir)
-        labels = [self.partition["assignment"][r.id] for r in self.records]
-        router, details = train_router([r.prompt_text for r in self.records], labels, len(self.partition["groups"]), self.device,
+    def run(self, run, key: str, record: dict) -> None:
+        from .models import pick_device
+
+        config, folder = run.config, get(self.strategy).router_folder(run)
+        partition = json.loads((get(self.strategy).folder(run) / "partition.json").read_text())
+        records = run.training
+        labels = [partition["assignment"][r.id] for r in records]
+        router, details = train_router([r.prompt_text for r in records], labels, len(partition["groups"]), pick_device(config.model.device),
                                        epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
                                        learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
                                        threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
         router.save(folder, details)
-        record.update(outputs=[str((folder / "router.json").relative_to(self.run_dir.root))],
+        run.directory.record_section("router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")})
+        record.update(outputs=[str((folder / "router.json").relative_to(run.directory.root))],
                       heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
 
 
-def train_routers(config, strategies: list[str] | None = None) -> dict:
-    """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first)."""
-    from .data import validation_ids
-    from .models import pick_device
-    from .pipeline import load_data
+def train_routers(run, strategies: list[str] | None = None) -> dict:
+    """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first); accuracies on rank 0."""
+    from .runner import as_run
 
-    run = Run(config.out)
-    records = load_data(run, config)
-    held = validation_ids(records, config.data.validation_fraction, config.seed)
-    records = [r for r in records if r.id not in held]
-    device = pick_device(config.model.device)
-    summaries = {}
-    for strategy in routed(strategies or config.experts.strategies):
-        entry = run.execute(RouterStage(run, config, strategy, records, device))
-        summaries[strategy] = {k: entry.get(k) for k in ("heldout_accuracy", "train_accuracy")}
-    run.manifest.setdefault("router", {}).update(summaries)
-    run.save()
-    return summaries
+    run = as_run(run)  # a `runner.Run`, or a config to make one of
+    wanted = routed(strategies or run.config.experts.strategies)
+    entries = run.build(*[RouterStage(s) for s in wanted])
+    return {s: {k: entry.get(k) for k in ("heldout_accuracy", "train_accuracy")} for s, entry in zip(wanted, entries)}

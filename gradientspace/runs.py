@@ -1,14 +1,15 @@
-"""The run directory, its manifest, and the one runner that decides whether a stage runs.
+"""The run directory, its manifest, the `Stage` interface, and the decision whether a stage runs.
 
-Every stage of a run (data, warm-up, gradients, cluster, each adapter, each router and its
-threshold, the ensemble's centroids, evaluation, report) is a `Stage`: it names its inputs
-(hashes of the config sections and of the *content* of the files it reads, and the keys of the
-stages it builds on), lists its outputs, and does its work in `run`. `Run.execute(stage)` alone
-decides: skip (key unchanged, outputs present), resume (same key, interrupted: the stage's
-checkpoints live in folders named by its key, so a changed input never resumes stale state),
-or (re-)run, saying which and why in one line. `RUN/manifest.json` holds the config, library
-versions, and per stage its inputs, key, seconds, peak memory, when it finished and its
-outputs; only rank 0 writes it, atomically.
+Every stage of a run (data, warm-up, gradients, cluster, each partition and adapter, each router,
+keep decision and threshold, the ensemble's centroids, evaluation, report) is a `Stage`: it names
+the stages it requires, where it runs under torchrun, its own inputs (hashes of the config
+sections and of the *content* of the files it reads), lists its outputs, and does its work in
+`run`. `runner.Run.build` orders the stages and adds the parents' keys to each stage's inputs;
+`RunDirectory.execute(stage)` alone decides: skip (key unchanged, outputs present), resume (same
+key, interrupted: the stage's checkpoints live in folders named by its key, so a changed input
+never resumes stale state), or (re-)run, saying which and why in one line. `RUN/manifest.json`
+holds the config, library versions, and per stage its inputs, key, seconds, peak memory, when it
+finished and its outputs; only rank 0 writes it, atomically.
 
 A run directory is the project's alone: a command writes only into a new or empty folder or
 into a run (a folder whose manifest is one this module wrote, `is_run_manifest`), and while it
@@ -19,6 +20,7 @@ by SIGKILL), so a second command on the same run stops at once, naming the proce
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import hashlib
 import json
@@ -32,7 +34,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -206,23 +208,41 @@ def new_command() -> None:
     _SKIPS_SAID.clear()
 
 
+class Placement(enum.Enum):
+    """Where a stage runs under torchrun; the runner (`runner.Run.build`) makes the other ranks wait, never the stage."""
+    MAIN = "rank 0"  # rank 0 runs it while the others wait, then every rank reads what it wrote
+    EVERY = "every rank"  # every rank runs it on its own shard of the work (the gradient pass, the evaluation)
+    SPREAD = "spread"  # sibling stages built together are dealt round-robin over the ranks (the adapters after the generalist)
+
+
 class Stage(ABC):
-    """One step of a run. Subclasses hold what they need (config, records, model) and declare the rest."""
+    """One step of a run: what it requires, where it runs, what it reads, what it does.
+
+    A stage's key is hashed from its own `inputs` (config sections, the content of files it reads
+    from outside the run) and the keys of every stage it `requires`, added by the runner: a stage
+    that reads another's output can never keep a key that ignores it.
+    """
 
     name: str
+    placement = Placement.MAIN
     always = False  # a stage that is cheap and reads everything (the report) runs every time
 
-    @abstractmethod
-    def inputs(self) -> dict[str, str]:
-        """What the stage reads, by name → hash; the key is hashed from these and the names say what changed."""
+    def requires(self, run) -> Iterable[Stage | list[Stage]]:
+        """The stages this one reads, built before it in the order given; a list is built together (and spread, if they may
+        be). A generator may look at the run between its items: the experts' stages exist only once the clusters do."""
+        return ()
 
     @abstractmethod
-    def run(self, key: str, record: dict[str, Any]) -> None:
+    def inputs(self, run) -> dict[str, str]:
+        """What the stage reads besides other stages, by name → hash: its config sections, the content of outside files."""
+
+    @abstractmethod
+    def run(self, run, key: str, record: dict[str, Any]) -> None:
         """Do the work. Checkpoints go in folders named by `key`; `record` collects `outputs` (paths in the run) and details."""
 
 
-class Run:
-    """A run directory and its manifest."""
+class RunDirectory:
+    """A run directory and its manifest: what a run wrote, readable without its config (serving, reports)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -230,7 +250,7 @@ class Run:
         self.reload()
 
     def reload(self) -> None:
-        """Read the manifest from disk (another `Run` of this directory, or rank 0, may have written since)."""
+        """Read the manifest from disk (rank 0, or another process, may have written since)."""
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.exists():
             try:
@@ -240,7 +260,6 @@ class Run:
             if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("stages", {}), dict):
                 raise RunError(f"{self.manifest_path}: expected an object with a `stages` mapping; move it away to start the run over")
         self.manifest.setdefault("stages", {})
-        self.manifest.setdefault("metrics", {})
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -267,7 +286,7 @@ class Run:
         entry = self.stage_entry(stage)
         missing = self.missing_outputs(stage)
         if entry.get("key") == key and entry.get("done") and not missing:
-            if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several stages reload the data: say it once
+            if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several targets of one command share stages: say it once
                 _SKIPS_SAID.add((self.root.resolve(), stage, key))
                 note(f"skip {stage}: done, key {key[:8]}")
             return True
@@ -293,18 +312,18 @@ class Run:
         if missing:
             raise RunError(f"{self.path(missing[0])} is missing (an output of stage `{stage}`); {hint}")
 
-    def execute(self, stage: Stage) -> dict[str, Any]:
-        """Run `stage` unless it is done with the same inputs (said in one line either way); returns its manifest entry."""
+    def execute(self, stage: Stage, inputs: dict[str, str], run) -> dict[str, Any]:
+        """Run `stage` (with `inputs`, its own and its parents' keys) unless it is done with the same inputs (said in one
+        line either way); returns its manifest entry. Only the runner calls this."""
         if stage.always:
             note(f"run {stage.name}: redone every time (it is cheap and reads every other stage)")
             inputs, key = {}, "always"
         else:
-            inputs = stage.inputs()
             key = config_hash(inputs)
             if self.is_done(stage.name, key, inputs):
                 return self.stage_entry(stage.name)
         with self.stage(stage.name, key, inputs) as record:
-            stage.run(key, record)
+            stage.run(run, key, record)
         return record
 
     def stage_entry(self, stage: str) -> dict[str, Any]:
@@ -327,6 +346,13 @@ class Run:
         record["done"] = True
         record["finished_at"] = time.time()  # lets `run` tell stages it ran from stages it skipped
         self.record_stage(stage, record)
+
+    def record_section(self, section: str, name: str, value: Any) -> None:
+        """Write one item of a summary section (`experts`: per strategy) over the manifest as it is on disk now; rank 0."""
+        if distributed.is_main():
+            self.reload()
+        self.manifest.setdefault(section, {})[name] = value
+        self.save()
 
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         """Write one stage's entry over the manifest as it is on disk now, so no other stage's entry is lost.

@@ -27,16 +27,38 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # type hints only: config and inference import this module, and importing config must stay light
-    from .config import RunConfig
-    from .data import Record
-    from .inference import StrategyModel
-    from .runs import Run
+from .config import LIST_CHOICES, RunConfig
+from .data import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from and falls back to
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the generalist serves the prompt
+
+
+class PromptRouter(Protocol):
+    """What a strategy reads of a router (`router.Router`)."""
+
+    def route(self, texts: list[str]) -> tuple[list[int], list[float]]: ...
+    def probabilities(self, texts: list[str]): ...  # [prompts, groups], a torch tensor
+
+
+class ServingModel(Protocol):
+    """What a strategy's `choose` reads of the model serving it (`inference.StrategyModel`)."""
+    generalist: str  # the adapter every strategy falls back to
+    groups: dict[str, list[str]]  # each trained strategy's group names
+    routers: dict[str, PromptRouter]
+
+    def adapter_for(self, strategy: str, group: int) -> str: ...
+    def gradient_oracle_groups(self, records: list[Record]) -> list[int]: ...
+    def ensemble_choices(self, records: list[Record]) -> list[Choice]: ...
+
+
+class RunFiles(Protocol):
+    """What a strategy reads of a run: its files and the manifest's stage entries (`runner.Run` or `runs.RunDirectory`)."""
+
+    def path(self, *parts: str) -> Path: ...
+    def stage_entry(self, name: str) -> dict: ...
 
 
 @dataclass
@@ -63,31 +85,32 @@ class Strategy(ABC):
     needs_projection = False  # the gradient pass must also write random projections
     single_adapter_per_prompt = True  # False: several adapters' logits are mixed (not servable by one-adapter engines)
     needs_cluster_centroids = False  # the per-cluster mean gradients (`elrea-centroids` stage)
+    reads_clusters = False  # its partition reads the gradient clusters or their K: it is re-made when they change
 
     @property
     def owner(self) -> str:
         """The strategy whose adapters this one serves (itself, unless it only routes differently)."""
         return self.name
 
-    def folder(self, run: Run) -> Path:
+    def folder(self, run: RunFiles) -> Path:
         return run.path("experts") if self.owner == "routed" else run.path("strategies", self.owner)
 
-    def router_folder(self, run: Run) -> Path:
+    def router_folder(self, run: RunFiles) -> Path:
         return run.path("router") if self.owner == "routed" else self.folder(run) / "router"
 
-    def partition(self, run: Run, config: RunConfig, records: list[Record]) -> tuple[list[int], list[str]]:
+    def partition(self, run: RunFiles, config: RunConfig, records: list[Record]) -> tuple[list[int], list[str]]:
         """(group of each training record, group names)."""
         labels = [int(l) for l in self.labels(run, config, records)]
         return labels, [str(i) for i in range(max(labels) + 1)]
 
-    def labels(self, run: Run, config: RunConfig, records: list[Record]) -> list[int]:
+    def labels(self, run: RunFiles, config: RunConfig, records: list[Record]) -> list[int]:
         raise NotImplementedError(f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own")
 
     @abstractmethod
-    def choose(self, model: StrategyModel, records: list[Record]) -> list[Choice]:
+    def choose(self, model: ServingModel, records: list[Record]) -> list[Choice]:
         """How each prompt is served."""
 
-    def serving_groups(self, model: StrategyModel, records: list[Record]) -> list[int]:
+    def serving_groups(self, model: ServingModel, records: list[Record]) -> list[int]:
         """The group whose adapter would serve each record, before any fall-back: what keep-or-fall-back is decided on."""
         raise NotImplementedError(f"strategy `{self.name}` trains no adapters of its own to keep or drop")
 
@@ -97,6 +120,7 @@ class OneAdapter(Strategy):
 
     def __init__(self, name: str, help: str, wide: bool = False):
         self.name, self.help, self.wide = name, help, wide
+        self.reads_clusters = wide  # rank K·r
 
     def labels(self, run, config, records):
         return [0] * len(records)
@@ -148,6 +172,7 @@ class TrueLabels(Strategy):
 class RoutedPartition(Strategy):
     """Experts on some partition, each prompt sent by a router trained on that partition."""
     routed = True
+    reads_clusters = True  # the clusters themselves, or their K
 
     def choose(self, model, records):
         experts, probabilities = model.routers[self.name].route([r.prompt_text for r in records])
@@ -242,6 +267,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     ProjectionClusters(),
     ElreaEnsemble(),
 )}
+LIST_CHOICES["experts.strategies"] = STRATEGIES  # config validation accepts exactly the registered names
+
+
 def get(name: str) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy `{name}` (choose from {', '.join(STRATEGIES)})")
@@ -258,7 +286,7 @@ def routed(names: list[str]) -> list[str]:
     return [n for n in trained(names) if get(n).routed]
 
 
-def cluster_count(run: Run) -> int:
+def cluster_count(run: RunFiles) -> int:
     """K of the run's gradient clusters: the controls use the same K."""
     return int(run.stage_entry("cluster")["k"])
 

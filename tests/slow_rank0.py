@@ -15,10 +15,10 @@ DELAY_SECONDS = 5
 unhurried = ClusterStage.run
 
 
-def delayed(self, key, record):
+def delayed(self, run, key, record):
     if distributed.is_main():
         time.sleep(DELAY_SECONDS)
-    return unhurried(self, key, record)
+    return unhurried(self, run, key, record)
 
 
 ClusterStage.run = delayed

@@ -100,9 +100,9 @@ def test_choose_on_validation_scores_kept_experts_by_their_best_loss_and_dropped
 
 
 def test_interference_rows_and_rank_correlation():
-    manifest = {"interference": {str(c): {"size": 10, "mean_cosine": 1 - c / 10, "outside_energy": c / 10} for c in range(6)},
-                "experts": {"routed": {"experts": {str(c): {"initial_eval_loss": 1.0, "best_eval_loss": 1.0 - c / 100} for c in range(6)}}},
-                "stages": {"keep/routed": {"groups": {str(c): {"generalist_nll": 1.0, "candidate_nll": {"1.0": 1.0 - c / 50}} for c in range(5)}}}}
+    manifest = {"experts": {"routed": {"experts": {str(c): {"initial_eval_loss": 1.0, "best_eval_loss": 1.0 - c / 100} for c in range(6)}}},
+                "stages": {"cluster": {"interference": {str(c): {"size": 10, "mean_cosine": 1 - c / 10, "outside_energy": c / 10} for c in range(6)}},
+                           "keep/routed": {"groups": {str(c): {"generalist_nll": 1.0, "candidate_nll": {"1.0": 1.0 - c / 50}} for c in range(5)}}}}
     rows = interference.clusters(manifest, "toy")
     assert [r["gain_own_share"] for r in rows] == pytest.approx([c / 100 for c in range(6)])
     assert rows[5]["gain_routed"] is None  # no keep decision for that cluster

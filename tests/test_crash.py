@@ -20,21 +20,21 @@ from gradientspace import runs
 from gradientspace.cli import main
 
 target, config = sys.argv[1], sys.argv[2]
-execute = runs.Run.execute
+execute = runs.RunDirectory.execute
 
 def kill(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-def execute_and_die_inside(self, stage):
+def execute_and_die_inside(self, stage, inputs, run):
     if stage.name == target:
         work = stage.run
-        def run(key, record):
+        def die_inside(run, key, record):
             os.replace = kill
-            work(key, record)
-        stage.run = run
-    return execute(self, stage)
+            work(run, key, record)
+        stage.run = die_inside
+    return execute(self, stage, inputs, run)
 
-runs.Run.execute = execute_and_die_inside
+runs.RunDirectory.execute = execute_and_die_inside
 sys.exit(main(["run", config]))
 """
 

@@ -13,7 +13,7 @@ from gradientspace.cluster import interference
 from gradientspace.experts import served_groups, train_experts
 from gradientspace.keep import bootstrap_upper_bound, keep_rule
 from gradientspace.router import train_routers
-from gradientspace.runs import Run
+from gradientspace.runs import RunDirectory
 
 
 def test_the_upper_bound_of_constant_differences_is_the_constant_and_noise_around_zero_is_not_a_gain():
@@ -135,7 +135,7 @@ def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapt
 
     monkeypatch.setattr(RoutedPartition, "serving_groups", recording)
     decisions = decide_experts(config)
-    run = Run(config.out)
+    run = RunDirectory(config.out)
     validation_ids = sorted(r for r, in_validation in _split(config).items() if in_validation)
     assert seen["routed"][0] == validation_ids  # every validation record, routed as a test prompt would be
     routed_counts = np.bincount(seen["routed"][1], minlength=3)
@@ -161,25 +161,27 @@ def _split(config) -> dict[str, bool]:
     return {r.id: r.id in held for r in records}
 
 
-def test_the_threshold_and_the_evaluation_are_keyed_by_the_experts_they_serve(routed_run):
-    """A re-run that changes only how experts train must recalibrate the threshold: its key follows the adapters' keys."""
-    from gradientspace.workflow import ThresholdStage, evaluate_inputs, validation_records
+def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_serve(routed_run, capsys):
+    """A re-run that changes only how experts train re-decides keep, recalibrates the threshold and re-evaluates: their keys
+    are made of the experts' keys (the stage graph), so a stale threshold cannot be reused."""
+    from dataclasses import replace
+
+    from gradientspace.runner import Run
+    from gradientspace.workflow import ThresholdStage
 
     config = routed_run
-    run = Run(config.out)
-    validation = validation_records(run, config)
-    before_threshold = ThresholdStage(run, config, "routed", validation).inputs()
-    before_evaluation = evaluate_inputs(run, config, ["routed"], None)
-    entry = run.stage_entry("experts/routed/0")
-    run.record_stage("experts/routed/0", {**entry, "key": "retrained-with-another-branch-rate"})
-    after_threshold = ThresholdStage(run, config, "routed", validation).inputs()
-    assert after_threshold["adapters"] != before_threshold["adapters"]
-    assert evaluate_inputs(run, config, ["routed"], None)["adapters"] != before_evaluation["adapters"]
-    from gradientspace.keep import KeepStage
-
-    keep_inputs = KeepStage(run, config, "routed", validation).inputs()
-    run.record_stage("experts/routed/0", entry)
-    assert KeepStage(run, config, "routed", validation).inputs()["adapters"] != keep_inputs["adapters"]
+    before = RunDirectory(config.out).manifest["stages"]
+    retrained = replace(config, experts=replace(config.experts, branch_learning_rate=config.experts.branch_learning_rate / 2))
+    capsys.readouterr()
+    Run(retrained).build(ThresholdStage("routed"))
+    said = capsys.readouterr().out
+    after = RunDirectory(config.out).manifest["stages"]
+    assert after["experts/single/0"]["key"] == before["experts/single/0"]["key"]  # the generalist ignores the branch rate
+    assert after["router/routed"]["key"] == before["router/routed"]["key"]  # so does the router: it reads only the partition
+    for stage in ("experts/routed/0", "adapters/routed", "keep/routed", "threshold/routed"):
+        assert after[stage]["key"] != before[stage]["key"], stage
+        assert f"re-run {stage}:" in said
+    assert "re-run threshold/routed: stage keep/routed changed" in said
 
 
 def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(routed_run):
@@ -195,10 +197,10 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     engine = StrategyModel(config, ["routed"], apply_decisions=False)
     expert = engine.adapter_for("routed", 0)
     engine.model.add_weighted_adapter([engine.generalist, expert], [0.25, 0.75], blend_name("routed", "0", 0.75), combination_type="cat")
-    records = validation_records(Run(config.out), config)
+    records = validation_records(config)
     in_memory = engine.nll_for_choices([Choice({blend_name("routed", "0", 0.75): 1.0}, 0, 1.0)] * len(records), records)
     save_blend(engine, "routed", "0", 0.75)
-    folder = Run(config.out).path("experts", "0", "blended")
+    folder = RunDirectory(config.out).path("experts", "0", "blended")
     engine.model = PeftModel.from_pretrained(load_base_model(config.model.name, engine.device), str(folder), adapter_name="reloaded").eval()
     reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
     assert reloaded == pytest.approx(in_memory, abs=1e-5)
@@ -207,8 +209,8 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     from gradientspace.serving.backends import launch_command
     from gradientspace.runs import write_json
 
-    write_json(Run(config.out).path("experts", "keep.json"), {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}})
-    served = {s.name: s.folder for s in served_adapters(Run(config.out))}
+    write_json(RunDirectory(config.out).path("experts", "keep.json"), {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}})
+    served = {s.name: s.folder for s in served_adapters(RunDirectory(config.out))}
     assert served["expert-0"] == folder and "expert-1" not in served
-    command = launch_command("vllm", "base", served_adapters(Run(config.out)), 8001)
+    command = launch_command("vllm", "base", served_adapters(RunDirectory(config.out)), 8001)
     assert f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"  # rank 2r = 4, rounded up to vLLM's 8

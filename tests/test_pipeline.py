@@ -35,8 +35,8 @@ def test_cli_writes_run_and_resumes(data_file, tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "nmi" in printed and "clusters.jsonl" in printed
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"nmi", "ari", "purity", "captured_energy"} <= set(manifest["metrics"])
-    assert 0 < manifest["metrics"]["captured_energy"] <= 1
+    assert {"nmi", "ari", "purity", "captured_energy"} <= set(manifest["stages"]["cluster"]["metrics"])
+    assert 0 < manifest["stages"]["cluster"]["metrics"]["captured_energy"] <= 1
     assert manifest["config"]["sketch"]["rank"] == 4 and "torch" in manifest["versions"]
     assert all(manifest["stages"][s]["done"] for s in ("data", "warmup", "gradients", "cluster"))
     assignments = [json.loads(line) for line in (out / "clusters.jsonl").read_text().splitlines()]

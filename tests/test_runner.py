@@ -17,7 +17,9 @@ from gradientspace import pipeline
 from gradientspace.cli import main
 from gradientspace.config import load_config
 from gradientspace.models import load_tokenizer
-from gradientspace.runs import Run
+from gradientspace.runner import Run
+from gradientspace import distributed
+from gradientspace.runs import RunDirectory, Stage
 
 FLAGS = ["--model", "tiny-random", "--k", "2", "--max-length", "96", "--batch-size", "4",
          "--set", "model.lora_rank=2", "--set", "sketch.rank=4", "--set", "warmup.fraction=0.25"]
@@ -61,9 +63,9 @@ def test_editing_the_data_in_place_reruns_every_stage_that_read_it(tmp_path, cap
     assert main(argv) == 0
     edited = stage_lines(capsys.readouterr().out)
     assert edited["data"].startswith("re-run data: data content changed"), edited
-    assert edited["warmup"].startswith("re-run warmup: data changed"), edited
-    assert edited["gradients"].startswith("re-run gradients: warm-up changed"), edited
-    assert edited["cluster"].startswith("re-run cluster: data, gradients changed"), edited
+    assert edited["warmup"].startswith("re-run warmup: stage data changed"), edited
+    assert edited["gradients"].startswith("re-run gradients: stage warmup changed"), edited
+    assert edited["cluster"].startswith("re-run cluster: stage gradients changed"), edited
     ids = [json.loads(line)["id"] for line in data.read_text().splitlines()]
     assert [json.loads(line)["id"] for line in (out / "samples.jsonl").read_text().splitlines()] == ids
     assert [json.loads(line)["id"] for line in (out / "clusters.jsonl").read_text().splitlines()] == ids
@@ -107,8 +109,8 @@ def test_truncated_samples_are_counted(tmp_path, capsys):
         expected += len(tokenizer(full, add_special_tokens=False)["input_ids"]) > max_length
     assert 0 < expected < 24  # the case tests both sides
     config = load_config(None, {"model.name": "tiny-random", "data.path": str(data), "data.max_length": max_length, "out": str(tmp_path / "run")})
-    pipeline.load_data(Run(config.out), config)
-    assert Run(config.out).stage_entry("data")["truncated"] == expected
+    Run(config).build(pipeline.DataStage())
+    assert RunDirectory(config.out).stage_entry("data")["truncated"] == expected
     assert f"{expected} truncated to data.max_length = {max_length} tokens" in capsys.readouterr().out
 
 
@@ -131,7 +133,7 @@ def test_default_checkpoint_every_scales_with_the_pass(tmp_path, monkeypatch):
 def test_only_rank_zero_writes_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    run = Run(tmp_path / "run")
+    run = RunDirectory(tmp_path / "run")
     run.set_config({"seed": 0})
     with run.stage("data", "k") as stage:
         stage["outputs"] = []
@@ -142,7 +144,7 @@ def test_only_rank_zero_writes_the_manifest(tmp_path, monkeypatch):
 
 
 def test_decisions_name_what_changed(tmp_path, capsys):
-    run = Run(tmp_path / "run")
+    run = RunDirectory(tmp_path / "run")
     assert not run.is_done("s", "k1", {"a": "1", "b": "2"})
     assert capsys.readouterr().out == "run s: not done yet\n"
     with run.stage("s", "k1", {"a": "1", "b": "2"}) as stage:
@@ -194,7 +196,7 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
     assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
-    assert {n for n in after if n.startswith("experts/")} | {"keep/routed", "threshold/routed", "evaluate", "report"} == redone
+    assert {n for n in after if n.startswith(("experts/", "adapters/"))} | {"keep/routed", "threshold/routed", "evaluate", "report"} == redone
     assert all(after[n]["key"] != before[n]["key"] for n in redone if n != "report")
     lines = stage_lines(capsys.readouterr().out)
     assert lines["experts/single/0"].startswith("re-run experts/single/0: training settings changed"), lines
@@ -236,8 +238,9 @@ def test_a_second_command_on_a_run_fails_at_once_naming_the_first(tmp_path, caps
     lock = RunLock(tmp_path / "run")
     lock.acquire()
     try:
-        for name in ("run_gradient_pass", "train_adapter", "assign", "load_data"):  # refused before any stage, even the data's
+        for name in ("run_gradient_pass", "train_adapter", "assign"):
             monkeypatch.setattr(pipeline, name, must_not_run)
+        monkeypatch.setattr(pipeline.DataStage, "run", must_not_run)  # refused before any stage, even the data's
         assert main([*argv, "--k", "3", "--overwrite"]) == 75
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and out == ""
@@ -295,3 +298,91 @@ def test_under_torchrun_every_rank_stops_when_rank_zero_finds_the_run_busy(tmp_p
     with runs.locked(tmp_path / "run"):
         pass
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the stage graph, on toy stages (no model)
+
+class Toy(Stage):
+    """A stage that appends its name to a log when it runs; its own input is a value the test sets."""
+
+    def __init__(self, name: str, parents: tuple = (), log: list | None = None, value: str = "v"):
+        self.name, self.parents, self.log, self.value = name, parents, log, value
+
+    def requires(self, run):
+        return list(self.parents)
+
+    def inputs(self, run):
+        return {"value": self.value}
+
+    def run(self, run, key, record):
+        self.log.append(self.name)
+        run.path(self.name).parent.mkdir(parents=True, exist_ok=True)
+        run.path(self.name).write_text(key)
+        record["outputs"] = [self.name]
+
+
+def toy_run(tmp_path) -> Run:
+    return Run(load_config(None, {"out": str(tmp_path / "run")}))
+
+
+def test_a_stage_runs_after_what_it_requires_once_and_is_skipped_when_done(tmp_path):
+    log: list[str] = []
+    a = Toy("a", log=log)
+    b, c = Toy("b", (a,), log), Toy("c", (a,), log)
+    d = Toy("d", (b, c), log)
+    toy_run(tmp_path).build(d)
+    assert log == ["a", "b", "c", "d"]  # a, required twice, runs once
+    toy_run(tmp_path).build(d)
+    assert log == ["a", "b", "c", "d"]  # a new command: everything is done
+
+
+def test_a_changed_input_reruns_exactly_the_stages_that_read_it(tmp_path, capsys):
+    log: list[str] = []
+    def graph(value: str):
+        a, other = Toy("a", log=log, value=value), Toy("other", log=log)
+        b = Toy("b", (a,), log)
+        return Toy("d", (b, other), log)
+    toy_run(tmp_path).build(graph("v"))
+    log.clear()
+    capsys.readouterr()
+    toy_run(tmp_path).build(graph("changed"))
+    assert log == ["a", "b", "d"]  # `other` does not read `a`
+    said = capsys.readouterr().out
+    assert "re-run a: value changed" in said
+    assert "re-run b: stage a changed" in said  # the parent's key is part of the child's: no stage keeps a stale key
+    assert "re-run d: stage b changed" in said
+
+
+def test_a_generator_of_requirements_sees_its_earlier_parents_done(tmp_path):
+    """The experts exist only once the clusters do: a stage may ask for more stages after its first ones are built."""
+    log: list[str] = []
+    first = Toy("first", log=log)
+
+    class Later(Toy):
+        def requires(self, run):
+            yield first
+            count = int(run.path("first").exists()) + 1  # what `first` wrote decides how many stages follow
+            yield [Toy(f"part{i}", log=log) for i in range(count)]
+
+    toy_run(tmp_path).build(Later("later", log=log))
+    assert log == ["first", "part0", "part1", "later"]
+
+
+def test_rank_zero_stages_make_the_other_ranks_wait_and_spread_stages_are_dealt(tmp_path, monkeypatch):
+    """On rank 1 of 2: a MAIN stage is rank 0's (rank 1 waits at a barrier and reads the manifest), a SPREAD group is dealt."""
+    from gradientspace.runs import Placement
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "init", lambda: None)
+    waits: list[str] = []
+    monkeypatch.setattr(distributed, "barrier", lambda: waits.append("barrier"))
+    monkeypatch.setattr(distributed, "gather_to_main", lambda item: None)
+    log: list[str] = []
+    main_stage = Toy("main", log=log)
+    spread = [Toy(f"s{i}", (main_stage,), log) for i in range(4)]
+    for stage in spread:
+        stage.placement = Placement.SPREAD
+    run = toy_run(tmp_path)
+    run.build(*spread)
+    assert log == ["s1", "s3"]  # rank 1's deal; `main` is rank 0's
+    assert waits == ["barrier", "barrier"]  # after rank 0's stage, and after the spread group

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
 from gradientspace.inference import StrategyModel, served_adapters, serving_names
-from gradientspace.runs import Run
+from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
@@ -62,7 +62,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     assert main(["run", str(tiny_run_config(root, ["routed", "single"], experts="keep: all"))]) == 0  # every expert served
     run = root / "run"
-    for seed, served in enumerate(served_adapters(Run(run))):
+    for seed, served in enumerate(served_adapters(RunDirectory(run))):
         path = served.folder / "adapter_model.safetensors"
         generator = torch.Generator().manual_seed(seed)
         weights = {k: torch.randn(v.shape, generator=generator) * (0.5 if "lora_B" in k else 1.0) for k, v in load_file(str(path)).items()}
@@ -221,7 +221,7 @@ def reference_answer(run_dir, folder, prompt: str, max_tokens: int) -> str:
 
 def test_concurrent_requests_to_different_experts_equal_each_alone(served, client, run_dir):
     server, engine = served
-    folders = {s.name: s.folder for s in served_adapters(Run(run_dir))}
+    folders = {s.name: s.folder for s in served_adapters(RunDirectory(run_dir))}
     models = [list(folders)[i % len(folders)] for i in range(8)]
     expected = [reference_answer(run_dir, folders[m], p, 8) for m, p in zip(models, PROMPTS)]
     assert len(set(expected)) > 4  # the adapters really answer differently
@@ -306,13 +306,13 @@ def router(run_dir):
     from gradientspace.router import Router
     from gradientspace.strategies import get
 
-    run = Run(run_dir)
+    run = RunDirectory(run_dir)
     return Router.load(get("routed").router_folder(run), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["vllm", "sglang"])
 def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
-    adapters = served_adapters(Run(run_dir))
+    adapters = served_adapters(RunDirectory(run_dir))
     names = [s.name if backend == "vllm" else f"BASE:{s.name}" for s in adapters]
     stub = Stub(["BASE"] + names)
     assert upstream_base(stub.server.url, backend, adapters) == "BASE"
@@ -343,7 +343,7 @@ def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
 
 
 def test_route_refuses_an_upstream_without_the_experts(run_dir):
-    adapters = served_adapters(Run(run_dir))
+    adapters = served_adapters(RunDirectory(run_dir))
     stub = Stub(["BASE", "expert-0", "generalist"])
     try:
         with pytest.raises(BackendError, match="expert-1, expert-2"):
@@ -355,7 +355,7 @@ def test_route_refuses_an_upstream_without_the_experts(run_dir):
 
 
 def test_route_answers_502_when_the_upstream_is_gone(run_dir, router):
-    adapters = served_adapters(Run(run_dir))
+    adapters = served_adapters(RunDirectory(run_dir))
     proxy = Background(create_route_app(router, adapters, "BASE", f"http://127.0.0.1:{free_port()}", "vllm"))
     try:
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}]})
@@ -367,7 +367,7 @@ def test_route_answers_502_when_the_upstream_is_gone(run_dir, router):
 
 def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
     """`serve` speaks the API `route` expects of vLLM: routed through both, the answer is the server's own."""
-    adapters = served_adapters(Run(run_dir))
+    adapters = served_adapters(RunDirectory(run_dir))
     base = upstream_base(served[0].url, "vllm", adapters)
     proxy = Background(create_route_app(router, adapters, base, served[0].url, "vllm"))
     try:
@@ -390,7 +390,7 @@ def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
 def test_backend_command(run_dir, capsys):
     from gradientspace.models import resolve
 
-    folders = {s.name: s.folder.resolve() for s in served_adapters(Run(run_dir))}
+    folders = {s.name: s.folder.resolve() for s in served_adapters(RunDirectory(run_dir))}
     assert main(["backend-command", str(run_dir), "--backend", "vllm"]) == 0
     words = shlex.split(capsys.readouterr().out)
     assert words[:3] == ["vllm", "serve", resolve("tiny-random")]

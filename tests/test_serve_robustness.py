@@ -15,7 +15,7 @@ import pytest
 from gradientspace.cli import main
 from gradientspace.config import ServeConfig, config_from_run
 from gradientspace.inference import served_adapters
-from gradientspace.runs import Run
+from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -393,9 +393,9 @@ def test_api_key_guards_every_v1_route_and_docs_when_asked(run_dir, monkeypatch)
 
 
 def test_route_has_the_same_guards(run_dir, router):
-    stub = Stub(["BASE", *(s.name for s in served_adapters(Run(run_dir)))])
+    stub = Stub(["BASE", *(s.name for s in served_adapters(RunDirectory(run_dir)))])
     settings = ServeConfig(max_body_bytes=4096)
-    proxy = Background(create_route_app(router, served_adapters(Run(run_dir)), "BASE", stub.server.url, "vllm", settings, api_key="sekret"))
+    proxy = Background(create_route_app(router, served_adapters(RunDirectory(run_dir)), "BASE", stub.server.url, "vllm", settings, api_key="sekret"))
     try:
         assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=CHAT), 401)
         keyed = {"authorization": "Bearer sekret"}

@@ -73,6 +73,6 @@ def backend_command(run_dir: str | Path, base_model: str, backend: str, port: in
     """`gradientspace backend-command RUN --backend vllm|sglang`: the launch command as one shell line."""
     from ..inference import served_adapters
     from ..models import resolve
-    from ..runs import Run
+    from ..runs import RunDirectory
 
-    return shlex.join(launch_command(backend, resolve(base_model), served_adapters(Run(run_dir)), port))
+    return shlex.join(launch_command(backend, resolve(base_model), served_adapters(RunDirectory(run_dir)), port))

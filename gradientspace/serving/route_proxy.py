@@ -110,11 +110,11 @@ def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | No
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
     from ..inference import served_adapters
     from ..models import pick_device
-    from ..runs import Run
+    from ..runs import RunDirectory
 
     settings, key = config.serve, api_key(api_key_flag)
     with listen(settings.host, settings.port) as sock:
-        run = Run(config.out)
+        run = RunDirectory(config.out)
         served = served_adapters(run)
         base = upstream_base(upstream, backend, served)
         router = Router.load(get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config))

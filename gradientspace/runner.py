@@ -1,0 +1,155 @@
+"""The run object: one per command, handed to every stage; it alone builds stages.
+
+`Run(config)` holds what every stage reads: the config, the run directory and its manifest
+(`runs.RunDirectory`), the training records (loaded and split once), the model (loaded the first
+time a stage needs it: a run whose stages are all done loads none) and the process group (rank,
+world size). `run.build(stage)` builds a stage and, first, every stage it requires (each once per
+command, in the order the stages ask for them); the key of a stage is its own inputs plus its
+parents' keys, so a changed input re-runs exactly what reads it. Where a stage runs under
+torchrun is the stage's `placement`, and where the other ranks wait is decided here:
+
+| placement | who runs it | the other ranks |
+| --- | --- | --- |
+| `MAIN` | rank 0 | wait at a barrier, then read the manifest rank 0 wrote |
+| `EVERY` | every rank, on its own shard | meet at a barrier after it |
+| `SPREAD` | siblings built together are dealt round-robin | rank 0 records the entries it gathers; all meet after |
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import cached_property
+from typing import Sequence
+
+from . import distributed
+from .config import ModelConfig, RunConfig
+from .data import LoadReport, Record, load_records, validation_ids
+from .models import LoadedModel, load_lora_model
+from .runs import Placement, RunDirectory, Stage, config_hash, note
+
+
+def as_run(run: Run | RunConfig) -> Run:
+    """The Python API takes a run object or a config: `train_experts(config)` alone, or several calls sharing one `Run`
+    (its records loaded once, its model loaded once)."""
+    return run if isinstance(run, Run) else Run(run)
+
+
+class Run:
+    """One command's run: config, directory, records, model and process group; builds the stages it is asked for."""
+
+    def __init__(self, config: RunConfig):
+        distributed.init()
+        self.config = config
+        self.rank, self.world_size = distributed.world()
+        self.built: dict[str, dict] = {}  # stage name → manifest entry, for the stages this command has built
+        self.models: dict[str, LoadedModel] = {}
+
+    # ------------------------------------------------------------ what stages read
+
+    @cached_property
+    def directory(self) -> RunDirectory:
+        """Opened on first use: `preflight` judges the output folder before anything reads it as a run."""
+        return RunDirectory(self.config.out)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def path(self, *parts: str):
+        return self.directory.path(*parts)
+
+    def entry(self, stage: Stage) -> dict:
+        """A stage's manifest entry (its key, outputs and details) as the manifest holds it now."""
+        return self.directory.stage_entry(stage.name)
+
+    def stage_entry(self, name: str) -> dict:
+        """The same by the stage's name, for code that reads a run whether it holds a `Run` or a `RunDirectory`."""
+        return self.directory.stage_entry(name)
+
+    @cached_property
+    def loaded_records(self) -> tuple[Sequence[Record], LoadReport]:
+        data = self.config.data
+        return load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=self.config.seed,
+                            num_proc=data.num_proc)
+
+    @property
+    def records(self) -> Sequence[Record]:
+        """Every training record, the validation split included, in the order the data stage wrote them."""
+        return self.loaded_records[0]
+
+    @cached_property
+    def validation_ids(self) -> set[str]:
+        """The validation split (`data.validation_fraction`): never trained on; every choice is made on it."""
+        return validation_ids(self.records, self.config.data.validation_fraction, self.config.seed)
+
+    @property
+    def validation(self) -> list[Record]:
+        return [r for r in self.records if r.id in self.validation_ids]
+
+    @property
+    def training(self) -> list[Record]:
+        """The records adapters, routers and the warm-up train on: everything but the validation split."""
+        return [r for r in self.records if r.id not in self.validation_ids]
+
+    def model(self, model: ModelConfig | None = None) -> LoadedModel:
+        """The LoRA-wrapped base model (`model.*`, or another shape such as `single-wide`'s), loaded on first use."""
+        model = model or self.config.model
+        name = config_hash(asdict(model))
+        if name not in self.models:
+            self.models[name] = load_lora_model(model, seed=self.config.seed)
+        return self.models[name]
+
+    # ------------------------------------------------------------ building
+
+    def build(self, *targets: Stage) -> list[dict]:
+        """Build `targets` and everything they require that is not done; returns their manifest entries."""
+        pending = [stage for stage in targets if stage.name not in self.built]
+        parents = {stage.name: self._build_parents(stage) for stage in pending}
+        spread = [s for s in pending if s.placement is Placement.SPREAD and self.world_size > 1]
+        for stage in pending:
+            if stage not in spread and stage.name not in self.built:
+                self.built[stage.name] = self._execute(stage, parents[stage.name])
+        if spread:
+            self._execute_spread(spread, parents)
+        return [self.built[stage.name] for stage in targets]
+
+    def _build_parents(self, stage: Stage) -> dict[str, str]:
+        """Build every stage `stage` requires; returns their keys by name (the runner's part of `stage`'s inputs)."""
+        keys: dict[str, str] = {}
+        for item in stage.requires(self):
+            group = item if isinstance(item, list) else [item]
+            for parent, entry in zip(group, self.build(*group)):
+                keys[f"stage {parent.name}"] = str(entry.get("key"))
+        return keys
+
+    def _execute(self, stage: Stage, parent_keys: dict[str, str]) -> dict:
+        if stage.placement is Placement.MAIN and self.world_size > 1:
+            if self.is_main:
+                self.directory.execute(stage, {**stage.inputs(self), **parent_keys}, self)
+            distributed.barrier()  # the other ranks wait while rank 0 works, then read what it wrote
+            self.directory.reload()
+            return self.directory.stage_entry(stage.name)
+        entry = self.directory.execute(stage, {**stage.inputs(self), **parent_keys}, self)
+        if self.world_size > 1:  # EVERY: no rank reads the stage's outputs before every shard is in
+            distributed.barrier()
+            self.directory.reload()
+        return entry
+
+    def _execute_spread(self, stages: list[Stage], parents: dict[str, dict[str, str]]) -> None:
+        """Deal `stages` round-robin over the ranks; rank 0 records the entries the others ran."""
+        ran = {}
+        for number, stage in enumerate(stages):
+            if number % self.world_size == self.rank:
+                ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
+        gathered = distributed.gather_to_main(ran)
+        if self.is_main:
+            for other, entries in enumerate(gathered[1:], start=1):
+                for name, entry in entries.items():
+                    current = self.directory.stage_entry(name)
+                    if entry.get("key") != current.get("key") or not current.get("done"):
+                        note(f"{name}: trained on rank {other}")
+                        self.directory.record_stage(name, entry)
+        distributed.barrier()
+        self.directory.reload()
+        for stage in stages:
+            self.built[stage.name] = self.directory.stage_entry(stage.name)

@@ -1,0 +1,73 @@
+"""The package has no import cycle: every module's imports (top-level, inside functions, and for type hints) form a DAG."""
+
+import ast
+from pathlib import Path
+
+import gradientspace
+
+PACKAGE = Path(gradientspace.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package modules `path` imports anywhere in its text, `from . import x` resolved to the module x where it is one."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                target = f"{source}.{alias.name}"
+                found.add(target if target in modules else source)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    # a package's __init__ re-exports its modules for users; it is not one of their dependencies
+    return {name: imports_of(path, modules) - {"gradientspace"} for name, path in paths.items() if name != "gradientspace"}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    graph = import_graph()
+    assert len(graph) > 20  # every module was read
+    assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
