@@ -538,7 +538,7 @@ class Example:
     truncated: bool
 
 
-def _templated(tokenizer, record: Record) -> tuple[str, str]:
+def templated(tokenizer, record: Record) -> tuple[str, str]:
     """(prompt text with the assistant header, response text with the end-of-turn marker)."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
@@ -551,26 +551,26 @@ def _templated(tokenizer, record: Record) -> tuple[str, str]:
 
 def template_overhead(tokenizer) -> int:
     """Tokens the chat template adds to every sample (system prompt, role headers, end of turn)."""
-    prompt, response = _templated(tokenizer, Record("", [{"role": "user", "content": ""}], ""))
+    prompt, response = templated(tokenizer, Record("", [{"role": "user", "content": ""}], ""))
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(tokenizer(response, add_special_tokens=False)["input_ids"])
 
 
 def prompt_text(tokenizer, record: Record) -> str:
-    return _templated(tokenizer, record)[0]
+    return templated(tokenizer, record)[0]
 
 
 def _tokenized(records: Sequence[Record], tokenizer, max_length: int, tokens: str) -> Iterator[tuple[list[int], list[int], bool]]:
     """(input ids, labels, truncated) per record, the tokenizer called once per list of records."""
     if tokens not in ("response", "instruction"):
         raise ValueError(f"tokens must be `response` or `instruction`, got {tokens!r}")
-    templated = [_templated(tokenizer, record) for record in records]
-    prompts = tokenizer([p for p, _ in templated], add_special_tokens=False)["input_ids"] if templated else []
+    parts = [templated(tokenizer, record) for record in records]
+    prompts = tokenizer([p for p, _ in parts], add_special_tokens=False)["input_ids"] if parts else []
     if tokens == "instruction":
         for prompt_ids in prompts:
             ids = prompt_ids[-max_length:]
             yield ids, list(ids), len(prompt_ids) > max_length
         return
-    responses = tokenizer([r for _, r in templated], add_special_tokens=False)["input_ids"] if templated else []
+    responses = tokenizer([r for _, r in parts], add_special_tokens=False)["input_ids"] if parts else []
     for prompt_ids, response_ids in zip(prompts, responses):
         truncated = len(prompt_ids) + len(response_ids) > max_length
         if truncated:

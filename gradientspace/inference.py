@@ -20,7 +20,7 @@ from .config import RunConfig
 from .data import Record, collate, tokenize
 from .experts import generalist_folder, served_groups
 from .gradients import PerSampleGradients, per_sample_mean_loss, transform
-from .models import load_base_model, load_tokenizer, pick_device
+from .models import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
 from .router import Router, threshold_override
 from .runs import RunDirectory, atomic_path, write_json
 from .strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
@@ -48,8 +48,8 @@ class StrategyModel:
         self.config, self.run = config, RunDirectory(config.out)
         self.device = pick_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.name)
-        self.eos_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
         base = load_base_model(config.model.name, self.device)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)  # decoding here and in `serve` stops at these
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""

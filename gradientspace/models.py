@@ -197,6 +197,23 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+    """The token ids that end an answer, from the model's own files: the tokenizer's end of sequence, the generation
+    config's (Llama 3 lists two), and the token the chat template closes an assistant turn with (ChatML's `<|im_end|>`,
+    Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), read off the template rather than assumed."""
+    from .data import Record, templated
+
+    ids: set[int | None] = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    answer = "gradientspace-answer"  # text no template contains, so what follows it is the template's own
+    _, response = templated(tokenizer, Record("", [{"role": "user", "content": "hi"}], answer))
+    after = tokenizer(response.split(answer, 1)[-1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    ids.add(next((token for token in after if token in special), None))  # the first special token after the answer
+    return {token for token in ids if token is not None and token != tokenizer.unk_token_id}
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on a GPU that supports it (half the weights' memory and bandwidth), else fp32."""
     if requested == "auto":
