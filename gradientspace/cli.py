@@ -360,6 +360,7 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input ends in one line on stderr and exit 2, a run busy with another command in exit 75
     (EX_TEMPFAIL: try again later), any other failure in exit 1 (`--debug`: traceback)."""
+    from . import distributed
     from .data import DataError
     from .models import ModelError
     from .runs import RunBusy, RunError
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         _error(f"gradientspace: error: {err}")
+        # every rank raised this together (rank 0's refusal, broadcast by `runs.locked`), so all can meet here: each
+        # has said why it stops before any leaves, and torchrun, which stops the others when one exits, cuts no one short
+        distributed.barrier()
         return 75
     except (ConfigError, DataError, ModelError, RunError, FileNotFoundError, BackendError) as err:
         if debug:

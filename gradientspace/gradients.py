@@ -66,11 +66,17 @@ def layout_of(model: torch.nn.Module) -> GradientLayout:
 
 
 def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each sample's labelled tokens: shape (batch,)."""
+    """Mean next-token cross-entropy over each sample's labelled tokens: shape (batch,).
+
+    The softmax runs over the labelled positions only: with a large vocabulary it is most of the
+    cost of a step, and most positions of an instruction sample (the prompt, the padding) carry no
+    loss. Their losses go back into a zero [batch, positions] grid, so each sample's sum adds the
+    same numbers in the same order as a full-grid cross-entropy with `ignore_index` would."""
     shifted_labels = labels[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shifted_labels, ignore_index=IGNORE, reduction="none")
-    counts = (shifted_labels != IGNORE).sum(dim=1)
-    return losses.sum(dim=1) / counts.clamp(min=1)
+    labelled = shifted_labels != IGNORE
+    token_losses = F.cross_entropy(logits[:, :-1][labelled].float(), shifted_labels[labelled], reduction="none")
+    losses = torch.zeros(labelled.shape, dtype=token_losses.dtype, device=token_losses.device).masked_scatter(labelled, token_losses)
+    return losses.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
 
 
 def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout) -> None:
