@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from gradientspace.cluster import RademacherProjector, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
+from gradientspace.clustering.kmeans import RademacherProjector, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
 from gradientspace.config import load_config
-from gradientspace.data import load_records
-from gradientspace.encoder import embed_texts
-from gradientspace.gradients import layout_of, stream_gradients
-from gradientspace.models import load_lora_model
-from gradientspace.pipeline import gradient_batches, train_warmup
+from gradientspace.data.records import load_records
+from gradientspace.routing.encoder import embed_texts
+from gradientspace.gradients.engine import layout_of, stream_gradients
+from gradientspace.models.loading import load_lora_model
+from gradientspace.clustering.stages import gradient_batches, train_warmup
 from gradientspace.runs import config_hash, peak_memory_mb
-from gradientspace.sketch import OnlineSVD
+from gradientspace.gradients.sketch import OnlineSVD
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -4,7 +4,7 @@ For each data set (../shared/data/mix4, skills4), training size (`--per-label` r
 and seed, one run directory goes through the default protocol: the generalist (`single`) trains
 with early stopping on the validation split; every expert branches from it and stops on its own
 cluster's validation share; each is then kept, blended with the generalist or dropped on the
-validation records its router sends it (`gradientspace/keep.py`); the router threshold is chosen on
+validation records its router sends it (`gradientspace/experts/keep.py`); the router threshold is chosen on
 validation. Every arm is scored on the validation split (where the single adapter of record is
 chosen), then the test split (`--test-per-label` per label) is scored once, at the end. Arms:
 
@@ -39,15 +39,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from gradientspace.config import load_config
-from gradientspace.data import load_records
-from gradientspace.evaluate import evaluate_strategies
-from gradientspace.experts import train_experts
-from gradientspace.pipeline import cluster
-from gradientspace.router import train_routers
+from gradientspace.data.records import load_records
+from gradientspace.evaluation.evaluate import evaluate_strategies
+from gradientspace.experts.adapters import train_experts
+from gradientspace.clustering.stages import cluster
+from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl
-from gradientspace.strategies import STRATEGIES, get
-from gradientspace.workflow import decide_experts, elrea_centroids, router_thresholds
+from gradientspace.experts.strategies import STRATEGIES, get
+from gradientspace.commands import decide_experts, elrea_centroids, router_thresholds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge

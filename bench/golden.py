@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradientspace.config import load_config
-from gradientspace.workflow import run_all
+from gradientspace.commands import run_all
 
 HERE = Path(__file__).resolve().parent / "golden"
 # eval.json keeps each record's NLL to 5 decimals: a difference of 1e-5 is one step of that rounding (the float

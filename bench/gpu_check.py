@@ -61,7 +61,7 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers":
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
-# The tiny-random alias's own shape (gradientspace.models), its vocabulary the tokenizer's.
+# The tiny-random alias's own shape (gradientspace.models.loading), its vocabulary the tokenizer's.
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": True}
 # The router's encoder, all-MiniLM-L6-v2's shape (its weights are 90 MB: too big to travel).
@@ -115,7 +115,7 @@ TOTAL_BUDGET_S = 470  # full sizes: every part's timeout is also cut to what is 
 # ---------------------------------------------------------------- shared helpers (run inside a part's process)
 
 def device_and_dtype():
-    from gradientspace.models import pick_device, resolve_dtype
+    from gradientspace.models.loading import pick_device, resolve_dtype
 
     device = pick_device("auto")
     return device, resolve_dtype("auto", device)  # bf16 on a GPU that has it, float32 on a CPU
@@ -185,7 +185,7 @@ def with_lora(base, seed: int = 0):
     from peft import get_peft_model
 
     from gradientspace.config import ModelConfig
-    from gradientspace.models import lora_config
+    from gradientspace.models.loading import lora_config
 
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(ModelConfig(name="random", **LORA)))
@@ -207,7 +207,7 @@ def filled_records(count: int, seed: int = 0):
     """Chat records whose answers are long enough that every sample fills `tokens` after truncation."""
     import random
 
-    from gradientspace.data import Record
+    from gradientspace.data.records import Record
 
     rng = random.Random(seed)
     words = "gradient sketch cluster expert router token sample basis rank memory adapter batch".split()
@@ -217,7 +217,7 @@ def filled_records(count: int, seed: int = 0):
 
 def device_batches(tokenizer, sizes: Sizes, count: int, device, seed: int = 0) -> list:
     """`count` padded batches of `sizes.batch_size` full-length samples, already on the device."""
-    from gradientspace.data import collate, tokenize
+    from gradientspace.data.records import collate, tokenize
 
     examples = tokenize(filled_records(count * sizes.batch_size, seed), tokenizer, sizes.tokens)
     return [tuple(t.to(device) for t in collate(examples[i:i + sizes.batch_size], tokenizer.pad_token_id))
@@ -225,7 +225,7 @@ def device_batches(tokenizer, sizes: Sizes, count: int, device, seed: int = 0) -
 
 
 def hooked_pass(model, batches, checkpointing: bool = False) -> None:
-    from gradientspace.gradients import PerSampleGradients
+    from gradientspace.gradients.engine import PerSampleGradients
 
     with PerSampleGradients(model, checkpointing) as engine:
         for input_ids, mask, labels in batches:
@@ -234,7 +234,7 @@ def hooked_pass(model, batches, checkpointing: bool = False) -> None:
 
 def plain_pass(model, batches) -> None:
     """The floor: one batched forward + backward of the same loss, no per-sample gradients (as a training step computes)."""
-    from gradientspace.gradients import per_sample_mean_loss
+    from gradientspace.gradients.engine import per_sample_mean_loss
 
     model.eval()
     for input_ids, mask, labels in batches:
@@ -274,7 +274,7 @@ def part_tests(sizes: Sizes, scratch: Path, out: Partial) -> None:
     """Each test file in its own pytest (a file killed by the budget loses only its own results)."""
     import torch
 
-    from gradientspace.models import pick_device
+    from gradientspace.models.loading import pick_device
 
     deadline = time.monotonic() + sizes.budgets["tests"] - 10
     out.update(device=str(pick_device("auto")), files={})
@@ -328,8 +328,8 @@ def junit_summary(report: Path) -> dict:
 def part_gradients(sizes: Sizes, scratch: Path, out: Partial) -> None:
     import torch
 
-    from gradientspace.gradients import PerSampleGradients, layout_of
-    from gradientspace.models import load_tokenizer
+    from gradientspace.gradients.engine import PerSampleGradients, layout_of
+    from gradientspace.models.loading import load_tokenizer
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
@@ -366,8 +366,8 @@ def part_gradients(sizes: Sizes, scratch: Path, out: Partial) -> None:
 
 
 def part_gradients_8b(sizes: Sizes, scratch: Path, out: Partial) -> None:
-    from gradientspace.gradients import layout_of
-    from gradientspace.models import load_tokenizer
+    from gradientspace.gradients.engine import layout_of
+    from gradientspace.models.loading import load_tokenizer
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
@@ -400,8 +400,8 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
     """bench/scale.py's synthetic stream, generated on the device (its rows are not timed), fed to OnlineSVD there."""
     import torch
 
-    from gradientspace.models import pick_device
-    from gradientspace.sketch import OnlineSVD
+    from gradientspace.models.loading import pick_device
+    from gradientspace.gradients.sketch import OnlineSVD
     from scale import SyntheticStream
 
     device = pick_device("auto")
@@ -434,9 +434,9 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
 
 
 def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
-    from gradientspace.data import tokenize
-    from gradientspace.models import load_tokenizer
-    from gradientspace.train import TrainPlan, train_adapter
+    from gradientspace.data.records import tokenize
+    from gradientspace.models.loading import load_tokenizer
+    from gradientspace.experts.train import TrainPlan, train_adapter
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
@@ -463,12 +463,12 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     from transformers import BertConfig, BertModel
 
     from gradientspace.config import load_config
-    from gradientspace.encoder import embed_texts
-    from gradientspace.experts import generalist_folder
-    from gradientspace.models import load_tokenizer
-    from gradientspace.router import Router
+    from gradientspace.routing.encoder import embed_texts
+    from gradientspace.experts.adapters import generalist_folder
+    from gradientspace.models.loading import load_tokenizer
+    from gradientspace.routing.router import Router
     from gradientspace.runs import RunDirectory, write_json
-    from gradientspace.strategies import get
+    from gradientspace.experts.strategies import get
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")

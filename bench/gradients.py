@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data import collate, load_records, shuffled_length_batches, tokenize
-from gradientspace.gradients import PerSampleGradients, layout_of, per_sample_mean_loss
-from gradientspace.models import load_lora_model
+from gradientspace.data.records import collate, load_records, shuffled_length_batches, tokenize
+from gradientspace.gradients.engine import PerSampleGradients, layout_of, per_sample_mean_loss
+from gradientspace.models.loading import load_lora_model
 
 SHARED_MIX4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mix4" / "train.jsonl"
 

@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gradientspace.data import IGNORE
-from gradientspace.gradients import per_sample_mean_loss
+from gradientspace.data.records import IGNORE
+from gradientspace.gradients.engine import per_sample_mean_loss
 
 
 def full_grid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

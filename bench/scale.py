@@ -94,7 +94,7 @@ class SyntheticStream:
 def sketch_case(dim: int, samples: int, block: int) -> dict:
     import torch
 
-    from gradientspace.sketch import OnlineSVD
+    from gradientspace.gradients.sketch import OnlineSVD
 
     torch.manual_seed(0)
     stream = SyntheticStream(dim)
@@ -138,7 +138,7 @@ def retained_outputs_engine(model, input_ids, mask, labels):
     until one autograd.grad returns all output gradients together, then one einsum per module."""
     import torch
 
-    from gradientspace.gradients import lora_linears, per_sample_mean_loss
+    from gradientspace.gradients.engine import lora_linears, per_sample_mean_loss
 
     modules = lora_linears(model)
     inputs, outputs = {}, {}
@@ -164,9 +164,9 @@ def engine_case(variant: str, dtype: str, targets: str, batch_size: int, max_len
     import torch
 
     from gradientspace.config import ModelConfig
-    from gradientspace.data import Record, collate, tokenize
-    from gradientspace.gradients import PerSampleGradients, layout_of, per_sample_mean_loss
-    from gradientspace.models import load_lora_model
+    from gradientspace.data.records import Record, collate, tokenize
+    from gradientspace.gradients.engine import PerSampleGradients, layout_of, per_sample_mean_loss
+    from gradientspace.models.loading import load_lora_model
 
     torch.set_num_threads(2)
     target_modules = ["all-linear"] if targets == "all-linear" else ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -226,8 +226,8 @@ def loader_case(records: int, num_proc: int, mode: str, tokenize_records: int = 
     import resource
     import shutil
 
-    from gradientspace.data import _parse_record, load_dataset_records, tokenize_dataset
-    from gradientspace.models import load_tokenizer
+    from gradientspace.data.records import _parse_record, load_dataset_records, tokenize_dataset
+    from gradientspace.models.loading import load_tokenizer
 
     path = synthetic_jsonl(records)
     cache = str(path.with_suffix(".datasets"))

@@ -32,17 +32,17 @@ from pathlib import Path
 import httpx
 
 from gradientspace.config import ServeConfig, config_from_run, load_config
-from gradientspace.data import load_records
+from gradientspace.data.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run(folder: Path, per_source: int) -> Path:
     """The run the bench serves: built once (every stage resumes), reused afterwards."""
-    from gradientspace.experts import train_experts
-    from gradientspace.pipeline import cluster
-    from gradientspace.router import train_routers
-    from gradientspace.workflow import elrea_centroids
+    from gradientspace.experts.adapters import train_experts
+    from gradientspace.clustering.stages import cluster
+    from gradientspace.routing.router import train_routers
+    from gradientspace.commands import elrea_centroids
 
     config = load_config(None, {"out": str(folder), "model.name": "smollm2-135m", "data.path": "mix4-packaged", "data.per_source": per_source,
                                 "data.max_length": 192, "cluster.k": 4, "experts.epochs": 1, "experts.strategies": ["routed", "single", "elrea-ensemble"]})
@@ -139,8 +139,8 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
     through peft's `adapter_names` and through the engine's StackedLoRA."""
     import torch
 
-    from gradientspace.data import prompt_text
-    from gradientspace.inference import serving_names
+    from gradientspace.data.records import prompt_text
+    from gradientspace.models.inference import serving_names
     from gradientspace.serving.engine import StackedLoRA
 
     adapters = list(serving_names(model).values())
@@ -229,7 +229,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
-    from gradientspace.inference import StrategyModel
+    from gradientspace.models.inference import StrategyModel
 
     model = StrategyModel(config_from_run(run), ["elrea-ensemble"])  # holds the routed experts too
     results["one batch decoded in-process"] = mixed_batch_decode(model, records[: args.mixed_rows], args.max_tokens, args.repeats)

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from gradientspace.config import config_from_run
-from gradientspace.experts import train_experts
-from gradientspace.inference import StrategyModel
-from gradientspace.pipeline import cluster
-from gradientspace.router import train_routers
+from gradientspace.experts.adapters import train_experts
+from gradientspace.models.inference import StrategyModel
+from gradientspace.clustering.stages import cluster
+from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
-from gradientspace.workflow import decide_experts, router_thresholds
+from gradientspace.commands import decide_experts, router_thresholds
 
 VARIANTS = {
     "base": {},

@@ -6,8 +6,8 @@ import argparse
 import sys
 import warnings
 
-from .config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
-from .strategies import STRATEGIES
+from gradientspace.config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
+from gradientspace.experts.strategies import STRATEGIES
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -48,7 +48,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import alias_status, cache_dir
+    from gradientspace.models.loading import alias_status, cache_dir
 
     print(f"{'alias':<14} {'status':<38} description")
     for row in alias_status():
@@ -77,7 +77,7 @@ def _strategies(text: str | None, flag: str = "--strategies") -> list[str] | Non
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from .workflow import run_until
+    from gradientspace.commands import run_until
 
     config = load_config(args.config, _overrides(args, CLUSTER_FLAGS))
     outcome = run_until(config, "cluster", overwrite=args.overwrite)["cluster"]
@@ -100,7 +100,7 @@ def _run_config(args: argparse.Namespace, flags: dict[str, str] | None = None):
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
-    from .workflow import run_until
+    from gradientspace.commands import run_until
 
     _strategies(args.strategies)
     config = _run_config(args, EXPERTS_FLAGS)
@@ -112,7 +112,7 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_train_router(args: argparse.Namespace) -> int:
-    from .workflow import run_until
+    from gradientspace.commands import run_until
 
     _strategies(args.strategies)
     config = _run_config(args, {"strategies": "experts.strategies"})
@@ -132,9 +132,9 @@ def _decision_line(strategy: str, decisions: dict[str, dict]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from .data import Record, load_records
-    from .inference import StrategyModel
-    from .runs import RunDirectory
+    from gradientspace.data.records import Record, load_records
+    from gradientspace.models.inference import StrategyModel
+    from gradientspace.runs import RunDirectory
 
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
@@ -151,8 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import markdown_table
-    from .workflow import run_until
+    from gradientspace.evaluation.evaluate import markdown_table
+    from gradientspace.commands import run_until
 
     strategies = _strategies(args.strategies)
     config = _run_config(args, EVALUATE_FLAGS)
@@ -175,7 +175,7 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Read-only: draws what the run holds so far, and writes nothing to its manifest (the run may be in progress elsewhere)."""
-    from .report import make_report
+    from gradientspace.evaluation.report import make_report
 
     config_from_run(args.run)  # a missing or corrupt run fails here, in one line
     for figure in make_report(args.run):
@@ -186,9 +186,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
-    from .evaluate import markdown_table
-    from .runs import RunDirectory
-    from .workflow import run_all
+    from gradientspace.evaluation.evaluate import markdown_table
+    from gradientspace.runs import RunDirectory
+    from gradientspace.commands import run_all
 
     config = load_config(args.config, _overrides(args, {"out": "out"}))
     started, start = time.time(), time.perf_counter()
@@ -240,7 +240,7 @@ def _require_serve_extra() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from .serving.server import serve
+    from gradientspace.serving.server import serve
 
     serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}), args.api_key)
     return 0
@@ -248,14 +248,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from .serving.route_proxy import route
+    from gradientspace.serving.route_proxy import route
 
     route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend, args.api_key)
     return 0
 
 
 def cmd_backend_command(args: argparse.Namespace) -> int:
-    from .serving.backends import backend_command
+    from gradientspace.serving.backends import backend_command
 
     if args.port is not None and not 1 <= args.port <= 65535:  # not a config key, so no `check` covers it
         raise ConfigError(f"--port: {args.port} is not a TCP port (1 to 65535)")
@@ -360,11 +360,11 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input ends in one line on stderr and exit 2, a run busy with another command in exit 75
     (EX_TEMPFAIL: try again later), any other failure in exit 1 (`--debug`: traceback)."""
-    from . import distributed
-    from .data import DataError
-    from .models import ModelError
-    from .runs import RunBusy, RunError
-    from .serving.backends import BackendError
+    from gradientspace import distributed
+    from gradientspace.data.records import DataError
+    from gradientspace.models.loading import ModelError
+    from gradientspace.runs import RunBusy, RunError
+    from gradientspace.serving.backends import BackendError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

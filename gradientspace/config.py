@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Union, get_args, get_origin, get_type
 
 import yaml
 
-from .data import RECIPES, EncodingFault, decode_utf8
+from gradientspace.data.records import RECIPES, EncodingFault, decode_utf8
 
 
 class ConfigError(ValueError):
@@ -166,7 +166,7 @@ CHOICES = {
     "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
     "experts.init": ("generalist", "warmup", "fresh"),
 }
-# The names a list key may hold, registered by the module that defines them (`strategies.py` registers its registry
+# The names a list key may hold, registered by the module that defines them (`experts/strategies.py` registers its registry
 # under `experts.strategies`), so that a strategy added there is accepted here and this module imports no stage.
 LIST_CHOICES: dict[str, Mapping[str, object]] = {}
 
@@ -397,7 +397,7 @@ def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None
         tree = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{manifest} is not valid JSON ({err}); move it away to start the run over") from None
-    from .runs import RUN_MANIFEST_FIELDS
+    from gradientspace.runs import RUN_MANIFEST_FIELDS
 
     missing = [name for name in RUN_MANIFEST_FIELDS if not isinstance(tree.get(name) if isinstance(tree, dict) else None, dict)]
     if missing:

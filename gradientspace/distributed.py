@@ -7,7 +7,7 @@ state to rank r − s, which merges it. Each round moves one shard state (d×r' 
 per pair, all pairs at once, and rank 0 ends with everything. Evaluation is sharded too (each
 rank scores every world-size-th test record, `gather_to_main` brings them to rank 0), and so
 are the adapters after the generalist (round-robin, one-process Trainer jobs; see
-`experts.spread_over_ranks`); the warm-up, the generalist, routers and thresholds train on rank 0
+`experts.adapters.spread_over_ranks`); the warm-up, the generalist, routers and thresholds train on rank 0
 while the others wait.
 """
 

@@ -7,7 +7,7 @@ and K against their number and their distinct contents; the test data; the outpu
 being new, empty or a run (never a folder of the user's), writable, and holding none of the
 input files; and an existing run in that directory. Nothing here writes, so a command that
 fails its checks leaves the run directory (and its manifest) as it was; the run's lock is
-taken only after them (`workflow.run_until`).
+taken only after them (`commands.run_until`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .cluster import GRADIENT_METHODS
-from .config import ConfigError, RunConfig
-from .data import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
-from .models import check_model_name, load_tokenizer
-from .runs import LOCK_NAME, RunDirectory, is_run_manifest
-from .strategies import get
+from gradientspace.clustering.kmeans import GRADIENT_METHODS
+from gradientspace.config import ConfigError, RunConfig
+from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
+from gradientspace.models.loading import check_model_name, load_tokenizer
+from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
+from gradientspace.experts.strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
 # with other values there is another run. Later sections (experts, router, evaluate) may change

@@ -21,11 +21,11 @@ from dataclasses import asdict
 from functools import cached_property
 from typing import Sequence
 
-from . import distributed
-from .config import ModelConfig, RunConfig
-from .data import LoadReport, Record, load_records, validation_ids
-from .models import LoadedModel, load_lora_model
-from .runs import Placement, RunDirectory, Stage, config_hash, note
+from gradientspace import distributed
+from gradientspace.config import ModelConfig, RunConfig
+from gradientspace.data.records import LoadReport, Record, load_records, validation_ids
+from gradientspace.models.loading import LoadedModel, load_lora_model
+from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, note
 
 
 def as_run(run: Run | RunConfig) -> Run:

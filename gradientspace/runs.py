@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from . import distributed
+from gradientspace import distributed
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 import pytest
 
 from gradientspace.config import ModelConfig
-from gradientspace.data import Record
-from gradientspace.models import load_lora_model
+from gradientspace.data.records import Record
+from gradientspace.models.loading import load_lora_model
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 
 from gradientspace import distributed
 from gradientspace.cli import main
-from gradientspace.pipeline import ClusterStage
+from gradientspace.clustering.stages import ClusterStage
 
 DELAY_SECONDS = 5
 unhurried = ClusterStage.run

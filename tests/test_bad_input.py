@@ -341,7 +341,7 @@ def saved_dataset(c: "Case") -> Path:
     """The records as a saved `datasets` folder (a data path that is a folder)."""
     from datasets import Dataset
 
-    from gradientspace.data import datasets_progress
+    from gradientspace.data.records import datasets_progress
 
     with datasets_progress(False):  # the case's stderr must hold only the error line
         Dataset.from_list(GOOD_ROWS).save_to_disk(str(c.user / "dataset"))

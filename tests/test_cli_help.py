@@ -8,7 +8,7 @@ import pytest
 
 from gradientspace.cli import build_parser, main
 from gradientspace.config import config_keys, key_default, key_help, load_config
-from gradientspace.experts import served_groups
+from gradientspace.experts.adapters import served_groups
 from gradientspace.runs import RunDirectory
 
 from conftest import tiny_run_config
@@ -88,9 +88,9 @@ def test_ordinary_commands_print_no_library_warning(quiet_run):
 
 def test_the_scoring_pass_shows_a_progress_bar_and_scores_as_one_call(quiet_run):
     from gradientspace.config import config_from_run
-    from gradientspace.data import load_records
-    from gradientspace.evaluate import scored
-    from gradientspace.inference import StrategyModel
+    from gradientspace.data.records import load_records
+    from gradientspace.evaluation.evaluate import scored
+    from gradientspace.models.inference import StrategyModel
 
     run, _, _, stderr = quiet_run
     assert "score (routed)" in stderr and "score (single)" in stderr

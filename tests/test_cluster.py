@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradientspace.cluster import ExactStore, RademacherProjector, choose_k, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
+from gradientspace.clustering.kmeans import ExactStore, RademacherProjector, choose_k, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
 
 
 def test_projector_equals_explicit_matrix_and_is_reproducible():
@@ -107,7 +107,7 @@ def test_k_auto_searches_up_to_n_minus_one_and_stops_at_an_empty_cluster():
     (2, 8, "the best K is 2, the smallest searched"),
 ])
 def test_k_auto_says_its_choice_and_warns_at_an_edge_of_the_range(centres, k_max, says, capsys):
-    from gradientspace.pipeline import say_chosen_k
+    from gradientspace.clustering.stages import say_chosen_k
 
     rows = blobs(8, centres)
     k, scores = choose_k(rows, k_max=k_max, seed=0)
@@ -119,7 +119,7 @@ def test_k_auto_says_its_choice_and_warns_at_an_edge_of_the_range(centres, k_max
 
 def test_fewer_distinct_points_than_k_is_an_error_naming_the_cause():
     from gradientspace.config import ConfigError, load_config
-    from gradientspace.pipeline import assign
+    from gradientspace.clustering.stages import assign
 
     rows = torch.ones(12, 16) + torch.arange(12).remainder(2)[:, None] * torch.eye(16)[0]  # 12 samples, 2 distinct directions
     config = load_config(None, {"cluster.k": 3})

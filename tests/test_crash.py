@@ -46,10 +46,12 @@ def gradientspace_run(config, kill_in: str | None = None) -> subprocess.Complete
 
 
 def one_stage_of_each_kind(manifest: dict) -> list[str]:
-    """data, warmup, gradients, cluster, the generalist, one expert of every strategy, each router and threshold, evaluate, report."""
+    """data, warmup, gradients, cluster, a partition, the generalist, one expert of every strategy (a branched expert
+    resumes from another starting point than the generalist), a strategy's adapters, a router, keep decision and
+    threshold (the same code for every strategy), evaluate, report."""
     chosen, kinds = [], set()
     for name in manifest["stages"]:
-        kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name
+        kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name.split("/")[0]
         if kind not in kinds:
             kinds.add(kind)
             chosen.append(name)
@@ -71,7 +73,8 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     whole = gradientspace_run(whole_config)
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
-    assert {"data", "warmup", "gradients", "cluster", "experts/single/0", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} <= set(stages)
+    assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/routed/0", "experts/random-clusters/0",
+            "adapters/single", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} == set(stages)
 
     previous = None
     for stage in stages:

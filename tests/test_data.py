@@ -4,7 +4,7 @@ import re
 import pytest
 
 from conftest import make_records
-from gradientspace.data import (IGNORE, DataError, Record, gutenberg_body, load_records, mix4_packaged, shuffled_length_batches,
+from gradientspace.data.records import (IGNORE, DataError, Record, gutenberg_body, load_records, mix4_packaged, shuffled_length_batches,
                                 tokenize)
 
 
@@ -156,8 +156,8 @@ def test_gutenberg_body_cuts_header_footer_and_the_old_end_line():
 
 def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
     from gradientspace.config import load_config
-    from gradientspace.data import validation_ids
-    from gradientspace.pipeline import warmup_subset
+    from gradientspace.data.records import validation_ids
+    from gradientspace.clustering.stages import warmup_subset
 
     records = [Record(f"r{i}", [{"role": "user", "content": "q"}], "a", source=f"s{i % 3}") for i in range(60)]
     held = validation_ids(records, 0.2, seed=0)
@@ -170,7 +170,7 @@ def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
 
 
 def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_path, tiny):
-    from gradientspace.data import ExampleTable, LazyBatch, RecordTable
+    from gradientspace.data.records import ExampleTable, LazyBatch, RecordTable
 
     rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(40)]
     records, report = load_records(write_jsonl(tmp_path / "d.jsonl", rows))

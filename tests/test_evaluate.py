@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from gradientspace.evaluate import answers_match, final_number, rouge_l, run_humaneval_case
-from gradientspace.router import stratified_split, train_router
-from gradientspace.strategies import ROUTER_UNSURE
+from gradientspace.evaluation.evaluate import answers_match, final_number, rouge_l, run_humaneval_case
+from gradientspace.routing.router import stratified_split, train_router
+from gradientspace.experts.strategies import ROUTER_UNSURE
 
 
 def test_final_number():

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import write_records
 from gradientspace import cluster, load_config
-from gradientspace.data import load_records, validation_ids
-from gradientspace.experts import decided, train_experts
-from gradientspace.inference import StrategyModel, best_threshold
+from gradientspace.data.records import load_records, validation_ids
+from gradientspace.experts.adapters import decided, train_experts
+from gradientspace.models.inference import StrategyModel, best_threshold
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_an_expert_that_cannot_show_a_gain_on_its_routed_records_falls_back_to_t
     for expert in summaries["routed"]["experts"].values():
         # the branch started where the generalist ended: its initial validation NLL is the generalist's on that group
         assert expert["initial_eval_loss"] is not None and expert["best_eval_loss"] is not None
-    from gradientspace.router import train_routers
-    from gradientspace.workflow import decide_experts
+    from gradientspace.routing.router import train_routers
+    from gradientspace.commands import decide_experts
 
     train_routers(config)
     decisions = decide_experts(config)["routed"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_records
-from gradientspace.data import collate, tokenize
-from gradientspace.gradients import AdamState, PerSampleGradients, layout_of, per_sample_mean_loss, transform
+from gradientspace.data.records import collate, tokenize
+from gradientspace.gradients.engine import AdamState, PerSampleGradients, layout_of, per_sample_mean_loss, transform
 
 
 def naive_gradients(model, examples, pad_id):
@@ -139,7 +139,7 @@ def test_layout_covers_every_trainable_parameter(tiny):
 def all_linear_pair():
     """The same all-linear LoRA model in float32 and in bfloat16 (weights copied, B non-zero)."""
     from gradientspace.config import ModelConfig
-    from gradientspace.models import load_lora_model
+    from gradientspace.models.loading import load_lora_model
 
     loaded = {}
     for dtype in ("float32", "bfloat16"):

@@ -9,10 +9,10 @@ import torch
 
 from conftest import write_records
 from gradientspace import cluster, load_config
-from gradientspace.cluster import interference
-from gradientspace.experts import served_groups, train_experts
-from gradientspace.keep import bootstrap_upper_bound, keep_rule
-from gradientspace.router import train_routers
+from gradientspace.clustering.kmeans import interference
+from gradientspace.experts.adapters import served_groups, train_experts
+from gradientspace.experts.keep import bootstrap_upper_bound, keep_rule
+from gradientspace.routing.router import train_routers
 from gradientspace.runs import RunDirectory
 
 
@@ -45,7 +45,7 @@ def test_a_blend_is_one_plain_peft_adapter_that_interpolates_the_two_updates():
     from peft import get_peft_model_state_dict
 
     from gradientspace.config import ModelConfig
-    from gradientspace.models import load_lora_model
+    from gradientspace.models.loading import load_lora_model
 
     loaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=2, lora_alpha=4), seed=0)
     model = loaded.model
@@ -122,8 +122,8 @@ def routed_run(tmp_path_factory):
 
 
 def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapters_follow_them(routed_run, monkeypatch):
-    from gradientspace.strategies import RoutedPartition
-    from gradientspace.workflow import decide_experts, router_thresholds
+    from gradientspace.experts.strategies import RoutedPartition
+    from gradientspace.commands import decide_experts, router_thresholds
 
     config, seen = routed_run, {}
     real = RoutedPartition.serving_groups
@@ -154,7 +154,7 @@ def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapt
 
 
 def _split(config) -> dict[str, bool]:
-    from gradientspace.data import load_records, validation_ids
+    from gradientspace.data.records import load_records, validation_ids
 
     records, _ = load_records(config.data.path)
     held = validation_ids(records, config.data.validation_fraction, config.seed)
@@ -167,7 +167,7 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
     from dataclasses import replace
 
     from gradientspace.runner import Run
-    from gradientspace.workflow import ThresholdStage
+    from gradientspace.commands import ThresholdStage
 
     config = routed_run
     before = RunDirectory(config.out).manifest["stages"]
@@ -187,11 +187,11 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
 def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(routed_run):
     from peft import PeftModel
 
-    from gradientspace.inference import StrategyModel
-    from gradientspace.keep import blend_name, save_blend
-    from gradientspace.models import load_base_model
-    from gradientspace.strategies import Choice
-    from gradientspace.workflow import validation_records
+    from gradientspace.models.inference import StrategyModel
+    from gradientspace.experts.keep import blend_name, save_blend
+    from gradientspace.models.loading import load_base_model
+    from gradientspace.experts.strategies import Choice
+    from gradientspace.commands import validation_records
 
     config = routed_run
     engine = StrategyModel(config, ["routed"], apply_decisions=False)
@@ -205,7 +205,7 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
     assert reloaded == pytest.approx(in_memory, abs=1e-5)
     # a group decided at λ = 0.75 is served from that folder, by `serve` and by the vLLM launch command alike
-    from gradientspace.inference import served_adapters
+    from gradientspace.models.inference import served_adapters
     from gradientspace.serving.backends import launch_command
     from gradientspace.runs import write_json
 

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_run_config
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
-from gradientspace.data import Record, prompt_text
-from gradientspace.models import end_of_turn_ids, load_tokenizer
+from gradientspace.data.records import Record, prompt_text
+from gradientspace.models.loading import end_of_turn_ids, load_tokenizer
 
 LLAMA3_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}{% for message in messages %}"
@@ -55,7 +55,7 @@ def test_the_end_of_an_answer_comes_from_the_template_and_the_generation_config(
 
 
 def test_generate_and_serve_run_on_another_familys_template(llama3_style_model, tmp_path, capsys):
-    from gradientspace.inference import StrategyModel
+    from gradientspace.models.inference import StrategyModel
 
     config = tiny_run_config(tmp_path, ["single"], evaluate="limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1")
     config.write_text(config.read_text().replace("name: tiny-random", f"name: {llama3_style_model}"))

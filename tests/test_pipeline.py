@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import interrupted_after, make_records
 from gradientspace import cluster, load_config
-from gradientspace import pipeline
+from gradientspace.clustering import stages
 from gradientspace.cli import main
 
 
@@ -49,8 +49,8 @@ def test_cli_writes_run_and_resumes(data_file, tmp_path, capsys, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(pipeline, "run_gradient_pass", must_not_run)
-    monkeypatch.setattr(pipeline, "train_adapter", must_not_run)
+    monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)
+    monkeypatch.setattr(stages, "train_adapter", must_not_run)
     assert main(argv) == 0
     again = [json.loads(line) for line in (out / "clusters.jsonl").read_text().splitlines()]
     assert again == assignments
@@ -58,12 +58,12 @@ def test_cli_writes_run_and_resumes(data_file, tmp_path, capsys, monkeypatch):
 
 def test_interrupted_gradient_pass_resumes_to_the_same_sketch(data_file, tmp_path, monkeypatch):
     clean = cluster(config_for(data_file, tmp_path / "clean"))
-    real_stream = pipeline.stream_gradients
-    monkeypatch.setattr(pipeline, "stream_gradients", interrupted_after(real_stream, 3))
+    real_stream = stages.stream_gradients
+    monkeypatch.setattr(stages, "stream_gradients", interrupted_after(real_stream, 3))
     with pytest.raises(KeyboardInterrupt):
         cluster(config_for(data_file, tmp_path / "resumed"))
     assert list((tmp_path / "resumed" / "checkpoints").glob("gradients.rank0.safetensors"))
-    monkeypatch.setattr(pipeline, "stream_gradients", real_stream)
+    monkeypatch.setattr(stages, "stream_gradients", real_stream)
     resumed = cluster(config_for(data_file, tmp_path / "resumed"))
     a = load_file(str(tmp_path / "clean" / "sketch.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "sketch.safetensors"))

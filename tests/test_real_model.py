@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data import load_records, tokenize
-from gradientspace.models import load_lora_model
+from gradientspace.data.records import load_records, tokenize
+from gradientspace.models.loading import load_lora_model
 
 pytestmark = pytest.mark.slow
 

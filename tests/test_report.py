@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradientspace.report import make_report
+from gradientspace.evaluation.report import make_report
 
 
 def test_cluster_browser_shows_the_prompts_nearest_each_centroid(tmp_path):

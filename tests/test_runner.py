@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupted_after, make_records
-from gradientspace import pipeline
+from gradientspace.clustering import stages
 from gradientspace.cli import main
 from gradientspace.config import load_config
-from gradientspace.models import load_tokenizer
+from gradientspace.models.loading import load_tokenizer
 from gradientspace.runner import Run
 from gradientspace import distributed
 from gradientspace.runs import RunDirectory, Stage
@@ -54,7 +54,7 @@ def test_editing_the_data_in_place_reruns_every_stage_that_read_it(tmp_path, cap
 
     with monkeypatch.context() as patch:  # same file, same content: everything is skipped, clustering included
         for name in ("run_gradient_pass", "train_adapter", "assign"):
-            patch.setattr(pipeline, name, must_not_run)
+            patch.setattr(stages, name, must_not_run)
         assert main(argv) == 0
     again = stage_lines(capsys.readouterr().out)
     assert all(again[s].startswith(f"skip {s}: done, key ") for s in ("data", "warmup", "gradients", "cluster")), again
@@ -78,7 +78,7 @@ def test_moving_the_data_file_reruns_nothing(tmp_path, capsys, monkeypatch):
     moved = data.rename(tmp_path / "moved.jsonl")
     capsys.readouterr()
     for name in ("run_gradient_pass", "train_adapter", "assign"):
-        monkeypatch.setattr(pipeline, name, must_not_run)
+        monkeypatch.setattr(stages, name, must_not_run)
     assert main(["cluster", *FLAGS, "--data", str(moved), "--out", str(tmp_path / "run")]) == 0
     assert all(line.startswith("skip") for line in stage_lines(capsys.readouterr().out).values())
 
@@ -90,7 +90,7 @@ def test_another_config_needs_overwrite_then_reruns_what_changed(tmp_path, capsy
     assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3"]) == 2
     assert "cluster.k 2 → 3" in capsys.readouterr().err
     assert (tmp_path / "run" / "manifest.json").read_text() == manifest  # a refused command writes nothing
-    monkeypatch.setattr(pipeline, "run_gradient_pass", must_not_run)  # K is read by the clustering alone
+    monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)  # K is read by the clustering alone
     assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3", "--overwrite"]) == 0
     lines = stage_lines(capsys.readouterr().out)
     assert lines["gradients"].startswith("skip") and lines["cluster"].startswith("re-run cluster: cluster settings changed"), lines
@@ -109,20 +109,20 @@ def test_truncated_samples_are_counted(tmp_path, capsys):
         expected += len(tokenizer(full, add_special_tokens=False)["input_ids"]) > max_length
     assert 0 < expected < 24  # the case tests both sides
     config = load_config(None, {"model.name": "tiny-random", "data.path": str(data), "data.max_length": max_length, "out": str(tmp_path / "run")})
-    Run(config).build(pipeline.DataStage())
+    Run(config).build(stages.DataStage())
     assert RunDirectory(config.out).stage_entry("data")["truncated"] == expected
     assert f"{expected} truncated to data.max_length = {max_length} tokens" in capsys.readouterr().out
 
 
 def test_default_checkpoint_every_scales_with_the_pass(tmp_path, monkeypatch):
-    assert [pipeline.default_checkpoint_every(b) for b in (1, 3, 12, 100, 5000)] == [1, 1, 2, 10, 50]
+    assert [stages.default_checkpoint_every(b) for b in (1, 3, 12, 100, 5000)] == [1, 1, 2, 10, 50]
     data = write_data(tmp_path / "train.jsonl", 24)  # 6 batches of 4: the old default (50 batches) never saved
     config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96,
                                 "sketch.rank": 4, "cluster.k": 2, "gradients.batch_size": 4, "warmup.fraction": 0.25, "out": str(tmp_path / "run")})
     assert config.gradients.checkpoint_every is None
-    monkeypatch.setattr(pipeline, "stream_gradients", interrupted_after(pipeline.stream_gradients, 3))
+    monkeypatch.setattr(stages, "stream_gradients", interrupted_after(stages.stream_gradients, 3))
     with pytest.raises(KeyboardInterrupt):
-        pipeline.cluster(config)
+        stages.cluster(config)
     checkpoint = tmp_path / "run" / "checkpoints" / "gradients.rank0.safetensors"
     from safetensors import safe_open
 
@@ -167,17 +167,17 @@ def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypat
     data = write_data(tmp_path / "train.jsonl", 16)
     overrides = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96, "sketch.rank": 4,
                  "cluster.k": 2, "gradients.batch_size": 2, "gradients.checkpoint_every": 1, "warmup.fraction": 0.25}
-    clean = pipeline.cluster(load_config(None, {**overrides, "out": str(tmp_path / "clean")}))
+    clean = stages.cluster(load_config(None, {**overrides, "out": str(tmp_path / "clean")}))
     config = load_config(None, {**overrides, "out": str(tmp_path / "run")})
     with monkeypatch.context() as patch:
         patch.setattr(distributed, "world", lambda: (0, 2))  # rank 0's view of a two-process run, without a process group
         patch.setattr(distributed, "init", lambda: None)
-        patch.setattr(pipeline, "stream_gradients", interrupted_after(pipeline.stream_gradients, 2))
+        patch.setattr(stages, "stream_gradients", interrupted_after(stages.stream_gradients, 2))
         with pytest.raises(KeyboardInterrupt):
-            pipeline.cluster(config)
+            stages.cluster(config)
     assert (tmp_path / "run" / "checkpoints" / "gradients.rank0.safetensors").exists()
     capsys.readouterr()
-    resumed = pipeline.cluster(config)
+    resumed = stages.cluster(config)
     assert "resuming from the checkpoint" not in capsys.readouterr().out
     a, b = (load_file(str(tmp_path / name / "sketch.safetensors"))["coordinates"] for name in ("clean", "run"))
     assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
@@ -239,8 +239,8 @@ def test_a_second_command_on_a_run_fails_at_once_naming_the_first(tmp_path, caps
     lock.acquire()
     try:
         for name in ("run_gradient_pass", "train_adapter", "assign"):
-            monkeypatch.setattr(pipeline, name, must_not_run)
-        monkeypatch.setattr(pipeline.DataStage, "run", must_not_run)  # refused before any stage, even the data's
+            monkeypatch.setattr(stages, name, must_not_run)
+        monkeypatch.setattr(stages.DataStage, "run", must_not_run)  # refused before any stage, even the data's
         assert main([*argv, "--k", "3", "--overwrite"]) == 75
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and out == ""

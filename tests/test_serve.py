@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
-from gradientspace.inference import StrategyModel, served_adapters, serving_names
+from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
 from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")
@@ -206,8 +206,8 @@ def reference_answer(run_dir, folder, prompt: str, max_tokens: int) -> str:
     """The naive reference: the adapter folder alone on the base model, batch 1, transformers' greedy generate."""
     from peft import PeftModel
 
-    from gradientspace.data import Record, prompt_text
-    from gradientspace.models import load_base_model, load_tokenizer
+    from gradientspace.data.records import Record, prompt_text
+    from gradientspace.models.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer("tiny-random")
     model = PeftModel.from_pretrained(load_base_model("tiny-random", torch.device("cpu")), str(folder)).eval()
@@ -303,8 +303,8 @@ class Stub:
 
 @pytest.fixture(scope="module")
 def router(run_dir):
-    from gradientspace.router import Router
-    from gradientspace.strategies import get
+    from gradientspace.routing.router import Router
+    from gradientspace.experts.strategies import get
 
     run = RunDirectory(run_dir)
     return Router.load(get("routed").router_folder(run), torch.device("cpu"))
@@ -388,7 +388,7 @@ def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
 
 
 def test_backend_command(run_dir, capsys):
-    from gradientspace.models import resolve
+    from gradientspace.models.loading import resolve
 
     folders = {s.name: s.folder.resolve() for s in served_adapters(RunDirectory(run_dir))}
     assert main(["backend-command", str(run_dir), "--backend", "vllm"]) == 0

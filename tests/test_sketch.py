@@ -5,7 +5,7 @@ The algebra is checked in float64 (exact up to 1e-6); the float32 default has it
 
 import torch
 
-from gradientspace.sketch import OnlineSVD
+from gradientspace.gradients.sketch import OnlineSVD
 
 
 def stream(sketch, rows, batch):

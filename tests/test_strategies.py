@@ -5,11 +5,11 @@ import json
 import pytest
 
 from conftest import tiny_run_config
-from gradientspace import strategies
+from gradientspace.experts import strategies
 from gradientspace.cli import main
 from gradientspace.config import ConfigError, load_config
-from gradientspace.strategies import STRATEGIES, RoutedPartition, get, routed, trained
-from gradientspace.workflow import run_all
+from gradientspace.experts.strategies import STRATEGIES, RoutedPartition, get, routed, trained
+from gradientspace.commands import run_all
 
 
 class AlternatingGroups(RoutedPartition):

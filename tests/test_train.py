@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_records
-from gradientspace import train as train_module
+from gradientspace.experts import train as train_module
 from gradientspace.config import ModelConfig
-from gradientspace.data import collate, tokenize
-from gradientspace.gradients import per_sample_mean_loss
-from gradientspace.models import load_lora_model
-from gradientspace.train import TrainPlan, train_adapter
+from gradientspace.data.records import collate, tokenize
+from gradientspace.gradients.engine import per_sample_mean_loss
+from gradientspace.models.loading import load_lora_model
+from gradientspace.experts.train import TrainPlan, train_adapter
 
 
 def fresh():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gradientspace import workflow
+from gradientspace import commands
 from gradientspace.cli import main
 from gradientspace.config import load_config
 
@@ -50,10 +50,10 @@ def test_expert_folders_load_with_plain_peft_and_match_single_nll(finished_run):
     """The `single` strategy's NLL equals scoring its adapter folder loaded by PeftModel.from_pretrained."""
     from peft import PeftModel
 
-    from gradientspace.data import collate, load_records, tokenize
-    from gradientspace.gradients import per_sample_mean_loss
-    from gradientspace.inference import StrategyModel
-    from gradientspace.models import load_base_model, load_tokenizer
+    from gradientspace.data.records import collate, load_records, tokenize
+    from gradientspace.gradients.engine import per_sample_mean_loss
+    from gradientspace.models.inference import StrategyModel
+    from gradientspace.models.loading import load_base_model, load_tokenizer
 
     config_path, run = finished_run
     config = load_config(config_path)
@@ -76,13 +76,13 @@ def test_run_resumes_without_retraining(finished_run, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    import gradientspace.experts as experts
-    import gradientspace.pipeline as pipeline
+    import gradientspace.experts.adapters as adapters
+    import gradientspace.clustering.stages as stages
 
-    monkeypatch.setattr(experts, "train_adapter", must_not_run)
-    monkeypatch.setattr(pipeline, "run_gradient_pass", must_not_run)
-    monkeypatch.setattr(workflow, "evaluate_strategies", must_not_run)
-    monkeypatch.setattr(workflow, "compute_elrea_centroids", must_not_run)
+    monkeypatch.setattr(adapters, "train_adapter", must_not_run)
+    monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)
+    monkeypatch.setattr(commands, "evaluate_strategies", must_not_run)
+    monkeypatch.setattr(commands, "compute_elrea_centroids", must_not_run)
     assert main(["run", str(config)]) == 0
 
 
@@ -97,8 +97,8 @@ def test_generate_command(finished_run, capsys):
 
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
     """Left-padded batches per adapter decode the same tokens as the batch-1 greedy loop."""
-    from gradientspace.data import load_records
-    from gradientspace.inference import StrategyModel
+    from gradientspace.data.records import load_records
+    from gradientspace.models.inference import StrategyModel
 
     config_path, _ = finished_run
     records, _ = load_records("mix4-packaged:test", limit=6, per_source=5)
@@ -155,7 +155,7 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
         calls.append((config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
-    monkeypatch.setattr(workflow, "evaluate_strategies", evaluated)
+    monkeypatch.setattr(commands, "evaluate_strategies", evaluated)
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"instruction": "2 + 2?", "output": "4", "source": "math"}) + "\n")
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single"]) == 0

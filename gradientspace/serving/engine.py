@@ -52,8 +52,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from ..data import Record, prompt_text
-from ..inference import StrategyModel, serving_names, served_adapters
+from gradientspace.data.records import Record, prompt_text
+from gradientspace.models.inference import StrategyModel, serving_names, served_adapters
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 
-from ..config import ConfigError
+from gradientspace.config import ConfigError
 from .protocol import APIError
 
 API_KEY_VARIABLE = "GRADIENTSPACE_API_KEY"

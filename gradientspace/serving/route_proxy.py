@@ -19,10 +19,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..config import RunConfig, ServeConfig
-from ..inference import GENERALIST_MODEL, ServedAdapter
-from ..router import Router, threshold_override
-from ..strategies import get
+from gradientspace.config import RunConfig, ServeConfig
+from gradientspace.models.inference import GENERALIST_MODEL, ServedAdapter
+from gradientspace.routing.router import Router, threshold_override
+from gradientspace.experts.strategies import get
 from .backends import BackendError, upstream_model
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
@@ -108,9 +108,9 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
 
 def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | None = None) -> None:
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
-    from ..inference import served_adapters
-    from ..models import pick_device
-    from ..runs import RunDirectory
+    from gradientspace.models.inference import served_adapters
+    from gradientspace.models.loading import pick_device
+    from gradientspace.runs import RunDirectory
 
     settings, key = config.serve, api_key(api_key_flag)
     with listen(settings.host, settings.port) as sock:

@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..config import RunConfig, ServeConfig
-from ..inference import ServedAdapter
+from gradientspace.config import RunConfig, ServeConfig
+from gradientspace.models.inference import ServedAdapter
 from .engine import Engine, EngineBusy, Request, Route, Sampling
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .metrics import CountStatuses, ServerMetrics
@@ -224,7 +224,7 @@ def _sse(data: dict | str) -> str:
 
 def build(config: RunConfig, strategy: str = "routed", api_key: str | None = None) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
-    from ..inference import StrategyModel, served_adapters
+    from gradientspace.models.inference import StrategyModel, served_adapters
 
     model = StrategyModel(config, [strategy])
     settings = config.serve

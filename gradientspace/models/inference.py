@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig
-from .data import Record, collate, tokenize
-from .experts import generalist_folder, served_groups
-from .gradients import PerSampleGradients, per_sample_mean_loss, transform
-from .models import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
-from .router import Router, threshold_override
-from .runs import RunDirectory, atomic_path, write_json
-from .strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
+from gradientspace.config import RunConfig
+from gradientspace.data.records import Record, collate, tokenize
+from gradientspace.experts.adapters import generalist_folder, served_groups
+from gradientspace.gradients.engine import PerSampleGradients, per_sample_mean_loss, transform
+from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
+from gradientspace.routing.router import Router, threshold_override
+from gradientspace.runs import RunDirectory, atomic_path, write_json
+from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
 
 WARMUP = "warmup"
 
@@ -115,8 +115,8 @@ class StrategyModel:
 
     def gradient_oracle_groups(self, records: list[Record]) -> list[int]:
         """Each record's gradient cluster from its own response gradient, as the clustering pass computed it."""
-        from .gradients import layout_of
-        from .train import load_adam_state
+        from gradientspace.gradients.engine import layout_of
+        from gradientspace.experts.train import load_adam_state
 
         gradients = self.config.gradients
         self.model.set_adapter(WARMUP)
@@ -234,7 +234,7 @@ class StrategyModel:
         (and every ensemble prompt, whose mixing weights are its own) is decoded alone, which is what
         per-request latency measures. Batched generations report their batch's seconds.
         """
-        from .data import prompt_text
+        from gradientspace.data.records import prompt_text
 
         results: list[Generation | None] = [None] * len(records)
         choices, routing_seconds = self.choose(strategy, records)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .consumers import GradientConsumer
+from gradientspace.gradients.consumers import GradientConsumer
 
 
 @dataclass

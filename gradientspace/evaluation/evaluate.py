@@ -19,11 +19,11 @@ from __future__ import annotations
 import re
 import statistics
 
-from . import distributed
-from .config import RunConfig
-from .data import Record, load_records
-from .runs import RunDirectory, write_json
-from .strategies import get
+from gradientspace import distributed
+from gradientspace.config import RunConfig
+from gradientspace.data.records import Record, load_records
+from gradientspace.runs import RunDirectory, write_json
+from gradientspace.experts.strategies import get
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MATH_DOMAINS = ("math",)
@@ -93,7 +93,7 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
 
     Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
     """
-    from .inference import StrategyModel
+    from gradientspace.models.inference import StrategyModel
 
     strategies = strategies or list(config.experts.strategies)
     if records is None:
@@ -218,7 +218,7 @@ def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> 
 
 def _served_timings(engine, strategy: str, records: list[Record], config: RunConfig):
     """(routing, first token after routing, new tokens, total after routing) seconds per request, through the serving engine."""
-    from .serving.engine import Engine, Sampling
+    from gradientspace.serving.engine import Engine, Sampling
 
     with Engine(engine, strategy, config.serve.max_batch_size, config.serve.batch_window_ms / 1000) as served:
         if records:

@@ -4,7 +4,7 @@ Trained on prompt text → group id of the training records (never on `source`),
 stratified held-out split whose accuracy is reported. At inference one encoder forward picks
 the expert; a top probability below `threshold` sends the prompt to the generalist (single)
 adapter instead, reported as expert -1. The router never sees the validation split, so the
-threshold can be chosen there honestly (`inference.calibrate_threshold`).
+threshold can be chosen there honestly (`models.inference.calibrate_threshold`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .encoder import embed_texts, load_encoder, mean_pool
-from .runs import Stage, atomic_path, config_hash, write_json
-from .strategies import ROUTER_UNSURE, get, routed
+from gradientspace.routing.encoder import embed_texts, load_encoder, mean_pool
+from gradientspace.runs import Stage, atomic_path, config_hash, write_json
+from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -159,7 +159,7 @@ class RouterStage(Stage):
         self.strategy = strategy
 
     def requires(self, run):
-        from .experts import PartitionStage
+        from gradientspace.experts.adapters import PartitionStage
 
         return [PartitionStage(self.strategy)]
 
@@ -170,7 +170,7 @@ class RouterStage(Stage):
         return {"router settings": config_hash(settings, run.config.seed), "training records": config_hash(sorted(r.id for r in run.training))}
 
     def run(self, run, key: str, record: dict) -> None:
-        from .models import pick_device
+        from gradientspace.models.loading import pick_device
 
         config, folder = run.config, get(self.strategy).router_folder(run)
         partition = json.loads((get(self.strategy).folder(run) / "partition.json").read_text())
@@ -188,7 +188,7 @@ class RouterStage(Stage):
 
 def train_routers(run, strategies: list[str] | None = None) -> dict:
     """`gradientspace train-router RUN`: one router per routed partition (the gradient clusters first); accuracies on rank 0."""
-    from .runner import as_run
+    from gradientspace.runner import as_run
 
     run = as_run(run)  # a `runner.Run`, or a config to make one of
     wanted = routed(strategies or run.config.experts.strategies)

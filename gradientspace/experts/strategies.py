@@ -1,7 +1,7 @@
 """Every strategy as one object: how it partitions the training data, whose adapters it serves, how it picks one per prompt.
 
 `STRATEGIES` is the registry. The CLI's choices, the config's validation, the preflight checks,
-training (`experts.py`), routers (`router.py`, `workflow.py`), inference and evaluation all read
+training (`adapters.py`), routers (`routing/router.py`, `commands.py`), inference and evaluation all read
 it; adding a strategy is adding one object here.
 
 | strategy | partition | adapter used for a prompt |
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import LIST_CHOICES, RunConfig
-from .data import Record
+from gradientspace.config import LIST_CHOICES, RunConfig
+from gradientspace.data.records import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from and falls back to
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the generalist serves the prompt
@@ -44,7 +44,7 @@ class PromptRouter(Protocol):
 
 
 class ServingModel(Protocol):
-    """What a strategy's `choose` reads of the model serving it (`inference.StrategyModel`)."""
+    """What a strategy's `choose` reads of the model serving it (`models.inference.StrategyModel`)."""
     generalist: str  # the adapter every strategy falls back to
     groups: dict[str, list[str]]  # each trained strategy's group names
     routers: dict[str, PromptRouter]
@@ -198,7 +198,7 @@ class RandomClusters(RoutedPartition):
     name, help = "random-clusters", "balanced random groups of the same K (separates clustering from extra training)"
 
     def labels(self, run, config, records):
-        from .cluster import random_labels
+        from gradientspace.clustering.kmeans import random_labels
 
         return random_labels(len(records), cluster_count(run), config.seed).tolist()
 
@@ -209,8 +209,8 @@ class EmbeddingClusters(RoutedPartition):
     def labels(self, run, config, records):
         import torch
 
-        from .cluster import spherical_kmeans
-        from .encoder import embed_texts
+        from gradientspace.clustering.kmeans import spherical_kmeans
+        from gradientspace.routing.encoder import embed_texts
 
         features = embed_texts([r.prompt_text for r in records], torch.device("cpu"))
         return spherical_kmeans(features, cluster_count(run), config.seed, config.cluster.n_init).tolist()
@@ -223,7 +223,7 @@ class ProjectionClusters(RoutedPartition):
     def labels(self, run, config, records):
         from safetensors.torch import load_file
 
-        from .cluster import spherical_kmeans
+        from gradientspace.clustering.kmeans import spherical_kmeans
 
         path = run.path(f"projection-{strategy_projection_dim(config)}.safetensors")
         if not path.exists():

@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from .experts import served_groups  # noqa: E402
-from .runs import RunDirectory, RunError, atomic_path  # noqa: E402
+from gradientspace.experts.adapters import served_groups  # noqa: E402
+from gradientspace.runs import RunDirectory, RunError, atomic_path  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:
@@ -217,7 +217,7 @@ def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def _result_table(results: dict, strategies: list[str]) -> str:
     """eval.md's table as HTML: the same columns, so the two never disagree."""
-    from .evaluate import markdown_table
+    from gradientspace.evaluation.evaluate import markdown_table
 
     lines = markdown_table(results, strategies).splitlines()
     cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
@@ -300,7 +300,7 @@ def clustering_section(run: RunDirectory) -> str:
 
 def routing_section(run: RunDirectory) -> str:
     """Per routed strategy: the router's held-out accuracy, the threshold and how it was chosen, which experts fell back."""
-    from .strategies import STRATEGIES
+    from gradientspace.experts.strategies import STRATEGIES
 
     rows = []
     for name, strategy in STRATEGIES.items():

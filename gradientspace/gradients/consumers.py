@@ -1,6 +1,6 @@
 """The one interface every consumer of the gradient stream implements (the sketch, the random projector, the exact store).
 
-The gradient pass (`pipeline.run_gradient_pass`) hands each batch of per-sample gradient rows to
+The gradient pass (`clustering.stages.run_gradient_pass`) hands each batch of per-sample gradient rows to
 every consumer, checkpoints them through `state_dict`, and under torchrun merges the ranks'
 consumers as a tree (`distributed.tree_merge`): so a consumer must be able to absorb a disjoint
 shard, and to round-trip through a flat dict of tensors.
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .runs import atomic_path
+from gradientspace.runs import atomic_path
 
 
 class GradientConsumer(ABC):

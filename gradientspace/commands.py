@@ -17,20 +17,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from . import distributed
-from .config import RunConfig
-from .data import fingerprint
-from .evaluate import evaluate_strategies
-from .experts import AdapterStage, PartitionStage, StrategyAdapters, train_experts
-from .inference import calibrate_threshold, compute_elrea_centroids
-from .keep import KeepStage, keep_decisions, served_stage
-from .pipeline import ClusterStage, cluster
-from .preflight import preflight
-from .report import make_report
-from .router import RouterStage, train_routers
-from .runner import Run, as_run
-from .runs import Placement, Stage, config_hash, locked, new_command
-from .strategies import GENERALIST, get, routed, trained
+from gradientspace import distributed
+from gradientspace.config import RunConfig
+from gradientspace.data.records import fingerprint
+from gradientspace.evaluation.evaluate import evaluate_strategies
+from gradientspace.experts.adapters import AdapterStage, PartitionStage, StrategyAdapters, train_experts
+from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
+from gradientspace.experts.keep import KeepStage, keep_decisions, served_stage
+from gradientspace.clustering.stages import ClusterStage, cluster
+from gradientspace.preflight import preflight
+from gradientspace.evaluation.report import make_report
+from gradientspace.routing.router import RouterStage, train_routers
+from gradientspace.runner import Run, as_run
+from gradientspace.runs import Placement, Stage, config_hash, locked, new_command
+from gradientspace.experts.strategies import GENERALIST, get, routed, trained
 
 STEPS = ("cluster", "experts", "router", "evaluate", "report")
 
@@ -154,7 +154,7 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
     """Check everything cheap first, then build every stage up to `last` (one of STEPS), skipping finished ones.
 
     Under torchrun every rank takes its shard of the gradient pass, of the adapters after the
-    generalist (`experts.spread_over_ranks`) and of the evaluation; the warm-up, the generalist,
+    generalist (`experts.adapters.spread_over_ranks`) and of the evaluation; the warm-up, the generalist,
     routers, keep decisions and thresholds run on rank 0 while the others wait (`runner.Run.build`),
     and the report is drawn by rank 0.
     """

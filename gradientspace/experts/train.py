@@ -29,9 +29,9 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import Example, collate
-from .gradients import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, per_sample_mean_loss
-from .runs import atomic_path, write_json
+from gradientspace.data.records import Example, collate
+from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, per_sample_mean_loss
+from gradientspace.runs import atomic_path, write_json
 
 
 @dataclass

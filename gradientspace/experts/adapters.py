@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import distributed
-from .config import RunConfig
-from .data import Record, tokenize
-from .models import LoadedModel
-from .pipeline import ClusterStage, DataStage, WarmupStage
-from .runner import Run, as_run
-from .runs import Placement, Stage, config_hash, write_json
-from .strategies import GENERALIST, cluster_count, get, trained
-from .train import TrainPlan, train_adapter
+from gradientspace import distributed
+from gradientspace.config import RunConfig
+from gradientspace.data.records import Record, tokenize
+from gradientspace.models.loading import LoadedModel
+from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
+from gradientspace.runner import Run, as_run
+from gradientspace.runs import Placement, Stage, config_hash, write_json
+from gradientspace.experts.strategies import GENERALIST, cluster_count, get, trained
+from gradientspace.experts.train import TrainPlan, train_adapter
 
 
 def fresh_lora_state(model, seed: int) -> dict[str, torch.Tensor]:

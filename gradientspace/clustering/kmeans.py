@@ -20,7 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from .consumers import GradientConsumer
+from gradientspace.gradients.consumers import GradientConsumer
 
 GRADIENT_METHODS = ("gradientspace", "random-projection", "exact")
 

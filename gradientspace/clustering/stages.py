@@ -19,19 +19,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import distributed
-from .cluster import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
+from gradientspace import distributed
+from gradientspace.clustering.kmeans import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       interference, random_labels, spherical_kmeans, within_cluster_cosine)
-from .config import ConfigError, RunConfig, internal_rank
-from .consumers import GradientConsumer
-from .data import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
-from .gradients import layout_of, stream_gradients
-from .models import LoadedModel, pick_device
-from .runner import Run, as_run
-from .runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
-from .sketch import OnlineSVD, SketchResult
-from .strategies import get, strategy_projection_dim
-from .train import TrainPlan, load_adam_state, train_adapter
+from gradientspace.config import ConfigError, RunConfig, internal_rank
+from gradientspace.gradients.consumers import GradientConsumer
+from gradientspace.data.records import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
+from gradientspace.gradients.engine import layout_of, stream_gradients
+from gradientspace.models.loading import LoadedModel, pick_device
+from gradientspace.runner import Run, as_run
+from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
+from gradientspace.gradients.sketch import OnlineSVD, SketchResult
+from gradientspace.experts.strategies import get, strategy_projection_dim
+from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
 
 
 PROMPT_CHARS = 300  # of each prompt kept in samples.jsonl, for the report's cluster browser
@@ -63,7 +63,7 @@ class DataStage(Stage):
                 "tokenizer": config_hash(config.model.name)}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        from .models import load_tokenizer
+        from gradientspace.models.loading import load_tokenizer
 
         data = run.config.data
         records, report = run.loaded_records
@@ -275,7 +275,7 @@ def features_for(run: Run, config: RunConfig, records: list[Record], device: tor
     if method == "exact":
         return load_file(str(run.path("gradients-exact.safetensors")))["features"]
     if method == "embedding":
-        from .encoder import embed_texts
+        from gradientspace.routing.encoder import embed_texts
 
         return embed_texts([r.prompt_text for r in records], device)
     return None  # random

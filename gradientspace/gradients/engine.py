@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Example, collate
+from gradientspace.data.records import IGNORE, Example, collate
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -1,0 +1,1 @@
+"""From records to clusters: the data, warm-up, gradient-pass and cluster stages, and the k-means they end in."""

@@ -1,0 +1,1 @@
+"""Scoring strategies on the test split, and the report of a run."""
