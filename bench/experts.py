@@ -71,7 +71,7 @@ def compute(manifest: dict, strategy: str) -> dict:
     if not get(own).one_adapter:
         generalist = manifest["stages"].get("experts/single/0", {})
         cost.update({f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0) for key in ("tokens", "steps", "train_seconds")})
-    if own == "routed" or get(own).needs_projection:
+    if own == "routed" or getattr(get(own).partitioner, "reads_gradients", False):
         cost["gradient_pass_seconds"] = manifest["stages"].get("gradients", {}).get("seconds")
     return cost
 

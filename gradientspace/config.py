@@ -163,9 +163,9 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
-    "cluster.method": ("gradientspace", "random-projection", "embedding", "random", "exact"),
     "experts.init": ("generalist", "warmup", "fresh"),
 }
+# `cluster.method` is registered by `clustering/partitioners.py`, the registry of every way of grouping the records.
 # The names a list key may hold, registered by the module that defines them (`experts/strategies.py` registers its registry
 # under `experts.strategies`), so that a strategy added there is accepted here and this module imports no stage.
 LIST_CHOICES: dict[str, Mapping[str, object]] = {}

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from gradientspace.clustering.kmeans import GRADIENT_METHODS
+from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
 from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
 from gradientspace.models.loading import check_model_name, load_tokenizer

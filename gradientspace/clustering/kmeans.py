@@ -22,7 +22,6 @@ from sklearn.metrics.cluster import contingency_matrix
 
 from gradientspace.gradients.consumers import GradientConsumer
 
-GRADIENT_METHODS = ("gradientspace", "random-projection", "exact")
 
 
 class RademacherProjector(GradientConsumer):

@@ -94,9 +94,9 @@ class SourceLabels(Partitioner):
     name = "label"
 
     @staticmethod
-    def groups(records: Sequence[Record]) -> tuple[list[int], list[str]]:
+    def groups(records: Sequence[Record], who: str) -> tuple[list[int], list[str]]:
         if any(r.source is None for r in records):
-            raise ValueError("grouping by label needs a `source` label on every training record")
+            raise ValueError(f"{who} needs a `source` label on every training record")
         names = sorted({r.source for r in records})
         return [names.index(r.source) for r in records], names
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gradientspace import distributed
-from gradientspace.clustering.kmeans import (GRADIENT_METHODS, ExactStore, RademacherProjector, choose_k, composition, label_metrics,
+from gradientspace.clustering.kmeans import (ExactStore, RademacherProjector, choose_k, composition, label_metrics,
                       interference, random_labels, spherical_kmeans, within_cluster_cosine)
 from gradientspace.config import ConfigError, RunConfig, internal_rank
 from gradientspace.gradients.consumers import GradientConsumer
@@ -30,7 +30,8 @@ from gradientspace.models.loading import LoadedModel, pick_device
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
 from gradientspace.gradients.sketch import OnlineSVD, SketchResult
-from gradientspace.experts.strategies import get, strategy_projection_dim
+from gradientspace.clustering.partitioners import PARTITIONERS
+from gradientspace.experts.strategies import get
 from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
 
 
@@ -251,34 +252,10 @@ def save_gradient_outputs(run: Run, consumers: GradientConsumers, layout_json: d
 
 # ---------------------------------------------------------------- clustering
 
-def clustering_projection_dim(config: RunConfig) -> int:
-    """`--method random-projection` projects to the sketch rank unless told otherwise (a like-for-like comparison)."""
-    return config.cluster.projection_dim or config.sketch.rank
-
-
 def projection_dims(config: RunConfig) -> tuple[int, ...]:
-    """Every projection the gradient pass must produce for the configured method and strategies."""
-    dims = []
-    if config.cluster.method == "random-projection":
-        dims.append(clustering_projection_dim(config))
-    if any(get(s).needs_projection for s in config.experts.strategies):
-        dims.append(strategy_projection_dim(config))
-    return tuple(sorted(set(dims)))
-
-
-def features_for(run: Run, config: RunConfig, records: list[Record], device: torch.device) -> torch.Tensor | None:
-    method = config.cluster.method
-    if method == "gradientspace":
-        return load_file(str(run.path("sketch.safetensors")))["coordinates"]
-    if method == "random-projection":
-        return load_file(str(run.path(f"projection-{clustering_projection_dim(config)}.safetensors")))["features"]
-    if method == "exact":
-        return load_file(str(run.path("gradients-exact.safetensors")))["features"]
-    if method == "embedding":
-        from gradientspace.routing.encoder import embed_texts
-
-        return embed_texts([r.prompt_text for r in records], device)
-    return None  # random
+    """Every random projection the gradient pass must write: the clustering method's and the asked strategies' partitioners'."""
+    partitioners = [PARTITIONERS[config.cluster.method]] + [get(s).partitioner for s in config.experts.strategies if get(s).partitioner]
+    return tuple(sorted({dim for p in partitioners if (dim := p.projection_dim(config))}))
 
 
 def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) -> tuple[np.ndarray, int, dict]:
@@ -334,11 +311,11 @@ class GradientStage(Stage):
         # checkpoint_every changes when state is saved, not what is computed
         settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
         return {"gradient settings": config_hash(settings), "sketch settings": config_hash(asdict(config.sketch)),
-                "projections": config_hash(projection_dims(config), config.cluster.method == "exact")}
+                "projections": config_hash(projection_dims(config), PARTITIONERS[config.cluster.method].exact_gradients)}
 
     def run(self, run: Run, key: str, record: dict) -> None:
         loaded = run.model()
-        exact = run.config.cluster.method == "exact"
+        exact = PARTITIONERS[run.config.cluster.method].exact_gradients
         consumers = run_gradient_pass(run, run.records, loaded, run.path("warmup"), key, projection_dims(run.config), exact)
         if run.is_main:
             save_gradient_outputs(run, consumers, layout_of(loaded.model).to_json(), record)
@@ -349,18 +326,19 @@ class ClusterStage(Stage):
     name = "cluster"
 
     def requires(self, run: Run):
-        return [GradientStage() if run.config.cluster.method in GRADIENT_METHODS else DataStage()]
+        return [GradientStage() if PARTITIONERS[run.config.cluster.method].reads_gradients else DataStage()]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {"cluster settings": config_hash(asdict(run.config.cluster), run.config.seed)}
 
     def run(self, run: Run, key: str, record: dict) -> None:
         config, records, method = run.config, run.records, run.config.cluster.method
-        features = features_for(run, config, records, pick_device(config.model.device))
+        partitioner = PARTITIONERS[method]
+        features = partitioner.features(run, records, pick_device(config.model.device))
         labels, k, details = assign(features, len(records), config, config.seed)
         write_jsonl(run.path("clusters.jsonl"), [{"id": r.id, "cluster": int(l)} for r, l in zip(records, labels)])
         metrics: dict[str, float] = {}
-        if run.path("sketch.safetensors").exists() and method in GRADIENT_METHODS:
+        if run.path("sketch.safetensors").exists() and partitioner.reads_gradients:
             coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"]
             metrics["within_cluster_cosine"] = within_cluster_cosine(coordinates, labels)
             metrics["captured_energy"] = run.entry(GradientStage()).get("captured_energy")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from gradientspace.clustering.partitioners import PARTITIONERS, Partitioner, RandomProjection, SourceLabels
 from gradientspace.config import LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
@@ -82,7 +83,7 @@ class Strategy(ABC):
     wide = False  # one adapter of rank K·r: as many parameters as K experts
     one_adapter = False  # a single adapter for everything (no branch, no fall-back)
     needs_source = False  # every training record must carry a `source` label
-    needs_projection = False  # the gradient pass must also write random projections
+    partitioner: Partitioner | None = None  # how it groups the records, from the registry the cluster stage uses too
     single_adapter_per_prompt = True  # False: several adapters' logits are mixed (not servable by one-adapter engines)
     needs_cluster_centroids = False  # the per-cluster mean gradients (`elrea-centroids` stage)
     reads_clusters = False  # its partition reads the gradient clusters or their K: it is re-made when they change
@@ -152,12 +153,10 @@ class ContinuedGeneralist(Strategy):
 class TrueLabels(Strategy):
     name, help = "oracle", "one expert per true `source` label (the ceiling of label routing)"
     needs_source = True
+    partitioner = SourceLabels()
 
     def partition(self, run, config, records):
-        if any(r.source is None for r in records):
-            raise ValueError("strategy `oracle` needs a `source` label on every training record")
-        names = sorted({r.source for r in records})
-        return [names.index(r.source) for r in records], names
+        return self.partitioner.groups(records, "strategy `oracle`")
 
     def choose(self, model, records):
         names = model.groups[self.name]
@@ -197,6 +196,8 @@ class GradientClusters(RoutedPartition):
 class RandomClusters(RoutedPartition):
     name, help = "random-clusters", "balanced random groups of the same K (separates clustering from extra training)"
 
+    partitioner = PARTITIONERS["random"]
+
     def labels(self, run, config, records):
         from gradientspace.clustering.kmeans import random_labels
 
@@ -206,29 +207,29 @@ class RandomClusters(RoutedPartition):
 class EmbeddingClusters(RoutedPartition):
     name, help = "embedding-clusters", "k-means on MiniLM prompt embeddings"
 
+    partitioner = PARTITIONERS["embedding"]
+
     def labels(self, run, config, records):
         import torch
 
         from gradientspace.clustering.kmeans import spherical_kmeans
-        from gradientspace.routing.encoder import embed_texts
 
-        features = embed_texts([r.prompt_text for r in records], torch.device("cpu"))
+        features = self.partitioner.features(run, records, torch.device("cpu"))
         return spherical_kmeans(features, cluster_count(run), config.seed, config.cluster.n_init).tolist()
 
 
 class ProjectionClusters(RoutedPartition):
     name, help = "projection-clusters", "k-means on random-projected gradients (LESS / ELREA style)"
-    needs_projection = True
+    # LESS / ELREA's 8192 dimensions unless `cluster.projection_dim` says otherwise
+    partitioner = RandomProjection("projection-clusters", lambda config: config.cluster.projection_dim or 8192)
 
     def labels(self, run, config, records):
-        from safetensors.torch import load_file
+        import torch
 
         from gradientspace.clustering.kmeans import spherical_kmeans
 
-        path = run.path(f"projection-{strategy_projection_dim(config)}.safetensors")
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the gradient pass makes it when `projection-clusters` is among experts.strategies")
-        return spherical_kmeans(load_file(str(path))["features"], cluster_count(run), config.seed, config.cluster.n_init).tolist()
+        features = self.partitioner.features(run, records, torch.device("cpu"))
+        return spherical_kmeans(features, cluster_count(run), config.seed, config.cluster.n_init).tolist()
 
 
 class GradientOracle(Strategy):
@@ -290,7 +291,3 @@ def cluster_count(run: RunFiles) -> int:
     """K of the run's gradient clusters: the controls use the same K."""
     return int(run.stage_entry("cluster")["k"])
 
-
-def strategy_projection_dim(config: RunConfig) -> int:
-    """`projection-clusters` uses LESS/ELREA's 8192 dimensions unless `cluster.projection_dim` says otherwise."""
-    return config.cluster.projection_dim or 8192
