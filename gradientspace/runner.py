@@ -58,12 +58,9 @@ class Run:
     def path(self, *parts: str):
         return self.directory.path(*parts)
 
-    def entry(self, stage: Stage) -> dict:
-        """A stage's manifest entry (its key, outputs and details) as the manifest holds it now."""
-        return self.directory.stage_entry(stage.name)
-
     def stage_entry(self, name: str) -> dict:
-        """The same by the stage's name, for code that reads a run whether it holds a `Run` or a `RunDirectory`."""
+        """A stage's manifest entry (key, outputs, details) as the manifest holds it now; the same call as
+        `RunDirectory.stage_entry`, so code can read a run whichever of the two it holds."""
         return self.directory.stage_entry(name)
 
     @cached_property

@@ -341,7 +341,7 @@ class ClusterStage(Stage):
         if run.path("sketch.safetensors").exists() and partitioner.reads_gradients:
             coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"]
             metrics["within_cluster_cosine"] = within_cluster_cosine(coordinates, labels)
-            metrics["captured_energy"] = run.entry(GradientStage()).get("captured_energy")
+            metrics["captured_energy"] = run.stage_entry(GradientStage.name).get("captured_energy")
             record["interference"] = interference(coordinates, labels)
         sources = [r.source for r in records]
         if all(s is not None for s in sources):
