@@ -22,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gradientspace run configs/demo.yaml
 
+# One pytest worker per core, torch on one thread in each: tiny models gain nothing from more threads, and two
+# processes that both use every core slow each other far more than twice. A test file stays on one worker, so the runs
+# its tests share are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n auto --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

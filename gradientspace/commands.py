@@ -26,7 +26,6 @@ from gradientspace.models.inference import calibrate_threshold, compute_elrea_ce
 from gradientspace.experts.keep import KeepStage, keep_decisions, served_stage
 from gradientspace.clustering.stages import ClusterStage, cluster
 from gradientspace.preflight import preflight
-from gradientspace.evaluation.report import make_report
 from gradientspace.routing.router import RouterStage, train_routers
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, locked, new_command
@@ -118,6 +117,8 @@ class ReportStage(Stage):
         return {}
 
     def run(self, run: Run, key: str, record: dict) -> None:
+        from gradientspace.evaluation.report import make_report  # matplotlib takes a second to import; only this stage draws
+
         record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory.root)]
 
 

@@ -15,10 +15,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
-from sklearn.metrics.cluster import contingency_matrix
 
 from gradientspace.gradients.consumers import GradientConsumer
 
@@ -130,13 +126,19 @@ MINIBATCH_ABOVE = 50_000  # Lloyd's k-means touches every row every iteration; a
 SILHOUETTE_SAMPLE = 10_000  # the silhouette is O(n²) in memory and time; it is estimated on this many rows
 
 
+# scikit-learn (with scipy) is imported where it is used: it takes seconds to import, and only the stages that cluster need it
+
 def _kmeans(k: int, n: int, seed: int, n_init: int, minibatch_above: int):
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
     if n > minibatch_above:
         return MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed, batch_size=4096)
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed)
 
 
 def _fit(unit: np.ndarray, k: int, seed: int, n_init: int, minibatch_above: int) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+
     # scikit-learn warns when the rows hold fewer than K distinct points; the callers find the empty clusters and say so in one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -154,6 +156,8 @@ def choose_k(features, k_max: int, seed: int, n_init: int = 10, minibatch_above:
     The search stops at the first K that leaves a cluster empty: the rows hold fewer distinct
     points than that, and no larger K can do better.
     """
+    from sklearn.metrics import silhouette_score
+
     unit = _unit_rows(features)
     sample = silhouette_sample if len(unit) > silhouette_sample else None
     scores = {}
@@ -174,6 +178,9 @@ def random_labels(n: int, k: int, seed: int) -> np.ndarray:
 
 def label_metrics(labels, sources) -> dict[str, float]:
     """NMI, ARI and purity of clusters against evaluation-only `source` labels."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
+
     matrix = contingency_matrix(sources, labels)
     return {"nmi": float(normalized_mutual_info_score(sources, labels)),
             "ari": float(adjusted_rand_score(sources, labels)),
