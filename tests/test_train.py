@@ -41,7 +41,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
     assert (tmp_path / "clean" / "epoch-1" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob("*.trainer-*"))  # checkpoints are removed once the adapter is saved
 
-    real_loss = train_module.per_sample_mean_loss
+    real_loss = train_module.response_losses
     calls = {"n": 0}
 
     def crash_during_epoch_two(*args):
@@ -50,7 +50,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(train_module, "per_sample_mean_loss", crash_during_epoch_two)
+    monkeypatch.setattr(train_module, "response_losses", crash_during_epoch_two)
     loaded = fresh()
     with pytest.raises(KeyboardInterrupt):
         train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
@@ -59,7 +59,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
     seconds_file = tmp_path / "resumed.trainer-k" / "train_seconds.json"
     assert json.loads(seconds_file.read_text())["seconds"] > 0
     seconds_file.write_text(json.dumps({"seconds": 1000.0}))
-    monkeypatch.setattr(train_module, "per_sample_mean_loss", real_loss)
+    monkeypatch.setattr(train_module, "response_losses", real_loss)
     loaded = fresh()
     resumed = train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
     assert 1000.0 < resumed["train_seconds"] < 1000.0 + summary["train_seconds"] * 10
@@ -74,7 +74,7 @@ def test_a_changed_key_never_resumes_a_stale_checkpoint(tmp_path, monkeypatch, c
     plan = TrainPlan(max_epochs=2, learning_rate=1e-2, batch_size=4, seed=0, patience=None)
     loaded = fresh()
     train, validation = split(loaded)
-    real_loss = train_module.per_sample_mean_loss
+    real_loss = train_module.response_losses
     calls = {"n": 0}
 
     def crash(*args):
@@ -83,10 +83,10 @@ def test_a_changed_key_never_resumes_a_stale_checkpoint(tmp_path, monkeypatch, c
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(train_module, "per_sample_mean_loss", crash)
+    monkeypatch.setattr(train_module, "response_losses", crash)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "old-key", "a")
-    monkeypatch.setattr(train_module, "per_sample_mean_loss", real_loss)
+    monkeypatch.setattr(train_module, "response_losses", real_loss)
     capsys.readouterr()
     loaded = fresh()
     summary = train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "new-key", "a")

@@ -2,7 +2,7 @@
 
 What the project adds to a stock `Trainer` is small and stated here:
 - the loss is the project's: each sample's mean response-token loss, then the mean over the batch
-  (`per_sample_mean_loss`), so a long answer does not outweigh a short one — the same loss the
+  (`response_losses`), so a long answer does not outweigh a short one — the same loss the
   gradient engine differentiates;
 - evaluation on a validation split every epoch, early stopping on validation NLL with patience,
   and the best epoch's adapter kept (`load_best_model_at_end`); with `patience=None` training runs
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradientspace.data.records import Example, collate
-from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, per_sample_mean_loss
+from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, response_losses
 from gradientspace.runs import atomic_path, write_json
 
 
@@ -81,10 +81,8 @@ def _trainer_class():
             self.model_accepts_loss_kwargs = False  # our loss is already a per-batch mean
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            loss = per_sample_mean_loss(outputs.logits, labels).mean()
-            return (loss, outputs) if return_outputs else loss
+            loss = response_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]).mean()
+            return (loss, {}) if return_outputs else loss  # no logits: validation reads only the loss (`prediction_loss_only`)
 
     return ResponseLossTrainer
 
@@ -174,7 +172,7 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
         per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size * 2,
         lr_scheduler_type=plan.schedule, warmup_steps=plan.warmup_ratio, weight_decay=0.0,
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
-        eval_strategy="epoch" if has_validation else "no", save_strategy="epoch",
+        eval_strategy="epoch" if has_validation else "no", prediction_loss_only=True, save_strategy="epoch",
         load_best_model_at_end=has_validation and plan.patience is not None, metric_for_best_model="eval_loss",
         greater_is_better=False, save_total_limit=2, logging_steps=1, report_to=[], seed=plan.seed, data_seed=plan.seed,
         bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy=plan.sampling,

@@ -66,17 +66,46 @@ def layout_of(model: torch.nn.Module) -> GradientLayout:
 
 
 def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each sample's labelled tokens: shape (batch,).
+    """Mean next-token cross-entropy over each sample's labelled tokens, from logits at every position: shape (batch,)."""
+    return mean_loss_of_predictions(logits[:, :-1], labels[:, 1:])
+
+
+def mean_loss_of_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each sample's predictions [batch, positions, vocabulary] against `targets` [batch, positions]
+    (IGNORE where a position carries no loss): shape (batch,).
 
     The softmax runs over the labelled positions only: with a large vocabulary it is most of the
     cost of a step, and most positions of an instruction sample (the prompt, the padding) carry no
     loss. Their losses go back into a zero [batch, positions] grid, so each sample's sum adds the
     same numbers in the same order as a full-grid cross-entropy with `ignore_index` would."""
-    shifted_labels = labels[:, 1:]
-    labelled = shifted_labels != IGNORE
-    token_losses = F.cross_entropy(logits[:, :-1][labelled].float(), shifted_labels[labelled], reduction="none")
+    labelled = targets != IGNORE
+    token_losses = F.cross_entropy(logits[labelled].float(), targets[labelled], reduction="none")
     losses = torch.zeros(labelled.shape, dtype=token_losses.dtype, device=token_losses.device).masked_scatter(labelled, token_losses)
     return losses.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
+
+
+def response_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`per_sample_mean_loss` of the model's forward, with the output layer run only where a loss is taken.
+
+    The output layer is a [hidden × vocabulary] matmul at every position; on a small model with a
+    large vocabulary it is most of the compute (tiny-random: 97 %; SmolLM2-135M: about a fifth),
+    yet only the positions that predict a labelled token (the response) feed the loss. The model is
+    asked for logits at the positions where any sample of the batch predicts one (transformers'
+    `logits_to_keep`, so a family's own final scaling or soft-capping still applies); a model whose
+    forward does not take it computes every position."""
+    predicting = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)
+    if not _keeps_some_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return per_sample_mean_loss(logits, labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting).logits
+    return mean_loss_of_predictions(logits, labels[:, predicting + 1])
+
+
+def _keeps_some_logits(model: torch.nn.Module) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout) -> None:
@@ -171,9 +200,7 @@ class PerSampleGradients:
             weight.grad = None
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                losses = per_sample_mean_loss(logits, labels)
-                del logits
+                losses = response_losses(self.model, input_ids, attention_mask, labels)
                 # backward() rather than autograd.grad: re-entrant checkpointing supports only backward().
                 losses.sum().backward()
             grads = self._buffer

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
 from gradientspace.experts.adapters import generalist_folder, served_groups
-from gradientspace.gradients.engine import PerSampleGradients, per_sample_mean_loss, transform
+from gradientspace.gradients.engine import PerSampleGradients, per_sample_mean_loss, response_losses, transform
 from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runs import RunDirectory, atomic_path, write_json
@@ -173,15 +173,14 @@ class StrategyModel:
             for start in range(0, len(members), batch_size):
                 batch = members[start:start + batch_size]
                 input_ids, mask, labels = (t.to(self.device) for t in collate([examples[i] for i in batch], self.tokenizer.pad_token_id))
-                weights = choices[batch[0]].weights
                 if choices[batch[0]].single_adapter is None:  # ensemble: weights differ per prompt, score one by one
                     for i in batch:
                         ids, m, lab = (t.to(self.device) for t in collate([examples[i]], self.tokenizer.pad_token_id))
                         logits, _ = self._mixed_logits(choices[i].weights, ids, m)
                         losses[i] = float(per_sample_mean_loss(logits, lab)[0])
                     continue
-                logits, _ = self._mixed_logits(weights, input_ids, mask)
-                for i, loss in zip(batch, per_sample_mean_loss(logits, labels).tolist()):
+                self.model.set_adapter(choices[batch[0]].single_adapter)
+                for i, loss in zip(batch, response_losses(self.model, input_ids, mask, labels).tolist()):
                     losses[i] = loss
         return losses
 
