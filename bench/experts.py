@@ -47,7 +47,7 @@ from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl
 from gradientspace.experts.strategies import STRATEGIES, get
-from gradientspace.commands import decide_experts, elrea_centroids, router_thresholds
+from gradientspace.commands import decide_experts, router_thresholds, serving_stages
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
@@ -63,12 +63,12 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
     return chosen
 
 
-def compute(manifest: dict, strategy: str) -> dict:
-    """Training cost of one arm: its own adapters, and with the generalist it branched from."""
+def compute(manifest: dict, strategy: str, config) -> dict:
+    """Training cost of one arm: its own adapters, and with the generalist they branched from."""
     own = get(strategy).owner
     stages = {name: entry for name, entry in manifest["stages"].items() if name.startswith(f"experts/{own}/")}
     cost = {key: sum(entry.get(key) or 0 for entry in stages.values()) for key in ("tokens", "steps", "train_seconds")}
-    if not get(own).one_adapter:
+    if get(own).start(config) == "generalist":
         generalist = manifest["stages"].get("experts/single/0", {})
         cost.update({f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0) for key in ("tokens", "steps", "train_seconds")})
     if own == "routed" or getattr(get(own).partitioner, "reads_gradients", False):
@@ -96,8 +96,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     routers = train_routers(run)
     decide_experts(run)
     thresholds = router_thresholds(run)
-    if any(get(s).needs_cluster_centroids for s in args.strategies):
-        elrea_centroids(run)
+    run.build(*[stage for strategy in args.strategies for stage in serving_stages(run, strategy)])  # e.g. the ensemble's centroids
     # every arm scored on the validation split too, served exactly as on test: the single adapter of record
     # (`single` or `single-continued`) is chosen there, before the test split is read
     validation = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
@@ -111,7 +110,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
         table = results[strategy]
         arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
                           "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
-                          "validation_nll": validation[strategy]["overall"]["nll"], "compute": compute(manifest, strategy)}
+                          "validation_nll": validation[strategy]["overall"]["nll"], "compute": compute(manifest, strategy, config)}
         summary = manifest.get("experts", {}).get(get(strategy).owner, {})
         if "fallback" in summary:  # decided strategies: each group's λ and why (`keep.py`)
             arms[strategy]["fallback"] = summary["fallback"]

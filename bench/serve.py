@@ -136,12 +136,12 @@ def start_server(run: Path, port: int, batch_window_ms: float) -> subprocess.Pop
 
 def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dict:
     """Seconds to decode one batch of these prompts, `max_tokens` each: on one adapter, and mixing every served adapter
-    through peft's `adapter_names` and through the engine's StackedLoRA."""
+    through peft's `adapter_names` and through the adapter bank's StackedLoRA."""
     import torch
 
     from gradientspace.data.records import prompt_text
     from gradientspace.models.inference import serving_names
-    from gradientspace.serving.engine import StackedLoRA
+    from gradientspace.models.bank import StackedLoRA
 
     adapters = list(serving_names(model).values())
     rows = [adapters[i % len(adapters)] for i in range(len(records))]

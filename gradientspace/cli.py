@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from gradientspace.config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
-from gradientspace.experts.strategies import STRATEGIES
+from gradientspace.experts.strategies import STRATEGIES, routed
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--epochs", type=int)
     _help_from_config(experts, EXPERTS_FLAGS)
     router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
-    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(n for n, s in STRATEGIES.items() if s.routed)}")
+    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(routed(list(STRATEGIES)))}")
     _help_from_config(router, {"strategies": "experts.strategies"})
     generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
     generate.description = GENERATE_OUTPUT

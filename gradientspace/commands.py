@@ -72,18 +72,28 @@ def thresholds_chosen(run: Run) -> bool:
     return run.config.router.threshold == "auto" and bool(run.validation_ids)
 
 
+class PipelineStages:
+    """The stages a strategy asks for by what they give (`strategies.PipelineStages`), for one run."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def clusters(self) -> Stage:
+        return ClusterStage()
+
+    def served(self, strategy: str) -> Stage:
+        return served_stage(self.run, strategy)
+
+    def router(self, strategy: str) -> list[Stage]:
+        return [RouterStage(strategy)] + ([ThresholdStage(strategy)] if thresholds_chosen(self.run) else [])
+
+    def centroids(self) -> Stage:
+        return CentroidStage()
+
+
 def serving_stages(run: Run, strategy: str) -> list[Stage]:
-    """Every stage whose output serving `strategy` reads: its adapters (as kept or blended), router and threshold, the ensemble's
-    centroids, and for the gradient oracle the warm-up and the gradient space it routes in."""
-    stages: list[Stage] = [served_stage(run, owner) for owner in trained([strategy])]
-    if get(get(strategy).owner).routed:
-        owner = get(strategy).owner
-        stages += [RouterStage(owner)] + ([ThresholdStage(owner)] if thresholds_chosen(run) else [])
-    if get(strategy).needs_cluster_centroids:
-        stages.append(CentroidStage())
-    if get(strategy).owner == "routed":
-        stages.append(ClusterStage())  # `gradient-oracle` routes by the warm-up's gradients projected on the sketch, onto the clusters
-    return stages
+    """Every stage whose output serving `strategy` reads, as the strategy says (`Strategy.serving_stages`)."""
+    return get(strategy).serving_stages(PipelineStages(run))
 
 
 class EvaluateStage(Stage):

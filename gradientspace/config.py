@@ -365,8 +365,9 @@ def validate(config: RunConfig) -> None:
         errors.append(f"config key `experts.keep`: {config.experts.keep!r} must be `validation` or `all`")
     if not config.experts.blend_weights:
         errors.append("config key `experts.blend_weights`: must name at least one weight in (0, 1] (`[1.0]`: whole experts only)")
-    if "single-continued" in config.experts.strategies and config.experts.init != "generalist":
-        errors.append(f"config key `experts.init`: `single-continued` continues the generalist, so it needs `init: generalist` (not {config.experts.init!r})")
+    registered = LIST_CHOICES.get("experts.strategies", {})
+    errors += [problem for name in config.experts.strategies if name in registered
+               for problem in [registered[name].check_config(config)] if problem]  # each strategy checks what it needs
     late = [e for e in config.experts.snapshot_epochs if e > config.experts.epochs]
     if late:
         errors.append(f"config key `experts.snapshot_epochs`: epoch {late[0]} is after the last epoch (`experts.epochs` = {config.experts.epochs})")

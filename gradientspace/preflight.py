@@ -123,10 +123,9 @@ def check_records(config: RunConfig, run) -> Sequence[Record]:
     data = config.data
     records = run.records
     check_k(config, records)
-    unlabelled = next((r for r in records if r.source is None), None)
-    needing = next((s for s in config.experts.strategies if get(s).needs_source), None)
-    if needing and unlabelled is not None:
-        raise ConfigError(f"config key `experts.strategies`: `{needing}` needs a `source` on every record; record `{unlabelled.id}` of {data.path} has none")
+    problem = next(filter(None, (get(s).check_records(records, data.path) for s in config.experts.strategies)), None)
+    if problem:
+        raise ConfigError(problem)
     return records
 
 

@@ -113,7 +113,7 @@ def test_served_names_load_their_folders(strategy_model):
 
 
 def test_stacked_lora_batch_equals_each_adapter_alone(strategy_model):
-    from gradientspace.serving.engine import StackedLoRA
+    from gradientspace.models.bank import StackedLoRA
 
     peft_model = strategy_model.model
     adapters = list(serving_names(strategy_model).values())

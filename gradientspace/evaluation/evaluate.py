@@ -23,7 +23,6 @@ from gradientspace import distributed
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, load_records
 from gradientspace.runs import RunDirectory, write_json
-from gradientspace.experts.strategies import get
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MATH_DOMAINS = ("math",)
@@ -130,7 +129,8 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
         results[strategy] = table
         results.setdefault("per_record", {})[strategy] = {"nll": [round(x, 5) for x in nll], "adapter": adapters}
         experts_used = {name: adapters.count(name) for name in sorted(set(adapters))}
-        results["latency"][strategy] = latency(engine, strategy, records, config)
+        servable = all(choice.single_adapter for choice in choices)  # one adapter per prompt: what a server can answer with
+        results["latency"][strategy] = latency(engine, strategy, records, config, servable)
         results.setdefault("experts_used", {})[strategy] = experts_used
         results.setdefault("samples", {})[strategy] = [{"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]]
     if not distributed.is_main():
@@ -197,15 +197,16 @@ def humaneval(engine, strategy: str, config: RunConfig) -> float:
     return _mean([float(run_humaneval_case(p, g.text)) for p, g in zip(problems, generations)])
 
 
-def latency(engine, strategy: str, records: list[Record], config: RunConfig) -> dict:
+def latency(engine, strategy: str, records: list[Record], config: RunConfig, servable: bool = True) -> dict:
     """Per-request latency on the first `latency_prompts` test prompts, one request at a time.
 
-    Servable strategies are timed through the serving engine, the queue and batches behind
-    `gradientspace serve`, so time to first token includes its batching window and the prefill;
-    the ELREA ensemble, which mixes adapters per prompt and has no server, through the Python API.
+    A strategy that serves each prompt with one adapter is timed through the serving engine, the
+    queue and batches behind `gradientspace serve`, so time to first token includes its batching
+    window and the prefill; one that mixes adapters per prompt (the ELREA ensemble) has no server
+    and is timed through the Python API.
     """
     chosen = records[: config.evaluate.latency_prompts]
-    timings = _python_api_timings(engine, strategy, chosen) if not get(strategy).single_adapter_per_prompt else _served_timings(engine, strategy, chosen, config)
+    timings = _served_timings(engine, strategy, chosen, config) if servable else _python_api_timings(engine, strategy, chosen)
     routing, first, rates = [], [], []
     for routing_seconds, first_seconds, new_tokens, total_seconds in timings:
         routing.append(routing_seconds)

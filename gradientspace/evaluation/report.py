@@ -304,7 +304,7 @@ def routing_section(run: RunDirectory) -> str:
 
     rows = []
     for name, strategy in STRATEGIES.items():
-        if not strategy.routed:
+        if strategy.router_folder(run) is None:
             continue
         router_file = strategy.router_folder(run) / "router.json"
         partition_file = strategy.folder(run) / "partition.json"

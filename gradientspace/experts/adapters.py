@@ -19,7 +19,7 @@ clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from gradientspace.models.loading import LoadedModel
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, write_json
-from gradientspace.experts.strategies import GENERALIST, cluster_count, get, trained
+from gradientspace.experts.strategies import GENERALIST, get, trained
 from gradientspace.experts.train import TrainPlan, train_adapter
 
 
@@ -54,11 +54,6 @@ def generalist_folder(run: Run) -> Path:
     return get(GENERALIST).folder(run) / "0"
 
 
-def wide_model_config(config: RunConfig, k: int):
-    """LoRA rank K·r with the same alpha / r scale: as many trainable parameters as K experts."""
-    return replace(config.model, lora_rank=config.model.lora_rank * k, lora_alpha=config.model.lora_alpha * k)
-
-
 def _plan(config: RunConfig, branch: bool) -> TrainPlan:
     experts = config.experts
     epochs = experts.branch_epochs if branch and not experts.equal_budget else experts.epochs
@@ -76,7 +71,7 @@ class PartitionStage(Stage):
 
     def requires(self, run: Run):
         # a partition that reads the clusters (or their K) is re-made when they change; the others read only the data
-        return [ClusterStage() if self.strategy.reads_clusters else DataStage()]
+        return [self.strategy.partition_reads(ClusterStage(), DataStage())]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {"strategy": self.strategy.name, "partition settings": config_hash(asdict(run.config.cluster), run.config.seed)}
@@ -105,13 +100,6 @@ def group_records(run: Run, strategy: str, group: str) -> tuple[list[Record], li
     return [r for r in members if r.id not in run.validation_ids], [r for r in members if r.id in run.validation_ids]
 
 
-def _start(config: RunConfig, strategy: str) -> str:
-    """Where one strategy's adapters start: `fresh`, `warmup` or `generalist`."""
-    if get(strategy).one_adapter or config.experts.init == "fresh":
-        return "fresh"
-    return config.experts.init
-
-
 class AdapterStage(Stage):
     """One adapter of one strategy: trained from its starting point on its group, stopped on the group's validation share."""
 
@@ -122,7 +110,7 @@ class AdapterStage(Stage):
         self.placement = Placement.SPREAD if strategy != GENERALIST and spread_over_ranks() else Placement.MAIN
 
     def requires(self, run: Run):
-        start = _start(run.config, self.strategy)
+        start = get(self.strategy).start(run.config)
         yield PartitionStage(self.strategy)
         if start == "generalist":
             yield AdapterStage(GENERALIST, "0")
@@ -131,14 +119,13 @@ class AdapterStage(Stage):
 
     def model_config(self, run: Run):
         """The model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it."""
-        return wide_model_config(run.config, cluster_count(run)) if get(self.strategy).wide else run.config.model
+        return get(self.strategy).model_config(run.config, run)
 
     def inputs(self, run: Run) -> dict[str, str]:
         # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
         # nor on how its expert is kept or blended afterwards (`keep.py`)
         ignored = ("strategies", "keep", "blend_weights", "keep_confidence", "keep_min_records")
-        if get(self.strategy).one_adapter:
-            ignored += ("init", "branch_epochs", "branch_learning_rate")
+        ignored += get(self.strategy).ignored_settings()
         config = run.config
         train, validation = group_records(run, self.strategy, self.group)
         return {"model": config_hash(asdict(self.model_config(run))),
@@ -146,7 +133,7 @@ class AdapterStage(Stage):
                 "training records": config_hash(sorted(r.id for r in train)), "validation records": config_hash(sorted(r.id for r in validation))}
 
     def initial_state(self, run: Run, loaded: LoadedModel) -> dict[str, torch.Tensor]:
-        start = _start(run.config, self.strategy)
+        start = get(self.strategy).start(run.config)
         if start == "fresh":
             return fresh_lora_state(loaded.model, run.config.seed)
         folder = run.path("warmup") if start == "warmup" else generalist_folder(run)
@@ -160,7 +147,7 @@ class AdapterStage(Stage):
         train, validation = group_records(run, self.strategy, self.group)
         set_peft_model_state_dict(loaded.model, self.initial_state(run, loaded))
         to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
-        branch = config.experts.init == "generalist" and not get(self.strategy).one_adapter
+        branch = get(self.strategy).start(config) == "generalist"
         result = train_adapter(loaded.model, to_examples(train), to_examples(validation), loaded.tokenizer.pad_token_id,
                                loaded.device, _plan(config, branch), folder, key, desc=f"{self.strategy} adapter {self.group}")
         record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(run.directory.root))])
@@ -201,7 +188,7 @@ def decided(config: RunConfig, strategy: str) -> bool:
     generalist are, unless `experts.keep: all`; the generalist itself, one-adapter controls and fixed-budget adapters are
     always served as trained."""
     experts = config.experts
-    return experts.init == "generalist" and not get(strategy).one_adapter and not experts.equal_budget and experts.keep == "validation"
+    return get(strategy).start(config) == "generalist" and not experts.equal_budget and experts.keep == "validation"
 
 
 BLENDED = "blended"  # the sub-folder of a group's adapter holding its blend with the generalist

@@ -116,7 +116,7 @@ class KeepStage(Stage):
     def requires(self, run):
         yield StrategyAdapters(self.strategy)
         yield AdapterStage(GENERALIST, "0")
-        if get(self.strategy).routed:  # the validation records go where its router sends them
+        if get(self.strategy).router_folder(run) is not None:  # the validation records go where its router sends them
             yield RouterStage(self.strategy)
 
     def inputs(self, run) -> dict[str, str]:

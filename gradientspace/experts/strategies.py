@@ -18,14 +18,15 @@ it; adding a strategy is adding one object here.
 | elrea-ensemble | serves routed's experts | every expert and the generalist, next-token logits mixed by gradient similarity (ELREA) |
 
 Every strategy but the ensemble runs one forward pass per token with one adapter; the ensemble
-needs a backward pass per prompt and K + 1 forward passes per token.
+needs a backward pass per prompt and K + 1 forward passes per token. A new strategy is one subclass
+here and one line in `STRATEGIES`: what it does differently is its methods, never a flag read elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -45,14 +46,19 @@ class PromptRouter(Protocol):
 
 
 class ServingModel(Protocol):
-    """What a strategy's `choose` reads of the model serving it (`models.inference.StrategyModel`)."""
+    """What a strategy reads of, and asks of, the model serving it (`models.inference.StrategyModel`)."""
+    config: RunConfig
     generalist: str  # the adapter every strategy falls back to
     groups: dict[str, list[str]]  # each trained strategy's group names
     routers: dict[str, PromptRouter]
+    centroids: object  # the ensemble's per-cluster mean gradients [K + 1, d], once `load_centroids` ran
 
     def adapter_for(self, strategy: str, group: int) -> str: ...
+    def load_router(self, strategy: str) -> None: ...
+    def load_gradient_oracle(self) -> None: ...
+    def load_centroids(self) -> None: ...
     def gradient_oracle_groups(self, records: list[Record]) -> list[int]: ...
-    def ensemble_choices(self, records: list[Record]) -> list[Choice]: ...
+    def prompt_gradients(self, records: list[Record]): ...  # unit instruction-token gradients w.r.t. the generalist [prompts, d]
 
 
 class RunFiles(Protocol):
@@ -60,6 +66,16 @@ class RunFiles(Protocol):
 
     def path(self, *parts: str) -> Path: ...
     def stage_entry(self, name: str) -> dict: ...
+
+
+class PipelineStages(Protocol):
+    """The pipeline's stages by what they give (`commands.PipelineStages`), so that a strategy can say which it needs
+    without importing the modules that import it."""
+
+    def clusters(self): ...  # the gradient clusters (and the sketch and warm-up they come from)
+    def served(self, strategy: str): ...  # a strategy's adapters, as kept, blended or dropped
+    def router(self, strategy: str) -> list: ...  # its router, and its threshold where it is chosen on validation
+    def centroids(self): ...  # the ensemble's per-cluster mean gradients
 
 
 @dataclass
@@ -75,29 +91,46 @@ class Choice:
 
 
 class Strategy(ABC):
-    """One way of serving the training data's skills with LoRA adapters."""
+    """One way of serving the training data's skills with LoRA adapters.
+
+    Everything the pipeline does differently for a strategy is a method here: how it partitions the
+    records and what that reads, where its adapters start and on which model, what serving it
+    requires and loads, and how it picks an adapter per prompt. No other module tests a strategy's
+    name or kind."""
 
     name: str
     help: str
-    routed = False  # trains a router on its own partition
-    wide = False  # one adapter of rank K·r: as many parameters as K experts
-    one_adapter = False  # a single adapter for everything (no branch, no fall-back)
-    needs_source = False  # every training record must carry a `source` label
     partitioner: Partitioner | None = None  # how it groups the records, from the registry the cluster stage uses too
-    single_adapter_per_prompt = True  # False: several adapters' logits are mixed (not servable by one-adapter engines)
-    needs_cluster_centroids = False  # the per-cluster mean gradients (`elrea-centroids` stage)
-    reads_clusters = False  # its partition reads the gradient clusters or their K: it is re-made when they change
 
     @property
     def owner(self) -> str:
         """The strategy whose adapters this one serves (itself, unless it only routes differently)."""
         return self.name
 
-    def folder(self, run: RunFiles) -> Path:
-        return run.path("experts") if self.owner == "routed" else run.path("strategies", self.owner)
+    # ---------------------------------------------------------------- files
 
-    def router_folder(self, run: RunFiles) -> Path:
-        return run.path("router") if self.owner == "routed" else self.folder(run) / "router"
+    def folder(self, run: RunFiles) -> Path:
+        return run.path("strategies", self.owner) if self.owner == self.name else get(self.owner).folder(run)
+
+    def router_folder(self, run: RunFiles) -> Path | None:
+        """Where its router lives; None when no router sends prompts to its adapters."""
+        return None
+
+    # ---------------------------------------------------------------- the configuration and the records
+
+    def check_config(self, config: RunConfig) -> str | None:
+        """What is wrong with the configuration for this strategy (one line naming the key), or None."""
+        return None
+
+    def check_records(self, records: list[Record], path: str) -> str | None:
+        """What is wrong with the training records for this strategy (one line naming a record), or None."""
+        return None
+
+    # ---------------------------------------------------------------- training
+
+    def partition_reads(self, clusters, data):
+        """The stage its partition is made from, of the two given: the gradient clusters, or only the data."""
+        return data
 
     def partition(self, run: RunFiles, config: RunConfig, records: list[Record]) -> tuple[list[int], list[str]]:
         """(group of each training record, group names)."""
@@ -106,6 +139,31 @@ class Strategy(ABC):
 
     def labels(self, run: RunFiles, config: RunConfig, records: list[Record]) -> list[int]:
         raise NotImplementedError(f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own")
+
+    def start(self, config: RunConfig) -> str:
+        """Where its adapters start: `fresh`, `warmup` or `generalist` (then they branch from it and may fall back to it)."""
+        return config.experts.init
+
+    def ignored_settings(self) -> tuple[str, ...]:
+        """`experts.*` settings that cannot change its adapters (left out of their keys)."""
+        return ()
+
+    def model_config(self, config: RunConfig, run: RunFiles):
+        """The model its adapters train on (a changed one retrains them)."""
+        return config.model
+
+    # ---------------------------------------------------------------- serving
+
+    def routing_stages(self, stages: PipelineStages) -> list:
+        """The stages that send a prompt to one of its groups (a router), beyond its adapters."""
+        return []
+
+    def serving_stages(self, stages: PipelineStages) -> list:
+        """Every stage whose output serving it reads: its adapters and the generalist's (as kept or blended), and what routes."""
+        return [stages.served(owner) for owner in trained([self.name])] + get(self.owner).routing_stages(stages)
+
+    def prepare(self, model: ServingModel) -> None:
+        """Load into the serving model what `choose` reads beyond the adapters (a router, a gradient space)."""
 
     @abstractmethod
     def choose(self, model: ServingModel, records: list[Record]) -> list[Choice]:
@@ -117,14 +175,29 @@ class Strategy(ABC):
 
 
 class OneAdapter(Strategy):
-    one_adapter = True
+    """One adapter on everything, trained from scratch: nothing to branch from, fall back to or route."""
 
     def __init__(self, name: str, help: str, wide: bool = False):
         self.name, self.help, self.wide = name, help, wide
-        self.reads_clusters = wide  # rank K·r
+
+    def partition_reads(self, clusters, data):
+        return clusters if self.wide else data  # rank K·r: K is the clusters'
 
     def labels(self, run, config, records):
         return [0] * len(records)
+
+    def start(self, config):
+        return "fresh"
+
+    def ignored_settings(self):
+        return ("init", "branch_epochs", "branch_learning_rate")
+
+    def model_config(self, config, run):
+        if not self.wide:
+            return config.model
+        # LoRA rank K·r with the same alpha / r scale: as many trainable parameters as K experts
+        k = cluster_count(run)
+        return replace(config.model, lora_rank=config.model.lora_rank * k, lora_alpha=config.model.lora_alpha * k)
 
     def choose(self, model, records):
         return [Choice({model.adapter_for(self.name, 0): 1.0}, 0, 1.0) for _ in records]
@@ -140,6 +213,11 @@ class ContinuedGeneralist(Strategy):
     """
     name, help = "single-continued", "the generalist continued on all the data with the experts' branch schedule (the annealed baseline)"
 
+    def check_config(self, config):
+        if config.experts.init != "generalist":
+            return f"config key `experts.init`: `{self.name}` continues the generalist, so it needs `init: generalist` (not {config.experts.init!r})"
+        return None
+
     def labels(self, run, config, records):
         return [0] * len(records)
 
@@ -152,8 +230,13 @@ class ContinuedGeneralist(Strategy):
 
 class TrueLabels(Strategy):
     name, help = "oracle", "one expert per true `source` label (the ceiling of label routing)"
-    needs_source = True
     partitioner = SourceLabels()
+
+    def check_records(self, records, path):
+        unlabelled = next((r for r in records if r.source is None), None)
+        if unlabelled is None:
+            return None
+        return f"config key `experts.strategies`: `{self.name}` needs a `source` on every record; record `{unlabelled.id}` of {path} has none"
 
     def partition(self, run, config, records):
         return self.partitioner.groups(records, "strategy `oracle`")
@@ -170,8 +253,18 @@ class TrueLabels(Strategy):
 
 class RoutedPartition(Strategy):
     """Experts on some partition, each prompt sent by a router trained on that partition."""
-    routed = True
-    reads_clusters = True  # the clusters themselves, or their K
+
+    def partition_reads(self, clusters, data):
+        return clusters  # the clusters themselves, or their K
+
+    def router_folder(self, run):
+        return self.folder(run) / "router"
+
+    def routing_stages(self, stages):
+        return stages.router(self.name)
+
+    def prepare(self, model):
+        model.load_router(self.name)
 
     def choose(self, model, records):
         experts, probabilities = model.routers[self.name].route([r.prompt_text for r in records])
@@ -184,6 +277,12 @@ class RoutedPartition(Strategy):
 
 class GradientClusters(RoutedPartition):
     name, help = "routed", "gradient clusters + MiniLM router (GradientSpace)"
+
+    def folder(self, run):
+        return run.path("experts")  # the product's own experts sit at the top of the run
+
+    def router_folder(self, run):
+        return run.path("router")
 
     def labels(self, run, config, records):
         path = run.path("clusters.jsonl")
@@ -237,23 +336,51 @@ class GradientOracle(Strategy):
 
     @property
     def owner(self) -> str:
-        return "routed"
+        return GradientClusters.name
+
+    def serving_stages(self, stages):
+        # it routes by the warm-up's gradients projected on the sketch, onto the clusters
+        return super().serving_stages(stages) + [stages.clusters()]
+
+    def prepare(self, model):
+        model.load_gradient_oracle()
 
     def choose(self, model, records):
         return [Choice({model.adapter_for(self.owner, e): 1.0}, e, 1.0) for e in model.gradient_oracle_groups(records)]
 
 
 class ElreaEnsemble(Strategy):
+    """Every expert and the generalist, next-token logits mixed per prompt by how its instruction gradient (w.r.t. the
+    generalist, ELREA's base) resembles each cluster's mean gradient: softmax over z-scored cosine similarities."""
     name, help = "elrea-ensemble", "ELREA-style mixture of every expert and the generalist, weighted by gradient similarity"
-    single_adapter_per_prompt = False
-    needs_cluster_centroids = True
 
     @property
     def owner(self) -> str:
-        return "routed"
+        return GradientClusters.name
+
+    def serving_stages(self, stages):
+        return super().serving_stages(stages) + [stages.centroids()]
+
+    def prepare(self, model):
+        model.load_centroids()
 
     def choose(self, model, records):
-        return model.ensemble_choices(records)
+        import torch
+
+        grads = model.prompt_gradients(records)
+        centroids = torch.nn.functional.normalize(model.centroids, dim=1)
+        similarity = grads @ centroids.T  # [prompts, K + 1]; the last centroid is the warm-up's (all data)
+        z = (similarity - similarity.mean(dim=1, keepdim=True)) / similarity.std(dim=1, keepdim=True).clamp(min=1e-8)
+        weights = torch.softmax(z / model.config.evaluate.elrea_temperature, dim=1).cpu()
+        names = [model.adapter_for(self.owner, g) for g in range(len(model.groups[self.owner]))] + [model.generalist]
+        choices = []
+        for row in weights:
+            mix: dict[str, float] = {}
+            for name, weight in zip(names, row.tolist()):
+                mix[name] = mix.get(name, 0.0) + weight
+            top = int(row.argmax())
+            choices.append(Choice(mix, top if top < len(names) - 1 else ROUTER_UNSURE, float(row.max())))
+        return choices
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
@@ -283,8 +410,8 @@ def trained(names: list[str]) -> list[str]:
 
 
 def routed(names: list[str]) -> list[str]:
-    """Strategies among `names` (and the ones they serve) that need a router."""
-    return [n for n in trained(names) if get(n).routed]
+    """Strategies among `names` (and the ones they serve) that train a router."""
+    return [n for n in trained(names) if isinstance(get(n), RoutedPartition)]
 
 
 def cluster_count(run: RunFiles) -> int:

@@ -1,12 +1,13 @@
-"""Routed inference and the comparison strategies, on one base model holding every adapter.
+"""Routed inference and the comparison strategies: the adapter bank with every strategy's adapters and what the strategies read.
 
 The strategies themselves (what each partitions and how it picks an adapter per prompt) are the
-objects of `strategies.STRATEGIES`; this module holds what they run on.
+objects of `strategies.STRATEGIES`; the bank (`bank.py`) scores and decodes; this module puts them
+together, and holds what the pipeline computes from them: the ensemble's centroids, the gradient
+oracle's space, the validation-chosen router threshold and the adapters a server answers with.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
 from gradientspace.experts.adapters import generalist_folder, served_groups
-from gradientspace.gradients.engine import PerSampleGradients, per_sample_mean_loss, response_losses, transform
-from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
+from gradientspace.gradients.engine import PerSampleGradients, transform
+from gradientspace.models.bank import AdapterBank, FirstToken
+from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runs import RunDirectory, atomic_path, write_json
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
@@ -40,26 +42,21 @@ class Generation:
 
 
 class StrategyModel:
-    """The base model with the generalist and every adapter of the requested strategies."""
+    """An adapter bank holding the generalist and every adapter of the requested strategies, and what the strategies'
+    `choose` reads beside them (routers, the gradient oracle's space, the ensemble's centroids), loaded as each asks."""
 
     def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, apply_decisions: bool = True):
-        from peft import PeftModel
-
         self.config, self.run = config, RunDirectory(config.out)
-        self.device = pick_device(config.model.device)
-        self.tokenizer = load_tokenizer(config.model.name)
-        base = load_base_model(config.model.name, self.device)
-        self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)  # decoding here and in `serve` stops at these
-        # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
-        self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
         generalist = generalist_folder(self.run) / suffix
         if not (generalist / "adapter_model.safetensors").exists():
             raise FileNotFoundError(f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)")
         self.generalist = self.adapter_name(GENERALIST, "0")
-        self.model = PeftModel.from_pretrained(base, str(generalist), adapter_name=self.generalist).eval()
+        self.bank = AdapterBank(config.model.name, config.model.device, self.generalist, generalist)
         self.groups: dict[str, list[str]] = {}
         self.routers: dict[str, Router] = {}
+        self.oracle_space: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.centroids: torch.Tensor | None = None
         for strategy in trained(strategies):
             folder = get(strategy).folder(self.run)
             if not (folder / "partition.json").exists():
@@ -67,17 +64,37 @@ class StrategyModel:
             self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
             for group, (path, _) in served_groups(self.run, strategy, apply_decisions).items():
                 name = self.adapter_name(strategy, group)
-                if path is not None and name not in self.model.peft_config and (path / suffix / "adapter_model.safetensors").exists():
-                    self.model.load_adapter(str(path / suffix), adapter_name=name)
-            if get(strategy).routed:
-                self.routers[strategy] = Router.load(get(strategy).router_folder(self.run), self.device, threshold=threshold_override(config))
-        self.oracle_space = None
-        if "gradient-oracle" in strategies:
-            self.model.load_adapter(str(self.run.path("warmup")), adapter_name=WARMUP)
+                if path is not None and name not in self.bank and (path / suffix / "adapter_model.safetensors").exists():
+                    self.bank.load(name, path / suffix)
+        for strategy in dict.fromkeys(trained(strategies) + list(strategies)):
+            get(strategy).prepare(self)
+
+    # the bank's parts, read by the keep stage, the server and the tests
+    device = property(lambda self: self.bank.device)
+    tokenizer = property(lambda self: self.bank.tokenizer)
+    eos_ids = property(lambda self: self.bank.eos_ids)
+
+    @property
+    def model(self):
+        return self.bank.model
+
+    @model.setter
+    def model(self, value) -> None:
+        self.bank.model = value
+
+    # ---------------------------------------------------------------- what strategies load (`Strategy.prepare`)
+
+    def load_router(self, strategy: str) -> None:
+        if strategy not in self.routers:
+            self.routers[strategy] = Router.load(get(strategy).router_folder(self.run), self.device, threshold=threshold_override(self.config))
+
+    def load_gradient_oracle(self) -> None:
+        if self.oracle_space is None:
+            self.bank.load(WARMUP, self.run.path("warmup"))
             self.oracle_space = gradient_cluster_space(self.run)
-        self.model.eval()
-        self.centroids = None
-        if any(get(s).needs_cluster_centroids for s in strategies):
+
+    def load_centroids(self) -> None:
+        if self.centroids is None:
             self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(self.device)
 
     @staticmethod
@@ -89,7 +106,7 @@ class StrategyModel:
         if group == ROUTER_UNSURE:
             return self.generalist
         name = self.adapter_name(strategy, self.groups[strategy][group])
-        return name if name in self.model.peft_config else self.generalist
+        return name if name in self.bank else self.generalist
 
     def choose(self, strategy: str, records: list[Record]) -> tuple[list[Choice], float]:
         """How each prompt is served, and the seconds spent deciding (routing / gradient)."""
@@ -126,113 +143,45 @@ class StrategyModel:
         coordinates = torch.nn.functional.normalize(grads.double().cpu() @ basis, dim=1)
         return (coordinates @ centroids.T).argmax(dim=1).tolist()
 
-    def ensemble_choices(self, records: list[Record]) -> list[Choice]:
-        grads = self.prompt_gradients(records)
-        centroids = torch.nn.functional.normalize(self.centroids, dim=1)
-        similarity = grads @ centroids.T  # [prompts, K + 1]; the last centroid is the warm-up's (all data)
-        z = (similarity - similarity.mean(dim=1, keepdim=True)) / similarity.std(dim=1, keepdim=True).clamp(min=1e-8)
-        weights = torch.softmax(z / self.config.evaluate.elrea_temperature, dim=1).cpu()
-        names = [self.adapter_for("routed", g) for g in range(len(self.groups["routed"]))] + [self.generalist]
-        choices = []
-        for row in weights:
-            mix: dict[str, float] = {}
-            for name, weight in zip(names, row.tolist()):
-                mix[name] = mix.get(name, 0.0) + weight
-            top = int(row.argmax())
-            choices.append(Choice(mix, top if top < len(names) - 1 else ROUTER_UNSURE, float(row.max())))
-        return choices
-
     # ------------------------------------------------------------------ scoring
-
-    def _mixed_logits(self, weights: dict[str, float], input_ids, mask, past=None):
-        """Weighted sum of next-token logits over adapters (one adapter: its logits)."""
-        logits, caches = None, {}
-        for name, weight in weights.items():
-            self.model.set_adapter(name)
-            cache = {self.cache_name: (past or {}).get(name)}
-            out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=past is not None, **cache)
-            part = out.logits.float() * weight
-            logits = part if logits is None else logits + part
-            caches[name] = getattr(out, self.cache_name)
-        return logits, caches
 
     def nll(self, strategy: str, records: list[Record], batch_size: int = 8) -> list[float]:
         """Teacher-forced mean response-token NLL per record under the strategy."""
         choices, _ = self.choose(strategy, records)
         return self.nll_for_choices(choices, records, batch_size)
 
-    @torch.no_grad()
     def nll_for_choices(self, choices: list[Choice], records: list[Record], batch_size: int = 8) -> list[float]:
-        """Teacher-forced mean response-token NLL per record, each served as its `Choice` says."""
+        """Teacher-forced mean response-token NLL per record, each served as its `Choice` says: the records of one adapter
+        `batch_size` at a time, a mixture's one by one (its weights are its own)."""
         examples = tokenize(records, self.tokenizer, self.config.data.max_length, "response")
+        pad = self.tokenizer.pad_token_id
         losses = [0.0] * len(records)
-        groups: dict[tuple, list[int]] = {}
+        by_adapter: dict[str | None, list[int]] = {}
         for i, choice in enumerate(choices):
-            groups.setdefault(tuple(sorted(choice.weights.items())) if choice.single_adapter is None else (choice.single_adapter,), []).append(i)
-        for key, members in groups.items():
-            for start in range(0, len(members), batch_size):
-                batch = members[start:start + batch_size]
-                input_ids, mask, labels = (t.to(self.device) for t in collate([examples[i] for i in batch], self.tokenizer.pad_token_id))
-                if choices[batch[0]].single_adapter is None:  # ensemble: weights differ per prompt, score one by one
-                    for i in batch:
-                        ids, m, lab = (t.to(self.device) for t in collate([examples[i]], self.tokenizer.pad_token_id))
-                        logits, _ = self._mixed_logits(choices[i].weights, ids, m)
-                        losses[i] = float(per_sample_mean_loss(logits, lab)[0])
-                    continue
-                self.model.set_adapter(choices[batch[0]].single_adapter)
-                for i, loss in zip(batch, response_losses(self.model, input_ids, mask, labels).tolist()):
-                    losses[i] = loss
+            by_adapter.setdefault(choice.single_adapter, []).append(i)
+        for adapter, members in by_adapter.items():
+            for start in range(0, len(members), batch_size if adapter is not None else 1):
+                batch = members[start:start + (batch_size if adapter is not None else 1)]
+                input_ids, mask, labels = (t.to(self.device) for t in collate([examples[i] for i in batch], pad))
+                if adapter is None:
+                    values = self.bank.mixture_nll(choices[batch[0]].weights, input_ids, mask, labels)
+                else:
+                    values = self.bank.nll(adapter, input_ids, mask, labels)
+                for i, value in zip(batch, values):
+                    losses[i] = value
         return losses
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
-    def _greedy(self, weights: dict[str, float], prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
-        """Greedy decoding with a KV cache per adapter; returns (new tokens, first-token seconds, total seconds)."""
-        start = time.perf_counter()
-        ids = torch.tensor([prompt_ids], device=self.device)
-        mask = torch.ones_like(ids)
-        past: dict = {name: None for name in weights}
-        new: list[int] = []
-        first = 0.0
-        step_input = ids
-        for _ in range(max_new_tokens):
-            logits, past = self._mixed_logits(weights, step_input, mask, past=past)
-            token = int(logits[0, -1].argmax())
-            if not new:
-                first = time.perf_counter() - start
-            if token in self.eos_ids:
-                break
-            new.append(token)
-            step_input = torch.tensor([[token]], device=self.device)
-            mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
-        return new, first, time.perf_counter() - start
-
-    @torch.no_grad()
-    def _greedy_batch(self, adapter: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
-        """Greedy decoding of prompts that share one adapter, left-padded into one batch (transformers' generate)."""
-        start = time.perf_counter()
-        self.model.set_adapter(adapter)
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=sorted(self.eos_ids), pad_token_id=pad)
-        rows = []
-        for row in out[:, width:].tolist():
-            end = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
-            rows.append(row[:end])
-        return rows, time.perf_counter() - start
-
     def generate(self, strategy: str, records: list[Record], max_new_tokens: int = 128, progress: bool = False,
                  batch_size: int = 8) -> list[Generation]:
-        """Route, then decode each prompt with its adapter(s).
+        """Route, then decode each prompt with its adapter(s) (`AdapterBank.decode`; a mixture: `decode_mixture`).
 
-        Prompts that share one adapter are decoded together, `batch_size` at a time; a single prompt
-        (and every ensemble prompt, whose mixing weights are its own) is decoded alone, which is what
-        per-request latency measures. Batched generations report their batch's seconds.
+        Prompts that share one adapter are decoded together, `batch_size` at a time; every ensemble
+        prompt, whose mixing weights are its own, alone. A batch's generations report its seconds.
         """
+        from transformers import StoppingCriteriaList
+
         from gradientspace.data.records import prompt_text
 
         results: list[Generation | None] = [None] * len(records)
@@ -247,13 +196,14 @@ class StrategyModel:
             step = batch_size if adapter is not None else 1
             for start in range(0, len(members), step):
                 batch = members[start:start + step]
-                if len(batch) == 1:
-                    new, first, total = self._greedy(choices[batch[0]].weights, prompts[batch[0]], max_new_tokens)
-                    rows, firsts, totals = [new], [first], [total]
+                if adapter is None:
+                    new, first, total = self.bank.decode_mixture(choices[batch[0]].weights, prompts[batch[0]], max_new_tokens)
+                    rows = [new]
                 else:
-                    rows, total = self._greedy_batch(adapter, [prompts[i] for i in batch], max_new_tokens)
-                    firsts, totals = [total] * len(batch), [total] * len(batch)
-                for i, new, first, total in zip(batch, rows, firsts, totals):
+                    clock = FirstToken()
+                    rows = self.bank.decode([prompts[i] for i in batch], [adapter] * len(batch), max_new_tokens, StoppingCriteriaList([clock]))
+                    first, total = clock.seconds(), time.perf_counter() - clock.start
+                for i, new in zip(batch, rows):
                     results[i] = Generation(self.tokenizer.decode(new, skip_special_tokens=True), choices[i].expert, choices[i].probability,
                                             per_prompt_routing, first, len(new), total)
                 bar.update(len(batch))

@@ -2,8 +2,9 @@
 
 The worker takes the first waiting request, waits `batch_window` seconds for more (at most
 `max_batch_size`), routes the unpinned ones in one router pass (`StrategyModel.choose`), and
-decodes the whole batch in ONE transformers `generate` call: a batch on one adapter through
-peft's single-adapter path, rows bound for different adapters through `StackedLoRA` (below).
+decodes the whole batch in ONE call of the adapter bank's decoding path (`models.bank.AdapterBank.decode`,
+the one `evaluate` and `generate` use): a batch on one adapter through peft's single-adapter path,
+rows bound for different adapters through the bank's `StackedLoRA`.
 Batches are static: a request that arrives while a batch decodes joins the next one.
 
 One request fails at a time. `submit` checks everything a request could break a batch with (an
@@ -13,15 +14,6 @@ and raises before the request joins the queue. Whatever still fails inside a bat
 are decoded again in two groups, each row resuming from its own prompt plus the tokens it has
 already sent (so a client never sees text twice, and a greedy row's text is unchanged), until
 the failing group is a single row; only that request gets an `error`.
-
-`StackedLoRA`: for row b with adapter a(b), a LoRA layer computes y_b = W x_b + s_a B_a A_a x_b.
-Stacking every served adapter's A (by rows) and s·B (by columns) gives, for the whole batch at
-once, y = W x + B_cat (m ⊙ (A_cat x)), where the mask m keeps row b's own block of rank columns
-and zeroes the rest: two small matmuls per layer whatever the number of adapters, exactly equal to
-each row's own adapter. peft's mixed-adapter batches (`adapter_names=[...]`) compute the same
-thing with a Python loop of gather, two matmuls and scatter per adapter per layer, which on a
-small model costs more than the layer itself (`bench/serve.py` times both). The price is K× the
-LoRA flops, which at rank 8 is noise next to W x.
 
 Per row, inside that one call:
 - `RowStops` (a StoppingCriteria) takes each row's newest token, detokenises it incrementally,
@@ -204,50 +196,6 @@ class RowSampler(LogitsProcessor):
         return scores
 
 
-class StackedLoRA:
-    """Every LoRA layer's adapters stacked, so a batch mixing adapters costs two matmuls per layer (see the module docstring)."""
-
-    def __init__(self, peft_model, adapters: list[str]):
-        from peft.tuners.lora import Linear as LoraLinear
-
-        self.peft_model, self.adapters = peft_model, list(dict.fromkeys(adapters))
-        self.layers = []  # (module, A_cat [R, in], scaled B_cat [out, R], each adapter's column span)
-        with torch.no_grad():
-            for module in peft_model.modules():
-                if isinstance(module, LoraLinear) and all(a in module.lora_A for a in self.adapters):
-                    a_cat = torch.cat([module.lora_A[a].weight for a in self.adapters])
-                    b_cat = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in self.adapters], dim=1)
-                    ends = torch.tensor([module.lora_A[a].weight.shape[0] for a in self.adapters]).cumsum(0).tolist()
-                    self.layers.append((module, a_cat, b_cat, dict(zip(self.adapters, zip([0] + ends[:-1], ends)))))
-
-    @contextlib.contextmanager
-    def batch(self, row_adapters: list[str]):
-        """Inside: the model applies row b's own adapter to row b (peft's LoRA switched off, the stacked update hooked on)."""
-        masks: dict[tuple, torch.Tensor] = {}  # one mask per distinct rank layout (usually a single one)
-        hooks = []
-        for module, a_cat, b_cat, spans in self.layers:
-            key = tuple(spans[a] for a in self.adapters)
-            if key not in masks:
-                mask = torch.zeros(len(row_adapters), 1, a_cat.shape[0], device=a_cat.device, dtype=a_cat.dtype)
-                for row, adapter in enumerate(row_adapters):
-                    start, end = spans[adapter]
-                    mask[row, 0, start:end] = 1
-                masks[key] = mask
-            hooks.append(module.register_forward_hook(_stacked_update(a_cat, b_cat, masks[key])))
-        try:
-            with self.peft_model.disable_adapter():
-                yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-
-def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
-    def hook(module, args, output):
-        return output + ((args[0] @ a_cat.T) * mask) @ b_cat.T
-    return hook
-
-
 class EngineBusy(Exception):
     """The queue holds `max_queued` requests already."""
 
@@ -263,7 +211,7 @@ class Engine:
         self.adapters = serving_names(model, strategy)  # public id → loaded adapter
         self.public = {adapter: name for name, adapter in self.adapters.items()}
         self.experts = {served.name: served.expert for served in served_adapters(model.run, strategy)}
-        self.stacked = StackedLoRA(model.model, list(self.adapters.values()))
+        self.stacked = model.bank.stacked(list(self.adapters.values()))
         self.context_length = getattr(model.model.config, "max_position_embeddings", None)
         self.vocabulary = model.model.get_input_embeddings().num_embeddings
         # a token stands for at most as many characters as its spelling in the vocabulary has (byte-level BPE spells each
@@ -419,36 +367,21 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, rows: list[_Row]) -> None:
-        model, tokenizer = self.model, self.tokenizer
         for row in rows:
             if row.tokens_left() <= 0:  # a retried row whose last token was already sent
                 row.end_at_length()
         rows = [row for row in rows if row.finish is None]
         if not rows:
             return
-        prompts = [row.input_ids() for row in rows]
-        width = max(len(ids) for ids in prompts)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-        adapters = [row.adapter for row in rows]
-        mixed = len(set(adapters)) > 1
-        if mixed:
-            adapter_context = self.stacked.batch(adapters)
-        else:
-            model.model.set_adapter(adapters[0])
-            adapter_context = contextlib.nullcontext()
         sampling = any(row.request.sampling.temperature > 0 for row in rows)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
-        self.stats["mixed_batches"] += int(mixed)
+        self.stats["mixed_batches"] += int(len({row.adapter for row in rows}) > 1)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         self.on_batch(len(rows))
-        with adapter_context:
-            model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(row.tokens_left() for row in rows),
-                                 do_sample=False, eos_token_id=sorted(model.eos_ids), pad_token_id=pad,
-                                 stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
-                                 logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []))
+        self.model.bank.decode([row.input_ids() for row in rows], [row.adapter for row in rows], max(row.tokens_left() for row in rows),
+                               stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
+                               logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []), stack=self.stacked)
         for row in rows:
             if row.finish is None:  # generate ran out of steps before the row's own check
                 row.end_at_length()
