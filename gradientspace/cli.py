@@ -8,6 +8,7 @@ import warnings
 
 from gradientspace.config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
 from gradientspace.experts.strategies import STRATEGIES, routed
+from gradientspace.serving.backends import BACKENDS
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
@@ -338,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int)
     _help_from_config(serve, {"max_batch_size": "serve.max_batch_size"})
     route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
-    route.add_argument("--backend", required=True, choices=["vllm", "sglang"], help="which server --upstream is (they name adapters differently)")
+    route.add_argument("--backend", required=True, choices=list(BACKENDS), help="which server --upstream is (they name adapters differently)")
     backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
-    backend.add_argument("--backend", required=True, choices=["vllm", "sglang"], help="the server to print the command for")
+    backend.add_argument("--backend", required=True, choices=list(BACKENDS), help="the server to print the command for")
     backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
     
     report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")

@@ -122,7 +122,10 @@ class EvalConfig:
     generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part).", "check": ">=0"})
     decode_all_domains: list[str] = field(default_factory=list, metadata={"help": "Domains (`source` labels) whose every test prompt is decoded, e.g. short-answer classification."})
     max_new_tokens: int = field(default=96, metadata={"help": "Decoding budget per prompt.", "check": ">=1"})
-    humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when code is in the mix (0 = off).", "check": ">=0"})
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge_l"], metadata={"help": "Answer metrics on the decoded prompts (`evaluation.metrics.METRICS`)."})
+    numeric_domains: list[str] = field(default_factory=lambda: ["math"], metadata={"help": "Domains whose answers are compared by their final number (GSM8K's `####`), and get no ROUGE-L."})
+    humaneval_problems: int = field(default=0, metadata={"help": "HumanEval problems to generate and execute when `evaluate.code_domain` is in the test data (0 = off).", "check": ">=0"})
+    code_domain: str = field(default="code", metadata={"help": "The domain (`source` label) HumanEval pass@1 is reported under."})
     latency_prompts: int = field(default=4, metadata={"help": "Prompts timed per strategy for routing time, time to first token and tokens/s.", "check": ">=0"})
     elrea_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature over standardised cosine similarities (elrea-ensemble).", "check": ">0"})
 

@@ -133,7 +133,7 @@ CASES = [
     ("negative-seed", lambda c: c.cluster("--seed", "-1"), "`seed`: -1 must be at least 0"),
     ("zero-checkpoint-every", lambda c: c.cluster("--set", "gradients.checkpoint_every=0"), "`gradients.checkpoint_every`"),
     # models
-    ("unknown-model", lambda c: c.cluster("--model", "no-such-model"), "`model.name`: unknown model `no-such-model`: not a built-in alias (smollm2-135m, tiny-random)"),
+    ("unknown-model", lambda c: c.cluster("--model", "no-such-model"), "`model.name`: unknown model `no-such-model`: not a built-in alias (smollm2-135m, qwen2.5-coder-0.5b, tiny-random)"),
     ("model-folder-without-config", lambda c: c.cluster("--model", str(c.user)), "`model.name`: folder"),
     # config files
     ("config-not-yaml", lambda c: ["cluster", "--config", str(c.file("c.yaml", "model: [unclosed\n"))], "c.yaml is not valid YAML"),

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from gradientspace.evaluation.evaluate import answers_match, final_number, rouge_l, run_humaneval_case
+from gradientspace.evaluation.evaluate import run_humaneval_case
+from gradientspace.config import EvalConfig
+from gradientspace.evaluation.metrics import METRICS, final_number, rouge_l
 from gradientspace.routing.router import stratified_split, train_router
 from gradientspace.experts.strategies import ROUTER_UNSURE
 
@@ -13,13 +15,36 @@ def test_final_number():
     assert final_number("no digits") is None
 
 
-def test_answers_match_by_number_for_math_and_by_first_line_otherwise():
-    assert answers_match("math", "so it is 42 in total", "... #### 42")
-    assert not answers_match("math", "41", "#### 42")
-    assert answers_match("classification", " Yes.\nBecause the question is fine.", "yes")
-    assert not answers_match("classification", "No.", "Yes.")
-    assert not answers_match("answer_generation", "", "1:00 PM.")
-    assert answers_match("answer_generation", "1:00  pm", "1:00 PM.")
+def test_exact_match_by_number_in_numeric_domains_and_by_first_line_otherwise():
+    exact, settings = METRICS["exact_match"], EvalConfig()  # numeric_domains: [math]
+    match = lambda domain, prediction, reference: exact.score(prediction, reference, domain, settings) == 1.0
+    assert match("math", "so it is 42 in total", "... #### 42")
+    assert not match("math", "41", "#### 42")
+    assert match("classification", " Yes.\nBecause the question is fine.", "yes")
+    assert not match("classification", "No.", "Yes.")
+    assert not match("answer_generation", "", "1:00 PM.")
+    assert match("answer_generation", "1:00  pm", "1:00 PM.")
+    # which domains are numeric is configuration, not a name in the code
+    arithmetic = EvalConfig(numeric_domains=["arithmetic"])
+    assert exact.score("it is 42", "#### 42", "arithmetic", arithmetic) == 1.0 and exact.score("it is 42", "#### 42", "math", arithmetic) == 0.0
+    assert not METRICS["rouge_l"].applies("arithmetic", arithmetic) and METRICS["rouge_l"].applies("math", arithmetic)
+
+
+def test_a_metric_added_to_the_registry_is_scored_and_tabled(monkeypatch):
+    from gradientspace.evaluation import metrics
+    from gradientspace.evaluation.evaluate import markdown_table
+
+    class AnswerLength(metrics.Metric):
+        name, title, help = "length", "answer length", "characters of the answer, over 100"
+
+        def score(self, prediction, reference, domain, settings):
+            return min(len(prediction) / 100, 1.0)
+
+    monkeypatch.setitem(metrics.METRICS, "length", AnswerLength())
+    results = {"domains": ["a"], "metrics": ["length"], "latency": {"s": {"routing_ms": 1.0, "first_token_ms": 2.0, "tokens_per_second": 3.0}},
+               "s": {"a": {"nll": 1.5}, "overall": {"nll": 1.5, "length": 0.25}}}
+    table = markdown_table(results, ["s"])
+    assert "| answer length |" in table and "| 0.250 |" in table and "exact match" not in table
 
 
 def test_rouge_l_against_hand_computed_values():

@@ -36,7 +36,7 @@ def test_model_names_from_the_hugging_face_cache_are_accepted_offline(tmp_path, 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     check_model_name("acme/tiny")
     check_model_name("tiny-random")
-    with pytest.raises(ModelError, match="unknown model `acme/other`.*smollm2-135m, tiny-random"):
+    with pytest.raises(ModelError, match="unknown model `acme/other`.*smollm2-135m, qwen2.5-coder-0.5b, tiny-random"):
         check_model_name("acme/other")
     with pytest.raises(ModelError, match="unknown model"):
         check_model_name("not a repo id!")

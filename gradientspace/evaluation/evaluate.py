@@ -3,13 +3,11 @@
 Per `source` domain and overall:
 - `nll`: teacher-forced mean response-token NLL (the primary metric for small models), on every
   test record;
-- `exact_match` on `evaluate.generate_per_domain` decoded prompts per domain (every prompt of the
-  domains in `evaluate.decode_all_domains`): for math the number
-  after GSM8K's `####` (else the last number), for other domains the first line of the answer,
-  lower-cased, without surrounding punctuation (short answers: labels, yes/no, spans);
-- `rouge_l` for every non-math domain, on the same decoded prompts;
-- `humaneval_pass@1` when code is in the mix and `evaluate.humaneval_problems` > 0: completions
-  checked by HumanEval's own sandboxed `check_correctness`;
+- the answer metrics of `evaluate.metrics` (the registry `metrics.METRICS`: exact match, ROUGE-L)
+  on `evaluate.generate_per_domain` decoded prompts per domain (every prompt of the domains in
+  `evaluate.decode_all_domains`);
+- `humaneval_pass@1` under `evaluate.code_domain` when that domain is in the test data and
+  `evaluate.humaneval_problems` > 0: completions checked by HumanEval's own sandboxed `check_correctness`;
 - latency per request: routing seconds, time to first token, decode tokens per second.
 Writes `RUN/eval.json` ({strategy: {domain: {metric: value}}} plus `latency`) and `RUN/eval.md`.
 """
@@ -22,46 +20,8 @@ import statistics
 from gradientspace import distributed
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, load_records
+from gradientspace.evaluation.metrics import METRICS
 from gradientspace.runs import RunDirectory, write_json
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-MATH_DOMAINS = ("math",)
-
-
-def final_number(text: str) -> str | None:
-    """GSM8K-style final answer: after `####` when present, else the last number in the text."""
-    tail = text.split("####")[-1] if "####" in text else text
-    numbers = NUMBER.findall(tail)
-    if not numbers:
-        return None
-    value = numbers[0] if "####" in text else numbers[-1]
-    value = value.replace(",", "")
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return str(int(number)) if number == int(number) else str(number)
-
-
-def normalised_answer(text: str) -> str:
-    """First non-empty line, lower-cased, whitespace collapsed, surrounding punctuation stripped."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    first = " ".join(lines[0].lower().split()) if lines else ""
-    return first.strip(" .,;:!?\"'`")
-
-
-def answers_match(domain: str | None, prediction: str, reference: str) -> bool:
-    if domain in MATH_DOMAINS:
-        return final_number(prediction) == final_number(reference)
-    return normalised_answer(prediction) == normalised_answer(reference)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (Google's `rouge_score`, with its stemmer)."""
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
-
 
 def extract_code(text: str) -> str:
     fenced = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", text, flags=re.S)
@@ -99,7 +59,9 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
         records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
     domains = sorted({r.source or "all" for r in records})
     engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
-    results: dict = {"latency": {}, "test_records": len(records), "domains": domains, "ids": [r.id for r in records]}
+    settings = config.evaluate
+    metrics = [METRICS[name] for name in settings.metrics]
+    results: dict = {"latency": {}, "test_records": len(records), "domains": domains, "ids": [r.id for r in records], "metrics": settings.metrics}
     to_generate = []
     for domain in domains:
         members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
@@ -116,15 +78,14 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
             members = [i for i, r in enumerate(records) if domain == "overall" or (r.source or "all") == domain]
             row: dict = {"n": len(members), "nll": _mean([nll[i] for i in members])}
             decoded = [i for i in members if i in by_index]
-            free = [i for i in decoded if records[i].source not in MATH_DOMAINS]
-            if decoded:
-                row["exact_match"] = _mean([float(answers_match(records[i].source, by_index[i].text, records[i].response)) for i in decoded])
-            if free:
-                row["rouge_l"] = _mean([rouge_l(by_index[i].text, records[i].response) for i in free])
+            for metric in metrics:
+                scored_here = [i for i in decoded if metric.applies(records[i].source, settings)]
+                if scored_here:
+                    row[metric.name] = _mean([metric.score(by_index[i].text, records[i].response, records[i].source, settings) for i in scored_here])
             row["generated"] = len(decoded)
             table[domain] = row
-        if config.evaluate.humaneval_problems and "code" in domains:
-            table.setdefault("code", {})["humaneval_pass@1"] = humaneval(engine, strategy, config)
+        if settings.humaneval_problems and settings.code_domain in domains:
+            table.setdefault(settings.code_domain, {})["humaneval_pass@1"] = humaneval(engine, strategy, config)
         adapters = [choice.single_adapter or "ensemble" for choice in choices]
         results[strategy] = table
         results.setdefault("per_record", {})[strategy] = {"nll": [round(x, 5) for x in nll], "adapter": adapters}
@@ -240,14 +201,15 @@ def _python_api_timings(engine, strategy: str, records: list[Record]):
 
 def markdown_table(results: dict, strategies: list[str]) -> str:
     domains = results["domains"] + ["overall"]
-    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + " | exact match | ROUGE-L | routing ms | first token ms | tok/s |",
-             "| --- |" + " ---: |" * (len(domains) + 5)]
+    metrics = [METRICS[name] for name in results.get("metrics", METRICS)]
+    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + "".join(f" | {m.title}" for m in metrics)
+             + " | routing ms | first token ms | tok/s |",
+             "| --- |" + " ---: |" * (len(domains) + len(metrics) + 3)]
+    fmt = lambda v, spec: format(v, spec) if v is not None else "–"
     for strategy in strategies:
         table, speed = results[strategy], results["latency"][strategy]
         cells = [f"{table[d]['nll']:.3f}" if table[d]["nll"] is not None else "–" for d in domains]
-        em = table["overall"].get("exact_match")
-        rouge = table["overall"].get("rouge_l")
-        fmt = lambda v, spec: format(v, spec) if v is not None else "–"
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {fmt(em, '.2f')} | {fmt(rouge, '.3f')} | {fmt(speed['routing_ms'], '.1f')} | "
+        cells += [fmt(table["overall"].get(m.name), ".3f") for m in metrics]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {fmt(speed['routing_ms'], '.1f')} | "
                      f"{fmt(speed['first_token_ms'], '.1f')} | {fmt(speed['tokens_per_second'], '.1f')} |")
     return "\n".join(lines) + "\n"

