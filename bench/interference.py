@@ -13,7 +13,12 @@ others' leading directions) and what its expert gained on validation:
 For each statistic and gain it prints Spearman ρ with a 95 % bootstrap interval over clusters, and
 writes them to `--out`. A statistic worth a `select: auto` rule needs an interval that excludes 0.
 
-    python bench/interference.py bench/out/experts-v2 --out bench/results/interference.json
+Run directories do not outlive the machine that made them, so each run's rows are kept in
+`bench/results/interference-<run>.json`; given such files instead of folders, the script pools
+their rows (each labelled by its file) and computes ρ over every cluster of every run.
+
+    python bench/interference.py bench/out/experts-v2/mix4-100-seed1 --out bench/results/interference-mix4-100-seed1.json
+    python bench/interference.py bench/results/interference-*.json --out bench/results/interference.json   # pooled
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ def clusters(manifest: dict, run: str) -> list[dict]:
     return rows
 
 
+def rows_of(source: Path) -> list[dict]:
+    """Cluster rows of a folder of run directories, or of a stored result file (labelled by its name)."""
+    if source.is_file():
+        return [{**row, "run": f"{source.stem}/{row['run']}"} for row in json.loads(source.read_text())["clusters"]]
+    return [row for manifest in sorted(source.rglob("manifest.json"))
+            for row in clusters(json.loads(manifest.read_text()), str(manifest.parent.relative_to(source)))]
+
+
 def rho_with_interval(x: list[float], y: list[float], samples: int = 4000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     x, y = np.asarray(x), np.asarray(y)
@@ -63,11 +76,11 @@ def analyse(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="folders holding bench/experts.py run directories (searched for manifest.json)")
+    parser.add_argument("runs", type=Path, nargs="+", help="folders holding bench/experts.py run directories (searched for manifest.json), "
+                        "or stored result files of this script to pool")
     parser.add_argument("--out", type=Path, default=Path("bench/results/interference.json"))
     args = parser.parse_args()
-    rows = [row for folder in args.runs for manifest in sorted(folder.rglob("manifest.json"))
-            for row in clusters(json.loads(manifest.read_text()), str(manifest.parent.relative_to(folder)))]
+    rows = [row for source in args.runs if source.resolve() != args.out.resolve() for row in rows_of(source)]
     result = {"clusters": rows, "spearman": analyse(rows)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{len(rows)} clusters from {len({r['run'] for r in rows})} runs")

@@ -110,3 +110,14 @@ def test_interference_rows_and_rank_correlation():
     assert result["gain_own_share"]["outside_energy"]["rho"] == pytest.approx(1.0)
     assert result["gain_own_share"]["mean_cosine"]["rho"] == pytest.approx(-1.0)
     assert result["gain_routed"]["outside_energy"]["clusters"] == 5
+
+
+def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
+    for name, offset in (("interference-a", 0.0), ("interference-b", 0.5)):
+        rows = [{"run": "run", "cluster": str(c), "size": 10, "mean_cosine": offset + c / 10, "outside_energy": 1 - c / 10,
+                 "gain_own_share": c / 100, "gain_routed": None} for c in range(3)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"clusters": rows}))
+    pooled = [row for name in ("interference-a", "interference-b") for row in interference.rows_of(tmp_path / f"{name}.json")]
+    assert [r["run"] for r in pooled] == ["interference-a/run"] * 3 + ["interference-b/run"] * 3
+    result = interference.analyse(pooled)
+    assert result["gain_own_share"]["outside_energy"]["clusters"] == 6 and "gain_routed" not in result
