@@ -21,7 +21,7 @@ def test_two_process_run_matches_one_process(tmp_path):
              "--set", "model.lora_rank=2", "--set", "sketch.rank=16", "--set", "sketch.internal_rank=16", "--set", "warmup.fraction=0.25"]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", *flags, "--out", str(tmp_path / "two")],
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", *flags, "--out", str(tmp_path / "two")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     overrides = {"model.name": "tiny-random", "data.path": str(data), "cluster.k": 3, "data.max_length": 96, "gradients.batch_size": 2,
@@ -47,7 +47,7 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
     outputs = {}
     slowed = str(Path(__file__).with_name("slow_rank0.py"))
     for name, launcher in (("one", [sys.executable, slowed]),
-                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", slowed])):
+                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", slowed])):
         (tmp_path / name).mkdir()
         # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
         config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
@@ -84,7 +84,7 @@ def test_under_torchrun_a_busy_run_stops_every_rank_at_once(tmp_path):
     lock.acquire()
     try:
         torchrun = Path(sys.executable).with_name("torchrun")
-        result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", "--model", "tiny-random",
+        result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", "--model", "tiny-random",
                                  "--data", str(data), "--k", "2", "--max-length", "96", "--out", str(tmp_path / "run")],
                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     finally:
