@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from gradientspace import distributed
 from gradientspace.config import RunConfig
 from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
-from gradientspace.experts.adapters import AdapterStage, PartitionStage, StrategyAdapters, train_experts
+from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
 from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
-from gradientspace.experts.keep import KeepStage, keep_decisions, served_stage
+from gradientspace.experts.keep import keep_decisions, served_stage
 from gradientspace.clustering.stages import ClusterStage, cluster
 from gradientspace.preflight import preflight
 from gradientspace.routing.router import RouterStage, train_routers

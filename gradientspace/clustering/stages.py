@@ -24,7 +24,7 @@ from gradientspace.clustering.kmeans import (ExactStore, RademacherProjector, ch
                       interference, random_labels, spherical_kmeans, within_cluster_cosine)
 from gradientspace.config import ConfigError, RunConfig, internal_rank
 from gradientspace.gradients.consumers import GradientConsumer
-from gradientspace.data.records import Record, fingerprint, load_records, shuffled_length_batches, tokenize, validation_ids
+from gradientspace.data.records import Record, fingerprint, shuffled_length_batches, tokenize, validation_ids
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.models.loading import LoadedModel, pick_device
 from gradientspace.runner import Run, as_run

@@ -24,7 +24,6 @@ margin is what keeps a gain shown by one or two records, or by 0.0003 nats, from
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
