@@ -39,7 +39,9 @@ def clusters(manifest: dict, run: str) -> list[dict]:
     decisions = manifest["stages"].get("keep/routed", {}).get("groups", {})
     rows = []
     for cluster, statistics in manifest["stages"].get("cluster", {}).get("interference", {}).items():
-        expert, decision = experts.get(cluster, {}), decisions.get(cluster, {})
+        # the strategy's summary, or (before every strategy's adapters are done) the expert's own stage entry
+        expert = experts.get(cluster) or manifest["stages"].get(f"experts/routed/{cluster}", {})
+        decision = decisions.get(cluster, {})
         own = expert["initial_eval_loss"] - expert["best_eval_loss"] if expert.get("initial_eval_loss") is not None and expert.get("best_eval_loss") is not None else None
         routed = decision["generalist_nll"] - decision["candidate_nll"]["1.0"] if "candidate_nll" in decision and "1.0" in decision["candidate_nll"] else None
         rows.append({"run": run, "cluster": cluster, **statistics, "gain_own_share": own, "gain_routed": routed})
