@@ -68,3 +68,31 @@ router: {{epochs: 20}}
 evaluate: {{data: "mix4-packaged:test", {evaluate}}}
 """)
     return config
+
+
+@pytest.fixture(scope="session")
+def served_tiny_run(tmp_path_factory):
+    """A whole tiny run of `routed` and `single` with every expert served (`keep: all`), built once per test session and
+    shared by every pytest-xdist worker (the first builds it under a file lock in the session's folder). Read it, or copy
+    it before changing it (`copied_run`)."""
+    import os
+
+    from filelock import FileLock
+
+    from gradientspace.cli import main
+
+    # a worker's base folder sits in the session's own folder (pytest-N/popen-gwK); without workers it is that folder
+    session = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    root = session / "served-tiny-run"
+    with FileLock(str(session / "served-tiny-run.lock")):
+        if not (root / "run" / "eval.json").exists():
+            root.mkdir(exist_ok=True)
+            assert main(["run", str(tiny_run_config(root, ["routed", "single"], experts="keep: all"))]) == 0
+    return root / "run"
+
+
+def copied_run(run, destination):
+    """A copy of a finished run directory to change: `config_from_run(copy)` serves the copy (its `out` is the folder read)."""
+    import shutil
+
+    return shutil.copytree(run, destination / "run")

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import copied_run
 from safetensors.torch import load_file, save_file
 
 from gradientspace.cli import main
@@ -57,11 +57,9 @@ class Background:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny run whose served adapters are pushed far apart, so that each one answers differently."""
-    root = tmp_path_factory.mktemp("serve")
-    assert main(["run", str(tiny_run_config(root, ["routed", "single"], experts="keep: all"))]) == 0  # every expert served
-    run = root / "run"
+def run_dir(tmp_path_factory, served_tiny_run):
+    """A copy of the shared tiny run (every expert served) whose adapters are pushed far apart, so that each one answers differently."""
+    run = copied_run(served_tiny_run, tmp_path_factory.mktemp("serve"))
     for seed, served in enumerate(served_adapters(RunDirectory(run))):
         path = served.folder / "adapter_model.safetensors"
         generator = torch.Generator().manual_seed(seed)
