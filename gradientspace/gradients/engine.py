@@ -22,6 +22,7 @@ The flattened layout of a gradient vector is `GradientLayout`: LoRA modules in n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -102,10 +103,16 @@ def response_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
 
 def _keeps_some_logits(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # read once per model class: `response_losses` runs on every training step and every scored batch
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout) -> None:
