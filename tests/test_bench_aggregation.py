@@ -106,18 +106,55 @@ def test_interference_rows_and_rank_correlation():
     rows = interference.clusters(manifest, "toy")
     assert [r["gain_own_share"] for r in rows] == pytest.approx([c / 100 for c in range(6)])
     assert rows[5]["gain_routed"] is None  # no keep decision for that cluster
-    result = interference.analyse(rows)
+    assert {r["strategy"] for r in rows} == {"routed"}  # without the run directory, only the cluster stage's statistics
+    result = interference.analyse(rows)["all"]
     assert result["gain_own_share"]["outside_energy"]["rho"] == pytest.approx(1.0)
     assert result["gain_own_share"]["mean_cosine"]["rho"] == pytest.approx(-1.0)
     assert result["gain_routed"]["outside_energy"]["clusters"] == 5
+    assert result["gain_routed"]["outside_energy"]["interval_over_runs"] is None  # one run: nothing to resample
+
+
+def test_interference_of_the_other_partitions_comes_from_the_same_sketch_in_record_order(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from gradientspace.clustering.kmeans import interference as statistics
+
+    generator = torch.Generator().manual_seed(0)
+    coordinates = torch.randn(12, 5, generator=generator)
+    ids = [f"r{i}" for i in range(12)]
+    save_file({"coordinates": coordinates}, str(tmp_path / "sketch.safetensors"))
+    (tmp_path / "clusters.jsonl").write_text("".join(json.dumps({"id": i, "cluster": n % 2}) + "\n" for n, i in enumerate(ids)))
+    oracle = [n // 4 for n in range(12)]  # three labels, in record order
+    folder = tmp_path / "strategies" / "oracle"
+    folder.mkdir(parents=True)
+    # the assignment is keyed by id, in another order than the sketch's rows
+    (folder / "partition.json").write_text(json.dumps({"groups": ["code", "math", "writing"],
+                                                       "assignment": {i: oracle[n] for n, i in reversed(list(enumerate(ids)))}}))
+    manifest = {"experts": {"oracle": {"experts": {g: {"initial_eval_loss": 1.0, "best_eval_loss": 0.9} for g in ("code", "math", "writing")}}},
+                "stages": {"cluster": {"interference": statistics(coordinates, [n % 2 for n in range(12)])}}}
+    rows = interference.clusters(manifest, "toy", tmp_path)
+    assert [(r["strategy"], r["cluster"]) for r in rows] == [("routed", "0"), ("routed", "1"), ("oracle", "code"), ("oracle", "math"), ("oracle", "writing")]
+    expected = statistics(coordinates, oracle)
+    for number, name in enumerate(("code", "math", "writing")):
+        row = next(r for r in rows if r["cluster"] == name)
+        assert row["mean_cosine"] == pytest.approx(expected[str(number)]["mean_cosine"])
+        assert row["outside_energy"] == pytest.approx(expected[str(number)]["outside_energy"])
+        assert row["gain_own_share"] == pytest.approx(0.1)
 
 
 def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
-    for name, offset in (("interference-a", 0.0), ("interference-b", 0.5)):
-        rows = [{"run": "run", "cluster": str(c), "size": 10, "mean_cosine": offset + c / 10, "outside_energy": 1 - c / 10,
+    names = [f"interference-{n}" for n in range(5)]
+    for number, name in enumerate(names):
+        rows = [{"run": "run", "cluster": str(c), "size": 10, "mean_cosine": number / 2 + c / 10, "outside_energy": 1 - c / 10,
                  "gain_own_share": c / 100, "gain_routed": None} for c in range(3)]
         (tmp_path / f"{name}.json").write_text(json.dumps({"clusters": rows}))
-    pooled = [row for name in ("interference-a", "interference-b") for row in interference.rows_of(tmp_path / f"{name}.json")]
-    assert [r["run"] for r in pooled] == ["interference-a/run"] * 3 + ["interference-b/run"] * 3
-    result = interference.analyse(pooled)
-    assert result["gain_own_share"]["outside_energy"]["clusters"] == 6 and "gain_routed" not in result
+    pooled = [row for name in names for row in interference.rows_of(tmp_path / f"{name}.json")]
+    assert [r["run"] for r in pooled] == [f"{name}/run" for name in names for _ in range(3)]
+    assert {r["strategy"] for r in pooled} == {"routed"}  # files stored before other partitions were measured
+    result = interference.analyse(pooled)["all"]
+    energy = result["gain_own_share"]["outside_energy"]
+    assert energy["clusters"] == 15 and energy["runs"] == 5 and "gain_routed" not in result
+    assert energy["rho"] == pytest.approx(-1.0) and energy["interval_over_runs"] == pytest.approx([-1.0, -1.0])
+    two_runs = interference.analyse(pooled[:6])["all"]["gain_own_share"]["outside_energy"]
+    assert two_runs["interval_over_runs"] is None and two_runs["interval"] is not None
