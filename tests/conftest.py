@@ -5,6 +5,13 @@ from gradientspace.data.records import Record
 from gradientspace.models.loading import load_lora_model
 
 
+def pytest_collection_modifyitems(items):
+    """Files with a `heavy` or `slow` test go first. pytest-xdist (`make test`) hands whole files to its workers in
+    collection order, so a long file picked up last would keep one worker busy while the other sits idle."""
+    heavy = {item.path for item in items if item.get_closest_marker("heavy") or item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: files stay whole and in their order
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """tiny-random with LoRA whose B is non-zero, so both A and B have non-trivial gradients."""

@@ -13,6 +13,8 @@ from gradientspace.runs import RunDirectory
 
 from conftest import tiny_run_config
 
+pytestmark = pytest.mark.heavy  # one whole `run` through the CLI
+
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

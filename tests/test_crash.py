@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,6 +78,7 @@ def outputs(run_dir) -> dict:
     return {"clusters": (run_dir / "clusters.jsonl").read_text(), "adapters": adapters, "nll": evaluation["per_record"]}
 
 
+@pytest.mark.heavy
 def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     (tmp_path / "whole").mkdir()
     (tmp_path / "killed").mkdir()

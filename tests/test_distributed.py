@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import make_records
 from gradientspace import cluster, load_config
+
+pytestmark = pytest.mark.heavy  # torchrun runs of two processes
 
 
 def test_two_process_run_matches_one_process(tmp_path):

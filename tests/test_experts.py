@@ -10,6 +10,8 @@ from gradientspace.data.records import load_records, validation_ids
 from gradientspace.experts.adapters import decided, train_experts
 from gradientspace.models.inference import StrategyModel, best_threshold
 
+pytestmark = pytest.mark.heavy  # a clustered run shared by the file, experts trained twice
+
 
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory):

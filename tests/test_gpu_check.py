@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.heavy  # bench/gpu_check.py --tiny: six parts, each its own process
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 PARTS = ["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"]

@@ -183,6 +183,7 @@ def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypat
     assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
 
 
+@pytest.mark.heavy
 def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_path, capsys):
     """Asserted from the manifest: the adapters, thresholds and evaluation are redone; data, warm-up, gradients, clusters and routers are not."""
     from conftest import tiny_run_config

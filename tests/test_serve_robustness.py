@@ -549,6 +549,7 @@ def soak(url: str, requests: int = SOAK_REQUESTS, clients: int = SOAK_CLIENTS) -
                           "max": round(1000 * latencies[-1], 1)} if latencies else None}
 
 
+@pytest.mark.heavy
 def test_soak_no_good_request_fails_and_health_answers_throughout(served):
     """2 000 requests from 32 clients, one in ten malformed: every good one a 200, every malformed one a 4xx.
 

@@ -38,6 +38,7 @@ def test_config_and_cli_accept_exactly_the_registry(tmp_path, capsys):
     assert "--strategies: 'alternating' is not a strategy" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_a_strategy_added_to_the_registry_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(strategies.STRATEGIES, AlternatingGroups.name, AlternatingGroups())
     config = load_config(tiny_run_config(tmp_path, ["single", "alternating"], evaluate="limit: 4"))

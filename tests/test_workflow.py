@@ -11,6 +11,8 @@ from gradientspace.config import load_config
 
 from conftest import tiny_run_config
 
+pytestmark = pytest.mark.heavy  # one whole `run` shared by the file
+
 STRATEGIES = ["routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
 
 
