@@ -355,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(" ".join(str(message).split()), file=sys.stderr)  # one line, whatever the message held
+    # one line, whatever the message held, in one write: under torchrun every rank may say it at once into the same
+    # pipe, and `print` writes the text and its newline apart, so two ranks' lines could run into one
+    sys.stderr.write(" ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
