@@ -110,7 +110,7 @@ def rho_with_interval(x: list[float], y: list[float], runs: list[str], samples: 
             if len(by_run) >= MIN_RUNS else None}
 
 
-def analyse(rows: list[dict]) -> dict:
+def analyse(rows: list[dict], samples: int = 4000) -> dict:
     """ρ per statistic and gain: over every group of every partition (`all`), and over each partition's groups alone."""
     result = {}
     for partitions in ("all", *PARTITIONED):
@@ -119,7 +119,7 @@ def analyse(rows: list[dict]) -> dict:
             usable = [r for r in chosen if r[gain] is not None]
             if len(usable) >= 3:
                 result.setdefault(partitions, {})[gain] = {s: rho_with_interval([r[s] for r in usable], [r[gain] for r in usable],
-                                                                             [r["run"] for r in usable])
+                                                                             [r["run"] for r in usable], samples)
                                                            for s in STATISTICS}
     return result
 

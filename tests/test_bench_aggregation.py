@@ -107,7 +107,7 @@ def test_interference_rows_and_rank_correlation():
     assert [r["gain_own_share"] for r in rows] == pytest.approx([c / 100 for c in range(6)])
     assert rows[5]["gain_routed"] is None  # no keep decision for that cluster
     assert {r["strategy"] for r in rows} == {"routed"}  # without the run directory, only the cluster stage's statistics
-    result = interference.analyse(rows)["all"]
+    result = interference.analyse(rows, samples=200)["all"]
     assert result["gain_own_share"]["outside_energy"]["rho"] == pytest.approx(1.0)
     assert result["gain_own_share"]["mean_cosine"]["rho"] == pytest.approx(-1.0)
     assert result["gain_routed"]["outside_energy"]["clusters"] == 5
@@ -152,9 +152,9 @@ def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
     pooled = [row for name in names for row in interference.rows_of(tmp_path / f"{name}.json")]
     assert [r["run"] for r in pooled] == [f"{name}/run" for name in names for _ in range(3)]
     assert {r["strategy"] for r in pooled} == {"routed"}  # files stored before other partitions were measured
-    result = interference.analyse(pooled)["all"]
+    result = interference.analyse(pooled, samples=200)["all"]
     energy = result["gain_own_share"]["outside_energy"]
     assert energy["clusters"] == 15 and energy["runs"] == 5 and "gain_routed" not in result
     assert energy["rho"] == pytest.approx(-1.0) and energy["interval_over_runs"] == pytest.approx([-1.0, -1.0])
-    two_runs = interference.analyse(pooled[:6])["all"]["gain_own_share"]["outside_energy"]
+    two_runs = interference.analyse(pooled[:6], samples=200)["all"]["gain_own_share"]["outside_energy"]
     assert two_runs["interval_over_runs"] is None and two_runs["interval"] is not None
