@@ -26,6 +26,11 @@ One JSON per (data set, size, seed) goes to `--results`; `bench/plot_experts.py`
 
     python bench/experts.py --datasets skills4 --per-label 100 --seeds 0 1 2
     python bench/experts.py --datasets skills4 mix4 --per-label 25 50 200 --strategies routed single
+    torchrun --standalone --nproc_per_node 2 bench/experts.py --datasets skills4 --per-label 200 --seeds 0
+
+Under torchrun the pipeline spreads its work as `gradientspace run` does (the gradient pass and the
+scoring sharded, the experts dealt over the ranks; tests/test_distributed.py shows the outputs equal
+one process's), and rank 0 writes the data files and the result.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from gradientspace import distributed
 from gradientspace.config import load_config
 from gradientspace.data.records import load_records
 from gradientspace.evaluation.evaluate import evaluate_strategies
@@ -76,11 +82,14 @@ def compute(manifest: dict, strategy: str, config) -> dict:
     return cost
 
 
-def bench_one(name: str, per_label: int, seed: int, args) -> dict:
+def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
+    """One run through every arm; its report on rank 0, None on the other ranks."""
     folder = args.out / f"{name}-{per_label}-seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
-    write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))  # one test set for every seed
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
+        write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))  # one test set for every seed
+    distributed.barrier()  # the other ranks read them
     config = load_config(None, {
         "out": str(folder / "run"), "seed": seed, "model.name": args.model, "data.path": str(folder / "train.jsonl"),
         "data.max_length": args.max_length, "cluster.k": args.k, "cluster.projection_dim": 8192, "experts.strategies": args.strategies,
@@ -91,7 +100,8 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     start = time.perf_counter()
     run = Run(config)
     outcome = cluster(run)
-    print(f"[{name} {per_label}/label seed {seed}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"[{name} {per_label}/label seed {seed}] clusters NMI {outcome.metrics.get('nmi'):.3f}", file=sys.stderr)
     train_experts(run)
     routers = train_routers(run)
     decide_experts(run)
@@ -103,6 +113,8 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
                                      args.strategies, run.validation, write=False)
     test, _ = load_records(config.evaluate.data)
     results = evaluate_strategies(config, args.strategies, test)
+    if not distributed.is_main():
+        return None
     run.directory.reload()
     manifest = run.directory.manifest
     arms = {}
@@ -142,6 +154,7 @@ def main() -> None:
     missing = [d for d in args.datasets if not (SHARED / d / "train.jsonl").exists()]
     if missing:
         sys.exit(f"bench/experts.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)")
+    distributed.init()  # under torchrun: the process group the pipeline and the barriers below use
     for per_label in args.per_label:
         for seed in args.seeds:
             for name in args.datasets:
@@ -149,8 +162,11 @@ def main() -> None:
                 if result_file.exists():
                     print(f"done already: {result_file}", file=sys.stderr)
                     continue
-                write_json(result_file, bench_one(name, per_label, seed, args))
-                print(f"wrote {result_file}", file=sys.stderr)
+                report = bench_one(name, per_label, seed, args)
+                if report is not None:
+                    write_json(result_file, report)
+                    print(f"wrote {result_file}", file=sys.stderr)
+                distributed.barrier()  # every rank sees the file before the next run's check
 
 
 if __name__ == "__main__":
