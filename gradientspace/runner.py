@@ -133,11 +133,18 @@ class Run:
         return entry
 
     def _execute_spread(self, stages: list[Stage], parents: dict[str, dict[str, str]]) -> None:
-        """Deal `stages` round-robin over the ranks; rank 0 records the entries the others ran."""
+        """Deal `stages` over the ranks, the most work first to the least-loaded rank (ties: in the order given, to the lowest
+        rank); every rank computes the same deal. Rank 0 records the entries the others ran."""
+        load = [0.0] * self.world_size
+        mine = []
+        for stage in sorted(stages, key=lambda s: -s.work(self)):  # sorted() is stable: equal work keeps the given order
+            rank = load.index(min(load))
+            load[rank] += stage.work(self)
+            if rank == self.rank:
+                mine.append(stage)
         ran = {}
-        for number, stage in enumerate(stages):
-            if number % self.world_size == self.rank:
-                ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
+        for stage in mine:
+            ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
         gathered = distributed.gather_to_main(ran)
         if self.is_main:
             for other, entries in enumerate(gathered[1:], start=1):

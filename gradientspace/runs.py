@@ -212,7 +212,7 @@ class Placement(enum.Enum):
     """Where a stage runs under torchrun; the runner (`runner.Run.build`) makes the other ranks wait, never the stage."""
     MAIN = "rank 0"  # rank 0 runs it while the others wait, then every rank reads what it wrote
     EVERY = "every rank"  # every rank runs it on its own shard of the work (the gradient pass, the evaluation)
-    SPREAD = "spread"  # sibling stages built together are dealt round-robin over the ranks (the adapters after the generalist)
+    SPREAD = "spread"  # sibling stages built together are dealt over the ranks by their `work` (the adapters after the generalist)
 
 
 class Stage(ABC):
@@ -231,6 +231,11 @@ class Stage(ABC):
         """The stages this one reads, built before it in the order given; a list is built together (and spread, if they may
         be). A generator may look at the run between its items: the experts' stages exist only once the clusters do."""
         return ()
+
+    def work(self, run) -> float:
+        """How much work the stage is beside its SPREAD siblings: the runner deals the largest to the least-loaded rank
+        first, so one long stage does not leave a rank idle while the other trains the rest."""
+        return 1.0
 
     @abstractmethod
     def inputs(self, run) -> dict[str, str]:

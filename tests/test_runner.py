@@ -387,3 +387,21 @@ def test_rank_zero_stages_make_the_other_ranks_wait_and_spread_stages_are_dealt(
     run.build(*spread)
     assert log == ["s1", "s3"]  # rank 1's deal; `main` is rank 0's
     assert waits == ["barrier", "barrier"]  # after rank 0's stage, and after the spread group
+
+
+def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a_rank(tmp_path, monkeypatch):
+    """On rank 1 of 2: one stage as long as the five others together goes to rank 0 alone; rank 1 takes the five.
+    Round-robin would have given rank 1 three short ones and rank 0 the long one and two more."""
+    from gradientspace.runs import Placement
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "init", lambda: None)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    monkeypatch.setattr(distributed, "gather_to_main", lambda item: None)
+    log: list[str] = []
+    spread = [Toy(f"s{i}", (), log) for i in range(6)]
+    for stage, work in zip(spread, [5, 1, 1, 1, 1, 1]):
+        stage.placement = Placement.SPREAD
+        stage.work = lambda run, work=work: work
+    toy_run(tmp_path).build(*spread)
+    assert log == ["s1", "s2", "s3", "s4", "s5"]

@@ -117,6 +117,10 @@ class AdapterStage(Stage):
         elif start == "warmup":
             yield WarmupStage()
 
+    def work(self, run: Run) -> float:
+        train, validation = group_records(run, self.strategy, self.group)
+        return float(len(train) + len(validation))  # training epochs and validation passes both scale with the records
+
     def model_config(self, run: Run):
         """The model this adapter trains on: `single-wide`'s has rank K·r, so a changed K retrains it."""
         return get(self.strategy).model_config(run.config, run)
@@ -164,8 +168,12 @@ class StrategyAdapters(Stage):
 
     def requires(self, run: Run):
         yield PartitionStage(self.strategy)
+        yield self.adapters(run)
+
+    def adapters(self, run: Run) -> list[AdapterStage]:
+        """One stage per group that has training records; the partition must be built."""
         partition = read_partition(run, self.strategy)
-        yield [AdapterStage(self.strategy, group) for group in partition["groups"] if group not in partition["empty"]]
+        return [AdapterStage(self.strategy, group) for group in partition["groups"] if group not in partition["empty"]]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {}
@@ -231,6 +239,10 @@ def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> 
     the ranks under torchrun (`spread_over_ranks`). The model is loaded only if some adapter must train.
     """
     run = as_run(run)
-    wanted = trained(strategies or run.config.experts.strategies)
-    entries = run.build(*[StrategyAdapters(s) for s in wanted])
-    return {s: entry["summary"] for s, entry in zip(wanted, entries)} if run.is_main else {}
+    stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies)]
+    run.build(*[PartitionStage(s.strategy) for s in stages])
+    # every strategy's adapters in one deal: a strategy with one long adapter (single-continued) then shares the ranks
+    # with the next strategy's experts instead of leaving a rank idle while it trains
+    run.build(*[adapter for s in stages for adapter in s.adapters(run)])
+    entries = run.build(*stages)
+    return {s.strategy: entry["summary"] for s, entry in zip(stages, entries)} if run.is_main else {}
