@@ -12,7 +12,7 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 | --- | --- | --- |
 | `MAIN` | rank 0 | wait at a barrier, then read the manifest rank 0 wrote |
 | `EVERY` | every rank, on its own shard | meet at a barrier after it |
-| `SPREAD` | siblings built together are dealt round-robin | rank 0 records the entries it gathers; all meet after |
+| `SPREAD` | siblings built together are dealt by `work`, the most first to the least-loaded rank | rank 0 records the entries it gathers; all meet after |
 """
 
 from __future__ import annotations
