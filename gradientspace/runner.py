@@ -135,16 +135,14 @@ class Run:
     def _execute_spread(self, stages: list[Stage], parents: dict[str, dict[str, str]]) -> None:
         """Deal `stages` over the ranks, the most work first to the least-loaded rank (ties: in the order given, to the lowest
         rank); every rank computes the same deal. Rank 0 records the entries the others ran."""
+        work = {stage.name: stage.work(self) for stage in stages}  # an adapter's work reads its group's records: once each
         load = [0.0] * self.world_size
-        mine = []
-        for stage in sorted(stages, key=lambda s: -s.work(self)):  # sorted() is stable: equal work keeps the given order
-            rank = load.index(min(load))
-            load[rank] += stage.work(self)
-            if rank == self.rank:
-                mine.append(stage)
         ran = {}
-        for stage in mine:
-            ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
+        for stage in sorted(stages, key=lambda s: -work[s.name]):  # sorted() is stable: equal work keeps the given order
+            rank = load.index(min(load))
+            load[rank] += work[stage.name]
+            if rank == self.rank:
+                ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
         gathered = distributed.gather_to_main(ran)
         if self.is_main:
             for other, entries in enumerate(gathered[1:], start=1):

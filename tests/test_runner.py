@@ -369,15 +369,20 @@ def test_a_generator_of_requirements_sees_its_earlier_parents_done(tmp_path):
     assert log == ["first", "part0", "part1", "later"]
 
 
+def as_rank_one_of_two(monkeypatch) -> None:
+    """This process plays rank 1 of a 2-process run; rank 0's side of every gather is absent."""
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "init", lambda: None)
+    monkeypatch.setattr(distributed, "gather_to_main", lambda item: None)
+
+
 def test_rank_zero_stages_make_the_other_ranks_wait_and_spread_stages_are_dealt(tmp_path, monkeypatch):
     """On rank 1 of 2: a MAIN stage is rank 0's (rank 1 waits at a barrier and reads the manifest), a SPREAD group is dealt."""
     from gradientspace.runs import Placement
 
-    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
-    monkeypatch.setattr(distributed, "init", lambda: None)
+    as_rank_one_of_two(monkeypatch)
     waits: list[str] = []
     monkeypatch.setattr(distributed, "barrier", lambda: waits.append("barrier"))
-    monkeypatch.setattr(distributed, "gather_to_main", lambda item: None)
     log: list[str] = []
     main_stage = Toy("main", log=log)
     spread = [Toy(f"s{i}", (main_stage,), log) for i in range(4)]
@@ -394,10 +399,8 @@ def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a
     Round-robin would have given rank 1 three short ones and rank 0 the long one and two more."""
     from gradientspace.runs import Placement
 
-    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
-    monkeypatch.setattr(distributed, "init", lambda: None)
+    as_rank_one_of_two(monkeypatch)
     monkeypatch.setattr(distributed, "barrier", lambda: None)
-    monkeypatch.setattr(distributed, "gather_to_main", lambda item: None)
     log: list[str] = []
     spread = [Toy(f"s{i}", (), log) for i in range(6)]
     for stage, work in zip(spread, [5, 1, 1, 1, 1, 1]):
