@@ -122,6 +122,8 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
         table = results[strategy]
         arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
                           "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
+                          # which adapter served each test record: what-if questions (another fall-back adapter) need it
+                          "per_record_adapter": results["per_record"][strategy]["adapter"],
                           "validation_nll": validation[strategy]["overall"]["nll"], "compute": compute(manifest, strategy, config)}
         summary = manifest.get("experts", {}).get(get(strategy).owner, {})
         if "fallback" in summary:  # decided strategies: each group's λ and why (`keep.py`)
