@@ -6,9 +6,9 @@ point-to-point sends (NCCL on GPUs, gloo on CPUs): in round s, rank r with r mod
 state to rank r − s, which merges it. Each round moves one shard state (d×r' + N_shard×r' floats)
 per pair, all pairs at once, and rank 0 ends with everything. Evaluation is sharded too (each
 rank scores every world-size-th test record, `gather_to_main` brings them to rank 0), and so
-are the adapters after the generalist (every strategy's in one deal, the largest first to the least-loaded rank; one-process Trainer jobs; see
-`experts.adapters.spread_over_ranks`); the warm-up, the generalist, routers and thresholds train on rank 0
-while the others wait.
+are the adapters after the generalist (every strategy's in one deal, the largest first to the
+least-loaded rank; one-process Trainer jobs; see `experts.adapters.spread_over_ranks`); the
+warm-up, the generalist, routers and thresholds train on rank 0 while the others wait.
 """
 
 from __future__ import annotations
