@@ -11,7 +11,11 @@ validation NLL — chosen before the test split is read. Then, per arm and over 
 - paired differences (routed − best single, routed − random-clusters, and each other arm against
   the best single) with three intervals: the t-interval over seeds (how much a whole run moves it),
   the bootstrap over test records with seeds averaged per record, and the two-level bootstrap over
-  seeds and then records within each seed.
+  seeds and then records within each seed;
+- a what-if, on the runs whose result records which adapter served each test record: routed with
+  every prompt it gave the generalist served instead by the single adapter of record. Keep decisions
+  and blends stay as they were made (against the generalist), so this moves only the fall-back
+  records; it is an estimate of that protocol change, not a run of it.
 
 Writes `arms.md` and `arms.json` in `--out` and prints the Markdown.
 
@@ -31,6 +35,7 @@ from plot_experts import load, mean_std, paired_bootstrap
 
 ARMS = ["single", "single-continued", "best-single", "routed", "random-clusters", "oracle", "gradient-oracle"]
 GENERALIST_ADAPTER = "single__0"
+FALLBACK_WHAT_IF = "routed-falling-back-to-best-single"  # not an arm that ran: see the module docstring
 
 
 def best_single(arms: dict) -> str:
@@ -40,9 +45,13 @@ def best_single(arms: dict) -> str:
 
 
 def with_best_single(run: dict) -> dict:
-    """The run's arms plus `best-single`, the arm chosen on validation."""
+    """The run's arms plus `best-single`, the arm chosen on validation, and the fall-back what-if where it can be computed."""
     arms = dict(run["arms"])
     arms["best-single"] = {**arms[best_single(arms)], "chosen": best_single(arms)}
+    routed = arms.get("routed")
+    if routed and "per_record_adapter" in routed:
+        arms[FALLBACK_WHAT_IF] = {"per_record_nll": [record if adapter == GENERALIST_ADAPTER else own for own, record, adapter in
+                                                     zip(routed["per_record_nll"], arms["best-single"]["per_record_nll"], routed["per_record_adapter"])]}
     return arms
 
 
@@ -101,7 +110,8 @@ def summarize(dataset: str, per_label: int, seeds: dict) -> dict:
                      "train_seconds": statistics.mean(c.get("train_seconds_with_generalist", c["train_seconds"]) for c in compute),
                      "gradient_pass_seconds": statistics.mean(c.get("gradient_pass_seconds") or 0 for c in compute)}
     pairs = [("routed", "best-single"), ("routed", "random-clusters"), ("routed", "single"), ("single-continued", "single"),
-             ("random-clusters", "best-single"), ("oracle", "best-single"), ("gradient-oracle", "best-single")]
+             ("random-clusters", "best-single"), ("oracle", "best-single"), ("gradient-oracle", "best-single"),
+             (FALLBACK_WHAT_IF, "best-single")]
     comparisons = [c for c in (compare(list(runs.values()), arm, base) for arm, base in pairs) if c]
     return {"dataset": dataset, "per_label": per_label, "seeds": sorted(runs), "arms": rows, "comparisons": comparisons}
 

@@ -74,6 +74,20 @@ def test_the_best_single_adapter_is_chosen_on_validation_and_routed_is_compared_
     assert summary["arms"]["routed"]["kept_blended_fell_back"] == [(1, 1, 1)] * 3
     assert summary["arms"]["routed"]["generalist_share"] == [0.25] * 3
     assert summary["arms"]["routed"]["steps"] == 200
+    assert ("routed-falling-back-to-best-single", "best-single") not in by_pair  # no result says which adapter served each record
+
+
+def test_the_fall_back_what_if_re_serves_only_the_generalists_records_by_the_single_adapter_of_record(tmp_path):
+    synthetic_results(tmp_path / "results")
+    path = tmp_path / "results" / "toy-10-seed1.json"  # single-continued is the adapter of record here
+    result = json.loads(path.read_text())
+    result["arms"]["routed"]["per_record_adapter"] = ["single__0"] * 10 + ["routed__0"] * 30
+    path.write_text(json.dumps(result))
+    summary = arms.summarize("toy", 10, plot_experts.load(tmp_path / "results")[("toy", 10)])
+    what_if = next(c for c in summary["comparisons"] if c["arm"] == "routed-falling-back-to-best-single")
+    # 10 records now served as best single is (difference 0), 30 still by routed: (single − 0.11) − (single − 0.05)
+    assert what_if["seeds"] == 1 and what_if["per_seed"] == pytest.approx([-0.06 * 30 / 40])
+    assert "routed-falling-back-to-best-single" not in summary["arms"]  # an estimate, not an arm with its own table row
 
 
 def test_arms_and_plot_experts_write_their_tables(results, tmp_path):
