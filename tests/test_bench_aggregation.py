@@ -1,4 +1,5 @@
-"""The scripts that make every headline number (bench/plot_experts.py, arms.py, choose_on_validation.py, interference.py),
+"""The scripts that make every headline number (bench/plot_experts.py, arms.py, choose_on_validation.py, interference.py,
+selection.py),
 on a small synthetic result set whose answers are known."""
 
 import json
@@ -16,6 +17,7 @@ import arms  # noqa: E402
 import choose_on_validation  # noqa: E402
 import interference  # noqa: E402
 import plot_experts  # noqa: E402
+import selection  # noqa: E402
 
 RECORDS = 40
 
@@ -172,3 +174,42 @@ def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
     assert energy["rho"] == pytest.approx(-1.0) and energy["interval_over_runs"] == pytest.approx([-1.0, -1.0])
     two_runs = interference.analyse(pooled[:6], samples=200)["all"]["gain_own_share"]["outside_energy"]
     assert two_runs["interval_over_runs"] is None and two_runs["interval"] is not None
+
+def selection_run(seed: int, cosines: list[float], weights: list[float], adapters: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """One run of four gradient clusters for bench/selection.py: its result and its clusters' interference rows."""
+    routed = {"by_label": {"overall": {"nll": 1.0}}, "per_record_nll": [1.0, 1.0, 1.0, 1.0],
+              "experts": {str(c): {"lambda": w, "steps": 10 * (c + 1)} for c, w in enumerate(weights)}}
+    if adapters is not None:
+        routed["per_record_adapter"] = adapters
+    result = {"dataset": "toy", "per_label": 10, "seed": seed,
+              "arms": {"routed": routed, "single": {"per_record_nll": [2.0, 2.0, 2.0, 2.0]}}}
+    return result, [{"cluster": str(c), "mean_cosine": cosine, "size": 5} for c, cosine in enumerate(cosines)]
+
+
+def test_selection_chooses_the_largest_share_that_skipped_no_kept_expert_and_says_what_it_saves():
+    # seed 0: the highest-cosine cluster (3) fell back, the second (2) was kept; seed 1 likewise, by other numbers
+    # seed 2: its highest-cosine cluster (0) was kept, blended, and the result says which adapter served each record
+    runs = [selection_run(0, [0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 1.0, 0.0]),
+            selection_run(1, [0.4, 0.3, 0.2, 0.1], [0.0, 1.0, 0.0, 0.0]),
+            selection_run(2, [0.9, 0.1, 0.2, 0.3], [0.5, 0.0, 0.0, 0.0], ["routed__0", "single__0", "routed__0", "single__0"])]
+    analysis = selection.analyse([r for r, _ in runs], {f"toy-10-seed{seed}": rows for seed, (_, rows) in enumerate(runs)})
+    quarter, half = analysis["by_share"][0], analysis["by_share"][1]
+    assert (quarter["kept_experts_skipped"], quarter["kept_experts"]) == (1, 4)  # seed 2's blended expert
+    assert quarter["expert_steps_saved"] == 40 + 10 + 10 and half["kept_experts_skipped"] == 3  # one per run
+    # at random, a quarter (one cluster of four) misses the kept ones with probability 2/4 · 3/4 · 3/4
+    assert quarter["chance_of_skipping_no_kept_expert"] == pytest.approx(0.5 * 0.75 * 0.75)
+    assert analysis["chosen_share"] is None  # even a quarter skipped a kept expert
+    held_out = analysis["leave_one_run_out"]
+    assert held_out["toy-10-seed2"]["share_chosen_on_the_others"] == 0.25  # seeds 0 and 1 lost nothing at a quarter
+    assert held_out["toy-10-seed2"]["skipped"] == ["0"] and held_out["toy-10-seed2"]["kept_experts_skipped"] == 1
+    # its two records served by the skipped expert go to the generalist (2.0), the others keep routed's own NLL
+    assert held_out["toy-10-seed2"]["routed_test_nll_with_skips"] == pytest.approx(1.5)
+    assert held_out["toy-10-seed0"]["share_chosen_on_the_others"] is None and held_out["toy-10-seed0"]["skipped"] == []
+
+
+def test_selection_what_if_is_routed_itself_when_every_skipped_expert_had_fallen_back_and_unknown_otherwise():
+    fell_back, rows = selection_run(0, [0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 1.0, 0.0])
+    clusters = selection.clusters_of(fell_back, rows)
+    assert [row["cluster"] for row in clusters] == ["3", "2", "1", "0"]
+    assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.25)) == 1.0
+    assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.5)) is None  # cluster 2 was kept: needs per_record_adapter
