@@ -214,3 +214,42 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     assert served["expert-0"] == folder and "expert-1" not in served
     command = launch_command("vllm", "base", served_adapters(RunDirectory(config.out)), 8001)
     assert f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"  # rank 2r = 4, rounded up to vLLM's 8
+
+
+def test_select_auto_trains_no_expert_for_the_cluster_whose_gradient_agrees_most_with_the_rest(routed_run, tmp_path, capsys):
+    """`experts.select: auto` skips the highest-cosine share of the clusters: no adapter stage, served by the generalist with
+    the reason in the keep decision; switching it on or off in a run re-decides which experts serve and retrains none."""
+    import shutil
+    from dataclasses import replace
+
+    from gradientspace.commands import decide_experts
+
+    config = replace(routed_run, out=str(tmp_path / "run"))
+    shutil.copytree(routed_run.out, config.out)
+    auto = replace(config, experts=replace(config.experts, select="auto", select_share=0.34))  # one of K = 3
+    cosines = {k: row["mean_cosine"] for k, row in RunDirectory(config.out).stage_entry("cluster")["interference"].items()}
+    highest = max(cosines, key=cosines.get)
+    every_cluster = decide_experts(config)["routed"]
+    before = RunDirectory(config.out).manifest["stages"]
+    capsys.readouterr()
+    summary = train_experts(auto)["routed"]
+    decisions = decide_experts(auto)["routed"]
+    said = capsys.readouterr().out
+    assert list(summary["skipped"]) == [highest] and "re-run experts/" not in said  # no adapter retrains
+    assert decisions[highest]["lambda"] == 0.0 and decisions[highest]["reason"].startswith("not trained (experts.select: auto)")
+    assert f"{cosines[highest]:+.3f}" in decisions[highest]["reason"]
+    assert served_groups(RunDirectory(config.out), "routed")[highest] == (None, 0.0)
+    assert {g for g in decisions if g != highest} == {g for g in cosines if g != highest}
+    for group in cosines:
+        assert RunDirectory(config.out).manifest["stages"][f"experts/routed/{group}"]["key"] == before[f"experts/routed/{group}"]["key"]
+    # back to every cluster: the stale selection is re-made, not read
+    assert train_experts(config)["routed"]["skipped"] == {}
+    assert decide_experts(config)["routed"] == every_cluster
+
+    # in a new run the skipped cluster's expert is never trained
+    fresh = replace(auto, out=str(tmp_path / "fresh"))
+    cluster(fresh)
+    train_experts(fresh)
+    stages = RunDirectory(fresh.out).manifest["stages"]
+    assert f"experts/routed/{highest}" not in stages and not (tmp_path / "fresh" / "experts" / highest).exists()
+    assert all(f"experts/routed/{g}" in stages for g in cosines if g != highest)
