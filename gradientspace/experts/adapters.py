@@ -131,7 +131,7 @@ def untrained(run: Run, strategy: str) -> dict[str, str]:
     folder = get(strategy).folder(run)
     partition = json.loads((folder / "partition.json").read_text())
     selection = json.loads((folder / SELECTION).read_text()) if (folder / SELECTION).exists() else {"skipped": {}}
-    return {**{group: "no adapter was trained (no training records)" for group in partition["empty"]}, **selection["skipped"]}
+    return {**{group: "no adapter was trained (no training records)" for group in partition.get("empty", [])}, **selection["skipped"]}
 
 
 def group_records(run: Run, strategy: str, group: str) -> tuple[list[Record], list[Record]]:
