@@ -1,4 +1,4 @@
-"""Which experts need not be trained? The interference rule `experts.select: interference`, chosen and checked on the benchmark.
+"""Which experts need not be trained? A rule on the interference statistics, chosen on development runs and tested on one more.
 
 bench/interference.py found one statistic whose rank correlation with an expert's validation gain
 excludes zero: the cosine between a gradient cluster's mean gradient and the rest's (a cluster
@@ -22,6 +22,11 @@ the test split is not read, except for the what-if below.
 - Test what-if: routed with the skipped clusters' prompts served by the generalist. Where every
   skipped expert had fallen back it is routed's own number (the rule changes nothing but the
   compute); otherwise it needs the result's `per_record_adapter`.
+
+The rule (q = ¼) was chosen on the first nine runs and its prediction for skills4 seed 4 committed
+before that run's experts trained (bench/results/experts-v2-predictions/). It failed there: the
+keep rule blended the expert it would have skipped. With that run among them, no share skips no kept
+expert (`chosen_share` is null), so the package has no `experts.select` option.
 
     python bench/selection.py --results bench/results/experts-v2 --interference bench/results --out bench/results/selection.json
 """

@@ -108,8 +108,6 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
     for strategy, summary in run_until(config, "experts", overwrite=args.overwrite).get("experts", {}).items():
         empty = f"  no training records (the generalist serves them): {summary['empty']}" if summary["empty"] else ""
         print(f"{strategy:<20} groups {summary['groups']}  sizes {summary['sizes']}{empty}")
-        for group, why in summary["skipped"].items():
-            print(f"  group {group}: {why}")
     print(f"experts: {config.out}/experts/<k>/ (peft adapter folders); baselines: {config.out}/strategies/")
     return 0
 

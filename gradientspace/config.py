@@ -104,8 +104,6 @@ class ExpertsConfig:
     keep: str = field(default="validation", metadata={"help": "How branched experts are kept: `validation` (each kept, blended or dropped on the validation records its router sends it, with the margin below) or `all` (every trained expert served whole, unchecked: for debugging, or when the validation split is too small to decide anything)."})
     keep_confidence: float = field(default=0.95, metadata={"help": "An expert (or blend) is kept only if the one-sided upper confidence bound, at this level, of its paired-bootstrap NLL gain over the generalist on the validation records it would serve is below 0.", "check": "(0,1)"})
     keep_min_records: int = field(default=5, metadata={"help": "Fewest validation records an expert must serve to be kept: fewer cannot show a gain.", "check": ">=1"})
-    select: str = field(default="all", metadata={"help": "Which gradient clusters get an expert: `all`, or `auto`, which trains none for the `select_share` of them whose mean gradient agrees most with the rest of the data's (the highest cosine in the cluster stage's interference statistics) and lets the generalist serve them. On the benchmark's development runs the keep rule had dropped every expert `auto` skips, which was 22 % of expert training (bench/results/selection.json)."})
-    select_share: float = field(default=0.25, metadata={"help": "Share of the gradient clusters `select: auto` skips, highest cosine first (⌊share · K⌋ of them, so none below K = 1/share): ¼ is the largest share that skipped no kept expert on the development runs.", "check": "(0,1)"})
 
 
 @dataclass
@@ -169,7 +167,6 @@ CHOICES = {
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "experts.init": ("generalist", "warmup", "fresh"),
-    "experts.select": ("all", "auto"),
 }
 # `cluster.method` is registered by `clustering/partitioners.py`, the registry of every way of grouping the records.
 # The names a list key may hold, registered by the module that defines them (`experts/strategies.py` registers its registry

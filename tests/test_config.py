@@ -23,9 +23,6 @@ def test_defaults_and_overrides(tmp_path):
     ("gradients:\n  tokens: all\n", "gradients.tokens"),
     ("cluster:\n  k: 1\n", "cluster.k"),
     ("cluster:\n  k: many\n", "cluster.k"),
-    ("experts:\n  select: some\n", "experts.select"),
-    ("experts:\n  select_share: 1.5\n", "experts.select_share"),
-    ("cluster:\n  method: embedding\nexperts:\n  select: auto\n", "experts.select"),  # ranks by gradients it would not have
 ])
 def test_bad_keys_and_values_are_named(tmp_path, text, key):
     path = tmp_path / "c.yaml"

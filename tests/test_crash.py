@@ -59,9 +59,9 @@ def gradientspace_run(config, kill_in: str | None = None) -> subprocess.Complete
 
 
 def one_stage_of_each_kind(manifest: dict) -> list[str]:
-    """data, warmup, gradients, cluster, a partition, a selection, the generalist, a branched expert (it resumes from
-    another starting point than the generalist), a strategy's adapters, a router, keep decision and threshold (the same
-    code for every strategy: a second routed strategy would only repeat these kinds), evaluate, report."""
+    """data, warmup, gradients, cluster, a partition, the generalist, a branched expert (it resumes from another starting
+    point than the generalist), a strategy's adapters, a router, keep decision and threshold (the same code for every
+    strategy: a second routed strategy would only repeat these kinds), evaluate, report."""
     chosen, kinds = [], set()
     for name in manifest["stages"]:
         kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name.split("/")[0]
@@ -87,8 +87,8 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     whole = gradientspace_run(whole_config)
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
-    assert {"data", "warmup", "gradients", "cluster", "partition/routed", "experts/single/0", "experts/routed/0",
-            "selection/routed", "adapters/single", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} == set(stages)
+    assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/routed/0",
+            "adapters/single", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} == set(stages)
 
     previous = None
     for stage in stages:

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from gradientspace.experts.adapters import served_groups, untrained  # noqa: E402
+from gradientspace.experts.adapters import served_groups  # noqa: E402
 from gradientspace.runs import RunDirectory, RunError, atomic_path  # noqa: E402
 
 
@@ -237,9 +237,7 @@ def cluster_browser(run: RunDirectory) -> str:
             unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
     composition = run.stage_entry("cluster").get("composition") or {}
     interference = run.stage_entry("cluster").get("interference") or {}
-    partitioned = run.path("experts", "partition.json").exists()
-    served = served_groups(run, "routed") if partitioned else {}
-    without_adapter = untrained(run, "routed") if partitioned else {}
+    served = served_groups(run, "routed") if run.path("experts", "partition.json").exists() else {}
     decisions = run.stage_entry("keep/routed").get("groups") or {}
     parts = []
     for k in sorted(set(clusters.tolist())):
@@ -254,8 +252,6 @@ def cluster_browser(run: RunDirectory) -> str:
         reason = html.escape(str(decisions.get(str(k), {}).get("reason", "")))
         if weight is None:
             serves = "no expert trained yet: prompts routed here would get the warm-up adapter"
-        elif str(k) in without_adapter:  # none was trained: `experts.select: auto` skipped it, or it had no training records
-            serves = f"the generalist (single): {html.escape(without_adapter[str(k)])}"
         elif weight == 0:  # its expert was trained but not kept on the validation records routed to it
             serves = f"the generalist (single): expert <code>experts/{k}/</code> fell back ({reason or 'it has no adapter'})"
         elif weight < 1:

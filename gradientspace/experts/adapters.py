@@ -92,48 +92,6 @@ def read_partition(run: Run, strategy: str) -> dict:
     return json.loads((get(strategy).folder(run) / "partition.json").read_text())
 
 
-SELECTION = "selection.json"  # the groups `experts.select` gives no adapter, next to a strategy's partition
-
-
-class SelectionStage(Stage):
-    """The groups of a strategy that get no adapter of their own (`experts.select`), each with why: `selection.json`.
-
-    A stage of its own, not part of the partition, so that changing `experts.select` re-decides only which adapters are
-    trained and served: the adapters' keys, made of the partition's, stay as they were."""
-
-    def __init__(self, strategy: str):
-        self.strategy = get(strategy)
-        self.name = f"selection/{strategy}"
-
-    def requires(self, run: Run):
-        return [PartitionStage(self.strategy.name)]
-
-    def inputs(self, run: Run) -> dict[str, str]:
-        return {"expert selection": config_hash(self.strategy.selection_settings(run.config))}
-
-    def run(self, run: Run, key: str, record: dict) -> None:
-        partition = read_partition(run, self.strategy.name)
-        skipped = {group: why for group, why in self.strategy.skipped_groups(run, run.config, partition["groups"]).items()
-                   if group not in partition["empty"]}
-        path = self.strategy.folder(run) / SELECTION
-        write_json(path, {"strategy": self.strategy.name, "skipped": skipped})
-        record.update(skipped=skipped, outputs=[str(path.relative_to(run.directory.root))])
-
-
-def selects(strategy: str, config: RunConfig) -> bool:
-    """Whether a strategy has a selection stage: it can leave groups without an adapter (`Strategy.selection_settings`)."""
-    return get(strategy).selection_settings(config) is not None
-
-
-def untrained(run: Run, strategy: str) -> dict[str, str]:
-    """A strategy's groups that have no adapter, each with why: the generalist serves them. Its partition (and selection,
-    where it has one) must have been built."""
-    folder = get(strategy).folder(run)
-    partition = json.loads((folder / "partition.json").read_text())
-    selection = json.loads((folder / SELECTION).read_text()) if (folder / SELECTION).exists() else {"skipped": {}}
-    return {**{group: "no adapter was trained (no training records)" for group in partition.get("empty", [])}, **selection["skipped"]}
-
-
 def group_records(run: Run, strategy: str, group: str) -> tuple[list[Record], list[Record]]:
     """(a group's training part, its validation share)."""
     partition = read_partition(run, strategy)
@@ -170,7 +128,7 @@ class AdapterStage(Stage):
     def inputs(self, run: Run) -> dict[str, str]:
         # the generalist ignores how experts branch from it, and no adapter depends on which other strategies are asked for
         # nor on how its expert is kept or blended afterwards (`keep.py`)
-        ignored = ("strategies", "keep", "blend_weights", "keep_confidence", "keep_min_records", "select", "select_share")
+        ignored = ("strategies", "keep", "blend_weights", "keep_confidence", "keep_min_records")
         ignored += get(self.strategy).ignored_settings()
         config = run.config
         train, validation = group_records(run, self.strategy, self.group)
@@ -209,17 +167,13 @@ class StrategyAdapters(Stage):
         self.name = f"adapters/{strategy}"
 
     def requires(self, run: Run):
-        yield self.groups(run)
+        yield PartitionStage(self.strategy)
         yield self.adapters(run)
 
-    def groups(self, run: Run) -> list[Stage]:
-        """What says which groups get an adapter: the partition, and the selection where the strategy has one."""
-        return [PartitionStage(self.strategy)] + ([SelectionStage(self.strategy)] if selects(self.strategy, run.config) else [])
-
     def adapters(self, run: Run) -> list[AdapterStage]:
-        """One stage per group that has training records and was not skipped; `groups()` must be built."""
-        skipped = untrained(run, self.strategy)
-        return [AdapterStage(self.strategy, group) for group in read_partition(run, self.strategy)["groups"] if group not in skipped]
+        """One stage per group that has training records; the partition must be built."""
+        partition = read_partition(run, self.strategy)
+        return [AdapterStage(self.strategy, group) for group in partition["groups"] if group not in partition["empty"]]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {}
@@ -227,12 +181,10 @@ class StrategyAdapters(Stage):
     def run(self, run: Run, key: str, record: dict) -> None:
         partition = read_partition(run, self.strategy)
         names = partition["groups"]
-        without_adapter = untrained(run, self.strategy)
-        skipped = {group: why for group, why in without_adapter.items() if group not in partition["empty"]}
         summary = {"groups": names, "sizes": np.bincount(list(partition["assignment"].values()), minlength=len(names)).tolist(),
-                   "experts": {}, "empty": partition["empty"], "skipped": skipped}
+                   "experts": {}, "empty": partition["empty"]}
         for name in names:
-            entry = run.directory.stage_entry(f"experts/{self.strategy}/{name}") if name not in without_adapter else {}
+            entry = run.directory.stage_entry(f"experts/{self.strategy}/{name}") if name not in summary["empty"] else {}
             summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
                                                                    "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
         run.directory.record_section("experts", self.strategy, summary)
@@ -261,10 +213,9 @@ def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict
     partition = json.loads((folder / "partition.json").read_text())
     keep_file = folder / "keep.json"
     decisions = json.loads(keep_file.read_text())["groups"] if apply_decisions and keep_file.exists() else {}
-    without_adapter = untrained(run, strategy)
     served = {}
     for group in partition["groups"]:
-        weight = 0.0 if group in without_adapter else decisions.get(group, {}).get("lambda", 1.0)
+        weight = 0.0 if group in partition.get("empty", []) else decisions.get(group, {}).get("lambda", 1.0)
         path = None if weight == 0 else folder / group if weight == 1 else folder / group / BLENDED
         served[group] = (path, weight)
     return served
@@ -289,7 +240,7 @@ def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> 
     """
     run = as_run(run)
     stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies)]
-    run.build(*[stage for s in stages for stage in s.groups(run)])
+    run.build(*[PartitionStage(s.strategy) for s in stages])
     # every strategy's adapters in one deal: a strategy with one long adapter (single-continued) then shares the ranks
     # with the next strategy's experts instead of leaving a rank idle while it trains
     run.build(*[adapter for s in stages for adapter in s.adapters(run)])

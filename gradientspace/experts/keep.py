@@ -30,7 +30,7 @@ import numpy as np
 
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record
-from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups, untrained
+from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups
 from gradientspace.models.inference import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runs import Stage, config_hash, write_json
@@ -72,14 +72,13 @@ def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: 
     experts = config.experts
     groups = get(strategy).serving_groups(engine, validation)
     generalist_nll = engine.nll_for_choices([Choice({engine.generalist: 1.0}, -1, 1.0)] * len(validation), validation)
-    without_adapter = untrained(engine.run, strategy)
     decisions = {}
     for index, group in enumerate(engine.groups[strategy]):
         members = [i for i, g in enumerate(groups) if g == index]
-        if group in without_adapter:
-            decisions[group] = {"lambda": 0.0, "reason": without_adapter[group], "validation_records": len(members)}
-            continue
         expert = engine.adapter_for(strategy, index)
+        if expert == engine.generalist:
+            decisions[group] = {"lambda": 0.0, "reason": "no adapter was trained (no training records)", "validation_records": len(members)}
+            continue
         if not members:
             decisions[group] = {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}
             continue

@@ -6,7 +6,7 @@ it; adding a strategy is adding one object here.
 
 | strategy | partition | adapter used for a prompt |
 | --- | --- | --- |
-| routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the generalist below the threshold, where the expert fell back, or where `experts.select` trained none) |
+| routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the generalist below the threshold, or where the expert fell back) |
 | single | everything in one group: the generalist | the generalist |
 | single-wide | everything, LoRA rank K·r (as many parameters as K experts) | that adapter |
 | single-continued | everything in one group, branched from the generalist with the experts' schedule (the annealed baseline) | that adapter if it beat the generalist on validation, else the generalist |
@@ -139,14 +139,6 @@ class Strategy(ABC):
 
     def labels(self, run: RunFiles, config: RunConfig, records: list[Record]) -> list[int]:
         raise NotImplementedError(f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own")
-
-    def selection_settings(self, config: RunConfig) -> tuple | None:
-        """The settings `skipped_groups` reads (the key of its selection stage), or None where it never skips a group."""
-        return None
-
-    def skipped_groups(self, run: RunFiles, config: RunConfig, names: list[str]) -> dict[str, str]:
-        """Groups that get no adapter of their own, each with why (the generalist serves them): `experts.select`."""
-        return {}
 
     def start(self, config: RunConfig) -> str:
         """Where its adapters start: `fresh`, `warmup` or `generalist` (then they branch from it and may fall back to it)."""
@@ -298,27 +290,6 @@ class GradientClusters(RoutedPartition):
             raise FileNotFoundError(f"{path} is missing: run `gradientspace cluster` first")
         by_id = {row["id"]: row["cluster"] for row in map(json.loads, path.read_text().splitlines())}
         return [by_id[r.id] for r in records]
-
-    def check_config(self, config):
-        if config.experts.select == "auto" and not PARTITIONERS[config.cluster.method].reads_gradients:
-            return (f"config key `experts.select`: `auto` ranks the clusters by their gradients' interference statistics, "
-                    f"which `cluster.method: {config.cluster.method}` does not compute (use `select: all`)")
-        return None
-
-    def selection_settings(self, config):
-        # `all` too is a selection (of every cluster), so a selection left by an earlier `auto` is never read as current
-        return (config.experts.select,) if config.experts.select == "all" else (config.experts.select, config.experts.select_share)
-
-    def skipped_groups(self, run, config, names):
-        if config.experts.select == "all":
-            return {}
-        # a cluster whose mean gradient points where the rest's does gains least from an expert of its own: the cosine's rank
-        # within the run, not its level, carries from one data set to another (bench/selection.py)
-        statistics = run.stage_entry("cluster")["interference"]
-        count = int(config.experts.select_share * len(names))
-        highest = sorted(names, key=lambda group: -statistics[group]["mean_cosine"])[:count]
-        return {group: f"not trained (experts.select: auto): its mean gradient's cosine with the rest's, {statistics[group]['mean_cosine']:+.3f}, "
-                       f"is among the {count} highest of {len(names)} clusters" for group in highest}
 
 
 class RandomClusters(RoutedPartition):
