@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from gradientspace.config import ConfigError, config_from_run, config_keys, key_default, key_help, load_config
+from gradientspace.config import ConfigError, RunConfig, config_from_run, config_keys, key_default, key_help, load_config
 from gradientspace.experts.strategies import STRATEGIES, routed
 from gradientspace.serving.backends import BACKENDS
 
@@ -126,7 +126,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
 
 def _decision_line(strategy: str, decisions: dict[str, dict]) -> str:
-    """One line per strategy: each group's served blend weight λ (0: the generalist serves it) and why."""
+    """One line per strategy: each group's served blend weight λ (0: the fall-back adapter serves it) and why."""
     return f"{strategy}: " + "; ".join(f"group {g} λ = {d['lambda']:g} ({d['reason']})" for g, d in decisions.items())
 
 
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--epochs", type=int)
     _help_from_config(experts, EXPERTS_FLAGS)
     router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
-    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(routed(list(STRATEGIES)))}")
+    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(routed(list(STRATEGIES), RunConfig()))}")
     _help_from_config(router, {"strategies": "experts.strategies"})
     generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
     generate.description = GENERATE_OUTPUT

@@ -2,7 +2,7 @@
 
 cluster (data → warm-up → gradients + sketch → clusters) → each strategy's partition → the
 generalist, then the experts of every strategy (branched from it) → routers → each expert kept,
-blended with the generalist or dropped on the validation records its router sends it → router
+blended with the fall-back adapter or dropped on the validation records its router sends it → router
 thresholds chosen on validation → ELREA centroids (when the ensemble is evaluated) → evaluation →
 report. Each stage requires the ones it reads (`runs.Stage.requires`), so asking the run for one
 target (`runner.Run.build`) builds what is missing before it, once; `run_until(config, "experts")`
@@ -20,6 +20,7 @@ from dataclasses import asdict
 from gradientspace.config import RunConfig
 from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
+from gradientspace.evaluation.scores import Scores, test_records, write_scores
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
 from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.experts.keep import keep_decisions, served_stage
@@ -95,8 +96,34 @@ def serving_stages(run: Run, strategy: str) -> list[Stage]:
     return get(strategy).serving_stages(PipelineStages(run))
 
 
+class ScoreStage(Stage):
+    """A split's score matrices (`evaluation/scores.py`): every record under every adapter the run's strategies trained or
+    blended, and what each router said of it; each rank scores its shard. The test split's is built by the evaluation, after
+    every decision."""
+    placement = Placement.EVERY
+
+    def __init__(self, split: str):
+        self.split, self.name = split, f"scores/{split}"
+
+    def requires(self, run: Run):
+        return [stage for strategy in run.config.experts.strategies for stage in serving_stages(run, strategy)]
+
+    def inputs(self, run: Run) -> dict[str, str]:
+        config = run.config
+        if self.split == "validation":
+            records = {"validation records": config_hash(sorted(run.validation_ids))}
+        else:
+            records = {"test data": fingerprint(config.evaluate.data), "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed)}
+        return {**records, "strategies": config_hash(config.experts.strategies), "model": config_hash(asdict(config.model), config.data.max_length)}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        records = run.validation if self.split == "validation" else test_records(run.config)
+        record["outputs"] = write_scores(run, list(run.config.experts.strategies), self.split, records)
+
+
 class EvaluateStage(Stage):
-    """Every asked strategy on the test data: NLL, answer accuracy, latency (`eval.json`, `eval.md`); each rank scores its shard."""
+    """Every asked strategy on the test data: NLL (looked up in the test score matrix), answer accuracy, latency (`eval.json`,
+    `eval.md`); each rank its shard."""
     name = "evaluate"
     placement = Placement.EVERY
 
@@ -104,7 +131,8 @@ class EvaluateStage(Stage):
         self.strategies = strategies
 
     def requires(self, run: Run):
-        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)]
+        # both matrices: the validation one for questions asked later, the test one that the NLL is looked up in
+        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(s) for s in ("validation", "test")]
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
@@ -113,7 +141,7 @@ class EvaluateStage(Stage):
                 "model": config_hash(asdict(config.model))}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        evaluate_strategies(run.config, self.strategies)
+        evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")))
         record["outputs"] = ["eval.json", "eval.md"]
 
 
@@ -143,7 +171,7 @@ def validation_records(run: Run | RunConfig) -> list:
 def decide_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:
     """Keep, blend or drop every branched expert on the validation records it would serve (`keep.py`)."""
     run = as_run(run)
-    return keep_decisions(run, trained(strategies or run.config.experts.strategies))
+    return keep_decisions(run, trained(strategies or run.config.experts.strategies, run.config))
 
 
 def router_thresholds(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:
@@ -151,7 +179,7 @@ def router_thresholds(run: Run | RunConfig, strategies: list[str] | None = None)
     run = as_run(run)
     if not thresholds_chosen(run):
         return {}
-    wanted = routed(strategies or run.config.experts.strategies)
+    wanted = routed(strategies or run.config.experts.strategies, run.config)
     return {s: entry.get("threshold") for s, entry in zip(wanted, run.build(*[ThresholdStage(s) for s in wanted]))}
 
 

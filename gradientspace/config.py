@@ -88,7 +88,7 @@ class ClusterConfig:
 
 @dataclass
 class ExpertsConfig:
-    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": "Strategies to build and evaluate. `single` (the generalist) is always trained: the others branch from it and fall back to it."})
+    strategies: list[str] = field(default_factory=lambda: ["routed", "single", "random-clusters"], metadata={"help": "Strategies to build and evaluate. `single` (the generalist) is always trained: the others branch from it; the adapter they fall back to is `experts.fallback`."})
     init: str = field(default="generalist", metadata={"help": "Where experts start: `generalist` (the converged single adapter; experts specialise from it), `warmup` (the warm-up adapter) or `fresh` (a new LoRA, B = 0)."})
     epochs: int = field(default=6, metadata={"help": "Maximum epochs of the generalist (single) adapter; it stops earlier when validation NLL stops improving.", "check": ">=1"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the generalist (and of experts unless `init: generalist`).", "check": ">0"})
@@ -100,9 +100,10 @@ class ExpertsConfig:
     equal_budget: bool = field(default=False, metadata={"help": "Train every adapter exactly `epochs` epochs with no early stopping and no fall-back (equal tokens for every strategy: budget curves)."})
     snapshot_epochs: list[int] = field(default_factory=list, metadata={"help": "Also keep each adapter as it was after these epochs (`epoch-<e>/`), for budget curves."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size.", "check": ">=1"})
-    blend_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "Interpolation weights λ tried per expert between the generalist's LoRA update (λ = 0) and the expert's (λ = 1), chosen on the validation records the router sends that expert; `[1.0]` keeps or drops whole experts only.", "check": "(0,1]"})
+    blend_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "Interpolation weights λ tried per expert between the fall-back adapter's LoRA update (λ = 0, `experts.fallback`) and the expert's (λ = 1), chosen on the validation records the router sends that expert; `[1.0]` keeps or drops whole experts only.", "check": "(0,1]"})
     keep: str = field(default="validation", metadata={"help": "How branched experts are kept: `validation` (each kept, blended or dropped on the validation records its router sends it, with the margin below) or `all` (every trained expert served whole, unchecked: for debugging, or when the validation split is too small to decide anything)."})
-    keep_confidence: float = field(default=0.95, metadata={"help": "An expert (or blend) is kept only if the one-sided upper confidence bound, at this level, of its paired-bootstrap NLL gain over the generalist on the validation records it would serve is below 0.", "check": "(0,1)"})
+    keep_confidence: float = field(default=0.95, metadata={"help": "An expert (or blend) is kept only if the one-sided upper confidence bound, at this level, of its paired-bootstrap NLL gain over the fall-back adapter (`experts.fallback`) on the validation records it would serve is below 0.", "check": "(0,1)"})
+    fallback: str = field(default="best-single", metadata={"help": "What answers the prompts a strategy sends to none of its experts (router below its threshold, expert not kept, group without training records): `best-single`, the single adapter of record (`single-continued` as kept on validation — trained whenever an expert can fall back — else the generalist), or `generalist` (the generalist always, as runs before this setting). Keep, blend and threshold are decided against it."})
     keep_min_records: int = field(default=5, metadata={"help": "Fewest validation records an expert must serve to be kept: fewer cannot show a gain.", "check": ">=1"})
 
 
@@ -112,7 +113,7 @@ class RouterConfig:
     epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned).", "check": ">=1"})
     learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (the encoder uses 2e-5 when fine-tuned).", "check": ">0"})
     validation_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the training prompts for router accuracy.", "check": "[0,1)"})
-    threshold: Union[float, str] = field(default="auto", metadata={"help": "Below this top router probability a prompt goes to the generalist (single) adapter (above 1: always); `auto` picks it on the validation split (lowest NLL).", "check": ">=0"})
+    threshold: Union[float, str] = field(default="auto", metadata={"help": "Below this top router probability a prompt goes to the fall-back adapter (`experts.fallback`; above 1: always); `auto` picks it on the validation split (lowest NLL).", "check": ">=0"})
 
 
 @dataclass
@@ -167,6 +168,7 @@ CHOICES = {
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "experts.init": ("generalist", "warmup", "fresh"),
+    "experts.fallback": ("best-single", "generalist"),
 }
 # `cluster.method` is registered by `clustering/partitioners.py`, the registry of every way of grouping the records.
 # The names a list key may hold, registered by the module that defines them (`experts/strategies.py` registers its registry

@@ -60,8 +60,9 @@ def gradientspace_run(config, kill_in: str | None = None) -> subprocess.Complete
 
 def one_stage_of_each_kind(manifest: dict) -> list[str]:
     """data, warmup, gradients, cluster, a partition, the generalist, a branched expert (it resumes from another starting
-    point than the generalist), a strategy's adapters, a router, keep decision and threshold (the same code for every
-    strategy: a second routed strategy would only repeat these kinds), evaluate, report."""
+    point than the generalist), a strategy's adapters, a router, keep decision (the fall-back's, `single-continued`, comes
+    first) and threshold (the same code for every strategy: a second routed strategy would only repeat these kinds), a
+    score matrix, evaluate, report."""
     chosen, kinds = [], set()
     for name in manifest["stages"]:
         kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name.split("/")[0]
@@ -88,7 +89,7 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
     assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/routed/0",
-            "adapters/single", "router/routed", "keep/routed", "threshold/routed", "evaluate", "report"} == set(stages)
+            "adapters/single", "router/routed", "keep/single-continued", "threshold/routed", "scores/validation", "evaluate", "report"} == set(stages)
 
     previous = None
     for stage in stages:

@@ -72,10 +72,11 @@ def test_router_learns_separable_prompts_and_respects_threshold():
     router, details = train_router(texts, labels, 3, torch.device("cpu"), epochs=100, learning_rate=1e-2,
                                    validation_fraction=0.25, threshold=0.0, seed=0)
     assert details["heldout_samples"] == 15 and details["heldout_accuracy"] == 1.0
-    experts, probabilities = router.route(["Write a poem about mountains."])
-    assert experts == [1] and 0 < probabilities[0] <= 1
+    experts, probabilities, picks = router.route(["Write a poem about mountains."])
+    assert experts == [1] == picks and 0 < probabilities[0] <= 1
     router.threshold = 1.01
-    assert router.route(["Write a poem about mountains."])[0] == [ROUTER_UNSURE]
+    experts, _, picks = router.route(["Write a poem about mountains."])
+    assert experts == [ROUTER_UNSURE] and picks == [1]  # the fall-back answers; the router's pick is still told
 
 
 def test_stratified_split_keeps_every_group():

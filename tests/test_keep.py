@@ -2,6 +2,7 @@
 and every stage that reads an adapter keyed by it."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     from gradientspace.commands import validation_records
 
     config = routed_run
-    engine = StrategyModel(config, ["routed"], apply_decisions=False)
+    engine = StrategyModel(config, ["routed"], undecided="routed")
     expert = engine.adapter_for("routed", 0)
     engine.model.add_weighted_adapter([engine.generalist, expert], [0.25, 0.75], blend_name("routed", "0", 0.75), combination_type="cat")
     records = validation_records(config)
@@ -214,3 +215,72 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     assert served["expert-0"] == folder and "expert-1" not in served
     command = launch_command("vllm", "base", served_adapters(RunDirectory(config.out)), 8001)
     assert f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"  # rank 2r = 4, rounded up to vLLM's 8
+
+
+def _delta(tensors: dict, config: dict, module: str) -> torch.Tensor:
+    """A LoRA folder's update s·B·A of one module, from its saved tensors and adapter_config."""
+    a, b = (next(v for k, v in tensors.items() if module in k and f"lora_{m}" in k) for m in "AB")
+    return config["lora_alpha"] / config["r"] * b @ a
+
+
+def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(routed_run, tmp_path, monkeypatch):
+    """With `single-continued` served as a blend (the keep rule forced to λ = ½ for every group, so the fall-back is not the
+    generalist), each routed expert is judged against that blend on its records, blended with it, and the threshold chosen
+    against it; serving, `backend-command` and the manifest name it; `experts.fallback: generalist` re-decides as before."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from gradientspace.commands import decide_experts, router_thresholds, validation_records
+    from gradientspace.experts import keep
+    from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
+    from gradientspace.experts.strategies import ROUTER_UNSURE, Choice
+
+    config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
+    real = keep.keep_rule
+    monkeypatch.setattr(keep, "keep_rule", lambda candidates, *args, **kwargs: {**real(candidates, *args, **kwargs), "lambda": 0.5})
+    decisions = decide_experts(config)
+    run = RunDirectory(config.out)
+    continued = run.path("strategies", "single-continued", "0", "blended")
+    assert json.loads(run.path("experts", "keep.json").read_text())["fallback"] == "single-continued"
+    assert run.manifest["experts"]["routed"]["fallback_adapter"] == {"strategy": "single-continued", "folder": "strategies/single-continued/0/blended"}
+
+    engine = StrategyModel(config, ["routed"])
+    assert engine.fallback_for("routed") == "single-continued__0" and engine.fallback_for("single-continued") == engine.generalist
+    validation = validation_records(config)
+    fallback_nll = engine.nll_for_choices([Choice({"single-continued__0": 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation)
+    generalist_nll = engine.nll_for_choices([Choice({engine.generalist: 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation)
+    groups = engine.routers["routed"].probabilities([r.prompt_text for r in validation]).argmax(dim=1).tolist()
+    judged = 0
+    for group, decision in decisions["routed"].items():
+        members = [i for i, g in enumerate(groups) if g == int(group)]
+        if not members or "fallback_nll" not in decision:
+            continue
+        judged += 1
+        assert decision["fallback_nll"] == pytest.approx(np.mean([fallback_nll[i] for i in members]), abs=1e-6)
+        assert decision["fallback_nll"] != pytest.approx(np.mean([generalist_nll[i] for i in members]), abs=1e-6)
+        # the blend is ½ of the fall-back's update plus ½ of the expert's, one plain peft folder of their ranks added
+        blended, expert = run.path("experts", group, "blended"), run.path("experts", group)
+        configs = {f: json.loads((f / "adapter_config.json").read_text()) for f in (blended, expert, continued)}
+        assert configs[blended]["r"] == configs[continued]["r"] + configs[expert]["r"] == 3 * config.model.lora_rank
+        tensors = {f: load_file(str(f / "adapter_model.safetensors")) for f in configs}
+        module = next(k for k in tensors[expert] if "lora_A" in k).split(".lora_A")[0].removeprefix("base_model.model.")
+        torch.testing.assert_close(_delta(tensors[blended], configs[blended], module),
+                                   0.5 * _delta(tensors[continued], configs[continued], module) + 0.5 * _delta(tensors[expert], configs[expert], module),
+                                   rtol=1e-5, atol=1e-6)
+    assert judged > 0
+    threshold = router_thresholds(config)["routed"]
+    calibration = json.loads(run.path("router", "router.json").read_text())["calibration"]
+    assert calibration["fallback"] == "single-continued__0" and threshold == calibration["threshold"]
+    assert calibration["validation_nll_always_fallback"] == pytest.approx(np.mean(fallback_nll), abs=1e-6)
+    # what serves it: the public id names the continued adapter, from its blended folder, the same adapter the model loads
+    served = served_adapters(run)
+    assert (served[-1].name, served[-1].folder) == ("single-continued", continued)
+    assert serving_names(StrategyModel(config, ["routed"]))["single-continued"] == "single-continued__0"
+
+    monkeypatch.setattr(keep, "keep_rule", real)
+    as_before = replace(config, experts=replace(config.experts, fallback="generalist"))
+    decide_experts(as_before)
+    assert json.loads(run.path("experts", "keep.json").read_text())["fallback"] == "single"
+    assert served_adapters(run)[-1].name == "generalist"
+    assert StrategyModel(as_before, ["routed"]).fallback_for("routed") == engine.generalist

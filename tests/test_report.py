@@ -58,13 +58,15 @@ def test_report_shows_clustering_routing_fallbacks_and_the_scored_data(tmp_path)
     (tmp_path / "experts" / "partition.json").write_text(json.dumps({"strategy": "routed", "groups": ["0", "1", "2"], "empty": [], "assignment": {}}))
     decisions = {"0": {"lambda": 1.0, "reason": "gain"}, "1": {"lambda": 0.0, "reason": "upper 95% bound +0.0100 is not below 0"},
                  "2": {"lambda": 0.5, "reason": "blend gain"}}
-    (tmp_path / "experts" / "keep.json").write_text(json.dumps({"strategy": "routed", "groups": decisions}))
+    (tmp_path / "experts" / "keep.json").write_text(json.dumps({"strategy": "routed", "fallback": "single-continued", "groups": decisions}))
+    (tmp_path / "strategies" / "single-continued").mkdir(parents=True)  # the fall-back, served whole
+    (tmp_path / "strategies" / "single-continued" / "partition.json").write_text(json.dumps({"groups": ["0"], "empty": []}))
     (tmp_path / "experts" / "2" / "blended").mkdir()
     (tmp_path / "router").mkdir()
     (tmp_path / "router" / "router.json").write_text(json.dumps({
         "classes": 3, "threshold": 0.4375, "heldout_accuracy": 0.8125, "train_accuracy": 0.96875,
         "calibration": {"threshold": 0.4375, "validation_records": 9, "validation_nll": 1.25,
-                        "validation_nll_always_expert": 1.5, "validation_nll_always_generalist": 1.375}}))
+                        "validation_nll_always_expert": 1.5, "validation_nll_always_fallback": 1.375}}))
     cluster = {"done": True, "key": "c", "method": "gradientspace", "k": 3, "sizes": [4, 4, 4], "silhouette": {"2": 0.125, "3": 0.3125, "4": 0.25},
                "metrics": {"nmi": 0.5625, "purity": 0.6875, "captured_energy": 0.71875}, "composition": {"0": {"a": 2, "b": 2}, "1": {"a": 2, "b": 2}, "2": {"a": 2, "b": 2}},
                "interference": {str(k): {"size": 4, "mean_cosine": 0.25 * k, "outside_energy": 0.125} for k in range(3)}}
@@ -82,7 +84,9 @@ def test_report_shows_clustering_routing_fallbacks_and_the_scored_data(tmp_path)
         assert shown in page, shown
     assert re.search(r"<td>routed</td>.*?<td>0, 2 \(λ = 0.5\)</td><td>1</td>", page)  # experts served (blend weight), fell back
     browser = dict((k, body) for k, _, body in re.findall(r"<summary>cluster (\d+) · (\d+) samples</summary>(.*?)</details>", page))
-    assert "Served by expert" not in browser["1"] and "Served by the generalist" in browser["1"] and "is not below 0" in browser["1"]
+    assert "Served by expert" not in browser["1"] and "is not below 0" in browser["1"]
+    assert "Served by the fall-back adapter (single-continued)" in browser["1"]
+    assert re.search(r"<td>routed</td>.*?<td>single-continued</td>", page)  # the routing table names the fall-back
     assert "Served by expert <code>experts/0/</code>" in browser["0"] and "Served by <code>experts/2/blended/</code>" in browser["2"]
     assert "mean-gradient cosine +0.500" in browser["2"] and "leading directions 0.125" in browser["2"]
     names = {p.name for p in outputs}

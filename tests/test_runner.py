@@ -197,7 +197,7 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
     assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
-    assert {n for n in after if n.startswith(("experts/", "adapters/"))} | {"keep/routed", "threshold/routed", "evaluate", "report"} == redone
+    assert {n for n in after if n.startswith(("experts/", "adapters/", "scores/"))} | {"keep/routed", "keep/single-continued", "threshold/routed", "evaluate", "report"} == redone
     assert all(after[n]["key"] != before[n]["key"] for n in redone if n != "report")
     lines = stage_lines(capsys.readouterr().out)
     assert lines["experts/single/0"].startswith("re-run experts/single/0: training settings changed"), lines

@@ -21,9 +21,17 @@ class AlternatingGroups(RoutedPartition):
 
 
 def test_what_each_strategy_needs_trained():
-    assert trained(["routed"]) == ["single", "routed"]  # the generalist first: experts branch from it
-    assert trained(["gradient-oracle", "elrea-ensemble"]) == ["single", "routed"]  # they serve routed's experts
-    assert routed(["single", "oracle", "gradient-oracle", "random-clusters"]) == ["routed", "random-clusters"]
+    config = load_config(None, {})
+    # the generalist first (experts branch from it), then the single adapter of record they fall back to
+    assert trained(["routed"], config) == ["single", "single-continued", "routed"]
+    assert trained(["single"], config) == ["single"]  # nothing falls back
+    assert trained(["gradient-oracle", "elrea-ensemble"], config) == ["single", "single-continued", "routed"]  # they serve routed's experts
+    assert routed(["single", "oracle", "gradient-oracle", "random-clusters"], config) == ["routed", "random-clusters"]
+    as_before = load_config(None, {"experts.fallback": "generalist"})
+    assert trained(["routed"], as_before) == ["single", "routed"]
+    # nothing is decided on validation, so nothing could choose the continued generalist over the generalist
+    for undecided in ({"experts.keep": "all"}, {"experts.init": "warmup"}, {"experts.equal_budget": True}, {"data.validation_fraction": 0}):
+        assert trained(["routed"], load_config(None, undecided)) == ["single", "routed"], undecided
     assert [n for n, s in STRATEGIES.items() if s.owner != n] == ["gradient-oracle", "elrea-ensemble"]
     with pytest.raises(ValueError, match="unknown strategy `nope`"):
         get("nope")

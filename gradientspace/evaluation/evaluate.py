@@ -19,8 +19,9 @@ import statistics
 
 from gradientspace import distributed
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, load_records
+from gradientspace.data.records import Record
 from gradientspace.evaluation.metrics import METRICS
+from gradientspace.evaluation.scores import test_records
 from gradientspace.runs import RunDirectory, write_json
 
 def extract_code(text: str) -> str:
@@ -47,16 +48,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, records: list[Record] | None = None,
-                        adapter_epoch: int | None = None, write: bool = True) -> dict | None:
+                        adapter_epoch: int | None = None, write: bool = True, scores=None) -> dict | None:
     """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
 
     Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
+    With `scores` (the records' `evaluation.scores.Scores`), a record served by one adapter has its NLL looked up there.
     """
     from gradientspace.models.inference import StrategyModel
 
     strategies = strategies or list(config.experts.strategies)
     if records is None:
-        records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
+        records = test_records(config)
     domains = sorted({r.source or "all" for r in records})
     engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
     settings = config.evaluate
@@ -69,7 +71,8 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     rank, world = distributed.world()
     mine = list(range(rank, len(records), world))  # a strided shard: every rank sees every domain
     for strategy in strategies:
-        choices, nll, by_index = _score_sharded(engine, strategy, records, mine, [i for i in to_generate if i % world == rank], config)
+        choices, nll, by_index = _score_sharded(engine, strategy, records, mine, [i for i in to_generate if i % world == rank], config,
+                                                None if adapter_epoch else scores)
         if not distributed.is_main():
             continue
         by_index = {i: by_index[i] for i in to_generate if i in by_index}  # in the order the samples are shown
@@ -104,11 +107,13 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     return results
 
 
-def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int], generate: list[int], config: RunConfig):
-    """(choice, NLL and generation by test record index) on rank 0, each rank having scored its shard `mine`."""
+def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int], generate: list[int], config: RunConfig, scores=None):
+    """(choice, NLL and generation by test record index) on rank 0, each rank having scored its shard `mine`: looked up in
+    `scores` where every record is there under its one adapter, else computed."""
     shard = [records[i] for i in mine]
     choices, _ = engine.choose(strategy, shard)
-    nll = scored(engine, strategy, choices, shard, progress=distributed.is_main())
+    looked_up = [scores.lookup(r.id, engine.folders[c.single_adapter]) if scores and c.single_adapter else None for r, c in zip(shard, choices)]
+    nll = looked_up if None not in looked_up else scored(engine, strategy, choices, shard, progress=distributed.is_main())
     generations = engine.generate(strategy, [records[i] for i in generate], config.evaluate.max_new_tokens,
                                   progress=distributed.is_main()) if generate else []
     gathered = distributed.gather_to_main((mine, choices, nll, generate, generations))

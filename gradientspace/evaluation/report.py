@@ -28,7 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from gradientspace.experts.adapters import served_groups  # noqa: E402
+from gradientspace.experts.adapters import served_fallback, served_groups  # noqa: E402
+from gradientspace.experts.strategies import GENERALIST, STRATEGIES  # noqa: E402
 from gradientspace.runs import RunDirectory, RunError, atomic_path  # noqa: E402
 
 
@@ -238,6 +239,7 @@ def cluster_browser(run: RunDirectory) -> str:
     composition = run.stage_entry("cluster").get("composition") or {}
     interference = run.stage_entry("cluster").get("interference") or {}
     served = served_groups(run, "routed") if run.path("experts", "partition.json").exists() else {}
+    fallback = html.escape(_fallback_name(run, "routed")) if served else None
     decisions = run.stage_entry("keep/routed").get("groups") or {}
     parts = []
     for k in sorted(set(clusters.tolist())):
@@ -253,9 +255,9 @@ def cluster_browser(run: RunDirectory) -> str:
         if weight is None:
             serves = "no expert trained yet: prompts routed here would get the warm-up adapter"
         elif weight == 0:  # its expert was trained but not kept on the validation records routed to it
-            serves = f"the generalist (single): expert <code>experts/{k}/</code> fell back ({reason or 'it has no adapter'})"
+            serves = f"the fall-back adapter ({fallback}): expert <code>experts/{k}/</code> is not served ({reason or 'it has no adapter'})"
         elif weight < 1:
-            serves = f"<code>experts/{k}/blended/</code>, the generalist's and the expert's updates mixed at λ = {weight:g} ({reason})"
+            serves = f"<code>experts/{k}/blended/</code>, the fall-back's ({fallback}) and the expert's updates mixed at λ = {weight:g} ({reason})"
         else:
             serves = f"expert <code>experts/{k}/</code> ({expert.get('samples', '?')} samples, {expert.get('steps', '?')} steps{'; ' + reason if reason else ''})"
         body = [f"<p>Served by {serves}.</p>"]
@@ -298,9 +300,13 @@ def clustering_section(run: RunDirectory) -> str:
     return "".join(parts)
 
 
+def _fallback_name(run: RunDirectory, strategy: str) -> str:
+    owner = served_fallback(run, strategy)[0]
+    return "the generalist" if owner == GENERALIST else owner
+
+
 def routing_section(run: RunDirectory) -> str:
     """Per routed strategy: the router's held-out accuracy, the threshold and how it was chosen, which experts fell back."""
-    from gradientspace.experts.strategies import STRATEGIES
 
     rows = []
     for name, strategy in STRATEGIES.items():
@@ -315,20 +321,21 @@ def routing_section(run: RunDirectory) -> str:
         calibration = router.get("calibration") or {}
         chosen = (f"{_number(router.get('threshold'))}, chosen on {calibration['validation_records']} validation records "
                   f"(NLL {_number(calibration.get('validation_nll'))}; always expert {_number(calibration.get('validation_nll_always_expert'))}, "
-                  f"always generalist {_number(calibration.get('validation_nll_always_generalist'))})"
+                  f"always the fall-back {_number(calibration.get('validation_nll_always_fallback'))})"
                   if calibration else _number(router.get("threshold")) + (" (set by hand)" if router.get("threshold") is not None else ""))
         served = served_groups(run, name) if partition else {}
         kept = [f"{g} (λ = {w:g})" if w < 1 else g for g, (_, w) in served.items() if w > 0]
         fallback = [g for g, (_, w) in served.items() if w == 0]
         rows.append([name, _number(router.get("heldout_accuracy")), _number(router.get("train_accuracy")), chosen,
-                     ", ".join(kept) or "none", ", ".join(fallback) or "none"])
+                     _fallback_name(run, name) if partition else "–", ", ".join(kept) or "none", ", ".join(fallback) or "none"])
     if not rows:
         return "<p>No router yet: run <code>gradientspace train-router</code>.</p>"
-    return (_table(["strategy", "router held-out accuracy", "router train accuracy", "threshold (below it the generalist answers)",
-                    "experts served (blend weight λ)", "fell back to the generalist"], rows)
+    return (_table(["strategy", "router held-out accuracy", "router train accuracy", "threshold (below it the fall-back answers)",
+                    "fall-back adapter", "experts served (blend weight λ)", "not served: the fall-back answers"], rows)
             + "<p>Each expert is judged on the validation records its router sends it: it is served, whole or blended with the "
-              "generalist (λ), only if its NLL gain over the generalist there is beyond a paired-bootstrap margin; otherwise "
-              "its cluster's prompts are answered by the generalist.</p>")
+              "fall-back adapter (λ), only if its NLL gain over the fall-back there is beyond a paired-bootstrap margin; otherwise "
+              "its cluster's prompts are answered by the fall-back: the single adapter of record (<code>single-continued</code> "
+              "where it beat the generalist on validation) unless <code>experts.fallback: generalist</code>.</p>")
 
 
 def scored_data(run: RunDirectory, results: dict) -> str:

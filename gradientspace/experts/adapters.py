@@ -33,7 +33,7 @@ from gradientspace.models.loading import LoadedModel
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, write_json
-from gradientspace.experts.strategies import GENERALIST, get, trained
+from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
 from gradientspace.experts.train import TrainPlan, train_adapter
 
 
@@ -195,16 +195,15 @@ def decided(config: RunConfig, strategy: str) -> bool:
     """Whether a strategy's adapters are kept, blended or dropped on validation (`keep.py`): experts branched from the
     generalist are, unless `experts.keep: all`; the generalist itself, one-adapter controls and fixed-budget adapters are
     always served as trained."""
-    experts = config.experts
-    return get(strategy).start(config) == "generalist" and not experts.equal_budget and experts.keep == "validation"
+    return get(strategy).start(config) == "generalist" and decides_on_validation(config)
 
 
-BLENDED = "blended"  # the sub-folder of a group's adapter holding its blend with the generalist
+BLENDED = "blended"  # the sub-folder of a group's adapter holding its blend with the fall-back adapter
 
 
 def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict[str, tuple[Path | None, float]]:
     """Each group's served adapter folder and its weight λ on the expert: the expert itself (λ = 1), its blend with the
-    generalist (0 < λ < 1, `<group>/blended/`), or None (λ = 0: the generalist serves the group).
+    fall-back adapter (0 < λ < 1, `<group>/blended/`), or None (λ = 0: the fall-back serves the group, `served_fallback`).
 
     `keep.json` (written by the keep stage) holds the decisions; without it (or with `apply_decisions` off, which the
     keep stage itself uses) every trained adapter is served as it is.
@@ -219,6 +218,21 @@ def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict
         path = None if weight == 0 else folder / group if weight == 1 else folder / group / BLENDED
         served[group] = (path, weight)
     return served
+
+
+def recorded_fallback(run: Run, strategy: str) -> str:
+    """The strategy whose adapter answers what `strategy` sends to none of its own, as its keep stage decided against it
+    (`keep.json`'s `fallback`); the generalist wherever nothing was decided."""
+    keep_file = get(strategy).folder(run) / "keep.json"
+    return json.loads(keep_file.read_text()).get("fallback", GENERALIST) if keep_file.exists() else GENERALIST
+
+
+def served_fallback(run: Run, strategy: str) -> tuple[str, Path]:
+    """(`recorded_fallback`, that adapter's served folder): `single-continued` as kept, or the generalist — also where the
+    continued adapter was dropped."""
+    owner = recorded_fallback(run, strategy)
+    path = served_groups(run, owner)["0"][0] if owner != GENERALIST else None
+    return (owner, path) if path is not None else (GENERALIST, generalist_folder(run))
 
 
 def spread_over_ranks() -> bool:
@@ -239,7 +253,7 @@ def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> 
     the ranks under torchrun (`spread_over_ranks`). The model is loaded only if some adapter must train.
     """
     run = as_run(run)
-    stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies)]
+    stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies, run.config)]
     run.build(*[PartitionStage(s.strategy) for s in stages])
     # every strategy's adapters in one deal: a strategy with one long adapter (single-continued) then shares the ranks
     # with the next strategy's experts instead of leaving a rank idle while it trains

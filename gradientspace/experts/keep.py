@@ -4,20 +4,22 @@ An expert branched from the generalist is served only where it helps. The decisi
 test prompts will be served: every validation record (never trained on) goes to the group its
 strategy would pick for it — the router's top choice for a routed strategy, the true label for
 `oracle`, the one group of `single-continued` — and group g's adapter is judged on its records V_g
-against the generalist G on the same records.
+against the strategy's fall-back adapter F on the same records (`Strategy.falls_back_to`: the single
+adapter of record, `single-continued` as its own keep stage served it, or the generalist, against
+which `single-continued` itself is decided).
 
 Blending. For each weight λ in `experts.blend_weights` the candidate adapter's update is
 
-    Δ_λ = (1 − λ)·Δ_G + λ·Δ_E,    Δ = s·B A,
+    Δ_λ = (1 − λ)·Δ_F + λ·Δ_E,    Δ = s·B A,
 
 which peft's `add_weighted_adapter(combination_type="cat")` builds exactly: A stacked by rows, s·B by
-columns, rank 2r, scale 1 — one plain peft folder (`<group>/blended/`) that vLLM and SGLang load as
-it is, so a prompt still costs one router pass and one adapter. λ = 1 is the expert itself, λ = 0
-the generalist (the fall-back).
+columns, the ranks added, scale 1 — one plain peft folder (`<group>/blended/`) that vLLM and SGLang
+load as it is, so a prompt still costs one router pass and one adapter. λ = 1 is the expert itself,
+λ = 0 the fall-back.
 
 The rule, fixed before any test number is read: λ* minimises the mean NLL on V_g; it is kept only if
 V_g holds at least `experts.keep_min_records` records and the one-sided `experts.keep_confidence`
-upper bound of the paired bootstrap of mean(NLL_λ* − NLL_G) over V_g is below zero. Otherwise the
+upper bound of the paired bootstrap of mean(NLL_λ* − NLL_F) over V_g is below zero. Otherwise the
 group falls back (λ = 0). Choosing λ* on the same records makes the bound a little optimistic; the
 margin is what keeps a gain shown by one or two records, or by 0.0003 nats, from being served.
 """
@@ -30,11 +32,11 @@ import numpy as np
 
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record
-from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_groups
+from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_fallback, served_groups
 from gradientspace.models.inference import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runs import Stage, config_hash, write_json
-from gradientspace.experts.strategies import GENERALIST, Choice, get
+from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -46,9 +48,9 @@ def bootstrap_upper_bound(differences: np.ndarray, confidence: float, seed: int)
     return float(np.quantile(means, confidence))
 
 
-def keep_rule(candidates: dict[float, list[float]], generalist: list[float], confidence: float, min_records: int, seed: int) -> dict:
-    """The decision for one group: `candidates` maps λ to each record's NLL under that blend, `generalist` the generalist's."""
-    base = np.asarray(generalist)
+def keep_rule(candidates: dict[float, list[float]], fallback: list[float], confidence: float, min_records: int, seed: int) -> dict:
+    """The decision for one group: `candidates` maps λ to each record's NLL under that blend, `fallback` the fall-back adapter's."""
+    base = np.asarray(fallback)
     means = {weight: float(np.mean(nll)) for weight, nll in candidates.items()}
     best = min(means, key=lambda weight: (means[weight], -weight))  # a tie goes to the larger λ: the expert as trained
     gain = np.asarray(candidates[best]) - base
@@ -59,7 +61,7 @@ def keep_rule(candidates: dict[float, list[float]], generalist: list[float], con
         weight, reason = 0.0, f"best blend λ = {best} changes NLL by {gain.mean():+.4f}, upper {confidence:.0%} bound {upper:+.4f} is not below 0"
     else:
         weight, reason = best, f"λ = {best} changes NLL by {gain.mean():+.4f} (upper {confidence:.0%} bound {upper:+.4f})"
-    return {"lambda": weight, "reason": reason, "validation_records": len(base), "generalist_nll": float(base.mean()),
+    return {"lambda": weight, "reason": reason, "validation_records": len(base), "fallback_nll": float(base.mean()),
             "candidate_nll": {str(w): m for w, m in means.items()}, "best_lambda": best, "gain": float(gain.mean()), "upper_bound": upper}
 
 
@@ -68,15 +70,17 @@ def blend_name(strategy: str, group: str, weight: float) -> str:
 
 
 def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: list[Record]) -> dict[str, dict]:
-    """Every group's decision (`keep_rule`), with each blend built in the engine's model as a rank-2r adapter."""
+    """Every group's decision (`keep_rule`) against the strategy's fall-back, each blend built in the engine's model as one
+    adapter of the two ranks added."""
     experts = config.experts
     groups = get(strategy).serving_groups(engine, validation)
-    generalist_nll = engine.nll_for_choices([Choice({engine.generalist: 1.0}, -1, 1.0)] * len(validation), validation)
+    fallback = engine.fallback_for(strategy)
+    fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(validation), validation)
     decisions = {}
     for index, group in enumerate(engine.groups[strategy]):
         members = [i for i, g in enumerate(groups) if g == index]
-        expert = engine.adapter_for(strategy, index)
-        if expert == engine.generalist:
+        expert = engine.own_adapter(strategy, index)
+        if expert is None:
             decisions[group] = {"lambda": 0.0, "reason": "no adapter was trained (no training records)", "validation_records": len(members)}
             continue
         if not members:
@@ -87,9 +91,9 @@ def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: 
         for weight in sorted(set(experts.blend_weights)):
             adapter = expert if weight == 1 else blend_name(strategy, group, weight)
             if weight != 1:
-                engine.model.add_weighted_adapter([engine.generalist, expert], [1 - weight, weight], adapter, combination_type="cat")
+                engine.model.add_weighted_adapter([fallback, expert], [1 - weight, weight], adapter, combination_type="cat")
             candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
-        decisions[group] = keep_rule(candidates, [generalist_nll[i] for i in members], experts.keep_confidence, experts.keep_min_records, config.seed)
+        decisions[group] = keep_rule(candidates, [fallback_nll[i] for i in members], experts.keep_confidence, experts.keep_min_records, config.seed)
     return decisions
 
 
@@ -106,7 +110,7 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
 
 
 class KeepStage(Stage):
-    """One strategy's keep / blend / fall-back decisions (`keep.json`) and its blended adapters."""
+    """One strategy's keep / blend / fall-back decisions (`keep.json`, which names its fall-back) and its blended adapters."""
 
     def __init__(self, strategy: str):
         self.name = f"keep/{strategy}"
@@ -115,16 +119,19 @@ class KeepStage(Stage):
     def requires(self, run):
         yield StrategyAdapters(self.strategy)
         yield AdapterStage(GENERALIST, "0")
+        fallback = get(self.strategy).falls_back_to(run.config)
+        if fallback not in (GENERALIST, self.strategy):  # decided against the fall-back as it is served
+            yield served_stage(run, fallback)
         if get(self.strategy).router_folder(run) is not None:  # the validation records go where its router sends them
             yield RouterStage(self.strategy)
 
     def inputs(self, run) -> dict[str, str]:
         experts = run.config.experts
         return {"keep rule": config_hash(experts.blend_weights, experts.keep_confidence, experts.keep_min_records, run.config.seed),
-                "validation records": config_hash(sorted(run.validation_ids))}
+                "fall-back": get(self.strategy).falls_back_to(run.config), "validation records": config_hash(sorted(run.validation_ids))}
 
     def run(self, run, key: str, record: dict) -> None:
-        engine = StrategyModel(run.config, [self.strategy], apply_decisions=False)
+        engine = StrategyModel(run.config, [self.strategy], undecided=self.strategy)
         decisions = decide(engine, run.config, self.strategy, run.validation)
         folder = get(self.strategy).folder(run)
         outputs = [folder / "keep.json"]
@@ -132,7 +139,7 @@ class KeepStage(Stage):
             if 0 < decision["lambda"] < 1:
                 save_blend(engine, self.strategy, group, decision["lambda"])
                 outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
-        write_json(folder / "keep.json", {"strategy": self.strategy, "groups": decisions})
+        write_json(folder / "keep.json", {"strategy": self.strategy, "fallback": get(self.strategy).falls_back_to(run.config), "groups": decisions})
         record.update(groups=decisions, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
         # the strategy's summary in the manifest gains each expert's decision
         summary = run.directory.manifest.get("experts", {}).get(self.strategy)
@@ -140,6 +147,8 @@ class KeepStage(Stage):
             for group, decision in decisions.items():
                 summary["experts"].setdefault(group, {}).update(kept=decision["lambda"] > 0, **{k: decision.get(k) for k in ("lambda", "reason")})
             summary["fallback"] = [g for g, (path, _) in served_groups(run, self.strategy).items() if path is None]
+            owner, path = served_fallback(run, self.strategy)
+            summary["fallback_adapter"] = {"strategy": owner, "folder": str(path.relative_to(run.directory.root))}
             run.directory.record_section("experts", self.strategy, summary)
 
 

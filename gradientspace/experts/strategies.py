@@ -6,7 +6,7 @@ it; adding a strategy is adding one object here.
 
 | strategy | partition | adapter used for a prompt |
 | --- | --- | --- |
-| routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the generalist below the threshold, or where the expert fell back) |
+| routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the fall-back below the threshold, or where the expert is not kept) |
 | single | everything in one group: the generalist | the generalist |
 | single-wide | everything, LoRA rank K·r (as many parameters as K experts) | that adapter |
 | single-continued | everything in one group, branched from the generalist with the experts' schedule (the annealed baseline) | that adapter if it beat the generalist on validation, else the generalist |
@@ -20,6 +20,15 @@ it; adding a strategy is adding one object here.
 Every strategy but the ensemble runs one forward pass per token with one adapter; the ensemble
 needs a backward pass per prompt and K + 1 forward passes per token. A new strategy is one subclass
 here and one line in `STRATEGIES`: what it does differently is its methods, never a flag read elsewhere.
+
+The fall-back. A prompt that a strategy sends to none of its own adapters (its router is below the
+threshold, its group's expert was not kept, its group had no training records) is answered by the
+single adapter of record (`experts.fallback: best-single`): `single-continued` as its keep rule
+served it — kept or blended where it beat the generalist on validation beyond the margin, else the
+generalist itself — so the fall-back is whichever single adapter validation preferred. Each expert's
+keep / blend decision and the router threshold are then made against that adapter, and a blend
+mixes the expert with it. `experts.fallback: generalist` falls back to the generalist, as runs
+before this setting did.
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ from gradientspace.clustering.partitioners import PARTITIONERS, Partitioner, Ran
 from gradientspace.config import LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
-GENERALIST = "single"  # the adapter every other strategy branches from and falls back to
-ROUTER_UNSURE = -1  # a router's answer below its threshold: the generalist serves the prompt
+GENERALIST = "single"  # the adapter every other strategy branches from
+ROUTER_UNSURE = -1  # a router's answer below its threshold: the fall-back serves the prompt
+# why the fall-back answered a prompt instead of the group's own adapter (`Choice.fallback`, the serving metrics)
+BELOW_THRESHOLD, NOT_SERVED = "below_threshold", "expert_not_served"
 
 
 class PromptRouter(Protocol):
@@ -48,12 +59,13 @@ class PromptRouter(Protocol):
 class ServingModel(Protocol):
     """What a strategy reads of, and asks of, the model serving it (`models.inference.StrategyModel`)."""
     config: RunConfig
-    generalist: str  # the adapter every strategy falls back to
+    generalist: str  # the adapter every strategy branches from
     groups: dict[str, list[str]]  # each trained strategy's group names
     routers: dict[str, PromptRouter]
     centroids: object  # the ensemble's per-cluster mean gradients [K + 1, d], once `load_centroids` ran
 
     def adapter_for(self, strategy: str, group: int) -> str: ...
+    def serve_group(self, strategy: str, group: int, probability: float = 1.0, pick: int | None = None) -> Choice: ...
     def load_router(self, strategy: str) -> None: ...
     def load_gradient_oracle(self) -> None: ...
     def load_centroids(self) -> None: ...
@@ -71,6 +83,7 @@ class RunFiles(Protocol):
 class PipelineStages(Protocol):
     """The pipeline's stages by what they give (`commands.PipelineStages`), so that a strategy can say which it needs
     without importing the modules that import it."""
+    run: object  # the `runner.Run` they belong to
 
     def clusters(self): ...  # the gradient clusters (and the sketch and warm-up they come from)
     def served(self, strategy: str): ...  # a strategy's adapters, as kept, blended or dropped
@@ -82,8 +95,10 @@ class PipelineStages(Protocol):
 class Choice:
     """How one prompt is served: adapter weights (one adapter with weight 1 unless ensembling)."""
     weights: dict[str, float]
-    expert: int | str
+    expert: int | str  # the group served (ROUTER_UNSURE below the threshold)
     probability: float
+    pick: int | None = None  # the router's top group before its threshold (None: no router chose)
+    fallback: str | None = None  # why the fall-back adapter answers rather than the group's own (BELOW_THRESHOLD, NOT_SERVED)
 
     @property
     def single_adapter(self) -> str | None:
@@ -141,8 +156,14 @@ class Strategy(ABC):
         raise NotImplementedError(f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own")
 
     def start(self, config: RunConfig) -> str:
-        """Where its adapters start: `fresh`, `warmup` or `generalist` (then they branch from it and may fall back to it)."""
+        """Where its adapters start: `fresh`, `warmup` or `generalist` (then they branch from it and are kept or dropped)."""
         return config.experts.init
+
+    def falls_back_to(self, config: RunConfig) -> str:
+        """The strategy whose adapter, as served, answers the prompts this one sends to none of its own: the single adapter
+        of record (`experts.fallback: best-single`: `single-continued` as kept, which is the generalist where it lost on
+        validation), or the generalist (`experts.fallback: generalist`)."""
+        return ContinuedGeneralist.name if best_single_fallback(config) else GENERALIST
 
     def ignored_settings(self) -> tuple[str, ...]:
         """`experts.*` settings that cannot change its adapters (left out of their keys)."""
@@ -160,7 +181,7 @@ class Strategy(ABC):
 
     def serving_stages(self, stages: PipelineStages) -> list:
         """Every stage whose output serving it reads: its adapters and the generalist's (as kept or blended), and what routes."""
-        return [stages.served(owner) for owner in trained([self.name])] + get(self.owner).routing_stages(stages)
+        return [stages.served(owner) for owner in trained([self.name], stages.run.config)] + get(self.owner).routing_stages(stages)
 
     def prepare(self, model: ServingModel) -> None:
         """Load into the serving model what `choose` reads beyond the adapters (a router, a gradient space)."""
@@ -189,6 +210,9 @@ class OneAdapter(Strategy):
     def start(self, config):
         return "fresh"
 
+    def falls_back_to(self, config):
+        return GENERALIST  # never used: its one adapter serves every prompt
+
     def ignored_settings(self):
         return ("init", "branch_epochs", "branch_learning_rate")
 
@@ -200,7 +224,7 @@ class OneAdapter(Strategy):
         return replace(config.model, lora_rank=config.model.lora_rank * k, lora_alpha=config.model.lora_alpha * k)
 
     def choose(self, model, records):
-        return [Choice({model.adapter_for(self.name, 0): 1.0}, 0, 1.0) for _ in records]
+        return [model.serve_group(self.name, 0) for _ in records]
 
 
 class ContinuedGeneralist(Strategy):
@@ -218,11 +242,14 @@ class ContinuedGeneralist(Strategy):
             return f"config key `experts.init`: `{self.name}` continues the generalist, so it needs `init: generalist` (not {config.experts.init!r})"
         return None
 
+    def falls_back_to(self, config):
+        return GENERALIST  # it is decided against the generalist, and is the others' fall-back
+
     def labels(self, run, config, records):
         return [0] * len(records)
 
     def choose(self, model, records):
-        return [Choice({model.adapter_for(self.name, 0): 1.0}, 0, 1.0) for _ in records]
+        return [model.serve_group(self.name, 0) for _ in records]
 
     def serving_groups(self, model, records):
         return [0] * len(records)
@@ -243,8 +270,7 @@ class TrueLabels(Strategy):
 
     def choose(self, model, records):
         names = model.groups[self.name]
-        return [Choice({model.adapter_for(self.name, names.index(r.source)) if r.source in names else model.generalist: 1.0},
-                       r.source or ROUTER_UNSURE, 1.0) for r in records]
+        return [model.serve_group(self.name, names.index(r.source) if r.source in names else ROUTER_UNSURE) for r in records]
 
     def serving_groups(self, model, records):
         names = model.groups[self.name]
@@ -267,8 +293,8 @@ class RoutedPartition(Strategy):
         model.load_router(self.name)
 
     def choose(self, model, records):
-        experts, probabilities = model.routers[self.name].route([r.prompt_text for r in records])
-        return [Choice({model.adapter_for(self.name, e): 1.0}, e, p) for e, p in zip(experts, probabilities)]
+        experts, probabilities, picks = model.routers[self.name].route([r.prompt_text for r in records])
+        return [model.serve_group(self.name, e, p, pick) for e, p, pick in zip(experts, probabilities, picks)]
 
     def serving_groups(self, model, records):
         # the router's top choice, before the threshold: the threshold is chosen afterwards, on the adapters kept here
@@ -346,7 +372,7 @@ class GradientOracle(Strategy):
         model.load_gradient_oracle()
 
     def choose(self, model, records):
-        return [Choice({model.adapter_for(self.owner, e): 1.0}, e, 1.0) for e in model.gradient_oracle_groups(records)]
+        return [model.serve_group(self.owner, e) for e in model.gradient_oracle_groups(records)]
 
 
 class ElreaEnsemble(Strategy):
@@ -404,14 +430,28 @@ def get(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def trained(names: list[str]) -> list[str]:
-    """Strategies whose adapters must be trained for `names`, the generalist first (the others branch from it and fall back to it)."""
-    return list(dict.fromkeys([GENERALIST] + [get(n).owner for n in names]))
+def trained(names: list[str], config: RunConfig) -> list[str]:
+    """Strategies whose adapters must be trained for `names`: the generalist first (the others branch from it), then the
+    adapters they fall back to, then their own."""
+    owners = [get(n).owner for n in names]
+    return list(dict.fromkeys([GENERALIST] + [get(o).falls_back_to(config) for o in owners] + owners))
 
 
-def routed(names: list[str]) -> list[str]:
+def routed(names: list[str], config: RunConfig) -> list[str]:
     """Strategies among `names` (and the ones they serve) that train a router."""
-    return [n for n in trained(names) if isinstance(get(n), RoutedPartition)]
+    return [n for n in trained(names, config) if isinstance(get(n), RoutedPartition)]
+
+
+def decides_on_validation(config: RunConfig) -> bool:
+    """Whether adapters branched from the generalist are kept, blended or dropped on the validation split (`keep.py`)."""
+    experts = config.experts
+    return experts.init == "generalist" and not experts.equal_budget and experts.keep == "validation" and config.data.validation_fraction > 0
+
+
+def best_single_fallback(config: RunConfig) -> bool:
+    """Whether strategies fall back to the single adapter of record (`single-continued` as kept) rather than the generalist:
+    `experts.fallback: best-single`, where `single-continued` can be trained and decided on validation."""
+    return config.experts.fallback == "best-single" and decides_on_validation(config)
 
 
 def cluster_count(run: RunFiles) -> int:

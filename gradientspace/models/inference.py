@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
-from gradientspace.experts.adapters import generalist_folder, served_groups
+from gradientspace.experts.adapters import generalist_folder, recorded_fallback, served_fallback, served_groups
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import AdapterBank, FirstToken
 from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runs import RunDirectory, atomic_path, write_json
-from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get, trained
+from gradientspace.experts.strategies import BELOW_THRESHOLD, GENERALIST, NOT_SERVED, ROUTER_UNSURE, Choice, get
 
 WARMUP = "warmup"
 
@@ -43,9 +43,13 @@ class Generation:
 
 class StrategyModel:
     """An adapter bank holding the generalist and every adapter of the requested strategies, and what the strategies'
-    `choose` reads beside them (routers, the gradient oracle's space, the ensemble's centroids), loaded as each asks."""
+    `choose` reads beside them (routers, the gradient oracle's space, the ensemble's centroids), loaded as each asks.
 
-    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, apply_decisions: bool = True):
+    Every adapter is loaded as served (kept, blended or dropped, `keep.json`), and each strategy falls back to the adapter
+    its keep stage decided against (`keep.json`), but `undecided`: the keep stage deciding that strategy reads its adapters
+    as trained and its fall-back as the config says (`Strategy.falls_back_to`)."""
+
+    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, undecided: str | None = None):
         self.config, self.run = config, RunDirectory(config.out)
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
         generalist = generalist_folder(self.run) / suffix
@@ -53,20 +57,25 @@ class StrategyModel:
             raise FileNotFoundError(f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)")
         self.generalist = self.adapter_name(GENERALIST, "0")
         self.bank = AdapterBank(config.model.name, config.model.device, self.generalist, generalist)
+        self.folders: dict[str, Path] = {self.generalist: generalist}  # adapter name → the folder it was loaded from
         self.groups: dict[str, list[str]] = {}
         self.routers: dict[str, Router] = {}
         self.oracle_space: tuple[torch.Tensor, torch.Tensor] | None = None
         self.centroids: torch.Tensor | None = None
-        for strategy in trained(strategies):
+        owners = list(dict.fromkeys(get(s).owner for s in strategies))
+        self.fallbacks = {o: get(o).falls_back_to(config) if o == undecided else recorded_fallback(self.run, o) for o in owners}
+        loaded = list(dict.fromkeys([GENERALIST, *self.fallbacks.values(), *owners]))
+        for strategy in loaded:
             folder = get(strategy).folder(self.run)
             if not (folder / "partition.json").exists():
                 raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
             self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
-            for group, (path, _) in served_groups(self.run, strategy, apply_decisions).items():
+            for group, (path, _) in served_groups(self.run, strategy, apply_decisions=strategy != undecided).items():
                 name = self.adapter_name(strategy, group)
                 if path is not None and name not in self.bank and (path / suffix / "adapter_model.safetensors").exists():
                     self.bank.load(name, path / suffix)
-        for strategy in dict.fromkeys(trained(strategies) + list(strategies)):
+                    self.folders[name] = path / suffix
+        for strategy in dict.fromkeys(loaded + list(strategies)):
             get(strategy).prepare(self)
 
     # the bank's parts, read by the keep stage, the server and the tests
@@ -97,16 +106,42 @@ class StrategyModel:
         if self.centroids is None:
             self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(self.device)
 
+    def load_folder(self, folder: Path) -> str:
+        """The adapter loaded from `folder`, loaded first where none was (an adapter that is not served: a dropped expert)."""
+        name = next((n for n, loaded in self.folders.items() if loaded.resolve() == folder.resolve()), None)
+        if name is None:
+            name = f"unserved__{len(self.folders)}"
+            self.bank.load(name, folder)
+            self.folders[name] = folder
+        return name
+
     @staticmethod
     def adapter_name(strategy: str, group: str) -> str:
         return f"{strategy}__{group}"
 
     def adapter_for(self, strategy: str, group: int) -> str:
-        """The adapter serving one group: its expert, or the generalist (router unsure, expert fell back, empty group)."""
+        """The adapter serving one group: its expert, or the fall-back (router unsure, expert not kept, empty group)."""
+        own = self.own_adapter(strategy, group)
+        return own if own is not None else self.fallback_for(strategy)
+
+    def own_adapter(self, strategy: str, group: int) -> str | None:
+        """A group's own adapter, as served; None where the fall-back answers it."""
         if group == ROUTER_UNSURE:
-            return self.generalist
+            return None
         name = self.adapter_name(strategy, self.groups[strategy][group])
-        return name if name in self.bank else self.generalist
+        return name if name in self.bank else None
+
+    def fallback_for(self, strategy: str) -> str:
+        """The adapter answering what `strategy` sends to none of its own (`recorded_fallback`): the single adapter of
+        record, `single-continued` as kept (the generalist where it was dropped), or the generalist."""
+        owner = self.fallbacks.get(get(strategy).owner, GENERALIST)
+        return self.generalist if owner in (GENERALIST, strategy) else self.adapter_for(owner, 0)
+
+    def serve_group(self, strategy: str, group: int, probability: float = 1.0, pick: int | None = None) -> Choice:
+        """One prompt sent to `group` of `strategy` (ROUTER_UNSURE: its router was unsure): its adapter, or the fall-back and why."""
+        own = self.own_adapter(strategy, group)
+        reason = None if own is not None else BELOW_THRESHOLD if group == ROUTER_UNSURE else NOT_SERVED
+        return Choice({own or self.fallback_for(strategy): 1.0}, group, probability, pick, reason)
 
     def choose(self, strategy: str, records: list[Record]) -> tuple[list[Choice], float]:
         """How each prompt is served, and the seconds spent deciding (routing / gradient)."""
@@ -132,16 +167,23 @@ class StrategyModel:
 
     def gradient_oracle_groups(self, records: list[Record]) -> list[int]:
         """Each record's gradient cluster from its own response gradient, as the clustering pass computed it."""
+        return (self.sketch_coordinates(records) @ self.oracle_space[1].T).argmax(dim=1).tolist()
+
+    def has_gradient_clusters(self) -> bool:
+        return self.run.path("clusters.jsonl").exists() and self.run.path("sketch.safetensors").exists()
+
+    def sketch_coordinates(self, records: list[Record]) -> torch.Tensor:
+        """Each record's own response gradient (w.r.t. the warm-up adapter, transformed as the clustering pass did) on the
+        sketch basis, unit norm, [records, r] float64: the space the gradient clusters were found in."""
         from gradientspace.gradients.engine import layout_of
         from gradientspace.experts.train import load_adam_state
 
+        self.load_gradient_oracle()
         gradients = self.config.gradients
         self.model.set_adapter(WARMUP)
         adam = load_adam_state(self.run.path("warmup", "optimizer.safetensors"), layout_of(self.model), self.device) if gradients.adam_precondition else None
         grads = self.gradients(records, WARMUP, gradients.tokens, adam, gradients.normalize)
-        basis, centroids = self.oracle_space
-        coordinates = torch.nn.functional.normalize(grads.double().cpu() @ basis, dim=1)
-        return (coordinates @ centroids.T).argmax(dim=1).tolist()
+        return torch.nn.functional.normalize(grads.double().cpu() @ self.oracle_space[0], dim=1)
 
     # ------------------------------------------------------------------ scoring
 
@@ -258,15 +300,15 @@ def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tenso
     return sketch["basis"].double(), torch.nn.functional.normalize(centroids, dim=1)
 
 
-def best_threshold(top_probabilities: list[float], expert_nll: list[float], generalist_nll: list[float]) -> tuple[float, float]:
-    """(threshold, mean NLL) minimising the validation NLL of "expert if probability ≥ threshold, else generalist".
+def best_threshold(top_probabilities: list[float], expert_nll: list[float], fallback_nll: list[float]) -> tuple[float, float]:
+    """(threshold, mean NLL) minimising the validation NLL of "expert if probability ≥ threshold, else the fall-back".
 
     Candidates are 0 (always the expert) and every observed probability, plus one above them all
-    (always the generalist); ties go to the lowest threshold, which trusts the router most.
+    (always the fall-back); ties go to the lowest threshold, which trusts the router most.
     """
     candidates = sorted({0.0, *top_probabilities, 1.0 + 1e-9})
     def mean_nll(threshold: float) -> float:
-        chosen = [e if p >= threshold else g for p, e, g in zip(top_probabilities, expert_nll, generalist_nll)]
+        chosen = [e if p >= threshold else g for p, e, g in zip(top_probabilities, expert_nll, fallback_nll)]
         return sum(chosen) / max(len(chosen), 1)
     scored = [(round(mean_nll(t), 10), t) for t in candidates]
     value, threshold = min(scored, key=lambda pair: (pair[0], pair[1]))
@@ -274,20 +316,21 @@ def best_threshold(top_probabilities: list[float], expert_nll: list[float], gene
 
 
 def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
-    """Choose the router threshold on the validation split and store it in the router's `router.json`."""
+    """Choose the router threshold on the validation split, against the strategy's fall-back adapter, and store it in the
+    router's `router.json`."""
     run = RunDirectory(config.out)
     folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
     engine = StrategyModel(config, [strategy])
     probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
     top, choice = probabilities.max(dim=1)
-    experts = [Choice({engine.adapter_for(strategy, int(c)): 1.0}, int(c), float(p)) for c, p in zip(choice, top)]
-    generalist = [Choice({engine.generalist: 1.0}, ROUTER_UNSURE, 1.0) for _ in validation]
-    expert_nll, generalist_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(generalist, validation)
-    threshold, value = best_threshold(top.tolist(), expert_nll, generalist_nll)
-    details = {"threshold": threshold, "validation_records": len(validation), "validation_nll": value,
+    experts = [engine.serve_group(strategy, int(c), float(p)) for c, p in zip(choice, top)]
+    fallback = [engine.serve_group(strategy, ROUTER_UNSURE) for _ in validation]
+    expert_nll, fallback_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(fallback, validation)
+    threshold, value = best_threshold(top.tolist(), expert_nll, fallback_nll)
+    details = {"threshold": threshold, "validation_records": len(validation), "validation_nll": value, "fallback": engine.fallback_for(strategy),
                "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
-               "validation_nll_always_generalist": sum(generalist_nll) / max(len(validation), 1)}
+               "validation_nll_always_fallback": sum(fallback_nll) / max(len(validation), 1)}
     write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
     return details
 
@@ -304,11 +347,16 @@ class ServedAdapter:
     expert: int
     folder: Path
 
+    @property
+    def is_fallback(self) -> bool:
+        return self.expert == ROUTER_UNSURE
+
 
 def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedAdapter]:
-    """Every expert that is served (kept, or blended with the generalist), then the generalist that answers every other router output.
+    """Every expert that is served (kept, or blended with the fall-back), then the fall-back that answers every other router
+    output: public id `generalist`, or the name of the strategy whose adapter it is (`single-continued`).
 
-    The generalist's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
+    The fall-back's folder is the adapter `StrategyModel` falls back to (`serving_names` and the
     serving tests check the two agree), so `serve`, `route` and `backend-command` need no model.
     """
     folder = get(strategy).folder(run)
@@ -316,7 +364,8 @@ def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedA
         raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
     experts = [ServedAdapter(f"expert-{group}", i, path) for i, (group, (path, _)) in enumerate(served_groups(run, strategy).items())
                if path is not None and (path / "adapter_model.safetensors").exists()]
-    return experts + [ServedAdapter(GENERALIST_MODEL, ROUTER_UNSURE, generalist_folder(run))]
+    owner, fallback = served_fallback(run, strategy)
+    return experts + [ServedAdapter(GENERALIST_MODEL if owner == GENERALIST else owner, ROUTER_UNSURE, fallback)]
 
 
 def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:

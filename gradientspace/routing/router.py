@@ -47,12 +47,12 @@ class Router:
         embeddings = embed_texts(texts, self.device, encoder=self.encoder or _shared_encoder(self.device))
         return torch.softmax(self.head(embeddings.to(self.device)), dim=1).cpu()
 
-    def route(self, texts: list[str]) -> tuple[list[int], list[float]]:
-        """(expert id, or ROUTER_UNSURE for the generalist, top probability) per prompt."""
+    def route(self, texts: list[str]) -> tuple[list[int], list[float], list[int]]:
+        """(expert id, or ROUTER_UNSURE for the fall-back; top probability; the top group before the threshold) per prompt."""
         probabilities = self.probabilities(texts)
         top, choice = probabilities.max(dim=1)
         experts = [int(c) if float(p) >= self.threshold else ROUTER_UNSURE for p, c in zip(top, choice)]
-        return experts, top.tolist()
+        return experts, top.tolist(), choice.tolist()
 
     def save(self, folder: Path, details: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,6 @@ def train_routers(run, strategies: list[str] | None = None) -> dict:
     from gradientspace.runner import as_run
 
     run = as_run(run)  # a `runner.Run`, or a config to make one of
-    wanted = routed(strategies or run.config.experts.strategies)
+    wanted = routed(strategies or run.config.experts.strategies, run.config)
     entries = run.build(*[RouterStage(s) for s in wanted])
     return {s: {k: entry.get(k) for k in ("heldout_accuracy", "train_accuracy")} for s, entry in zip(wanted, entries)}

@@ -3,7 +3,7 @@
 `BACKENDS` is the registry: a new backend is one `Backend` subclass here and one entry there; the
 CLI's `--backend` choices come from it.
 
-Both load plain LoRA folders (`RUN/experts/<k>/` and the generalist) by name next to one base
+Both load plain LoRA folders (`RUN/experts/<k>/` and the fall-back adapter) by name next to one base
 model, and both batch requests for different adapters together. `backend-command` checks every
 folder is one the backend loads — LoRA only, no `modules_to_save` (fully trained copies of whole
 modules), no DoRA, bias "none", rank within the backend's limit — and prints the launch command.

@@ -67,6 +67,8 @@ class Route:
     model: str
     expert: int | str
     probability: float
+    pick: int | None = None  # the router's top group before its threshold (None: pinned, or no router)
+    fallback: str | None = None  # why the fall-back adapter answers (`strategies.BELOW_THRESHOLD`, `NOT_SERVED`), else None
 
 
 @dataclass
@@ -345,7 +347,8 @@ class Engine:
                 if choice.single_adapter is None:
                     raise ValueError(f"strategy `{self.strategy}` mixes adapters per prompt; it cannot be served")
                 batch[i].routing_seconds = seconds
-                routes[i] = (choice.single_adapter, Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert, choice.probability))
+                routes[i] = (choice.single_adapter, Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert,
+                                                          choice.probability, choice.pick, choice.fallback))
         return routes
 
     def _decode_isolating(self, rows: list[_Row]) -> None:

@@ -25,6 +25,10 @@ class ServerMetrics:
         registry = self.registry
         self.requests = Counter("gradientspace_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=registry)
         self.by_expert = Counter("gradientspace_expert_requests", "Generation requests by the adapter that answered them", ["expert"], registry=registry)
+        self.router_picks = Counter("gradientspace_router_picks", "Routed requests by the router's top group, before its threshold",
+                                    ["group"], registry=registry)
+        self.fallbacks = Counter("gradientspace_fallback_requests", "Routed requests the fall-back adapter answered, by why: the router "
+                                 "was below its threshold, or the group's expert is not served", ["reason"], registry=registry)
         self.prompt_tokens = Counter("gradientspace_prompt_tokens", "Prompt tokens of the generation requests that reached the engine", registry=registry)
         self.generation_tokens = Counter("gradientspace_generation_tokens", "Tokens generated", registry=registry)
         self.failed = Counter("gradientspace_engine_failed_requests", "Requests the engine answered with an error", registry=registry)
@@ -38,6 +42,10 @@ class ServerMetrics:
         """One engine event of `request` (called by the worker thread)."""
         if kind == "routed":
             self.by_expert.labels(value.model).inc()
+            if value.pick is not None:
+                self.router_picks.labels(str(value.pick)).inc()
+            if value.fallback is not None:
+                self.fallbacks.labels(value.fallback).inc()
             self.prompt_tokens.inc(len(request.prompt_ids))
         elif kind == "error":
             self.failed.inc()

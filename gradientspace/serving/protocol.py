@@ -139,7 +139,7 @@ class CompletionRequest(Sampled):
 
 
 def model_list(served: list[ServedAdapter], base: str) -> dict:
-    """`GET /v1/models`: the routing alias, then every expert and the generalist, each an adapter of `base`."""
+    """`GET /v1/models`: the routing alias, then every served expert and the fall-back adapter, each an adapter of `base`."""
     created = int(time.time())
     ids = [ROUTED_MODEL] + [s.name for s in served]
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "gradientspace", "root": base, "parent": base}

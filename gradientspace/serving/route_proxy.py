@@ -20,7 +20,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from gradientspace.config import RunConfig, ServeConfig
-from gradientspace.models.inference import GENERALIST_MODEL, ServedAdapter
+from gradientspace.experts.strategies import ROUTER_UNSURE
+from gradientspace.models.inference import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.experts.strategies import get
 from .backends import BackendError, upstream_model
@@ -91,8 +92,8 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
     async def relay(body: ChatRequest | CompletionRequest, http: HTTPRequest):
         name, probability = resolve_model(body.model, served), 1.0
         if name is None:
-            experts, probabilities = await run_in_threadpool(router.route, [body.routing_text()])
-            name, probability = names.get(experts[0], GENERALIST_MODEL), probabilities[0]
+            experts, probabilities, _ = await run_in_threadpool(router.route, [body.routing_text()])
+            name, probability = names.get(experts[0], names[ROUTER_UNSURE]), probabilities[0]  # not served: the fall-back
         payload = await http.json()
         payload["model"] = upstream_model(backend, name, base)
         forwarded = {k: v for k, v in http.headers.items() if k.lower() in ("authorization", "accept")}

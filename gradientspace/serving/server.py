@@ -2,7 +2,8 @@
 
 `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`, `POST /v1/chat/completions`,
 `POST /v1/completions`, streamed as server-sent events ending in `data: [DONE]` or not.
-`model: "gradientspace"` routes the prompt; an expert's id (`expert-2`, `generalist`) pins it. The adapter that answered is the response's
+`model: "gradientspace"` routes the prompt; an expert's id (`expert-2`, or the fall-back's: `generalist` or
+`single-continued`, which `/health` names) pins it. The adapter that answered is the response's
 `model`, the `x-gradientspace-expert` / `x-gradientspace-probability` headers (sent before the
 first streamed byte) and the body's `gradientspace` field. A client that disconnects cancels its
 generation; its batch goes on without it.
@@ -80,6 +81,7 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
     app = FastAPI(title="GradientSpace", description="Routed LoRA experts behind an OpenAI-compatible API", **hidden)
     install_error_handlers(app)
     metrics = ServerMetrics(engine.queue_depth, ENDPOINTS)
+    fallback = next(s.name for s in served if s.is_fallback)  # the public id answering what no served expert does
     engine.on_batch = metrics.batch_size.observe
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # added last = runs first: count, then key, then size
     if api_key:
@@ -88,7 +90,7 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.queue_depth(), "engine": dict(engine.stats)}
+        return {"status": "ok", "queued": engine.queue_depth(), "engine": dict(engine.stats), "fallback": fallback}
 
     @app.get("/metrics")
     async def prometheus():
