@@ -20,7 +20,7 @@ from dataclasses import asdict
 from gradientspace.config import RunConfig
 from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
-from gradientspace.evaluation.scores import Scores, test_records, write_scores
+from gradientspace.evaluation.scores import Scores, evaluation_records, write_scores
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
 from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.experts.keep import keep_decisions, served_stage
@@ -117,7 +117,7 @@ class ScoreStage(Stage):
         return {**records, "strategies": config_hash(config.experts.strategies), "model": config_hash(asdict(config.model), config.data.max_length)}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        records = run.validation if self.split == "validation" else test_records(run.config)
+        records = run.validation if self.split == "validation" else evaluation_records(run.config)
         record["outputs"] = write_scores(run, list(run.config.experts.strategies), self.split, records)
 
 

@@ -443,6 +443,26 @@ def test_metrics_count_requests_tokens_batches_and_latency(served, client):
     assert grew("gradientspace_batch_size_count") >= 1 and grew("gradientspace_batch_size_sum") >= 5
     assert grew("gradientspace_time_to_first_token_seconds_count") == 5 and grew("gradientspace_request_latency_seconds_count") == 5
     assert ("gradientspace_queue_depth", frozenset()) in after
+    assert grew("gradientspace_router_picks_total") == PINS.count(None)  # the router's pick of every request it routed
+
+
+def test_metrics_count_fallbacks_and_the_router_pick_behind_them(served, client):
+    """A router below its threshold: the fall-back answers (its id in the response), counted with why, the pick still counted."""
+    url, engine = served[0].url, served[1]
+    router = engine.model.routers["routed"]
+    fallback = httpx.get(f"{url}/health").json()["fallback"]
+    assert fallback == served_adapters(RunDirectory(engine.model.config.out))[-1].name
+    before, threshold = metric_samples(url), router.threshold
+    try:
+        router.threshold = 1.01
+        answers = [client.chat.completions.create(**CHAT) for _ in range(2)]
+    finally:
+        router.threshold = threshold
+    after = metric_samples(url)
+    grew = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert [a.model for a in answers] == [fallback] * 2
+    assert grew("gradientspace_fallback_requests_total", reason="below_threshold") == 2 == grew("gradientspace_fallback_requests_total")
+    assert grew("gradientspace_router_picks_total") == 2 and grew("gradientspace_expert_requests_total", expert=fallback) == 2
 
 
 # ------------------------------------------------------------------ checked before the model loads

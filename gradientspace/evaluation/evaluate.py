@@ -21,7 +21,7 @@ from gradientspace import distributed
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record
 from gradientspace.evaluation.metrics import METRICS
-from gradientspace.evaluation.scores import test_records
+from gradientspace.evaluation.scores import evaluation_records
 from gradientspace.runs import RunDirectory, write_json
 
 def extract_code(text: str) -> str:
@@ -58,7 +58,7 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
 
     strategies = strategies or list(config.experts.strategies)
     if records is None:
-        records = test_records(config)
+        records = evaluation_records(config)
     domains = sorted({r.source or "all" for r in records})
     engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
     settings = config.evaluate

@@ -42,7 +42,7 @@ SPLITS = ("validation", "test")
 BATCH_SIZE = 8
 
 
-def test_records(config) -> list[Record]:
+def evaluation_records(config) -> list[Record]:
     """The test split as `evaluate` reads it: `evaluate.data`, its `limit`, `data.per_source` per label."""
     records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
     return records
