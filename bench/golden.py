@@ -9,6 +9,7 @@ hashed, never what is computed.
 
     python bench/golden.py save      # before the change
     python bench/golden.py compare   # after it; exit 1 and a line per difference when they differ
+    python bench/golden.py compare --set experts.fallback=generalist   # a changed default: the old behaviour, still reachable
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def outcome(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"clusters": clusters, "thresholds": thresholds, "keep": keep, "served": served, "texts": texts, "nll": nll}, tensors
 
 
-def run_golden(out: Path) -> Path:
-    config = load_config(tree={**CONFIG, "out": str(out / "run")})
+def run_golden(out: Path, overrides: dict[str, str]) -> Path:
+    config = load_config(tree={**CONFIG, "out": str(out / "run")}, overrides=overrides)
     run_all(config)
     return out / "run"
 
@@ -97,9 +98,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["save", "compare"])
     parser.add_argument("--golden", type=Path, default=HERE)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of the golden config")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        summary, tensors = outcome(run_golden(Path(scratch)))
+        summary, tensors = outcome(run_golden(Path(scratch), dict(item.split("=", 1) for item in args.set)))
     if args.action == "save":
         args.golden.mkdir(parents=True, exist_ok=True)
         (args.golden / "outcome.json").write_text(json.dumps(summary, indent=1) + "\n")
