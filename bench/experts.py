@@ -21,8 +21,14 @@ chosen), then the test split (`--test-per-label` per label) is scored once, at t
 
 Per arm: test NLL per label and overall, exact match where decoding is meaningful (every skills4
 classification record), the experts that fell back, training tokens, optimizer steps and seconds.
-One JSON per (data set, size, seed) goes to `--results`; `bench/plot_experts.py` aggregates them
-(mean ± std over seeds, paired bootstrap CI of routed − single, the data-per-expert curve).
+One JSON per (data set, size, seed) goes to `--results`, and beside it the run's score matrices
+(`<result>-scores/{validation,test}/`: every record under every adapter, the routers' probabilities,
+the prompt features; `gradientspace/evaluation/scores.py`), from which any other fall-back or routing
+policy is a lookup. `bench/arms.py` and `bench/confirmatory.py` aggregate them.
+
+Test records (`--test-set`): `first` is the 50 per label drawn with seed 0 that every benchmark
+before the confirmatory protocol scored (`--test-per-label` of them); `fresh` is drawn, 50 per label
+(`--test-per-label`), from the records none of them ever scored (`bench/protocol.md`).
 
     python bench/experts.py --datasets skills4 --per-label 100 --seeds 0 1 2
     python bench/experts.py --datasets skills4 mix4 --per-label 25 50 200 --strategies routed single
@@ -38,22 +44,25 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from gradientspace import distributed
 from gradientspace.config import load_config
-from gradientspace.data.records import load_records
 from gradientspace.evaluation.evaluate import evaluate_strategies
+from gradientspace.evaluation.scores import Scores
 from gradientspace.experts.adapters import train_experts
 from gradientspace.clustering.stages import cluster
 from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl
 from gradientspace.experts.strategies import STRATEGIES, get
-from gradientspace.commands import decide_experts, router_thresholds, serving_stages
+from gradientspace.commands import EvaluateStage, ScoreStage, decide_experts, router_thresholds, serving_stages
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
@@ -67,6 +76,43 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
     chosen = [row for label in sorted(by_label) for row in random.Random(f"{seed}-{label}").sample(by_label[label], min(per_label, len(by_label[label])))]
     random.Random(seed).shuffle(chosen)
     return chosen
+
+
+SCORED_BEFORE = 50  # per label, drawn with seed 0: the test records of every benchmark run before bench/protocol.md
+
+
+def test_rows(path: Path, test_set: str, per_label: int) -> list[dict]:
+    """The test records: `first`, those every earlier benchmark scored; `fresh`, drawn from those none of them scored."""
+    if test_set == "first":
+        return balanced_rows(path, per_label, 0)
+    scored = {row["id"] for row in balanced_rows(path, SCORED_BEFORE, 0)}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["id"] not in scored:
+            by_label.setdefault(row["source"], []).append(row)
+    if any(len(members) < per_label for members in by_label.values()):
+        sys.exit(f"{path}: fewer than {per_label} never-scored test records for some label ({ {k: len(v) for k, v in by_label.items()} })")
+    chosen = [row for label in sorted(by_label) for row in random.Random(f"fresh-{label}").sample(by_label[label], per_label)]
+    random.Random("fresh").shuffle(chosen)
+    return chosen
+
+
+def code_commit() -> str | None:
+    """The commit of the code that ran (a confirmatory run cites its protocol's); None outside a git checkout. The package
+    must be this checkout's (from a worktree: PYTHONPATH=<worktree>), else the commit would name code that did not run."""
+    import subprocess
+
+    import gradientspace
+
+    checkout = Path(__file__).resolve().parents[1]
+    if Path(gradientspace.__file__).resolve().parents[1] != checkout:
+        sys.exit(f"bench/experts.py in {checkout} imported gradientspace from {Path(gradientspace.__file__).parent}: "
+                 f"run it with PYTHONPATH={checkout}")
+    done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--", "gradientspace", "bench"],
+                           capture_output=True, text=True).stdout.strip()
+    return None if done.returncode else done.stdout.strip() + ("-modified" if dirty else "")
 
 
 def compute(manifest: dict, strategy: str, config) -> dict:
@@ -88,7 +134,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
-        write_jsonl(folder / "test.jsonl", balanced_rows(SHARED / name / "test.jsonl", args.test_per_label, 0))  # one test set for every seed
+        write_jsonl(folder / "test.jsonl", test_rows(SHARED / name / "test.jsonl", args.test_set, args.test_per_label))  # one for every seed
     distributed.barrier()  # the other ranks read them
     config = load_config(None, {
         "out": str(folder / "run"), "seed": seed, "model.name": args.model, "data.path": str(folder / "train.jsonl"),
@@ -107,14 +153,19 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     decide_experts(run)
     thresholds = router_thresholds(run)
     run.build(*[stage for strategy in args.strategies for stage in serving_stages(run, strategy)])  # e.g. the ensemble's centroids
-    # every arm scored on the validation split too, served exactly as on test: the single adapter of record
-    # (`single` or `single-continued`) is chosen there, before the test split is read
-    validation = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
-                                     args.strategies, run.validation, write=False)
-    test, _ = load_records(config.evaluate.data)
-    results = evaluate_strategies(config, args.strategies, test)
+    # every arm on the validation split, served exactly as on test: the single adapter of record (`single` or
+    # `single-continued`) is chosen there. Its matrix is written before the test split's, which the evaluation reads.
+    run.build(ScoreStage("validation"))
+    validation = Scores(run.path("scores", "validation")) if distributed.is_main() else None
+    mixtures = [s for s in args.strategies if validation and None in validation.strategy_nll(s)]  # the ensemble: scored anew
+    mixed = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
+                                mixtures, run.validation, write=False) if mixtures else {}
+    run.build(EvaluateStage(args.strategies))
     if not distributed.is_main():
         return None
+    results = json.loads(run.path("eval.json").read_text())
+    validation_nll = {s: mixed[s]["overall"]["nll"] if s in mixtures else round(float(np.mean(validation.strategy_nll(s))), 4) for s in args.strategies}
+    test = results["ids"]
     run.directory.reload()
     manifest = run.directory.manifest
     arms = {}
@@ -124,12 +175,13 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
                           "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
                           # which adapter served each test record: what-if questions (another fall-back adapter) need it
                           "per_record_adapter": results["per_record"][strategy]["adapter"],
-                          "validation_nll": validation[strategy]["overall"]["nll"], "compute": compute(manifest, strategy, config)}
+                          "validation_nll": validation_nll[strategy], "compute": compute(manifest, strategy, config)}
         summary = manifest.get("experts", {}).get(get(strategy).owner, {})
         if "fallback" in summary:  # decided strategies: each group's λ and why (`keep.py`)
             arms[strategy]["fallback"] = summary["fallback"]
             arms[strategy]["experts"] = summary["experts"]
-    report = {"dataset": name, "per_label": per_label, "seed": seed, "train": len(outcome.labels), "test": len(test), "ids": results["ids"],
+    report = {"dataset": name, "per_label": per_label, "seed": seed, "test_set": args.test_set, "code": code_commit(),
+              "train": len(outcome.labels), "test": len(test), "ids": results["ids"],
               "config": config.to_dict(), "cluster_metrics": outcome.metrics, "cluster_sizes": outcome.sizes, "routers": routers,
               "thresholds": thresholds, "arms": arms, "wall_seconds": round(time.perf_counter() - start, 1),
               "stage_seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()}}
@@ -143,6 +195,7 @@ def main() -> None:
     parser.add_argument("--per-label", type=int, nargs="+", default=[100])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test-per-label", type=int, default=50)
+    parser.add_argument("--test-set", choices=["first", "fresh"], default="first", help="test records: those every earlier benchmark scored, or never-scored ones")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
@@ -166,8 +219,12 @@ def main() -> None:
                     continue
                 report = bench_one(name, per_label, seed, args)
                 if report is not None:
+                    # the matrices first: a result file is only written whole, with its matrices beside it
+                    scores = result_file.with_name(result_file.stem + "-scores")
+                    shutil.rmtree(scores, ignore_errors=True)
+                    shutil.copytree(args.out / f"{name}-{per_label}-seed{seed}" / "run" / "scores", scores)
                     write_json(result_file, report)
-                    print(f"wrote {result_file}", file=sys.stderr)
+                    print(f"wrote {result_file} and {scores}", file=sys.stderr)
                 distributed.barrier()  # every rank sees the file before the next run's check
 
 

@@ -95,7 +95,7 @@ def test_the_scoring_pass_shows_a_progress_bar_and_scores_as_one_call(quiet_run)
     from gradientspace.models.inference import StrategyModel
 
     run, _, _, stderr = quiet_run
-    assert "score (routed)" in stderr and "score (single)" in stderr
+    assert "score matrix (validation)" in stderr and "score matrix (test)" in stderr  # every adapter on every record, once
     config = config_from_run(run)
     records, _ = load_records(config.evaluate.data, per_source=config.data.per_source, seed=config.seed)
     engine = StrategyModel(config, ["routed"])

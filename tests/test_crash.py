@@ -88,7 +88,7 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     whole = gradientspace_run(whole_config)
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
-    assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/routed/0",
+    assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/single-continued/0", "experts/routed/0",
             "adapters/single", "router/routed", "keep/single-continued", "threshold/routed", "scores/validation", "evaluate", "report"} == set(stages)
 
     previous = None

@@ -153,7 +153,7 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     config, run = finished_run
     calls = []
 
-    def evaluated(config, strategies):  # the real evaluation is tested above; this test is about when it runs
+    def evaluated(config, strategies, scores=None):  # the real evaluation is tested above; this test is about when it runs
         calls.append((config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
@@ -166,7 +166,7 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
     other.write_text(json.dumps({"instruction": "3 + 3?", "output": "6", "source": "math"}) + "\n")
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
-    assert "re-run evaluate: test data changed" in capsys.readouterr().out
+    assert "re-run evaluate: test data, stage scores/test changed" in capsys.readouterr().out  # and the matrix it looks up
     assert main(["run", str(config)]) == 0
     printed = capsys.readouterr().out
     assert calls == [(str(other), ["single"]), (str(other), ["single", "oracle"]), (str(other), ["single", "oracle"]),

@@ -11,7 +11,7 @@ For each split — `validation` (the records every decision is made on) and `tes
 | `hidden.npy` | [records, hidden] float32 | the base model's last hidden state over the prompt's tokens, mean-pooled (no adapter) |
 | `embedding.npy` | [records, 384] float32 | the MiniLM prompt embedding the routers read |
 | `sketch.npy` | [records, r] float64 | each record's own response gradient (w.r.t. the warm-up adapter) on the sketch basis, unit norm: the gradient oracle's space; only where the run has gradient clusters |
-| `info.json` | | record ids and labels; the adapters (a column each: the folder it was loaded from, relative to the run); per router its groups, threshold, top pick and whether the threshold sent the record to the fall-back; per strategy the column serving each record as it is served (null: a mixture of adapters) |
+| `info.json` | | record ids and labels; the adapters (a column each: the folder it was loaded from, relative to the run); per router its groups, threshold, top pick and whether the threshold sent the record to the fall-back; per strategy the column serving each record as it is served (null: a mixture of adapters), the column it falls back to, and the column serving each of its groups; the gradient clusters' centroids on the sketch basis |
 
 The adapters are every trained adapter of the strategies the run builds (dropped experts included: a
 later question may want them) and every served blend. Records are scored in batches of similar
@@ -68,14 +68,19 @@ def length_batches(examples, size: int = BATCH_SIZE) -> list[list[int]]:
 
 
 @torch.no_grad()
-def adapter_nll(engine: StrategyModel, adapters: list[str], records: list[Record], max_length: int) -> np.ndarray:
+def adapter_nll(engine: StrategyModel, adapters: list[str], records: list[Record], max_length: int, desc: str) -> np.ndarray:
     """[records, adapters] mean response-token NLL, the same length-grouped batches for every adapter."""
+    from tqdm.auto import tqdm
+
     examples = tokenize(records, engine.tokenizer, max_length, "response")
     table = np.zeros((len(records), len(adapters)))
-    for batch in length_batches(examples):
-        input_ids, mask, labels = (t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id))
-        for column, adapter in enumerate(adapters):
-            table[batch, column] = engine.bank.nll(adapter, input_ids, mask, labels)
+    # left unset when shown, so that TQDM_DISABLE=1 still hides it (as the other passes' bars)
+    with tqdm(total=len(records), desc=desc, unit="record", dynamic_ncols=True, **({} if distributed.is_main() else {"disable": True})) as bar:
+        for batch in length_batches(examples):
+            input_ids, mask, labels = (t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id))
+            for column, adapter in enumerate(adapters):
+                table[batch, column] = engine.bank.nll(adapter, input_ids, mask, labels)
+            bar.update(len(batch))
     return table
 
 
@@ -94,7 +99,7 @@ def prompt_hidden_states(engine: StrategyModel, records: list[Record], max_lengt
     return np.stack(rows).astype(np.float32)
 
 
-def score_shard(run, strategies: list[str], records: list[Record]) -> dict:
+def score_shard(run, strategies: list[str], split: str, records: list[Record]) -> dict:
     """Everything the matrices hold for `records` (one rank's shard), with the adapter columns of `scored_folders`."""
     config = run.config
     engine = StrategyModel(config, strategies)
@@ -102,7 +107,7 @@ def score_shard(run, strategies: list[str], records: list[Record]) -> dict:
     adapters = [engine.load_folder(folder) for folder in folders]
     column = {adapter: i for i, adapter in enumerate(adapters)}  # every served adapter is one of them: `load_folder` says which
     column_of = lambda served: column[engine.load_folder(engine.folders[served])]
-    part: dict = {"nll": adapter_nll(engine, adapters, records, config.data.max_length),
+    part: dict = {"nll": adapter_nll(engine, adapters, records, config.data.max_length, f"score matrix ({split})"),
                   "hidden": prompt_hidden_states(engine, records, config.data.max_length),
                   "embedding": embed_texts([r.prompt_text for r in records], engine.device).float().cpu().numpy(), "routers": {}, "served": {}}
     for strategy in routed(strategies, config):
@@ -115,6 +120,10 @@ def score_shard(run, strategies: list[str], records: list[Record]) -> dict:
     part["folders"] = [str(f.relative_to(run.directory.root)) for f in folders]
     part["thresholds"] = {s: engine.routers[s].threshold for s in part["routers"]}
     part["fallback"] = {s: column_of(engine.fallback_for(s)) for s in strategies}  # the column each strategy falls back to
+    owners = dict.fromkeys(get(s).owner for s in strategies)
+    part["groups"] = {o: [column_of(engine.adapter_for(o, g)) for g in range(len(engine.groups[o]))] for o in owners}
+    if "sketch" in part:  # the gradient clusters' unit centroids on the same basis: nearest-centroid routing needs no run
+        part["centroids"] = engine.oracle_space[1].tolist()
     return part
 
 
@@ -122,7 +131,7 @@ def write_scores(run, strategies: list[str], split: str, records: list[Record]) 
     """Score `records` (each rank its strided shard under torchrun) and write `RUN/scores/<split>/` on rank 0; its outputs."""
     rank, world = distributed.world()
     mine = list(range(rank, len(records), world))
-    gathered = distributed.gather_to_main((mine, score_shard(run, strategies, [records[i] for i in mine])))
+    gathered = distributed.gather_to_main((mine, score_shard(run, strategies, split, [records[i] for i in mine])))
     if gathered is None:
         return []
     positions = [i for indices, _ in gathered for i in indices]
@@ -151,7 +160,8 @@ def write_scores(run, strategies: list[str], split: str, records: list[Record]) 
     write_json(folder / "info.json", {"split": split, "ids": [r.id for r in records], "sources": [r.source for r in records],
                                       "adapters": first["folders"], "routers": routers,
                                       "served": {s: whole(lambda p, s=s: p["served"][s]) for s in strategies},
-                                      "fallback": first["fallback"], "arrays": {name: list(a.shape) for name, a in arrays.items()}})
+                                      "fallback": first["fallback"], "group_columns": first["groups"],
+                                      "centroids": first.get("centroids"), "arrays": {name: list(a.shape) for name, a in arrays.items()}})
     return [str((folder / name).relative_to(run.directory.root)) for name in ["info.json", *(f"{n}.npy" for n in arrays)]]
 
 
