@@ -2,9 +2,11 @@
 
 Every run of bench/experts.py leaves, beside its result, `<result>-scores/{validation,test}/`: the NLL of
 every record under every adapter the run trained or blended, each router's probabilities, and the
-prompt features (`gradientspace/evaluation/scores.py`). A policy here picks, for each record, one of
-the adapters routed experts serve — each gradient cluster's adapter as served (expert, blend, or the
-fall-back where its expert was not kept) and the fall-back itself — so no policy needs a new run.
+prompt features (`gradientspace/evaluation/scores.py`). A policy here picks, for each record, one
+adapter among a candidate set, so no policy needs a new run. Two sets: `served`, the adapters routed
+experts serve (each gradient cluster's adapter as served — expert, blend, or the fall-back where its
+expert was not kept — and the fall-back); `trained`, every adapter the gradient clusters trained or
+blended, dropped experts included, and the fall-back.
 Every choice a policy makes (a regularisation strength, a number of neighbours) is made on the
 validation records; the test records are scored once.
 
@@ -40,13 +42,17 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 K_GRID = (1, 3, 5, 10, 20)
 
 
-class Split:
-    """One split's matrices, restricted to the adapters routed serves (`candidates`, matrix columns)."""
+CANDIDATES = ("served", "trained")
 
-    def __init__(self, folder: Path):
+
+class Split:
+    """One split's matrices, restricted to a candidate set of adapters (`candidates`, matrix columns)."""
+
+    def __init__(self, folder: Path, candidates: str):
         self.info = json.loads((folder / "info.json").read_text())
         groups = self.info["group_columns"][STRATEGY]
-        self.candidates = sorted(set(groups) | {self.info["fallback"][STRATEGY]})
+        own = groups if candidates == "served" else self.info["trained_columns"][STRATEGY]
+        self.candidates = sorted(set(own) | set(groups) | {self.info["fallback"][STRATEGY]})
         self.nll = np.load(folder / "nll.npy")[:, self.candidates]  # [records, candidates]
         self.index = {column: i for i, column in enumerate(self.candidates)}
         self.group_choice = np.array([self.index[c] for c in groups])  # candidate serving each group
@@ -107,9 +113,9 @@ def nearest_centroid(validation: Split, test: Split) -> tuple[np.ndarray, dict] 
     return test.group_choice[groups], {}
 
 
-def policies_of_run(folder: Path) -> dict[str, np.ndarray]:
-    """Each policy's test NLL per record for one run's matrices."""
-    validation, test = Split(folder / "validation"), Split(folder / "test")
+def policies_of_run(folder: Path, candidates: str) -> dict[str, np.ndarray]:
+    """Each policy's test NLL per record for one run's matrices, choosing among `candidates` (one of CANDIDATES)."""
+    validation, test = Split(folder / "validation", candidates), Split(folder / "test", candidates)
     assert validation.candidates == test.candidates, folder
     chosen = {"fall-back": (np.full(len(test.nll), test.fallback), {}), "router": (test.router, {})}
     for name, policy in (("nearest-centroid", nearest_centroid), ("logistic-hidden", logistic_hidden), ("knn-embedding", knn_embedding)):
@@ -140,20 +146,22 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench/results/confirmatory"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/confirmatory"))
     args = parser.parse_args()
-    by_dataset: dict[tuple[str, int], dict[int, dict]] = {}
+    by_dataset: dict[tuple[str, int, str], dict[int, dict]] = {}
     for path in sorted(args.results.glob("*.json")):
         result = json.loads(path.read_text())
         scores = path.with_name(path.stem + "-scores")
         if isinstance(result, dict) and "dataset" in result and scores.is_dir():
-            by_dataset.setdefault((result["dataset"], result["per_label"]), {})[result["seed"]] = policies_of_run(scores)
+            for candidates in CANDIDATES:
+                by_dataset.setdefault((result["dataset"], result["per_label"], candidates), {})[result["seed"]] = policies_of_run(scores, candidates)
     lines = ["# Routing policies from the score matrices (bench/policies.py)", "",
-             "Each policy picks one of the adapters routed serves per test record; its settings are chosen on validation. "
-             "Differences are against the fall-back (the single adapter of record); negative is better.", ""]
+             "Each policy picks one adapter of a candidate set per test record (`served`: the adapters routed serves; `trained`: "
+             "every adapter the gradient clusters trained or blended, and the fall-back); its settings are chosen on validation. "
+             "Differences are against the fall-back (the single adapter of record); negative is better. Exploratory.", ""]
     summary = {}
-    for (dataset, per_label), runs in sorted(by_dataset.items()):
+    for (dataset, per_label, candidates), runs in sorted(by_dataset.items()):
         rows = summarize(runs)
-        summary[f"{dataset}-{per_label}"] = {"seeds": sorted(runs), "policies": rows}
-        lines += [f"## {dataset}, {per_label} per label, seeds {sorted(runs)}", "",
+        summary[f"{dataset}-{per_label}-{candidates}"] = {"seeds": sorted(runs), "candidates": candidates, "policies": rows}
+        lines += [f"## {dataset}, {per_label} per label, candidates `{candidates}`, seeds {sorted(runs)}", "",
                   "| policy | test NLL | − fall-back | t-interval over seeds | bootstrap over records | fall-back share |",
                   "| --- | ---: | ---: | --- | --- | ---: |"]
         for name, row in rows.items():

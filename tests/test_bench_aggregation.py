@@ -1,5 +1,5 @@
 """The scripts that make every headline number (bench/plot_experts.py, arms.py, choose_on_validation.py, interference.py,
-selection.py),
+selection.py, policies.py),
 on a small synthetic result set whose answers are known."""
 
 import json
@@ -213,3 +213,44 @@ def test_selection_what_if_is_routed_itself_when_every_skipped_expert_had_fallen
     assert [row["cluster"] for row in clusters] == ["3", "2", "1", "0"]
     assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.25)) == 1.0
     assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.5)) is None  # cluster 2 was kept: needs per_record_adapter
+
+
+def synthetic_scores(folder: Path, records: int, seed: int) -> None:
+    """Matrices where a prompt feature decides the best adapter: side A of the feature space is served best by expert
+    column 1, side B by expert column 2; the fall-back (column 0) is second best everywhere, column 3 a dropped expert."""
+    rng = np.random.default_rng(seed)
+    side = rng.integers(0, 2, records)
+    features = rng.normal(size=(records, 8)) + 3.0 * np.outer(side * 2 - 1, np.eye(8)[0])
+    nll = 1.0 + 0.01 * rng.normal(size=(records, 4))
+    nll[side == 0, 1] -= 0.2
+    nll[side == 1, 2] -= 0.2
+    nll[:, 1:3] += 0.1  # each expert is worse than the fall-back off its own side
+    nll[:, 3] += 0.5
+    folder.mkdir(parents=True)
+    np.save(folder / "nll.npy", nll)
+    np.save(folder / "hidden.npy", features.astype(np.float32))
+    np.save(folder / "embedding.npy", (features / np.linalg.norm(features, axis=1, keepdims=True)).astype(np.float32))
+    (folder / "info.json").write_text(json.dumps({"ids": [f"r{i}" for i in range(records)], "fallback": {"routed": 0},
+                                                  "group_columns": {"routed": [1, 2, 0]}, "trained_columns": {"routed": [1, 2, 3]},
+                                                  "served": {"routed": [0] * records}}))
+
+
+def test_routing_policies_learn_on_validation_what_the_router_missed(tmp_path):
+    """A router that always fell back scores the fall-back; a policy that reads the deciding feature finds each side's expert
+    (most of the way to the per-record oracle); the oracle is the floor; the dropped expert is never worth picking."""
+    for seed in (1, 2):
+        result = tmp_path / f"skills4-200-seed{seed}.json"
+        result.write_text(json.dumps({"dataset": "skills4", "per_label": 200, "seed": seed}))
+        for split, records in (("validation", 60), ("test", 80)):
+            synthetic_scores(tmp_path / f"skills4-200-seed{seed}-scores" / split, records, seed * 10 + records)
+    subprocess.run([sys.executable, str(BENCH / "policies.py"), "--results", str(tmp_path), "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=BENCH)
+    summary = json.loads((tmp_path / "policies.json").read_text())
+    for candidates in ("served", "trained"):
+        rows = summary[f"skills4-200-{candidates}"]["policies"]
+        assert rows["router"]["minus_fallback"] == 0 and rows["router"]["share_fallback"] == 1
+        for learned in ("logistic-hidden", "knn-embedding"):
+            assert rows[learned]["minus_fallback"] < 0.8 * rows["oracle"]["minus_fallback"] < 0, (candidates, learned)
+            assert rows[learned]["t_interval_over_seeds"][1] < 0
+        assert all(rows["oracle"]["test_nll"] <= row["test_nll"] + 1e-12 for row in rows.values())
+    assert "nearest-centroid" not in rows  # no sketch coordinates in these matrices

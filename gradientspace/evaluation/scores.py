@@ -11,7 +11,7 @@ For each split — `validation` (the records every decision is made on) and `tes
 | `hidden.npy` | [records, hidden] float32 | the base model's last hidden state over the prompt's tokens, mean-pooled (no adapter) |
 | `embedding.npy` | [records, 384] float32 | the MiniLM prompt embedding the routers read |
 | `sketch.npy` | [records, r] float64 | each record's own response gradient (w.r.t. the warm-up adapter) on the sketch basis, unit norm: the gradient oracle's space; only where the run has gradient clusters |
-| `info.json` | | record ids and labels; the adapters (a column each: the folder it was loaded from, relative to the run); per router its groups, threshold, top pick and whether the threshold sent the record to the fall-back; per strategy the column serving each record as it is served (null: a mixture of adapters), the column it falls back to, and the column serving each of its groups; the gradient clusters' centroids on the sketch basis |
+| `info.json` | | record ids and labels; the adapters (a column each: the folder it was loaded from, relative to the run); per router its groups, threshold, top pick and whether the threshold sent the record to the fall-back; per strategy the column serving each record as it is served (null: a mixture of adapters), the column it falls back to, the column serving each of its groups, and the columns of every adapter it trained or blended; the gradient clusters' centroids on the sketch basis |
 
 The adapters are every trained adapter of the strategies the run builds (dropped experts included: a
 later question may want them) and every served blend. Records are scored in batches of similar
@@ -122,6 +122,7 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
     part["fallback"] = {s: column_of(engine.fallback_for(s)) for s in strategies}  # the column each strategy falls back to
     owners = dict.fromkeys(get(s).owner for s in strategies)
     part["groups"] = {o: [column_of(engine.adapter_for(o, g)) for g in range(len(engine.groups[o]))] for o in owners}
+    part["trained"] = {o: [i for i, f in enumerate(folders) if f.is_relative_to(get(o).folder(run))] for o in owners}
     if "sketch" in part:  # the gradient clusters' unit centroids on the same basis: nearest-centroid routing needs no run
         part["centroids"] = engine.oracle_space[1].tolist()
     return part
@@ -160,7 +161,7 @@ def write_scores(run, strategies: list[str], split: str, records: list[Record]) 
     write_json(folder / "info.json", {"split": split, "ids": [r.id for r in records], "sources": [r.source for r in records],
                                       "adapters": first["folders"], "routers": routers,
                                       "served": {s: whole(lambda p, s=s: p["served"][s]) for s in strategies},
-                                      "fallback": first["fallback"], "group_columns": first["groups"],
+                                      "fallback": first["fallback"], "group_columns": first["groups"], "trained_columns": first["trained"],
                                       "centroids": first.get("centroids"), "arrays": {name: list(a.shape) for name, a in arrays.items()}})
     return [str((folder / name).relative_to(run.directory.root)) for name in ["info.json", *(f"{n}.npy" for n in arrays)]]
 
