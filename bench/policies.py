@@ -22,7 +22,7 @@ validation records; the test records are scored once.
 Per data set: each policy's test NLL, and its paired difference from the fall-back over seeds (the
 t-interval over seeds) and over records (bootstrap). Writes `policies.md` and `policies.json` in `--out`.
 
-    python bench/policies.py --results bench/results/confirmatory --out bench/results/confirmatory
+    python bench/policies.py --results bench/results/confirmatory --out bench/results
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def summarize(runs: dict[int, dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("bench/results/confirmatory"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/confirmatory"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     by_dataset: dict[tuple[str, int, str], dict[int, dict]] = {}
     for path in sorted(args.results.glob("*.json")):

@@ -254,3 +254,36 @@ def test_routing_policies_learn_on_validation_what_the_router_missed(tmp_path):
             assert rows[learned]["t_interval_over_seeds"][1] < 0
         assert all(rows["oracle"]["test_nll"] <= row["test_nll"] + 1e-12 for row in rows.values())
     assert "nearest-centroid" not in rows  # no sketch coordinates in these matrices
+
+
+def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
+    """skills4 complete: routed beats the best single (chosen on validation) and both other partitions by a margin far beyond
+    the noise: H1 and H2 confirmed. mix4 has one seed missing and one run made by other code: H3 pending, the run left out."""
+    folder = tmp_path / "confirmatory"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for dataset, per_label, seeds in (("skills4", 200, range(5, 11)), ("mix4", 100, (5, 6))):
+        for seed in seeds:
+            single = 1.0 + rng.normal(0, 0.2, RECORDS)
+            continued = single - 0.02  # and better on validation: the single adapter of record
+            noise = rng.normal(0, 0.002, RECORDS)
+            result = {"dataset": dataset, "per_label": per_label, "seed": seed, "code": "other" if seed == 6 and dataset == "mix4" else "abc",
+                      "stage_seconds": {"gradients": 100.0, "scores/validation": 5.0, "scores/test": 5.0}, "arms": {
+                          "single": arm(single, 1.00, {"single__0": RECORDS}),
+                          "single-continued": arm(continued, 0.98, {"single-continued__0": RECORDS}, {"0": expert(1.0)}),
+                          "routed": arm(continued - 0.05 + noise, 0.9, {"single-continued__0": 10, "routed__0": 30}, {"0": expert(1.0)}),
+                          "embedding-clusters": arm(continued - 0.01 + noise, 0.95, {"single-continued__0": 40}, {"0": expert(0.0)}),
+                          "projection-clusters": arm(continued + noise, 0.97, {"single-continued__0": 40}, {"0": expert(0.0)})}}
+            (folder / f"{dataset}-{per_label}-seed{seed}.json").write_text(json.dumps(result))
+    done = subprocess.run([sys.executable, str(BENCH / "confirmatory.py"), "--results", str(folder), "--out", str(tmp_path), "--commit", "abc"],
+                          capture_output=True, text=True, cwd=BENCH)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "confirmatory.json").read_text())
+    verdicts = {name: h["verdict"] for name, h in report["hypotheses"].items()}
+    assert verdicts == {"H1": "confirmed", "H2": "confirmed", "H3": "pending"}
+    h1 = report["hypotheses"]["H1"]["comparisons"][0]
+    assert h1["seeds"] == 6 and h1["mean"] == pytest.approx(-0.05, abs=0.002) and h1["t_interval_over_seeds"][1] < 0
+    assert report["runs"]["skills4-200"]["best_single"] == {str(s): "single-continued" for s in range(5, 11)}
+    assert report["runs"]["mix4-100"]["not_from_the_protocol_commit"] == {"6": "other"} and report["runs"]["mix4-100"]["present"] == [5]
+    assert report["runs"]["skills4-200"]["scoring_cost"]["5"] == pytest.approx(0.1)
+    assert "**not from the protocol's commit** (left out)" in (tmp_path / "confirmatory.md").read_text()
