@@ -100,6 +100,13 @@ def _run_config(args: argparse.Namespace, flags: dict[str, str] | None = None):
     return config_from_run(args.run, _overrides(args, flags or {}))
 
 
+def _verified(run) -> None:
+    """A command that only reads a run first checks that every finished stage's outputs are as written."""
+    from gradientspace.runs import RunDirectory
+
+    RunDirectory(run).verify(f"`gradientspace run` on the run's config (or `gradientspace evaluate {run}`) rebuilds it")
+
+
 def cmd_train_experts(args: argparse.Namespace) -> int:
     from gradientspace.commands import run_until
 
@@ -144,6 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")
     RunDirectory(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
+    _verified(config.out)
     records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
     engine = StrategyModel(config, [args.strategy])
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
@@ -179,6 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gradientspace.evaluation.report import make_report
 
     config_from_run(args.run)  # a missing or corrupt run fails here, in one line
+    _verified(args.run)
     for figure in make_report(args.run):
         print(figure)
     return 0
@@ -243,7 +252,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from gradientspace.serving.server import serve
 
-    serve(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"}), args.api_key)
+    config = _run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"})
+    _verified(args.run)
+    serve(config, args.api_key)
     return 0
 
 
@@ -251,7 +262,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from gradientspace.serving.route_proxy import route
 
-    route(_run_config(args, SERVE_FLAGS), args.upstream, args.backend, args.api_key)
+    config = _run_config(args, SERVE_FLAGS)
+    _verified(args.run)
+    route(config, args.upstream, args.backend, args.api_key)
     return 0
 
 
@@ -260,7 +273,9 @@ def cmd_backend_command(args: argparse.Namespace) -> int:
 
     if args.port is not None and not 1 <= args.port <= 65535:  # not a config key, so no `check` covers it
         raise ConfigError(f"--port: {args.port} is not a TCP port (1 to 65535)")
-    print(backend_command(args.run, _run_config(args).model.name, args.backend, args.port))
+    model = _run_config(args).model.name
+    _verified(args.run)
+    print(backend_command(args.run, model, args.backend, args.port))
     return 0
 
 

@@ -25,7 +25,7 @@ from gradientspace import distributed
 from gradientspace.config import ModelConfig, RunConfig
 from gradientspace.data.records import LoadReport, Record, load_records, validation_ids
 from gradientspace.models.loading import LoadedModel, load_lora_model
-from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, note
+from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, content_key, note
 
 
 def as_run(run: Run | RunConfig) -> Run:
@@ -116,7 +116,7 @@ class Run:
         for item in stage.requires(self):
             group = item if isinstance(item, list) else [item]
             for parent, entry in zip(group, self.build(*group)):
-                keys[f"stage {parent.name}"] = str(entry.get("key"))
+                keys[f"stage {parent.name}"] = content_key(entry)
         return keys
 
     def _execute(self, stage: Stage, parent_keys: dict[str, str]) -> dict:

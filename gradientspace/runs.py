@@ -5,11 +5,22 @@ keep decision and threshold, the ensemble's centroids, evaluation, report) is a 
 the stages it requires, where it runs under torchrun, its own inputs (hashes of the config
 sections and of the *content* of the files it reads), lists its outputs, and does its work in
 `run`. `runner.Run.build` orders the stages and adds the parents' keys to each stage's inputs;
-`RunDirectory.execute(stage)` alone decides: skip (key unchanged, outputs present), resume (same
-key, interrupted: the stage's checkpoints live in folders named by its key, so a changed input
-never resumes stale state), or (re-)run, saying which and why in one line. `RUN/manifest.json`
-holds the config, library versions, and per stage its inputs, key, seconds, peak memory, when it
-finished and its outputs; only rank 0 writes it, atomically.
+`RunDirectory.execute(stage)` alone decides: skip (key unchanged, outputs present and as written),
+resume (same key, interrupted: the stage's checkpoints live in folders named by its key, so a
+changed input never resumes stale state), or (re-)run, saying which and why in one line.
+`RUN/manifest.json` holds the config, library versions, and per stage its inputs, key, seconds,
+peak memory, when it finished, its outputs and their digests; only rank 0 writes it, atomically.
+
+Outputs are verified, not trusted. Each output file's size, modification time and SHA-256 are
+recorded when its stage finishes (one read of what was just written; at 8 B scale an adapter is
+tens of MB, a second or less). Before a stage is skipped, each output's size and modification time
+are compared with the record, and only a file whose time changed is hashed again (a file rewritten
+with the same bytes is still the stage's); a changed one re-runs the stage, naming the file. If the
+rebuilt outputs differ from the ones recorded, the stage's entry gets a `content` digest that its
+dependents' keys include (`content_key`), so exactly the stages that read it are rebuilt; a stage
+whose rebuild reproduces its outputs byte for byte leaves its dependents done. A file that a later
+stage rewrites on purpose (the threshold stage adds the threshold to `router.json`) has its digest
+refreshed in every entry that lists it.
 
 A run directory is the project's alone: a command writes only into a new or empty folder or
 into a run (a folder whose manifest is one this module wrote, `is_run_manifest`), and while it
@@ -92,6 +103,29 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """What an output looked like when written: its size, modification time and SHA-256 — of a safetensors file, with its
+    header's keys sorted (safetensors writes its metadata in a random order, so equal tensors need not be equal bytes)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if path.suffix == ".safetensors":
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            try:
+                sha.update(json.dumps(json.loads(handle.read(length)), sort_keys=True).encode())
+            except ValueError:  # not a whole header: hash the bytes as they are
+                handle.seek(0)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha.hexdigest()}
+
+
+def content_key(entry: dict[str, Any]) -> str:
+    """What a stage gives its dependents' keys: its key, and the digest of its outputs once a rebuild changed them."""
+    return str(entry.get("key")) + (f":{entry['content']}" if entry.get("content") else "")
 
 
 class RunError(ValueError):
@@ -283,6 +317,30 @@ class RunDirectory:
     def missing_outputs(self, stage: str) -> list[str]:
         return [output for output in self.stage_entry(stage).get("outputs", []) if not self.path(output).exists()]
 
+    def changed_outputs(self, stage: str) -> list[str]:
+        """The outputs whose bytes are no longer those the stage wrote: size first, then SHA-256 where the time moved."""
+        changed = []
+        for output, written in self.stage_entry(stage).get("digests", {}).items():
+            path = self.path(output)
+            if not path.is_file():
+                changed.append(output)
+                continue
+            stat = path.stat()
+            if stat.st_size != written["size"] or (stat.st_mtime_ns != written["mtime_ns"] and file_digest(path)["sha256"] != written["sha256"]):
+                changed.append(output)
+        return changed
+
+    def verify(self, hint: str) -> None:
+        """Stop with one line naming the first output of a finished stage that is no longer as its stage wrote it: for the
+        commands that only read a run (serve, route, backend-command, generate, report), which rebuild nothing."""
+        for stage, entry in self.manifest["stages"].items():
+            changed = self.changed_outputs(stage) if entry.get("done") else []
+            if changed:
+                raise RunError(f"{self.path(changed[0])} changed since stage `{stage}` wrote it (truncated or edited); {hint}")
+
+    def digests(self, outputs: list[str]) -> dict[str, dict[str, Any]]:
+        return {output: file_digest(self.path(output)) for output in outputs if self.path(output).is_file()}
+
     def is_done(self, stage: str, key: str, inputs: dict[str, Any] | None = None) -> bool:
         """Whether `stage` can be skipped; says so, or says why it runs, in one line.
 
@@ -290,7 +348,8 @@ class RunDirectory:
         """
         entry = self.stage_entry(stage)
         missing = self.missing_outputs(stage)
-        if entry.get("key") == key and entry.get("done") and not missing:
+        changed = self.changed_outputs(stage) if entry.get("key") == key and entry.get("done") and not missing else []
+        if entry.get("key") == key and entry.get("done") and not missing and not changed:
             if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several targets of one command share stages: say it once
                 _SKIPS_SAID.add((self.root.resolve(), stage, key))
                 note(f"skip {stage}: done, key {key[:8]}")
@@ -299,8 +358,10 @@ class RunDirectory:
             note(f"run {stage}: not done yet")
         elif entry.get("key") == key and not entry.get("done"):
             note(f"resume {stage}: interrupted earlier, inputs unchanged (key {key[:8]})")
-        elif entry.get("key") == key:
+        elif entry.get("key") == key and missing:
             note(f"re-run {stage}: output {missing[0]} is missing")
+        elif entry.get("key") == key:
+            note(f"re-run {stage}: output {changed[0]} changed since it was written")
         else:
             before = entry.get("inputs") or {}
             changed = [name for name, value in (inputs or {}).items() if name in before and before[name] != value]
@@ -344,12 +405,19 @@ class RunDirectory:
         previous = self.manifest["stages"].get(stage, {})
         if previous.get("key") == key:
             record["seconds_before_resume"] = previous.get("seconds", 0) + previous.get("seconds_before_resume", 0)
-        self.record_stage(stage, {**record, "done": False})
+        # what the outputs were before this run, kept through an interruption, to tell whether the rebuild changed them
+        written_before = (previous.get("digests") or previous.get("digests_before") or {}) if previous.get("key") == key else {}
+        self.record_stage(stage, {**record, "done": False, **({"digests_before": written_before} if written_before else {})})
         yield record
         record["seconds"] = round(time.perf_counter() - start, 2)
         record.update(peak_memory_mb())
         record["done"] = True
         record["finished_at"] = time.time()  # lets `run` tell stages it ran from stages it skipped
+        record["digests"] = self.digests(record["outputs"])
+        before = {output: d["sha256"] for output, d in written_before.items()}
+        if before and before != {output: d["sha256"] for output, d in record["digests"].items()}:
+            # rebuilt with the same inputs into other bytes (a corrupt output replaced): what read the old ones is stale
+            record["content"] = config_hash(record["digests"])
         self.record_stage(stage, record)
 
     def record_section(self, section: str, name: str, value: Any) -> None:
@@ -366,5 +434,8 @@ class RunDirectory:
         """
         if distributed.is_main():
             self.reload()
+        for other in self.manifest["stages"].values():  # a file this stage rewrote on purpose is now as this stage left it
+            for output in set(other.get("digests", {})) & set(entry.get("digests", {})):
+                other["digests"][output] = entry["digests"][output]
         self.manifest["stages"][stage] = entry
         self.save()

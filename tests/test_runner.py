@@ -408,3 +408,124 @@ def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a
         stage.work = lambda run, work=work: work
     toy_run(tmp_path).build(*spread)
     assert log == ["s1", "s2", "s3", "s4", "s5"]
+
+
+# ---------------------------------------------------------------- outputs verified, not trusted
+
+class Counting(Toy):
+    """A stage whose output differs each time it runs (as a GPU training run may)."""
+    runs = 0
+
+    def run(self, run, key, record):
+        super().run(run, key, record)
+        Counting.runs += 1
+        run.path(self.name).write_text(f"{key} run {Counting.runs}")
+
+
+class Amending(Toy):
+    """A later stage that rewrites an earlier stage's output on purpose (as the threshold stage does `router.json`)."""
+
+    def __init__(self, name, amends: str, parents, log):
+        super().__init__(name, parents, log)
+        self.amends = amends
+
+    def run(self, run, key, record):
+        self.log.append(self.name)
+        run.path(self.amends).write_text(run.path(self.amends).read_text() + " amended")
+        record["outputs"] = [self.amends]
+
+
+def test_a_corrupt_output_reruns_its_stage_and_a_byte_identical_rebuild_keeps_its_dependents(tmp_path, capsys):
+    log: list[str] = []
+    a = Toy("a", log=log)
+    b = Toy("b", (a,), log)
+    toy_run(tmp_path).build(b)
+    output = tmp_path / "run" / "a"
+    for corrupt in (output.read_text()[:5], "x" * len(output.read_text())):  # truncated; the same size, other bytes
+        output.write_text(corrupt)
+        log.clear()
+        capsys.readouterr()
+        toy_run(tmp_path).build(b)
+        assert log == ["a"], corrupt  # rebuilt byte for byte: `b` read exactly those bytes, so it stays done
+        assert "re-run a: output a changed since it was written" in capsys.readouterr().out
+    os.utime(output, ns=(1, 1))  # touched, the bytes unchanged: still the stage's output
+    log.clear()
+    toy_run(tmp_path).build(b)
+    assert log == []
+
+
+def test_a_rebuild_into_other_bytes_reruns_what_read_the_old_ones(tmp_path, capsys):
+    log: list[str] = []
+    a = Counting("a", log=log)
+    b, other = Toy("b", (a,), log), Toy("other", (), log)
+    c = Toy("c", (b, other), log)
+    toy_run(tmp_path).build(c)
+    (tmp_path / "run" / "a").write_text("")
+    log.clear()
+    capsys.readouterr()
+    toy_run(tmp_path).build(c)
+    assert log == ["a", "b", "c"]  # `other` does not read `a`
+    said = capsys.readouterr().out
+    assert "re-run a: output a changed since it was written" in said and "re-run b: stage a changed" in said
+    log.clear()
+    toy_run(tmp_path).build(c)
+    assert log == []  # and then all is done
+
+
+def test_an_output_a_later_stage_rewrites_on_purpose_is_not_taken_for_corrupt(tmp_path):
+    log: list[str] = []
+    a = Toy("a", log=log)
+    amend = Amending("amend", "a", (a,), log)
+    toy_run(tmp_path).build(amend)
+    log.clear()
+    toy_run(tmp_path).build(amend)
+    assert log == []
+    entries = RunDirectory(tmp_path / "run").manifest["stages"]
+    assert entries["a"]["digests"]["a"] == entries["amend"]["digests"]["a"]  # both entries know the file as it is now
+
+
+@pytest.mark.heavy
+def test_truncated_outputs_of_a_real_run_are_rebuilt_each_named(served_tiny_run, tmp_path, capsys):
+    """An adapter, the sketch, the clusters and the evaluation; then the router's head; then the threshold's `router.json`,
+    each truncated: the stage that wrote it re-runs, naming it, and the run ends whole with the files rebuilt as they were
+    (safetensors compared as tensors: their metadata's order is random)."""
+    from conftest import copied_run
+    from gradientspace.commands import run_all
+    from gradientspace.config import config_from_run
+    from gradientspace.runs import file_digest
+
+    run = copied_run(served_tiny_run, tmp_path)
+    rounds = [{"experts/0/adapter_model.safetensors": "experts/routed/0", "sketch.safetensors": "gradients", "clusters.jsonl": "cluster",
+               "eval.json": "evaluate"}, {"router/head.safetensors": "router/routed"}, {"router/router.json": "router/routed"}]
+    for truncated in rounds:
+        original = {name: file_digest(run / name)["sha256"] for name in truncated}
+        for name in truncated:
+            with open(run / name, "r+b") as handle:
+                handle.truncate(10)
+        capsys.readouterr()
+        run_all(config_from_run(run))
+        said = capsys.readouterr().out
+        for name, stage in truncated.items():
+            assert f"re-run {stage}: output {name} changed since it was written" in said, (name, said[-3000:])
+            if name != "eval.json":  # the evaluation's latency is timed anew
+                assert file_digest(run / name)["sha256"] == original[name], name
+        if "router/routed" in truncated.values():  # the router writes router.json anew, without the threshold: that re-runs
+            assert "re-run threshold/routed: stage router/routed changed" in said
+        else:  # a rebuild byte for byte: nothing that read the file re-runs
+            assert "re-run threshold/routed" not in said and "re-run partition/routed" not in said
+
+
+def test_commands_that_only_read_a_run_name_a_corrupt_output_in_one_line(served_tiny_run, tmp_path, capsys):
+    from conftest import copied_run
+
+    run = copied_run(served_tiny_run, tmp_path)
+    with open(run / "experts" / "1" / "adapter_model.safetensors", "r+b") as handle:
+        handle.truncate(10)
+    for command in (["backend-command", str(run), "--backend", "vllm"], ["report", str(run)], ["generate", str(run), "--prompt", "hi"],
+                    ["serve", str(run), "--port", "1"]):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err == (f"gradientspace: error: {run / 'experts' / '1' / 'adapter_model.safetensors'} changed since stage "
+                       f"`experts/routed/1` wrote it (truncated or edited); `gradientspace run` on the run's config "
+                       f"(or `gradientspace evaluate {run}`) rebuilds it"), (command, err)

@@ -182,7 +182,7 @@ class RouterStage(Stage):
                                        threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
         router.save(folder, details)
         run.directory.record_section("router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")})
-        record.update(outputs=[str((folder / "router.json").relative_to(run.directory.root))],
+        record.update(outputs=[str((folder / name).relative_to(run.directory.root)) for name in ("router.json", "head.safetensors")],
                       heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
 
 
