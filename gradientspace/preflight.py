@@ -20,7 +20,7 @@ from typing import Sequence
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, fingerprint, load_records, template_overhead
+from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, data_path_problem, fingerprint, load_records, template_overhead
 from gradientspace.models.loading import check_model_name, load_tokenizer
 from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
 from gradientspace.experts.strategies import get
@@ -70,6 +70,9 @@ def check_inputs_outside_run(config: RunConfig, evaluate: bool) -> None:
     out = Path(config.out).expanduser().resolve()
     inputs = [("data.path", config.data.path)] + ([("evaluate.data", config.evaluate.data)] if evaluate else [])
     for key, path in inputs:
+        problem = data_path_problem(path)  # before resolving it: a loop of links would end in a bare RuntimeError
+        if problem:
+            raise ConfigError(f"config key `{key}`: {problem}")
         given = Path(path).expanduser().resolve()
         if path not in RECIPES and out in given.parents:
             raise ConfigError(f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "

@@ -55,6 +55,22 @@ class Case:
         path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
         return path
 
+    def link(self, name: str, target: str) -> Path:
+        (self.user / name).symlink_to(target)
+        return self.user / name
+
+    def fifo(self, name: str) -> Path:
+        """A named pipe with no writer: reading it would wait for ever."""
+        os.mkfifo(self.user / name)
+        return self.user / name
+
+    def socket(self, name: str) -> Path:
+        import socket
+
+        self.bound = socket.socket(socket.AF_UNIX)
+        self.bound.bind(str(self.user / name))
+        return self.user / name
+
     def folder(self, name: str, *files: str) -> Path:
         """A folder of the user's holding `files` (each with a line of text in it)."""
         for file in files:
@@ -79,6 +95,8 @@ class Case:
     def close(self) -> None:
         if hasattr(self, "held"):
             self.held.release()
+        if hasattr(self, "bound"):
+            self.bound.close()
 
     def run_copy(self) -> Path:
         return Path(shutil.copytree(self.finished / "run", self.user / "run"))
@@ -143,6 +161,15 @@ CASES = [
     # data files and records
     ("data-missing", lambda c: c.cluster(data=c.user / "missing.jsonl"), "`data.path`: "),
     ("data-invalid-json-line", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [GOOD_ROWS[0], "{not json"])), "d.jsonl:2: invalid JSON"),
+    ("data-an-empty-file", lambda c: c.cluster(data=c.file("d.jsonl", "")), "config key `data.path`: {}d.jsonl is empty (0 bytes)"),
+    ("data-a-loop-of-links", lambda c: c.cluster(data=c.link("d.jsonl", "d.jsonl")), "config key `data.path`: {}d.jsonl is a loop of symbolic links"),
+    ("data-a-named-pipe", lambda c: c.cluster(data=c.fifo("d.jsonl")),
+     "config key `data.path`: {}d.jsonl is a named pipe (FIFO), not a file: give a .jsonl/.json/.parquet file or a saved datasets folder"),
+    ("data-a-socket", lambda c: c.cluster(data=c.socket("d.jsonl")), "config key `data.path`: {}d.jsonl is a socket, not a file"),
+    ("evaluate-data-a-named-pipe", lambda c: ["evaluate", str(c.run_copy()), "--data", str(c.fifo("test.jsonl"))],
+     "config key `evaluate.data`: {}test.jsonl is a named pipe (FIFO), not a file"),
+    ("evaluate-data-empty", lambda c: ["evaluate", str(c.run_copy()), "--data", str(c.file("test.jsonl", ""))],
+     "config key `evaluate.data`: {}test.jsonl is empty (0 bytes)"),
     ("record-missing-output", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [GOOD_ROWS[0], {"instruction": "a"}])), "d.jsonl:2: missing field `output`"),
     ("record-output-not-string", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [{"instruction": "a", "output": 3}])), "d.jsonl:1: field `output` must be a string"),
     ("record-empty-output", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [{"instruction": "a", "output": "  "}])), "d.jsonl:1: field `output` is empty"),
@@ -386,6 +413,20 @@ def test_bad_input_is_one_clear_line(make_argv, names, code, finished, tmp_path,
 
 def test_the_matrix_is_large_enough():
     assert len(CASES) >= 90 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+def test_an_unreadable_data_file_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    """Root reads any file, so the refusal is the operating system's answer to `open`, given here."""
+    from gradientspace.data import records
+
+    data = jsonl(tmp_path / "d.jsonl", GOOD_ROWS)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(records, "open", refused, raising=False)
+    assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == f"gradientspace: error: config key `data.path`: {data} cannot be read (Permission denied)"
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):

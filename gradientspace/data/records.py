@@ -21,11 +21,14 @@ Lone surrogates (`"\ud800"` in the JSON) are refused by field.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import importlib.util
 import json
+import os
 import random
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -319,12 +322,45 @@ def datasets_progress(show: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
+ODD_FILES = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+
+
+def data_path_problem(path: str) -> str | None:
+    """What makes `path` no data to read, said of it in a few words (None for a readable file or folder, or a recipe):
+    checked before anything opens it, so a named pipe cannot hang a run and a loop of links cannot end in a traceback."""
+    if path in RECIPES:
+        return None
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path} is a loop of symbolic links"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})"
+        return f"{path} cannot be read ({err.strerror})"
+    odd = next((kind for test, kind in ODD_FILES.items() if test(mode)), None)
+    if odd:
+        return f"{path} is {odd}, not a file: give a .jsonl/.json/.parquet file or a saved datasets folder"
+    try:
+        if stat.S_ISDIR(mode):
+            os.listdir(file)
+        else:
+            with open(file, "rb") as handle:
+                if not handle.read(1):
+                    return f"{path} is empty (0 bytes)"
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    return None
+
+
 def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
                          num_proc: int | None = None) -> tuple[RecordTable, LoadReport]:
     """Validate a data file into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
     file = Path(path)
-    if not file.exists():
-        raise DataError(f"data path {path} does not exist (give a .jsonl/.json/.parquet file, a saved datasets folder, or one of {', '.join(RECIPES)})")
+    problem = data_path_problem(path)
+    if problem:
+        raise DataError(f"data path {problem}")
     size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
     with datasets_progress(size >= LARGE_FILE_BYTES):
         return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc)
