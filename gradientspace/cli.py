@@ -147,6 +147,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
         raise ConfigError("give exactly one of --prompt TEXT or --data FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ConfigError("--prompt: the prompt is empty; give the text to answer")
     if args.max_new_tokens < 1:  # not a config key, so no `check` covers it
         raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")

@@ -359,6 +359,7 @@ CASES += [
     ("json-data-invalid", lambda c: c.cluster(data=c.file("d.json", '[\n{"instruction": }\n]')), "d.json:2: invalid JSON"),
     # commands
     ("generate-both-prompt-and-data", lambda c: ["generate", str(c.run_copy()), "--prompt", "hi", "--data", str(c.data)], "give exactly one of --prompt TEXT or --data FILE"),
+    ("generate-an-empty-prompt", lambda c: ["generate", str(c.run_copy()), "--prompt", " "], "--prompt: the prompt is empty; give the text to answer"),
     ("generate-unknown-strategy", lambda c: ["generate", str(c.run_copy()), "--prompt", "hi", "--strategy", "bogus"], "--strategy: 'bogus' is not a strategy"),
     ("evaluate-strategies-empty", lambda c: ["evaluate", str(c.run_copy()), "--strategies", ","], "--strategies: ',' is not a strategy"),
 ]

@@ -47,6 +47,20 @@ def test_a_metric_added_to_the_registry_is_scored_and_tabled(monkeypatch):
     assert "| answer length |" in table and "| 0.250 |" in table and "exact match" not in table
 
 
+def test_the_markdown_table_shows_data_labels_as_inert_text():
+    from gradientspace.evaluation.evaluate import markdown_table
+
+    label = "<script>alert(1)</script>|x\ny"
+    results = {"domains": [label], "metrics": [], "latency": {"s": {"routing_ms": None, "first_token_ms": None, "tokens_per_second": None}},
+               "s": {label: {"nll": 1.5}, "overall": {"nll": 1.5}}}
+    header = markdown_table(results, ["s"]).splitlines()[0]
+    assert "<script>" not in header and "&lt;script&gt;alert(1)&lt;/script&gt;\\|x y NLL" in header
+    import re
+
+    cells = re.split(r"(?<!\\)\|", header)[1:-1]  # split on the bars that are not escaped
+    assert len(cells) == 6  # the strategy, the label's NLL, the overall NLL, three timings: the label did not split the row
+
+
 def test_rouge_l_against_hand_computed_values():
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("a b c d", "a c") == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # LCS 2: precision 2/4, recall 2/2

@@ -204,10 +204,18 @@ def _python_api_timings(engine, strategy: str, records: list[Record]):
         yield generation.routing_seconds, generation.first_token_seconds, generation.new_tokens, generation.decode_seconds
 
 
+def markdown_cell(text: str) -> str:
+    """Text from the data (a domain label) as one inert Markdown table cell: HTML escaped (Markdown viewers render raw HTML),
+    pipes and line breaks escaped (they would split the row)."""
+    import html
+
+    return html.escape(text).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown_table(results: dict, strategies: list[str]) -> str:
     domains = results["domains"] + ["overall"]
     metrics = [METRICS[name] for name in results.get("metrics", METRICS)]
-    lines = ["| strategy | " + " | ".join(f"{d} NLL" for d in domains) + "".join(f" | {m.title}" for m in metrics)
+    lines = ["| strategy | " + " | ".join(f"{markdown_cell(d)} NLL" for d in domains) + "".join(f" | {m.title}" for m in metrics)
              + " | routing ms | first token ms | tok/s |",
              "| --- |" + " ---: |" * (len(domains) + len(metrics) + 3)]
     fmt = lambda v, spec: format(v, spec) if v is not None else "–"
