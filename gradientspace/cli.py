@@ -266,7 +266,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     config = _run_config(args, SERVE_FLAGS)
     _verified(args.run)
-    route(config, args.upstream, args.backend, args.api_key)
+    route(config, args.upstream, args.backend, args.api_key, args.upstream_api_key)
     return 0
 
 
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     _help_from_config(serve, {"max_batch_size": "serve.max_batch_size"})
     route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
     route.add_argument("--backend", required=True, choices=list(BACKENDS), help="which server --upstream is (they name adapters differently)")
+    route.add_argument("--upstream-api-key", help="the key the upstream requires, sent as `Authorization: Bearer KEY` with the start-up check "
+                                                  "and every forwarded request (default: $GRADIENTSPACE_UPSTREAM_API_KEY); clients' keys are never forwarded")
     backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
     backend.add_argument("--backend", required=True, choices=list(BACKENDS), help="the server to print the command for")
     backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")

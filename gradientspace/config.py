@@ -141,6 +141,7 @@ class ServeConfig:
     max_queued: int = field(default=256, metadata={"help": "Requests waiting for a batch; beyond this the server answers 503 with Retry-After.", "check": "[1,1000000]"})
     max_body_bytes: int = field(default=1024 * 1024, metadata={"help": "Largest request body accepted; a larger one is a 413 before it is read.", "check": "[1024,1073741824]"})
     max_prompt_tokens: int | None = field(default=None, metadata={"help": "Longest prompt in tokens (default: the model's context less one token); a longer one is a 400.", "check": ">=1"})
+    upstream_timeout_s: float = field(default=300.0, metadata={"help": "`route`: seconds to wait for the upstream's answer to begin (a slower one is a 504) and, once streaming, for each next chunk.", "check": ">0"})
     docs: bool = field(default=False, metadata={"help": "Serve the interactive API docs at /docs and the schema at /openapi.json."})
 
 

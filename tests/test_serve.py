@@ -277,9 +277,18 @@ class Stub:
     ANSWER = b'{"id": "x", "object": "chat.completion", "choices": [], "odd spacing":  true}'
     STREAM = b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
 
-    def __init__(self, ids: list[str]):
+    SLOW = 99  # a request with this max_tokens is answered only after SLOW_SECONDS
+
+    def __init__(self, ids: list[str], key: str | None = None):
         self.received: list[dict] = []
+        self.headers: list[dict] = []  # of each generation request, as the upstream received them
         app = FastAPI()
+
+        @app.middleware("http")
+        async def keyed(request: Request, call_next):  # as vLLM's --api-key: every /v1 route needs it
+            if key and request.headers.get("authorization") != f"Bearer {key}":
+                return JSONResponse({"error": {"message": "unauthorized"}}, status_code=401)
+            return await call_next(request)
 
         @app.get("/v1/models")
         async def models():
@@ -288,8 +297,13 @@ class Stub:
         @app.post("/v1/chat/completions")
         @app.post("/v1/completions")
         async def answer(request: Request):
+            import asyncio
+
             body = await request.json()
             self.received.append(body)
+            self.headers.append(dict(request.headers))
+            if body.get("max_tokens") == self.SLOW:
+                await asyncio.sleep(3)
             if body.get("stream"):
                 return StreamingResponse(iter([self.STREAM[:9], self.STREAM[9:]]), media_type="text/event-stream")
             if body.get("max_tokens") == 13:
@@ -359,6 +373,45 @@ def test_route_answers_502_when_the_upstream_is_gone(run_dir, router):
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unreachable"
         assert "x-gradientspace-expert" not in response.headers
+    finally:
+        proxy.stop()
+
+
+def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
+    """Behind an upstream that needs its own key: `route` starts with that key, sends it and never its client's, answers
+    /health 503 once the upstream is gone, 504 when it is slow, and /metrics counts routed requests as `serve` does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gradientspace.config import ServeConfig
+
+    adapters = served_adapters(RunDirectory(run_dir))
+    stub = Stub(["BASE", *(s.name for s in adapters)], key="upstream-key")
+    with pytest.raises(BackendError, match="needs a key it was not given: give `--upstream-api-key`"):
+        upstream_base(stub.server.url, "vllm", adapters)
+    assert upstream_base(stub.server.url, "vllm", adapters, key="upstream-key") == "BASE"
+    settings = ServeConfig(upstream_timeout_s=0.5)
+    proxy = Background(create_route_app(router, adapters, "BASE", stub.server.url, "vllm", settings, api_key="client-key", upstream_key="upstream-key"))
+    keyed = {"authorization": "Bearer client-key"}
+    request = {"model": "gradientspace", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
+    try:
+        assert httpx.get(f"{proxy.url}/health").json()["status"] == "ok"
+        answered = httpx.post(f"{proxy.url}/v1/chat/completions", json=request, headers=keyed)
+        assert answered.status_code == 200 and answered.content == Stub.ANSWER
+        assert stub.headers[-1]["authorization"] == "Bearer upstream-key"
+        assert not any("client-key" in value for value in stub.headers[-1].values())
+        slow = httpx.post(f"{proxy.url}/v1/chat/completions", json={**request, "max_tokens": Stub.SLOW}, headers=keyed)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout" and "0.5 s" in slow.json()["error"]["message"]
+        metrics = {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)
+                   for s in family.samples}
+        count = lambda name, **labels: sum(v for (n, ls), v in metrics.items() if n == name and set(labels.items()) <= ls)
+        assert count("gradientspace_expert_requests_total", expert=answered.headers["x-gradientspace-expert"]) == 1
+        assert count("gradientspace_router_top_probability_count") == 1 == count("gradientspace_router_picks_total")
+        assert count("gradientspace_requests_total", endpoint="/v1/chat/completions", status="504") == 1
+    finally:
+        stub.server.stop()
+    try:
+        down = httpx.get(f"{proxy.url}/health")
+        assert down.status_code == 503 and down.json()["status"] == "unavailable" and "ConnectError" in down.json()["reason"]
     finally:
         proxy.stop()
 

@@ -19,6 +19,7 @@ from gradientspace.config import ConfigError
 from .protocol import APIError
 
 API_KEY_VARIABLE = "GRADIENTSPACE_API_KEY"
+UPSTREAM_API_KEY_VARIABLE = "GRADIENTSPACE_UPSTREAM_API_KEY"
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -52,6 +53,11 @@ def serve_on(sock: socket.socket, app, host: str, port: int) -> None:
 def api_key(flag: str | None) -> str | None:
     """The key every /v1 request must carry: the flag, else the environment variable, else none (open)."""
     return flag or os.environ.get(API_KEY_VARIABLE) or None
+
+
+def upstream_api_key(flag: str | None) -> str | None:
+    """The key `route` sends its upstream (`--upstream-api-key`, else $GRADIENTSPACE_UPSTREAM_API_KEY): never its clients' own."""
+    return flag or os.environ.get(UPSTREAM_API_KEY_VARIABLE) or None
 
 
 class RequireAPIKey:

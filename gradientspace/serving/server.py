@@ -32,13 +32,12 @@ from gradientspace.config import RunConfig, ServeConfig
 from gradientspace.models.inference import ServedAdapter
 from .engine import Engine, EngineBusy, Request, Route, Sampling
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
-from .metrics import CountStatuses, ServerMetrics
+from .metrics import ENDPOINTS, CountStatuses, ServerMetrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, completion_id, install_error_handlers, model_list,
                        resolve_model, route_headers)
 
 DISCONNECT_POLL_SECONDS = 0.25
 RETRY_AFTER_SECONDS = 1
-ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
 
 class _Pending:
