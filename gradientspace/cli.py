@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from gradientspace.data.records import Record, load_records
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.models.inference import StrategyModel, serving_names
     from gradientspace.runs import RunDirectory
 
     config = _run_config(args, {"threshold": "router.threshold"})
@@ -156,8 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _verified(config.out)
     records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
     engine = StrategyModel(config, [args.strategy])
+    public = {adapter: name for name, adapter in serving_names(engine, args.strategy).items()}
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
-        print(json.dumps({"id": record.id, "expert": generation.expert, "probability": round(generation.probability, 4), "text": generation.text}))
+        print(json.dumps({"id": record.id, "model": public.get(generation.adapter, generation.adapter or "ensemble"), "expert": generation.expert,
+                          "probability": round(generation.probability, 4), "fallback": generation.fallback, "text": generation.text}))
     return 0
 
 
@@ -235,11 +237,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.threshold"}
 
-GENERATE_OUTPUT = """Prints one JSON line per prompt: {"id", "expert", "probability", "text"}. `expert` is the cluster
-the router chose; -1 means its top probability was below router.threshold and the generalist (the
-`single` adapter) answered. A cluster whose expert fell back (`fallback` in experts/partition.json)
-is answered by the generalist too. `probability` is the router's top probability (1.0 for a strategy
-without a router)."""
+GENERATE_OUTPUT = """Prints one JSON line per prompt: {"id", "model", "expert", "probability", "fallback", "text"}. `model`
+is the adapter that answered, named as `serve` names it in its responses (`expert-2`, or the fall-back:
+`generalist` or `single-continued`); `expert` is the cluster the router chose, -1 when its top
+probability was below router.threshold; `fallback` says why the fall-back answered (`below_threshold`,
+or `expert_not_served`: the cluster's expert was not kept), else null. `probability` is the router's top
+probability (1.0 for a strategy without a router)."""
 
 
 def _require_serve_extra() -> None:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import copied_run
+from conftest import accept_edits, copied_run
 from safetensors.torch import load_file, save_file
 
 from gradientspace.cli import main
@@ -65,6 +65,7 @@ def run_dir(tmp_path_factory, served_tiny_run):
         generator = torch.Generator().manual_seed(seed)
         weights = {k: torch.randn(v.shape, generator=generator) * (0.5 if "lora_B" in k else 1.0) for k, v in load_file(str(path)).items()}
         save_file(weights, str(path))
+    accept_edits(run)
     return run
 
 
@@ -464,3 +465,17 @@ def test_backend_command_refuses_a_folder_the_backend_cannot_load(run_dir, tmp_p
     assert main(["backend-command", str(copy), "--backend", "vllm"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and str(config_file) in error and named in error
+
+
+def test_generate_names_what_answered_as_serve_does(run_dir, capsys):
+    """One word for what answered: the public id `serve` gives (its response's `model`), with the router's pick and why the
+    fall-back answered, in `generate`'s output too."""
+    for threshold, reason in (("1.01", "below_threshold"), ("0", None)):
+        capsys.readouterr()
+        assert main(["generate", str(run_dir), "--prompt", PROMPTS[0], "--threshold", threshold, "--max-new-tokens", "2"]) == 0
+        (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert line["fallback"] == reason
+        if reason:
+            assert line["expert"] == -1 and line["model"] == served_adapters(RunDirectory(run_dir))[-1].name
+        else:
+            assert line["model"] == f"expert-{line['expert']}"

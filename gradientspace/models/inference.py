@@ -39,6 +39,8 @@ class Generation:
     first_token_seconds: float
     new_tokens: int
     decode_seconds: float = 0.0
+    adapter: str | None = None  # the adapter that answered (None: a mixture of adapters)
+    fallback: str | None = None  # why the fall-back answered instead of the group's own adapter (`Choice.fallback`)
 
 
 class StrategyModel:
@@ -247,7 +249,7 @@ class StrategyModel:
                     first, total = clock.seconds(), time.perf_counter() - clock.start
                 for i, new in zip(batch, rows):
                     results[i] = Generation(self.tokenizer.decode(new, skip_special_tokens=True), choices[i].expert, choices[i].probability,
-                                            per_prompt_routing, first, len(new), total)
+                                            per_prompt_routing, first, len(new), total, adapter, choices[i].fallback)
                 bar.update(len(batch))
         bar.close()
         return results
