@@ -25,6 +25,40 @@ def test_alpaca_and_chat_records(tmp_path):
     assert report.records == 2
 
 
+def test_trl_and_sharegpt_layouts_read_as_the_same_chat_records(tmp_path):
+    """One exchange written in each layout people keep data in: every file gives the same prompt turns and answer."""
+    system, question, answer = "Be brief.", "What is 2 + 3?", "5"
+    layouts = {
+        "alpaca": [{"instruction": question, "output": answer}],
+        "trl-strings": [{"prompt": question, "completion": answer}],
+        "trl-messages": [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                          "completion": [{"role": "assistant", "content": answer}]}],
+        "sharegpt": [{"conversations": [{"from": "system", "value": system}, {"from": "human", "value": question},
+                                        {"from": "gpt", "value": answer}], "source": "math"}],
+    }
+    loaded = {name: load_records(write_jsonl(tmp_path / f"{name}.jsonl", rows))[0][0] for name, rows in layouts.items()}
+    for record in loaded.values():
+        assert record.response == answer and record.messages[-1] == {"role": "user", "content": question}
+    assert loaded["trl-messages"].messages == loaded["sharegpt"].messages == [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    assert loaded["sharegpt"].source == "math"
+    prompts, _ = load_records(write_jsonl(tmp_path / "p.jsonl", [{"prompt": question}]), prompts_only=True)  # generation needs no answer
+    assert prompts[0].messages == [{"role": "user", "content": question}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "answer": "a"}, "no known layout in the fields `question`, `answer`: records need `instruction`/`output` (Alpaca), "
+                                       "`messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"),
+    ({"prompt": "q"}, "field `completion` is missing (TRL's layout needs `prompt` and `completion`)"),
+    ({"prompt": "q", "completion": 3}, "field `completion` must be a string or a list of {role, content} turns, got int"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "field `conversations[1]` must be an object with"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "field `messages` must end with an `assistant` message"),
+])
+def test_an_unknown_or_broken_layout_is_named(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: {message}")):
+        load_records(path)
+
+
 @pytest.mark.parametrize("bad, field", [
     ({"instruction": "x"}, "output"),
     ({"instruction": "x", "output": "  "}, "output"),
@@ -197,7 +231,7 @@ def test_line_numbers_count_blank_lines_and_ids_number_kept_records(tmp_path):
         load_records(path)
     records, report = load_records(path, skip_bad=True)
     assert [r.id for r in records] == ["d-0", "d-1"] and report.skipped == 1
-    assert report.first_errors == [f"{path}:3: missing field `output` (records need `instruction` and `output`, or `messages`)"]
+    assert report.first_errors == [f"{path}:3: missing field `output` (records need `instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT))"]
 
 
 def test_duplicate_ids_and_parallel_validation(tmp_path):

@@ -1,8 +1,17 @@
 """Training records: loading, validation, the built-in recipe, and tokenisation.
 
-A record is Alpaca-style (`instruction`, optional `input`, `output`) or chat-style (`messages`,
-a list of {role, content} ending with the assistant's answer), with an optional `id` and an
-optional `source` label. `source` is only ever read by evaluation code.
+A record is in one of the layouts people keep instruction data in, with an optional `id` and an
+optional `source` label (`source` is only ever read by evaluation code):
+
+| layout | fields |
+| --- | --- |
+| Alpaca | `instruction`, optional `input`, `output` |
+| chat | `messages`: {role, content} turns ending with the assistant's answer |
+| TRL prompt–completion | `prompt` and `completion`, each a string or a list of {role, content} turns |
+| ShareGPT | `conversations`: {from, value} turns (`human`, `gpt`, `system`) ending with `gpt`'s answer |
+
+The chat-like layouts become `messages` (`_as_messages`); a record in none of them is refused
+naming the fields it has and the layouts accepted.
 
 Files load through `datasets`: each record is validated in a (parallel, cached) `map` into an
 Arrow table that is memory-mapped from disk, and `load_records` hands out a `RecordTable` that
@@ -137,10 +146,49 @@ def _check_unicode(raw: dict, where: str) -> None:
                             "which is not Unicode text") from None
 
 
+LAYOUTS = "`instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _turns(value: Any, field_name: str, where: str) -> list[dict]:
+    """A TRL `prompt` or `completion`: a string is one turn (the user's, the assistant's), a list is {role, content} turns."""
+    if isinstance(value, str):
+        return [{"role": "assistant" if field_name == "completion" else "user", "content": value}]
+    if isinstance(value, list):
+        return value
+    raise DataError(f"{where}: field `{field_name}` must be a string or a list of {{role, content}} turns, got {type(value).__name__}")
+
+
+def _as_messages(raw: dict, where: str) -> dict:
+    """A TRL or ShareGPT record as a chat record (`messages`); an Alpaca or chat record as it is."""
+    if "messages" in raw or "instruction" in raw:
+        return raw
+    if "prompt" in raw and "completion" in raw:
+        return {**raw, "messages": _turns(raw["prompt"], "prompt", where) + _turns(raw["completion"], "completion", where)}
+    if "conversations" in raw:
+        turns = raw["conversations"]
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: field `conversations` must be a list of {{from, value}} turns")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+                raise DataError(f"{where}: field `conversations[{i}]` must be an object with string `value` and `from` one of "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        return {**raw, "messages": messages}
+    if "prompt" in raw or "completion" in raw:
+        raise DataError(f"{where}: field `{'completion' if 'prompt' in raw else 'prompt'}` is missing (TRL's layout needs `prompt` and `completion`)")
+    raise DataError(f"{where}: no known layout in the fields {', '.join(f'`{k}`' for k in raw) or '(none)'}: records need {LAYOUTS}")
+
+
 def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     _check_unicode(raw, where)
+    if not prompts_only:
+        raw = _as_messages(raw, where)
+    elif "instruction" not in raw and "messages" not in raw and any(k in raw for k in ("prompt", "conversations")):
+        raw = _as_messages({**raw, "completion": raw.get("completion", "-")} if "prompt" in raw else raw, where)
     source = raw.get("source")
     if source is not None and not isinstance(source, str):
         raise DataError(f"{where}: field `source` must be a string, got {type(source).__name__}")
@@ -165,7 +213,7 @@ def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
             raw = {"output": "-", **raw}
         for name in ("instruction", "output"):
             if name not in raw:
-                raise DataError(f"{where}: missing field `{name}` (records need `instruction` and `output`, or `messages`)")
+                raise DataError(f"{where}: missing field `{name}` (records need {LAYOUTS})")
             if not isinstance(raw[name], str):
                 raise DataError(f"{where}: field `{name}` must be a string, got {type(raw[name]).__name__}")
         extra = raw.get("input") or ""
