@@ -239,7 +239,7 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.
 
 GENERATE_OUTPUT = """Prints one JSON line per prompt: {"id", "model", "expert", "probability", "fallback", "text"}. `model`
 is the adapter that answered, named as `serve` names it in its responses (`expert-2`, or the fall-back:
-`generalist` or `single-continued`); `expert` is the cluster the router chose, -1 when its top
+`generalist` or `single-continued`); `expert` is the cluster the router chose, and -1 means its top
 probability was below router.threshold; `fallback` says why the fall-back answered (`below_threshold`,
 or `expert_not_served`: the cluster's expert was not kept), else null. `probability` is the router's top
 probability (1.0 for a strategy without a router)."""

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from gradientspace.config import RunConfig
 from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
-from gradientspace.evaluation.scores import Scores, evaluation_records, write_scores
+from gradientspace.evaluation.scores import SPLITS, Scores, evaluation_records, write_scores
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
 from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.experts.keep import keep_decisions, served_stage
@@ -132,7 +132,7 @@ class EvaluateStage(Stage):
 
     def requires(self, run: Run):
         # both matrices: the validation one for questions asked later, the test one that the NLL is looked up in
-        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(s) for s in ("validation", "test")]
+        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(split) for split in SPLITS]
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config

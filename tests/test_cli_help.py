@@ -45,7 +45,7 @@ def test_a_flag_that_sets_a_config_key_shows_that_keys_help_and_default(command,
 def test_generate_help_says_what_expert_minus_one_means(capsys):
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "-1 means" in text and "generalist" in text and "fell back" in text
+    assert "-1 means" in text and "the fall-back" in text and "`expert_not_served`: the cluster's expert was not kept" in text
 
 
 def test_config_keys_lists_every_key_with_its_default_and_help(capsys):

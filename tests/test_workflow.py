@@ -92,9 +92,10 @@ def test_generate_command(finished_run, capsys):
     _, run = finished_run
     assert main(["generate", str(run), "--prompt", "What is 2 + 3?", "--max-new-tokens", "3"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(line) == {"id", "expert", "probability", "text"} and 0 < line["probability"] <= 1
+    assert set(line) == {"id", "model", "expert", "probability", "fallback", "text"} and 0 < line["probability"] <= 1
     assert main(["generate", str(run), "--prompt", "x", "--threshold", "1.01", "--max-new-tokens", "2"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["expert"] == -1  # below threshold: the generalist
+    below = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert below["expert"] == -1 and below["fallback"] == "below_threshold"  # the fall-back answered
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
