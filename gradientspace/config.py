@@ -41,6 +41,7 @@ class DataConfig:
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs.", "check": ">=1"})
     per_source: int = field(default=60, metadata={"help": "Records per domain for built-in recipes.", "check": ">=1"})
     validation_fraction: float = field(default=0.15, metadata={"help": "Share of the training records held out (seeded, stratified by `source` when every record has one) for early stopping, keep-or-fall-back and the router threshold. No adapter trains on it; the test data is never used for a choice.", "check": "[0,0.9)"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={"help": "Your columns for the record fields a layout reads, field → column: `{instruction: question, output: answer}` reads `question` as the instruction (on the command line: --set 'data.columns={instruction: question, output: answer}'). Fields: instruction, input, output, messages, prompt, completion, conversations, id, source. Applies to `evaluate.data` too."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for validating and tokenising a data file (`datasets.map`); both are cached next to the Arrow copy.", "check": ">=1"})
 
 
@@ -181,7 +182,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a YAML/CLI value against a dataclass field type; CLI strings are parsed as YAML scalars."""
     if isinstance(value, str) and hint is not str:
         parsed = yaml.safe_load(value) if value != "" else value
-        if hint in (int, float, bool) or get_origin(hint) in (Union, types.UnionType, list):
+        if hint in (int, float, bool) or get_origin(hint) in (Union, types.UnionType, list, dict):
             value = parsed
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -196,6 +197,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"config key `{key}`: {value!r} is not one of {[getattr(o, '__name__', str(o)) for o in options]}")
+    if origin is dict:
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key `{key}`: expected a mapping such as {{instruction: question, output: answer}}, got {value!r}")
+        key_hint, value_hint = get_args(hint)
+        return {_coerce(k, key_hint, key): _coerce(v, value_hint, key) for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, data_path_problem, fingerprint, load_records, template_overhead
+from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, check_columns, data_path_problem, fingerprint, load_records, template_overhead
 from gradientspace.models.loading import check_model_name, load_tokenizer
 from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
 from gradientspace.experts.strategies import get
@@ -165,7 +165,7 @@ def check_eval_data(config: RunConfig) -> None:
     _path_exists(config.evaluate.data, "evaluate.data")
     if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
         try:
-            load_records(config.evaluate.data, limit=config.evaluate.limit)
+            load_records(config.evaluate.data, limit=config.evaluate.limit, columns=config.data.columns)
         except BadRecord as err:  # evaluation never skips: a score over part of the test data would not say so
             raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
@@ -176,6 +176,7 @@ def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
     `run` is the command's `runner.Run`: the records are read through it, so the stages reuse them."""
     config = run.config
     check_model_name(config.model.name)
+    check_columns(config.data.columns)
     check_output_dir(config.out)
     check_inputs_outside_run(config, evaluate)
     check_existing_run(config, overwrite)

@@ -66,7 +66,7 @@ class Run:
     @cached_property
     def loaded_records(self) -> tuple[Sequence[Record], LoadReport]:
         data = self.config.data
-        return load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=self.config.seed,
+        return load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=self.config.seed, columns=data.columns,
                             num_proc=data.num_proc)
 
     @property

@@ -161,6 +161,10 @@ CASES = [
     # data files and records
     ("data-missing", lambda c: c.cluster(data=c.user / "missing.jsonl"), "`data.path`: "),
     ("data-invalid-json-line", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [GOOD_ROWS[0], "{not json"])), "d.jsonl:2: invalid JSON"),
+    ("data-columns-not-a-field", lambda c: c.cluster("--set", "data.columns={question: instruction}"),
+     "config key `data.columns`: `question` is not a record field; map columns to instruction, input, output"),
+    ("data-columns-not-a-mapping", lambda c: c.cluster("--set", "data.columns=question"),
+     "config key `data.columns`: expected a mapping such as {instruction: question, output: answer}, got 'question'"),
     ("data-an-empty-file", lambda c: c.cluster(data=c.file("d.jsonl", "")), "config key `data.path`: {}d.jsonl is empty (0 bytes)"),
     ("data-a-loop-of-links", lambda c: c.cluster(data=c.link("d.jsonl", "d.jsonl")), "config key `data.path`: {}d.jsonl is a loop of symbolic links"),
     ("data-a-named-pipe", lambda c: c.cluster(data=c.fifo("d.jsonl")),

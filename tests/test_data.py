@@ -45,6 +45,17 @@ def test_trl_and_sharegpt_layouts_read_as_the_same_chat_records(tmp_path):
     assert prompts[0].messages == [{"role": "user", "content": question}]
 
 
+def test_columns_named_otherwise_are_mapped_to_the_fields_of_a_layout(tmp_path):
+    from gradientspace.config import load_config
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "What is 2 + 3?", "answer": "5", "topic": "math", "instruction": "ignored"}])
+    columns = load_config(None, {"data.columns": "{instruction: question, output: answer, source: topic}"}).data.columns  # as --set gives it
+    (record,), _ = load_records(path, columns=columns)
+    assert record.messages == [{"role": "user", "content": "What is 2 + 3?"}] and record.response == "5" and record.source == "math"
+    with pytest.raises(DataError, match="config key `data.columns`: `question` is not a record field; map columns to instruction, input"):
+        load_records(path, columns={"question": "instruction"})
+
+
 @pytest.mark.parametrize("row, message", [
     ({"question": "q", "answer": "a"}, "no known layout in the fields `question`, `answer`: records need `instruction`/`output` (Alpaca), "
                                        "`messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"),

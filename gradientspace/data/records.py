@@ -11,7 +11,8 @@ optional `source` label (`source` is only ever read by evaluation code):
 | ShareGPT | `conversations`: {from, value} turns (`human`, `gpt`, `system`) ending with `gpt`'s answer |
 
 The chat-like layouts become `messages` (`_as_messages`); a record in none of them is refused
-naming the fields it has and the layouts accepted.
+naming the fields it has and the layouts accepted. Columns named otherwise are mapped by
+`data.columns` (field → column, `{instruction: question, output: answer}`) before the layout is read.
 
 Files load through `datasets`: each record is validated in a (parallel, cached) `map` into an
 Arrow table that is memory-mapped from disk, and `load_records` hands out a `RecordTable` that
@@ -147,6 +148,20 @@ def _check_unicode(raw: dict, where: str) -> None:
 
 
 LAYOUTS = "`instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"
+MAPPABLE = ("instruction", "input", "output", "messages", "prompt", "completion", "conversations", "id", "source")
+
+
+def check_columns(columns: dict[str, str]) -> None:
+    """`data.columns` maps record fields to the user's columns: every key must be a field a layout reads."""
+    unknown = [field_name for field_name in columns if field_name not in MAPPABLE]
+    if unknown:
+        raise DataError(f"config key `data.columns`: `{unknown[0]}` is not a record field; map columns to {', '.join(MAPPABLE)}")
+
+
+def _renamed(raw: dict, columns: dict[str, str]) -> dict:
+    """A record with the user's columns under the field names a layout reads (`data.columns`: field → column)."""
+    mapped = {field_name: raw[column] for field_name, column in columns.items() if column in raw}
+    return {**{k: v for k, v in raw.items() if k not in columns.values()}, **mapped}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -181,9 +196,11 @@ def _as_messages(raw: dict, where: str) -> dict:
     raise DataError(f"{where}: no known layout in the fields {', '.join(f'`{k}`' for k in raw) or '(none)'}: records need {LAYOUTS}")
 
 
-def _parse_record(raw: Any, where: str, prompts_only: bool = False) -> Record:
+def _parse_record(raw: Any, where: str, prompts_only: bool = False, columns: dict[str, str] | None = None) -> Record:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if columns:
+        raw = _renamed(raw, columns)
     _check_unicode(raw, where)
     if not prompts_only:
         raw = _as_messages(raw, where)
@@ -290,7 +307,7 @@ def _gzip_lines(path: str, content: str) -> Iterator[dict]:
             yield {"text": line.rstrip("\n")}
 
 
-def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bool) -> Record | None:
+def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bool, columns: dict[str, str] | None = None) -> Record | None:
     """One row: its record, or None for a blank line; DataError naming the place of a bad one.
 
     File lines arrive as Latin-1 (one character per byte) and are decoded as UTF-8 here.
@@ -306,16 +323,16 @@ def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bo
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
-    return _parse_record(raw, where, prompts_only)
+    return _parse_record(raw, where, prompts_only, columns)
 
 
-def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool) -> dict:
+def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool, columns: dict[str, str]) -> dict:
     """One `map` step: parse and check each record; a bad one keeps its error message in `status`."""
     out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": []}
     for index, text in zip(indices, batch["text"]):
         where = f"{path}:{index + 1}" if lines else f"{path} record {index}"
         try:
-            record = _check_text(text, index, where, lines, prompts_only)
+            record = _check_text(text, index, where, lines, prompts_only, columns)
             status = "ok" if record else "blank"
         except DataError as err:
             record, status = None, str(err)
@@ -403,24 +420,26 @@ def data_path_problem(path: str) -> str | None:
 
 
 def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
-                         num_proc: int | None = None) -> tuple[RecordTable, LoadReport]:
+                         num_proc: int | None = None, columns: dict[str, str] | None = None) -> tuple[RecordTable, LoadReport]:
     """Validate a data file into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
     file = Path(path)
     problem = data_path_problem(path)
     if problem:
         raise DataError(f"data path {problem}")
+    check_columns(columns or {})
     size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
     with datasets_progress(size >= LARGE_FILE_BYTES):
-        return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc)
+        return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc, columns or {})
 
 
 def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, cache_dir: str | None,
-                     num_proc: int | None) -> tuple[RecordTable, LoadReport]:
+                     num_proc: int | None, columns: dict[str, str]) -> tuple[RecordTable, LoadReport]:
     import pyarrow.compute as pc
 
     raw, lines = _raw_table(file, cache_dir, num_proc)
     checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
-                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only}, num_proc=num_proc, desc="validating")
+                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only, "columns": columns}, num_proc=num_proc,
+                      desc="validating")
     status = checked.data.column("status")
     bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
     report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
@@ -443,7 +462,7 @@ def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, 
 
 
 def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0,
-                 prompts_only: bool = False, num_proc: int | None = None) -> tuple[Sequence[Record], LoadReport]:
+                 prompts_only: bool = False, num_proc: int | None = None, columns: dict[str, str] | None = None) -> tuple[Sequence[Record], LoadReport]:
     """Load and validate records; a bad record stops the run unless `skip_bad`.
 
     `prompts_only` (for generation) accepts records without a response. Files give a
@@ -453,7 +472,7 @@ def load_records(path: str, skip_bad: bool = False, limit: int | None = None, pe
         records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
         report = LoadReport(path=path, records=len(records))
     else:
-        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc)
+        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc, columns=columns)
     if limit is not None:
         records = records[:limit]
     report.records = len(records)

@@ -43,8 +43,9 @@ BATCH_SIZE = 8
 
 
 def evaluation_records(config) -> list[Record]:
-    """The test split as `evaluate` reads it: `evaluate.data`, its `limit`, `data.per_source` per label."""
-    records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed)
+    """The test split as `evaluate` reads it: `evaluate.data`, its `limit`, `data.per_source` per label, `data.columns`."""
+    records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed,
+                              columns=config.data.columns)
     return records
 
 
