@@ -75,7 +75,7 @@ def clusters(manifest: dict, run: str, run_dir: Path | None = None) -> list[dict
             decision = decisions.get(group, {})
             own = (expert["initial_eval_loss"] - expert["best_eval_loss"]
                    if expert.get("initial_eval_loss") is not None and expert.get("best_eval_loss") is not None else None)
-            routed = (decision["generalist_nll"] - decision["candidate_nll"]["1.0"]
+            routed = (decision.get("fallback_nll", decision.get("generalist_nll")) - decision["candidate_nll"]["1.0"]
                       if "candidate_nll" in decision and "1.0" in decision["candidate_nll"] else None)
             rows.append({"run": run, "strategy": strategy, "cluster": group, **statistics, "gain_own_share": own, "gain_routed": routed})
     return rows

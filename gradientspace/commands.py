@@ -132,7 +132,7 @@ class EvaluateStage(Stage):
 
     def requires(self, run: Run):
         # both matrices: the validation one for questions asked later, the test one that the NLL is looked up in
-        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(split) for split in SPLITS]
+        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(split) for split in SPLITS if split != "validation" or run.validation_ids]
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config

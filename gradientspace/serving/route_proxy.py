@@ -52,6 +52,8 @@ def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: 
                                f"{' (the one given was refused)' if key else ''}: give `--upstream-api-key` (or $GRADIENTSPACE_UPSTREAM_API_KEY)")
         response.raise_for_status()
         cards = response.json()["data"]
+    except BackendError:  # said already, in its own words (a ValueError, which the next line would wrap)
+        raise
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
         raise BackendError(f"upstream {url}: GET /v1/models failed ({err}); is the {backend} server running there?") from None
     ids = [card["id"] for card in cards]
