@@ -130,6 +130,7 @@ class Run:
         if self.world_size > 1:  # EVERY: no rank reads the stage's outputs before every shard is in
             distributed.barrier()
             self.directory.reload()
+            return self.directory.stage_entry(stage.name)  # rank 0's, with the digests every rank's dependents key on
         return entry
 
     def _execute_spread(self, stages: list[Stage], parents: dict[str, dict[str, str]]) -> None:
@@ -148,7 +149,8 @@ class Run:
             for other, entries in enumerate(gathered[1:], start=1):
                 for name, entry in entries.items():
                     current = self.directory.stage_entry(name)
-                    if entry.get("key") != current.get("key") or not current.get("done"):
+                    # a rebuild under the same key (a changed output) is recorded too: its digests are new
+                    if entry.get("key") != current.get("key") or not current.get("done") or entry.get("finished_at") != current.get("finished_at"):
                         note(f"{name}: trained on rank {other}")
                         self.directory.record_stage(name, entry)
         distributed.barrier()
