@@ -174,7 +174,7 @@ class Scores:
         self.folder = Path(folder)
         self.info = json.loads((self.folder / "info.json").read_text())
         self.nll = np.load(self.folder / "nll.npy", mmap_mode="r")
-        root = self.folder.parent.parent  # RUN/scores/<split>
+        root = self.folder.parent.parent  # the run: this folder is RUN/scores/<split>
         self.column = {(root / adapter).resolve(): i for i, adapter in enumerate(self.info["adapters"])}
         self.row = {record: i for i, record in enumerate(self.info["ids"])}
 

@@ -211,7 +211,7 @@ class OneAdapter(Strategy):
         return "fresh"
 
     def falls_back_to(self, config):
-        return GENERALIST  # never used: its one adapter serves every prompt
+        return GENERALIST  # its one adapter serves every prompt: nothing falls back, so nothing extra is trained
 
     def ignored_settings(self):
         return ("init", "branch_epochs", "branch_learning_rate")
