@@ -113,7 +113,7 @@ class ScoreStage(Stage):
         if self.split == "validation":
             records = {"validation records": config_hash(sorted(run.validation_ids))}
         else:
-            records = {"test data": fingerprint(config.evaluate.data), "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed)}
+            records = {"test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split), "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed)}
         return {**records, "strategies": config_hash(config.experts.strategies), "model": config_hash(asdict(config.model), config.data.max_length)}
 
     def run(self, run: Run, key: str, record: dict) -> None:
@@ -136,7 +136,7 @@ class EvaluateStage(Stage):
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
-        return {"strategies": config_hash(self.strategies), "test data": fingerprint(config.evaluate.data),
+        return {"strategies": config_hash(self.strategies), "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
                 "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
                 "model": config_hash(asdict(config.model))}
 

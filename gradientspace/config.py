@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Union, get_args, get_origin, get_type
 
 import yaml
 
-from gradientspace.data.records import RECIPES, EncodingFault, decode_utf8
+from gradientspace.data.records import RECIPES, EncodingFault, decode_utf8, shaped_like_hub_id
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = field(default="mix4-packaged", metadata={"help": "JSONL/JSON/Parquet file, a saved `datasets` folder, or a built-in recipe (`mix4-packaged`).", "path": "file"})
+    path: str = field(default="mix4-packaged", metadata={"help": "JSONL/JSON/Parquet file, a saved `datasets` folder, a dataset id in the local Hugging Face cache (`owner/name`, with `data.subset` and `data.split`), or a built-in recipe (`mix4-packaged`).", "path": "data"})
+    subset: str | None = field(default=None, metadata={"help": "A dataset id's subset (configuration), as `datasets.load_dataset(id, subset)` names it; needed when the cache holds several."})
+    split: str = field(default="train", metadata={"help": "The split of a dataset id that the run trains on (`evaluate.split` names the test split)."})
     max_length: int = field(default=256, metadata={"help": "Tokens per sample after the chat template; longer samples are truncated (and counted).", "check": ">=1"})
     skip_bad: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records (after loading), for quick runs.", "check": ">=1"})
@@ -119,7 +121,8 @@ class RouterConfig:
 
 @dataclass
 class EvalConfig:
-    data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file or a recipe. Its `source` labels give the per-domain breakdown.", "path": "file"})
+    data: str = field(default="mix4-packaged:test", metadata={"help": "Test data: a file, a dataset id in the local Hugging Face cache (read with `data.subset` and `evaluate.split`) or a recipe. Its `source` labels give the per-domain breakdown.", "path": "data"})
+    split: str = field(default="test", metadata={"help": "The split of `evaluate.data` when it is a dataset id."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N test records.", "check": ">=1"})
     generate_per_domain: int = field(default=8, metadata={"help": "Test prompts per domain that are decoded for answer accuracy / ROUGE-L (decoding is the slow part).", "check": ">=0"})
     decode_all_domains: list[str] = field(default_factory=list, metadata={"help": "Domains (`source` labels) whose every test prompt is decoded, e.g. short-answer classification."})
@@ -280,7 +283,9 @@ def _resolve_paths(tree: dict[str, Any], cls: type, base: Path) -> None:
         if not kind or not isinstance(value, str) or not value or value in RECIPES or Path(value).expanduser().is_absolute():
             continue
         resolved = os.path.normpath(base / value)
-        if kind == "file" or Path(resolved).is_dir():
+        if kind == "data" and shaped_like_hub_id(value) and not os.path.lexists(resolved):
+            continue  # a dataset id (`owner/name`), read from the Hugging Face cache
+        if kind in ("file", "data") or Path(resolved).is_dir():
             tree[item.name] = resolved
 
 

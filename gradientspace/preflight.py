@@ -20,7 +20,8 @@ from typing import Sequence
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import RECIPES, BadRecord, DataError, Record, check_columns, data_path_problem, fingerprint, load_records, template_overhead
+from gradientspace.data.records import (RECIPES, BadRecord, DataError, Record, check_columns, data_path_problem, fingerprint, is_hub_id,
+                                        load_records, template_overhead)
 from gradientspace.models.loading import check_model_name, load_tokenizer
 from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
 from gradientspace.experts.strategies import get
@@ -99,7 +100,7 @@ def check_existing_run(config: RunConfig, overwrite: bool) -> None:
     differing = [f"{key} {before.get(key)!r} → {now.get(key)!r}" for key in sorted(set(before) | set(now))
                  if key.split(".")[0] in RUN_IDENTITY and key not in NOT_IDENTITY and before.get(key) != now.get(key)]
     recorded = run.stage_entry("data").get("inputs", {}).get("data content")
-    if before.get("data.path") != config.data.path and recorded not in (None, fingerprint(config.data.path)):
+    if before.get("data.path") != config.data.path and recorded not in (None, fingerprint(config.data.path, config.data.subset, config.data.split)):
         differing.insert(0, f"data.path {before.get('data.path')!r} → {config.data.path!r} (other content)")
     if differing:
         raise ConfigError(f"{config.out} holds a run whose {', '.join(done)} stages used another config: {'; '.join(differing)}. "
@@ -115,7 +116,7 @@ def check_max_length(config: RunConfig, tokenizer) -> None:
 
 
 def _path_exists(path: str, key: str) -> None:
-    if path not in RECIPES and not Path(path).exists():
+    if path not in RECIPES and not is_hub_id(path) and not Path(path).exists():
         raise ConfigError(f"config key `{key}`: {path} does not exist (give a .jsonl/.json/.parquet file, "
                           f"a saved datasets folder, or one of {', '.join(RECIPES)})")
 
@@ -165,7 +166,8 @@ def check_eval_data(config: RunConfig) -> None:
     _path_exists(config.evaluate.data, "evaluate.data")
     if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
         try:
-            load_records(config.evaluate.data, limit=config.evaluate.limit, columns=config.data.columns)
+            load_records(config.evaluate.data, limit=config.evaluate.limit, columns=config.data.columns, subset=config.data.subset,
+                         split=config.evaluate.split)
         except BadRecord as err:  # evaluation never skips: a score over part of the test data would not say so
             raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 

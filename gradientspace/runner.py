@@ -67,7 +67,7 @@ class Run:
     def loaded_records(self) -> tuple[Sequence[Record], LoadReport]:
         data = self.config.data
         return load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=self.config.seed, columns=data.columns,
-                            num_proc=data.num_proc)
+                            num_proc=data.num_proc, subset=data.subset, split=data.split)
 
     @property
     def records(self) -> Sequence[Record]:

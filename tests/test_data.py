@@ -56,6 +56,52 @@ def test_columns_named_otherwise_are_mapped_to_the_fields_of_a_layout(tmp_path):
         load_records(path, columns={"question": "instruction"})
 
 
+def cache_dataset(cache, dataset_id: str, subset: str, splits: dict[str, list[dict]]) -> None:
+    """Write `dataset_id` into a `datasets` cache as `load_dataset` leaves it after a download (no network here)."""
+    from datasets.packaged_modules.json.json import Json
+
+    namespace, name = dataset_id.split("/")
+    cache.mkdir(exist_ok=True)
+    files = {split: write_jsonl(cache / f"{subset}-{split}.jsonl", rows) for split, rows in splits.items()}
+    # `datasets` files a hub dataset under `<namespace>___<name>/<subset>/<version>/<hash>/<name>-<split>.arrow`
+    builder = Json(cache_dir=str(cache), dataset_name=f"{namespace}___{name}", config_name=subset, config_id=subset, data_files=files, hash="0")
+    builder.dataset_name = name
+    builder.download_and_prepare()
+
+
+def test_a_dataset_id_in_the_hugging_face_cache_is_read_by_subset_and_split(tmp_path, monkeypatch):
+    import datasets
+
+    from gradientspace.config import load_config
+    from gradientspace.data.records import fingerprint
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tool's default: offline, so only the cache is read
+    rows = lambda split, n: [{"question": f"{split} question {i}", "answer": f"answer {i}", "topic": "math"} for i in range(n)]
+    cache_dataset(tmp_path / "cache", "acme/qa", "default", {"train": rows("train", 3), "test": rows("test", 2)})
+    columns = {"instruction": "question", "output": "answer", "source": "topic"}
+    train, _ = load_records("acme/qa", columns=columns)
+    test, _ = load_records("acme/qa", columns=columns, split="test")
+    assert [r.messages[0]["content"] for r in train] == [f"train question {i}" for i in range(3)] and len(test) == 2
+    assert train[0].response == "answer 0" and train[0].source == "math" and train[0].id == "qa-0"
+    assert fingerprint("acme/qa") == fingerprint("acme/qa") != fingerprint("acme/qa", split="test")
+    with pytest.raises(DataError, match="data path `acme/qa`: no split `validation` .*set `data.split`"):
+        load_records("acme/qa", columns=columns, split="validation")
+    with pytest.raises(DataError, match="data path `acme/missing` is no file or folder, and no dataset of that id is in the local Hugging Face "
+                                        "cache .*offline; set HF_HUB_OFFLINE=0"):
+        load_records("acme/missing")
+
+    cache_dataset(tmp_path / "cache", "acme/qa", "hard", {"train": rows("hard", 4)})
+    with pytest.raises(DataError, match="data path `acme/qa`: .*set `data.subset`"):  # two subsets cached, none named
+        load_records("acme/qa", columns=columns)
+    assert len(load_records("acme/qa", columns=columns, subset="hard")[0]) == 4
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.yaml").write_text("data: {path: acme/qa, subset: hard}\nevaluate: {data: acme/qa}\n")
+    config = load_config(tmp_path / "conf" / "run.yaml")  # a relative file path is read against the YAML's folder; an id is left as it is
+    assert (config.data.path, config.evaluate.data, config.data.split, config.evaluate.split) == ("acme/qa", "acme/qa", "train", "test")
+
+
 @pytest.mark.parametrize("row, message", [
     ({"question": "q", "answer": "a"}, "no known layout in the fields `question`, `answer`: records need `instruction`/`output` (Alpaca), "
                                        "`messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"),

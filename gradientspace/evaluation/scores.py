@@ -43,9 +43,10 @@ BATCH_SIZE = 8
 
 
 def evaluation_records(config) -> list[Record]:
-    """The test split as `evaluate` reads it: `evaluate.data`, its `limit`, `data.per_source` per label, `data.columns`."""
+    """The test split as `evaluate` reads it: `evaluate.data` (`evaluate.split` of a dataset id), its `limit`, `data.per_source` per label,
+    `data.columns`."""
     records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed,
-                              columns=config.data.columns)
+                              columns=config.data.columns, subset=config.data.subset, split=config.evaluate.split)
     return records
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gradientspace.config import ModelConfig
+from gradientspace.data.records import hub_allowed
 
 ALL_LINEAR = "all-linear"
 
@@ -177,15 +178,6 @@ def resolve(name: str) -> str:
     if name == "tiny-random":
         return str(_tiny_random_folder())
     return name
-
-
-def hub_allowed() -> bool:
-    """Downloads from the Hugging Face hub only when `HF_HUB_OFFLINE` is set to a false value.
-
-    The tool is offline by default: an unset `HF_HUB_OFFLINE` means offline, so a mistyped
-    name fails at once instead of after a minute of hub retries.
-    """
-    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def check_model_name(name: str) -> None:
