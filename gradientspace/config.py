@@ -111,6 +111,11 @@ class ExpertsConfig:
 
 
 @dataclass
+class TrainConfig:
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers every adapter's training reports to, as transformers' Trainer names them (`tensorboard`, `wandb`, `mlflow`…; none by default). TensorBoard writes each adapter's curves under `RUN/logs/<adapter>/` (`warmup`, `<strategy>/<group>`); the others log where their own settings say, one run per adapter."})
+
+
+@dataclass
 class RouterConfig:
     finetune_encoder: bool = field(default=False, metadata={"help": "Also fine-tune MiniLM (slower); by default only the linear head trains on frozen embeddings."})
     epochs: int = field(default=100, metadata={"help": "Head epochs on cached embeddings (3 when the encoder is fine-tuned).", "check": ">=1"})
@@ -160,6 +165,7 @@ class RunConfig:
     sketch: SketchConfig = field(default_factory=SketchConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

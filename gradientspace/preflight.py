@@ -172,6 +172,21 @@ def check_eval_data(config: RunConfig) -> None:
             raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
 
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker of `train.report_to` is one transformers knows and can import here: a missing package would
+    otherwise stop the first adapter's training, after the gradient pass."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for tracker in report_to:
+        if tracker not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"config key `train.report_to`: `{tracker}` is not a tracker transformers knows "
+                              f"(choose from {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        if tracker not in get_available_reporting_integrations():
+            extra = " (pip install 'gradientspace[tensorboard]')" if tracker == "tensorboard" else ""
+            raise ConfigError(f"config key `train.report_to`: `{tracker}` is not installed{extra}")
+
+
 def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
     """Every check that can fail before the expensive work, cheapest first; raises on the first failure.
 
@@ -179,6 +194,7 @@ def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
     config = run.config
     check_model_name(config.model.name)
     check_columns(config.data.columns)
+    check_trackers(config.train.report_to)
     check_output_dir(config.out)
     check_inputs_outside_run(config, evaluate)
     check_existing_run(config, overwrite)

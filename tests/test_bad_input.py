@@ -163,6 +163,8 @@ CASES = [
     ("data-invalid-json-line", lambda c: c.cluster(data=jsonl(c.user / "d.jsonl", [GOOD_ROWS[0], "{not json"])), "d.jsonl:2: invalid JSON"),
     ("data-columns-not-a-field", lambda c: c.cluster("--set", "data.columns={question: instruction}"),
      "config key `data.columns`: `question` is not a record field; map columns to instruction, input, output"),
+    ("report-to-unknown-tracker", lambda c: c.cluster("--set", "train.report_to=[tensorbord]"),
+     "config key `train.report_to`: `tensorbord` is not a tracker transformers knows (choose from "),
     ("data-columns-not-a-mapping", lambda c: c.cluster("--set", "data.columns=question"),
      "config key `data.columns`: expected a mapping such as {instruction: question, output: answer}, got 'question'"),
     ("data-an-empty-file", lambda c: c.cluster(data=c.file("d.jsonl", "")), "config key `data.path`: {}d.jsonl is empty (0 bytes)"),

@@ -110,3 +110,27 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     reloaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=2), adapter=tmp_path / "best")
     assert mean_nll(reloaded.model.eval(), validation, pad) == pytest.approx(min(curve), rel=1e-4)
     assert summary["initial_eval_loss"] == pytest.approx(mean_nll(fresh().model.eval(), validation, pad), rel=1e-4)
+
+
+def scalars(folder, tag: str) -> list[tuple[int, float]]:
+    """The (step, value) points TensorBoard recorded under `tag` in `folder`, read back as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_curves_land_under_the_runs_logs_and_match_the_trainer_log(tmp_path):
+    from gradientspace.clustering.stages import train_warmup
+    from gradientspace.config import load_config
+
+    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "warmup.fraction": 1.0, "warmup.epochs": 2,
+                                "data.validation_fraction": 0.0, "train.report_to": "[tensorboard]"})
+    loaded = fresh()
+    summary = train_warmup(tmp_path / "run" / "warmup", config, make_records(12), loaded, "k")
+    curve = scalars(tmp_path / "run" / "logs" / "warmup", "train/loss")
+    logged = json.loads((tmp_path / "run" / "warmup" / "trainer_log.json").read_text())["loss"]
+    assert [step for step, _ in curve] == list(range(1, summary["steps"] + 1))  # one point per optimizer step
+    assert [round(value, 5) for _, value in curve] == pytest.approx(logged, abs=1e-5)
+    assert not (tmp_path / "run" / "warmup" / "runs").exists()  # nothing left where Trainer would have put it

@@ -110,7 +110,8 @@ def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded:
     """Train the warm-up adapter into `folder` (resuming a checkpoint of the same `key`); returns the training summary."""
     examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
     plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
-                     schedule="constant", warmup_ratio=0.0, patience=None)
+                     schedule="constant", warmup_ratio=0.0, patience=None, report_to=tuple(config.train.report_to),
+                     logs=folder.parent / "logs" / folder.name)
     return train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
 
 

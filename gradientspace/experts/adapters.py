@@ -54,12 +54,13 @@ def generalist_folder(run: Run) -> Path:
     return get(GENERALIST).folder(run) / "0"
 
 
-def _plan(config: RunConfig, branch: bool) -> TrainPlan:
+def _plan(config: RunConfig, branch: bool, logs: Path) -> TrainPlan:
     experts = config.experts
     epochs = experts.branch_epochs if branch and not experts.equal_budget else experts.epochs
     return TrainPlan(epochs, experts.branch_learning_rate if branch else experts.learning_rate, experts.batch_size, config.seed,
                      schedule=experts.schedule, warmup_ratio=experts.warmup_ratio,
-                     patience=None if experts.equal_budget else experts.patience, snapshot_epochs=tuple(experts.snapshot_epochs))
+                     patience=None if experts.equal_budget else experts.patience, snapshot_epochs=tuple(experts.snapshot_epochs),
+                     report_to=tuple(config.train.report_to), logs=logs)
 
 
 class PartitionStage(Stage):
@@ -153,7 +154,8 @@ class AdapterStage(Stage):
         to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
         branch = get(self.strategy).start(config) == "generalist"
         result = train_adapter(loaded.model, to_examples(train), to_examples(validation), loaded.tokenizer.pad_token_id,
-                               loaded.device, _plan(config, branch), folder, key, desc=f"{self.strategy} adapter {self.group}")
+                               loaded.device, _plan(config, branch, run.path("logs", self.strategy, self.group)), folder, key,
+                               desc=f"{self.strategy} adapter {self.group}")
         record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(run.directory.root))])
 
 

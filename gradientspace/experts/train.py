@@ -45,6 +45,8 @@ class TrainPlan:
     patience: int | None = 1  # epochs without validation improvement before stopping; None = fixed epochs
     snapshot_epochs: tuple[int, ...] = ()  # keep the adapter as it was after these epochs, in `epoch-<e>/`
     sampling: str = "group_by_length"  # Trainer's train_sampling_strategy; `sequential` keeps the given order (benchmarks)
+    report_to: tuple[str, ...] = ()  # Trainer's trackers (`train.report_to`): tensorboard, wandb, mlflow…
+    logs: Path | None = None  # where TensorBoard writes this adapter's curves (`RUN/logs/<adapter>/`)
 
 
 class _ExampleDataset(torch.utils.data.Dataset):
@@ -110,6 +112,12 @@ def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool, seconds_fil
                 _save_adapter(model, out_dir / f"epoch-{epoch}")
 
     callbacks = [SecondsAtCheckpoint()] + ([Snapshots()] if plan.snapshot_epochs else [])
+    if "tensorboard" in plan.report_to:
+        # Trainer would write under its checkpoint folder, which is removed once the adapter is saved: the run's logs/ keeps them
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(plan.logs or out_dir / "logs"))))
     if has_validation and plan.patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=plan.patience))
     return callbacks
@@ -174,7 +182,8 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
         eval_strategy="epoch" if has_validation else "no", prediction_loss_only=True, save_strategy="epoch",
         load_best_model_at_end=has_validation and plan.patience is not None, metric_for_best_model="eval_loss",
-        greater_is_better=False, save_total_limit=2, logging_steps=1, report_to=[], seed=plan.seed, data_seed=plan.seed,
+        greater_is_better=False, save_total_limit=2, logging_steps=1, seed=plan.seed, data_seed=plan.seed,
+        report_to=[tracker for tracker in plan.report_to if tracker != "tensorboard"], run_name=desc,
         bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy=plan.sampling,
         dataloader_num_workers=0, disable_tqdm=False, label_names=["labels"],
     )
