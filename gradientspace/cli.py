@@ -86,6 +86,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 0
     print(f"\nmethod {outcome.method}   K = {outcome.k}   samples {len(outcome.labels)}   run {outcome.run_dir}")
     print(f"cluster sizes: {outcome.sizes}")
+    for cluster, terms in outcome.terms.items():
+        print(f"  cluster {cluster:<3} {', '.join(terms) or '(no words to name it by)'}")
     for name, value in outcome.metrics.items():
         print(f"  {name:<24} {value:.4f}" if isinstance(value, float) else f"  {name:<24} {value}")
     if outcome.interference:

@@ -7,8 +7,10 @@ byte-for-byte unchanged. Every case fails before a model loads, so the matrix co
 milliseconds a case after the one clustered run it shares.
 """
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -36,8 +38,18 @@ def finished(tmp_path_factory):
     """A clustered tiny run, made once; cases that damage a run work on a copy."""
     root = tmp_path_factory.mktemp("bad-input")
     data = jsonl(root / "train.jsonl", GOOD_ROWS)
-    assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--k", "2", "--out", str(root / "run"), *RUN_FLAGS]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--k", "2", "--out", str(root / "run"), *RUN_FLAGS]) == 0
+    (root / "cluster-stdout.txt").write_text(printed.getvalue())
     return root
+
+
+def test_the_cluster_summary_names_each_cluster_by_its_terms(finished):
+    terms = json.loads((finished / "run" / "manifest.json").read_text())["stages"]["cluster"]["terms"]
+    assert set(terms) == {"0", "1"} and all(terms.values())
+    printed = (finished / "cluster-stdout.txt").read_text()
+    for cluster, words in terms.items():
+        assert f"  cluster {cluster:<3} {', '.join(words)}\n" in printed
 
 
 class Case:

@@ -145,3 +145,33 @@ def test_k_auto_on_five_records_runs(tmp_path, capsys):
     assert "k auto: K = " in out and "over K = 2..4 (2 " in out
     silhouette = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["silhouette"]
     assert list(silhouette) == ["2", "3", "4"]
+
+
+def test_cluster_terms_are_class_based_tfidf_against_a_naive_count():
+    """Each cluster's distinctive words: pooled counts per cluster, tf · log(1 + A / f), checked word by word."""
+    import math
+    import re
+    from collections import Counter
+
+    from gradientspace.clustering.terms import cluster_terms, record_text
+    from gradientspace.data.records import Record
+
+    topics = [("integral derivative equation equation solve", "math"), ("function return loop variable python", "code"),
+              ("poem rhyme verse stanza poem", "poetry")]
+    records, labels = [], []
+    for i in range(12):
+        words, _ = topics[i % 3]
+        records.append(Record(f"r{i}", [{"role": "user", "content": f"Please answer this: {words}"}], f"the answer is {words.split()[i % 5]} 42"))
+        labels.append(i % 3)
+    terms = cluster_terms(records, labels, 3, top=3)
+
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    counts = [Counter(w for r, l in zip(records, labels) if l == g for w in re.findall(r"[a-z]{2,}", record_text(r).lower())
+                      if w not in ENGLISH_STOP_WORDS) for g in range(3)]
+    total = sum(counts, Counter())
+    mean_words = sum(sum(c.values()) for c in counts) / 3
+    for g in range(3):
+        weight = {w: counts[g][w] / sum(counts[g].values()) * math.log(1 + mean_words / total[w]) for w in counts[g]}
+        expected = sorted(weight, key=lambda w: (-weight[w], w))[:3]
+        assert terms[str(g)] == expected
+        assert set(terms[str(g)]) <= set(topics[g][0].split())  # the shared words (`answer`, `please`) name no cluster

@@ -17,12 +17,14 @@ def test_cluster_browser_shows_the_prompts_nearest_each_centroid(tmp_path):
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"index": i, "id": f"s{i}", "source": None, "prompt": f"prompt <{i}>"}) + "\n" for i in range(30)))
     (tmp_path / "clusters.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "cluster": c}) + "\n" for i, c in enumerate(clusters)))
     save_file({"coordinates": coordinates}, str(tmp_path / "sketch.safetensors"))
-    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"seed": 0}, "stages": {"cluster": {"done": True, "key": "abc", "seconds": 1.5}}}))
+    terms = {"0": ["integral", "<derivative>"], "1": ["python"], "2": []}
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"seed": 0}, "stages": {"cluster": {"done": True, "key": "abc", "seconds": 1.5,
+                                                                                                      "terms": terms}}}))
     page = next(p for p in make_report(tmp_path) if p.name == "report.html").read_text()
     assert "prompt &lt;" in page and "prompt <" not in page  # prompts are escaped, not markup
-    shown = re.findall(r"<summary>cluster (\d+) · (\d+) samples</summary>(.*?)</details>", page)
-    assert [(k, n) for k, n, _ in shown] == [("0", "10"), ("1", "10"), ("2", "10")]
-    for k, _, body in shown:
+    shown = re.findall(r"<summary>cluster (\d+) · (\d+) samples(?: · ([^<]*))?</summary>(.*?)</details>", page)
+    assert [(k, n, named) for k, n, named, _ in shown] == [("0", "10", "integral, &lt;derivative&gt;"), ("1", "10", "python"), ("2", "10", "")]
+    for k, _, _, body in shown:
         members = [i for i, c in enumerate(clusters) if c == int(k)]
         unit = coordinates / coordinates.norm(dim=1, keepdim=True)
         direction = unit[members].mean(dim=0)

@@ -31,6 +31,7 @@ from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
 from gradientspace.gradients.sketch import OnlineSVD, SketchResult
 from gradientspace.clustering.partitioners import PARTITIONERS
+from gradientspace.clustering.terms import cluster_terms
 from gradientspace.experts.strategies import get
 from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
 
@@ -48,6 +49,7 @@ class ClusterOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)
     interference: dict[str, dict[str, float]] = field(default_factory=dict)  # per cluster, `cluster.interference`
+    terms: dict[str, list[str]] = field(default_factory=dict)  # per cluster, its most distinctive terms (`terms.cluster_terms`)
 
 
 # ---------------------------------------------------------------- data
@@ -348,7 +350,8 @@ class ClusterStage(Stage):
         if all(s is not None for s in sources):
             metrics.update(label_metrics(labels, sources))
             record["composition"] = composition(labels, sources)
-        record.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=np.bincount(labels, minlength=k).tolist(), metrics=metrics, **details)
+        record.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=np.bincount(labels, minlength=k).tolist(), metrics=metrics,
+                      terms=cluster_terms(records, labels, k, seed=config.seed), **details)
 
 
 def cluster(run: Run | RunConfig) -> ClusterOutcome:
@@ -363,4 +366,4 @@ def cluster(run: Run | RunConfig) -> ClusterOutcome:
     entry, = run.build(ClusterStage())
     labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
     return ClusterOutcome(run.directory.root, config.cluster.method, entry["k"], labels, [r.id for r in run.records],
-                          entry.get("metrics", {}), entry["sizes"], entry.get("interference", {}))
+                          entry.get("metrics", {}), entry["sizes"], entry.get("interference", {}), entry.get("terms", {}))

@@ -8,7 +8,7 @@ training-loss curves.
 as base64 PNG, no scripts, no external resources): the config, per-stage timings, the test data
 scored and the result table, the clustering scores (NMI, purity, captured energy, the silhouette
 of each K tried), each router's held-out accuracy, threshold and fall-backs, every figure, and a
-cluster browser (size, label composition, the prompts nearest each centroid in the sketch, and
+cluster browser (its most distinctive terms, size, label composition, the prompts nearest each centroid in the sketch, and
 the adapter that serves the cluster: the expert, its blend with the generalist, or the generalist
 where its expert fell back, with the keep decision's reason and the cluster's interference statistics).
 """
@@ -226,7 +226,7 @@ def _result_table(results: dict, strategies: list[str]) -> str:
 
 
 def cluster_browser(run: RunDirectory) -> str:
-    """Per cluster: size, label composition, the prompts nearest its centroid (sketch coordinates), its adapter."""
+    """Per cluster: its most distinctive terms, size, label composition, the prompts nearest its centroid (sketch coordinates), its adapter."""
     if not run.path("clusters.jsonl").exists() or not run.path("samples.jsonl").exists():
         return "<p>No clusters yet: run <code>gradientspace cluster</code>.</p>"
     clusters = np.array([row["cluster"] for row in _rows(run.path("clusters.jsonl"))])
@@ -238,6 +238,7 @@ def cluster_browser(run: RunDirectory) -> str:
             unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
     composition = run.stage_entry("cluster").get("composition") or {}
     interference = run.stage_entry("cluster").get("interference") or {}
+    terms = run.stage_entry("cluster").get("terms") or {}
     served = served_groups(run, "routed") if run.path("experts", "partition.json").exists() else {}
     fallback = html.escape(_fallback_name(run, "routed")) if served else None
     decisions = run.stage_entry("keep/routed").get("groups") or {}
@@ -272,7 +273,8 @@ def cluster_browser(run: RunDirectory) -> str:
         body.append(f"<p>{'Nearest to the centroid' if unit is not None else 'First members'}:</p>")
         body.extend(f"<div class=prompt><b>{html.escape(str(samples[i]['id']))}</b>: {html.escape(samples[i].get('prompt', '(prompt not recorded)'))}</div>"
                     for i in nearest)
-        parts.append(f"<details open><summary>cluster {k} · {len(members)} samples</summary>{''.join(body)}</details>")
+        named = html.escape(", ".join(terms.get(str(k), [])))
+        parts.append(f"<details open><summary>cluster {k} · {len(members)} samples{' · ' + named if named else ''}</summary>{''.join(body)}</details>")
     return "".join(parts)
 
 

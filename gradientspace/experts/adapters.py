@@ -31,6 +31,7 @@ from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, tokenize
 from gradientspace.models.loading import LoadedModel
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
+from gradientspace.clustering.terms import cluster_terms
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, write_json
 from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
@@ -85,7 +86,9 @@ class PartitionStage(Stage):
         folder = self.strategy.folder(run)
         write_json(folder / "partition.json", {"strategy": self.strategy.name, "groups": names, "empty": empty,
                                                "assignment": {r.id: l for r, l in zip(run.records, labels)}})
-        record.update(groups=names, sizes=sizes, empty=empty, outputs=[str((folder / "partition.json").relative_to(run.directory.root))])
+        terms = cluster_terms(run.records, labels, len(names), seed=run.config.seed)
+        record.update(groups=names, sizes=sizes, empty=empty, terms={name: terms[str(group)] for group, name in enumerate(names)},
+                      outputs=[str((folder / "partition.json").relative_to(run.directory.root))])
 
 
 def read_partition(run: Run, strategy: str) -> dict:
