@@ -3,7 +3,7 @@
 cluster (data → warm-up → gradients + sketch → clusters) → each strategy's partition → the
 generalist, then the experts of every strategy (branched from it) → routers → each expert kept,
 blended with the fall-back adapter or dropped on the validation records its router sends it → router
-thresholds chosen on validation → ELREA centroids (when the ensemble is evaluated) → evaluation →
+thresholds chosen on validation → a model card in every served adapter folder → ELREA centroids (when the ensemble is evaluated) → evaluation →
 report. Each stage requires the ones it reads (`runs.Stage.requires`), so asking the run for one
 target (`runner.Run.build`) builds what is missing before it, once; `run_until(config, "experts")`
 asks for the targets of one command, so `train-experts`, `train-router` and `evaluate` bring their
@@ -22,6 +22,7 @@ from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
 from gradientspace.evaluation.scores import SPLITS, Scores, evaluation_records, write_scores
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
+from gradientspace.experts.cards import CardStage
 from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.experts.keep import keep_decisions, served_stage
 from gradientspace.clustering.stages import ClusterStage, cluster
@@ -209,6 +210,7 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
             result["router"] = train_routers(run, wanted)
             result["kept"] = decide_experts(run, wanted)
             result["thresholds"] = router_thresholds(run, wanted)
+            run.build(*[CardStage(s) for s in trained(wanted, run.config)])  # once every served adapter is decided
         if last in ("experts", "router"):
             return result
         run.build(EvaluateStage(wanted))

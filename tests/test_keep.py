@@ -154,6 +154,45 @@ def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapt
     assert router_thresholds(config)["routed"] is not None
 
 
+def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_read(routed_run):
+    """Each served folder's README.md: hub metadata `ModelCard.load` reads, the group's terms and keep decision, and a peft
+    snippet that, run as it stands, loads exactly the folder's weights."""
+    import re
+
+    from huggingface_hub import ModelCard
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from gradientspace.experts.cards import CardStage
+    from gradientspace.runner import Run
+
+    run = Run(routed_run)
+    strategies = ["single", "single-continued", "routed"]
+    run.build(*[CardStage(s) for s in strategies])
+    cards = 0
+    for strategy in strategies:
+        decisions = run.stage_entry(f"keep/{strategy}").get("groups", {})
+        terms = run.stage_entry(f"partition/{strategy}")["terms"]
+        for group, (folder, weight) in served_groups(run.directory, strategy).items():
+            if folder is None:  # the fall-back answers this group: no folder of its own to describe
+                continue
+            card = ModelCard.load(folder / "README.md")
+            adapter = json.loads((folder / "adapter_config.json").read_text())
+            assert card.data.library_name == "peft" and card.data.base_model == adapter["base_model_name_or_path"]
+            assert f"# {strategy}-{group}: {', '.join(terms[group])}\n" in card.text and terms[group]
+            if group in decisions:
+                assert f"λ = {decisions[group]['lambda']:g}, {decisions[group]['reason']}" in card.text
+            assert f"--max-lora-rank {adapter['r']} --lora-modules {strategy}-{group}={folder}" in card.text
+            snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+            namespace: dict = {}
+            exec(snippet, namespace)
+            loaded = get_peft_model_state_dict(namespace["model"])
+            saved = load_file(str(folder / "adapter_model.safetensors"))
+            assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)
+            cards += 1
+    assert cards >= 2  # the generalist and, in this run, at least one branched adapter (an expert, a blend or single-continued)
+
+
 def _split(config) -> dict[str, bool]:
     from gradientspace.data.records import load_records, validation_ids
 
