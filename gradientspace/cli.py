@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from gradientspace.config import ConfigError, RunConfig, config_from_run, config_keys, key_default, key_help, load_config
-from gradientspace.experts.strategies import STRATEGIES, routed
+from gradientspace.experts.strategies import GRADIENT_CLUSTERS, STRATEGIES, routed
 from gradientspace.serving.backends import BACKENDS
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
@@ -185,6 +185,17 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     for key, _ in config_keys():
         print(f"{key}: {key_default(key)}")
         print(textwrap.fill(key_help(key), width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gradientspace.export import export_run
+
+    config = config_from_run(args.run)
+    _strategies(args.strategy, "--strategy")
+    _verified(args.run)
+    out = export_run(config, args.out, args.format, args.strategy)
+    print(f"exported {args.run} to {out}: records ({args.format}), clusters.json, sketch/coordinates.npy and sketch/info.json")
     return 0
 
 
@@ -372,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run directory")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="the training records with their cluster, sketch coordinates and serving adapter, "
+                                            "as a datasets folder (or Parquet, JSONL) and a .npy memory map")
+    export.add_argument("run", help="run directory (clustered at least)")
+    export.add_argument("--out", required=True, help="a new (or empty) folder to write the export into")
+    export.add_argument("--format", choices=["datasets", "parquet", "jsonl"], default="datasets", help="how the records are written (default datasets: "
+                        "a folder `datasets.load_from_disk` reads)")
+    export.add_argument("--strategy", default=GRADIENT_CLUSTERS, help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    export.set_defaults(func=cmd_export)
 
     keys = sub.add_parser("config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)")
     keys.set_defaults(func=cmd_config_keys)

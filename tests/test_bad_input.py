@@ -453,3 +453,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(Exception, match="data.max_length"):
         main(["cluster", "--model", "tiny-random", "--data", str(jsonl(tmp_path / "d.jsonl", GOOD_ROWS)), "--out", str(tmp_path / "r"),
               "--max-length", "0", "--debug"])
+
+
+def test_a_clustered_run_exports_without_an_adapter_column(finished, tmp_path):
+    from datasets import load_from_disk
+
+    assert main(["export", str(finished / "run"), "--out", str(tmp_path / "export")]) == 0
+    records = load_from_disk(str(tmp_path / "export" / "records"))
+    assert "adapter" not in records.column_names and len(records) == len(GOOD_ROWS)
+    assert records["id"] == [row["id"] for row in GOOD_ROWS]

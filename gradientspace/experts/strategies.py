@@ -44,6 +44,7 @@ from gradientspace.config import LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from
+GRADIENT_CLUSTERS = "routed"  # GradientSpace's own strategy: the gradient clusters, routed (what `export` and `generate` default to)
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the fall-back serves the prompt
 # why the fall-back answered a prompt instead of the group's own adapter (`Choice.fallback`, the serving metrics)
 BELOW_THRESHOLD, NOT_SERVED = "below_threshold", "expert_not_served"
