@@ -199,6 +199,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from gradientspace.selection import select_records
+
+    config = config_from_run(args.run)
+    _verified(args.run)
+    summary = select_records(config, args.target, args.top, args.out)
+    labels = f"; labels: {', '.join(f'{k} {v}' for k, v in summary['labels'].items())}" if summary["labels"] else ""
+    print(f"selected {summary['chosen']} of {summary['of']} records for the {summary['targets']} target records (mean cosine "
+          f"{summary['best_score']:+.3f} … {summary['last_score']:+.3f}){labels}: {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Read-only: draws what the run holds so far, and writes nothing to its manifest (the run may be in progress elsewhere)."""
     from gradientspace.evaluation.report import make_report
@@ -393,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--strategy", default=GRADIENT_CLUSTERS, help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     export.set_defaults(func=cmd_export)
+
+    select = sub.add_parser("select", help="the training records most like a target task's, by gradient similarity in the sketch (LESS), "
+                                            "written in the data file's own layout")
+    select.add_argument("run", help="run directory (clustered at least)")
+    select.add_argument("--target", required=True, help="a data file of examples of the task you care about (any layout `data.path` reads; "
+                                                        "the run's data.columns apply)")
+    select.add_argument("--top", required=True, help="how many records to keep: a count (200) or a share of the run's records (5%%)")
+    select.add_argument("--out", required=True, help="a new .jsonl, .json or .parquet file for the chosen records")
+    select.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    select.set_defaults(func=cmd_select)
 
     keys = sub.add_parser("config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)")
     keys.set_defaults(func=cmd_config_keys)

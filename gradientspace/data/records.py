@@ -246,7 +246,7 @@ def _parse_record(raw: Any, where: str, prompts_only: bool = False, columns: dic
     return Record(id="" if record_id is None else str(record_id), messages=prompt, response=response, source=source)
 
 
-RECORD_FEATURES = {"id": "string", "response": "string", "source": "string", "status": "string"}
+RECORD_FEATURES = {"id": "string", "response": "string", "source": "string", "status": "string", "row": "int64"}
 
 
 def _record_features():
@@ -350,6 +350,13 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None, subset: 
     raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
 
 
+def original_rows(path: str, rows: Sequence[int], subset: str | None = None, split: str = "train") -> list[dict]:
+    """Rows of a data file (or a cached dataset id's split) as the user wrote them: their own layout and column names."""
+    raw, lines = _raw_table(Path(path), None, None, subset, split)
+    texts = raw.select(list(rows))["text"]
+    return [json.loads(decode_utf8(text.encode("latin-1"), first_line=row == 0) if lines else text) for row, text in zip(rows, texts)]
+
+
 def _gzip_lines(path: str, content: str) -> Iterator[dict]:
     """A .jsonl.gz file's rows as the `text` builder gives a plain file's (Latin-1, universal newlines).
 
@@ -382,7 +389,7 @@ def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bo
 
 def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool, columns: dict[str, str]) -> dict:
     """One `map` step: parse and check each record; a bad one keeps its error message in `status`."""
-    out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": []}
+    out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": [], "row": []}
     for index, text in zip(indices, batch["text"]):
         where = f"{path}:{index + 1}" if lines else f"{path} record {index}"
         try:
@@ -395,6 +402,7 @@ def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, pro
         out["response"].append(record.response if record else "")
         out["source"].append(record.source if record else None)
         out["status"].append(status)
+        out["row"].append(index)  # the raw row it came from: `original_rows` gives it back in the user's own layout
     return out
 
 
@@ -413,6 +421,10 @@ class RecordTable(Sequence):
     @staticmethod
     def _record(row: dict) -> Record:
         return Record(row["id"], row["messages"], row["response"], row["source"])
+
+    def rows(self) -> list[int]:
+        """Each record's row in the file it was read from (blank lines and skipped records count)."""
+        return self.dataset["row"]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
