@@ -99,8 +99,10 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
         by_label[label] = row
     mean = {space: {f"top{round(s * 100)}": round(float(np.mean([row[space][f"top{round(s * 100)}"]["precision"] for row in by_label.values()])), 4)
                     for s in SHARES} for space in SPACES}
+    clustered = run.stage_entry("cluster")  # the run's named clusters: can a reader tell each one's domain from its terms?
     report = {"dataset": name, "per_label": per_label, "seed": seed, "code": code_commit(), "pool": len(pool), "targets": len(targets),
               "rank": rank, "model": config.model.name, "by_label": by_label, "mean_over_labels": mean,
+              "clusters": {"terms": clustered.get("terms"), "composition": clustered.get("composition"), "metrics": clustered.get("metrics")},
               "seconds": {"target_gradients": round(gradient_seconds, 1), "embedding_all_records": round(embedding_seconds, 1),
                           "stages": {k: v.get("seconds") for k, v in run.directory.manifest["stages"].items()}}}
     print(f"[{name} {per_label}/label seed {seed}] top 10 %: " + ", ".join(f"{s} {mean[s]['top10']:.3f}" for s in SPACES), file=sys.stderr)
@@ -122,6 +124,13 @@ def markdown(reports: list[dict]) -> str:
         base = np.mean([row["base_rate"] for row in report["by_label"].values()])
         lines.append(f"| {report['dataset']} {report['per_label']}/label | {report['seed']} | **mean** | | {base:.2f} | "
                      f"**{mean['sketch']['top10']:.2f}** | **{mean['projection']['top10']:.2f}** | **{mean['embedding']['top10']:.2f}** |")
+    lines += ["", "The runs' clusters, named by their most distinctive terms (class-based TF-IDF), and the labels they hold:", "",
+              "| data | seed | cluster | terms | labels |", "| --- | --- | --- | --- | --- |"]
+    for report in reports:
+        clusters = report["clusters"]
+        for k, terms in (clusters["terms"] or {}).items():
+            labels = ", ".join(f"{label} {n}" for label, n in sorted((clusters["composition"] or {}).get(k, {}).items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {report['dataset']} | {report['seed']} | {k} | {', '.join(terms)} | {labels} |")
     lines += ["", "Seconds: " + "; ".join(f"{r['dataset']} seed {r['seed']}: target gradients {r['seconds']['target_gradients']} s "
                                            f"({r['targets']} records), MiniLM over all {r['pool'] + r['targets']} records {r['seconds']['embedding_all_records']} s, "
                                            f"the run's gradient pass {r['seconds']['stages'].get('gradients')} s" for r in reports) + "."]
