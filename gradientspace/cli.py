@@ -156,7 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _strategies(args.strategy, "--strategy")
     RunDirectory(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
     _verified(config.out)
-    records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")] if args.prompt else load_records(args.data, skip_bad=args.skip_bad, prompts_only=True)[0]
+    if args.prompt:
+        records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")]
+    else:  # the run's column mapping applies, as it does to evaluate.data
+        records = load_records(args.data, skip_bad=args.skip_bad, prompts_only=True, columns=config.data.columns)[0]
     engine = StrategyModel(config, [args.strategy])
     public = {adapter: name for name, adapter in serving_names(engine, args.strategy).items()}
     for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):

@@ -173,7 +173,7 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
     for strategy in strategies:
         decisions = run.stage_entry(f"keep/{strategy}").get("groups", {})
         terms = run.stage_entry(f"partition/{strategy}")["terms"]
-        for group, (folder, weight) in served_groups(run.directory, strategy).items():
+        for group, (folder, _) in served_groups(run.directory, strategy).items():
             if folder is None:  # the fall-back answers this group: no folder of its own to describe
                 continue
             card = ModelCard.load(folder / "README.md")

@@ -98,6 +98,16 @@ def test_generate_command(finished_run, capsys):
     assert below["expert"] == -1 and below["fallback"] == "below_threshold"  # the fall-back answered
 
 
+def test_generate_reads_a_file_through_the_column_mapping(finished_run, tmp_path, capsys):
+    _, run = finished_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"key": "q1", "question": "What is 2 + 3?"}) + "\n" + json.dumps({"key": "q2", "question": "Name a colour."}) + "\n")
+    assert main(["generate", str(run), "--data", str(prompts), "--max-new-tokens", "2"]) == 2
+    assert "prompts.jsonl:1: missing field `instruction`" in capsys.readouterr().err
+    assert main(["generate", str(run), "--data", str(prompts), "--max-new-tokens", "2", "--set", "data.columns={instruction: question, id: key}"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.strip().splitlines()] == ["q1", "q2"]
+
+
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
     """Left-padded batches per adapter decode the same tokens as the batch-1 greedy loop."""
     from gradientspace.data.records import load_records
