@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean gpu-check
+.PHONY: install demo test test-fast lint bench clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: $(STAMP)
 # its tests share are built once.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n auto --dist loadfile
+
+# ruff: pyflakes, pycodestyle, import order and pyupgrade rules, and the formatter (settings in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gradientspace tests bench
+	$(VENV)/bin/ruff format --check gradientspace tests bench
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -30,7 +30,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
 from plot_experts import load, mean_std, paired_bootstrap
 
 ARMS = ["single", "single-continued", "best-single", "routed", "random-clusters", "oracle", "gradient-oracle"]
@@ -50,8 +49,14 @@ def with_best_single(run: dict) -> dict:
     arms["best-single"] = {**arms[best_single(arms)], "chosen": best_single(arms)}
     routed = arms.get("routed")
     if routed and "per_record_adapter" in routed:
-        arms[FALLBACK_WHAT_IF] = {"per_record_nll": [record if adapter == GENERALIST_ADAPTER else own for own, record, adapter in
-                                                     zip(routed["per_record_nll"], arms["best-single"]["per_record_nll"], routed["per_record_adapter"])]}
+        arms[FALLBACK_WHAT_IF] = {
+            "per_record_nll": [
+                record if adapter == GENERALIST_ADAPTER else own
+                for own, record, adapter in zip(
+                    routed["per_record_nll"], arms["best-single"]["per_record_nll"], routed["per_record_adapter"]
+                )
+            ]
+        }
     return arms
 
 
@@ -82,8 +87,16 @@ def compare(runs: list[dict], arm: str, baseline: str) -> dict | None:
     differences = np.array([np.array(r[arm]["per_record_nll"]) - np.array(r[baseline]["per_record_nll"]) for r in both])
     per_seed = differences.mean(axis=1).tolist()
     mean, low, high = paired_bootstrap(differences.mean(axis=0))
-    return {"arm": arm, "baseline": baseline, "seeds": len(both), "mean": mean, "per_seed": per_seed,
-            "t_interval_over_seeds": t_interval(per_seed), "record_bootstrap": (low, high), "seed_and_record_bootstrap": two_level_bootstrap(differences)}
+    return {
+        "arm": arm,
+        "baseline": baseline,
+        "seeds": len(both),
+        "mean": mean,
+        "per_seed": per_seed,
+        "t_interval_over_seeds": t_interval(per_seed),
+        "record_bootstrap": (low, high),
+        "seed_and_record_bootstrap": two_level_bootstrap(differences),
+    }
 
 
 def decisions(arm: dict) -> tuple[int, int, int]:
@@ -100,40 +113,66 @@ def summarize(dataset: str, per_label: int, seeds: dict) -> dict:
         if not present:
             continue
         compute = [a["compute"] for a in present]
-        served = [a["adapters_used"].get(GENERALIST_ADAPTER, 0) / max(sum(a["adapters_used"].values()), 1) for a in present]
-        rows[arm] = {"seeds": len(present), "test_nll": [a["by_label"]["overall"]["nll"] for a in present],
-                     "validation_nll": [a["validation_nll"] for a in present],
-                     "kept_blended_fell_back": [decisions(a) for a in present] if "experts" in present[0] else None,
-                     "generalist_share": served, "chosen": [a.get("chosen") for a in present] if arm == "best-single" else None,
-                     "steps": statistics.mean(c.get("steps_with_generalist", c["steps"]) for c in compute),
-                     "tokens": statistics.mean(c.get("tokens_with_generalist", c["tokens"]) for c in compute),
-                     "train_seconds": statistics.mean(c.get("train_seconds_with_generalist", c["train_seconds"]) for c in compute),
-                     "gradient_pass_seconds": statistics.mean(c.get("gradient_pass_seconds") or 0 for c in compute)}
-    pairs = [("routed", "best-single"), ("routed", "random-clusters"), ("routed", "single"), ("single-continued", "single"),
-             ("random-clusters", "best-single"), ("oracle", "best-single"), ("gradient-oracle", "best-single"),
-             (FALLBACK_WHAT_IF, "best-single")]
+        served = [
+            a["adapters_used"].get(GENERALIST_ADAPTER, 0) / max(sum(a["adapters_used"].values()), 1) for a in present
+        ]
+        rows[arm] = {
+            "seeds": len(present),
+            "test_nll": [a["by_label"]["overall"]["nll"] for a in present],
+            "validation_nll": [a["validation_nll"] for a in present],
+            "kept_blended_fell_back": [decisions(a) for a in present] if "experts" in present[0] else None,
+            "generalist_share": served,
+            "chosen": [a.get("chosen") for a in present] if arm == "best-single" else None,
+            "steps": statistics.mean(c.get("steps_with_generalist", c["steps"]) for c in compute),
+            "tokens": statistics.mean(c.get("tokens_with_generalist", c["tokens"]) for c in compute),
+            "train_seconds": statistics.mean(
+                c.get("train_seconds_with_generalist", c["train_seconds"]) for c in compute
+            ),
+            "gradient_pass_seconds": statistics.mean(c.get("gradient_pass_seconds") or 0 for c in compute),
+        }
+    pairs = [
+        ("routed", "best-single"),
+        ("routed", "random-clusters"),
+        ("routed", "single"),
+        ("single-continued", "single"),
+        ("random-clusters", "best-single"),
+        ("oracle", "best-single"),
+        ("gradient-oracle", "best-single"),
+        (FALLBACK_WHAT_IF, "best-single"),
+    ]
     comparisons = [c for c in (compare(list(runs.values()), arm, base) for arm, base in pairs) if c]
     return {"dataset": dataset, "per_label": per_label, "seeds": sorted(runs), "arms": rows, "comparisons": comparisons}
 
 
 def markdown(summary: dict) -> list[str]:
-    lines = [f"### {summary['dataset']}, {summary['per_label']} training records per label (seeds {summary['seeds']})", "",
-             "| arm | seeds | test NLL | validation NLL | experts kept / blended / fell back (per seed) | generalist served | steps | tokens | train s | gradient pass s |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"### {summary['dataset']}, {summary['per_label']} training records per label (seeds {summary['seeds']})",
+        "",
+        "| arm | seeds | test NLL | validation NLL | experts kept / blended / fell back (per seed) | generalist served | steps | tokens | train s | gradient pass s |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for arm, row in summary["arms"].items():
-        kept = "; ".join("/".join(map(str, d)) for d in row["kept_blended_fell_back"]) if row["kept_blended_fell_back"] else "–"
+        kept = (
+            "; ".join("/".join(map(str, d)) for d in row["kept_blended_fell_back"])
+            if row["kept_blended_fell_back"]
+            else "–"
+        )
         name = f"{arm} ({', '.join(row['chosen'])})" if row["chosen"] else arm
-        lines.append(f"| {name} | {row['seeds']} | {mean_std(row['test_nll'])} | {mean_std(row['validation_nll'])} | {kept} | "
-                     f"{statistics.mean(row['generalist_share']):.0%} | {row['steps']:.0f} | {row['tokens']:.0f} | {row['train_seconds']:.0f} | "
-                     f"{row['gradient_pass_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {row['seeds']} | {mean_std(row['test_nll'])} | {mean_std(row['validation_nll'])} | {kept} | "
+            f"{statistics.mean(row['generalist_share']):.0%} | {row['steps']:.0f} | {row['tokens']:.0f} | {row['train_seconds']:.0f} | "
+            f"{row['gradient_pass_seconds']:.0f} |"
+        )
     lines.append("")
     for c in summary["comparisons"]:
         low, high = c["t_interval_over_seeds"]
         seeds = f"t-interval over seeds {low:+.4f} … {high:+.4f}; " if c["seeds"] > 1 else ""
-        lines.append(f"- {c['arm']} − {c['baseline']} ({c['seeds']} seed(s)): **{c['mean']:+.4f}** — {seeds}"
-                     f"bootstrap over records {c['record_bootstrap'][0]:+.4f} … {c['record_bootstrap'][1]:+.4f}; "
-                     f"over seeds and records {c['seed_and_record_bootstrap'][0]:+.4f} … {c['seed_and_record_bootstrap'][1]:+.4f}; "
-                     f"per seed {', '.join(f'{d:+.4f}' for d in c['per_seed'])}")
+        lines.append(
+            f"- {c['arm']} − {c['baseline']} ({c['seeds']} seed(s)): **{c['mean']:+.4f}** — {seeds}"
+            f"bootstrap over records {c['record_bootstrap'][0]:+.4f} … {c['record_bootstrap'][1]:+.4f}; "
+            f"over seeds and records {c['seed_and_record_bootstrap'][0]:+.4f} … {c['seed_and_record_bootstrap'][1]:+.4f}; "
+            f"per seed {', '.join(f'{d:+.4f}' for d in c['per_seed'])}"
+        )
     lines.append("")
     return lines
 
@@ -143,7 +182,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench/results/experts-v2"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    summaries = [summarize(dataset, per_label, seeds) for (dataset, per_label), seeds in sorted(load(args.results).items())]
+    summaries = [
+        summarize(dataset, per_label, seeds) for (dataset, per_label), seeds in sorted(load(args.results).items())
+    ]
     lines = ["# Routed experts vs the best single adapter, seeds paired (bench/experts.py → bench/arms.py)", ""]
     for summary in summaries:
         lines.extend(markdown(summary))

@@ -18,7 +18,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from plot_experts import load, paired_bootstrap, seed_interval
 
 
@@ -33,11 +32,19 @@ def routed_validation_nll(arm: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", type=Path, nargs="+", help="results folders of bench/experts.py, the default setting first")
+    parser.add_argument(
+        "folders", type=Path, nargs="+", help="results folders of bench/experts.py, the default setting first"
+    )
     args = parser.parse_args()
     variants = {folder.name: load(folder) for folder in args.folders}
-    common = set.intersection(*({(key, seed) for key, seeds in runs.items() for seed in seeds} for runs in variants.values()))
-    print("| run | " + " | ".join(f"{name}: validation NLL / kept / test routed − single" for name in variants) + " | chosen on validation |")
+    common = set.intersection(
+        *({(key, seed) for key, seeds in runs.items() for seed in seeds} for runs in variants.values())
+    )
+    print(
+        "| run | "
+        + " | ".join(f"{name}: validation NLL / kept / test routed − single" for name in variants)
+        + " | chosen on validation |"
+    )
     print("|---|" + "---|" * len(variants) + "---|")
     chosen_differences: dict = {}
     for (dataset, per_label), seed in sorted(common):
@@ -47,18 +54,23 @@ def main() -> None:
             scores[name] = routed_validation_nll(result["routed"])
             difference = np.array(result["routed"]["per_record_nll"]) - np.array(result["single"]["per_record_nll"])
             kept = sum(e["kept"] for e in result["routed"]["experts"].values())
-            cells.append(f"{scores[name]:.4f} / {kept} of {len(result['routed']['experts'])} / {difference.mean():+.4f}")
+            cells.append(
+                f"{scores[name]:.4f} / {kept} of {len(result['routed']['experts'])} / {difference.mean():+.4f}"
+            )
         best = min(scores, key=scores.get)
         result = variants[best][(dataset, per_label)][seed]["arms"]
         chosen_differences.setdefault((dataset, per_label), []).append(
-            np.array(result["routed"]["per_record_nll"]) - np.array(result["single"]["per_record_nll"]))
+            np.array(result["routed"]["per_record_nll"]) - np.array(result["single"]["per_record_nll"])
+        )
         print(f"| {dataset} {per_label}/label seed {seed} | " + " | ".join(cells) + f" | {best} |")
     print()
     for (dataset, per_label), per_seed in sorted(chosen_differences.items()):
         mean, low, high = paired_bootstrap(np.mean(per_seed, axis=0))
         spread = f"; {seed_interval([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
-        print(f"- {dataset}, {per_label} per label, {len(per_seed)} run(s), setting chosen on validation per run: routed − single "
-              f"**{mean:+.4f}** (95 % CI over test records {low:+.4f} … {high:+.4f}){spread}")
+        print(
+            f"- {dataset}, {per_label} per label, {len(per_seed)} run(s), setting chosen on validation per run: routed − single "
+            f"**{mean:+.4f}** (95 % CI over test records {low:+.4f} … {high:+.4f}){spread}"
+        )
 
 
 if __name__ == "__main__":

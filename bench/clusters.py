@@ -21,15 +21,21 @@ from pathlib import Path
 
 import torch
 
-from gradientspace.clustering.kmeans import RademacherProjector, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
+from gradientspace.clustering.kmeans import (
+    RademacherProjector,
+    label_metrics,
+    random_labels,
+    spherical_kmeans,
+    within_cluster_cosine,
+)
+from gradientspace.clustering.stages import gradient_batches, train_warmup
 from gradientspace.config import load_config
 from gradientspace.data.records import load_records
-from gradientspace.routing.encoder import embed_texts
 from gradientspace.gradients.engine import layout_of, stream_gradients
-from gradientspace.models.loading import load_lora_model
-from gradientspace.clustering.stages import gradient_batches, train_warmup
-from gradientspace.runs import config_hash, peak_memory_mb
 from gradientspace.gradients.sketch import OnlineSVD
+from gradientspace.models.loading import load_lora_model
+from gradientspace.routing.encoder import embed_texts
+from gradientspace.runs import config_hash, peak_memory_mb
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -82,16 +88,30 @@ def bench_dataset(name: str, args) -> dict:
 
     start = time.perf_counter()
     embeddings = embed_texts([r.prompt_text for r in records], torch.device("cpu"))
-    out["embedding"] = {**kmeans_scores(embeddings, sources, k, args.seeds), "seconds": round(time.perf_counter() - start, 2)}
+    out["embedding"] = {
+        **kmeans_scores(embeddings, sources, k, args.seeds),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     out["random"] = kmeans_scores(None, sources, k, args.seeds)
     print(f"[{name}] embedding NMI {out['embedding']['nmi']}", file=sys.stderr)
 
     for tokens in args.tokens:
-        config = load_config(None, {"model.name": args.model, "data.path": name, "data.max_length": args.max_length, "out": str(args.out / name),
-                                    "gradients.tokens": tokens, "gradients.batch_size": args.batch_size})
+        config = load_config(
+            None,
+            {
+                "model.name": args.model,
+                "data.path": name,
+                "data.max_length": args.max_length,
+                "out": str(args.out / name),
+                "gradients.tokens": tokens,
+                "gradients.batch_size": args.batch_size,
+            },
+        )
         loaded = load_lora_model(config.model, seed=config.seed)
         warm_start = time.perf_counter()
-        warmup_dir = args.out / name / "warmup"  # its checkpoints are named by this key: a re-run of the same settings resumes
+        warmup_dir = (
+            args.out / name / "warmup"
+        )  # its checkpoints are named by this key: a re-run of the same settings resumes
         train_warmup(warmup_dir, config, records, loaded, config_hash(config.to_dict(), [r.id for r in records]))
         warmup_seconds = time.perf_counter() - warm_start
         from peft import set_peft_model_state_dict
@@ -110,7 +130,9 @@ def bench_dataset(name: str, args) -> dict:
         pass_start = time.perf_counter()
         gradient_seconds = 0.0
         tick = time.perf_counter()
-        for _, indices, grads, _ in stream_gradients(loaded.model, batches, loaded.tokenizer.pad_token_id, loaded.device, normalize=True):
+        for _, indices, grads, _ in stream_gradients(
+            loaded.model, batches, loaded.tokenizer.pad_token_id, loaded.device, normalize=True
+        ):
             gradient_seconds += time.perf_counter() - tick
             for consumer in consumers.values():
                 consumer.add(grads, indices)
@@ -118,8 +140,13 @@ def bench_dataset(name: str, args) -> dict:
                 exact_rows[i] = row.clone()
             tick = time.perf_counter()
         exact = torch.stack([exact_rows[i] for i in range(len(records))])
-        result = {"warmup_seconds": round(warmup_seconds, 1), "gradient_seconds": round(gradient_seconds, 1),
-                  "pass_seconds": round(time.perf_counter() - pass_start, 1), "dim": dim, "methods": {}}
+        result = {
+            "warmup_seconds": round(warmup_seconds, 1),
+            "gradient_seconds": round(gradient_seconds, 1),
+            "pass_seconds": round(time.perf_counter() - pass_start, 1),
+            "dim": dim,
+            "methods": {},
+        }
 
         for key, timed in consumers.items():
             start = time.perf_counter()
@@ -127,22 +154,31 @@ def bench_dataset(name: str, args) -> dict:
                 sketch = timed.consumer.result()
                 order = torch.argsort(sketch.indices)
                 features = sketch.coordinates[order]
-                extra = {"captured_energy": round(sketch.captured_energy, 4),
-                         "state_mb": round((dim + len(records)) * timed.consumer.internal_rank * 8 / 2**20, 1)}
+                extra = {
+                    "captured_energy": round(sketch.captured_energy, 4),
+                    "state_mb": round((dim + len(records)) * timed.consumer.internal_rank * 8 / 2**20, 1),
+                }
             else:
                 features, indices = timed.consumer.result()
                 features = features[torch.argsort(torch.tensor(indices))]
-                extra = {"state_mb": round((timed.consumer.block_rows + len(records)) * timed.consumer.k * 4 / 2**20, 1)}
+                extra = {
+                    "state_mb": round((timed.consumer.block_rows + len(records)) * timed.consumer.k * 4 / 2**20, 1)
+                }
             feed = timed.seconds + time.perf_counter() - start
             scores = kmeans_scores(features, sources, k, args.seeds, coordinates=None)
             result["methods"][key] = {**scores, **extra, "feature_seconds": round(feed, 2)}
         start = time.perf_counter()
-        result["methods"]["exact_full_gradients"] = {**kmeans_scores(exact, sources, k, args.seeds),
-                                                     "state_mb": round(exact.numel() * 4 / 2**20, 1),
-                                                     "kmeans_seconds": round(time.perf_counter() - start, 2)}
+        result["methods"]["exact_full_gradients"] = {
+            **kmeans_scores(exact, sources, k, args.seeds),
+            "state_mb": round(exact.numel() * 4 / 2**20, 1),
+            "kmeans_seconds": round(time.perf_counter() - start, 2),
+        }
         result.update(peak_memory_mb())
         out["by_tokens"][tokens] = result
-        print(f"[{name}/{tokens}] " + ", ".join(f"{m}: NMI {v['nmi']}" for m, v in result["methods"].items()), file=sys.stderr)
+        print(
+            f"[{name}/{tokens}] " + ", ".join(f"{m}: NMI {v['nmi']}" for m, v in result["methods"].items()),
+            file=sys.stderr,
+        )
         del exact, exact_rows, loaded
     return out
 
@@ -160,8 +196,16 @@ def main() -> None:
     args = parser.parse_args()
     missing = [d for d in args.datasets if not (SHARED / d / "train.jsonl").exists()]
     if missing:
-        sys.exit(f"bench/clusters.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)")
-    report = {"model": args.model, "per_label": args.per_label, "seeds": args.seeds, "max_length": args.max_length, "datasets": {}}
+        sys.exit(
+            f"bench/clusters.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)"
+        )
+    report = {
+        "model": args.model,
+        "per_label": args.per_label,
+        "seeds": args.seeds,
+        "max_length": args.max_length,
+        "datasets": {},
+    }
     for name in args.datasets:
         report["datasets"][name] = bench_dataset(name, args)
     print(json.dumps(report, indent=2))

@@ -21,7 +21,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
 from arms import compare, with_best_single
 from plot_experts import paired_bootstrap
 
@@ -33,16 +32,23 @@ HYPOTHESES = [
     ("H2", ("skills4", 200), [("routed", "embedding-clusters"), ("routed", "projection-clusters")], 0.0),
     ("H3", ("mix4", 100), [("routed", "best-single")], 0.003),
 ]
-SECONDARY = [(("mix4", 100), "routed", "embedding-clusters"), (("mix4", 100), "routed", "projection-clusters"),
-             (("skills4", 200), "single-continued", "single"), (("mix4", 100), "single-continued", "single")]
+SECONDARY = [
+    (("mix4", 100), "routed", "embedding-clusters"),
+    (("mix4", 100), "routed", "projection-clusters"),
+    (("skills4", 200), "single-continued", "single"),
+    (("mix4", 100), "single-continued", "single"),
+]
 
 
 def protocol_commit() -> str:
     """The commit that added bench/protocol.md: the code every confirmatory run must be made with."""
     import subprocess
 
-    done = subprocess.run(["git", "-C", str(PROTOCOL.parent), "log", "--diff-filter=A", "--format=%H", "--", PROTOCOL.name],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "-C", str(PROTOCOL.parent), "log", "--diff-filter=A", "--format=%H", "--", PROTOCOL.name],
+        capture_output=True,
+        text=True,
+    )
     commits = done.stdout.split()
     if done.returncode or not commits:
         raise SystemExit(f"no commit adds {PROTOCOL} (a shallow clone? `git fetch --unshallow`)")
@@ -54,7 +60,10 @@ def load(folder: Path) -> dict[tuple[str, int], dict[int, dict]]:
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
         if isinstance(result, dict) and "dataset" in result:
-            runs.setdefault((result["dataset"], result["per_label"]), {})[result["seed"]] = {**result, "file": path.name}
+            runs.setdefault((result["dataset"], result["per_label"]), {})[result["seed"]] = {
+                **result,
+                "file": path.name,
+            }
     return runs
 
 
@@ -91,49 +100,85 @@ def main() -> None:
     args = parser.parse_args()
     commit = args.commit or protocol_commit()
     loaded = load(args.results)
-    lines = ["# Confirmatory test (bench/protocol.md → bench/confirmatory.py)", "",
-             f"Protocol commit `{commit}`. Differences are test NLL, arm − comparator, per run the mean over the test records; "
-             "the deciding interval is the 95 % t-interval over seeds.", ""]
+    lines = [
+        "# Confirmatory test (bench/protocol.md → bench/confirmatory.py)",
+        "",
+        f"Protocol commit `{commit}`. Differences are test NLL, arm − comparator, per run the mean over the test records; "
+        "the deciding interval is the 95 % t-interval over seeds.",
+        "",
+    ]
     report: dict = {"protocol_commit": commit, "runs": {}, "hypotheses": {}, "secondary": []}
     arms_by_key: dict = {}
     for key, wanted in SEEDS.items():
         present = loaded.get(key, {})
         foreign = {seed: run["code"] for seed, run in present.items() if run.get("code") != commit}
-        runs = {seed: with_best_single(run) for seed, run in sorted(present.items()) if seed in wanted and seed not in foreign}
+        runs = {
+            seed: with_best_single(run)
+            for seed, run in sorted(present.items())
+            if seed in wanted and seed not in foreign
+        }
         arms_by_key[key] = runs
-        report["runs"][f"{key[0]}-{key[1]}"] = {"wanted": wanted, "present": sorted(runs), "not_from_the_protocol_commit": foreign,
-                                                "best_single": {s: r["best-single"]["chosen"] for s, r in runs.items()},
-                                                "scoring_cost": {s: scoring_cost(present[s]) for s in runs}}
-        lines.append(f"- {key[0]}, {key[1]} per label: runs in for seeds {sorted(runs)} of {wanted}"
-                     + (f"; **not from the protocol's commit** (left out): {foreign}" if foreign else "")
-                     + (f"; best single (chosen on validation) per seed: {report['runs'][f'{key[0]}-{key[1]}']['best_single']}" if runs else ""))
+        report["runs"][f"{key[0]}-{key[1]}"] = {
+            "wanted": wanted,
+            "present": sorted(runs),
+            "not_from_the_protocol_commit": foreign,
+            "best_single": {s: r["best-single"]["chosen"] for s, r in runs.items()},
+            "scoring_cost": {s: scoring_cost(present[s]) for s in runs},
+        }
+        lines.append(
+            f"- {key[0]}, {key[1]} per label: runs in for seeds {sorted(runs)} of {wanted}"
+            + (f"; **not from the protocol's commit** (left out): {foreign}" if foreign else "")
+            + (
+                f"; best single (chosen on validation) per seed: {report['runs'][f'{key[0]}-{key[1]}']['best_single']}"
+                if runs
+                else ""
+            )
+        )
     lines.append("")
-    lines += ["| hypothesis | comparison | seeds | mean | 95 % t-interval over seeds | record bootstrap (pooled) | per seed (record bootstrap) | verdict |",
-              "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
+    lines += [
+        "| hypothesis | comparison | seeds | mean | 95 % t-interval over seeds | record bootstrap (pooled) | per seed (record bootstrap) | verdict |",
+        "| --- | --- | ---: | ---: | --- | --- | --- | --- |",
+    ]
     for name, key, pairs, bound in HYPOTHESES:
         runs = arms_by_key[key]
         complete = sorted(runs) == SEEDS[key]
         comparisons = [compare(list(runs.values()), arm, base) for arm, base in pairs]
         verdict = judge(comparisons, bound, complete)
-        report["hypotheses"][name] = {"data": f"{key[0]}-{key[1]}", "bound": bound, "verdict": verdict, "comparisons": comparisons}
+        report["hypotheses"][name] = {
+            "data": f"{key[0]}-{key[1]}",
+            "bound": bound,
+            "verdict": verdict,
+            "comparisons": comparisons,
+        }
         for (arm, base), c in zip(pairs, comparisons):
             if c is None:
                 lines.append(f"| {name} | {arm} − {base} | 0 | – | – | – | – | {verdict} |")
                 continue
             low, high = c["t_interval_over_seeds"]
-            seeds = "; ".join(f"{d:+.4f} ({a:+.4f} … {b:+.4f})" for d, (a, b) in
-                              zip(c["per_seed"], (per_run_bootstrap(r, arm, base) for r in runs.values())))
-            lines.append(f"| {name} | {arm} − {base} | {c['seeds']} | {c['mean']:+.4f} | {low:+.4f} … {high:+.4f} | "
-                         f"{c['record_bootstrap'][0]:+.4f} … {c['record_bootstrap'][1]:+.4f} | {seeds} | {verdict} |")
+            seeds = "; ".join(
+                f"{d:+.4f} ({a:+.4f} … {b:+.4f})"
+                for d, (a, b) in zip(c["per_seed"], (per_run_bootstrap(r, arm, base) for r in runs.values()))
+            )
+            lines.append(
+                f"| {name} | {arm} − {base} | {c['seeds']} | {c['mean']:+.4f} | {low:+.4f} … {high:+.4f} | "
+                f"{c['record_bootstrap'][0]:+.4f} … {c['record_bootstrap'][1]:+.4f} | {seeds} | {verdict} |"
+            )
     lines += ["", "Secondary (not deciding):", ""]
     for key, arm, base in SECONDARY:
         c = compare(list(arms_by_key[key].values()), arm, base)
         if c:
             report["secondary"].append({"data": f"{key[0]}-{key[1]}", **c})
             low, high = c["t_interval_over_seeds"]
-            lines.append(f"- {key[0]}: {arm} − {base} ({c['seeds']} seeds): {c['mean']:+.4f}, t-interval {low:+.4f} … {high:+.4f}")
-    lines += ["", "Compute per arm (means over the runs in; steps, tokens and training seconds include the generalist branched from):", "",
-              "| data | arm | test NLL | validation NLL | optimizer steps | tokens | train s | fall-back share |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines.append(
+                f"- {key[0]}: {arm} − {base} ({c['seeds']} seeds): {c['mean']:+.4f}, t-interval {low:+.4f} … {high:+.4f}"
+            )
+    lines += [
+        "",
+        "Compute per arm (means over the runs in; steps, tokens and training seconds include the generalist branched from):",
+        "",
+        "| data | arm | test NLL | validation NLL | optimizer steps | tokens | train s | fall-back share |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for key, runs in arms_by_key.items():
         for arm in ("single", "single-continued", "routed", "embedding-clusters", "projection-clusters"):
             present = [r[arm] for r in runs.values() if arm in r]
@@ -142,16 +187,24 @@ def main() -> None:
             compute = [a["compute"] for a in present]
             mean = lambda field: statistics.mean(c.get(f"{field}_with_generalist", c.get(field)) or 0 for c in compute)
             # the share of test prompts a single adapter (the fall-back) answered: for a clustered arm, how often it fell back
-            fallback = [sum(n for name, n in a["adapters_used"].items() if name.startswith(("single__", "single-continued__")))
-                        / max(sum(a["adapters_used"].values()), 1) for a in present]
+            fallback = [
+                sum(n for name, n in a["adapters_used"].items() if name.startswith(("single__", "single-continued__")))
+                / max(sum(a["adapters_used"].values()), 1)
+                for a in present
+            ]
             share = f"{statistics.mean(fallback):.0%}" if arm not in ("single", "single-continued") else "–"
-            lines.append(f"| {key[0]} | {arm} | {statistics.mean(a['by_label']['overall']['nll'] for a in present):.4f} | "
-                         f"{statistics.mean(a['validation_nll'] for a in present):.4f} | {mean('steps'):.0f} | {mean('tokens'):.0f} | "
-                         f"{mean('train_seconds'):.0f} | {share} |")
+            lines.append(
+                f"| {key[0]} | {arm} | {statistics.mean(a['by_label']['overall']['nll'] for a in present):.4f} | "
+                f"{statistics.mean(a['validation_nll'] for a in present):.4f} | {mean('steps'):.0f} | {mean('tokens'):.0f} | "
+                f"{mean('train_seconds'):.0f} | {share} |"
+            )
     costs = [c for r in report["runs"].values() for c in r["scoring_cost"].values() if c is not None]
     if costs:
-        lines += ["", f"Score matrices (both splits, every adapter): {statistics.mean(costs):.1%} of the rest of a run's stage time "
-                      f"(range {min(costs):.1%} … {max(costs):.1%}); the protocol's bound is 33 %."]
+        lines += [
+            "",
+            f"Score matrices (both splits, every adapter): {statistics.mean(costs):.1%} of the rest of a run's stage time "
+            f"(range {min(costs):.1%} … {max(costs):.1%}); the protocol's bound is 33 %.",
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "confirmatory.md").write_text("\n".join(lines) + "\n")
     (args.out / "confirmatory.json").write_text(json.dumps(report, indent=1) + "\n")

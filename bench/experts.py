@@ -53,16 +53,16 @@ from pathlib import Path
 import numpy as np
 
 from gradientspace import distributed
+from gradientspace.clustering.stages import cluster
+from gradientspace.commands import EvaluateStage, ScoreStage, decide_experts, router_thresholds, serving_stages
 from gradientspace.config import load_config
 from gradientspace.evaluation.evaluate import evaluate_strategies
 from gradientspace.evaluation.scores import Scores
 from gradientspace.experts.adapters import train_experts
-from gradientspace.clustering.stages import cluster
+from gradientspace.experts.strategies import STRATEGIES, get
 from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl
-from gradientspace.experts.strategies import STRATEGIES, get
-from gradientspace.commands import EvaluateStage, ScoreStage, decide_experts, router_thresholds, serving_stages
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHORT_ANSWER_LABELS = {"skills4": ["classification"], "mix4": []}  # labels whose answers exact match can judge
@@ -73,7 +73,11 @@ def balanced_rows(path: Path, per_label: int, seed: int) -> list[dict]:
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["source"], []).append(row)
-    chosen = [row for label in sorted(by_label) for row in random.Random(f"{seed}-{label}").sample(by_label[label], min(per_label, len(by_label[label])))]
+    chosen = [
+        row
+        for label in sorted(by_label)
+        for row in random.Random(f"{seed}-{label}").sample(by_label[label], min(per_label, len(by_label[label])))
+    ]
     random.Random(seed).shuffle(chosen)
     return chosen
 
@@ -92,8 +96,12 @@ def test_rows(path: Path, test_set: str, per_label: int) -> list[dict]:
         if row["id"] not in scored:
             by_label.setdefault(row["source"], []).append(row)
     if any(len(members) < per_label for members in by_label.values()):
-        sys.exit(f"{path}: fewer than {per_label} never-scored test records for some label ({ {k: len(v) for k, v in by_label.items()} })")
-    chosen = [row for label in sorted(by_label) for row in random.Random(f"fresh-{label}").sample(by_label[label], per_label)]
+        sys.exit(
+            f"{path}: fewer than {per_label} never-scored test records for some label ({ {k: len(v) for k, v in by_label.items()} })"
+        )
+    chosen = [
+        row for label in sorted(by_label) for row in random.Random(f"fresh-{label}").sample(by_label[label], per_label)
+    ]
     random.Random("fresh").shuffle(chosen)
     return chosen
 
@@ -107,11 +115,18 @@ def code_commit() -> str | None:
 
     checkout = Path(__file__).resolve().parents[1]
     if Path(gradientspace.__file__).resolve().parents[1] != checkout:
-        sys.exit(f"bench/experts.py in {checkout} imported gradientspace from {Path(gradientspace.__file__).parent}: "
-                 f"run it with PYTHONPATH={checkout}")
-    done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--", "gradientspace", "bench"],
-                           capture_output=True, text=True).stdout.strip()
+        sys.exit(
+            f"bench/experts.py in {checkout} imported gradientspace from {Path(gradientspace.__file__).parent}: "
+            f"run it with PYTHONPATH={checkout}"
+        )
+    done = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--", "gradientspace", "bench"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return None if done.returncode else done.stdout.strip() + ("-modified" if dirty else "")
 
 
@@ -122,7 +137,12 @@ def compute(manifest: dict, strategy: str, config) -> dict:
     cost = {key: sum(entry.get(key) or 0 for entry in stages.values()) for key in ("tokens", "steps", "train_seconds")}
     if get(own).start(config) == "generalist":
         generalist = manifest["stages"].get("experts/single/0", {})
-        cost.update({f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0) for key in ("tokens", "steps", "train_seconds")})
+        cost.update(
+            {
+                f"{key}_with_generalist": cost[key] + (generalist.get(key) or 0)
+                for key in ("tokens", "steps", "train_seconds")
+            }
+        )
     if own == "routed" or getattr(get(own).partitioner, "reads_gradients", False):
         cost["gradient_pass_seconds"] = manifest["stages"].get("gradients", {}).get("seconds")
     return cost
@@ -134,15 +154,29 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
-        write_jsonl(folder / "test.jsonl", test_rows(SHARED / name / "test.jsonl", args.test_set, args.test_per_label))  # one for every seed
+        write_jsonl(
+            folder / "test.jsonl", test_rows(SHARED / name / "test.jsonl", args.test_set, args.test_per_label)
+        )  # one for every seed
     distributed.barrier()  # the other ranks read them
-    config = load_config(None, {
-        "out": str(folder / "run"), "seed": seed, "model.name": args.model, "data.path": str(folder / "train.jsonl"),
-        "data.max_length": args.max_length, "cluster.k": args.k, "cluster.projection_dim": 8192, "experts.strategies": args.strategies,
-        "evaluate.data": str(folder / "test.jsonl"), "evaluate.generate_per_domain": 0, "evaluate.latency_prompts": 0,
-        "evaluate.decode_all_domains": SHORT_ANSWER_LABELS.get(name, []) if args.decode else [], "evaluate.max_new_tokens": args.max_new_tokens,
-        **dict(item.split("=", 1) for item in args.set),
-    })
+    config = load_config(
+        None,
+        {
+            "out": str(folder / "run"),
+            "seed": seed,
+            "model.name": args.model,
+            "data.path": str(folder / "train.jsonl"),
+            "data.max_length": args.max_length,
+            "cluster.k": args.k,
+            "cluster.projection_dim": 8192,
+            "experts.strategies": args.strategies,
+            "evaluate.data": str(folder / "test.jsonl"),
+            "evaluate.generate_per_domain": 0,
+            "evaluate.latency_prompts": 0,
+            "evaluate.decode_all_domains": SHORT_ANSWER_LABELS.get(name, []) if args.decode else [],
+            "evaluate.max_new_tokens": args.max_new_tokens,
+            **dict(item.split("=", 1) for item in args.set),
+        },
+    )
     start = time.perf_counter()
     run = Run(config)
     outcome = cluster(run)
@@ -152,40 +186,79 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     routers = train_routers(run)
     decide_experts(run)
     thresholds = router_thresholds(run)
-    run.build(*[stage for strategy in args.strategies for stage in serving_stages(run, strategy)])  # e.g. the ensemble's centroids
+    run.build(
+        *[stage for strategy in args.strategies for stage in serving_stages(run, strategy)]
+    )  # e.g. the ensemble's centroids
     # every arm on the validation split, served exactly as on test: the single adapter of record (`single` or
     # `single-continued`) is chosen there. Its matrix is written before the test split's, which the evaluation reads.
     run.build(ScoreStage("validation"))
     validation = Scores(run.path("scores", "validation")) if distributed.is_main() else None
-    mixtures = [s for s in args.strategies if validation and None in validation.strategy_nll(s)]  # the ensemble: scored anew
-    mixed = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
-                                mixtures, run.validation, write=False) if mixtures else {}
+    mixtures = [
+        s for s in args.strategies if validation and None in validation.strategy_nll(s)
+    ]  # the ensemble: scored anew
+    mixed = (
+        evaluate_strategies(
+            replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
+            mixtures,
+            run.validation,
+            write=False,
+        )
+        if mixtures
+        else {}
+    )
     run.build(EvaluateStage(args.strategies))
     if not distributed.is_main():
         return None
     results = json.loads(run.path("eval.json").read_text())
-    validation_nll = {s: mixed[s]["overall"]["nll"] if s in mixtures else round(float(np.mean(validation.strategy_nll(s))), 4) for s in args.strategies}
+    validation_nll = {
+        s: mixed[s]["overall"]["nll"] if s in mixtures else round(float(np.mean(validation.strategy_nll(s))), 4)
+        for s in args.strategies
+    }
     test = results["ids"]
     run.directory.reload()
     manifest = run.directory.manifest
     arms = {}
     for strategy in args.strategies:
         table = results[strategy]
-        arms[strategy] = {"by_label": {label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")} for label, row in table.items()},
-                          "per_record_nll": results["per_record"][strategy]["nll"], "adapters_used": results["experts_used"][strategy],
-                          # which adapter served each test record: what-if questions (another fall-back adapter) need it
-                          "per_record_adapter": results["per_record"][strategy]["adapter"],
-                          "validation_nll": validation_nll[strategy], "compute": compute(manifest, strategy, config)}
+        arms[strategy] = {
+            "by_label": {
+                label: {k: v for k, v in row.items() if k in ("nll", "exact_match", "n", "generated")}
+                for label, row in table.items()
+            },
+            "per_record_nll": results["per_record"][strategy]["nll"],
+            "adapters_used": results["experts_used"][strategy],
+            # which adapter served each test record: what-if questions (another fall-back adapter) need it
+            "per_record_adapter": results["per_record"][strategy]["adapter"],
+            "validation_nll": validation_nll[strategy],
+            "compute": compute(manifest, strategy, config),
+        }
         summary = manifest.get("experts", {}).get(get(strategy).owner, {})
         if "fallback" in summary:  # decided strategies: each group's λ and why (`keep.py`)
             arms[strategy]["fallback"] = summary["fallback"]
             arms[strategy]["experts"] = summary["experts"]
-    report = {"dataset": name, "per_label": per_label, "seed": seed, "test_set": args.test_set, "code": code_commit(),
-              "train": len(outcome.labels), "test": len(test), "ids": results["ids"],
-              "config": config.to_dict(), "cluster_metrics": outcome.metrics, "cluster_sizes": outcome.sizes, "routers": routers,
-              "thresholds": thresholds, "arms": arms, "wall_seconds": round(time.perf_counter() - start, 1),
-              "stage_seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()}}
-    print(f"[{name} {per_label}/label seed {seed}] " + ", ".join(f"{s} {arms[s]['by_label']['overall']['nll']:.4f}" for s in args.strategies), file=sys.stderr)
+    report = {
+        "dataset": name,
+        "per_label": per_label,
+        "seed": seed,
+        "test_set": args.test_set,
+        "code": code_commit(),
+        "train": len(outcome.labels),
+        "test": len(test),
+        "ids": results["ids"],
+        "config": config.to_dict(),
+        "cluster_metrics": outcome.metrics,
+        "cluster_sizes": outcome.sizes,
+        "routers": routers,
+        "thresholds": thresholds,
+        "arms": arms,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "stage_seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()},
+    }
+    print(
+        f"[{name} {per_label}/label seed {seed}] "
+        + ", ".join(f"{s} {arms[s]['by_label']['overall']['nll']:.4f}" for s in args.strategies),
+        file=sys.stderr,
+    )
     return report
 
 
@@ -195,25 +268,37 @@ def main() -> None:
     parser.add_argument("--per-label", type=int, nargs="+", default=[100])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test-per-label", type=int, default=50)
-    parser.add_argument("--test-set", choices=["first", "fresh"], default="first", help="test records: those every earlier benchmark scored, or never-scored ones")
+    parser.add_argument(
+        "--test-set",
+        choices=["first", "fresh"],
+        default="first",
+        help="test records: those every earlier benchmark scored, or never-scored ones",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=8, help="decoding budget for short answers (exact match)")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="NLL only")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/experts-runs"))
     parser.add_argument("--results", type=Path, default=Path("bench/results/experts"))
     args = parser.parse_args()
     missing = [d for d in args.datasets if not (SHARED / d / "train.jsonl").exists()]
     if missing:
-        sys.exit(f"bench/experts.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)")
+        sys.exit(
+            f"bench/experts.py needs {', '.join(str(SHARED / d) for d in missing)} (development data, not shipped with the package)"
+        )
     distributed.init()  # under torchrun: the process group the pipeline and the barriers below use
     for per_label in args.per_label:
         for seed in args.seeds:
             for name in args.datasets:
-                result_file = args.results / f"{name}-{per_label}-seed{seed}-{'-'.join(sorted(args.strategies)) if len(args.strategies) < len(STRATEGIES) else 'all'}.json"
+                result_file = (
+                    args.results
+                    / f"{name}-{per_label}-seed{seed}-{'-'.join(sorted(args.strategies)) if len(args.strategies) < len(STRATEGIES) else 'all'}.json"
+                )
                 if result_file.exists():
                     print(f"done already: {result_file}", file=sys.stderr)
                     continue

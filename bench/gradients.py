@@ -91,9 +91,15 @@ def main() -> None:
     n = len(examples)
     best = {name: min(values) for name, values in seconds.items()}
     result = {
-        "model": args.model, "device": str(device), "threads": torch.get_num_threads(), "samples": n,
-        "batch_size": args.batch_size, "max_length": args.max_length, "dim": layout_of(model).dim,
-        "tokens": sum(len(e.input_ids) for e in examples), "rounds": args.rounds,
+        "model": args.model,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "samples": n,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "dim": layout_of(model).dim,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "rounds": args.rounds,
         "seconds": {k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
         "samples_per_second": {k: round(n / v, 3) for k, v in best.items()},
         "ratio_hooked_vs_plain": round(best["plain"] / best["hooked"], 3),

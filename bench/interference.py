@@ -73,20 +73,41 @@ def clusters(manifest: dict, run: str, run_dir: Path | None = None) -> list[dict
             # the strategy's summary, or (before every strategy's adapters are done) the expert's own stage entry
             expert = experts.get(group) or manifest["stages"].get(f"experts/{strategy}/{group}", {})
             decision = decisions.get(group, {})
-            own = (expert["initial_eval_loss"] - expert["best_eval_loss"]
-                   if expert.get("initial_eval_loss") is not None and expert.get("best_eval_loss") is not None else None)
-            routed = (decision.get("fallback_nll", decision.get("generalist_nll")) - decision["candidate_nll"]["1.0"]
-                      if "candidate_nll" in decision and "1.0" in decision["candidate_nll"] else None)
-            rows.append({"run": run, "strategy": strategy, "cluster": group, **statistics, "gain_own_share": own, "gain_routed": routed})
+            own = (
+                expert["initial_eval_loss"] - expert["best_eval_loss"]
+                if expert.get("initial_eval_loss") is not None and expert.get("best_eval_loss") is not None
+                else None
+            )
+            routed = (
+                decision.get("fallback_nll", decision.get("generalist_nll")) - decision["candidate_nll"]["1.0"]
+                if "candidate_nll" in decision and "1.0" in decision["candidate_nll"]
+                else None
+            )
+            rows.append(
+                {
+                    "run": run,
+                    "strategy": strategy,
+                    "cluster": group,
+                    **statistics,
+                    "gain_own_share": own,
+                    "gain_routed": routed,
+                }
+            )
     return rows
 
 
 def rows_of(source: Path) -> list[dict]:
     """Group rows of a folder of run directories, or of a stored result file (labelled by its name)."""
     if source.is_file():
-        return [{"strategy": "routed", **row, "run": f"{source.stem}/{row['run']}"} for row in json.loads(source.read_text())["clusters"]]
-    return [row for manifest in sorted(source.rglob("manifest.json"))
-            for row in clusters(json.loads(manifest.read_text()), str(manifest.parent.relative_to(source)), manifest.parent)]
+        return [
+            {"strategy": "routed", **row, "run": f"{source.stem}/{row['run']}"}
+            for row in json.loads(source.read_text())["clusters"]
+        ]
+    return [
+        row
+        for manifest in sorted(source.rglob("manifest.json"))
+        for row in clusters(json.loads(manifest.read_text()), str(manifest.parent.relative_to(source)), manifest.parent)
+    ]
 
 
 def rho_with_interval(x: list[float], y: list[float], runs: list[str], samples: int = 4000, seed: int = 0) -> dict:
@@ -104,10 +125,17 @@ def rho_with_interval(x: list[float], y: list[float], runs: list[str], samples: 
                 resampled.append(spearmanr(x[chosen], y[chosen]).statistic)
         return [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))] if resampled else None
 
-    return {"clusters": len(x), "runs": len(by_run), "rho": float(spearmanr(x, y).statistic),
-            "interval": interval(lambda: rng.integers(0, len(x), len(x))),
-            "interval_over_runs": interval(lambda: np.concatenate([by_run[i] for i in rng.integers(0, len(by_run), len(by_run))]))
-            if len(by_run) >= MIN_RUNS else None}
+    return {
+        "clusters": len(x),
+        "runs": len(by_run),
+        "rho": float(spearmanr(x, y).statistic),
+        "interval": interval(lambda: rng.integers(0, len(x), len(x))),
+        "interval_over_runs": interval(
+            lambda: np.concatenate([by_run[i] for i in rng.integers(0, len(by_run), len(by_run))])
+        )
+        if len(by_run) >= MIN_RUNS
+        else None,
+    }
 
 
 def analyse(rows: list[dict], samples: int = 4000) -> dict:
@@ -118,16 +146,24 @@ def analyse(rows: list[dict], samples: int = 4000) -> dict:
         for gain in ("gain_own_share", "gain_routed"):
             usable = [r for r in chosen if r[gain] is not None]
             if len(usable) >= 3:
-                result.setdefault(partitions, {})[gain] = {s: rho_with_interval([r[s] for r in usable], [r[gain] for r in usable],
-                                                                             [r["run"] for r in usable], samples)
-                                                           for s in STATISTICS}
+                result.setdefault(partitions, {})[gain] = {
+                    s: rho_with_interval(
+                        [r[s] for r in usable], [r[gain] for r in usable], [r["run"] for r in usable], samples
+                    )
+                    for s in STATISTICS
+                }
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="folders holding bench/experts.py run directories (searched for manifest.json), "
-                        "or stored result files of this script to pool")
+    parser.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        help="folders holding bench/experts.py run directories (searched for manifest.json), "
+        "or stored result files of this script to pool",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/interference.json"))
     args = parser.parse_args()
     rows = [row for source in args.runs if source.resolve() != args.out.resolve() for row in rows_of(source)]
@@ -138,9 +174,13 @@ def main() -> None:
         for gain, by_statistic in by_gain.items():
             for statistic, value in by_statistic.items():
                 over_runs = value["interval_over_runs"]
-                runs_text = f", over {value['runs']} runs {over_runs[0]:+.3f} … {over_runs[1]:+.3f}" if over_runs else ""
-                print(f"{partitions:<15} {statistic:<15} vs {gain:<15} ρ = {value['rho']:+.3f} (95 % bootstrap over "
-                      f"{value['clusters']} groups {value['interval'][0]:+.3f} … {value['interval'][1]:+.3f}{runs_text})")
+                runs_text = (
+                    f", over {value['runs']} runs {over_runs[0]:+.3f} … {over_runs[1]:+.3f}" if over_runs else ""
+                )
+                print(
+                    f"{partitions:<15} {statistic:<15} vs {gain:<15} ρ = {value['rho']:+.3f} (95 % bootstrap over "
+                    f"{value['clusters']} groups {value['interval'][0]:+.3f} … {value['interval'][1]:+.3f}{runs_text})"
+                )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def full_grid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.sum(dim=1) / (shifted != IGNORE).sum(dim=1).clamp(min=1)
 
 
-def timed(loss_fn, logits: torch.Tensor, labels: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def timed(
+    loss_fn, logits: torch.Tensor, labels: torch.Tensor, repeats: int
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     seconds = []
     for _ in range(repeats):
         leaf = logits.detach().clone().requires_grad_(True)
@@ -45,7 +47,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--response-share", type=float, default=0.3, help="share of each sample's positions that carry a label")
+    parser.add_argument(
+        "--response-share", type=float, default=0.3, help="share of each sample's positions that carry a label"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
@@ -54,11 +58,23 @@ def main() -> None:
     labels[:, : int(args.length * (1 - args.response_share))] = IGNORE  # the prompt carries no loss
     full_seconds, full_loss, full_grad = timed(full_grid_loss, logits, labels, args.repeats)
     labelled_seconds, labelled_loss, labelled_grad = timed(per_sample_mean_loss, logits, labels, args.repeats)
-    print(json.dumps({"batch": args.batch, "length": args.length, "vocab": args.vocab, "response_share": args.response_share,
-                      "threads": torch.get_num_threads(), "full_grid_seconds": round(full_seconds, 4),
-                      "labelled_only_seconds": round(labelled_seconds, 4), "speedup": round(full_seconds / labelled_seconds, 2),
-                      "max_loss_difference": float((full_loss - labelled_loss).abs().max()),
-                      "max_gradient_difference": float((full_grad - labelled_grad).abs().max())}, indent=1))
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "length": args.length,
+                "vocab": args.vocab,
+                "response_share": args.response_share,
+                "threads": torch.get_num_threads(),
+                "full_grid_seconds": round(full_seconds, 4),
+                "labelled_only_seconds": round(labelled_seconds, 4),
+                "speedup": round(full_seconds / labelled_seconds, 2),
+                "max_loss_difference": float((full_loss - labelled_loss).abs().max()),
+                "max_gradient_difference": float((full_grad - labelled_grad).abs().max()),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def main() -> None:
     loaded = load_lora_model(ModelConfig(name=args.model), seed=0)
     records, _ = load_records("mix4-packaged", limit=args.batch * args.batches, seed=0)
     examples = tokenize(records, loaded.tokenizer, args.max_length, "response")
-    batches = [tuple(t.to(loaded.device) for t in collate(examples[i:i + args.batch], loaded.tokenizer.pad_token_id))
-               for i in range(0, len(examples), args.batch)]
+    batches = [
+        tuple(t.to(loaded.device) for t in collate(examples[i : i + args.batch], loaded.tokenizer.pad_token_id))
+        for i in range(0, len(examples), args.batch)
+    ]
     seconds = {"full": [], "labelled": []}
     loss_difference = gradient_difference = 0.0
     kept = positions = 0
@@ -67,11 +69,24 @@ def main() -> None:
         kept += int((labels[:, 1:] != IGNORE).any(dim=0).sum())
         positions += labels.shape[1] - 1
     median = {side: sorted(values)[len(values) // 2] for side, values in seconds.items()}
-    print(json.dumps({"model": args.model, "batch": args.batch, "max_length": args.max_length, "batches": len(batches),
-                      "threads": torch.get_num_threads(), "positions_with_logits": round(kept / positions, 3),
-                      "full_forward_seconds": round(median["full"], 4), "labelled_only_seconds": round(median["labelled"], 4),
-                      "speedup": round(median["full"] / median["labelled"], 2),
-                      "max_loss_difference": loss_difference, "max_lora_gradient_difference": gradient_difference}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch": args.batch,
+                "max_length": args.max_length,
+                "batches": len(batches),
+                "threads": torch.get_num_threads(),
+                "positions_with_logits": round(kept / positions, 3),
+                "full_forward_seconds": round(median["full"], 4),
+                "labelled_only_seconds": round(median["labelled"], 4),
+                "speedup": round(median["full"] / median["labelled"], 2),
+                "max_loss_difference": loss_difference,
+                "max_lora_gradient_difference": gradient_difference,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

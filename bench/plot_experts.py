@@ -26,7 +26,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["single", "single-wide", "routed", "gradient-oracle", "random-clusters", "embedding-clusters", "projection-clusters", "oracle", "elrea-ensemble"]
+ORDER = [
+    "single",
+    "single-wide",
+    "routed",
+    "gradient-oracle",
+    "random-clusters",
+    "embedding-clusters",
+    "projection-clusters",
+    "oracle",
+    "elrea-ensemble",
+]
 
 
 def load(folder: Path) -> dict:
@@ -51,7 +61,10 @@ def seed_interval(per_seed: list[float]) -> str:
     a whole run (its data sample, its generalist's early stop) moves the difference."""
     from scipy import stats
 
-    mean, half = statistics.mean(per_seed), stats.t.ppf(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / len(per_seed) ** 0.5
+    mean, half = (
+        statistics.mean(per_seed),
+        stats.t.ppf(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / len(per_seed) ** 0.5,
+    )
     return f"95 % t-interval over seeds {mean - half:+.4f} … {mean + half:+.4f}"
 
 
@@ -64,40 +77,74 @@ def mean_std(values: list[float]) -> str:
 def table(dataset: str, per_label: int, seeds: dict) -> list[str]:
     arms = [a for a in ORDER if any(a in r["arms"] for r in seeds.values())]
     labels = [l for l in next(iter(seeds.values()))["arms"][arms[0]]["by_label"] if l != "overall"]
-    lines = [f"### {dataset}, {per_label} training records per label (seeds {sorted(seeds)})", "",
-             "| arm | seeds | overall NLL | − single on the same seeds | " + " | ".join(labels) + " | exact match (short answers) | fell back | steps | tokens | train s (with generalist; mean over seeds) |",
-             "| --- | ---: | ---: | ---: |" + " ---: |" * len(labels) + " --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"### {dataset}, {per_label} training records per label (seeds {sorted(seeds)})",
+        "",
+        "| arm | seeds | overall NLL | − single on the same seeds | "
+        + " | ".join(labels)
+        + " | exact match (short answers) | fell back | steps | tokens | train s (with generalist; mean over seeds) |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * len(labels) + " --- | --- | ---: | ---: | ---: |",
+    ]
     for arm in arms:
         runs = [r["arms"][arm] for r in seeds.values() if arm in r["arms"]]
         overall = mean_std([a["by_label"]["overall"]["nll"] for a in runs])
         # an arm run on fewer seeds than single must be read against single on those seeds, not single's mean over all
-        paired = [r["arms"][arm]["by_label"]["overall"]["nll"] - r["arms"]["single"]["by_label"]["overall"]["nll"]
-                  for r in seeds.values() if arm in r["arms"] and "single" in r["arms"]]
+        paired = [
+            r["arms"][arm]["by_label"]["overall"]["nll"] - r["arms"]["single"]["by_label"]["overall"]["nll"]
+            for r in seeds.values()
+            if arm in r["arms"] and "single" in r["arms"]
+        ]
         versus_single = f"{statistics.mean(paired):+.4f}" if paired and arm != "single" else "–"
         per_label_cells = [mean_std([a["by_label"][l]["nll"] for a in runs]) for l in labels]
-        exact = [a["by_label"][l].get("exact_match") for a in runs for l in labels if a["by_label"][l].get("exact_match") is not None]
-        fallback = "; ".join(",".join(a.get("fallback", [])) or "none" for a in runs) if arm not in ("single", "single-wide") else "–"
+        exact = [
+            a["by_label"][l].get("exact_match")
+            for a in runs
+            for l in labels
+            if a["by_label"][l].get("exact_match") is not None
+        ]
+        fallback = (
+            "; ".join(",".join(a.get("fallback", [])) or "none" for a in runs)
+            if arm not in ("single", "single-wide")
+            else "–"
+        )
         # compute per seed (the generalist's early stop differs between seeds), shown as the mean over seeds
         compute = [a["compute"] for a in runs]
         steps = statistics.mean(c.get("steps_with_generalist", c["steps"]) for c in compute)
         tokens = statistics.mean(c.get("tokens_with_generalist", c["tokens"]) for c in compute)
         seconds = statistics.mean(c.get("train_seconds_with_generalist", c.get("train_seconds")) for c in compute)
-        lines.append(f"| {arm} | {len(runs)} | {overall} | {versus_single} | " + " | ".join(per_label_cells) + f" | {mean_std(exact) if exact else '–'} | {fallback} | "
-                     f"{steps:.0f} | {tokens:.0f} | {seconds:.0f} |")
+        lines.append(
+            f"| {arm} | {len(runs)} | {overall} | {versus_single} | "
+            + " | ".join(per_label_cells)
+            + f" | {mean_std(exact) if exact else '–'} | {fallback} | "
+            f"{steps:.0f} | {tokens:.0f} | {seconds:.0f} |"
+        )
     lines.append("")
     # against the generalist, and routed against the control that has the same training but no clustering
-    comparisons = [(arm, "single") for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide")] + [("routed", "random-clusters")]
+    comparisons = [(arm, "single") for arm in ("routed", "gradient-oracle", "random-clusters", "single-wide")] + [
+        ("routed", "random-clusters")
+    ]
     for arm, baseline in comparisons:
         both = [r for r in seeds.values() if arm in r["arms"] and baseline in r["arms"]]
         if not both:
             continue
-        per_seed = [np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"][baseline]["per_record_nll"]) for r in both]
+        per_seed = [
+            np.array(r["arms"][arm]["per_record_nll"]) - np.array(r["arms"][baseline]["per_record_nll"]) for r in both
+        ]
         mean, low, high = paired_bootstrap(np.mean(per_seed, axis=0))
-        spread = f"; per seed {mean_std([float(d.mean()) for d in per_seed])}, {seed_interval([float(d.mean()) for d in per_seed])}" if len(per_seed) > 1 else ""
-        lines.append(f"- {arm} − {baseline}, test NLL, paired bootstrap over {len(per_seed[0])} test records ({len(both)} seed(s) averaged per record): "
-                     f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f}){spread}")
+        spread = (
+            f"; per seed {mean_std([float(d.mean()) for d in per_seed])}, {seed_interval([float(d.mean()) for d in per_seed])}"
+            if len(per_seed) > 1
+            else ""
+        )
+        lines.append(
+            f"- {arm} − {baseline}, test NLL, paired bootstrap over {len(per_seed[0])} test records ({len(both)} seed(s) averaged per record): "
+            f"**{mean:+.4f}** (95 % CI {low:+.4f} … {high:+.4f}){spread}"
+        )
         if len(per_seed) > 1 and (arm, baseline) == ("routed", "single"):  # which runs carry the mean
-            cells = [f"seed {r['seed']} {m:+.4f} ({lo:+.4f} … {hi:+.4f})" for r, (m, lo, hi) in zip(both, map(paired_bootstrap, per_seed))]
+            cells = [
+                f"seed {r['seed']} {m:+.4f} ({lo:+.4f} … {hi:+.4f})"
+                for r, (m, lo, hi) in zip(both, map(paired_bootstrap, per_seed))
+            ]
             lines.append("  - each seed alone: " + "; ".join(cells))
     lines.append("")
     return lines
@@ -109,7 +156,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     runs = load(args.results)
-    lines = ["# Routed experts vs one adapter, the earlier protocol (bench/experts.py; the generalist early-stopped, not annealed)", ""]
+    lines = [
+        "# Routed experts vs one adapter, the earlier protocol (bench/experts.py; the generalist early-stopped, not annealed)",
+        "",
+    ]
     for (dataset, per_label), seeds in sorted(runs.items()):
         lines.extend(table(dataset, per_label, seeds))
     (args.out / "experts.md").write_text("\n".join(lines) + "\n")
@@ -119,11 +169,20 @@ def main() -> None:
         sizes = sorted((per_label, seeds) for (d, per_label), seeds in runs.items() if d == dataset)
         axis = axes[0][column]
         for arm, style in (("single", "o-"), ("routed", "s-"), ("random-clusters", "^--")):
-            points = [(x, [r["arms"][arm]["by_label"]["overall"]["nll"] for r in seeds.values() if arm in r["arms"]]) for x, seeds in sizes]
+            points = [
+                (x, [r["arms"][arm]["by_label"]["overall"]["nll"] for r in seeds.values() if arm in r["arms"]])
+                for x, seeds in sizes
+            ]
             points = [(x, ys) for x, ys in points if ys]
             if points:
-                axis.errorbar([x for x, _ in points], [statistics.mean(ys) for _, ys in points],
-                              yerr=[statistics.stdev(ys) if len(ys) > 1 else 0 for _, ys in points], fmt=style, label=arm, capsize=3)
+                axis.errorbar(
+                    [x for x, _ in points],
+                    [statistics.mean(ys) for _, ys in points],
+                    yerr=[statistics.stdev(ys) if len(ys) > 1 else 0 for _, ys in points],
+                    fmt=style,
+                    label=arm,
+                    capsize=3,
+                )
         axis.set_ylabel("test NLL (mean ± std over seeds)")
         axis.set_title(dataset)
         axis.legend()
@@ -132,13 +191,31 @@ def main() -> None:
         for x, seeds in sizes:
             both = [r for r in seeds.values() if "routed" in r["arms"] and "single" in r["arms"]]
             if both:
-                per_record = np.mean([np.array(r["arms"]["routed"]["per_record_nll"]) - np.array(r["arms"]["single"]["per_record_nll"]) for r in both], axis=0)
+                per_record = np.mean(
+                    [
+                        np.array(r["arms"]["routed"]["per_record_nll"])
+                        - np.array(r["arms"]["single"]["per_record_nll"])
+                        for r in both
+                    ],
+                    axis=0,
+                )
                 differences.append((x, len(both), *paired_bootstrap(per_record)))
         axis.axhline(0, color="grey", linewidth=0.8)
-        axis.errorbar([d[0] for d in differences], [d[2] for d in differences],
-                      yerr=[[d[2] - d[3] for d in differences], [d[4] - d[2] for d in differences]], fmt="s-", capsize=3)
+        axis.errorbar(
+            [d[0] for d in differences],
+            [d[2] for d in differences],
+            yerr=[[d[2] - d[3] for d in differences], [d[4] - d[2] for d in differences]],
+            fmt="s-",
+            capsize=3,
+        )
         for x, count, mean, _, _ in differences:
-            axis.annotate(f"{count} seed{'s' if count > 1 else ''}", (x, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            axis.annotate(
+                f"{count} seed{'s' if count > 1 else ''}",
+                (x, mean),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
         axis.set_xscale("log", base=2)
         axis.set_xticks([x for x, _ in sizes], [str(x) for x, _ in sizes])
         axis.set_xlabel("training records per label")

@@ -33,7 +33,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
 from arms import t_interval
 from plot_experts import paired_bootstrap
 
@@ -78,7 +77,11 @@ def logistic_hidden(validation: Split, test: Split) -> tuple[np.ndarray, dict]:
         """A model of `rows`, or the one adapter they all prefer (a classifier needs two classes)."""
         if len(set(target[rows])) == 1:
             return lambda x: np.full(len(x), target[rows][0])
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(validation.hidden[rows], target[rows]).predict
+        return (
+            make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+            .fit(validation.hidden[rows], target[rows])
+            .predict
+        )
 
     def cross_validated(c: float) -> float:
         """Mean validation NLL of the adapters each fold's records get from a model fitted on the other folds: chosen by
@@ -96,7 +99,9 @@ def logistic_hidden(validation: Split, test: Split) -> tuple[np.ndarray, dict]:
 def knn_embedding(validation: Split, test: Split) -> tuple[np.ndarray, dict]:
     def choose(similarity: np.ndarray, k: int) -> np.ndarray:
         nearest = np.argsort(-similarity, axis=1)[:, :k]
-        return validation.nll[nearest].mean(axis=1).argmin(axis=1)  # [records, k, candidates] → mean over the neighbours
+        return (
+            validation.nll[nearest].mean(axis=1).argmin(axis=1)
+        )  # [records, k, candidates] → mean over the neighbours
 
     inside = validation.embedding @ validation.embedding.T
     np.fill_diagonal(inside, -np.inf)  # leave-one-out: a record is not its own neighbour
@@ -118,13 +123,23 @@ def policies_of_run(folder: Path, candidates: str) -> dict[str, np.ndarray]:
     validation, test = Split(folder / "validation", candidates), Split(folder / "test", candidates)
     assert validation.candidates == test.candidates, folder
     chosen = {"fall-back": (np.full(len(test.nll), test.fallback), {}), "router": (test.router, {})}
-    for name, policy in (("nearest-centroid", nearest_centroid), ("logistic-hidden", logistic_hidden), ("knn-embedding", knn_embedding)):
+    for name, policy in (
+        ("nearest-centroid", nearest_centroid),
+        ("logistic-hidden", logistic_hidden),
+        ("knn-embedding", knn_embedding),
+    ):
         picked = policy(validation, test)
         if picked is not None:
             chosen[name] = picked
     chosen["oracle"] = (test.nll.argmin(axis=1), {})
-    return {name: {"nll": test.score(choice), "settings": settings, "share_fallback": float(np.mean(choice == test.fallback))}
-            for name, (choice, settings) in chosen.items()}
+    return {
+        name: {
+            "nll": test.score(choice),
+            "settings": settings,
+            "share_fallback": float(np.mean(choice == test.fallback)),
+        }
+        for name, (choice, settings) in chosen.items()
+    }
 
 
 def summarize(runs: dict[int, dict]) -> dict:
@@ -134,10 +149,15 @@ def summarize(runs: dict[int, dict]) -> dict:
         per_seed = [float(np.mean(r[name]["nll"] - r["fall-back"]["nll"])) for r in runs.values()]
         pooled = np.mean([r[name]["nll"] - r["fall-back"]["nll"] for r in runs.values()], axis=0)
         mean, low, high = paired_bootstrap(pooled)
-        rows[name] = {"test_nll": statistics.mean(float(r[name]["nll"].mean()) for r in runs.values()), "minus_fallback": mean,
-                      "per_seed": per_seed, "t_interval_over_seeds": t_interval(per_seed), "record_bootstrap": (low, high),
-                      "share_fallback": statistics.mean(r[name]["share_fallback"] for r in runs.values()),
-                      "settings": [r[name]["settings"] for r in runs.values()]}
+        rows[name] = {
+            "test_nll": statistics.mean(float(r[name]["nll"].mean()) for r in runs.values()),
+            "minus_fallback": mean,
+            "per_seed": per_seed,
+            "t_interval_over_seeds": t_interval(per_seed),
+            "record_bootstrap": (low, high),
+            "share_fallback": statistics.mean(r[name]["share_fallback"] for r in runs.values()),
+            "settings": [r[name]["settings"] for r in runs.values()],
+        }
     return rows
 
 
@@ -152,22 +172,37 @@ def main() -> None:
         scores = path.with_name(path.stem + "-scores")
         if isinstance(result, dict) and "dataset" in result and scores.is_dir():
             for candidates in CANDIDATES:
-                by_dataset.setdefault((result["dataset"], result["per_label"], candidates), {})[result["seed"]] = policies_of_run(scores, candidates)
-    lines = ["# Routing policies from the score matrices (bench/policies.py)", "",
-             "Each policy picks one adapter of a candidate set per test record (`served`: the adapters routed serves; `trained`: "
-             "every adapter the gradient clusters trained or blended, and the fall-back); its settings are chosen on validation. "
-             "Differences are against the fall-back (the single adapter of record); negative is better. Exploratory.", ""]
+                by_dataset.setdefault((result["dataset"], result["per_label"], candidates), {})[result["seed"]] = (
+                    policies_of_run(scores, candidates)
+                )
+    lines = [
+        "# Routing policies from the score matrices (bench/policies.py)",
+        "",
+        "Each policy picks one adapter of a candidate set per test record (`served`: the adapters routed serves; `trained`: "
+        "every adapter the gradient clusters trained or blended, and the fall-back); its settings are chosen on validation. "
+        "Differences are against the fall-back (the single adapter of record); negative is better. Exploratory.",
+        "",
+    ]
     summary = {}
     for (dataset, per_label, candidates), runs in sorted(by_dataset.items()):
         rows = summarize(runs)
-        summary[f"{dataset}-{per_label}-{candidates}"] = {"seeds": sorted(runs), "candidates": candidates, "policies": rows}
-        lines += [f"## {dataset}, {per_label} per label, candidates `{candidates}`, seeds {sorted(runs)}", "",
-                  "| policy | test NLL | − fall-back | t-interval over seeds | bootstrap over records | fall-back share |",
-                  "| --- | ---: | ---: | --- | --- | ---: |"]
+        summary[f"{dataset}-{per_label}-{candidates}"] = {
+            "seeds": sorted(runs),
+            "candidates": candidates,
+            "policies": rows,
+        }
+        lines += [
+            f"## {dataset}, {per_label} per label, candidates `{candidates}`, seeds {sorted(runs)}",
+            "",
+            "| policy | test NLL | − fall-back | t-interval over seeds | bootstrap over records | fall-back share |",
+            "| --- | ---: | ---: | --- | --- | ---: |",
+        ]
         for name, row in rows.items():
             low, high = row["t_interval_over_seeds"]
-            lines.append(f"| {name} | {row['test_nll']:.4f} | {row['minus_fallback']:+.4f} | {low:+.4f} … {high:+.4f} | "
-                         f"{row['record_bootstrap'][0]:+.4f} … {row['record_bootstrap'][1]:+.4f} | {row['share_fallback']:.0%} |")
+            lines.append(
+                f"| {name} | {row['test_nll']:.4f} | {row['minus_fallback']:+.4f} | {low:+.4f} … {high:+.4f} | "
+                f"{row['record_bootstrap'][0]:+.4f} … {row['record_bootstrap'][1]:+.4f} | {row['share_fallback']:.0%} |"
+            )
         lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "policies.md").write_text("\n".join(lines) + "\n")

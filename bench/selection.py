@@ -49,8 +49,16 @@ def run_tag(result: dict) -> str:
 def clusters_of(result: dict, statistics: list[dict]) -> list[dict]:
     """A run's gradient clusters, highest cosine with the rest first: the order the rule skips them in."""
     experts = result["arms"]["routed"]["experts"]
-    rows = [{"cluster": row["cluster"], "mean_cosine": row["mean_cosine"], "size": row["size"],
-             "lambda": experts[row["cluster"]]["lambda"], "steps": experts[row["cluster"]]["steps"]} for row in statistics]
+    rows = [
+        {
+            "cluster": row["cluster"],
+            "mean_cosine": row["mean_cosine"],
+            "size": row["size"],
+            "lambda": experts[row["cluster"]]["lambda"],
+            "steps": experts[row["cluster"]]["steps"],
+        }
+        for row in statistics
+    ]
     return sorted(rows, key=lambda row: -row["mean_cosine"])
 
 
@@ -68,8 +76,10 @@ def what_if_test_nll(result: dict, skip: list[dict]) -> float | None:
     names = {f"routed__{row['cluster']}" for row in skip}
     generalist = result["arms"]["single"]["per_record_nll"]
     # a blended expert is served under its expert's name, so the name alone says which group served the record
-    nll = [generalist[i] if adapter in names else own
-           for i, (own, adapter) in enumerate(zip(routed["per_record_nll"], routed["per_record_adapter"]))]
+    nll = [
+        generalist[i] if adapter in names else own
+        for i, (own, adapter) in enumerate(zip(routed["per_record_nll"], routed["per_record_adapter"]))
+    ]
     return sum(nll) / len(nll)
 
 
@@ -81,9 +91,14 @@ def outcome(runs: dict[str, list[dict]], share: float) -> dict:
     for clusters in runs.values():
         kept, m = sum(row["lambda"] > 0 for row in clusters), int(share * len(clusters))
         chance *= comb(len(clusters) - kept, m) / comb(len(clusters), m)
-    return {"share": share, "kept_experts_skipped": lost, "kept_experts": sum(row["lambda"] > 0 for c in runs.values() for row in c),
-            "expert_steps_saved": saved, "expert_steps": sum(row["steps"] for c in runs.values() for row in c),
-            "chance_of_skipping_no_kept_expert": chance}
+    return {
+        "share": share,
+        "kept_experts_skipped": lost,
+        "kept_experts": sum(row["lambda"] > 0 for c in runs.values() for row in c),
+        "expert_steps_saved": saved,
+        "expert_steps": sum(row["steps"] for c in runs.values() for row in c),
+        "chance_of_skipping_no_kept_expert": chance,
+    }
 
 
 def choose_share(runs: dict[str, list[dict]]) -> float | None:
@@ -100,12 +115,21 @@ def analyse(results: list[dict], statistics: dict[str, list[dict]]) -> dict:
     for tag, clusters in runs.items():
         share = choose_share({t: c for t, c in runs.items() if t != tag})
         skip = skipped(clusters, share) if share else []
-        held_out[tag] = {"share_chosen_on_the_others": share, "skipped": [row["cluster"] for row in skip],
-                         "kept_experts_skipped": sum(row["lambda"] > 0 for row in skip), "expert_steps_saved": sum(row["steps"] for row in skip),
-                         "expert_steps": sum(row["steps"] for row in clusters),
-                         "routed_test_nll": by_tag[tag]["arms"]["routed"]["by_label"]["overall"]["nll"],
-                         "routed_test_nll_with_skips": what_if_test_nll(by_tag[tag], skip)}
-    return {"runs": runs, "by_share": [outcome(runs, share) for share in SHARES], "chosen_share": chosen, "leave_one_run_out": held_out}
+        held_out[tag] = {
+            "share_chosen_on_the_others": share,
+            "skipped": [row["cluster"] for row in skip],
+            "kept_experts_skipped": sum(row["lambda"] > 0 for row in skip),
+            "expert_steps_saved": sum(row["steps"] for row in skip),
+            "expert_steps": sum(row["steps"] for row in clusters),
+            "routed_test_nll": by_tag[tag]["arms"]["routed"]["by_label"]["overall"]["nll"],
+            "routed_test_nll_with_skips": what_if_test_nll(by_tag[tag], skip),
+        }
+    return {
+        "runs": runs,
+        "by_share": [outcome(runs, share) for share in SHARES],
+        "chosen_share": chosen,
+        "leave_one_run_out": held_out,
+    }
 
 
 def load(results_folder: Path, interference_folder: Path) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -119,25 +143,39 @@ def load(results_folder: Path, interference_folder: Path) -> tuple[list[dict], d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=Path("bench/results/experts-v2"), help="bench/experts.py result files")
-    parser.add_argument("--interference", type=Path, default=Path("bench/results"), help="folder of the interference-<run>.json files")
+    parser.add_argument(
+        "--results", type=Path, default=Path("bench/results/experts-v2"), help="bench/experts.py result files"
+    )
+    parser.add_argument(
+        "--interference", type=Path, default=Path("bench/results"), help="folder of the interference-<run>.json files"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/selection.json"))
     args = parser.parse_args()
     analysis = analyse(*load(args.results, args.interference))
     args.out.write_text(json.dumps(analysis, indent=1) + "\n")
     print(f"{len(analysis['runs'])} runs; clusters by cosine with the rest, highest first (λ kept, steps):")
     for tag, clusters in analysis["runs"].items():
-        print(f"  {tag:<20} " + "  ".join(f"{row['cluster']}: {row['mean_cosine']:+.2f} λ {row['lambda']:g} {row['steps']} steps" for row in clusters))
+        print(
+            f"  {tag:<20} "
+            + "  ".join(
+                f"{row['cluster']}: {row['mean_cosine']:+.2f} λ {row['lambda']:g} {row['steps']} steps"
+                for row in clusters
+            )
+        )
     for row in analysis["by_share"]:
-        print(f"skip the top {row['share']:.0%}: {row['kept_experts_skipped']} of {row['kept_experts']} kept experts skipped, "
-              f"{row['expert_steps_saved']} of {row['expert_steps']} expert steps saved; at random, no kept expert skipped with "
-              f"probability {row['chance_of_skipping_no_kept_expert']:.4f}")
+        print(
+            f"skip the top {row['share']:.0%}: {row['kept_experts_skipped']} of {row['kept_experts']} kept experts skipped, "
+            f"{row['expert_steps_saved']} of {row['expert_steps']} expert steps saved; at random, no kept expert skipped with "
+            f"probability {row['chance_of_skipping_no_kept_expert']:.4f}"
+        )
     print(f"chosen on these runs: {analysis['chosen_share']}")
     for tag, row in analysis["leave_one_run_out"].items():
         what_if = row["routed_test_nll_with_skips"]
-        print(f"  left out {tag:<20} q = {row['share_chosen_on_the_others']} skips {row['skipped']}: {row['kept_experts_skipped']} kept expert(s), "
-              f"{row['expert_steps_saved']} of {row['expert_steps']} steps; routed test NLL {row['routed_test_nll']:.4f} → "
-              + (f"{what_if:.4f}" if what_if is not None else "not computable (no per_record_adapter)"))
+        print(
+            f"  left out {tag:<20} q = {row['share_chosen_on_the_others']} skips {row['skipped']}: {row['kept_experts_skipped']} kept expert(s), "
+            f"{row['expert_steps_saved']} of {row['expert_steps']} steps; routed test NLL {row['routed_test_nll']:.4f} → "
+            + (f"{what_if:.4f}" if what_if is not None else "not computable (no per_record_adapter)")
+        )
 
 
 if __name__ == "__main__":

@@ -39,13 +39,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_run(folder: Path, per_source: int) -> Path:
     """The run the bench serves: built once (every stage resumes), reused afterwards."""
-    from gradientspace.experts.adapters import train_experts
     from gradientspace.clustering.stages import cluster
-    from gradientspace.routing.router import train_routers
     from gradientspace.commands import elrea_centroids
+    from gradientspace.experts.adapters import train_experts
+    from gradientspace.routing.router import train_routers
 
-    config = load_config(None, {"out": str(folder), "model.name": "smollm2-135m", "data.path": "mix4-packaged", "data.per_source": per_source,
-                                "data.max_length": 192, "cluster.k": 4, "experts.epochs": 1, "experts.strategies": ["routed", "single", "elrea-ensemble"]})
+    config = load_config(
+        None,
+        {
+            "out": str(folder),
+            "model.name": "smollm2-135m",
+            "data.path": "mix4-packaged",
+            "data.per_source": per_source,
+            "data.max_length": 192,
+            "cluster.k": 4,
+            "experts.epochs": 1,
+            "experts.strategies": ["routed", "single", "elrea-ensemble"],
+        },
+    )
     cluster(config)
     train_experts(config)
     train_routers(config)
@@ -59,9 +70,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(wall: float, first: list[float], tokens: int, requests: int) -> dict:
-    return {"requests": requests, "seconds": round(wall, 2), "requests_per_second": round(requests / wall, 3),
-            "ttft_p50_ms": round(1000 * percentile(first, 0.5), 1), "ttft_p95_ms": round(1000 * percentile(first, 0.95), 1),
-            "tokens_per_second": round(tokens / wall, 2)}
+    return {
+        "requests": requests,
+        "seconds": round(wall, 2),
+        "requests_per_second": round(requests / wall, 3),
+        "ttft_p50_ms": round(1000 * percentile(first, 0.5), 1),
+        "ttft_p95_ms": round(1000 * percentile(first, 0.95), 1),
+        "tokens_per_second": round(tokens / wall, 2),
+    }
 
 
 async def load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -74,8 +90,14 @@ async def load(url: str, model: str, prompts: list[str], clients: int, max_token
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
             prompt = queue.get_nowait()
-            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             start, seen = time.perf_counter(), False
             async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
@@ -87,7 +109,9 @@ async def load(url: str, model: str, prompts: list[str], clients: int, max_token
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         tokens[0] += chunk["usage"]["completion_tokens"]
-                    elif not seen and (chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]):
+                    elif not seen and (
+                        chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]
+                    ):
                         first.append(time.perf_counter() - start)
                         seen = True
 
@@ -111,16 +135,37 @@ def interleaved(url: str, prompts: list[str], clients: int, max_tokens: int, rou
         for part in runs:
             for name, count in part["experts"].items():
                 experts[name] = experts.get(name, 0) + count
-        merged[mode] = {**summary(sum(r["wall"] for r in runs), [f for r in runs for f in r["first"]], sum(r["tokens"] for r in runs),
-                                  sum(r["requests"] for r in runs)), "experts": experts}
+        merged[mode] = {
+            **summary(
+                sum(r["wall"] for r in runs),
+                [f for r in runs for f in r["first"]],
+                sum(r["tokens"] for r in runs),
+                sum(r["requests"] for r in runs),
+            ),
+            "experts": experts,
+        }
     return merged
 
 
 def start_server(run: Path, port: int, batch_window_ms: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "gradientspace.cli", "serve", str(run), "--port", str(port),
-                               "--set", f"serve.batch_window_ms={batch_window_ms}"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradientspace.cli",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--set",
+            f"serve.batch_window_ms={batch_window_ms}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if server.poll() is not None:
@@ -140,8 +185,8 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
     import torch
 
     from gradientspace.data.records import prompt_text
-    from gradientspace.models.inference import serving_names
     from gradientspace.models.bank import StackedLoRA
+    from gradientspace.models.inference import serving_names
 
     adapters = list(serving_names(model).values())
     rows = [adapters[i % len(adapters)] for i in range(len(records))]
@@ -153,8 +198,15 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
     stacked = StackedLoRA(model.model, adapters)
 
     def decode(**extra) -> None:
-        model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=pad, **extra)
+        model.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            **extra,
+        )
 
     def one_adapter() -> None:
         model.model.set_adapter(rows[0])
@@ -164,7 +216,11 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
         with stacked.batch(rows):
             decode()
 
-    ways = {"one adapter": one_adapter, "mixed, peft adapter_names": lambda: decode(adapter_names=rows), "mixed, StackedLoRA": stacked_mix}
+    ways = {
+        "one adapter": one_adapter,
+        "mixed, peft adapter_names": lambda: decode(adapter_names=rows),
+        "mixed, StackedLoRA": stacked_mix,
+    }
     seconds = {}
     with torch.no_grad():
         one_adapter()  # untimed warm-up
@@ -175,9 +231,14 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
                 way()
                 times.append(time.perf_counter() - start)
             seconds[name] = round(min(times), 3)
-    return {"rows": len(rows), "adapters": len(adapters), "new_tokens": max_tokens, "seconds": seconds,
-            "one adapter / peft mixed": round(seconds["one adapter"] / seconds["mixed, peft adapter_names"], 3),
-            "one adapter / stacked mixed": round(seconds["one adapter"] / seconds["mixed, StackedLoRA"], 3)}
+    return {
+        "rows": len(rows),
+        "adapters": len(adapters),
+        "new_tokens": max_tokens,
+        "seconds": seconds,
+        "one adapter / peft mixed": round(seconds["one adapter"] / seconds["mixed, peft adapter_names"], 3),
+        "one adapter / stacked mixed": round(seconds["one adapter"] / seconds["mixed, StackedLoRA"], 3),
+    }
 
 
 def ensemble(model, records, max_tokens: int) -> dict:
@@ -198,14 +259,20 @@ def main() -> None:
     parser.add_argument("--per-source", type=int, default=8, help="training records per mix4 domain for the run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per (mode, concurrency)")
-    parser.add_argument("--rounds", type=int, default=2, help="routed and single alternate this many times per concurrency")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="routed and single alternate this many times per concurrency"
+    )
     parser.add_argument("--ensemble-requests", type=int, default=4)
     parser.add_argument("--mixed-rows", type=int, default=16, help="rows of the in-process mixed batch")
     parser.add_argument("--repeats", type=int, default=2, help="in-process decodes per way (the fastest counts)")
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--port", type=int, default=8931)
-    parser.add_argument("--batch-window-ms", type=float, default=ServeConfig.batch_window_ms,
-                        help="how long the server waits for more requests to join a batch (serve.batch_window_ms)")
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=ServeConfig.batch_window_ms,
+        help="how long the server waits for more requests to join a batch (serve.batch_window_ms)",
+    )
     args = parser.parse_args()
 
     with contextlib.redirect_stdout(sys.stderr):  # the runner's skip / run lines; stdout is the JSON
@@ -216,13 +283,23 @@ def main() -> None:
     prompts = [r.messages[-1]["content"] for r in records]
     url = f"http://127.0.0.1:{args.port}"
     server = start_server(run, args.port, args.batch_window_ms)
-    results: dict = {"model": "smollm2-135m", "run": str(args.run), "max_tokens": args.max_tokens, "cpu_threads": os.cpu_count(),
-                     "batch_window_ms": args.batch_window_ms,
-                     "modes": {"routed": "model=gradientspace: routed, experts mixed in a batch", "single": "model=generalist: every request on one adapter"}}
+    results: dict = {
+        "model": "smollm2-135m",
+        "run": str(args.run),
+        "max_tokens": args.max_tokens,
+        "cpu_threads": os.cpu_count(),
+        "batch_window_ms": args.batch_window_ms,
+        "modes": {
+            "routed": "model=gradientspace: routed, experts mixed in a batch",
+            "single": "model=generalist: every request on one adapter",
+        },
+    }
     try:
         asyncio.run(load(url, "gradientspace", prompts[:4], 4, 4))  # untimed warm-up
         for clients in args.concurrency:
-            for mode, numbers in interleaved(url, prompts[: needed[clients]], clients, args.max_tokens, args.rounds).items():
+            for mode, numbers in interleaved(
+                url, prompts[: needed[clients]], clients, args.max_tokens, args.rounds
+            ).items():
                 results.setdefault(mode, {})[str(clients)] = numbers
                 print(f"{mode:<7} clients {clients:>2}: {numbers}", file=sys.stderr)
         results["engine"] = httpx.get(f"{url}/health").json()["engine"]
@@ -232,22 +309,43 @@ def main() -> None:
     from gradientspace.models.inference import StrategyModel
 
     model = StrategyModel(config_from_run(run), ["elrea-ensemble"])  # holds the routed experts too
-    results["one batch decoded in-process"] = mixed_batch_decode(model, records[: args.mixed_rows], args.max_tokens, args.repeats)
+    results["one batch decoded in-process"] = mixed_batch_decode(
+        model, records[: args.mixed_rows], args.max_tokens, args.repeats
+    )
     print(f"mixed batch: {results['one batch decoded in-process']}", file=sys.stderr)
-    results["elrea-ensemble (Python API, sequential)"] = ensemble(model, records[: args.ensemble_requests], args.max_tokens)
+    results["elrea-ensemble (Python API, sequential)"] = ensemble(
+        model, records[: args.ensemble_requests], args.max_tokens
+    )
     rate = lambda mode, n: results[mode][str(n)]["requests_per_second"]
     low, high = min(args.concurrency), max(args.concurrency)
     results["ratios"] = {
-        **{f"routed / single requests/s at {n} clients": round(rate("routed", n) / rate("single", n), 3) for n in args.concurrency},
-        **{f"routed / single tokens/s at {n} clients": round(results["routed"][str(n)]["tokens_per_second"] / results["single"][str(n)]["tokens_per_second"], 3)
-           for n in args.concurrency},
+        **{
+            f"routed / single requests/s at {n} clients": round(rate("routed", n) / rate("single", n), 3)
+            for n in args.concurrency
+        },
+        **{
+            f"routed / single tokens/s at {n} clients": round(
+                results["routed"][str(n)]["tokens_per_second"] / results["single"][str(n)]["tokens_per_second"], 3
+            )
+            for n in args.concurrency
+        },
         f"routed requests/s, {high} vs {low} clients": round(rate("routed", high) / rate("routed", low), 3),
         f"single requests/s, {high} vs {low} clients": round(rate("single", high) / rate("single", low), 3),
-        f"routed at {low} client / ensemble requests/s": round(rate("routed", low) / results["elrea-ensemble (Python API, sequential)"]["requests_per_second"], 3),
-        f"ensemble / routed p50 time to first token at {low} client": round(results["elrea-ensemble (Python API, sequential)"]["ttft_p50_ms"] / results["routed"][str(low)]["ttft_p50_ms"], 3),
+        f"routed at {low} client / ensemble requests/s": round(
+            rate("routed", low) / results["elrea-ensemble (Python API, sequential)"]["requests_per_second"], 3
+        ),
+        f"ensemble / routed p50 time to first token at {low} client": round(
+            results["elrea-ensemble (Python API, sequential)"]["ttft_p50_ms"]
+            / results["routed"][str(low)]["ttft_p50_ms"],
+            3,
+        ),
     }
-    results["targets"] = {"routed >= 0.9 x single requests/s at every concurrency": all(rate("routed", n) >= 0.9 * rate("single", n) for n in args.concurrency),
-                          f"routed requests/s at {high} clients >= 3 x at {low}": rate("routed", high) >= 3 * rate("routed", low)}
+    results["targets"] = {
+        "routed >= 0.9 x single requests/s at every concurrency": all(
+            rate("routed", n) >= 0.9 * rate("single", n) for n in args.concurrency
+        ),
+        f"routed requests/s at {high} clients >= 3 x at {low}": rate("routed", high) >= 3 * rate("routed", low),
+    }
     print(json.dumps(results, indent=2))
 
 

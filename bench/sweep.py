@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from gradientspace.clustering.stages import cluster
+from gradientspace.commands import decide_experts, router_thresholds
 from gradientspace.config import config_from_run
 from gradientspace.experts.adapters import train_experts
 from gradientspace.models.inference import StrategyModel
-from gradientspace.clustering.stages import cluster
 from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
-from gradientspace.commands import decide_experts, router_thresholds
 
 VARIANTS = {
     "base": {},
@@ -35,8 +35,16 @@ VARIANTS = {
     "branch-1-epoch": {"experts.branch_epochs": 1},
     "k2": {"cluster.k": 2},
 }
-NOT_COPIED = ("eval*", "report", "elrea", "strategies/random-clusters", "strategies/embedding-clusters",
-              "strategies/projection-clusters", "strategies/oracle", "strategies/single-wide")
+NOT_COPIED = (
+    "eval*",
+    "report",
+    "elrea",
+    "strategies/random-clusters",
+    "strategies/embedding-clusters",
+    "strategies/projection-clusters",
+    "strategies/oracle",
+    "strategies/single-wide",
+)
 
 
 def validation_score(out: Path, overrides: dict) -> dict:
@@ -51,9 +59,15 @@ def validation_score(out: Path, overrides: dict) -> dict:
     validation = run.validation
     engine = StrategyModel(config, ["routed", "single"])
     scores = {s: sum(engine.nll(s, validation)) / len(validation) for s in ("routed", "single")}
-    return {"overrides": overrides, "nmi": outcome.metrics.get("nmi"), "fallback": [g for g, d in kept.items() if d["lambda"] == 0],
-            "threshold": thresholds.get("routed"), "validation_nll": scores,
-            "validation_gain_vs_single": scores["single"] - scores["routed"], "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "overrides": overrides,
+        "nmi": outcome.metrics.get("nmi"),
+        "fallback": [g for g, d in kept.items() if d["lambda"] == 0],
+        "threshold": thresholds.get("routed"),
+        "validation_nll": scores,
+        "validation_gain_vs_single": scores["single"] - scores["routed"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ The target gradients' seconds are recorded beside the embedding's: compute besid
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -51,7 +50,10 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
     p = hits / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    centre, half = (
+        (p + z * z / (2 * n)) / (1 + z * z / n),
+        z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n),
+    )
     return (round(centre - half, 4), round(centre + half, 4))
 
 
@@ -67,10 +69,22 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     folder = args.out / f"{name}-{per_label}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "train.jsonl", balanced_rows(SHARED / name / "train.jsonl", per_label, seed))
-    config = load_config(None, {"out": str(folder / "run"), "seed": seed, "model.name": args.model, "data.path": str(folder / "train.jsonl"),
-                                "cluster.k": 4, "experts.strategies": ["projection-clusters"], **dict(item.split("=", 1) for item in args.set)})
+    config = load_config(
+        None,
+        {
+            "out": str(folder / "run"),
+            "seed": seed,
+            "model.name": args.model,
+            "data.path": str(folder / "train.jsonl"),
+            "cluster.k": 4,
+            "experts.strategies": ["projection-clusters"],
+            **dict(item.split("=", 1) for item in args.set),
+        },
+    )
     rank = config.sketch.rank
-    config = load_config(None, {"cluster.projection_dim": rank}, tree=config.to_dict())  # the projection at the sketch's dimension
+    config = load_config(
+        None, {"cluster.projection_dim": rank}, tree=config.to_dict()
+    )  # the projection at the sketch's dimension
     run = Run(config)
     cluster(run)
     records, held = run.records, run.validation_ids
@@ -84,10 +98,15 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
     projection = load_file(str(run.path(f"projection-{rank}.safetensors")))["features"].numpy()
     sketch = load_file(str(run.path("sketch.safetensors")))["coordinates"].numpy()
     start = time.perf_counter()
-    embedded = embed_texts((r.prompt_text for r in records), pick_device(config.model.device)).numpy()  # as the embedding baseline reads them
+    embedded = embed_texts(
+        (r.prompt_text for r in records), pick_device(config.model.device)
+    ).numpy()  # as the embedding baseline reads them
     embedding_seconds = time.perf_counter() - start
-    spaces = {"sketch": (sketch[pool], target_space["sketch"]), "projection": (projection[pool], target_space[f"projection-{rank}"]),
-              "embedding": (embedded[pool], embedded[targets])}
+    spaces = {
+        "sketch": (sketch[pool], target_space["sketch"]),
+        "projection": (projection[pool], target_space[f"projection-{rank}"]),
+        "embedding": (embedded[pool], embedded[targets]),
+    }
 
     by_label = {}
     for label in sorted(set(pool_labels)):
@@ -97,43 +116,98 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
             scores = mean_cosine(pool_rows, target_rows[mine])
             row[space] = {f"top{round(share * 100)}": precision(scores, pool_labels, label, share) for share in SHARES}
         by_label[label] = row
-    mean = {space: {f"top{round(s * 100)}": round(float(np.mean([row[space][f"top{round(s * 100)}"]["precision"] for row in by_label.values()])), 4)
-                    for s in SHARES} for space in SPACES}
-    clustered = run.stage_entry("cluster")  # the run's named clusters: can a reader tell each one's domain from its terms?
-    report = {"dataset": name, "per_label": per_label, "seed": seed, "code": code_commit(), "pool": len(pool), "targets": len(targets),
-              "rank": rank, "model": config.model.name, "by_label": by_label, "mean_over_labels": mean,
-              "clusters": {"terms": clustered.get("terms"), "composition": clustered.get("composition"), "metrics": clustered.get("metrics")},
-              "seconds": {"target_gradients": round(gradient_seconds, 1), "embedding_all_records": round(embedding_seconds, 1),
-                          "stages": {k: v.get("seconds") for k, v in run.directory.manifest["stages"].items()}}}
-    print(f"[{name} {per_label}/label seed {seed}] top 10 %: " + ", ".join(f"{s} {mean[s]['top10']:.3f}" for s in SPACES), file=sys.stderr)
+    mean = {
+        space: {
+            f"top{round(s * 100)}": round(
+                float(np.mean([row[space][f"top{round(s * 100)}"]["precision"] for row in by_label.values()])), 4
+            )
+            for s in SHARES
+        }
+        for space in SPACES
+    }
+    clustered = run.stage_entry(
+        "cluster"
+    )  # the run's named clusters: can a reader tell each one's domain from its terms?
+    report = {
+        "dataset": name,
+        "per_label": per_label,
+        "seed": seed,
+        "code": code_commit(),
+        "pool": len(pool),
+        "targets": len(targets),
+        "rank": rank,
+        "model": config.model.name,
+        "by_label": by_label,
+        "mean_over_labels": mean,
+        "clusters": {
+            "terms": clustered.get("terms"),
+            "composition": clustered.get("composition"),
+            "metrics": clustered.get("metrics"),
+        },
+        "seconds": {
+            "target_gradients": round(gradient_seconds, 1),
+            "embedding_all_records": round(embedding_seconds, 1),
+            "stages": {k: v.get("seconds") for k, v in run.directory.manifest["stages"].items()},
+        },
+    }
+    print(
+        f"[{name} {per_label}/label seed {seed}] top 10 %: " + ", ".join(f"{s} {mean[s]['top10']:.3f}" for s in SPACES),
+        file=sys.stderr,
+    )
     return report
 
 
 def markdown(reports: list[dict]) -> str:
-    lines = ["# Targeted selection: the share of the top 10 % of the pool that carries the target's label", "",
-             "Generated by `bench/targeted_selection.py` from `targeted-selection.json`. Target: one label's validation records; "
-             "pool: the training split; random choice gets the base rate. Interval: Wilson 95 % over the chosen records.", "",
-             "| data | seed | label | targets | base rate | sketch (select) | projection (equal dim) | embedding (MiniLM) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Targeted selection: the share of the top 10 % of the pool that carries the target's label",
+        "",
+        "Generated by `bench/targeted_selection.py` from `targeted-selection.json`. Target: one label's validation records; "
+        "pool: the training split; random choice gets the base rate. Interval: Wilson 95 % over the chosen records.",
+        "",
+        "| data | seed | label | targets | base rate | sketch (select) | projection (equal dim) | embedding (MiniLM) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for report in reports:
         for label, row in report["by_label"].items():
-            cell = lambda space: f"{row[space]['top10']['precision']:.2f} ({row[space]['top10']['interval'][0]:.2f}–{row[space]['top10']['interval'][1]:.2f})"
-            lines.append(f"| {report['dataset']} {report['per_label']}/label | {report['seed']} | {label} | {row['targets']} | {row['base_rate']:.2f} | "
-                         f"{cell('sketch')} | {cell('projection')} | {cell('embedding')} |")
+            cell = lambda space: (
+                f"{row[space]['top10']['precision']:.2f} ({row[space]['top10']['interval'][0]:.2f}–{row[space]['top10']['interval'][1]:.2f})"
+            )
+            lines.append(
+                f"| {report['dataset']} {report['per_label']}/label | {report['seed']} | {label} | {row['targets']} | {row['base_rate']:.2f} | "
+                f"{cell('sketch')} | {cell('projection')} | {cell('embedding')} |"
+            )
         mean = report["mean_over_labels"]
         base = np.mean([row["base_rate"] for row in report["by_label"].values()])
-        lines.append(f"| {report['dataset']} {report['per_label']}/label | {report['seed']} | **mean** | | {base:.2f} | "
-                     f"**{mean['sketch']['top10']:.2f}** | **{mean['projection']['top10']:.2f}** | **{mean['embedding']['top10']:.2f}** |")
-    lines += ["", "The runs' clusters, named by their most distinctive terms (class-based TF-IDF), and the labels they hold:", "",
-              "| data | seed | cluster | terms | labels |", "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {report['dataset']} {report['per_label']}/label | {report['seed']} | **mean** | | {base:.2f} | "
+            f"**{mean['sketch']['top10']:.2f}** | **{mean['projection']['top10']:.2f}** | **{mean['embedding']['top10']:.2f}** |"
+        )
+    lines += [
+        "",
+        "The runs' clusters, named by their most distinctive terms (class-based TF-IDF), and the labels they hold:",
+        "",
+        "| data | seed | cluster | terms | labels |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for report in reports:
         clusters = report["clusters"]
         for k, terms in (clusters["terms"] or {}).items():
-            labels = ", ".join(f"{label} {n}" for label, n in sorted((clusters["composition"] or {}).get(k, {}).items(), key=lambda kv: -kv[1]))
+            labels = ", ".join(
+                f"{label} {n}"
+                for label, n in sorted((clusters["composition"] or {}).get(k, {}).items(), key=lambda kv: -kv[1])
+            )
             lines.append(f"| {report['dataset']} | {report['seed']} | {k} | {', '.join(terms)} | {labels} |")
-    lines += ["", "Seconds: " + "; ".join(f"{r['dataset']} seed {r['seed']}: target gradients {r['seconds']['target_gradients']} s "
-                                           f"({r['targets']} records), MiniLM over all {r['pool'] + r['targets']} records {r['seconds']['embedding_all_records']} s, "
-                                           f"the run's gradient pass {r['seconds']['stages'].get('gradients')} s" for r in reports) + "."]
+    lines += [
+        "",
+        "Seconds: "
+        + "; ".join(
+            f"{r['dataset']} seed {r['seed']}: target gradients {r['seconds']['target_gradients']} s "
+            f"({r['targets']} records), MiniLM over all {r['pool'] + r['targets']} records {r['seconds']['embedding_all_records']} s, "
+            f"the run's gradient pass {r['seconds']['stages'].get('gradients')} s"
+            for r in reports
+        )
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +217,9 @@ def main() -> None:
     parser.add_argument("--per-label", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. data.max_length=64")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. data.max_length=64"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/targeted-selection"))
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
     args = parser.parse_args()

@@ -22,15 +22,21 @@ import torch
 
 from gradientspace.config import ModelConfig
 from gradientspace.data.records import collate, load_records, shuffled_length_batches, tokenize
+from gradientspace.experts.train import TrainPlan, train_adapter
 from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, per_sample_mean_loss
 from gradientspace.models.loading import load_lora_model
-from gradientspace.experts.train import TrainPlan, train_adapter
 
 SHARED_MIX4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mix4" / "train.jsonl"
 
 
 def hand_loop(model, batches, pad_id, device, learning_rate):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=learning_rate,
+        betas=ADAM_BETAS,
+        eps=ADAM_EPS,
+        weight_decay=0.0,
+    )
     model.train()
     for batch in batches:
         input_ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))
@@ -42,7 +48,16 @@ def hand_loop(model, batches, pad_id, device, learning_rate):
 
 def trainer_loop(model, batches, pad_id, device, learning_rate, folder: Path):
     examples = [example for batch in batches for example in batch]
-    plan = TrainPlan(1, learning_rate, len(batches[0]), seed=0, schedule="constant", warmup_ratio=0.0, patience=None, sampling="sequential")
+    plan = TrainPlan(
+        1,
+        learning_rate,
+        len(batches[0]),
+        seed=0,
+        schedule="constant",
+        warmup_ratio=0.0,
+        patience=None,
+        sampling="sequential",
+    )
     train_adapter(model, examples, [], pad_id, device, plan, folder, "bench", "trainer")
 
 
@@ -73,17 +88,30 @@ def main() -> None:
                 if name == "hand":
                     hand_loop(loaded.model, batches, pad_id, loaded.device, 1e-4)
                 else:
-                    trainer_loop(loaded.model, batches, pad_id, loaded.device, 1e-4, Path(scratch) / f"round{round_number}")
+                    trainer_loop(
+                        loaded.model, batches, pad_id, loaded.device, 1e-4, Path(scratch) / f"round{round_number}"
+                    )
                 seconds[name].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in seconds.items()}
-    print(json.dumps({
-        "model": args.model, "device": str(loaded.device), "threads": torch.get_num_threads(), "batches": len(batches),
-        "batch_size": args.batch_size, "max_length": args.max_length, "tokens": tokens, "rounds": args.rounds,
-        "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()},
-        "tokens_per_second": {k: round(tokens / v, 1) for k, v in best.items()},
-        "ratio_trainer_vs_hand": round(best["hand"] / best["trainer"], 3),
-        "note": "trainer seconds include saving the adapter, its Adam moments and the log once per run",
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": str(loaded.device),
+                "threads": torch.get_num_threads(),
+                "batches": len(batches),
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "tokens": tokens,
+                "rounds": args.rounds,
+                "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()},
+                "tokens_per_second": {k: round(tokens / v, 1) for k, v in best.items()},
+                "ratio_trainer_vs_hand": round(best["hand"] / best["trainer"], 3),
+                "note": "trainer seconds include saving the adapter, its Adam moments and the log once per run",
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

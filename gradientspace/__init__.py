@@ -11,14 +11,24 @@ Python API (mirrors the CLI):
     # or all of it: run_all(config)     # gradientspace run CONFIG
 """
 
+from gradientspace.clustering.stages import ClusterOutcome, cluster
+from gradientspace.commands import run_all
 from gradientspace.config import RunConfig, config_from_run, load_config
 from gradientspace.evaluation.evaluate import evaluate_strategies
 from gradientspace.experts.adapters import train_experts
 from gradientspace.models.inference import StrategyModel
-from gradientspace.clustering.stages import ClusterOutcome, cluster
 from gradientspace.routing.router import train_routers
-from gradientspace.commands import run_all
 
-__all__ = ["RunConfig", "load_config", "config_from_run", "cluster", "ClusterOutcome", "train_experts", "train_routers",
-           "StrategyModel", "evaluate_strategies", "run_all"]
+__all__ = [
+    "RunConfig",
+    "load_config",
+    "config_from_run",
+    "cluster",
+    "ClusterOutcome",
+    "train_experts",
+    "train_routers",
+    "StrategyModel",
+    "evaluate_strategies",
+    "run_all",
+]
 __version__ = "0.1.0"

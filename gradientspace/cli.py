@@ -6,19 +6,38 @@ import argparse
 import sys
 import warnings
 
-from gradientspace.config import ConfigError, RunConfig, config_from_run, config_keys, key_default, key_help, load_config
+from gradientspace.config import (
+    ConfigError,
+    RunConfig,
+    config_from_run,
+    config_keys,
+    key_default,
+    key_help,
+    load_config,
+)
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS, STRATEGIES, routed
 from gradientspace.serving.backends import BACKENDS
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
 CLUSTER_FLAGS = {
-    "model": "model.name", "data": "data.path", "out": "out", "k": "cluster.k", "method": "cluster.method",
-    "seed": "seed", "tokens": "gradients.tokens", "rank": "sketch.rank", "max_length": "data.max_length",
-    "limit": "data.limit", "projection_dim": "cluster.projection_dim", "batch_size": "gradients.batch_size",
+    "model": "model.name",
+    "data": "data.path",
+    "out": "out",
+    "k": "cluster.k",
+    "method": "cluster.method",
+    "seed": "seed",
+    "tokens": "gradients.tokens",
+    "rank": "sketch.rank",
+    "max_length": "data.max_length",
+    "limit": "data.limit",
+    "projection_dim": "cluster.projection_dim",
+    "batch_size": "gradients.batch_size",
 }
 EXPERTS_FLAGS = {"strategies": "experts.strategies", "epochs": "experts.epochs"}
 EVALUATE_FLAGS = {"data": "evaluate.data", "limit": "evaluate.limit"}
-SKIP_BAD = {"skip_bad": "data.skip_bad"}  # a store_true flag: set only when given (see `_overrides`), so not in the maps above
+SKIP_BAD = {
+    "skip_bad": "data.skip_bad"
+}  # a store_true flag: set only when given (see `_overrides`), so not in the maps above
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
@@ -40,12 +59,21 @@ def _help_from_config(parser: argparse.ArgumentParser, flags: dict[str, str]) ->
         if action.dest in flags:
             key = flags[action.dest]
             text = f"{key_help(key)} [config key {key}, default {key_default(key)}]"
-            action.help = (f"{action.help}. {text}" if action.help else text).replace("%", "%%")  # argparse %-formats help
+            action.help = (f"{action.help}. {text}" if action.help else text).replace(
+                "%", "%%"
+            )  # argparse %-formats help
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (relative paths in it are read against its folder); flags override it")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. --set sketch.internal_rank=128")
+    parser.add_argument(
+        "--config", help="YAML config file (relative paths in it are read against its folder); flags override it"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set sketch.internal_rank=128",
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -54,7 +82,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'alias':<14} {'status':<38} description")
     for row in alias_status():
         print(f"{row['alias']:<14} {row['status']:<38} {row['description']}")
-    print(f"\nAny Hugging Face model id or local folder works too. Converted models are cached in {cache_dir()} (GRADIENTSPACE_CACHE).")
+    print(
+        f"\nAny Hugging Face model id or local folder works too. Converted models are cached in {cache_dir()} (GRADIENTSPACE_CACHE)."
+    )
     return 0
 
 
@@ -73,7 +103,9 @@ def _strategies(text: str | None, flag: str = "--strategies") -> list[str] | Non
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown or not names:
-        raise ConfigError(f"{flag}: {unknown[0] if unknown else text!r} is not a strategy (choose from {', '.join(STRATEGIES)})")
+        raise ConfigError(
+            f"{flag}: {unknown[0] if unknown else text!r} is not a strategy (choose from {', '.join(STRATEGIES)})"
+        )
     return names
 
 
@@ -91,9 +123,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for name, value in outcome.metrics.items():
         print(f"  {name:<24} {value:.4f}" if isinstance(value, float) else f"  {name:<24} {value}")
     if outcome.interference:
-        print("interference with the rest of the data (mean-gradient cosine: low = conflict; energy outside the others' span: high = own directions):")
+        print(
+            "interference with the rest of the data (mean-gradient cosine: low = conflict; energy outside the others' span: high = own directions):"
+        )
         for cluster, row in outcome.interference.items():
-            print(f"  cluster {cluster:<3} size {row['size']:<6} cosine {row['mean_cosine']:+.3f}   outside energy {row['outside_energy']:.3f}")
+            print(
+                f"  cluster {cluster:<3} size {row['size']:<6} cosine {row['mean_cosine']:+.3f}   outside energy {row['outside_energy']:.3f}"
+            )
     print(f"assignments: {outcome.run_dir / 'clusters.jsonl'}")
     return 0
 
@@ -128,7 +164,9 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     config = _run_config(args, {"strategies": "experts.strategies"})
     result = run_until(config, "router", overwrite=args.overwrite)
     for strategy, summary in result.get("router", {}).items():
-        print(f"router for {strategy:<20} held-out accuracy {summary['heldout_accuracy']:.3f}   train accuracy {summary['train_accuracy']:.3f}")
+        print(
+            f"router for {strategy:<20} held-out accuracy {summary['heldout_accuracy']:.3f}   train accuracy {summary['train_accuracy']:.3f}"
+        )
     for strategy, decisions in result.get("kept", {}).items():
         print(_decision_line(strategy, decisions))
     return 0
@@ -154,7 +192,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # not a config key, so no `check` covers it
         raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")
-    RunDirectory(config.out).require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
+    RunDirectory(config.out).require(
+        "warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first"
+    )
     _verified(config.out)
     if args.prompt:
         records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")]
@@ -162,15 +202,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         records = load_records(args.data, skip_bad=args.skip_bad, prompts_only=True, columns=config.data.columns)[0]
     engine = StrategyModel(config, [args.strategy])
     public = {adapter: name for name, adapter in serving_names(engine, args.strategy).items()}
-    for record, generation in zip(records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)):
-        print(json.dumps({"id": record.id, "model": public.get(generation.adapter, generation.adapter or "ensemble"), "expert": generation.expert,
-                          "probability": round(generation.probability, 4), "fallback": generation.fallback, "text": generation.text}))
+    for record, generation in zip(
+        records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)
+    ):
+        print(
+            json.dumps(
+                {
+                    "id": record.id,
+                    "model": public.get(generation.adapter, generation.adapter or "ensemble"),
+                    "expert": generation.expert,
+                    "probability": round(generation.probability, 4),
+                    "fallback": generation.fallback,
+                    "text": generation.text,
+                }
+            )
+        )
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gradientspace.evaluation.evaluate import markdown_table
     from gradientspace.commands import run_until
+    from gradientspace.evaluation.evaluate import markdown_table
 
     strategies = _strategies(args.strategies)
     config = _run_config(args, EVALUATE_FLAGS)
@@ -187,7 +239,16 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
     for key, _ in config_keys():
         print(f"{key}: {key_default(key)}")
-        print(textwrap.fill(key_help(key), width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False))
+        print(
+            textwrap.fill(
+                key_help(key),
+                width=100,
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+                break_long_words=False,
+            )
+        )
     return 0
 
 
@@ -198,7 +259,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _strategies(args.strategy, "--strategy")
     _verified(args.run)
     out = export_run(config, args.out, args.format, args.strategy)
-    print(f"exported {args.run} to {out}: records ({args.format}), clusters.json, sketch/coordinates.npy and sketch/info.json")
+    print(
+        f"exported {args.run} to {out}: records ({args.format}), clusters.json, sketch/coordinates.npy and sketch/info.json"
+    )
     return 0
 
 
@@ -209,8 +272,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     _verified(args.run)
     summary = select_records(config, args.target, args.top, args.out)
     labels = f"; labels: {', '.join(f'{k} {v}' for k, v in summary['labels'].items())}" if summary["labels"] else ""
-    print(f"selected {summary['chosen']} of {summary['of']} records for the {summary['targets']} target records (mean cosine "
-          f"{summary['best_score']:+.3f} … {summary['last_score']:+.3f}){labels}: {args.out}")
+    print(
+        f"selected {summary['chosen']} of {summary['of']} records for the {summary['targets']} target records (mean cosine "
+        f"{summary['best_score']:+.3f} … {summary['last_score']:+.3f}){labels}: {args.out}"
+    )
     return 0
 
 
@@ -228,9 +293,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
+    from gradientspace.commands import run_all
     from gradientspace.evaluation.evaluate import markdown_table
     from gradientspace.runs import RunDirectory
-    from gradientspace.commands import run_all
 
     config = load_config(args.config, _overrides(args, {"out": "out"}))
     started, start = time.time(), time.perf_counter()
@@ -246,21 +311,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     latency = result["eval"].get("latency", {})
     single_ms = (latency.get("single") or {}).get("total_first_token_ms")
     if single_ms:
-        print("time to first token vs single: " + ", ".join(f"{s} {v['total_first_token_ms'] / single_ms:.2f}×" for s, v in latency.items()
-                                                             if v.get("total_first_token_ms")))
+        print(
+            "time to first token vs single: "
+            + ", ".join(
+                f"{s} {v['total_first_token_ms'] / single_ms:.2f}×"
+                for s, v in latency.items()
+                if v.get("total_first_token_ms")
+            )
+        )
     stages = manifest["stages"]
     ran = {name: entry for name, entry in stages.items() if entry.get("finished_at", 0) >= started}
-    print("seconds per stage run now: " + (", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in ran.items()) or "none"))
+    print(
+        "seconds per stage run now: "
+        + (", ".join(f"{name} {entry.get('seconds', 0):.0f}" for name, entry in ran.items()) or "none")
+    )
     skipped = [name for name in stages if name not in ran]
     if skipped:
         print(f"skipped (done earlier, same inputs): {', '.join(skipped)}")
-    print(f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report.html   results: {config.out}/eval.md")
+    print(
+        f"total {time.perf_counter() - start:.0f} s.  Run: {config.out}   report: {config.out}/report.html   results: {config.out}/eval.md"
+    )
     return 0
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="re-run stages of an existing run whose config differs, instead of refusing")
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-run stages of an existing run whose config differs, instead of refusing",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
 
 
 SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "threshold": "router.threshold"}
@@ -313,7 +395,10 @@ def cmd_backend_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gradientspace", description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.")
+    parser = _Parser(
+        prog="gradientspace",
+        description="Cluster instruction data by exact LoRA gradients; one LoRA expert per cluster.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -339,10 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     _help_from_config(cluster, {**CLUSTER_FLAGS, **SKIP_BAD})
     cluster.set_defaults(func=cmd_cluster)
 
-    run = sub.add_parser("run", help="the whole pipeline from one YAML config: cluster, experts, router, evaluate, report")
+    run = sub.add_parser(
+        "run", help="the whole pipeline from one YAML config: cluster, experts, router, evaluate, report"
+    )
     run.add_argument("config", help="YAML config file (relative paths in it are read against its folder)")
     run.add_argument("--out", help="overrides the config's `out`")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (`gradientspace config-keys` lists them)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key (`gradientspace config-keys` lists them)",
+    )
     _add_run_flags(run)
     _help_from_config(run, {"out": "out"})
     run.set_defaults(func=cmd_run)
@@ -355,71 +447,132 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    experts = run_command("train-experts", "one LoRA expert per cluster, plus the comparison strategies' adapters", cmd_train_experts)
+    experts = run_command(
+        "train-experts", "one LoRA expert per cluster, plus the comparison strategies' adapters", cmd_train_experts
+    )
     experts.add_argument("--strategies", help="comma-separated")
     experts.add_argument("--epochs", type=int)
     _help_from_config(experts, EXPERTS_FLAGS)
     router = run_command("train-router", "the MiniLM router: prompt → expert", cmd_train_router)
-    router.add_argument("--strategies", help=f"comma-separated; those with a router: {', '.join(routed(list(STRATEGIES), RunConfig()))}")
+    router.add_argument(
+        "--strategies", help=f"comma-separated; those with a router: {', '.join(routed(list(STRATEGIES), RunConfig()))}"
+    )
     _help_from_config(router, {"strategies": "experts.strategies"})
     generate = run_command("generate", "route each prompt to one expert and generate", cmd_generate)
     generate.description = GENERATE_OUTPUT
     generate.add_argument("--prompt", help="one prompt (or give --data)")
     generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
-    generate.add_argument("--strategy", default="routed", help=f"how each prompt picks its adapter, one of {', '.join(STRATEGIES)} (default routed)")
+    generate.add_argument(
+        "--strategy",
+        default="routed",
+        help=f"how each prompt picks its adapter, one of {', '.join(STRATEGIES)} (default routed)",
+    )
     generate.add_argument("--threshold", type=float, help="for this command only")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (greedy; default 128)")
-    generate.add_argument("--skip-bad", action="store_true", help="skip malformed records of --data (and count them) instead of stopping")
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (greedy; default 128)"
+    )
+    generate.add_argument(
+        "--skip-bad", action="store_true", help="skip malformed records of --data (and count them) instead of stopping"
+    )
     _help_from_config(generate, {"threshold": "router.threshold"})
     evaluate = run_command("evaluate", "held-out NLL, accuracy and latency of every strategy", cmd_evaluate)
     evaluate.add_argument("--data")
-    evaluate.add_argument("--strategies", help="comma-separated, from the run's experts.strategies (default: all of them)")
+    evaluate.add_argument(
+        "--strategies", help="comma-separated, from the run's experts.strategies (default: all of them)"
+    )
     evaluate.add_argument("--limit", type=int)
     _help_from_config(evaluate, EVALUATE_FLAGS)
-    serve = run_command("serve", "OpenAI-compatible server: each request routed to one expert, concurrent requests batched", cmd_serve)
-    route = run_command("route", "only the router, in front of a vLLM / SGLang server that holds the experts", cmd_route)
+    serve = run_command(
+        "serve", "OpenAI-compatible server: each request routed to one expert, concurrent requests batched", cmd_serve
+    )
+    route = run_command(
+        "route", "only the router, in front of a vLLM / SGLang server that holds the experts", cmd_route
+    )
     for command in (serve, route):
         command.add_argument("--host")
         command.add_argument("--port", type=int)
         command.add_argument("--threshold", type=float)
-        command.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 route (default: $GRADIENTSPACE_API_KEY; unset: open)")
+        command.add_argument(
+            "--api-key",
+            help="require `Authorization: Bearer KEY` on every /v1 route (default: $GRADIENTSPACE_API_KEY; unset: open)",
+        )
         _help_from_config(command, SERVE_FLAGS)
     serve.add_argument("--max-batch-size", type=int)
     _help_from_config(serve, {"max_batch_size": "serve.max_batch_size"})
-    route.add_argument("--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001")
-    route.add_argument("--backend", required=True, choices=list(BACKENDS), help="which server --upstream is (they name adapters differently)")
-    route.add_argument("--upstream-api-key", help="the key the upstream requires, sent as `Authorization: Bearer KEY` with the start-up check "
-                                                  "and every forwarded request (default: $GRADIENTSPACE_UPSTREAM_API_KEY); clients' keys are never forwarded")
-    backend = run_command("backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command)
+    route.add_argument(
+        "--upstream", required=True, help="base URL of the vLLM / SGLang server, e.g. http://127.0.0.1:8001"
+    )
+    route.add_argument(
+        "--backend",
+        required=True,
+        choices=list(BACKENDS),
+        help="which server --upstream is (they name adapters differently)",
+    )
+    route.add_argument(
+        "--upstream-api-key",
+        help="the key the upstream requires, sent as `Authorization: Bearer KEY` with the start-up check "
+        "and every forwarded request (default: $GRADIENTSPACE_UPSTREAM_API_KEY); clients' keys are never forwarded",
+    )
+    backend = run_command(
+        "backend-command", "print the vLLM / SGLang command that serves the run's adapters", cmd_backend_command
+    )
     backend.add_argument("--backend", required=True, choices=list(BACKENDS), help="the server to print the command for")
     backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
-    
+
     report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")
     report.add_argument("run", help="run directory")
-    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    report.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     report.set_defaults(func=cmd_report)
 
-    export = sub.add_parser("export", help="the training records with their cluster, sketch coordinates and serving adapter, "
-                                            "as a datasets folder (or Parquet, JSONL) and a .npy memory map")
+    export = sub.add_parser(
+        "export",
+        help="the training records with their cluster, sketch coordinates and serving adapter, "
+        "as a datasets folder (or Parquet, JSONL) and a .npy memory map",
+    )
     export.add_argument("run", help="run directory (clustered at least)")
     export.add_argument("--out", required=True, help="a new (or empty) folder to write the export into")
-    export.add_argument("--format", choices=["datasets", "parquet", "jsonl"], default="datasets", help="how the records are written (default datasets: "
-                        "a folder `datasets.load_from_disk` reads)")
-    export.add_argument("--strategy", default=GRADIENT_CLUSTERS, help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})")
-    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    export.add_argument(
+        "--format",
+        choices=["datasets", "parquet", "jsonl"],
+        default="datasets",
+        help="how the records are written (default datasets: a folder `datasets.load_from_disk` reads)",
+    )
+    export.add_argument(
+        "--strategy",
+        default=GRADIENT_CLUSTERS,
+        help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})",
+    )
+    export.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     export.set_defaults(func=cmd_export)
 
-    select = sub.add_parser("select", help="the training records most like a target task's, by gradient similarity in the sketch (LESS), "
-                                            "written in the data file's own layout")
+    select = sub.add_parser(
+        "select",
+        help="the training records most like a target task's, by gradient similarity in the sketch (LESS), "
+        "written in the data file's own layout",
+    )
     select.add_argument("run", help="run directory (clustered at least)")
-    select.add_argument("--target", required=True, help="a data file of examples of the task you care about (any layout `data.path` reads; "
-                                                        "the run's data.columns apply)")
-    select.add_argument("--top", required=True, help="how many records to keep: a count (200) or a share of the run's records (5%%)")
+    select.add_argument(
+        "--target",
+        required=True,
+        help="a data file of examples of the task you care about (any layout `data.path` reads; "
+        "the run's data.columns apply)",
+    )
+    select.add_argument(
+        "--top", required=True, help="how many records to keep: a count (200) or a share of the run's records (5%%)"
+    )
     select.add_argument("--out", required=True, help="a new .jsonl, .json or .parquet file for the chosen records")
-    select.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    select.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     select.set_defaults(func=cmd_select)
 
-    keys = sub.add_parser("config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)")
+    keys = sub.add_parser(
+        "config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)"
+    )
     keys.set_defaults(func=cmd_config_keys)
     return parser
 

@@ -17,26 +17,27 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from gradientspace.clustering.stages import ClusterStage, cluster
 from gradientspace.config import RunConfig
 from gradientspace.data.records import fingerprint
 from gradientspace.evaluation.evaluate import evaluate_strategies
 from gradientspace.evaluation.scores import SPLITS, Scores, evaluation_records, write_scores
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, train_experts
 from gradientspace.experts.cards import CardStage
-from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.experts.keep import keep_decisions, served_stage
-from gradientspace.clustering.stages import ClusterStage, cluster
+from gradientspace.experts.strategies import GENERALIST, get, routed, trained
+from gradientspace.models.inference import calibrate_threshold, compute_elrea_centroids
 from gradientspace.preflight import preflight
 from gradientspace.routing.router import RouterStage, train_routers
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, locked, new_command
-from gradientspace.experts.strategies import GENERALIST, get, routed, trained
 
 STEPS = ("cluster", "experts", "router", "evaluate", "report")
 
 
 class CentroidStage(Stage):
     """The ELREA ensemble's per-cluster mean gradients (w.r.t. the generalist)."""
+
     name = "elrea-centroids"
 
     def requires(self, run: Run):
@@ -65,7 +66,9 @@ class ThresholdStage(Stage):
 
     def run(self, run: Run, key: str, record: dict) -> None:
         record.update(calibrate_threshold(run.config, self.strategy, run.validation))
-        record["outputs"] = [str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))]
+        record["outputs"] = [
+            str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))
+        ]
 
 
 def thresholds_chosen(run: Run) -> bool:
@@ -101,6 +104,7 @@ class ScoreStage(Stage):
     """A split's score matrices (`evaluation/scores.py`): every record under every adapter the run's strategies trained or
     blended, and what each router said of it; each rank scores its shard. The test split's is built by the evaluation, after
     every decision."""
+
     placement = Placement.EVERY
 
     def __init__(self, split: str):
@@ -114,8 +118,15 @@ class ScoreStage(Stage):
         if self.split == "validation":
             records = {"validation records": config_hash(sorted(run.validation_ids))}
         else:
-            records = {"test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split), "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed)}
-        return {**records, "strategies": config_hash(config.experts.strategies), "model": config_hash(asdict(config.model), config.data.max_length)}
+            records = {
+                "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
+                "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed),
+            }
+        return {
+            **records,
+            "strategies": config_hash(config.experts.strategies),
+            "model": config_hash(asdict(config.model), config.data.max_length),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
         records = run.validation if self.split == "validation" else evaluation_records(run.config)
@@ -125,6 +136,7 @@ class ScoreStage(Stage):
 class EvaluateStage(Stage):
     """Every asked strategy on the test data: NLL (looked up in the test score matrix), answer accuracy, latency (`eval.json`,
     `eval.md`); each rank its shard."""
+
     name = "evaluate"
     placement = Placement.EVERY
 
@@ -133,13 +145,18 @@ class EvaluateStage(Stage):
 
     def requires(self, run: Run):
         # both matrices: the validation one for questions asked later, the test one that the NLL is looked up in
-        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [ScoreStage(split) for split in SPLITS if split != "validation" or run.validation_ids]
+        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [
+            ScoreStage(split) for split in SPLITS if split != "validation" or run.validation_ids
+        ]
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
-        return {"strategies": config_hash(self.strategies), "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
-                "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
-                "model": config_hash(asdict(config.model))}
+        return {
+            "strategies": config_hash(self.strategies),
+            "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
+            "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
+            "model": config_hash(asdict(config.model)),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
         evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")))
@@ -148,6 +165,7 @@ class EvaluateStage(Stage):
 
 class ReportStage(Stage):
     """Figures and `report.html`: cheap, and they read everything, so they are redrawn every time."""
+
     name = "report"
     always = True
 
@@ -155,7 +173,9 @@ class ReportStage(Stage):
         return {}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        from gradientspace.evaluation.report import make_report  # matplotlib takes a second to import; only this stage draws
+        from gradientspace.evaluation.report import (
+            make_report,  # matplotlib takes a second to import; only this stage draws
+        )
 
         record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory.root)]
 
@@ -163,6 +183,7 @@ class ReportStage(Stage):
 # ---------------------------------------------------------------- the Python API of the stage-by-stage commands
 
 # Each takes a `runner.Run` (several calls sharing one: records and model loaded once) or a config to make one of.
+
 
 def validation_records(run: Run | RunConfig) -> list:
     """The validation split (`data.validation_fraction`): never trained on; keep decisions and thresholds are chosen on it."""
@@ -189,7 +210,9 @@ def elrea_centroids(run: Run | RunConfig) -> str:
     return as_run(run).build(CentroidStage())[0]["key"]
 
 
-def run_until(config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False) -> dict:
+def run_until(
+    config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False
+) -> dict:
     """Check everything cheap first, then build every stage up to `last` (one of STEPS), skipping finished ones.
 
     Under torchrun every rank takes its shard of the gradient pass, of the adapters after the
@@ -217,7 +240,9 @@ def run_until(config: RunConfig, last: str = "report", strategies: list[str] | N
         result["eval"] = json.loads(run.path("eval.json").read_text()) if run.is_main else None
         if last == "evaluate":
             return result
-        result["figures"] = [run.path(p) for p in run.build(ReportStage())[0]["outputs"]]  # drawn by rank 0, every rank waits
+        result["figures"] = [
+            run.path(p) for p in run.build(ReportStage())[0]["outputs"]
+        ]  # drawn by rank 0, every rank waits
         return result
 
 

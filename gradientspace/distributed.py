@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -82,8 +83,12 @@ def recv_tensors(src: int, device: torch.device | str = "cpu") -> dict[str, torc
     return tensors
 
 
-def tree_merge(local: Any, state: Callable[[Any], dict[str, torch.Tensor]], restore: Callable[[dict[str, torch.Tensor]], Any],
-               device: torch.device | str = "cpu") -> Any | None:
+def tree_merge(
+    local: Any,
+    state: Callable[[Any], dict[str, torch.Tensor]],
+    restore: Callable[[dict[str, torch.Tensor]], Any],
+    device: torch.device | str = "cpu",
+) -> Any | None:
     """Merge every rank's `local` into rank 0's, pairwise in a binary tree; rank 0 gets the result, others None.
 
     `state` turns a consumer into tensors to send, `restore` builds a consumer from received ones,

@@ -39,7 +39,9 @@ def check_export_folder(out: Path, run_root: Path) -> None:
     if resolved == root or root in resolved.parents:
         raise ConfigError(f"--out {out}: lies inside the run directory {run_root}; export to a folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out}: exists and is not an empty folder; the export never writes over files, choose a new folder")
+        raise ConfigError(
+            f"--out {out}: exists and is not an empty folder; the export never writes over files, choose a new folder"
+        )
 
 
 def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict]:
@@ -52,20 +54,31 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
     clusters = [json.loads(line)["cluster"] for line in run.path("clusters.jsonl").read_text().splitlines()]
     coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].float().numpy()
     if not len(records) == len(clusters) == len(coordinates):
-        raise ConfigError(f"{run.directory.root}: {len(records)} records, {len(clusters)} cluster assignments and {len(coordinates)} "
-                          "sketch rows do not match; re-run `gradientspace cluster` on it")
-    columns = {"id": [r.id for r in records], "source": [r.source for r in records], "messages": [r.messages for r in records],
-               "response": [r.response for r in records],
-               "split": ["validation" if r.id in run.validation_ids else "train" for r in records], "cluster": clusters}
+        raise ConfigError(
+            f"{run.directory.root}: {len(records)} records, {len(clusters)} cluster assignments and {len(coordinates)} "
+            "sketch rows do not match; re-run `gradientspace cluster` on it"
+        )
+    columns = {
+        "id": [r.id for r in records],
+        "source": [r.source for r in records],
+        "messages": [r.messages for r in records],
+        "response": [r.response for r in records],
+        "split": ["validation" if r.id in run.validation_ids else "train" for r in records],
+        "cluster": clusters,
+    }
     decided = run.stage_entry(f"adapters/{strategy}").get("done")
     if decided:  # the group's expert where it is served, else the fall-back, named as `serve` names them
         served = served_adapters(run.directory, strategy)
         by_group = {adapter.name.removeprefix("expert-"): adapter.name for adapter in served if not adapter.is_fallback}
         partition = read_partition(run, strategy)
         fallback = served[-1].name
-        columns["adapter"] = [by_group.get(partition["groups"][partition["assignment"][r.id]], fallback) for r in records]
+        columns["adapter"] = [
+            by_group.get(partition["groups"][partition["assignment"][r.id]], fallback) for r in records
+        ]
     terms = run.stage_entry("cluster").get("terms", {})
-    summary = {str(k): {"size": int(size), "terms": terms.get(str(k), [])} for k, size in enumerate(np.bincount(clusters))}
+    summary = {
+        str(k): {"size": int(size), "terms": terms.get(str(k), [])} for k, size in enumerate(np.bincount(clusters))
+    }
     return columns, coordinates, summary
 
 
@@ -80,16 +93,30 @@ def export_run(config: RunConfig, out: str | Path, fmt: str = "datasets", strate
     check_export_folder(out, run.directory.root)
     for stage in ("data", "gradients", "cluster"):
         if not run.stage_entry(stage).get("done"):
-            raise ConfigError(f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first")
-    if run.stage_entry("data")["inputs"].get("data content") != fingerprint(config.data.path, config.data.subset, config.data.split):
-        raise ConfigError(f"config key `data.path`: {config.data.path} holds other records than the run was made from; "
-                          "export reads the records from it, so restore the file the run read")
+            raise ConfigError(
+                f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first"
+            )
+    if run.stage_entry("data")["inputs"].get("data content") != fingerprint(
+        config.data.path, config.data.subset, config.data.split
+    ):
+        raise ConfigError(
+            f"config key `data.path`: {config.data.path} holds other records than the run was made from; "
+            "export reads the records from it, so restore the file the run read"
+        )
     columns, coordinates, summary = _columns(run, strategy)
     rank = coordinates.shape[1]
-    features = Features({"id": Value("string"), "source": Value("string"),
-                         "messages": List({"role": Value("string"), "content": Value("string")}), "response": Value("string"),
-                         "split": Value("string"), "cluster": Value("int32"), "coordinates": List(Value("float32"), length=rank),
-                         **({"adapter": Value("string")} if "adapter" in columns else {})})
+    features = Features(
+        {
+            "id": Value("string"),
+            "source": Value("string"),
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "response": Value("string"),
+            "split": Value("string"),
+            "cluster": Value("int32"),
+            "coordinates": List(Value("float32"), length=rank),
+            **({"adapter": Value("string")} if "adapter" in columns else {}),
+        }
+    )
     dataset = Dataset.from_dict({**columns, "coordinates": coordinates.tolist()}, features=features)
 
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -103,12 +130,27 @@ def export_run(config: RunConfig, out: str | Path, fmt: str = "datasets", strate
         dataset.to_json(str(partial / "records.jsonl"), lines=True, force_ascii=False)
     np.save(partial / "sketch" / "coordinates.npy", np.ascontiguousarray(coordinates, dtype=np.float32))
     gradients = run.stage_entry("gradients")
-    write_json(partial / "sketch" / "info.json", {
-        "shape": list(coordinates.shape), "dtype": "float32", "rank": rank, "rows": "the records of records/, in order (column `id`)",
-        "basis": {"file": str(run.path("sketch.safetensors").resolve()), "tensor": "basis", "dim": gradients.get("dim"),
-                  "what": "top-r left singular vectors U (d×r) of the normalised per-sample LoRA gradients; coordinates = Uᵀg"},
-        "captured_energy": gradients.get("captured_energy"), "model": config.model.name, "lora_rank": config.model.lora_rank,
-        "gradient_tokens": config.gradients.tokens, "config_key": gradients.get("key"), "run": str(run.directory.root.resolve())})
+    write_json(
+        partial / "sketch" / "info.json",
+        {
+            "shape": list(coordinates.shape),
+            "dtype": "float32",
+            "rank": rank,
+            "rows": "the records of records/, in order (column `id`)",
+            "basis": {
+                "file": str(run.path("sketch.safetensors").resolve()),
+                "tensor": "basis",
+                "dim": gradients.get("dim"),
+                "what": "top-r left singular vectors U (d×r) of the normalised per-sample LoRA gradients; coordinates = Uᵀg",
+            },
+            "captured_energy": gradients.get("captured_energy"),
+            "model": config.model.name,
+            "lora_rank": config.model.lora_rank,
+            "gradient_tokens": config.gradients.tokens,
+            "config_key": gradients.get("key"),
+            "run": str(run.directory.root.resolve()),
+        },
+    )
     write_json(partial / "clusters.json", {"method": run.stage_entry("cluster").get("method"), "clusters": summary})
     if out.exists():
         out.rmdir()  # empty, as checked

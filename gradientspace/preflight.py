@@ -15,22 +15,35 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import (RECIPES, BadRecord, DataError, Record, check_columns, data_path_problem, fingerprint, is_hub_id,
-                                        load_records, template_overhead)
+from gradientspace.data.records import (
+    RECIPES,
+    BadRecord,
+    DataError,
+    Record,
+    check_columns,
+    data_path_problem,
+    fingerprint,
+    is_hub_id,
+    load_records,
+    template_overhead,
+)
+from gradientspace.experts.strategies import get
 from gradientspace.models.loading import check_model_name, load_tokenizer
 from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
-from gradientspace.experts.strategies import get
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
 # with other values there is another run. Later sections (experts, router, evaluate) may change
 # on an existing run; their stages re-run.
 RUN_IDENTITY = ("seed", "model", "data", "warmup", "gradients", "sketch", "cluster")
-NOT_IDENTITY = {"gradients.checkpoint_every", "data.path"}  # when state is saved; the data's content is compared instead
+NOT_IDENTITY = {
+    "gradients.checkpoint_every",
+    "data.path",
+}  # when state is saved; the data's content is compared instead
 
 
 def check_output_dir(out: str) -> None:
@@ -48,15 +61,23 @@ def check_output_dir(out: str) -> None:
     if not existing.is_dir():
         raise ConfigError(f"config key `out`: {out} cannot be a run directory: {existing} is a file")
     if existing == path:
-        entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)  # a lock alone: a run that stopped before its manifest
+        entries = sorted(
+            p.name for p in path.iterdir() if p.name != LOCK_NAME
+        )  # a lock alone: a run that stopped before its manifest
         manifest = path / "manifest.json"
         if entries and not manifest.exists():
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-            raise ConfigError(f"config key `out`: {out} is not empty ({shown}) and is not a gradientspace run (no manifest.json); "
-                              "give a new or empty folder, so that no file of yours is overwritten")
-        if entries and not is_run_manifest(RunDirectory(path).manifest):  # a manifest that is not JSON fails here, naming the file
-            raise ConfigError(f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
-                              "give a new or empty folder, so that no file of yours is overwritten")
+            raise ConfigError(
+                f"config key `out`: {out} is not empty ({shown}) and is not a gradientspace run (no manifest.json); "
+                "give a new or empty folder, so that no file of yours is overwritten"
+            )
+        if entries and not is_run_manifest(
+            RunDirectory(path).manifest
+        ):  # a manifest that is not JSON fails here, naming the file
+            raise ConfigError(
+                f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
+                "give a new or empty folder, so that no file of yours is overwritten"
+            )
     try:
         handle, probe = tempfile.mkstemp(prefix=".gradientspace-write-test-", dir=existing)
     except OSError as err:
@@ -76,10 +97,14 @@ def check_inputs_outside_run(config: RunConfig, evaluate: bool) -> None:
             raise ConfigError(f"config key `{key}`: {problem}")
         given = Path(path).expanduser().resolve()
         if path not in RECIPES and out in given.parents:
-            raise ConfigError(f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "
-                              "move the file out of it")
+            raise ConfigError(
+                f"config key `{key}`: {path} lies inside the run directory {config.out}, which holds only what the run writes; "
+                "move the file out of it"
+            )
         if path not in RECIPES and given.is_dir() and (given == out or given in out.parents):
-            raise ConfigError(f"config key `out`: {config.out} lies inside the data folder {path} (`{key}`); choose a run directory outside it")
+            raise ConfigError(
+                f"config key `out`: {config.out} lies inside the data folder {path} (`{key}`); choose a run directory outside it"
+            )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -97,28 +122,40 @@ def check_existing_run(config: RunConfig, overwrite: bool) -> None:
     if overwrite or not done or not isinstance(run.manifest.get("config"), dict):
         return
     before, now = _flat(run.manifest["config"]), _flat(config.to_dict())
-    differing = [f"{key} {before.get(key)!r} → {now.get(key)!r}" for key in sorted(set(before) | set(now))
-                 if key.split(".")[0] in RUN_IDENTITY and key not in NOT_IDENTITY and before.get(key) != now.get(key)]
+    differing = [
+        f"{key} {before.get(key)!r} → {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if key.split(".")[0] in RUN_IDENTITY and key not in NOT_IDENTITY and before.get(key) != now.get(key)
+    ]
     recorded = run.stage_entry("data").get("inputs", {}).get("data content")
-    if before.get("data.path") != config.data.path and recorded not in (None, fingerprint(config.data.path, config.data.subset, config.data.split)):
+    if before.get("data.path") != config.data.path and recorded not in (
+        None,
+        fingerprint(config.data.path, config.data.subset, config.data.split),
+    ):
         differing.insert(0, f"data.path {before.get('data.path')!r} → {config.data.path!r} (other content)")
     if differing:
-        raise ConfigError(f"{config.out} holds a run whose {', '.join(done)} stages used another config: {'; '.join(differing)}. "
-                          "Pass --overwrite to re-run them with this config, or choose another output directory")
+        raise ConfigError(
+            f"{config.out} holds a run whose {', '.join(done)} stages used another config: {'; '.join(differing)}. "
+            "Pass --overwrite to re-run them with this config, or choose another output directory"
+        )
 
 
 def check_max_length(config: RunConfig, tokenizer) -> None:
     """A sample must keep the chat template's fixed part plus at least one prompt and one response token."""
     needed = template_overhead(tokenizer) + 2
     if config.data.max_length < needed:
-        raise ConfigError(f"config key `data.max_length`: {config.data.max_length} tokens cannot hold the chat template of `{config.model.name}` "
-                          f"({needed - 2} tokens) plus a prompt and a response; use at least {needed}")
+        raise ConfigError(
+            f"config key `data.max_length`: {config.data.max_length} tokens cannot hold the chat template of `{config.model.name}` "
+            f"({needed - 2} tokens) plus a prompt and a response; use at least {needed}"
+        )
 
 
 def _path_exists(path: str, key: str) -> None:
     if path not in RECIPES and not is_hub_id(path) and not Path(path).exists():
-        raise ConfigError(f"config key `{key}`: {path} does not exist (give a .jsonl/.json/.parquet file, "
-                          f"a saved datasets folder, or one of {', '.join(RECIPES)})")
+        raise ConfigError(
+            f"config key `{key}`: {path} does not exist (give a .jsonl/.json/.parquet file, "
+            f"a saved datasets folder, or one of {', '.join(RECIPES)})"
+        )
 
 
 def check_records(config: RunConfig, run) -> Sequence[Record]:
@@ -157,8 +194,16 @@ def check_k(config: RunConfig, records: Sequence[Record]) -> None:
     needed = 3 if k == "auto" else k
     distinct = distinct_records(records, config, needed)
     if distinct < needed:
-        what = "`auto` needs at least 3 distinct records (its silhouette scores 2 ≤ K < N)" if k == "auto" else f"{k} clusters need {k} distinct records"
-        have = f"{path} has only {n}" if distinct == n else f"the {n} records of {path} hold only {distinct} (the others repeat them)"
+        what = (
+            "`auto` needs at least 3 distinct records (its silhouette scores 2 ≤ K < N)"
+            if k == "auto"
+            else f"{k} clusters need {k} distinct records"
+        )
+        have = (
+            f"{path} has only {n}"
+            if distinct == n
+            else f"the {n} records of {path} hold only {distinct} (the others repeat them)"
+        )
         raise ConfigError(f"config key `cluster.k`: {what}, and {have}; some clusters would be empty")
 
 
@@ -166,8 +211,13 @@ def check_eval_data(config: RunConfig) -> None:
     _path_exists(config.evaluate.data, "evaluate.data")
     if config.evaluate.data not in RECIPES:  # built-in recipes are generated, not read
         try:
-            load_records(config.evaluate.data, limit=config.evaluate.limit, columns=config.data.columns, subset=config.data.subset,
-                         split=config.evaluate.split)
+            load_records(
+                config.evaluate.data,
+                limit=config.evaluate.limit,
+                columns=config.data.columns,
+                subset=config.data.subset,
+                split=config.evaluate.split,
+            )
         except BadRecord as err:  # evaluation never skips: a score over part of the test data would not say so
             raise DataError(f"{err.where_what} (the test data is scored whole: mend or remove the record)") from None
 
@@ -180,8 +230,10 @@ def check_trackers(report_to: list[str]) -> None:
 
     for tracker in report_to:
         if tracker not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(f"config key `train.report_to`: `{tracker}` is not a tracker transformers knows "
-                              f"(choose from {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+            raise ConfigError(
+                f"config key `train.report_to`: `{tracker}` is not a tracker transformers knows "
+                f"(choose from {', '.join(sorted(INTEGRATION_TO_CALLBACK))})"
+            )
         if tracker not in get_available_reporting_integrations():
             extra = " (pip install 'gradientspace[tensorboard]')" if tracker == "tensorboard" else ""
             raise ConfigError(f"config key `train.report_to`: `{tracker}` is not installed{extra}")

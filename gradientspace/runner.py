@@ -17,9 +17,9 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cached_property
-from typing import Sequence
 
 from gradientspace import distributed
 from gradientspace.config import ModelConfig, RunConfig
@@ -66,8 +66,17 @@ class Run:
     @cached_property
     def loaded_records(self) -> tuple[Sequence[Record], LoadReport]:
         data = self.config.data
-        return load_records(data.path, skip_bad=data.skip_bad, limit=data.limit, per_source=data.per_source, seed=self.config.seed, columns=data.columns,
-                            num_proc=data.num_proc, subset=data.subset, split=data.split)
+        return load_records(
+            data.path,
+            skip_bad=data.skip_bad,
+            limit=data.limit,
+            per_source=data.per_source,
+            seed=self.config.seed,
+            columns=data.columns,
+            num_proc=data.num_proc,
+            subset=data.subset,
+            split=data.split,
+        )
 
     @property
     def records(self) -> Sequence[Record]:
@@ -136,21 +145,32 @@ class Run:
     def _execute_spread(self, stages: list[Stage], parents: dict[str, dict[str, str]]) -> None:
         """Deal `stages` over the ranks, the most work first to the least-loaded rank (ties: in the order given, to the lowest
         rank); every rank computes the same deal. Rank 0 records the entries the others ran."""
-        work = {stage.name: stage.work(self) for stage in stages}  # an adapter's work reads its group's records: once each
+        work = {
+            stage.name: stage.work(self) for stage in stages
+        }  # an adapter's work reads its group's records: once each
         load = [0.0] * self.world_size
         ran = {}
-        for stage in sorted(stages, key=lambda s: -work[s.name]):  # sorted() is stable: equal work keeps the given order
+        for stage in sorted(
+            stages, key=lambda s: -work[s.name]
+        ):  # sorted() is stable: equal work keeps the given order
             rank = load.index(min(load))
             load[rank] += work[stage.name]
             if rank == self.rank:
-                ran[stage.name] = {**self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self), "rank": self.rank}
+                ran[stage.name] = {
+                    **self.directory.execute(stage, {**stage.inputs(self), **parents[stage.name]}, self),
+                    "rank": self.rank,
+                }
         gathered = distributed.gather_to_main(ran)
         if self.is_main:
             for other, entries in enumerate(gathered[1:], start=1):
                 for name, entry in entries.items():
                     current = self.directory.stage_entry(name)
                     # a rebuild under the same key (a changed output) is recorded too: its digests are new
-                    if entry.get("key") != current.get("key") or not current.get("done") or entry.get("finished_at") != current.get("finished_at"):
+                    if (
+                        entry.get("key") != current.get("key")
+                        or not current.get("done")
+                        or entry.get("finished_at") != current.get("finished_at")
+                    ):
                         note(f"{name}: trained on rank {other}")
                         self.directory.record_stage(name, entry)
         distributed.barrier()

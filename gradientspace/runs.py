@@ -44,8 +44,9 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -97,7 +98,16 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {"python": platform.python_version()}
-    for package in ("gradientspace", "torch", "transformers", "peft", "datasets", "accelerate", "scikit-learn", "safetensors"):
+    for package in (
+        "gradientspace",
+        "torch",
+        "transformers",
+        "peft",
+        "datasets",
+        "accelerate",
+        "scikit-learn",
+        "safetensors",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -186,11 +196,22 @@ class RunLock:
             handle.seek(0)
             holder = handle.read()
             handle.close()
-            raise RunBusy(f"{self.path.parent} is in use by {self._describe(holder)}; wait for it to finish (or stop it), then run this command again") from None
+            raise RunBusy(
+                f"{self.path.parent} is in use by {self._describe(holder)}; wait for it to finish (or stop it), then run this command again"
+            ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                 "command": shlex.join([_program(), *sys.argv[1:]])}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "command": shlex.join([_program(), *sys.argv[1:]]),
+                }
+            )
+            + "\n"
+        )
         handle.flush()
         self.handle = handle
 
@@ -244,6 +265,7 @@ def new_command() -> None:
 
 class Placement(enum.Enum):
     """Where a stage runs under torchrun; the runner (`runner.Run.build`) makes the other ranks wait, never the stage."""
+
     MAIN = "rank 0"  # rank 0 runs it while the others wait, then every rank reads what it wrote
     EVERY = "every rank"  # every rank runs it on its own shard of the work (the gradient pass, the evaluation)
     SPREAD = "spread"  # sibling stages built together are dealt over the ranks by their `work` (the adapters after the generalist)
@@ -295,9 +317,13 @@ class RunDirectory:
             try:
                 self.manifest = json.loads(self.manifest_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RunError(f"{self.manifest_path} is not valid JSON ({err}); move it away to start the run over") from None
+                raise RunError(
+                    f"{self.manifest_path} is not valid JSON ({err}); move it away to start the run over"
+                ) from None
             if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("stages", {}), dict):
-                raise RunError(f"{self.manifest_path}: expected an object with a `stages` mapping; move it away to start the run over")
+                raise RunError(
+                    f"{self.manifest_path}: expected an object with a `stages` mapping; move it away to start the run over"
+                )
         self.manifest.setdefault("stages", {})
 
     def path(self, *parts: str) -> Path:
@@ -326,7 +352,9 @@ class RunDirectory:
                 changed.append(output)
                 continue
             stat = path.stat()
-            if stat.st_size != written["size"] or (stat.st_mtime_ns != written["mtime_ns"] and file_digest(path)["sha256"] != written["sha256"]):
+            if stat.st_size != written["size"] or (
+                stat.st_mtime_ns != written["mtime_ns"] and file_digest(path)["sha256"] != written["sha256"]
+            ):
                 changed.append(output)
         return changed
 
@@ -336,7 +364,9 @@ class RunDirectory:
         for stage, entry in self.manifest["stages"].items():
             changed = self.changed_outputs(stage) if entry.get("done") else []
             if changed:
-                raise RunError(f"{self.path(changed[0])} changed since stage `{stage}` wrote it (truncated or edited); {hint}")
+                raise RunError(
+                    f"{self.path(changed[0])} changed since stage `{stage}` wrote it (truncated or edited); {hint}"
+                )
 
     def digests(self, outputs: list[str]) -> dict[str, dict[str, Any]]:
         return {output: file_digest(self.path(output)) for output in outputs if self.path(output).is_file()}
@@ -350,7 +380,11 @@ class RunDirectory:
         missing = self.missing_outputs(stage)
         changed = self.changed_outputs(stage) if entry.get("key") == key and entry.get("done") and not missing else []
         if entry.get("key") == key and entry.get("done") and not missing and not changed:
-            if (self.root.resolve(), stage, key) not in _SKIPS_SAID:  # several targets of one command share stages: say it once
+            if (
+                self.root.resolve(),
+                stage,
+                key,
+            ) not in _SKIPS_SAID:  # several targets of one command share stages: say it once
                 _SKIPS_SAID.add((self.root.resolve(), stage, key))
                 note(f"skip {stage}: done, key {key[:8]}")
             return True
@@ -406,8 +440,12 @@ class RunDirectory:
         if previous.get("key") == key:
             record["seconds_before_resume"] = previous.get("seconds", 0) + previous.get("seconds_before_resume", 0)
         # what the outputs were before this run, kept through an interruption, to tell whether the rebuild changed them
-        written_before = (previous.get("digests") or previous.get("digests_before") or {}) if previous.get("key") == key else {}
-        self.record_stage(stage, {**record, "done": False, **({"digests_before": written_before} if written_before else {})})
+        written_before = (
+            (previous.get("digests") or previous.get("digests_before") or {}) if previous.get("key") == key else {}
+        )
+        self.record_stage(
+            stage, {**record, "done": False, **({"digests_before": written_before} if written_before else {})}
+        )
         yield record
         record["seconds"] = round(time.perf_counter() - start, 2)
         record.update(peak_memory_mb())
@@ -435,7 +473,9 @@ class RunDirectory:
         """
         if distributed.is_main():
             self.reload()
-        for other in self.manifest["stages"].values():  # a file this stage rewrote on purpose is now as this stage left it
+        for other in self.manifest[
+            "stages"
+        ].values():  # a file this stage rewrote on purpose is now as this stage left it
             for output in set(other.get("digests", {})) & set(entry.get("digests", {})):
                 other["digests"][output] = entry["digests"][output]
         self.manifest["stages"][stage] = entry

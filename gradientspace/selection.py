@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ def parse_top(text: str, available: int) -> int:
             raise ValueError
         return min(count, available)
     except ValueError:
-        raise ConfigError(f"--top {text}: give a number of records (200) or a share of them (5%, above 0 and at most 100)") from None
+        raise ConfigError(
+            f"--top {text}: give a number of records (200) or a share of them (5%, above 0 and at most 100)"
+        ) from None
 
 
 def target_features(run: Run, records: Sequence[Record], projections: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
@@ -59,14 +61,21 @@ def target_features(run: Run, records: Sequence[Record], projections: tuple[int,
     layout = layout_of(loaded.model)
     basis = load_file(str(run.path("sketch.safetensors")))["basis"].to(loaded.device, torch.float32)
     if basis.shape[0] != layout.dim:
-        raise ConfigError(f"{run.directory.root}: the sketch's basis has {basis.shape[0]} rows but the model's LoRA gradient "
-                          f"{layout.dim} entries; re-run `gradientspace cluster`")
-    adam = load_adam_state(run.path("warmup", "optimizer.safetensors"), layout, loaded.device) if config.gradients.adam_precondition else None
+        raise ConfigError(
+            f"{run.directory.root}: the sketch's basis has {basis.shape[0]} rows but the model's LoRA gradient "
+            f"{layout.dim} entries; re-run `gradientspace cluster`"
+        )
+    adam = (
+        load_adam_state(run.path("warmup", "optimizer.safetensors"), layout, loaded.device)
+        if config.gradients.adam_precondition
+        else None
+    )
     projectors = {f"projection-{k}": RademacherProjector(layout.dim, k, seed=config.seed) for k in projections}
     coordinates = np.zeros((len(records), basis.shape[1]), dtype=np.float32)
     _, batches = gradient_batches(list(records), loaded, config)
-    for _, indices, grads, _ in stream_gradients(loaded.model, batches, loaded.tokenizer.pad_token_id, loaded.device, adam,
-                                                 config.gradients.normalize):
+    for _, indices, grads, _ in stream_gradients(
+        loaded.model, batches, loaded.tokenizer.pad_token_id, loaded.device, adam, config.gradients.normalize
+    ):
         coordinates[indices] = (grads @ basis).cpu().numpy()
         for projector in projectors.values():
             projector.add(grads, indices)
@@ -113,8 +122,10 @@ def as_rows(records, chosen: list[int], config: RunConfig) -> list[dict]:
     if isinstance(records, RecordTable):
         rows = records.rows()
         return original_rows(config.data.path, [rows[i] for i in chosen], config.data.subset, config.data.split)
-    return [{"id": r.id, "messages": r.messages + [{"role": "assistant", "content": r.response}], "source": r.source}
-            for r in (records[i] for i in chosen)]
+    return [
+        {"id": r.id, "messages": r.messages + [{"role": "assistant", "content": r.response}], "source": r.source}
+        for r in (records[i] for i in chosen)
+    ]
 
 
 def select_records(config: RunConfig, target: str, top: str, out: str | Path) -> dict:
@@ -128,13 +139,17 @@ def select_records(config: RunConfig, target: str, top: str, out: str | Path) ->
     check_selection_file(out, run.directory.root, target)
     for stage in ("warmup", "gradients"):
         if not run.stage_entry(stage).get("done"):
-            raise ConfigError(f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first")
+            raise ConfigError(
+                f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first"
+            )
     targets, _ = load_records(target, columns=config.data.columns)
     records = run.records
     count = parse_top(top, len(records))
     pool = load_file(str(run.path("sketch.safetensors")))["coordinates"].numpy()
     if len(pool) != len(records):
-        raise ConfigError(f"{run.directory.root}: {len(records)} records but {len(pool)} sketch rows; re-run `gradientspace cluster`")
+        raise ConfigError(
+            f"{run.directory.root}: {len(records)} records but {len(pool)} sketch rows; re-run `gradientspace cluster`"
+        )
     scores = mean_cosine(pool, target_features(run, targets)["sketch"])
     chosen = np.argsort(-scores, kind="stable")[:count].tolist()
     write_rows(as_rows(records, chosen, config), out)
@@ -142,5 +157,11 @@ def select_records(config: RunConfig, target: str, top: str, out: str | Path) ->
     for i in chosen:
         if records[i].source is not None:
             labels[records[i].source] = labels.get(records[i].source, 0) + 1
-    return {"chosen": count, "of": len(records), "targets": len(targets), "best_score": float(scores[chosen[0]]),
-            "last_score": float(scores[chosen[-1]]), "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1]))}
+    return {
+        "chosen": count,
+        "of": len(records),
+        "targets": len(targets),
+        "best_score": float(scores[chosen[0]]),
+        "last_score": float(scores[chosen[-1]]),
+        "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+    }

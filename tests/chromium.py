@@ -19,8 +19,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--no-first-run", "--disable-sync", "--hide-scrollbars", "--window-size=1280,1600", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,1600",
+    "--remote-debugging-port=0",
+]
 
 
 def chromium() -> str | None:
@@ -39,7 +49,9 @@ def _debugger_url(profile: Path, process: subprocess.Popen, timeout: float) -> s
     port_file = profile / "DevToolsActivePort"
     while not port_file.exists() or len(port_file.read_text().split()) < 2:
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"chromium did not start: {process.stderr.read().decode(errors='replace')[-800:] if process.stderr else ''}")
+            raise RuntimeError(
+                f"chromium did not start: {process.stderr.read().decode(errors='replace')[-800:] if process.stderr else ''}"
+            )
         time.sleep(0.1)
     port = port_file.read_text().split()[0]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
@@ -54,10 +66,15 @@ def load_page(path: Path, expression: str, timeout: float = 60.0) -> Page:
     page = Page()
     # Chromium's helper processes can still be writing the profile when the browser has exited: cleanup is best effort
     with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
-        process = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
-            socket = websocket.create_connection(_debugger_url(Path(profile), process, timeout), timeout=timeout, suppress_origin=True)
+            socket = websocket.create_connection(
+                _debugger_url(Path(profile), process, timeout), timeout=timeout, suppress_origin=True
+            )
             ids = itertools.count(1)
 
             def call(method: str, **params) -> dict:
@@ -74,9 +91,16 @@ def load_page(path: Path, expression: str, timeout: float = 60.0) -> Page:
             def collect(message: dict) -> None:
                 method, params = message.get("method"), message.get("params", {})
                 if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-                    page.errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+                    page.errors.append(
+                        "console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+                    )
                 elif method == "Runtime.exceptionThrown":
-                    page.errors.append("exception: " + params["exceptionDetails"].get("exception", {}).get("description", params["exceptionDetails"]["text"]))
+                    page.errors.append(
+                        "exception: "
+                        + params["exceptionDetails"]
+                        .get("exception", {})
+                        .get("description", params["exceptionDetails"]["text"])
+                    )
                 elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
                     page.errors.append(f"log: {params['entry']['text']} {params['entry'].get('url', '')}")
 
@@ -90,7 +114,9 @@ def load_page(path: Path, expression: str, timeout: float = 60.0) -> Page:
                     break
             result = call("Runtime.evaluate", expression=f"JSON.stringify({expression})", returnByValue=True)
             page.facts = json.loads(result["result"]["value"])
-            page.screenshot = base64.b64decode(call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"])
+            page.screenshot = base64.b64decode(
+                call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+            )
             socket.close()
         finally:
             process.terminate()
@@ -105,5 +131,5 @@ def region_std(png: bytes, box: dict) -> float:
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
     x, y = int(box["x"]), int(box["y"])
-    region = image[y:y + int(box["height"]), x:x + int(box["width"])]
+    region = image[y : y + int(box["height"]), x : x + int(box["width"])]
     return float(region.std()) if region.size else 0.0

@@ -35,7 +35,9 @@ def make_records(n: int, seed: int = 0) -> list[Record]:
     for i in range(n):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
         response = " ".join(rng.choice(words) for _ in range(rng.randint(1, 15)))
-        records.append(Record(id=f"r{i}", messages=[{"role": "user", "content": prompt}], response=response, source=f"s{i % 3}"))
+        records.append(
+            Record(id=f"r{i}", messages=[{"role": "user", "content": prompt}], response=response, source=f"s{i % 3}")
+        )
     return records
 
 
@@ -43,12 +45,16 @@ def write_records(path, n: int) -> None:
     """`make_records(n)` as a JSON-lines training file."""
     import json
 
-    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(n)]
+    rows = [
+        {"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source}
+        for r in make_records(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
 def interrupted_after(stream, batches: int):
     """`stream` (a generator function) that raises KeyboardInterrupt after yielding `batches` items: a killed pass."""
+
     def interrupted(*args, **kwargs):
         for count, item in enumerate(stream(*args, **kwargs)):
             if count == batches:
@@ -58,19 +64,24 @@ def interrupted_after(stream, batches: int):
     return interrupted
 
 
-def tiny_run_config(root, strategies: list[str], experts: str = "", evaluate: str = "limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1"):
+def tiny_run_config(
+    root,
+    strategies: list[str],
+    experts: str = "",
+    evaluate: str = "limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1",
+):
     """A `gradientspace run` config for tiny-random on a few mix4 records: every stage in seconds."""
     import json
 
     config = root / "tiny.yaml"
     config.write_text(f"""
-out: {root / 'run'}
+out: {root / "run"}
 model: {{name: tiny-random, lora_rank: 2}}
 data: {{path: mix4-packaged, per_source: 5, max_length: 96}}
 warmup: {{fraction: 0.25}}
 sketch: {{rank: 4}}
 cluster: {{k: 3, projection_dim: 16}}
-experts: {{epochs: 2, strategies: {json.dumps(strategies)}{', ' + experts if experts else ''}}}
+experts: {{epochs: 2, strategies: {json.dumps(strategies)}{", " + experts if experts else ""}}}
 router: {{epochs: 20}}
 evaluate: {{data: "mix4-packaged:test", {evaluate}}}
 """)
@@ -89,7 +100,11 @@ def served_tiny_run(tmp_path_factory):
     from gradientspace.cli import main
 
     # a worker's base folder sits in the session's own folder (pytest-N/popen-gwK); without workers it is that folder
-    session = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    session = (
+        tmp_path_factory.getbasetemp().parent
+        if os.environ.get("PYTEST_XDIST_WORKER")
+        else tmp_path_factory.getbasetemp()
+    )
     root = session / "served-tiny-run"
     with FileLock(str(session / "served-tiny-run.lock")):
         if not (root / "run" / "eval.json").exists():

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
 from gradientspace.models.inference import ServedAdapter
 from gradientspace.serving import backends
@@ -19,15 +19,32 @@ def adapter_folder(path, rank: int, **extra):
 
 
 def test_vllm_and_sglang_launch_every_adapter_at_an_allowed_rank(tmp_path):
-    served = [ServedAdapter("expert-0", 0, adapter_folder(tmp_path / "a", 8)), ServedAdapter("generalist", -1, adapter_folder(tmp_path / "b", 16))]
+    served = [
+        ServedAdapter("expert-0", 0, adapter_folder(tmp_path / "a", 8)),
+        ServedAdapter("generalist", -1, adapter_folder(tmp_path / "b", 16)),
+    ]
     vllm = launch_command("vllm", "base", served, 8001)
-    assert vllm[:3] == ["vllm", "serve", "base"] and vllm[vllm.index("--max-lora-rank") + 1] == "16" and vllm[vllm.index("--max-loras") + 1] == "2"
+    assert (
+        vllm[:3] == ["vllm", "serve", "base"]
+        and vllm[vllm.index("--max-lora-rank") + 1] == "16"
+        and vllm[vllm.index("--max-loras") + 1] == "2"
+    )
     assert f"expert-0={(tmp_path / 'a').resolve()}" in vllm and vllm[vllm.index("--port") + 1] == "8001"
     sglang = launch_command("sglang", "base", served)
-    assert "sglang.launch_server" in sglang and "--port" not in sglang and sglang[sglang.index("--max-lora-rank") + 1] == "16"
-    assert upstream_model("vllm", "expert-0", "base") == "expert-0" and upstream_model("sglang", "expert-0", "base") == "base:expert-0"
+    assert (
+        "sglang.launch_server" in sglang
+        and "--port" not in sglang
+        and sglang[sglang.index("--max-lora-rank") + 1] == "16"
+    )
+    assert (
+        upstream_model("vllm", "expert-0", "base") == "expert-0"
+        and upstream_model("sglang", "expert-0", "base") == "base:expert-0"
+    )
     # vLLM rounds a rank up to one it accepts; above its largest it refuses, naming the file
-    assert launch_command("vllm", "base", [ServedAdapter("e", 0, adapter_folder(tmp_path / "c", 12))])[4:6] == ["--max-lora-rank", "16"]
+    assert launch_command("vllm", "base", [ServedAdapter("e", 0, adapter_folder(tmp_path / "c", 12))])[4:6] == [
+        "--max-lora-rank",
+        "16",
+    ]
     with pytest.raises(BackendError, match=r"d/adapter_config.json: `r` is 1024; vllm serves LoRA ranks up to 512"):
         launch_command("vllm", "base", [ServedAdapter("e", 0, adapter_folder(tmp_path / "d", 1024))])
     with pytest.raises(BackendError, match="`use_dora` is true; sglang does not load DoRA"):
@@ -48,5 +65,11 @@ def test_a_backend_added_to_the_registry_is_launched_and_named(tmp_path, monkeyp
 
     monkeypatch.setitem(BACKENDS, "echo", Echo())
     served = [ServedAdapter("expert-0", 0, adapter_folder(tmp_path / "a", 4))]
-    assert launch_command("echo", "base", served) == ["echo", "base", "4", "1", f"expert-0={(tmp_path / 'a').resolve()}"]
+    assert launch_command("echo", "base", served) == [
+        "echo",
+        "base",
+        "4",
+        "1",
+        f"expert-0={(tmp_path / 'a').resolve()}",
+    ]
     assert upstream_model("echo", "expert-0", "base") == "expert-0@base"

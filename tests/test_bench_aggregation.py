@@ -23,18 +23,37 @@ RECORDS = 40
 
 
 def arm(per_record: np.ndarray, validation: float, used: dict, experts: dict | None = None, steps: int = 100) -> dict:
-    result = {"by_label": {"a": {"nll": float(per_record[: RECORDS // 2].mean()), "n": RECORDS // 2},
-                           "overall": {"nll": float(per_record.mean()), "n": RECORDS}},
-              "per_record_nll": per_record.tolist(), "adapters_used": used, "validation_nll": validation,
-              "compute": {"steps": steps, "tokens": 10 * steps, "train_seconds": steps / 10, "steps_with_generalist": 2 * steps,
-                          "tokens_with_generalist": 20 * steps, "train_seconds_with_generalist": steps / 5, "gradient_pass_seconds": 7.0}}
+    result = {
+        "by_label": {
+            "a": {"nll": float(per_record[: RECORDS // 2].mean()), "n": RECORDS // 2},
+            "overall": {"nll": float(per_record.mean()), "n": RECORDS},
+        },
+        "per_record_nll": per_record.tolist(),
+        "adapters_used": used,
+        "validation_nll": validation,
+        "compute": {
+            "steps": steps,
+            "tokens": 10 * steps,
+            "train_seconds": steps / 10,
+            "steps_with_generalist": 2 * steps,
+            "tokens_with_generalist": 20 * steps,
+            "train_seconds_with_generalist": steps / 5,
+            "gradient_pass_seconds": 7.0,
+        },
+    }
     if experts is not None:
         result["experts"], result["fallback"] = experts, [g for g, e in experts.items() if e["lambda"] == 0]
     return result
 
 
 def expert(weight: float, initial: float = 1.0, best: float = 0.9) -> dict:
-    return {"lambda": weight, "kept": weight > 0, "initial_eval_loss": initial, "best_eval_loss": best, "validation_samples": 10}
+    return {
+        "lambda": weight,
+        "kept": weight > 0,
+        "initial_eval_loss": initial,
+        "best_eval_loss": best,
+        "validation_samples": 10,
+    }
 
 
 def synthetic_results(folder: Path) -> None:
@@ -45,11 +64,29 @@ def synthetic_results(folder: Path) -> None:
         single = 1.0 + rng.normal(0, 0.2, RECORDS)
         continued = single - 0.05
         routed = single - 0.1 - 0.01 * seed
-        result = {"dataset": "toy", "per_label": 10, "seed": seed, "arms": {
-            "single": arm(single, 1.00, {"single__0": RECORDS}),
-            "single-continued": arm(continued, 0.99 if seed == 1 else 1.01, {"single-continued__0": RECORDS}, {"0": expert(1.0)}),
-            "routed": arm(routed, 0.9, {"single__0": 10, "routed__0": 30}, {"0": expert(1.0), "1": expert(0.5), "2": expert(0.0)}),
-            "random-clusters": arm(single - 0.02, 0.95, {"single__0": 20, "random-clusters__0": 20}, {"0": expert(1.0), "1": expert(0.0)})}}
+        result = {
+            "dataset": "toy",
+            "per_label": 10,
+            "seed": seed,
+            "arms": {
+                "single": arm(single, 1.00, {"single__0": RECORDS}),
+                "single-continued": arm(
+                    continued, 0.99 if seed == 1 else 1.01, {"single-continued__0": RECORDS}, {"0": expert(1.0)}
+                ),
+                "routed": arm(
+                    routed,
+                    0.9,
+                    {"single__0": 10, "routed__0": 30},
+                    {"0": expert(1.0), "1": expert(0.5), "2": expert(0.0)},
+                ),
+                "random-clusters": arm(
+                    single - 0.02,
+                    0.95,
+                    {"single__0": 20, "random-clusters__0": 20},
+                    {"0": expert(1.0), "1": expert(0.0)},
+                ),
+            },
+        }
         (folder / f"toy-10-seed{seed}.json").write_text(json.dumps(result))
 
 
@@ -76,7 +113,10 @@ def test_the_best_single_adapter_is_chosen_on_validation_and_routed_is_compared_
     assert summary["arms"]["routed"]["kept_blended_fell_back"] == [(1, 1, 1)] * 3
     assert summary["arms"]["routed"]["generalist_share"] == [0.25] * 3
     assert summary["arms"]["routed"]["steps"] == 200
-    assert ("routed-falling-back-to-best-single", "best-single") not in by_pair  # no result says which adapter served each record
+    assert (
+        "routed-falling-back-to-best-single",
+        "best-single",
+    ) not in by_pair  # no result says which adapter served each record
 
 
 def test_the_fall_back_what_if_re_serves_only_the_generalists_records_by_the_single_adapter_of_record(tmp_path):
@@ -94,7 +134,11 @@ def test_the_fall_back_what_if_re_serves_only_the_generalists_records_by_the_sin
 
 def test_arms_and_plot_experts_write_their_tables(results, tmp_path):
     for script in ("arms.py", "plot_experts.py"):
-        subprocess.run([sys.executable, str(BENCH / script), "--results", str(results), "--out", str(tmp_path)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(BENCH / script), "--results", str(results), "--out", str(tmp_path)],
+            check=True,
+            capture_output=True,
+        )
     table = (tmp_path / "arms.md").read_text()
     assert "routed − best-single (3 seed(s)): **-0.0933**" in table
     assert json.loads((tmp_path / "arms.json").read_text())[0]["seeds"] == [0, 1, 2]
@@ -110,15 +154,33 @@ def test_plot_experts_pools_seeds_per_record():
 
 
 def test_choose_on_validation_scores_kept_experts_by_their_best_loss_and_dropped_ones_by_the_generalist():
-    routed = {"experts": {"0": {"kept": True, "best_eval_loss": 0.5, "initial_eval_loss": 1.0, "validation_samples": 1},
-                          "1": {"kept": False, "best_eval_loss": 0.1, "initial_eval_loss": 2.0, "validation_samples": 3}}}
+    routed = {
+        "experts": {
+            "0": {"kept": True, "best_eval_loss": 0.5, "initial_eval_loss": 1.0, "validation_samples": 1},
+            "1": {"kept": False, "best_eval_loss": 0.1, "initial_eval_loss": 2.0, "validation_samples": 3},
+        }
+    }
     assert choose_on_validation.routed_validation_nll(routed) == pytest.approx((0.5 + 3 * 2.0) / 4)
 
 
 def test_interference_rows_and_rank_correlation():
-    manifest = {"experts": {"routed": {"experts": {str(c): {"initial_eval_loss": 1.0, "best_eval_loss": 1.0 - c / 100} for c in range(6)}}},
-                "stages": {"cluster": {"interference": {str(c): {"size": 10, "mean_cosine": 1 - c / 10, "outside_energy": c / 10} for c in range(6)}},
-                           "keep/routed": {"groups": {str(c): {"generalist_nll": 1.0, "candidate_nll": {"1.0": 1.0 - c / 50}} for c in range(5)}}}}
+    manifest = {
+        "experts": {
+            "routed": {
+                "experts": {str(c): {"initial_eval_loss": 1.0, "best_eval_loss": 1.0 - c / 100} for c in range(6)}
+            }
+        },
+        "stages": {
+            "cluster": {
+                "interference": {
+                    str(c): {"size": 10, "mean_cosine": 1 - c / 10, "outside_energy": c / 10} for c in range(6)
+                }
+            },
+            "keep/routed": {
+                "groups": {str(c): {"generalist_nll": 1.0, "candidate_nll": {"1.0": 1.0 - c / 50}} for c in range(5)}
+            },
+        },
+    }
     rows = interference.clusters(manifest, "toy")
     assert [r["gain_own_share"] for r in rows] == pytest.approx([c / 100 for c in range(6)])
     assert rows[5]["gain_routed"] is None  # no keep decision for that cluster
@@ -140,17 +202,37 @@ def test_interference_of_the_other_partitions_comes_from_the_same_sketch_in_reco
     coordinates = torch.randn(12, 5, generator=generator)
     ids = [f"r{i}" for i in range(12)]
     save_file({"coordinates": coordinates}, str(tmp_path / "sketch.safetensors"))
-    (tmp_path / "clusters.jsonl").write_text("".join(json.dumps({"id": i, "cluster": n % 2}) + "\n" for n, i in enumerate(ids)))
+    (tmp_path / "clusters.jsonl").write_text(
+        "".join(json.dumps({"id": i, "cluster": n % 2}) + "\n" for n, i in enumerate(ids))
+    )
     oracle = [n // 4 for n in range(12)]  # three labels, in record order
     folder = tmp_path / "strategies" / "oracle"
     folder.mkdir(parents=True)
     # the assignment is keyed by id, in another order than the sketch's rows
-    (folder / "partition.json").write_text(json.dumps({"groups": ["code", "math", "writing"],
-                                                       "assignment": {i: oracle[n] for n, i in reversed(list(enumerate(ids)))}}))
-    manifest = {"experts": {"oracle": {"experts": {g: {"initial_eval_loss": 1.0, "best_eval_loss": 0.9} for g in ("code", "math", "writing")}}},
-                "stages": {"cluster": {"interference": statistics(coordinates, [n % 2 for n in range(12)])}}}
+    (folder / "partition.json").write_text(
+        json.dumps(
+            {
+                "groups": ["code", "math", "writing"],
+                "assignment": {i: oracle[n] for n, i in reversed(list(enumerate(ids)))},
+            }
+        )
+    )
+    manifest = {
+        "experts": {
+            "oracle": {
+                "experts": {g: {"initial_eval_loss": 1.0, "best_eval_loss": 0.9} for g in ("code", "math", "writing")}
+            }
+        },
+        "stages": {"cluster": {"interference": statistics(coordinates, [n % 2 for n in range(12)])}},
+    }
     rows = interference.clusters(manifest, "toy", tmp_path)
-    assert [(r["strategy"], r["cluster"]) for r in rows] == [("routed", "0"), ("routed", "1"), ("oracle", "code"), ("oracle", "math"), ("oracle", "writing")]
+    assert [(r["strategy"], r["cluster"]) for r in rows] == [
+        ("routed", "0"),
+        ("routed", "1"),
+        ("oracle", "code"),
+        ("oracle", "math"),
+        ("oracle", "writing"),
+    ]
     expected = statistics(coordinates, oracle)
     for number, name in enumerate(("code", "math", "writing")):
         row = next(r for r in rows if r["cluster"] == name)
@@ -162,8 +244,18 @@ def test_interference_of_the_other_partitions_comes_from_the_same_sketch_in_reco
 def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
     names = [f"interference-{n}" for n in range(5)]
     for number, name in enumerate(names):
-        rows = [{"run": "run", "cluster": str(c), "size": 10, "mean_cosine": number / 2 + c / 10, "outside_energy": 1 - c / 10,
-                 "gain_own_share": c / 100, "gain_routed": None} for c in range(3)]
+        rows = [
+            {
+                "run": "run",
+                "cluster": str(c),
+                "size": 10,
+                "mean_cosine": number / 2 + c / 10,
+                "outside_energy": 1 - c / 10,
+                "gain_own_share": c / 100,
+                "gain_routed": None,
+            }
+            for c in range(3)
+        ]
         (tmp_path / f"{name}.json").write_text(json.dumps({"clusters": rows}))
     pooled = [row for name in names for row in interference.rows_of(tmp_path / f"{name}.json")]
     assert [r["run"] for r in pooled] == [f"{name}/run" for name in names for _ in range(3)]
@@ -175,24 +267,40 @@ def test_interference_pools_stored_runs_labelled_by_their_file(tmp_path):
     two_runs = interference.analyse(pooled[:6], samples=200)["all"]["gain_own_share"]["outside_energy"]
     assert two_runs["interval_over_runs"] is None and two_runs["interval"] is not None
 
-def selection_run(seed: int, cosines: list[float], weights: list[float], adapters: list[str] | None = None) -> tuple[dict, list[dict]]:
+
+def selection_run(
+    seed: int, cosines: list[float], weights: list[float], adapters: list[str] | None = None
+) -> tuple[dict, list[dict]]:
     """One run of four gradient clusters for bench/selection.py: its result and its clusters' interference rows."""
-    routed = {"by_label": {"overall": {"nll": 1.0}}, "per_record_nll": [1.0, 1.0, 1.0, 1.0],
-              "experts": {str(c): {"lambda": w, "steps": 10 * (c + 1)} for c, w in enumerate(weights)}}
+    routed = {
+        "by_label": {"overall": {"nll": 1.0}},
+        "per_record_nll": [1.0, 1.0, 1.0, 1.0],
+        "experts": {str(c): {"lambda": w, "steps": 10 * (c + 1)} for c, w in enumerate(weights)},
+    }
     if adapters is not None:
         routed["per_record_adapter"] = adapters
-    result = {"dataset": "toy", "per_label": 10, "seed": seed,
-              "arms": {"routed": routed, "single": {"per_record_nll": [2.0, 2.0, 2.0, 2.0]}}}
+    result = {
+        "dataset": "toy",
+        "per_label": 10,
+        "seed": seed,
+        "arms": {"routed": routed, "single": {"per_record_nll": [2.0, 2.0, 2.0, 2.0]}},
+    }
     return result, [{"cluster": str(c), "mean_cosine": cosine, "size": 5} for c, cosine in enumerate(cosines)]
 
 
 def test_selection_chooses_the_largest_share_that_skipped_no_kept_expert_and_says_what_it_saves():
     # seed 0: the highest-cosine cluster (3) fell back, the second (2) was kept; seed 1 likewise, by other numbers
     # seed 2: its highest-cosine cluster (0) was kept, blended, and the result says which adapter served each record
-    runs = [selection_run(0, [0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 1.0, 0.0]),
-            selection_run(1, [0.4, 0.3, 0.2, 0.1], [0.0, 1.0, 0.0, 0.0]),
-            selection_run(2, [0.9, 0.1, 0.2, 0.3], [0.5, 0.0, 0.0, 0.0], ["routed__0", "single__0", "routed__0", "single__0"])]
-    analysis = selection.analyse([r for r, _ in runs], {f"toy-10-seed{seed}": rows for seed, (_, rows) in enumerate(runs)})
+    runs = [
+        selection_run(0, [0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 1.0, 0.0]),
+        selection_run(1, [0.4, 0.3, 0.2, 0.1], [0.0, 1.0, 0.0, 0.0]),
+        selection_run(
+            2, [0.9, 0.1, 0.2, 0.3], [0.5, 0.0, 0.0, 0.0], ["routed__0", "single__0", "routed__0", "single__0"]
+        ),
+    ]
+    analysis = selection.analyse(
+        [r for r, _ in runs], {f"toy-10-seed{seed}": rows for seed, (_, rows) in enumerate(runs)}
+    )
     quarter, half = analysis["by_share"][0], analysis["by_share"][1]
     assert (quarter["kept_experts_skipped"], quarter["kept_experts"]) == (1, 4)  # seed 2's blended expert
     assert quarter["expert_steps_saved"] == 40 + 10 + 10 and half["kept_experts_skipped"] == 3  # one per run
@@ -212,7 +320,9 @@ def test_selection_what_if_is_routed_itself_when_every_skipped_expert_had_fallen
     clusters = selection.clusters_of(fell_back, rows)
     assert [row["cluster"] for row in clusters] == ["3", "2", "1", "0"]
     assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.25)) == 1.0
-    assert selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.5)) is None  # cluster 2 was kept: needs per_record_adapter
+    assert (
+        selection.what_if_test_nll(fell_back, selection.skipped(clusters, 0.5)) is None
+    )  # cluster 2 was kept: needs per_record_adapter
 
 
 def synthetic_scores(folder: Path, records: int, seed: int) -> None:
@@ -230,9 +340,17 @@ def synthetic_scores(folder: Path, records: int, seed: int) -> None:
     np.save(folder / "nll.npy", nll)
     np.save(folder / "hidden.npy", features.astype(np.float32))
     np.save(folder / "embedding.npy", (features / np.linalg.norm(features, axis=1, keepdims=True)).astype(np.float32))
-    (folder / "info.json").write_text(json.dumps({"ids": [f"r{i}" for i in range(records)], "fallback": {"routed": 0},
-                                                  "group_columns": {"routed": [1, 2, 0]}, "trained_columns": {"routed": [1, 2, 3]},
-                                                  "served": {"routed": [0] * records}}))
+    (folder / "info.json").write_text(
+        json.dumps(
+            {
+                "ids": [f"r{i}" for i in range(records)],
+                "fallback": {"routed": 0},
+                "group_columns": {"routed": [1, 2, 0]},
+                "trained_columns": {"routed": [1, 2, 3]},
+                "served": {"routed": [0] * records},
+            }
+        )
+    )
 
 
 def test_routing_policies_learn_on_validation_what_the_router_missed(tmp_path):
@@ -243,8 +361,12 @@ def test_routing_policies_learn_on_validation_what_the_router_missed(tmp_path):
         result.write_text(json.dumps({"dataset": "skills4", "per_label": 200, "seed": seed}))
         for split, records in (("validation", 60), ("test", 80)):
             synthetic_scores(tmp_path / f"skills4-200-seed{seed}-scores" / split, records, seed * 10 + records)
-    subprocess.run([sys.executable, str(BENCH / "policies.py"), "--results", str(tmp_path), "--out", str(tmp_path)], check=True,
-                   capture_output=True, cwd=BENCH)
+    subprocess.run(
+        [sys.executable, str(BENCH / "policies.py"), "--results", str(tmp_path), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        cwd=BENCH,
+    )
     summary = json.loads((tmp_path / "policies.json").read_text())
     for candidates in ("served", "trained"):
         rows = summary[f"skills4-200-{candidates}"]["policies"]
@@ -267,16 +389,42 @@ def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
             single = 1.0 + rng.normal(0, 0.2, RECORDS)
             continued = single - 0.02  # and better on validation: the single adapter of record
             noise = rng.normal(0, 0.002, RECORDS)
-            result = {"dataset": dataset, "per_label": per_label, "seed": seed, "code": "other" if seed == 6 and dataset == "mix4" else "abc",
-                      "stage_seconds": {"gradients": 100.0, "scores/validation": 5.0, "scores/test": 5.0}, "arms": {
-                          "single": arm(single, 1.00, {"single__0": RECORDS}),
-                          "single-continued": arm(continued, 0.98, {"single-continued__0": RECORDS}, {"0": expert(1.0)}),
-                          "routed": arm(continued - 0.05 + noise, 0.9, {"single-continued__0": 10, "routed__0": 30}, {"0": expert(1.0)}),
-                          "embedding-clusters": arm(continued - 0.01 + noise, 0.95, {"single-continued__0": 40}, {"0": expert(0.0)}),
-                          "projection-clusters": arm(continued + noise, 0.97, {"single-continued__0": 40}, {"0": expert(0.0)})}}
+            result = {
+                "dataset": dataset,
+                "per_label": per_label,
+                "seed": seed,
+                "code": "other" if seed == 6 and dataset == "mix4" else "abc",
+                "stage_seconds": {"gradients": 100.0, "scores/validation": 5.0, "scores/test": 5.0},
+                "arms": {
+                    "single": arm(single, 1.00, {"single__0": RECORDS}),
+                    "single-continued": arm(continued, 0.98, {"single-continued__0": RECORDS}, {"0": expert(1.0)}),
+                    "routed": arm(
+                        continued - 0.05 + noise, 0.9, {"single-continued__0": 10, "routed__0": 30}, {"0": expert(1.0)}
+                    ),
+                    "embedding-clusters": arm(
+                        continued - 0.01 + noise, 0.95, {"single-continued__0": 40}, {"0": expert(0.0)}
+                    ),
+                    "projection-clusters": arm(
+                        continued + noise, 0.97, {"single-continued__0": 40}, {"0": expert(0.0)}
+                    ),
+                },
+            }
             (folder / f"{dataset}-{per_label}-seed{seed}.json").write_text(json.dumps(result))
-    done = subprocess.run([sys.executable, str(BENCH / "confirmatory.py"), "--results", str(folder), "--out", str(tmp_path), "--commit", "abc"],
-                          capture_output=True, text=True, cwd=BENCH)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "confirmatory.py"),
+            "--results",
+            str(folder),
+            "--out",
+            str(tmp_path),
+            "--commit",
+            "abc",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=BENCH,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "confirmatory.json").read_text())
     verdicts = {name: h["verdict"] for name, h in report["hypotheses"].items()}
@@ -284,6 +432,8 @@ def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
     h1 = report["hypotheses"]["H1"]["comparisons"][0]
     assert h1["seeds"] == 6 and h1["mean"] == pytest.approx(-0.05, abs=0.002) and h1["t_interval_over_seeds"][1] < 0
     assert report["runs"]["skills4-200"]["best_single"] == {str(s): "single-continued" for s in range(5, 11)}
-    assert report["runs"]["mix4-100"]["not_from_the_protocol_commit"] == {"6": "other"} and report["runs"]["mix4-100"]["present"] == [5]
+    assert report["runs"]["mix4-100"]["not_from_the_protocol_commit"] == {"6": "other"} and report["runs"]["mix4-100"][
+        "present"
+    ] == [5]
     assert report["runs"]["skills4-200"]["scoring_cost"]["5"] == pytest.approx(0.1)
     assert "**not from the protocol's commit** (left out)" in (tmp_path / "confirmatory.md").read_text()

@@ -5,13 +5,12 @@ import argparse
 import warnings
 
 import pytest
+from conftest import tiny_run_config
 
 from gradientspace.cli import build_parser, main
 from gradientspace.config import config_keys, key_default, key_help, load_config
 from gradientspace.experts.adapters import served_groups
 from gradientspace.runs import RunDirectory
-
-from conftest import tiny_run_config
 
 pytestmark = pytest.mark.heavy  # one whole `run` through the CLI
 
@@ -23,19 +22,29 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_option_of_every_command_has_help():
     parser = build_parser()
-    missing = [(name, action.option_strings or action.dest)
-               for name, command in {"gradientspace": parser, **subcommands(parser)}.items()
-               for action in command._actions
-               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    missing = [
+        (name, action.option_strings or action.dest)
+        for name, command in {"gradientspace": parser, **subcommands(parser)}.items()
+        for action in command._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
     assert not missing, missing
 
 
-@pytest.mark.parametrize("command, flag, key", [
-    ("cluster", "--max-length", "data.max_length"), ("cluster", "--seed", "seed"), ("cluster", "--limit", "data.limit"),
-    ("cluster", "--skip-bad", "data.skip_bad"), ("train-experts", "--epochs", "experts.epochs"),
-    ("evaluate", "--limit", "evaluate.limit"), ("generate", "--threshold", "router.threshold"), ("serve", "--port", "serve.port"),
-    ("run", "--out", "out"),
-])
+@pytest.mark.parametrize(
+    "command, flag, key",
+    [
+        ("cluster", "--max-length", "data.max_length"),
+        ("cluster", "--seed", "seed"),
+        ("cluster", "--limit", "data.limit"),
+        ("cluster", "--skip-bad", "data.skip_bad"),
+        ("train-experts", "--epochs", "experts.epochs"),
+        ("evaluate", "--limit", "evaluate.limit"),
+        ("generate", "--threshold", "router.threshold"),
+        ("serve", "--port", "serve.port"),
+        ("run", "--out", "out"),
+    ],
+)
 def test_a_flag_that_sets_a_config_key_shows_that_keys_help_and_default(command, flag, key):
     (action,) = [a for a in subcommands(build_parser())[command]._actions if flag in a.option_strings]
     assert key_help(key).replace("%", "%%") in action.help
@@ -45,13 +54,19 @@ def test_a_flag_that_sets_a_config_key_shows_that_keys_help_and_default(command,
 def test_generate_help_says_what_expert_minus_one_means(capsys):
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "-1 means" in text and "the fall-back" in text and "`expert_not_served`: the cluster's expert was not kept" in text
+    assert (
+        "-1 means" in text
+        and "the fall-back" in text
+        and "`expert_not_served`: the cluster's expert was not kept" in text
+    )
 
 
 def test_config_keys_lists_every_key_with_its_default_and_help(capsys):
     assert main(["config-keys"]) == 0
     out = capsys.readouterr().out
-    listed = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.splitlines() if line and not line.startswith(" ")}
+    listed = {
+        line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.splitlines() if line and not line.startswith(" ")
+    }
     keys = [key for key, _ in config_keys()]
     assert list(listed) == keys and len(keys) > 60
     assert all(listed[key] == key_default(key) for key in keys)
@@ -71,13 +86,17 @@ def quiet_run(tmp_path_factory):
     import io
 
     root = tmp_path_factory.mktemp("quiet")
-    config = tiny_run_config(root, ["routed", "single"], experts="keep: all")  # every expert served: several adapters to score
+    config = tiny_run_config(
+        root, ["routed", "single"], experts="keep: all"
+    )  # every expert served: several adapters to score
     stderr = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
         warnings.simplefilter("default")  # what a user's shell shows: each warning once per place
-        codes = [main(["run", str(config)]),
-                 main(["generate", str(root / "run"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "2"]),
-                 main(["report", str(root / "run")])]
+        codes = [
+            main(["run", str(config)]),
+            main(["generate", str(root / "run"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "2"]),
+            main(["report", str(root / "run")]),
+        ]
     return root / "run", codes, caught, stderr.getvalue()
 
 
@@ -95,7 +114,9 @@ def test_the_scoring_pass_shows_a_progress_bar_and_scores_as_one_call(quiet_run)
     from gradientspace.models.inference import StrategyModel
 
     run, _, _, stderr = quiet_run
-    assert "score matrix (validation)" in stderr and "score matrix (test)" in stderr  # every adapter on every record, once
+    assert (
+        "score matrix (validation)" in stderr and "score matrix (test)" in stderr
+    )  # every adapter on every record, once
     config = config_from_run(run)
     records, _ = load_records(config.evaluate.data, per_source=config.data.per_source, seed=config.seed)
     engine = StrategyModel(config, ["routed"])

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from gradientspace.clustering.kmeans import ExactStore, RademacherProjector, choose_k, label_metrics, random_labels, spherical_kmeans, within_cluster_cosine
+from gradientspace.clustering.kmeans import (
+    ExactStore,
+    RademacherProjector,
+    choose_k,
+    label_metrics,
+    random_labels,
+    spherical_kmeans,
+    within_cluster_cosine,
+)
 
 
 def test_projector_equals_explicit_matrix_and_is_reproducible():
@@ -14,7 +22,7 @@ def test_projector_equals_explicit_matrix_and_is_reproducible():
     assert set(matrix.mul(math.sqrt(24)).unique().tolist()) == {-1.0, 1.0}
     rows = torch.randn(20, 1000)
     for start in range(0, 20, 3):
-        projector.add(rows[start:start + 3], list(range(start, min(start + 3, 20))))
+        projector.add(rows[start : start + 3], list(range(start, min(start + 3, 20))))
     features, indices = projector.result()
     assert indices == list(range(20))
     assert torch.allclose(features, rows @ matrix, atol=1e-4)
@@ -34,7 +42,9 @@ def test_spherical_kmeans_recovers_directions():
     centres = torch.randn(3, 30, generator=generator)
     truth = np.repeat(np.arange(3), 20)
     # scale varies per sample: spherical k-means must ignore it
-    rows = (centres[truth] + 0.1 * torch.randn(60, 30, generator=generator)) * torch.rand(60, 1, generator=generator).mul(10).add(0.1)
+    rows = (centres[truth] + 0.1 * torch.randn(60, 30, generator=generator)) * torch.rand(
+        60, 1, generator=generator
+    ).mul(10).add(0.1)
     labels = spherical_kmeans(rows, 3, seed=0)
     assert label_metrics(labels, truth)["nmi"] > 0.99
     k, scores = choose_k(rows, 6, seed=0)
@@ -77,13 +87,17 @@ def test_minibatch_kmeans_and_sampled_silhouette_above_the_thresholds():
     generator = torch.Generator().manual_seed(1)
     centres = torch.randn(4, 16, generator=generator)
     truth = np.repeat(np.arange(4), 1500)
-    rows = (centres[truth] + 0.3 * torch.randn(6000, 16, generator=generator)) * torch.rand(6000, 1, generator=generator).add(0.5)
+    rows = (centres[truth] + 0.3 * torch.randn(6000, 16, generator=generator)) * torch.rand(
+        6000, 1, generator=generator
+    ).add(0.5)
     labels = spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000)
     assert label_metrics(labels, truth)["nmi"] > 0.95
     k, scores = choose_k(rows, 6, seed=0, n_init=3, minibatch_above=1000, silhouette_sample=500)
     assert k == 4
     unit = rows / rows.norm(dim=1, keepdim=True)
-    exact = silhouette_score(unit.numpy(), spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000), metric="cosine")
+    exact = silhouette_score(
+        unit.numpy(), spherical_kmeans(rows, 4, seed=0, n_init=3, minibatch_above=1000), metric="cosine"
+    )
     assert abs(scores[4] - exact) < 0.05
 
 
@@ -101,11 +115,14 @@ def test_k_auto_searches_up_to_n_minus_one_and_stops_at_an_empty_cluster():
     assert k == 3 and list(scores) == [2, 3]  # K = 4 would leave a cluster empty: the search ends there
 
 
-@pytest.mark.parametrize("centres, k_max, says", [
-    (6, 4, "the best K, 4, is the largest searched, the limit set by `cluster.k_max` = 4: raise it"),
-    (3, 8, None),
-    (2, 8, "the best K is 2, the smallest searched"),
-])
+@pytest.mark.parametrize(
+    "centres, k_max, says",
+    [
+        (6, 4, "the best K, 4, is the largest searched, the limit set by `cluster.k_max` = 4: raise it"),
+        (3, 8, None),
+        (2, 8, "the best K is 2, the smallest searched"),
+    ],
+)
 def test_k_auto_says_its_choice_and_warns_at_an_edge_of_the_range(centres, k_max, says, capsys):
     from gradientspace.clustering.stages import say_chosen_k
 
@@ -113,18 +130,25 @@ def test_k_auto_says_its_choice_and_warns_at_an_edge_of_the_range(centres, k_max
     k, scores = choose_k(rows, k_max=k_max, seed=0)
     say_chosen_k(k, scores, k_max, len(rows))
     out, err = capsys.readouterr()
-    assert out.startswith(f"k auto: K = {k}, the best cosine silhouette over K = 2..{max(scores)} (2 {scores[2]:.3f}, 3 ")
+    assert out.startswith(
+        f"k auto: K = {k}, the best cosine silhouette over K = 2..{max(scores)} (2 {scores[2]:.3f}, 3 "
+    )
     assert (says in err and err.count("\n") == 1) if says else err == ""
 
 
 def test_fewer_distinct_points_than_k_is_an_error_naming_the_cause():
-    from gradientspace.config import ConfigError, load_config
     from gradientspace.clustering.stages import assign
+    from gradientspace.config import ConfigError, load_config
 
-    rows = torch.ones(12, 16) + torch.arange(12).remainder(2)[:, None] * torch.eye(16)[0]  # 12 samples, 2 distinct directions
+    rows = (
+        torch.ones(12, 16) + torch.arange(12).remainder(2)[:, None] * torch.eye(16)[0]
+    )  # 12 samples, 2 distinct directions
     config = load_config(None, {"cluster.k": 3})
-    with pytest.raises(ConfigError, match=r"config key `cluster.k`: k-means left 1 of 3 clusters empty \(sizes \[.*\]\): the 12 samples' "
-                                          r"gradientspace features form fewer than 3 distinct points; lower K"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key `cluster.k`: k-means left 1 of 3 clusters empty \(sizes \[.*\]\): the 12 samples' "
+        r"gradientspace features form fewer than 3 distinct points; lower K",
+    ):
         assign(rows, 12, config, seed=0)
     labels, k, _ = assign(rows, 12, load_config(None, {"cluster.k": 2}), seed=0)
     assert k == 2 and sorted(np.bincount(labels)) == [6, 6]
@@ -135,12 +159,39 @@ def test_k_auto_on_five_records_runs(tmp_path, capsys):
     import json
 
     from conftest import make_records
+
     from gradientspace.cli import main
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(5)))
-    assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--k", "auto", "--out", str(tmp_path / "run"), "--max-length", "96",
-                 "--set", "model.lora_rank=2", "--set", "sketch.rank=4", "--set", "warmup.fraction=0.25"]) == 0
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(5)
+        )
+    )
+    assert (
+        main(
+            [
+                "cluster",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(data),
+                "--k",
+                "auto",
+                "--out",
+                str(tmp_path / "run"),
+                "--max-length",
+                "96",
+                "--set",
+                "model.lora_rank=2",
+                "--set",
+                "sketch.rank=4",
+                "--set",
+                "warmup.fraction=0.25",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "k auto: K = " in out and "over K = 2..4 (2 " in out
     silhouette = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["silhouette"]
@@ -156,18 +207,36 @@ def test_cluster_terms_are_class_based_tfidf_against_a_naive_count():
     from gradientspace.clustering.terms import cluster_terms, record_text
     from gradientspace.data.records import Record
 
-    topics = [("integral derivative equation equation solve", "math"), ("function return loop variable python", "code"),
-              ("poem rhyme verse stanza poem", "poetry")]
+    topics = [
+        ("integral derivative equation equation solve", "math"),
+        ("function return loop variable python", "code"),
+        ("poem rhyme verse stanza poem", "poetry"),
+    ]
     records, labels = [], []
     for i in range(12):
         words, _ = topics[i % 3]
-        records.append(Record(f"r{i}", [{"role": "user", "content": f"Please answer this: {words}"}], f"the answer is {words.split()[i % 5]} 42"))
+        records.append(
+            Record(
+                f"r{i}",
+                [{"role": "user", "content": f"Please answer this: {words}"}],
+                f"the answer is {words.split()[i % 5]} 42",
+            )
+        )
         labels.append(i % 3)
     terms = cluster_terms(records, labels, 3, top=3)
 
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-    counts = [Counter(w for r, l in zip(records, labels) if l == g for w in re.findall(r"[a-z]{2,}", record_text(r).lower())
-                      if w not in ENGLISH_STOP_WORDS) for g in range(3)]
+
+    counts = [
+        Counter(
+            w
+            for r, l in zip(records, labels)
+            if l == g
+            for w in re.findall(r"[a-z]{2,}", record_text(r).lower())
+            if w not in ENGLISH_STOP_WORDS
+        )
+        for g in range(3)
+    ]
     total = sum(counts, Counter())
     mean_words = sum(sum(c.values()) for c in counts) / 3
     for g in range(3):

@@ -16,14 +16,17 @@ def test_defaults_and_overrides(tmp_path):
     assert config.model.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-@pytest.mark.parametrize("text, key", [
-    ("sketch:\n  rnak: 8\n", "sketch.rnak"),
-    ("modle:\n  name: x\n", "modle"),
-    ("sketch:\n  rank: eight\n", "sketch.rank"),
-    ("gradients:\n  tokens: all\n", "gradients.tokens"),
-    ("cluster:\n  k: 1\n", "cluster.k"),
-    ("cluster:\n  k: many\n", "cluster.k"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("sketch:\n  rnak: 8\n", "sketch.rnak"),
+        ("modle:\n  name: x\n", "modle"),
+        ("sketch:\n  rank: eight\n", "sketch.rank"),
+        ("gradients:\n  tokens: all\n", "gradients.tokens"),
+        ("cluster:\n  k: 1\n", "cluster.k"),
+        ("cluster:\n  k: many\n", "cluster.k"),
+    ],
+)
 def test_bad_keys_and_values_are_named(tmp_path, text, key):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -62,7 +65,9 @@ def test_relative_paths_in_a_yaml_are_read_against_its_folder(tmp_path, monkeypa
     folder = tmp_path / "project" / "configs"
     (folder / "local-model").mkdir(parents=True)
     path = folder / "c.yaml"
-    path.write_text("out: ../runs/a\ndata: {path: train.jsonl}\nevaluate: {data: /abs/test.jsonl}\nmodel: {name: local-model}\n")
+    path.write_text(
+        "out: ../runs/a\ndata: {path: train.jsonl}\nevaluate: {data: /abs/test.jsonl}\nmodel: {name: local-model}\n"
+    )
     monkeypatch.chdir(tmp_path)
     config = load_config(path.relative_to(tmp_path))
     assert config.out == str(Path("project/runs/a"))
@@ -76,7 +81,9 @@ def test_relative_paths_in_a_yaml_are_read_against_its_folder(tmp_path, monkeypa
 def test_recipes_aliases_and_hub_ids_in_a_yaml_are_not_paths(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "c.yaml"
     path.parent.mkdir()
-    path.write_text("data: {path: mix4-packaged}\nevaluate: {data: 'mix4-packaged:test'}\nmodel: {name: HuggingFaceTB/SmolLM2-135M}\n")
+    path.write_text(
+        "data: {path: mix4-packaged}\nevaluate: {data: 'mix4-packaged:test'}\nmodel: {name: HuggingFaceTB/SmolLM2-135M}\n"
+    )
     monkeypatch.chdir(tmp_path)
     config = load_config("sub/c.yaml")
     assert (config.data.path, config.evaluate.data) == ("mix4-packaged", "mix4-packaged:test")
@@ -87,11 +94,17 @@ def test_recipes_aliases_and_hub_ids_in_a_yaml_are_not_paths(tmp_path, monkeypat
 def test_every_key_has_help_and_path_keys_say_how_they_resolve():
     keys = dict(config_keys())
     assert {"out", "data.path", "evaluate.data", "serve.port", "cluster.k"} <= set(keys)
-    assert all(item.metadata.get("help") for item in keys.values()), [k for k, i in keys.items() if not i.metadata.get("help")]
+    assert all(item.metadata.get("help") for item in keys.values()), [
+        k for k, i in keys.items() if not i.metadata.get("help")
+    ]
     for key in ("out", "data.path", "evaluate.data"):
         assert "YAML file's folder" in key_help(key)
     assert "Must be at least 1." in key_help("data.max_length")
-    assert (key_default("model.target_modules"), key_default("data.limit"), key_default("out")) == ("[q_proj, k_proj, v_proj, o_proj]", "null", "runs/default")
+    assert (key_default("model.target_modules"), key_default("data.limit"), key_default("out")) == (
+        "[q_proj, k_proj, v_proj, o_proj]",
+        "null",
+        "runs/default",
+    )
 
 
 def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):

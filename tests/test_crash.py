@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_run_config
+from safetensors.torch import load_file
 
 # Each run is a child of a fork server that has imported the package, transformers' Trainer and peft once: a fresh
 # interpreter would spend most of each short run importing them again (the chain below starts 14 runs).
@@ -30,7 +29,10 @@ def run_child(argv: list[str], kill_in: str | None, stdout: str, stderr: str) ->
     from gradientspace.cli import main
 
     torch.set_num_threads(1)
-    sys.stdout, sys.stderr = open(stdout, "w", buffering=1), open(stderr, "w", buffering=1)  # line by line: SIGKILL flushes nothing
+    sys.stdout, sys.stderr = (
+        open(stdout, "w", buffering=1),
+        open(stderr, "w", buffering=1),
+    )  # line by line: SIGKILL flushes nothing
     execute = runs.RunDirectory.execute
 
     def kill(*args, **kwargs):
@@ -43,6 +45,7 @@ def run_child(argv: list[str], kill_in: str | None, stdout: str, stderr: str) ->
             def die_inside(run, key, record):
                 os.replace = kill
                 work(run, key, record)
+
             stage.run = die_inside
         return execute(self, stage, inputs, run)
 
@@ -73,8 +76,11 @@ def one_stage_of_each_kind(manifest: dict) -> list[str]:
 
 
 def outputs(run_dir) -> dict:
-    adapters = {str(p.relative_to(run_dir)): load_file(str(p)) for p in sorted(run_dir.glob("**/adapter_model.safetensors"))
-                if ".trainer-" not in str(p)}
+    adapters = {
+        str(p.relative_to(run_dir)): load_file(str(p))
+        for p in sorted(run_dir.glob("**/adapter_model.safetensors"))
+        if ".trainer-" not in str(p)
+    }
     evaluation = json.loads((run_dir / "eval.json").read_text())
     return {"clusters": (run_dir / "clusters.jsonl").read_text(), "adapters": adapters, "nll": evaluation["per_record"]}
 
@@ -88,8 +94,23 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
     whole = gradientspace_run(whole_config)
     assert whole.returncode == 0, whole.stderr[-2000:]
     stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
-    assert {"data", "warmup", "gradients", "cluster", "partition/single", "experts/single/0", "experts/single-continued/0", "experts/routed/0",
-            "adapters/single", "router/routed", "keep/single-continued", "threshold/routed", "scores/validation", "evaluate", "report"} == set(stages)
+    assert {
+        "data",
+        "warmup",
+        "gradients",
+        "cluster",
+        "partition/single",
+        "experts/single/0",
+        "experts/single-continued/0",
+        "experts/routed/0",
+        "adapters/single",
+        "router/routed",
+        "keep/single-continued",
+        "threshold/routed",
+        "scores/validation",
+        "evaluate",
+        "report",
+    } == set(stages)
 
     previous = None
     for stage in stages:
@@ -112,4 +133,6 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
             assert torch.allclose(got["adapters"][name][key], value, atol=1e-6), (name, key)
     for strategy, record in expected["nll"].items():
         assert got["nll"][strategy]["adapter"] == record["adapter"], strategy
-        assert torch.allclose(torch.tensor(got["nll"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), strategy
+        assert torch.allclose(torch.tensor(got["nll"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), (
+            strategy
+        )

@@ -2,10 +2,18 @@ import json
 import re
 
 import pytest
-
 from conftest import make_records
-from gradientspace.data.records import (IGNORE, DataError, Record, gutenberg_body, load_records, mix4_packaged, shuffled_length_batches,
-                                tokenize)
+
+from gradientspace.data.records import (
+    IGNORE,
+    DataError,
+    Record,
+    gutenberg_body,
+    load_records,
+    mix4_packaged,
+    shuffled_length_batches,
+    tokenize,
+)
 
 
 def write_jsonl(path, rows):
@@ -14,10 +22,13 @@ def write_jsonl(path, rows):
 
 
 def test_alpaca_and_chat_records(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "Add", "input": "2 and 3", "output": "5", "source": "math", "id": "a"},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "Add", "input": "2 and 3", "output": "5", "source": "math", "id": "a"},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        ],
+    )
     records, report = load_records(path)
     assert [r.id for r in records] == ["a", "d-1"]
     assert records[0].messages[0]["content"] == "Add\n\n2 and 3"
@@ -31,28 +42,57 @@ def test_trl_and_sharegpt_layouts_read_as_the_same_chat_records(tmp_path):
     layouts = {
         "alpaca": [{"instruction": question, "output": answer}],
         "trl-strings": [{"prompt": question, "completion": answer}],
-        "trl-messages": [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-                          "completion": [{"role": "assistant", "content": answer}]}],
-        "sharegpt": [{"conversations": [{"from": "system", "value": system}, {"from": "human", "value": question},
-                                        {"from": "gpt", "value": answer}], "source": "math"}],
+        "trl-messages": [
+            {
+                "prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                "completion": [{"role": "assistant", "content": answer}],
+            }
+        ],
+        "sharegpt": [
+            {
+                "conversations": [
+                    {"from": "system", "value": system},
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": answer},
+                ],
+                "source": "math",
+            }
+        ],
     }
     loaded = {name: load_records(write_jsonl(tmp_path / f"{name}.jsonl", rows))[0][0] for name, rows in layouts.items()}
     for record in loaded.values():
         assert record.response == answer and record.messages[-1] == {"role": "user", "content": question}
-    assert loaded["trl-messages"].messages == loaded["sharegpt"].messages == [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    assert (
+        loaded["trl-messages"].messages
+        == loaded["sharegpt"].messages
+        == [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    )
     assert loaded["sharegpt"].source == "math"
-    prompts, _ = load_records(write_jsonl(tmp_path / "p.jsonl", [{"prompt": question}]), prompts_only=True)  # generation needs no answer
+    prompts, _ = load_records(
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": question}]), prompts_only=True
+    )  # generation needs no answer
     assert prompts[0].messages == [{"role": "user", "content": question}]
 
 
 def test_columns_named_otherwise_are_mapped_to_the_fields_of_a_layout(tmp_path):
     from gradientspace.config import load_config
 
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "What is 2 + 3?", "answer": "5", "topic": "math", "instruction": "ignored"}])
-    columns = load_config(None, {"data.columns": "{instruction: question, output: answer, source: topic}"}).data.columns  # as --set gives it
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"question": "What is 2 + 3?", "answer": "5", "topic": "math", "instruction": "ignored"}]
+    )
+    columns = load_config(
+        None, {"data.columns": "{instruction: question, output: answer, source: topic}"}
+    ).data.columns  # as --set gives it
     (record,), _ = load_records(path, columns=columns)
-    assert record.messages == [{"role": "user", "content": "What is 2 + 3?"}] and record.response == "5" and record.source == "math"
-    with pytest.raises(DataError, match="config key `data.columns`: `question` is not a record field; map columns to instruction, input"):
+    assert (
+        record.messages == [{"role": "user", "content": "What is 2 + 3?"}]
+        and record.response == "5"
+        and record.source == "math"
+    )
+    with pytest.raises(
+        DataError,
+        match="config key `data.columns`: `question` is not a record field; map columns to instruction, input",
+    ):
         load_records(path, columns={"question": "instruction"})
 
 
@@ -64,7 +104,14 @@ def cache_dataset(cache, dataset_id: str, subset: str, splits: dict[str, list[di
     cache.mkdir(exist_ok=True)
     files = {split: write_jsonl(cache / f"{subset}-{split}.jsonl", rows) for split, rows in splits.items()}
     # `datasets` files a hub dataset under `<namespace>___<name>/<subset>/<version>/<hash>/<name>-<split>.arrow`
-    builder = Json(cache_dir=str(cache), dataset_name=f"{namespace}___{name}", config_name=subset, config_id=subset, data_files=files, hash="0")
+    builder = Json(
+        cache_dir=str(cache),
+        dataset_name=f"{namespace}___{name}",
+        config_name=subset,
+        config_id=subset,
+        data_files=files,
+        hash="0",
+    )
     builder.dataset_name = name
     builder.download_and_prepare()
 
@@ -77,7 +124,9 @@ def test_a_dataset_id_in_the_hugging_face_cache_is_read_by_subset_and_split(tmp_
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tool's default: offline, so only the cache is read
-    rows = lambda split, n: [{"question": f"{split} question {i}", "answer": f"answer {i}", "topic": "math"} for i in range(n)]
+    rows = lambda split, n: [
+        {"question": f"{split} question {i}", "answer": f"answer {i}", "topic": "math"} for i in range(n)
+    ]
     cache_dataset(tmp_path / "cache", "acme/qa", "default", {"train": rows("train", 3), "test": rows("test", 2)})
     columns = {"instruction": "question", "output": "answer", "source": "topic"}
     train, _ = load_records("acme/qa", columns=columns)
@@ -87,8 +136,11 @@ def test_a_dataset_id_in_the_hugging_face_cache_is_read_by_subset_and_split(tmp_
     assert fingerprint("acme/qa") == fingerprint("acme/qa") != fingerprint("acme/qa", split="test")
     with pytest.raises(DataError, match="data path `acme/qa`: no split `validation` .*set `data.split`"):
         load_records("acme/qa", columns=columns, split="validation")
-    with pytest.raises(DataError, match="data path `acme/missing` is no file or folder, and no dataset of that id is in the local Hugging Face "
-                                        "cache .*offline; set HF_HUB_OFFLINE=0"):
+    with pytest.raises(
+        DataError,
+        match="data path `acme/missing` is no file or folder, and no dataset of that id is in the local Hugging Face "
+        "cache .*offline; set HF_HUB_OFFLINE=0",
+    ):
         load_records("acme/missing")
 
     cache_dataset(tmp_path / "cache", "acme/qa", "hard", {"train": rows("hard", 4)})
@@ -98,31 +150,53 @@ def test_a_dataset_id_in_the_hugging_face_cache_is_read_by_subset_and_split(tmp_
 
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "run.yaml").write_text("data: {path: acme/qa, subset: hard}\nevaluate: {data: acme/qa}\n")
-    config = load_config(tmp_path / "conf" / "run.yaml")  # a relative file path is read against the YAML's folder; an id is left as it is
-    assert (config.data.path, config.evaluate.data, config.data.split, config.evaluate.split) == ("acme/qa", "acme/qa", "train", "test")
+    config = load_config(
+        tmp_path / "conf" / "run.yaml"
+    )  # a relative file path is read against the YAML's folder; an id is left as it is
+    assert (config.data.path, config.evaluate.data, config.data.split, config.evaluate.split) == (
+        "acme/qa",
+        "acme/qa",
+        "train",
+        "test",
+    )
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"question": "q", "answer": "a"}, "no known layout in the fields `question`, `answer`: records need `instruction`/`output` (Alpaca), "
-                                       "`messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"),
-    ({"prompt": "q"}, "field `completion` is missing (TRL's layout needs `prompt` and `completion`)"),
-    ({"prompt": "q", "completion": 3}, "field `completion` must be a string or a list of {role, content} turns, got int"),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "field `conversations[1]` must be an object with"),
-    ({"conversations": [{"from": "human", "value": "q"}]}, "field `messages` must end with an `assistant` message"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"question": "q", "answer": "a"},
+            "no known layout in the fields `question`, `answer`: records need `instruction`/`output` (Alpaca), "
+            "`messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)",
+        ),
+        ({"prompt": "q"}, "field `completion` is missing (TRL's layout needs `prompt` and `completion`)"),
+        (
+            {"prompt": "q", "completion": 3},
+            "field `completion` must be a string or a list of {role, content} turns, got int",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+            "field `conversations[1]` must be an object with",
+        ),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "field `messages` must end with an `assistant` message"),
+    ],
+)
 def test_an_unknown_or_broken_layout_is_named(tmp_path, row, message):
     path = write_jsonl(tmp_path / "d.jsonl", [row])
     with pytest.raises(DataError, match=re.escape(f"{path}:1: {message}")):
         load_records(path)
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"instruction": "x"}, "output"),
-    ({"instruction": "x", "output": "  "}, "output"),
-    ({"instruction": 3, "output": "y"}, "instruction"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
-    ('{"instruction": "x", "output": ', "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"instruction": "x"}, "output"),
+        ({"instruction": "x", "output": "  "}, "output"),
+        ({"instruction": 3, "output": "y"}, "instruction"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ('{"instruction": "x", "output": ', "invalid JSON"),
+    ],
+)
 def test_bad_record_names_file_line_and_field(tmp_path, bad, field):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "ok", "output": "fine"}, bad])
     with pytest.raises(DataError) as err:
@@ -131,7 +205,9 @@ def test_bad_record_names_file_line_and_field(tmp_path, bad, field):
 
 
 def test_skip_bad_counts(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "ok", "output": "fine"}, {"instruction": "x"}, "not json"])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "ok", "output": "fine"}, {"instruction": "x"}, "not json"]
+    )
     records, report = load_records(path, skip_bad=True)
     assert len(records) == 1 and report.skipped == 2
 
@@ -162,7 +238,9 @@ def test_response_mask_covers_exactly_the_response(tiny):
     text = tokenizer.decode(covered)
     assert text.startswith("Four.") and "two plus two" not in text
     (instruction,) = tokenize([record], tokenizer, max_length=256, tokens="instruction")
-    assert "two plus two" in tokenizer.decode(instruction.input_ids) and "Four" not in tokenizer.decode(instruction.input_ids)
+    assert "two plus two" in tokenizer.decode(instruction.input_ids) and "Four" not in tokenizer.decode(
+        instruction.input_ids
+    )
 
 
 def test_truncation_keeps_some_response_and_is_reported(tiny):
@@ -192,7 +270,9 @@ def test_mix4_packaged_is_deterministic_and_labelled():
 
 
 def test_prompts_only_records_for_generation(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Say hi"}, {"messages": [{"role": "user", "content": "Hello?"}]}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"instruction": "Say hi"}, {"messages": [{"role": "user", "content": "Hello?"}]}]
+    )
     with pytest.raises(DataError, match="output"):
         load_records(path)
     records, _ = load_records(path, prompts_only=True)
@@ -214,7 +294,9 @@ def test_recipe_train_and_test_share_no_paragraph(recipe):
     assert not {r.prompt_text for r in train} & {r.prompt_text for r in test}
     assert not {r.response for r in train} & {r.response for r in test}
     seen = set().union(*(long_paragraphs(r.prompt_text) | long_paragraphs(r.response) for r in train))
-    shared = [(r.id, p[:60]) for r in test for p in long_paragraphs(r.prompt_text) | long_paragraphs(r.response) if p in seen]
+    shared = [
+        (r.id, p[:60]) for r in test for p in long_paragraphs(r.prompt_text) | long_paragraphs(r.response) if p in seen
+    ]
     assert not shared, f"{len(shared)} test paragraphs also in training, e.g. {shared[:3]}"
 
 
@@ -223,7 +305,9 @@ def test_recipe_train_and_test_share_no_paragraph(recipe):
 BOILERPLATE = re.compile(
     r"gutenberg|\*\*\* ?(start|end) of|^\s*1\.[A-F]\.|electronic works?|literary archive|this e-?book|"
     r"produced by|(redactor|transcriber|editor)'?s'? note|terms of use|licen[cs]e agreement|all rights reserved|"
-    r"release date|most recently updated|royalty fee|disclaimer of (damages|warranties)", re.I | re.M)
+    r"release date|most recently updated|royalty fee|disclaimer of (damages|warranties)",
+    re.I | re.M,
+)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -238,17 +322,19 @@ def test_recipe_has_no_licence_header_or_footer_in_any_domain(split):
 
 
 def test_gutenberg_body_cuts_header_footer_and_the_old_end_line():
-    text = ("The Project Gutenberg eBook of X\n\nRelease date: 2006\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
-            "Once upon a time.\n\nThe end.\n\nEnd of Project Gutenberg's X, by Y\n\n"
-            "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\n1.F.3. LIMITED RIGHT OF REPLACEMENT OR REFUND\n")
+    text = (
+        "The Project Gutenberg eBook of X\n\nRelease date: 2006\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
+        "Once upon a time.\n\nThe end.\n\nEnd of Project Gutenberg's X, by Y\n\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\n1.F.3. LIMITED RIGHT OF REPLACEMENT OR REFUND\n"
+    )
     assert gutenberg_body(text).split() == "Once upon a time. The end.".split()
     assert gutenberg_body("No markers here.\n\nAt all.") == "No markers here.\n\nAt all."
 
 
 def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
+    from gradientspace.clustering.stages import warmup_subset
     from gradientspace.config import load_config
     from gradientspace.data.records import validation_ids
-    from gradientspace.clustering.stages import warmup_subset
 
     records = [Record(f"r{i}", [{"role": "user", "content": "q"}], "a", source=f"s{i % 3}") for i in range(60)]
     held = validation_ids(records, 0.2, seed=0)
@@ -263,7 +349,10 @@ def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
 def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_path, tiny):
     from gradientspace.data.records import ExampleTable, LazyBatch, RecordTable
 
-    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(40)]
+    rows = [
+        {"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source}
+        for r in make_records(40)
+    ]
     records, report = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
     assert isinstance(records, RecordTable) and report.records == 40
     as_list = list(records)
@@ -282,13 +371,17 @@ def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_pa
 
 
 def test_line_numbers_count_blank_lines_and_ids_number_kept_records(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, "", {"instruction": "skip me"}, "",
-                                              {"instruction": "c", "output": "d"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"instruction": "a", "output": "b"}, "", {"instruction": "skip me"}, "", {"instruction": "c", "output": "d"}],
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:3: missing field `output`"):
         load_records(path)
     records, report = load_records(path, skip_bad=True)
     assert [r.id for r in records] == ["d-0", "d-1"] and report.skipped == 1
-    assert report.first_errors == [f"{path}:3: missing field `output` (records need `instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT))"]
+    assert report.first_errors == [
+        f"{path}:3: missing field `output` (records need `instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT))"
+    ]
 
 
 def test_duplicate_ids_and_parallel_validation(tmp_path):
@@ -313,21 +406,27 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     for name in ("d.jsonl", "d.json", "g.jsonl.gz"):
         records, _ = load_records(str(tmp_path / name))
         assert records[0].messages[0]["content"] == "caf\u00e9" and records[0].response == "ok", name
-    (tmp_path / "d.jsonl").write_bytes(row + b"\n\xef\xbb\xbf" + row + b"\n")  # a mark inside the file is a stray character
+    (tmp_path / "d.jsonl").write_bytes(
+        row + b"\n\xef\xbb\xbf" + row + b"\n"
+    )  # a mark inside the file is a stray character
     with pytest.raises(DataError, match="d.jsonl:2: invalid JSON"):
         load_records(str(tmp_path / "d.jsonl"))
 
 
 def test_encoding_faults_are_bad_records_that_skip_bad_skips_and_counts(tmp_path):
-    lines = [json.dumps({"instruction": "fine", "output": "ok"}).encode(),
-             b'{"instruction": "caf\xe9", "output": "latin-1"}',
-             json.dumps({"instruction": "\u20ac and \u00e9", "output": "still fine"}).encode(),
-             b'{"instruction": "a", "output": "\\ud83d"}']
+    lines = [
+        json.dumps({"instruction": "fine", "output": "ok"}).encode(),
+        b'{"instruction": "caf\xe9", "output": "latin-1"}',
+        json.dumps({"instruction": "\u20ac and \u00e9", "output": "still fine"}).encode(),
+        b'{"instruction": "a", "output": "\\ud83d"}',
+    ]
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     records, report = load_records(str(tmp_path / "d.jsonl"), skip_bad=True)
     assert [r.response for r in records] == ["ok", "still fine"] and report.skipped == 2
-    assert report.first_errors == [f"{tmp_path}/d.jsonl:2: not valid UTF-8 (byte 0xE9 at column 21)",
-                                   f"{tmp_path}/d.jsonl:4: field `output` holds a lone surrogate (U+D83D at character 1), which is not Unicode text"]
+    assert report.first_errors == [
+        f"{tmp_path}/d.jsonl:2: not valid UTF-8 (byte 0xE9 at column 21)",
+        f"{tmp_path}/d.jsonl:4: field `output` holds a lone surrogate (U+D83D at character 1), which is not Unicode text",
+    ]
 
 
 def test_a_compressed_file_is_cached_by_its_content(tmp_path):

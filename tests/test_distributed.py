@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_records
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.heavy  # torchrun runs of two processes
 
@@ -25,26 +24,41 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
 
     outputs = {}
     slowed = str(Path(__file__).with_name("slow_rank0.py"))
-    for name, launcher in (("one", [sys.executable, slowed]),
-                           ("two", [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", slowed])):
+    for name, launcher in (
+        ("one", [sys.executable, slowed]),
+        ("two", [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", slowed]),
+    ):
         (tmp_path / name).mkdir()
         # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
         config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
         config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
-        result = subprocess.run([*launcher, "run", str(config)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+        result = subprocess.run(
+            [*launcher, "run", str(config)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=900,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         run = tmp_path / name / "run"
         stages = json.loads((run / "manifest.json").read_text())["stages"]
-        outputs[name] = {"sketch": load_file(str(run / "sketch.safetensors")),
-                         "clusters": (run / "clusters.jsonl").read_text(), "eval": json.loads((run / "eval.json").read_text())["per_record"],
-                         "ranks": {stage: entry.get("rank", 0) for stage, entry in stages.items() if stage.startswith("experts/")},
-                         "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("*/*/*/adapter_model.safetensors")}
-                         | {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("experts/*/adapter_model.safetensors")}}
+        outputs[name] = {
+            "sketch": load_file(str(run / "sketch.safetensors")),
+            "clusters": (run / "clusters.jsonl").read_text(),
+            "eval": json.loads((run / "eval.json").read_text())["per_record"],
+            "ranks": {stage: entry.get("rank", 0) for stage, entry in stages.items() if stage.startswith("experts/")},
+            "adapters": {
+                str(p.relative_to(run)): load_file(str(p)) for p in run.glob("*/*/*/adapter_model.safetensors")
+            }
+            | {str(p.relative_to(run)): load_file(str(p)) for p in run.glob("experts/*/adapter_model.safetensors")},
+        }
     one, two = outputs["one"], outputs["two"]
     # each rank streamed its shard of the gradient pass into rank 0's sketch: every sample once, in order, and since
     # both sketches are exact, the same Gram matrix of coordinates (the coordinates themselves may differ by a rotation)
     samples = len(one["clusters"].splitlines())
-    assert torch.equal(two["sketch"]["indices"], torch.arange(samples)) and torch.equal(one["sketch"]["indices"], torch.arange(samples))
+    assert torch.equal(two["sketch"]["indices"], torch.arange(samples)) and torch.equal(
+        one["sketch"]["indices"], torch.arange(samples)
+    )
     gram = lambda coordinates: coordinates.double() @ coordinates.double().T
     assert torch.allclose(gram(two["sketch"]["coordinates"]), gram(one["sketch"]["coordinates"]), atol=1e-5)
     assert two["clusters"] == one["clusters"]
@@ -57,7 +71,9 @@ def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_pat
     for strategy, record in one["eval"].items():
         assert two["eval"][strategy]["adapter"] == record["adapter"]
         # scored in other batches (other padding) than one process does: equal up to float rounding
-        assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), strategy
+        assert torch.allclose(torch.tensor(two["eval"][strategy]["nll"]), torch.tensor(record["nll"]), atol=1e-4), (
+            strategy
+        )
 
 
 def test_under_torchrun_a_busy_run_stops_every_rank_at_once(tmp_path):
@@ -65,14 +81,40 @@ def test_under_torchrun_a_busy_run_stops_every_rank_at_once(tmp_path):
     from gradientspace.runs import RunLock
 
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(8)
+        )
+    )
     lock = RunLock(tmp_path / "run")
     lock.acquire()
     try:
         torchrun = Path(sys.executable).with_name("torchrun")
-        result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradientspace.cli", "cluster", "--model", "tiny-random",
-                                 "--data", str(data), "--k", "2", "--max-length", "96", "--out", str(tmp_path / "run")],
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        result = subprocess.run(
+            [
+                str(torchrun),
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "gradientspace.cli",
+                "cluster",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(data),
+                "--k",
+                "2",
+                "--max-length",
+                "96",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
     finally:
         lock.release()
     assert result.returncode != 0

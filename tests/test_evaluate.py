@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gradientspace.evaluation.evaluate import run_humaneval_case
 from gradientspace.config import EvalConfig
+from gradientspace.evaluation.evaluate import run_humaneval_case
 from gradientspace.evaluation.metrics import METRICS, final_number, rouge_l
-from gradientspace.routing.router import stratified_split, train_router
 from gradientspace.experts.strategies import ROUTER_UNSURE
+from gradientspace.routing.router import stratified_split, train_router
 
 
 def test_final_number():
@@ -26,7 +26,10 @@ def test_exact_match_by_number_in_numeric_domains_and_by_first_line_otherwise():
     assert match("answer_generation", "1:00  pm", "1:00 PM.")
     # which domains are numeric is configuration, not a name in the code
     arithmetic = EvalConfig(numeric_domains=["arithmetic"])
-    assert exact.score("it is 42", "#### 42", "arithmetic", arithmetic) == 1.0 and exact.score("it is 42", "#### 42", "math", arithmetic) == 0.0
+    assert (
+        exact.score("it is 42", "#### 42", "arithmetic", arithmetic) == 1.0
+        and exact.score("it is 42", "#### 42", "math", arithmetic) == 0.0
+    )
     assert not METRICS["rouge_l"].applies("arithmetic", arithmetic) and METRICS["rouge_l"].applies("math", arithmetic)
 
 
@@ -41,8 +44,12 @@ def test_a_metric_added_to_the_registry_is_scored_and_tabled(monkeypatch):
             return min(len(prediction) / 100, 1.0)
 
     monkeypatch.setitem(metrics.METRICS, "length", AnswerLength())
-    results = {"domains": ["a"], "metrics": ["length"], "latency": {"s": {"routing_ms": 1.0, "first_token_ms": 2.0, "tokens_per_second": 3.0}},
-               "s": {"a": {"nll": 1.5}, "overall": {"nll": 1.5, "length": 0.25}}}
+    results = {
+        "domains": ["a"],
+        "metrics": ["length"],
+        "latency": {"s": {"routing_ms": 1.0, "first_token_ms": 2.0, "tokens_per_second": 3.0}},
+        "s": {"a": {"nll": 1.5}, "overall": {"nll": 1.5, "length": 0.25}},
+    }
     table = markdown_table(results, ["s"])
     assert "| answer length |" in table and "| 0.250 |" in table and "exact match" not in table
 
@@ -51,14 +58,20 @@ def test_the_markdown_table_shows_data_labels_as_inert_text():
     from gradientspace.evaluation.evaluate import markdown_table
 
     label = "<script>alert(1)</script>|x\ny"
-    results = {"domains": [label], "metrics": [], "latency": {"s": {"routing_ms": None, "first_token_ms": None, "tokens_per_second": None}},
-               "s": {label: {"nll": 1.5}, "overall": {"nll": 1.5}}}
+    results = {
+        "domains": [label],
+        "metrics": [],
+        "latency": {"s": {"routing_ms": None, "first_token_ms": None, "tokens_per_second": None}},
+        "s": {label: {"nll": 1.5}, "overall": {"nll": 1.5}},
+    }
     header = markdown_table(results, ["s"]).splitlines()[0]
     assert "<script>" not in header and "&lt;script&gt;alert(1)&lt;/script&gt;\\|x y NLL" in header
     import re
 
     cells = re.split(r"(?<!\\)\|", header)[1:-1]  # split on the bars that are not escaped
-    assert len(cells) == 6  # the strategy, the label's NLL, the overall NLL, three timings: the label did not split the row
+    assert (
+        len(cells) == 6
+    )  # the strategy, the label's NLL, the overall NLL, three timings: the label did not split the row
 
 
 def test_rouge_l_against_hand_computed_values():
@@ -68,7 +81,12 @@ def test_rouge_l_against_hand_computed_values():
     assert rouge_l("The cats sat.", "the cat sat") == 1.0  # rouge_score's tokeniser and stemmer
 
 
-PROBLEM = {"task_id": "test/0", "prompt": "def add(a, b):\n", "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+PROBLEM = {
+    "task_id": "test/0",
+    "prompt": "def add(a, b):\n",
+    "entry_point": "add",
+    "test": "def check(f):\n    assert f(2, 3) == 5\n",
+}
 
 
 def test_humaneval_runner_passes_fails_and_times_out():
@@ -79,12 +97,24 @@ def test_humaneval_runner_passes_fails_and_times_out():
 
 
 def test_router_learns_separable_prompts_and_respects_threshold():
-    topics = {0: "Solve for x in the equation {} x + 3 = 10.", 1: "Write a poem about the sea at dawn number {}.",
-              2: "Write a Python function that sorts list number {}."}
+    topics = {
+        0: "Solve for x in the equation {} x + 3 = 10.",
+        1: "Write a poem about the sea at dawn number {}.",
+        2: "Write a Python function that sorts list number {}.",
+    }
     texts = [topics[i % 3].format(i) for i in range(60)]
     labels = [i % 3 for i in range(60)]
-    router, details = train_router(texts, labels, 3, torch.device("cpu"), epochs=100, learning_rate=1e-2,
-                                   validation_fraction=0.25, threshold=0.0, seed=0)
+    router, details = train_router(
+        texts,
+        labels,
+        3,
+        torch.device("cpu"),
+        epochs=100,
+        learning_rate=1e-2,
+        validation_fraction=0.25,
+        threshold=0.0,
+        seed=0,
+    )
     assert details["heldout_samples"] == 15 and details["heldout_accuracy"] == 1.0
     experts, probabilities, picks = router.route(["Write a poem about mountains."])
     assert experts == [1] == picks and 0 < probabilities[0] <= 1

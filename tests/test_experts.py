@@ -3,8 +3,8 @@
 import random
 
 import pytest
-
 from conftest import write_records
+
 from gradientspace import cluster, load_config
 from gradientspace.data.records import load_records, validation_ids
 from gradientspace.experts.adapters import decided, train_experts
@@ -22,16 +22,32 @@ def clustered(tmp_path_factory):
 
 
 def config_for(data, out, **overrides):
-    base = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 64, "out": str(out),
-            "sketch.rank": 4, "cluster.k": 3, "gradients.batch_size": 4, "warmup.fraction": 0.25, "data.validation_fraction": 0.25,
-            "experts.batch_size": 4, "experts.epochs": 2, "experts.branch_epochs": 2}
+    base = {
+        "model.name": "tiny-random",
+        "model.lora_rank": 2,
+        "data.path": str(data),
+        "data.max_length": 64,
+        "out": str(out),
+        "sketch.rank": 4,
+        "cluster.k": 3,
+        "gradients.batch_size": 4,
+        "warmup.fraction": 0.25,
+        "data.validation_fraction": 0.25,
+        "experts.batch_size": 4,
+        "experts.epochs": 2,
+        "experts.branch_epochs": 2,
+    }
     base.update(overrides)
     return load_config(None, base)
 
 
 def test_equal_budget_experts_see_the_same_tokens_as_the_single_adapter(clustered):
     data, root = clustered
-    config = config_for(data, root / "equal", **{"experts.equal_budget": True, "experts.strategies": ["routed", "single", "random-clusters"]})
+    config = config_for(
+        data,
+        root / "equal",
+        **{"experts.equal_budget": True, "experts.strategies": ["routed", "single", "random-clusters"]},
+    )
     cluster(config)
     summaries = train_experts(config)
     single = summaries["single"]["experts"]["0"]
@@ -49,15 +65,18 @@ def test_equal_budget_experts_see_the_same_tokens_as_the_single_adapter(clustere
 def test_an_expert_that_cannot_show_a_gain_on_its_routed_records_falls_back_to_the_generalist(clustered):
     """No expert serves enough validation records to pass the keep rule: every group is served by the generalist."""
     data, root = clustered
-    config = config_for(data, root / "fallback", **{"experts.strategies": ["routed", "single"], "router.threshold": 0.0,
-                                                     "experts.keep_min_records": 1000})
+    config = config_for(
+        data,
+        root / "fallback",
+        **{"experts.strategies": ["routed", "single"], "router.threshold": 0.0, "experts.keep_min_records": 1000},
+    )
     cluster(config)
     summaries = train_experts(config)
     for expert in summaries["routed"]["experts"].values():
         # the branch started where the generalist ended: its initial validation NLL is the generalist's on that group
         assert expert["initial_eval_loss"] is not None and expert["best_eval_loss"] is not None
-    from gradientspace.routing.router import train_routers
     from gradientspace.commands import decide_experts
+    from gradientspace.routing.router import train_routers
 
     train_routers(config)
     decisions = decide_experts(config)["routed"]

@@ -23,8 +23,12 @@ def test_export_is_read_back_by_datasets_and_numpy_and_matches_the_run(served_ti
     clusters = [json.loads(line)["cluster"] for line in (served_tiny_run / "clusters.jsonl").read_text().splitlines()]
     sketch = load_file(str(served_tiny_run / "sketch.safetensors"))["coordinates"].float().numpy()
     assert records["id"] == [r.id for r in run.records] and records["cluster"] == clusters
-    assert records["response"] == [r.response for r in run.records] and records["messages"][0] == run.records[0].messages
-    assert sorted(i for i, split in zip(records["id"], records["split"]) if split == "validation") == sorted(run.validation_ids)
+    assert (
+        records["response"] == [r.response for r in run.records] and records["messages"][0] == run.records[0].messages
+    )
+    assert sorted(i for i, split in zip(records["id"], records["split"]) if split == "validation") == sorted(
+        run.validation_ids
+    )
     np.testing.assert_array_equal(np.asarray(records["coordinates"], dtype=np.float32), sketch)
 
     # each record's adapter: its cluster's expert where that is served, else the fall-back, as `serve` names them
@@ -36,7 +40,11 @@ def test_export_is_read_back_by_datasets_and_numpy_and_matches_the_run(served_ti
 
     mapped = np.load(tmp_path / "export" / "sketch" / "coordinates.npy", mmap_mode="r")
     info = json.loads((tmp_path / "export" / "sketch" / "info.json").read_text())
-    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32 and list(mapped.shape) == info["shape"] == list(sketch.shape)
+    assert (
+        isinstance(mapped, np.memmap)
+        and mapped.dtype == np.float32
+        and list(mapped.shape) == info["shape"] == list(sketch.shape)
+    )
     np.testing.assert_array_equal(mapped, sketch)
     assert info["rank"] == sketch.shape[1] and info["config_key"] == run.stage_entry("gradients")["key"]
     assert info["basis"]["tensor"] in load_file(info["basis"]["file"])
@@ -48,14 +56,21 @@ def test_export_is_read_back_by_datasets_and_numpy_and_matches_the_run(served_ti
         assert main(["export", str(served_tiny_run), "--out", str(tmp_path / fmt), "--format", fmt]) == 0
         file = next((tmp_path / fmt).glob("records.*"))
         again = load_dataset(reader, data_files=str(file), split="train")
-        assert again["id"] == records["id"] and again["adapter"] == records["adapter"] and again["cluster"] == records["cluster"]
+        assert (
+            again["id"] == records["id"]
+            and again["adapter"] == records["adapter"]
+            and again["cluster"] == records["cluster"]
+        )
         np.testing.assert_allclose(np.asarray(again["coordinates"], dtype=np.float32), sketch)
 
 
-@pytest.mark.parametrize("where, message", [
-    ("non-empty", "exists and is not an empty folder; the export never writes over files"),
-    ("inside-run", "lies inside the run directory"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("non-empty", "exists and is not an empty folder; the export never writes over files"),
+        ("inside-run", "lies inside the run directory"),
+    ],
+)
 def test_export_never_writes_over_a_folder_or_into_the_run(served_tiny_run, tmp_path, capsys, where, message):
     out = tmp_path / "mine"
     if where == "non-empty":

@@ -71,7 +71,9 @@ def test_trainer_and_server_report_throughput(tiny_result):
     for clients in ("1_clients", "16_clients"):
         for mode in ("routed", "single"):
             assert serve[clients][mode]["requests_per_second"] > 0
-        assert set(serve[clients]["routed"]["experts"]) <= {f"expert-{g}" for g in range(4)}  # routed, never the generalist
+        assert set(serve[clients]["routed"]["experts"]) <= {
+            f"expert-{g}" for g in range(4)
+        }  # routed, never the generalist
         assert serve[clients]["single"]["experts"] == {"generalist": serve[clients]["single"]["requests"]}
     assert len(serve["16_clients"]["routed"]["experts"]) >= 2  # the router spreads prompts, so batches can mix experts
 
@@ -84,17 +86,25 @@ def test_test_part_ran_the_selected_tests(tiny_result):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_full_sizes_refuse_to_start_without_cuda(tmp_path):
     out = tmp_path / "gpu-check.json"
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode != 0
-    assert completed.stderr.strip().splitlines() == ["gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)"]
+    assert completed.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA device here; the full check needs one (use --tiny for the tiny shapes on any device)"
+    ]
     assert not out.exists()
 
 
 def test_a_part_past_its_budget_is_killed_and_the_next_part_runs(tmp_path):
     """One second is far less than building a model and starting a server takes anywhere: the serve part is killed."""
     out = tmp_path / "gpu-check.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--parts", "serve,sketch", "--budget", "serve=1", "--out", str(out)],
-                   cwd=ROOT, check=True, timeout=900)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--parts", "serve,sketch", "--budget", "serve=1", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=900,
+    )
     parts = json.loads(out.read_text())["parts"]
     assert parts["serve"]["error"].startswith("timed out after its budget of 1 s")
     assert "error" not in parts["sketch"] and parts["sketch"]["seconds_per_1000_samples"] > 0

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_records
+
 from gradientspace.data.records import collate, tokenize
 from gradientspace.gradients.engine import AdamState, PerSampleGradients, layout_of, per_sample_mean_loss, transform
 
@@ -28,7 +28,7 @@ def hooked_gradients(model, examples, pad_id, batch_size):
     rows = {}
     with PerSampleGradients(model) as engine:
         for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
+            batch = examples[start : start + batch_size]
             grads, _ = engine.batch(*collate(batch, pad_id))
             for example, row in zip(batch, grads):
                 rows[example.index] = row
@@ -58,7 +58,7 @@ def test_gradient_has_both_a_and_b_parts(tiny):
     offset = 0
     for name, shape in zip(layout.names, layout.shapes):
         size = torch.Size(shape).numel()
-        assert grads[:, offset:offset + size].abs().sum() > 0, name
+        assert grads[:, offset : offset + size].abs().sum() > 0, name
         offset += size
 
 
@@ -98,8 +98,10 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny):
         checkpointed = [m for m in tiny.model.modules() if getattr(m, "gradient_checkpointing", False)]
         assert checkpointed, "checkpointing must actually be switched on inside the engine"
         for start in range(0, len(examples), 4):
-            rows.append(engine.batch(*collate(examples[start:start + 4], tiny.tokenizer.pad_token_id))[0])
-    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules()), "switched off again on exit"
+            rows.append(engine.batch(*collate(examples[start : start + 4], tiny.tokenizer.pad_token_id))[0])
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules()), (
+        "switched off again on exit"
+    )
     assert relative_error(torch.cat(rows), naive) < 1e-5
 
 
@@ -111,7 +113,9 @@ def test_per_sample_gradients_sum_to_the_batch_gradient_and_leave_grad_alone(tin
     for name in layout.names:
         parameters[name].grad = sentinel[name].clone()
     grads = hooked_gradients(tiny.model, examples, tiny.tokenizer.pad_token_id, batch_size=5)
-    assert all(torch.equal(parameters[n].grad, sentinel[n]) for n in layout.names), "an earlier .grad must survive the engine"
+    assert all(torch.equal(parameters[n].grad, sentinel[n]) for n in layout.names), (
+        "an earlier .grad must survive the engine"
+    )
     tiny.model.zero_grad(set_to_none=True)
     input_ids, mask, labels = collate(examples, tiny.tokenizer.pad_token_id)
     per_sample_mean_loss(tiny.model(input_ids=input_ids, attention_mask=mask).logits, labels).sum().backward()
@@ -143,8 +147,12 @@ def all_linear_pair():
 
     loaded = {}
     for dtype in ("float32", "bfloat16"):
-        loaded[dtype] = load_lora_model(ModelConfig(name="tiny-random", lora_rank=4, lora_alpha=8, target_modules=["all-linear"],
-                                                    dtype=dtype, device="cpu"), seed=0)
+        loaded[dtype] = load_lora_model(
+            ModelConfig(
+                name="tiny-random", lora_rank=4, lora_alpha=8, target_modules=["all-linear"], dtype=dtype, device="cpu"
+            ),
+            seed=0,
+        )
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, parameter in loaded["float32"].model.named_parameters():

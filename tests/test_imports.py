@@ -37,7 +37,9 @@ def import_graph() -> dict[str, set[str]]:
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(paths)
     # a package's __init__ re-exports its modules for users; it is not one of their dependencies
-    return {name: imports_of(path, modules) - {"gradientspace"} for name, path in paths.items() if name != "gradientspace"}
+    return {
+        name: imports_of(path, modules) - {"gradientspace"} for name, path in paths.items() if name != "gradientspace"
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -49,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for child in sorted(graph.get(node, ())):
             if state.get(child) == "open":
-                return stack[stack.index(child):] + [child]
+                return stack[stack.index(child) :] + [child]
             if child not in state and (cycle := visit(child)):
                 return cycle
         state[node] = "done"

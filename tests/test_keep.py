@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_records
+
 from gradientspace import cluster, load_config
 from gradientspace.clustering.kmeans import interference
 from gradientspace.experts.adapters import served_groups, train_experts
@@ -38,7 +38,9 @@ def test_the_keep_rule_needs_enough_records_and_a_gain_beyond_noise():
     noisy = {1.0: list(1.0 + rng.normal(0.0, 0.5, size=20) - 0.01)}  # a mean gain far inside the noise
     decision = keep_rule(noisy, generalist, 0.95, 5, seed=0)
     assert decision["lambda"] == 0.0 and decision["upper_bound"] >= 0
-    assert keep_rule({1.0: [0.8] * 20, 0.5: [0.8] * 20}, generalist, 0.95, 5, seed=0)["lambda"] == 1.0  # a tie: the expert as trained
+    assert (
+        keep_rule({1.0: [0.8] * 20, 0.5: [0.8] * 20}, generalist, 0.95, 5, seed=0)["lambda"] == 1.0
+    )  # a tie: the expert as trained
 
 
 def test_a_blend_is_one_plain_peft_adapter_that_interpolates_the_two_updates():
@@ -76,7 +78,9 @@ def test_a_blend_is_one_plain_peft_adapter_that_interpolates_the_two_updates():
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "lora_A") and "default" in module.lora_A:
-                module.base_layer.weight += 0.5 * module.get_delta_weight("default") + 0.5 * module.get_delta_weight("expert")
+                module.base_layer.weight += 0.5 * module.get_delta_weight("default") + 0.5 * module.get_delta_weight(
+                    "expert"
+                )
         with model.disable_adapter():
             merged = model(input_ids=ids).logits
     model.base_model.model.load_state_dict(state)
@@ -95,7 +99,9 @@ def test_interference_matches_a_direct_computation():
         members, others = x[labels == group], x[labels != group]
         a, b = members.mean(0), others.mean(0)
         assert statistics[str(group)]["mean_cosine"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-        values, vectors = np.linalg.eigh(others.T @ others)  # eigenvectors of the Gram matrix: the right singular vectors
+        values, vectors = np.linalg.eigh(
+            others.T @ others
+        )  # eigenvectors of the Gram matrix: the right singular vectors
         order = np.argsort(values)[::-1]
         values, vectors = values[order], vectors[:, order]
         count = int(np.searchsorted(np.cumsum(values) / values.sum(), 0.9) + 1)
@@ -111,20 +117,39 @@ def routed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("keep")
     data = root / "train.jsonl"
     write_records(data, 36)
-    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 64,
-                                "out": str(root / "run"), "sketch.rank": 4, "cluster.k": 3, "gradients.batch_size": 4,
-                                "warmup.fraction": 0.25, "data.validation_fraction": 0.25, "experts.batch_size": 4, "experts.epochs": 1,
-                                "experts.branch_epochs": 1, "experts.keep_min_records": 1, "experts.keep_confidence": 0.5,
-                                "experts.strategies": ["routed", "single", "single-continued"], "router.epochs": 5})
+    config = load_config(
+        None,
+        {
+            "model.name": "tiny-random",
+            "model.lora_rank": 2,
+            "data.path": str(data),
+            "data.max_length": 64,
+            "out": str(root / "run"),
+            "sketch.rank": 4,
+            "cluster.k": 3,
+            "gradients.batch_size": 4,
+            "warmup.fraction": 0.25,
+            "data.validation_fraction": 0.25,
+            "experts.batch_size": 4,
+            "experts.epochs": 1,
+            "experts.branch_epochs": 1,
+            "experts.keep_min_records": 1,
+            "experts.keep_confidence": 0.5,
+            "experts.strategies": ["routed", "single", "single-continued"],
+            "router.epochs": 5,
+        },
+    )
     cluster(config)
     train_experts(config)
     train_routers(config)
     return config
 
 
-def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapters_follow_them(routed_run, monkeypatch):
-    from gradientspace.experts.strategies import RoutedPartition
+def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapters_follow_them(
+    routed_run, monkeypatch
+):
     from gradientspace.commands import decide_experts, router_thresholds
+    from gradientspace.experts.strategies import RoutedPartition
 
     config, seen = routed_run, {}
     real = RoutedPartition.serving_groups
@@ -190,7 +215,9 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
             saved = load_file(str(folder / "adapter_model.safetensors"))
             assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)
             cards += 1
-    assert cards >= 2  # the generalist and, in this run, at least one branched adapter (an expert, a blend or single-continued)
+    assert (
+        cards >= 2
+    )  # the generalist and, in this run, at least one branched adapter (an expert, a blend or single-continued)
 
 
 def _split(config) -> dict[str, bool]:
@@ -206,18 +233,24 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
     are made of the experts' keys (the stage graph), so a stale threshold cannot be reused."""
     from dataclasses import replace
 
-    from gradientspace.runner import Run
     from gradientspace.commands import ThresholdStage
+    from gradientspace.runner import Run
 
     config = routed_run
     before = RunDirectory(config.out).manifest["stages"]
-    retrained = replace(config, experts=replace(config.experts, branch_learning_rate=config.experts.branch_learning_rate / 2))
+    retrained = replace(
+        config, experts=replace(config.experts, branch_learning_rate=config.experts.branch_learning_rate / 2)
+    )
     capsys.readouterr()
     Run(retrained).build(ThresholdStage("routed"))
     said = capsys.readouterr().out
     after = RunDirectory(config.out).manifest["stages"]
-    assert after["experts/single/0"]["key"] == before["experts/single/0"]["key"]  # the generalist ignores the branch rate
-    assert after["router/routed"]["key"] == before["router/routed"]["key"]  # so does the router: it reads only the partition
+    assert (
+        after["experts/single/0"]["key"] == before["experts/single/0"]["key"]
+    )  # the generalist ignores the branch rate
+    assert (
+        after["router/routed"]["key"] == before["router/routed"]["key"]
+    )  # so does the router: it reads only the partition
     for stage in ("experts/routed/0", "adapters/routed", "keep/routed", "threshold/routed"):
         assert after[stage]["key"] != before[stage]["key"], stage
         assert f"re-run {stage}:" in said
@@ -227,33 +260,42 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
 def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(routed_run):
     from peft import PeftModel
 
-    from gradientspace.models.inference import StrategyModel
-    from gradientspace.experts.keep import blend_name, save_blend
-    from gradientspace.models.loading import load_base_model
-    from gradientspace.experts.strategies import Choice
     from gradientspace.commands import validation_records
+    from gradientspace.experts.keep import blend_name, save_blend
+    from gradientspace.experts.strategies import Choice
+    from gradientspace.models.inference import StrategyModel
+    from gradientspace.models.loading import load_base_model
 
     config = routed_run
     engine = StrategyModel(config, ["routed"], undecided="routed")
     expert = engine.adapter_for("routed", 0)
-    engine.model.add_weighted_adapter([engine.generalist, expert], [0.25, 0.75], blend_name("routed", "0", 0.75), combination_type="cat")
+    engine.model.add_weighted_adapter(
+        [engine.generalist, expert], [0.25, 0.75], blend_name("routed", "0", 0.75), combination_type="cat"
+    )
     records = validation_records(config)
     in_memory = engine.nll_for_choices([Choice({blend_name("routed", "0", 0.75): 1.0}, 0, 1.0)] * len(records), records)
     save_blend(engine, "routed", "0", 0.75)
     folder = RunDirectory(config.out).path("experts", "0", "blended")
-    engine.model = PeftModel.from_pretrained(load_base_model(config.model.name, engine.device), str(folder), adapter_name="reloaded").eval()
+    engine.model = PeftModel.from_pretrained(
+        load_base_model(config.model.name, engine.device), str(folder), adapter_name="reloaded"
+    ).eval()
     reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
     assert reloaded == pytest.approx(in_memory, abs=1e-5)
     # a group decided at λ = 0.75 is served from that folder, by `serve` and by the vLLM launch command alike
     from gradientspace.models.inference import served_adapters
-    from gradientspace.serving.backends import launch_command
     from gradientspace.runs import write_json
+    from gradientspace.serving.backends import launch_command
 
-    write_json(RunDirectory(config.out).path("experts", "keep.json"), {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}})
+    write_json(
+        RunDirectory(config.out).path("experts", "keep.json"),
+        {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}},
+    )
     served = {s.name: s.folder for s in served_adapters(RunDirectory(config.out))}
     assert served["expert-0"] == folder and "expert-1" not in served
     command = launch_command("vllm", "base", served_adapters(RunDirectory(config.out)), 8001)
-    assert f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"  # rank 2r = 4, rounded up to vLLM's 8
+    assert (
+        f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"
+    )  # rank 2r = 4, rounded up to vLLM's 8
 
 
 def _delta(tensors: dict, config: dict, module: str) -> torch.Tensor:
@@ -272,23 +314,35 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
 
     from gradientspace.commands import decide_experts, router_thresholds, validation_records
     from gradientspace.experts import keep
-    from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
     from gradientspace.experts.strategies import ROUTER_UNSURE, Choice
+    from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
 
     config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
     real = keep.keep_rule
-    monkeypatch.setattr(keep, "keep_rule", lambda candidates, *args, **kwargs: {**real(candidates, *args, **kwargs), "lambda": 0.5})
+    monkeypatch.setattr(
+        keep, "keep_rule", lambda candidates, *args, **kwargs: {**real(candidates, *args, **kwargs), "lambda": 0.5}
+    )
     decisions = decide_experts(config)
     run = RunDirectory(config.out)
     continued = run.path("strategies", "single-continued", "0", "blended")
     assert json.loads(run.path("experts", "keep.json").read_text())["fallback"] == "single-continued"
-    assert run.manifest["experts"]["routed"]["fallback_adapter"] == {"strategy": "single-continued", "folder": "strategies/single-continued/0/blended"}
+    assert run.manifest["experts"]["routed"]["fallback_adapter"] == {
+        "strategy": "single-continued",
+        "folder": "strategies/single-continued/0/blended",
+    }
 
     engine = StrategyModel(config, ["routed"])
-    assert engine.fallback_for("routed") == "single-continued__0" and engine.fallback_for("single-continued") == engine.generalist
+    assert (
+        engine.fallback_for("routed") == "single-continued__0"
+        and engine.fallback_for("single-continued") == engine.generalist
+    )
     validation = validation_records(config)
-    fallback_nll = engine.nll_for_choices([Choice({"single-continued__0": 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation)
-    generalist_nll = engine.nll_for_choices([Choice({engine.generalist: 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation)
+    fallback_nll = engine.nll_for_choices(
+        [Choice({"single-continued__0": 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation
+    )
+    generalist_nll = engine.nll_for_choices(
+        [Choice({engine.generalist: 1.0}, ROUTER_UNSURE, 1.0)] * len(validation), validation
+    )
     groups = engine.routers["routed"].probabilities([r.prompt_text for r in validation]).argmax(dim=1).tolist()
     judged = 0
     for group, decision in decisions["routed"].items():
@@ -304,9 +358,13 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
         assert configs[blended]["r"] == configs[continued]["r"] + configs[expert]["r"] == 3 * config.model.lora_rank
         tensors = {f: load_file(str(f / "adapter_model.safetensors")) for f in configs}
         module = next(k for k in tensors[expert] if "lora_A" in k).split(".lora_A")[0].removeprefix("base_model.model.")
-        torch.testing.assert_close(_delta(tensors[blended], configs[blended], module),
-                                   0.5 * _delta(tensors[continued], configs[continued], module) + 0.5 * _delta(tensors[expert], configs[expert], module),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            _delta(tensors[blended], configs[blended], module),
+            0.5 * _delta(tensors[continued], configs[continued], module)
+            + 0.5 * _delta(tensors[expert], configs[expert], module),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     assert judged > 0
     threshold = router_thresholds(config)["routed"]
     calibration = json.loads(run.path("router", "router.json").read_text())["calibration"]

@@ -1,11 +1,12 @@
 """No model-family assumption: a tokenizer with another family's chat template (Llama 3 style) ends answers where its own
 template does, and `generate` and `serve` run on it end to end."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_run_config
+
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
 from gradientspace.data.records import Record, prompt_text
@@ -14,7 +15,8 @@ from gradientspace.models.loading import end_of_turn_ids, load_tokenizer
 LLAMA3_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +27,34 @@ def llama3_style_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("llama3-style")
     tokenizer = load_tokenizer("tiny-random")
-    tokenizer.add_special_tokens({"eos_token": "<|end_of_text|>", "additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
-                                                                                              "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.add_special_tokens(
+        {
+            "eos_token": "<|end_of_text|>",
+            "additional_special_tokens": [
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+        }
+    )
     tokenizer.chat_template = LLAMA3_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")])
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -45,7 +67,9 @@ def test_the_end_of_an_answer_comes_from_the_template_and_the_generation_config(
     eot, im_end = tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|end_of_text|>"
     assert end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id, eot}  # <|eot_id|> read off the template
-    assert im_end not in end_of_turn_ids(tokenizer)  # ChatML's marker is in the vocabulary, but this template never ends a turn with it
+    assert im_end not in end_of_turn_ids(
+        tokenizer
+    )  # ChatML's marker is in the vocabulary, but this template never ends a turn with it
     assert end_of_turn_ids(tokenizer, GenerationConfig(eos_token_id=[7, 9])) == {tokenizer.eos_token_id, eot, 7, 9}
     chatml = load_tokenizer("tiny-random")
     assert end_of_turn_ids(chatml) == {chatml.eos_token_id, chatml.convert_tokens_to_ids("<|im_end|>")}
@@ -57,7 +81,9 @@ def test_the_end_of_an_answer_comes_from_the_template_and_the_generation_config(
 def test_generate_and_serve_run_on_another_familys_template(llama3_style_model, tmp_path, capsys):
     from gradientspace.models.inference import StrategyModel
 
-    config = tiny_run_config(tmp_path, ["single"], evaluate="limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1")
+    config = tiny_run_config(
+        tmp_path, ["single"], evaluate="limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1"
+    )
     config.write_text(config.read_text().replace("name: tiny-random", f"name: {llama3_style_model}"))
     assert main(["run", str(config)]) == 0
     run = tmp_path / "run"
@@ -65,7 +91,9 @@ def test_generate_and_serve_run_on_another_familys_template(llama3_style_model, 
     tokenizer = model.tokenizer
     assert model.eos_ids == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
     capsys.readouterr()
-    assert main(["generate", str(run), "--prompt", "What is 2 + 3?", "--strategy", "single", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(["generate", str(run), "--prompt", "What is 2 + 3?", "--strategy", "single", "--max-new-tokens", "4"]) == 0
+    )
     assert capsys.readouterr().out.strip()
 
     pytest.importorskip("fastapi")
@@ -76,7 +104,10 @@ def test_generate_and_serve_run_on_another_familys_template(llama3_style_model, 
     app, engine = build(config_from_run(run), strategy="single")
     try:
         with TestClient(app) as client:
-            reply = client.post("/v1/chat/completions", json={"model": "generalist", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            reply = client.post(
+                "/v1/chat/completions",
+                json={"model": "generalist", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            )
     finally:
         engine.close()
     assert reply.status_code == 200, reply.text

@@ -4,33 +4,63 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_after, make_records
 from safetensors.torch import load_file
 
-from conftest import interrupted_after, make_records
 from gradientspace import cluster, load_config
-from gradientspace.clustering import stages
 from gradientspace.cli import main
+from gradientspace.clustering import stages
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(24)]
+    rows = [
+        {"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source}
+        for r in make_records(24)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def config_for(data_file, out, **overrides):
-    base = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data_file), "data.max_length": 96, "out": str(out),
-            "sketch.rank": 4, "cluster.k": 3, "gradients.batch_size": 4, "gradients.checkpoint_every": 1, "warmup.fraction": 0.25}
+    base = {
+        "model.name": "tiny-random",
+        "model.lora_rank": 2,
+        "data.path": str(data_file),
+        "data.max_length": 96,
+        "out": str(out),
+        "sketch.rank": 4,
+        "cluster.k": 3,
+        "gradients.batch_size": 4,
+        "gradients.checkpoint_every": 1,
+        "warmup.fraction": 0.25,
+    }
     base.update(overrides)
     return load_config(None, base)
 
 
 def test_cli_writes_run_and_resumes(data_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    argv = ["cluster", "--model", "tiny-random", "--data", str(data_file), "--k", "3", "--out", str(out), "--max-length", "96",
-            "--set", "sketch.rank=4", "--set", "model.lora_rank=2", "--set", "warmup.fraction=0.25"]
+    argv = [
+        "cluster",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data_file),
+        "--k",
+        "3",
+        "--out",
+        str(out),
+        "--max-length",
+        "96",
+        "--set",
+        "sketch.rank=4",
+        "--set",
+        "model.lora_rank=2",
+        "--set",
+        "warmup.fraction=0.25",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "nmi" in printed and "clusters.jsonl" in printed
@@ -71,13 +101,24 @@ def test_interrupted_gradient_pass_resumes_to_the_same_sketch(data_file, tmp_pat
     assert resumed.labels == clean.labels
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("random-projection", {"cluster.projection_dim": 8}),
-    ("exact", {}),
-    ("embedding", {}),
-    ("random", {}),
-    ("gradientspace", {"cluster.k": "auto", "cluster.k_max": 4, "gradients.tokens": "instruction", "gradients.adam_precondition": True}),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("random-projection", {"cluster.projection_dim": 8}),
+        ("exact", {}),
+        ("embedding", {}),
+        ("random", {}),
+        (
+            "gradientspace",
+            {
+                "cluster.k": "auto",
+                "cluster.k_max": 4,
+                "gradients.tokens": "instruction",
+                "gradients.adam_precondition": True,
+            },
+        ),
+    ],
+)
 def test_every_method_runs(data_file, tmp_path, method, extra):
     outcome = cluster(config_for(data_file, tmp_path / method, **{"cluster.method": method, **extra}))
     assert len(outcome.labels) == 24 and sum(outcome.sizes) == 24
@@ -91,7 +132,9 @@ def test_every_method_runs(data_file, tmp_path, method, extra):
 
 def test_exact_and_sketch_agree_when_rank_is_full(data_file, tmp_path):
     """With r' ≥ N the sketch coordinates are an exact rotation of the full gradients: same Gram matrix."""
-    config = config_for(data_file, tmp_path / "exact", **{"cluster.method": "exact", "sketch.rank": 24, "sketch.internal_rank": 24})
+    config = config_for(
+        data_file, tmp_path / "exact", **{"cluster.method": "exact", "sketch.rank": 24, "sketch.internal_rank": 24}
+    )
     cluster(config)
     full = load_file(str(tmp_path / "exact" / "gradients-exact.safetensors"))["features"].double()
     coordinates = load_file(str(tmp_path / "exact" / "sketch.safetensors"))["coordinates"].double()
@@ -110,9 +153,29 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 def test_all_linear_with_checkpointing_end_to_end(data_file, tmp_path):
     """`--set model.target_modules=all-linear` reaches peft, and the MLP projections enter the gradient."""
     out = tmp_path / "all-linear"
-    argv = ["cluster", "--model", "tiny-random", "--data", str(data_file), "--k", "3", "--out", str(out), "--max-length", "96",
-            "--set", "sketch.rank=4", "--set", "model.lora_rank=2", "--set", "warmup.fraction=0.25",
-            "--set", "model.target_modules=all-linear", "--set", "gradients.activation_checkpointing=true"]
+    argv = [
+        "cluster",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data_file),
+        "--k",
+        "3",
+        "--out",
+        str(out),
+        "--max-length",
+        "96",
+        "--set",
+        "sketch.rank=4",
+        "--set",
+        "model.lora_rank=2",
+        "--set",
+        "warmup.fraction=0.25",
+        "--set",
+        "model.target_modules=all-linear",
+        "--set",
+        "gradients.activation_checkpointing=true",
+    ]
     assert main(argv) == 0
     layout = json.loads((out / "manifest.json").read_text())["stages"]["gradients"]["layout"]
     names = [p["name"] for p in layout["parameters"]]

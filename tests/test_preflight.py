@@ -10,7 +10,9 @@ from gradientspace.preflight import check_max_length, check_output_dir
 
 def test_max_length_boundary_is_the_chat_template_plus_two_tokens():
     tokenizer = load_tokenizer("tiny-random")
-    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenize=False)
+    empty = tokenizer.apply_chat_template(
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenize=False
+    )
     fixed = len(tokenizer(empty, add_special_tokens=False)["input_ids"])
     assert template_overhead(tokenizer) == fixed  # the naive count: an empty exchange, templated whole
     needed = template_overhead(tokenizer) + 2

@@ -10,23 +10,40 @@ import sys
 
 import pytest
 import torch
+from conftest import interrupted_after, make_records
 from safetensors.torch import load_file
 
-from conftest import interrupted_after, make_records
-from gradientspace.clustering import stages
+from gradientspace import distributed
 from gradientspace.cli import main
+from gradientspace.clustering import stages
 from gradientspace.config import load_config
 from gradientspace.models.loading import load_tokenizer
 from gradientspace.runner import Run
-from gradientspace import distributed
 from gradientspace.runs import RunDirectory, Stage
 
-FLAGS = ["--model", "tiny-random", "--k", "2", "--max-length", "96", "--batch-size", "4",
-         "--set", "model.lora_rank=2", "--set", "sketch.rank=4", "--set", "warmup.fraction=0.25"]
+FLAGS = [
+    "--model",
+    "tiny-random",
+    "--k",
+    "2",
+    "--max-length",
+    "96",
+    "--batch-size",
+    "4",
+    "--set",
+    "model.lora_rank=2",
+    "--set",
+    "sketch.rank=4",
+    "--set",
+    "warmup.fraction=0.25",
+]
 
 
 def write_data(path, n, seed=0):
-    rows = [{"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source} for r in make_records(n, seed)]
+    rows = [
+        {"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source}
+        for r in make_records(n, seed)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -91,9 +108,13 @@ def test_another_config_needs_overwrite_then_reruns_what_changed(tmp_path, capsy
     assert "cluster.k 2 → 3" in capsys.readouterr().err
     assert (tmp_path / "run" / "manifest.json").read_text() == manifest  # a refused command writes nothing
     monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)  # K is read by the clustering alone
-    assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3", "--overwrite"]) == 0
+    assert (
+        main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run"), "--k", "3", "--overwrite"]) == 0
+    )
     lines = stage_lines(capsys.readouterr().out)
-    assert lines["gradients"].startswith("skip") and lines["cluster"].startswith("re-run cluster: cluster settings changed"), lines
+    assert lines["gradients"].startswith("skip") and lines["cluster"].startswith(
+        "re-run cluster: cluster settings changed"
+    ), lines
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["cluster"]["k"] == 3
 
 
@@ -108,7 +129,15 @@ def test_truncated_samples_are_counted(tmp_path, capsys):
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         expected += len(tokenizer(full, add_special_tokens=False)["input_ids"]) > max_length
     assert 0 < expected < 24  # the case tests both sides
-    config = load_config(None, {"model.name": "tiny-random", "data.path": str(data), "data.max_length": max_length, "out": str(tmp_path / "run")})
+    config = load_config(
+        None,
+        {
+            "model.name": "tiny-random",
+            "data.path": str(data),
+            "data.max_length": max_length,
+            "out": str(tmp_path / "run"),
+        },
+    )
     Run(config).build(stages.DataStage())
     assert RunDirectory(config.out).stage_entry("data")["truncated"] == expected
     assert f"{expected} truncated to data.max_length = {max_length} tokens" in capsys.readouterr().out
@@ -117,8 +146,20 @@ def test_truncated_samples_are_counted(tmp_path, capsys):
 def test_default_checkpoint_every_scales_with_the_pass(tmp_path, monkeypatch):
     assert [stages.default_checkpoint_every(b) for b in (1, 3, 12, 100, 5000)] == [1, 1, 2, 10, 50]
     data = write_data(tmp_path / "train.jsonl", 24)  # 6 batches of 4: the old default (50 batches) never saved
-    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96,
-                                "sketch.rank": 4, "cluster.k": 2, "gradients.batch_size": 4, "warmup.fraction": 0.25, "out": str(tmp_path / "run")})
+    config = load_config(
+        None,
+        {
+            "model.name": "tiny-random",
+            "model.lora_rank": 2,
+            "data.path": str(data),
+            "data.max_length": 96,
+            "sketch.rank": 4,
+            "cluster.k": 2,
+            "gradients.batch_size": 4,
+            "warmup.fraction": 0.25,
+            "out": str(tmp_path / "run"),
+        },
+    )
     assert config.gradients.checkpoint_every is None
     monkeypatch.setattr(stages, "stream_gradients", interrupted_after(stages.stream_gradients, 3))
     with pytest.raises(KeyboardInterrupt):
@@ -156,8 +197,12 @@ def test_decisions_name_what_changed(tmp_path, capsys):
     assert not run.is_done("s", "k1", {"a": "1", "b": "2"})
     run.manifest["stages"]["s"]["done"] = False
     assert not run.is_done("s", "k1")
-    assert capsys.readouterr().out.splitlines() == ["skip s: done, key k1", "re-run s: b changed (key k1 → k2)",
-                                                    "re-run s: output out.txt is missing", "resume s: interrupted earlier, inputs unchanged (key k1)"]
+    assert capsys.readouterr().out.splitlines() == [
+        "skip s: done, key k1",
+        "re-run s: b changed (key k1 → k2)",
+        "re-run s: output out.txt is missing",
+        "resume s: interrupted earlier, inputs unchanged (key k1)",
+    ]
 
 
 def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypatch, capsys):
@@ -165,12 +210,23 @@ def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypat
     from gradientspace import distributed
 
     data = write_data(tmp_path / "train.jsonl", 16)
-    overrides = {"model.name": "tiny-random", "model.lora_rank": 2, "data.path": str(data), "data.max_length": 96, "sketch.rank": 4,
-                 "cluster.k": 2, "gradients.batch_size": 2, "gradients.checkpoint_every": 1, "warmup.fraction": 0.25}
+    overrides = {
+        "model.name": "tiny-random",
+        "model.lora_rank": 2,
+        "data.path": str(data),
+        "data.max_length": 96,
+        "sketch.rank": 4,
+        "cluster.k": 2,
+        "gradients.batch_size": 2,
+        "gradients.checkpoint_every": 1,
+        "warmup.fraction": 0.25,
+    }
     clean = stages.cluster(load_config(None, {**overrides, "out": str(tmp_path / "clean")}))
     config = load_config(None, {**overrides, "out": str(tmp_path / "run")})
     with monkeypatch.context() as patch:
-        patch.setattr(distributed, "world", lambda: (0, 2))  # rank 0's view of a two-process run, without a process group
+        patch.setattr(
+            distributed, "world", lambda: (0, 2)
+        )  # rank 0's view of a two-process run, without a process group
         patch.setattr(distributed, "init", lambda: None)
         patch.setattr(stages, "stream_gradients", interrupted_after(stages.stream_gradients, 2))
         with pytest.raises(KeyboardInterrupt):
@@ -197,13 +253,20 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(tmp_
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
     assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
-    assert {n for n in after if n.startswith(("experts/", "adapters/", "scores/"))} | {"keep/routed", "keep/single-continued", "threshold/routed", "evaluate", "report"} == redone
+    assert {n for n in after if n.startswith(("experts/", "adapters/", "scores/"))} | {
+        "keep/routed",
+        "keep/single-continued",
+        "threshold/routed",
+        "evaluate",
+        "report",
+    } == redone
     assert all(after[n]["key"] != before[n]["key"] for n in redone if n != "report")
     lines = stage_lines(capsys.readouterr().out)
     assert lines["experts/single/0"].startswith("re-run experts/single/0: training settings changed"), lines
 
 
 # ---------------------------------------------------------------- the run directory is the project's
+
 
 def test_a_users_folder_is_never_written_the_data_loss_case(tmp_path, capsys):
     """`cluster --data proj/samples.jsonl --out proj` once replaced the user's training file with the run's samples.jsonl."""
@@ -214,8 +277,12 @@ def test_a_users_folder_is_never_written_the_data_loss_case(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in proj.iterdir()}
     assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(proj)]) == 2
     err = capsys.readouterr().err
-    assert f"config key `out`: {proj} is not empty (clusters.jsonl, samples.jsonl) and is not a gradientspace run" in err
-    assert {p.name: p.read_bytes() for p in proj.iterdir()} == before  # not a byte changed, nothing added (no lock file either)
+    assert (
+        f"config key `out`: {proj} is not empty (clusters.jsonl, samples.jsonl) and is not a gradientspace run" in err
+    )
+    assert {
+        p.name: p.read_bytes() for p in proj.iterdir()
+    } == before  # not a byte changed, nothing added (no lock file either)
 
     # into a new folder it runs; and a file of the user's put inside that run afterwards is refused as input
     assert main(["cluster", *FLAGS, "--data", str(data), "--out", str(tmp_path / "run")]) == 0
@@ -245,7 +312,10 @@ def test_a_second_command_on_a_run_fails_at_once_naming_the_first(tmp_path, caps
         assert main([*argv, "--k", "3", "--overwrite"]) == 75
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and out == ""
-        assert f"{tmp_path / 'run'} is in use by process {os.getpid()} on {socket.gethostname()} (`gradientspace cluster --k 3`, started " in err
+        assert (
+            f"{tmp_path / 'run'} is in use by process {os.getpid()} on {socket.gethostname()} (`gradientspace cluster --k 3`, started "
+            in err
+        )
         assert (tmp_path / "run" / "manifest.json").read_text() == manifest
     finally:
         lock.release()
@@ -258,9 +328,18 @@ def test_the_lock_dies_with_its_process_even_by_sigkill(tmp_path):
     """An OS lock, not a pid file: a holder killed with SIGKILL leaves nothing that blocks the next command."""
     from gradientspace.runs import RunBusy, RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gradientspace.runs import RunLock; "
-                               "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)", str(tmp_path / "run")],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from gradientspace.runs import RunLock; "
+            "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(RunBusy, match=f"in use by process {holder.pid} "):
@@ -295,13 +374,16 @@ def test_under_torchrun_every_rank_stops_when_rank_zero_finds_the_run_busy(tmp_p
         with runs.locked(tmp_path / "run"):
             raise AssertionError("rank 1 went on")
     assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(distributed, "from_main", lambda item: item)  # rank 0 got the lock: rank 1 goes on, still without the file
+    monkeypatch.setattr(
+        distributed, "from_main", lambda item: item
+    )  # rank 0 got the lock: rank 1 goes on, still without the file
     with runs.locked(tmp_path / "run"):
         pass
     assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- the stage graph, on toy stages (no model)
+
 
 class Toy(Stage):
     """A stage that appends its name to a log when it runs; its own input is a value the test sets."""
@@ -339,10 +421,12 @@ def test_a_stage_runs_after_what_it_requires_once_and_is_skipped_when_done(tmp_p
 
 def test_a_changed_input_reruns_exactly_the_stages_that_read_it(tmp_path, capsys):
     log: list[str] = []
+
     def graph(value: str):
         a, other = Toy("a", log=log, value=value), Toy("other", log=log)
         b = Toy("b", (a,), log)
         return Toy("d", (b, other), log)
+
     toy_run(tmp_path).build(graph("v"))
     log.clear()
     capsys.readouterr()
@@ -412,8 +496,10 @@ def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a
 
 # ---------------------------------------------------------------- outputs verified, not trusted
 
+
 class Counting(Toy):
     """A stage whose output differs each time it runs (as a GPU training run may)."""
+
     runs = 0
 
     def run(self, run, key, record):
@@ -490,13 +576,22 @@ def test_truncated_outputs_of_a_real_run_are_rebuilt_each_named(served_tiny_run,
     each truncated: the stage that wrote it re-runs, naming it, and the run ends whole with the files rebuilt as they were
     (safetensors compared as tensors: their metadata's order is random)."""
     from conftest import copied_run
+
     from gradientspace.commands import run_all
     from gradientspace.config import config_from_run
     from gradientspace.runs import file_digest
 
     run = copied_run(served_tiny_run, tmp_path)
-    rounds = [{"experts/0/adapter_model.safetensors": "experts/routed/0", "sketch.safetensors": "gradients", "clusters.jsonl": "cluster",
-               "eval.json": "evaluate"}, {"router/head.safetensors": "router/routed"}, {"router/router.json": "router/routed"}]
+    rounds = [
+        {
+            "experts/0/adapter_model.safetensors": "experts/routed/0",
+            "sketch.safetensors": "gradients",
+            "clusters.jsonl": "cluster",
+            "eval.json": "evaluate",
+        },
+        {"router/head.safetensors": "router/routed"},
+        {"router/router.json": "router/routed"},
+    ]
     for truncated in rounds:
         original = {name: file_digest(run / name)["sha256"] for name in truncated}
         for name in truncated:
@@ -509,7 +604,9 @@ def test_truncated_outputs_of_a_real_run_are_rebuilt_each_named(served_tiny_run,
             assert f"re-run {stage}: output {name} changed since it was written" in said, (name, said[-3000:])
             if name != "eval.json":  # the evaluation's latency is timed anew
                 assert file_digest(run / name)["sha256"] == original[name], name
-        if "router/routed" in truncated.values():  # the router writes router.json anew, without the threshold: that re-runs
+        if (
+            "router/routed" in truncated.values()
+        ):  # the router writes router.json anew, without the threshold: that re-runs
             assert "re-run threshold/routed: stage router/routed changed" in said
         else:  # a rebuild byte for byte: nothing that read the file re-runs
             assert "re-run threshold/routed" not in said and "re-run partition/routed" not in said
@@ -521,11 +618,17 @@ def test_commands_that_only_read_a_run_name_a_corrupt_output_in_one_line(served_
     run = copied_run(served_tiny_run, tmp_path)
     with open(run / "experts" / "1" / "adapter_model.safetensors", "r+b") as handle:
         handle.truncate(10)
-    for command in (["backend-command", str(run), "--backend", "vllm"], ["report", str(run)], ["generate", str(run), "--prompt", "hi"],
-                    ["serve", str(run), "--port", "1"]):
+    for command in (
+        ["backend-command", str(run), "--backend", "vllm"],
+        ["report", str(run)],
+        ["generate", str(run), "--prompt", "hi"],
+        ["serve", str(run), "--port", "1"],
+    ):
         capsys.readouterr()
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
-        assert err == (f"gradientspace: error: {run / 'experts' / '1' / 'adapter_model.safetensors'} changed since stage "
-                       f"`experts/routed/1` wrote it (truncated or edited); `gradientspace run` on the run's config "
-                       f"(or `gradientspace evaluate {run}`) rebuilds it"), (command, err)
+        assert err == (
+            f"gradientspace: error: {run / 'experts' / '1' / 'adapter_model.safetensors'} changed since stage "
+            f"`experts/routed/1` wrote it (truncated or edited); `gradientspace run` on the run's config "
+            f"(or `gradientspace evaluate {run}`) rebuilds it"
+        ), (command, err)

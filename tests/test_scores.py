@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_run_config
+
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
 from gradientspace.evaluation.scores import Scores, evaluation_records
-from gradientspace.experts.strategies import ROUTER_UNSURE, Choice
+from gradientspace.experts.strategies import Choice
 from gradientspace.models.inference import StrategyModel
 
 pytestmark = pytest.mark.heavy
@@ -24,16 +24,23 @@ STRATEGIES = ["routed", "single", "single-continued"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("scores")
-    config = tiny_run_config(root, STRATEGIES, experts="keep_min_records: 1, keep_confidence: 0.5",
-                             evaluate="limit: 6, generate_per_domain: 0, latency_prompts: 0")
+    config = tiny_run_config(
+        root,
+        STRATEGIES,
+        experts="keep_min_records: 1, keep_confidence: 0.5",
+        evaluate="limit: 6, generate_per_domain: 0, latency_prompts: 0",
+    )
     assert main(["run", str(config)]) == 0
     return root / "run"
 
 
 def adapter_folders(run: Path) -> set[str]:
     """Every adapter a strategy trained or blended (not the warm-up, nor training checkpoints)."""
-    return {str(p.parent.relative_to(run)) for p in run.glob("**/adapter_model.safetensors")
-            if ".trainer-" not in str(p) and p.parent.name != "warmup"}
+    return {
+        str(p.parent.relative_to(run))
+        for p in run.glob("**/adapter_model.safetensors")
+        if ".trainer-" not in str(p) and p.parent.name != "warmup"
+    }
 
 
 def test_every_record_is_scored_under_every_adapter_as_one_record_alone_would_be(run_dir):
@@ -44,11 +51,17 @@ def test_every_record_is_scored_under_every_adapter_as_one_record_alone_would_be
     splits = {"validation": Run(config).validation, "test": evaluation_records(config)}
     for split, records in splits.items():
         scores = Scores(run_dir / "scores" / split)
-        assert scores.info["ids"] == [r.id for r in records] and scores.nll.shape == (len(records), len(scores.info["adapters"]))
+        assert scores.info["ids"] == [r.id for r in records] and scores.nll.shape == (
+            len(records),
+            len(scores.info["adapters"]),
+        )
         assert set(scores.info["adapters"]) == adapter_folders(run_dir)
         for column, folder in enumerate(scores.info["adapters"]):
             adapter = engine.load_folder(run_dir / folder)
-            alone = [engine.nll_for_choices([Choice({adapter: 1.0}, 0, 1.0)], [record], batch_size=1)[0] for record in records]
+            alone = [
+                engine.nll_for_choices([Choice({adapter: 1.0}, 0, 1.0)], [record], batch_size=1)[0]
+                for record in records
+            ]
             np.testing.assert_allclose(scores.nll[:, column], alone, rtol=0, atol=1e-5, err_msg=f"{split} {folder}")
 
 
@@ -66,7 +79,9 @@ def test_the_routers_and_features_are_stored_per_record(run_dir):
         n = len(scores.info["ids"])
         probabilities = np.load(folder / "router-routed.npy")
         router = scores.info["routers"]["routed"]
-        assert probabilities.shape == (n, len(router["groups"])) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+        assert probabilities.shape == (n, len(router["groups"])) and np.allclose(
+            probabilities.sum(axis=1), 1, atol=1e-5
+        )
         assert router["pick"] == probabilities.argmax(axis=1).tolist()
         assert router["threshold"] == json.loads((run_dir / "router" / "router.json").read_text())["threshold"]
         assert router["to_fallback"] == (probabilities.max(axis=1) < router["threshold"]).tolist()
@@ -77,7 +92,11 @@ def test_the_routers_and_features_are_stored_per_record(run_dir):
         assert hidden.shape == (n, base.config.hidden_size)
         record = records[split][-1]  # alone, unpadded: its prompt's last hidden states averaged over its tokens
         (example,) = tokenize([record], tokenizer, config.data.max_length, "instruction")
-        alone = base(input_ids=torch.tensor([example.input_ids]), output_hidden_states=True).hidden_states[-1][0].mean(dim=0)
+        alone = (
+            base(input_ids=torch.tensor([example.input_ids]), output_hidden_states=True)
+            .hidden_states[-1][0]
+            .mean(dim=0)
+        )
         np.testing.assert_allclose(hidden[-1], alone.detach().numpy(), rtol=1e-4, atol=1e-5)
         embedding = np.load(folder / "embedding.npy", mmap_mode="r")
         assert embedding.shape == (n, 384) and np.allclose(np.linalg.norm(embedding, axis=1), 1, atol=1e-4)
@@ -91,11 +110,15 @@ def test_evaluation_is_the_lookup_and_agrees_with_scoring_anew(run_dir):
     config = config_from_run(run_dir)
     evaluation = json.loads((run_dir / "eval.json").read_text())
     scores = Scores(run_dir / "scores" / "test")
-    anew = evaluate_strategies(replace(config, evaluate=replace(config.evaluate, latency_prompts=0)), STRATEGIES, write=False)
+    anew = evaluate_strategies(
+        replace(config, evaluate=replace(config.evaluate, latency_prompts=0)), STRATEGIES, write=False
+    )
     for strategy in STRATEGIES:
         stored = evaluation["per_record"][strategy]["nll"]
         assert stored == [round(x, 5) for x in scores.strategy_nll(strategy)], strategy  # exactly the lookup
-        np.testing.assert_allclose(anew["per_record"][strategy]["nll"], stored, rtol=0, atol=1e-5 + 1e-9, err_msg=strategy)
+        np.testing.assert_allclose(
+            anew["per_record"][strategy]["nll"], stored, rtol=0, atol=1e-5 + 1e-9, err_msg=strategy
+        )
 
 
 def decision_bytes(run: Path) -> dict[str, bytes]:
@@ -111,14 +134,23 @@ def test_no_decision_reads_the_test_matrix(run_dir, tmp_path):
 
     copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
     before = decision_bytes(copy)
-    assert {"router/router.json", "router/head.safetensors", "experts/keep.json", "strategies/single-continued/keep.json"} <= set(before)
+    assert {
+        "router/router.json",
+        "router/head.safetensors",
+        "experts/keep.json",
+        "strategies/single-continued/keep.json",
+    } <= set(before)
     sealed = copy / "scores" / "test"
     shutil.rmtree(sealed)
     sealed.mkdir()
     for name in ("info.json", "nll.npy", "router-routed.npy"):
         (sealed / name).write_bytes(b"garbled")
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["stages"] = {name: entry for name, entry in manifest["stages"].items() if not name.startswith(("keep/", "router/", "threshold/"))}
+    manifest["stages"] = {
+        name: entry
+        for name, entry in manifest["stages"].items()
+        if not name.startswith(("keep/", "router/", "threshold/"))
+    }
     (copy / "manifest.json").write_text(json.dumps(manifest))
     config = config_from_run(copy)
     result = run_until(config, "router")

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import make_records
 from safetensors.torch import load_file
 
-from conftest import make_records
 from gradientspace.cli import main
 
 RUN_FLAGS = ["--k", "2", "--max-length", "64", "--rank", "4", "--set", "warmup.fraction=0.5"]
@@ -17,12 +16,28 @@ RUN_FLAGS = ["--k", "2", "--max-length", "64", "--rank", "4", "--set", "warmup.f
 def alpaca_run(tmp_path_factory):
     """A clustered tiny run over an Alpaca file with columns of its own (`topic`) and a blank line."""
     root = tmp_path_factory.mktemp("select")
-    rows = [{"instruction": r.messages[0]["content"], "output": r.response, "topic": r.source, "note": f"row {i}"}
-            for i, r in enumerate(make_records(16))]
+    rows = [
+        {"instruction": r.messages[0]["content"], "output": r.response, "topic": r.source, "note": f"row {i}"}
+        for i, r in enumerate(make_records(16))
+    ]
     lines = [json.dumps(row) for row in rows]
     lines.insert(5, "")  # row numbers in the file no longer equal record numbers
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    assert main(["cluster", "--model", "tiny-random", "--data", str(root / "train.jsonl"), "--out", str(root / "run"), *RUN_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(root / "train.jsonl"),
+                "--out",
+                str(root / "run"),
+                *RUN_FLAGS,
+            ]
+        )
+        == 0
+    )
     return root, rows
 
 
@@ -58,13 +73,50 @@ def test_select_writes_the_top_records_as_the_file_holds_them(alpaca_run, tmp_pa
 
     root, rows = alpaca_run
     target = tmp_path / "target.jsonl"
-    target.write_text("".join(json.dumps({"question": r.messages[0]["content"], "answer": r.response}) + "\n"
-                              for r in make_records(4, seed=3)))
+    target.write_text(
+        "".join(
+            json.dumps({"question": r.messages[0]["content"], "answer": r.response}) + "\n"
+            for r in make_records(4, seed=3)
+        )
+    )
     # the run's data.columns apply to the target too: map this file's columns for the command
-    assert main(["select", str(root / "run"), "--target", str(target), "--top", "25%", "--out", str(tmp_path / "chosen.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "select",
+                str(root / "run"),
+                "--target",
+                str(target),
+                "--top",
+                "25%",
+                "--out",
+                str(tmp_path / "chosen.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "no known layout in the fields `question`, `answer`" in capsys.readouterr().err
-    target.write_text("".join(json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n" for r in make_records(4, seed=3)))
-    assert main(["select", str(root / "run"), "--target", str(target), "--top", "25%", "--out", str(tmp_path / "chosen.jsonl")]) == 0
+    target.write_text(
+        "".join(
+            json.dumps({"instruction": r.messages[0]["content"], "output": r.response}) + "\n"
+            for r in make_records(4, seed=3)
+        )
+    )
+    assert (
+        main(
+            [
+                "select",
+                str(root / "run"),
+                "--target",
+                str(target),
+                "--top",
+                "25%",
+                "--out",
+                str(tmp_path / "chosen.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert "selected 4 of 16 records" in capsys.readouterr().out
     chosen = [json.loads(line) for line in (tmp_path / "chosen.jsonl").read_text().splitlines()]
 
@@ -76,13 +128,57 @@ def test_select_writes_the_top_records_as_the_file_holds_them(alpaca_run, tmp_pa
     scores = mean_cosine(pool, targets)
     naive = [float(np.mean([np.dot(p, t) / np.linalg.norm(p) / np.linalg.norm(t) for t in targets])) for p in pool]
     np.testing.assert_allclose(scores, naive, rtol=1e-6)
-    assert chosen == [rows[i] for i in np.argsort(-np.asarray(naive), kind="stable")[:4]]  # the rows as written, extra columns kept
+    assert chosen == [
+        rows[i] for i in np.argsort(-np.asarray(naive), kind="stable")[:4]
+    ]  # the rows as written, extra columns kept
 
-    assert main(["select", str(root / "run"), "--target", str(target), "--top", "2", "--out", str(tmp_path / "chosen.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "select",
+                str(root / "run"),
+                "--target",
+                str(target),
+                "--top",
+                "2",
+                "--out",
+                str(tmp_path / "chosen.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "exists; select never writes over a file" in capsys.readouterr().err
-    assert main(["select", str(root / "run"), "--target", str(target), "--top", "0%", "--out", str(tmp_path / "more.parquet")]) == 2
+    assert (
+        main(
+            [
+                "select",
+                str(root / "run"),
+                "--target",
+                str(target),
+                "--top",
+                "0%",
+                "--out",
+                str(tmp_path / "more.parquet"),
+            ]
+        )
+        == 2
+    )
     assert "--top 0%: give a number of records (200) or a share of them" in capsys.readouterr().err
-    assert main(["select", str(root / "run"), "--target", str(target), "--top", "3", "--out", str(tmp_path / "more.parquet")]) == 0
+    assert (
+        main(
+            [
+                "select",
+                str(root / "run"),
+                "--target",
+                str(target),
+                "--top",
+                "3",
+                "--out",
+                str(tmp_path / "more.parquet"),
+            ]
+        )
+        == 0
+    )
     from datasets import Dataset
 
     assert Dataset.from_parquet(str(tmp_path / "more.parquet")).to_list() == chosen[:3]

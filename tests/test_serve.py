@@ -29,8 +29,16 @@ from gradientspace.serving.backends import BackendError  # noqa: E402
 from gradientspace.serving.route_proxy import create_route_app, upstream_base  # noqa: E402
 from gradientspace.serving.server import build  # noqa: E402
 
-PROMPTS = ["What is 2 + 3?", "Write a haiku about the sea.", "def add(a, b):", "Summarise the plot of Hamlet.",
-           "Is the market up today?", "Name three prime numbers.", "Translate hello into French.", "Why is the sky blue?"]
+PROMPTS = [
+    "What is 2 + 3?",
+    "Write a haiku about the sea.",
+    "def add(a, b):",
+    "Summarise the plot of Hamlet.",
+    "Is the market up today?",
+    "Name three prime numbers.",
+    "Translate hello into French.",
+    "Why is the sky blue?",
+]
 
 
 def free_port() -> int:
@@ -63,7 +71,10 @@ def run_dir(tmp_path_factory, served_tiny_run):
     for seed, served in enumerate(served_adapters(RunDirectory(run))):
         path = served.folder / "adapter_model.safetensors"
         generator = torch.Generator().manual_seed(seed)
-        weights = {k: torch.randn(v.shape, generator=generator) * (0.5 if "lora_B" in k else 1.0) for k, v in load_file(str(path)).items()}
+        weights = {
+            k: torch.randn(v.shape, generator=generator) * (0.5 if "lora_B" in k else 1.0)
+            for k, v in load_file(str(path)).items()
+        }
         save_file(weights, str(path))
     accept_edits(run)
     return run
@@ -124,7 +135,7 @@ def test_stacked_lora_batch_equals_each_adapter_alone(strategy_model):
         alone = []
         for row, adapter in enumerate(rows):
             peft_model.set_adapter(adapter)
-            alone.append(peft_model(input_ids=ids[row:row + 1]).logits[0])
+            alone.append(peft_model(input_ids=ids[row : row + 1]).logits[0])
         peft_model.set_adapter(rows[0])
         after = peft_model(input_ids=ids[:1]).logits[0]  # the hooks are gone, peft's own LoRA is back
     between_adapters = (alone[0] - alone[1]).abs().max()
@@ -140,8 +151,9 @@ def test_model_list(client):
 
 
 def test_routed_chat_names_its_expert(client):
-    raw = client.chat.completions.with_raw_response.create(model="gradientspace", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                           max_tokens=5, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gradientspace", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=5, temperature=0
+    )
     body = raw.parse()
     expert, probability = raw.headers["x-gradientspace-expert"], float(raw.headers["x-gradientspace-probability"])
     assert expert in {"expert-0", "expert-1", "expert-2", "generalist"} and 0 < probability <= 1
@@ -153,20 +165,30 @@ def test_routed_chat_names_its_expert(client):
 
 
 def test_pinned_expert(client):
-    raw = client.chat.completions.with_raw_response.create(model="expert-1", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=3, temperature=0)
-    assert raw.headers["x-gradientspace-expert"] == "expert-1" and float(raw.headers["x-gradientspace-probability"]) == 1.0
+    raw = client.chat.completions.with_raw_response.create(
+        model="expert-1", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=3, temperature=0
+    )
+    assert (
+        raw.headers["x-gradientspace-expert"] == "expert-1" and float(raw.headers["x-gradientspace-probability"]) == 1.0
+    )
     assert raw.parse().model == "expert-1"
 
 
 @pytest.mark.parametrize("model", ["gradientspace", "expert-2"])
 def test_chat_stream_matches_whole_answer(client, model):
     whole = chat(client, model, PROMPTS[2])
-    with client.chat.completions.with_streaming_response.create(model=model, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=6,
-                                                                temperature=0, stream=True, stream_options={"include_usage": True}) as raw:
+    with client.chat.completions.with_streaming_response.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as raw:
         assert raw.headers["x-gradientspace-expert"] == whole.model and "x-gradientspace-probability" in raw.headers
         lines = [line for line in raw.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == whole.choices[0].message.content
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
@@ -176,10 +198,16 @@ def test_chat_stream_matches_whole_answer(client, model):
 def test_completions_with_and_without_stream(client):
     whole = client.completions.create(model="generalist", prompt="Once upon a time", max_tokens=5, temperature=0)
     assert whole.model == "generalist" and whole.usage.completion_tokens == 5
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(model="generalist", prompt="Once upon a time",
-                                                                                   max_tokens=5, temperature=0, stream=True))
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model="generalist", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
+        )
+    )
     assert streamed == whole.choices[0].text != ""
-    routed = client.completions.with_raw_response.create(model="gradientspace", prompt="Once upon a time", max_tokens=2, temperature=0)
+    routed = client.completions.with_raw_response.create(
+        model="gradientspace", prompt="Once upon a time", max_tokens=2, temperature=0
+    )
     assert routed.headers["x-gradientspace-expert"] == routed.parse().model
 
 
@@ -187,7 +215,7 @@ def test_stop_string_cuts_the_answer(client):
     full = chat(client, "expert-0", PROMPTS[3], max_tokens=8).choices[0].message.content
     stop = full[4:6]
     cut = chat(client, "expert-0", PROMPTS[3], max_tokens=8, stop=[stop]).choices[0]
-    assert len(full) > 6 and cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert len(full) > 6 and cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_seed_reproduces_a_sample_inside_any_batch(client):
@@ -196,7 +224,12 @@ def test_seed_reproduces_a_sample_inside_any_batch(client):
 
     alone = sample(7)
     with ThreadPoolExecutor(4) as pool:  # the same seeded request, now batched with others
-        together = list(pool.map(lambda i: sample(7) if i == 0 else chat(client, "expert-1", PROMPTS[i]).choices[0].message.content, range(4)))
+        together = list(
+            pool.map(
+                lambda i: sample(7) if i == 0 else chat(client, "expert-1", PROMPTS[i]).choices[0].message.content,
+                range(4),
+            )
+        )
     assert together[0] == alone
     assert any(sample(seed) != alone for seed in (8, 9, 10))
 
@@ -210,12 +243,22 @@ def reference_answer(run_dir, folder, prompt: str, max_tokens: int) -> str:
 
     tokenizer = load_tokenizer("tiny-random")
     model = PeftModel.from_pretrained(load_base_model("tiny-random", torch.device("cpu")), str(folder)).eval()
-    ids = tokenizer(prompt_text(tokenizer, Record("q", [{"role": "user", "content": prompt}], "")), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        prompt_text(tokenizer, Record("q", [{"role": "user", "content": prompt}], "")),
+        add_special_tokens=False,
+        return_tensors="pt",
+    )["input_ids"]
     eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode([t for t in out[0, ids.shape[1]:].tolist() if t not in eos], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode([t for t in out[0, ids.shape[1] :].tolist() if t not in eos], skip_special_tokens=True)
 
 
 def test_concurrent_requests_to_different_experts_equal_each_alone(served, client, run_dir):
@@ -249,8 +292,12 @@ def test_errors_are_openai_shaped_and_the_server_survives(served, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="gradientspace", prompt=["a", "b"], max_tokens=2)
     assert err.value.body["param"] == "prompt"
-    for body in (b"{not json", b'{"model": "gradientspace"}', b'{"model": "gradientspace", "messages": [{"role": "user"}]}',
-                 b'{"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}'):
+    for body in (
+        b"{not json",
+        b'{"model": "gradientspace"}',
+        b'{"model": "gradientspace", "messages": [{"role": "user"}]}',
+        b'{"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+    ):
         response = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
@@ -293,7 +340,10 @@ class Stub:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": i, "object": "model", "parent": None if n == 0 else ids[0]} for n, i in enumerate(ids)]}
+            return {
+                "object": "list",
+                "data": [{"id": i, "object": "model", "parent": None if n == 0 else ids[0]} for n, i in enumerate(ids)],
+            }
 
         @app.post("/v1/chat/completions")
         @app.post("/v1/completions")
@@ -316,8 +366,8 @@ class Stub:
 
 @pytest.fixture(scope="module")
 def router(run_dir):
-    from gradientspace.routing.router import Router
     from gradientspace.experts.strategies import get
+    from gradientspace.routing.router import Router
 
     run = RunDirectory(run_dir)
     return Router.load(get("routed").router_folder(run), torch.device("cpu"))
@@ -329,19 +379,32 @@ def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
     names = [s.name if backend == "vllm" else f"BASE:{s.name}" for s in adapters]
     stub = Stub(["BASE"] + names)
     assert upstream_base(stub.server.url, backend, adapters) == "BASE"
-    proxy = Background(create_route_app(router, adapters, "BASE", f"{stub.server.url}/v1/", backend))  # the OpenAI-style URL works too
+    proxy = Background(
+        create_route_app(router, adapters, "BASE", f"{stub.server.url}/v1/", backend)
+    )  # the OpenAI-style URL works too
     try:
-        request = {"model": "gradientspace", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4, "temperature": 0.3, "top_k": 5}
+        request = {
+            "model": "gradientspace",
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "max_tokens": 4,
+            "temperature": 0.3,
+            "top_k": 5,
+        }
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json=request)
         assert response.status_code == 200 and response.content == Stub.ANSWER
         expert = response.headers["x-gradientspace-expert"]
         expected_expert = {s.expert: s.name for s in adapters}.get(router.route([PROMPTS[0]])[0][0], "generalist")
         assert expert == expected_expert and 0 < float(response.headers["x-gradientspace-probability"]) <= 1
         sent = stub.received[-1]
-        assert sent == {**request, "model": expert if backend == "vllm" else f"BASE:{expert}"}  # every other field untouched
+        assert sent == {
+            **request,
+            "model": expert if backend == "vllm" else f"BASE:{expert}",
+        }  # every other field untouched
 
         pinned = httpx.post(f"{proxy.url}/v1/completions", json={"model": "expert-1", "prompt": "hi", "max_tokens": 13})
-        assert pinned.status_code == 422 and pinned.json() == {"error": {"message": "upstream says no"}}  # status and body relayed
+        assert pinned.status_code == 422 and pinned.json() == {
+            "error": {"message": "upstream says no"}
+        }  # status and body relayed
         assert stub.received[-1]["model"] == ("expert-1" if backend == "vllm" else "BASE:expert-1")
 
         with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json={**request, "stream": True}) as streamed:
@@ -371,7 +434,10 @@ def test_route_answers_502_when_the_upstream_is_gone(run_dir, router):
     adapters = served_adapters(RunDirectory(run_dir))
     proxy = Background(create_route_app(router, adapters, "BASE", f"http://127.0.0.1:{free_port()}", "vllm"))
     try:
-        response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}]})
+        response = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"model": "gradientspace", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unreachable"
         assert "x-gradientspace-expert" not in response.headers
     finally:
@@ -391,7 +457,18 @@ def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
         upstream_base(stub.server.url, "vllm", adapters)
     assert upstream_base(stub.server.url, "vllm", adapters, key="upstream-key") == "BASE"
     settings = ServeConfig(upstream_timeout_s=0.5)
-    proxy = Background(create_route_app(router, adapters, "BASE", stub.server.url, "vllm", settings, api_key="client-key", upstream_key="upstream-key"))
+    proxy = Background(
+        create_route_app(
+            router,
+            adapters,
+            "BASE",
+            stub.server.url,
+            "vllm",
+            settings,
+            api_key="client-key",
+            upstream_key="upstream-key",
+        )
+    )
     keyed = {"authorization": "Bearer client-key"}
     request = {"model": "gradientspace", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
     try:
@@ -401,10 +478,19 @@ def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
         assert stub.headers[-1]["authorization"] == "Bearer upstream-key"
         assert not any("client-key" in value for value in stub.headers[-1].values())
         slow = httpx.post(f"{proxy.url}/v1/chat/completions", json={**request, "max_tokens": Stub.SLOW}, headers=keyed)
-        assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout" and "0.5 s" in slow.json()["error"]["message"]
-        metrics = {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)
-                   for s in family.samples}
-        count = lambda name, **labels: sum(v for (n, ls), v in metrics.items() if n == name and set(labels.items()) <= ls)
+        assert (
+            slow.status_code == 504
+            and slow.json()["error"]["code"] == "upstream_timeout"
+            and "0.5 s" in slow.json()["error"]["message"]
+        )
+        metrics = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)
+            for s in family.samples
+        }
+        count = lambda name, **labels: sum(
+            v for (n, ls), v in metrics.items() if n == name and set(labels.items()) <= ls
+        )
         assert count("gradientspace_expert_requests_total", expert=answered.headers["x-gradientspace-expert"]) == 1
         assert count("gradientspace_router_top_probability_count") == 1 == count("gradientspace_router_picks_total")
         assert count("gradientspace_requests_total", endpoint="/v1/chat/completions", status="504") == 1
@@ -412,7 +498,11 @@ def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
         stub.server.stop()
     try:
         down = httpx.get(f"{proxy.url}/health")
-        assert down.status_code == 503 and down.json()["status"] == "unavailable" and "ConnectError" in down.json()["reason"]
+        assert (
+            down.status_code == 503
+            and down.json()["status"] == "unavailable"
+            and "ConnectError" in down.json()["reason"]
+        )
     finally:
         proxy.stop()
 
@@ -425,12 +515,15 @@ def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
     try:
         through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
         for prompt in PROMPTS[:3]:
-            raw = through.chat.completions.with_raw_response.create(model="gradientspace", messages=[{"role": "user", "content": prompt}],
-                                                                    max_tokens=5, temperature=0)
+            raw = through.chat.completions.with_raw_response.create(
+                model="gradientspace", messages=[{"role": "user", "content": prompt}], max_tokens=5, temperature=0
+            )
             direct = chat(client, "gradientspace", prompt, max_tokens=5)
             assert raw.headers["x-gradientspace-expert"] == direct.model == raw.parse().model
             assert raw.parse().choices[0].message.content == direct.choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in chat(through, "expert-2", PROMPTS[5], stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or "" for c in chat(through, "expert-2", PROMPTS[5], stream=True) if c.choices
+        )
         assert streamed == chat(client, "expert-2", PROMPTS[5]).choices[0].message.content
     finally:
         proxy.stop()
@@ -446,17 +539,39 @@ def test_backend_command(run_dir, capsys):
     assert main(["backend-command", str(run_dir), "--backend", "vllm"]) == 0
     words = shlex.split(capsys.readouterr().out)
     assert words[:3] == ["vllm", "serve", resolve("tiny-random")]
-    assert words[3:9] == ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--lora-modules"]  # rank 2 rounds up to 8
+    assert words[3:9] == [
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "4",
+        "--lora-modules",
+    ]  # rank 2 rounds up to 8
     assert words[9:] == [f"{name}={folder}" for name, folder in folders.items()]
     assert main(["backend-command", str(run_dir), "--backend", "sglang", "--port", "30001"]) == 0
     words = shlex.split(capsys.readouterr().out)
-    assert words[:7] == ["python", "-m", "sglang.launch_server", "--model-path", resolve("tiny-random"), "--port", "30001"]
+    assert words[:7] == [
+        "python",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        resolve("tiny-random"),
+        "--port",
+        "30001",
+    ]
     assert words[words.index("--max-lora-rank") + 1] == "2" and words[words.index("--max-loras-per-batch") + 1] == "4"
-    assert words[words.index("--lora-paths") + 1:] == [f"{name}={folder}" for name, folder in folders.items()]
+    assert words[words.index("--lora-paths") + 1 :] == [f"{name}={folder}" for name, folder in folders.items()]
 
 
-@pytest.mark.parametrize("change, named", [({"use_dora": True}, "use_dora"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-                                           ({"bias": "all"}, "bias"), ({"r": 600}, "`r` is 600")])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias"),
+        ({"r": 600}, "`r` is 600"),
+    ],
+)
 def test_backend_command_refuses_a_folder_the_backend_cannot_load(run_dir, tmp_path, capsys, change, named):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -472,7 +587,10 @@ def test_generate_names_what_answered_as_serve_does(run_dir, capsys):
     fall-back answered, in `generate`'s output too."""
     for threshold, reason in (("1.01", "below_threshold"), ("0", None)):
         capsys.readouterr()
-        assert main(["generate", str(run_dir), "--prompt", PROMPTS[0], "--threshold", threshold, "--max-new-tokens", "2"]) == 0
+        assert (
+            main(["generate", str(run_dir), "--prompt", PROMPTS[0], "--threshold", threshold, "--max-new-tokens", "2"])
+            == 0
+        )
         (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert line["fallback"] == reason
         if reason:

@@ -10,7 +10,7 @@ from gradientspace.gradients.sketch import OnlineSVD
 
 def stream(sketch, rows, batch):
     for start in range(0, len(rows), batch):
-        sketch.add(rows[start:start + batch], list(range(start, min(start + batch, len(rows)))))
+        sketch.add(rows[start : start + batch], list(range(start, min(start + batch, len(rows)))))
     return sketch.result()
 
 
@@ -26,7 +26,9 @@ def align_signs(coords, ref):
 
 def low_rank(n, d, rank, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, rank, generator=g, dtype=torch.float64) * torch.linspace(10, 1, rank, dtype=torch.float64)) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    return (
+        torch.randn(n, rank, generator=g, dtype=torch.float64) * torch.linspace(10, 1, rank, dtype=torch.float64)
+    ) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
 
 
 def test_exact_when_data_rank_fits():
@@ -81,7 +83,9 @@ def test_merge_of_two_shards_matches_whole():
     merged = first.merge(second).result()
     assert torch.equal(merged.indices, torch.arange(240))
     assert torch.allclose(merged.singular_values, whole.singular_values, rtol=1e-6)
-    assert (align_signs(merged.coordinates, whole.coordinates) - whole.coordinates).norm() / whole.coordinates.norm() < 1e-6
+    assert (
+        align_signs(merged.coordinates, whole.coordinates) - whole.coordinates
+    ).norm() / whole.coordinates.norm() < 1e-6
     assert abs(merged.captured_energy - whole.captured_energy) < 1e-9
 
 
@@ -107,7 +111,9 @@ def test_float32_long_stream_stays_orthonormal_and_exact():
     n, d, true_rank = 20_000, 160, 48
     g = torch.Generator().manual_seed(11)
     spectrum = torch.logspace(0, -2, true_rank, dtype=torch.float64)
-    rows = (torch.randn(n, true_rank, generator=g, dtype=torch.float64) * spectrum) @ torch.linalg.qr(torch.randn(d, true_rank, generator=g, dtype=torch.float64))[0].T
+    rows = (torch.randn(n, true_rank, generator=g, dtype=torch.float64) * spectrum) @ torch.linalg.qr(
+        torch.randn(d, true_rank, generator=g, dtype=torch.float64)
+    )[0].T
     sketch = OnlineSVD(d, rank=16, internal_rank=64, block_size=64)
     assert sketch.dtype == torch.float32 and sketch.reorthonormalize_every > 0
     result = stream(sketch, rows.float(), batch=64)
@@ -122,7 +128,9 @@ def test_reorthonormalisation_keeps_the_represented_matrix():
     rows = low_rank(120, 90, 30, seed=12)
     sketch = OnlineSVD(90, rank=8, internal_rank=32, block_size=16, dtype=torch.float64, reorthonormalize_every=0)
     stream(sketch, rows, batch=16)
-    sketch.U = sketch.U + 1e-3 * torch.randn(sketch.U.shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    sketch.U = sketch.U + 1e-3 * torch.randn(
+        sketch.U.shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64
+    )
     before = (sketch.U * sketch.S) @ sketch.V.T
     assert sketch.orthogonality_error() > 1e-3
     sketch.reorthonormalize()
@@ -133,7 +141,7 @@ def test_reorthonormalisation_keeps_the_represented_matrix():
 def shard_sketch(rows, start, stop, **kwargs):
     sketch = OnlineSVD(rows.shape[1], **kwargs)
     for b in range(start, stop, 16):
-        sketch.add(rows[b:min(b + 16, stop)], list(range(b, min(b + 16, stop))))
+        sketch.add(rows[b : min(b + 16, stop)], list(range(b, min(b + 16, stop))))
     return sketch
 
 

@@ -3,17 +3,18 @@
 import json
 
 import pytest
-
 from conftest import tiny_run_config
-from gradientspace.experts import strategies
+
 from gradientspace.cli import main
-from gradientspace.config import ConfigError, load_config
-from gradientspace.experts.strategies import STRATEGIES, RoutedPartition, get, routed, trained
 from gradientspace.commands import run_all
+from gradientspace.config import ConfigError, load_config
+from gradientspace.experts import strategies
+from gradientspace.experts.strategies import STRATEGIES, RoutedPartition, get, routed, trained
 
 
 class AlternatingGroups(RoutedPartition):
     """A strategy the package does not ship: records alternate between two groups."""
+
     name, help = "alternating", "records alternate between two groups (a test strategy)"
 
     def labels(self, run, config, records):
@@ -25,12 +26,21 @@ def test_what_each_strategy_needs_trained():
     # the generalist first (experts branch from it), then the single adapter of record they fall back to
     assert trained(["routed"], config) == ["single", "single-continued", "routed"]
     assert trained(["single"], config) == ["single"]  # nothing falls back
-    assert trained(["gradient-oracle", "elrea-ensemble"], config) == ["single", "single-continued", "routed"]  # they serve routed's experts
+    assert trained(["gradient-oracle", "elrea-ensemble"], config) == [
+        "single",
+        "single-continued",
+        "routed",
+    ]  # they serve routed's experts
     assert routed(["single", "oracle", "gradient-oracle", "random-clusters"], config) == ["routed", "random-clusters"]
     as_before = load_config(None, {"experts.fallback": "generalist"})
     assert trained(["routed"], as_before) == ["single", "routed"]
     # nothing is decided on validation, so nothing could choose the continued generalist over the generalist
-    for undecided in ({"experts.keep": "all"}, {"experts.init": "warmup"}, {"experts.equal_budget": True}, {"data.validation_fraction": 0}):
+    for undecided in (
+        {"experts.keep": "all"},
+        {"experts.init": "warmup"},
+        {"experts.equal_budget": True},
+        {"data.validation_fraction": 0},
+    ):
         assert trained(["routed"], load_config(None, undecided)) == ["single", "routed"], undecided
     assert [n for n, s in STRATEGIES.items() if s.owner != n] == ["gradient-oracle", "elrea-ensemble"]
     with pytest.raises(ValueError, match="unknown strategy `nope`"):
@@ -53,7 +63,9 @@ def test_a_strategy_added_to_the_registry_runs_end_to_end(tmp_path, monkeypatch)
     result = run_all(config)
     partition = json.loads((tmp_path / "run" / "strategies" / "alternating" / "partition.json").read_text())
     assert partition["groups"] == ["0", "1"]
-    assert (tmp_path / "run" / "strategies" / "alternating" / "router" / "router.json").exists()  # routed: it got its own router
+    assert (
+        tmp_path / "run" / "strategies" / "alternating" / "router" / "router.json"
+    ).exists()  # routed: it got its own router
     assert "alternating" in result["thresholds"]  # and its threshold chosen on validation
     assert result["eval"]["alternating"]["overall"]["nll"] > 0
     served = set(result["eval"]["per_record"]["alternating"]["adapter"])

@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import make_records
 from safetensors.torch import load_file
 
-from conftest import make_records
-from gradientspace.experts import train as train_module
 from gradientspace.config import ModelConfig
 from gradientspace.data.records import collate, tokenize
+from gradientspace.experts import train as train_module
+from gradientspace.experts.train import TrainPlan, train_adapter
 from gradientspace.gradients.engine import per_sample_mean_loss
 from gradientspace.models.loading import load_lora_model
-from gradientspace.experts.train import TrainPlan, train_adapter
 
 
 def fresh():
@@ -27,8 +27,10 @@ def split(loaded, n=16, held=4):
 def mean_nll(model, examples, pad_id) -> float:
     """The naive reference: one forward per example, the project's per-sample loss, averaged."""
     with torch.no_grad():
-        return sum(float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l)[0])
-                   for i, m, l in (collate([e], pad_id) for e in examples)) / len(examples)
+        return sum(
+            float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l)[0])
+            for i, m, l in (collate([e], pad_id) for e in examples)
+        ) / len(examples)
 
 
 def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch):
@@ -61,13 +63,18 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
     seconds_file.write_text(json.dumps({"seconds": 1000.0}))
     monkeypatch.setattr(train_module, "response_losses", real_loss)
     loaded = fresh()
-    resumed = train_adapter(loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed")
+    resumed = train_adapter(
+        loaded.model, train, validation, pad, loaded.device, plan, tmp_path / "resumed", "k", "resumed"
+    )
     assert 1000.0 < resumed["train_seconds"] < 1000.0 + summary["train_seconds"] * 10
     a = load_file(str(tmp_path / "clean" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], load_file(str(tmp_path / "clean" / "epoch-1" / "adapter_model.safetensors"))[k]) for k in a)
+    assert any(
+        not torch.equal(a[k], load_file(str(tmp_path / "clean" / "epoch-1" / "adapter_model.safetensors"))[k])
+        for k in a
+    )
 
 
 def test_a_changed_key_never_resumes_a_stale_checkpoint(tmp_path, monkeypatch, capsys):
@@ -85,11 +92,31 @@ def test_a_changed_key_never_resumes_a_stale_checkpoint(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(train_module, "response_losses", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "old-key", "a")
+        train_adapter(
+            loaded.model,
+            train,
+            validation,
+            loaded.tokenizer.pad_token_id,
+            loaded.device,
+            plan,
+            tmp_path / "a",
+            "old-key",
+            "a",
+        )
     monkeypatch.setattr(train_module, "response_losses", real_loss)
     capsys.readouterr()
     loaded = fresh()
-    summary = train_adapter(loaded.model, train, validation, loaded.tokenizer.pad_token_id, loaded.device, plan, tmp_path / "a", "new-key", "a")
+    summary = train_adapter(
+        loaded.model,
+        train,
+        validation,
+        loaded.tokenizer.pad_token_id,
+        loaded.device,
+        plan,
+        tmp_path / "a",
+        "new-key",
+        "a",
+    )
     assert "resuming" not in capsys.readouterr().out and summary["steps"] == 6
     assert (tmp_path / "a.trainer-old-key").exists() and not (tmp_path / "a.trainer-new-key").exists()
 
@@ -125,8 +152,17 @@ def test_tensorboard_curves_land_under_the_runs_logs_and_match_the_trainer_log(t
     from gradientspace.clustering.stages import train_warmup
     from gradientspace.config import load_config
 
-    config = load_config(None, {"model.name": "tiny-random", "model.lora_rank": 2, "warmup.fraction": 1.0, "warmup.epochs": 2,
-                                "data.validation_fraction": 0.0, "train.report_to": "[tensorboard]"})
+    config = load_config(
+        None,
+        {
+            "model.name": "tiny-random",
+            "model.lora_rank": 2,
+            "warmup.fraction": 1.0,
+            "warmup.epochs": 2,
+            "data.validation_fraction": 0.0,
+            "train.report_to": "[tensorboard]",
+        },
+    )
     loaded = fresh()
     summary = train_warmup(tmp_path / "run" / "warmup", config, make_records(12), loaded, "k")
     curve = scalars(tmp_path / "run" / "logs" / "warmup", "train/loss")

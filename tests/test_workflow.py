@@ -4,24 +4,37 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_run_config
 
 from gradientspace import commands
 from gradientspace.cli import main
 from gradientspace.config import load_config
 
-from conftest import tiny_run_config
-
 pytestmark = pytest.mark.heavy  # one whole `run` shared by the file
 
-STRATEGIES = ["routed", "single", "single-wide", "gradient-oracle", "oracle", "random-clusters", "embedding-clusters", "projection-clusters", "elrea-ensemble"]
+STRATEGIES = [
+    "routed",
+    "single",
+    "single-wide",
+    "gradient-oracle",
+    "oracle",
+    "random-clusters",
+    "embedding-clusters",
+    "projection-clusters",
+    "elrea-ensemble",
+]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     # every expert served (`keep: all`): the ensemble and the figures need several adapters; test_keep.py covers the keep rule
-    config = tiny_run_config(root, STRATEGIES, experts="branch_epochs: 2, snapshot_epochs: [1], keep: all",
-                             evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1")
+    config = tiny_run_config(
+        root,
+        STRATEGIES,
+        experts="branch_epochs: 2, snapshot_epochs: [1], keep: all",
+        evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1",
+    )
     assert main(["run", str(config)]) == 0
     return config, root / "run"
 
@@ -35,7 +48,11 @@ def test_run_writes_every_stage(finished_run):
         overall = results[strategy]["overall"]
         assert overall["n"] == 8 and 0 < overall["nll"] < 20
         assert results["latency"][strategy]["first_token_ms"] > 0
-    assert "exact_match" in results["routed"]["math"] and "exact_match" in results["routed"]["overall"] and "rouge_l" in results["routed"]["overall"]
+    assert (
+        "exact_match" in results["routed"]["math"]
+        and "exact_match" in results["routed"]["overall"]
+        and "rouge_l" in results["routed"]["overall"]
+    )
     assert "humaneval_pass@1" in results["routed"]["code"]
     # the ensemble pays a gradient per prompt; single pays no routing at all
     assert results["latency"]["elrea-ensemble"]["routing_ms"] > results["latency"]["single"]["routing_ms"]
@@ -61,10 +78,15 @@ def test_expert_folders_load_with_plain_peft_and_match_single_nll(finished_run):
     config = load_config(config_path)
     records, _ = load_records("mix4-packaged:test", limit=3, per_source=5)
     tokenizer = load_tokenizer("tiny-random")
-    model = PeftModel.from_pretrained(load_base_model("tiny-random", torch.device("cpu")), str(run / "strategies" / "single" / "0")).eval()
+    model = PeftModel.from_pretrained(
+        load_base_model("tiny-random", torch.device("cpu")), str(run / "strategies" / "single" / "0")
+    ).eval()
     examples = tokenize(records, tokenizer, 96)
     with torch.no_grad():
-        expected = [float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l)) for i, m, l in (collate([e], tokenizer.pad_token_id) for e in examples)]
+        expected = [
+            float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l))
+            for i, m, l in (collate([e], tokenizer.pad_token_id) for e in examples)
+        ]
     engine = StrategyModel(config, ["single", "elrea-ensemble"])
     assert engine.nll("single", records) == pytest.approx(expected, rel=1e-5)
     choices, _ = engine.choose("elrea-ensemble", records)
@@ -78,8 +100,8 @@ def test_run_resumes_without_retraining(finished_run, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    import gradientspace.experts.adapters as adapters
     import gradientspace.clustering.stages as stages
+    import gradientspace.experts.adapters as adapters
 
     monkeypatch.setattr(adapters, "train_adapter", must_not_run)
     monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)
@@ -101,10 +123,29 @@ def test_generate_command(finished_run, capsys):
 def test_generate_reads_a_file_through_the_column_mapping(finished_run, tmp_path, capsys):
     _, run = finished_run
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"key": "q1", "question": "What is 2 + 3?"}) + "\n" + json.dumps({"key": "q2", "question": "Name a colour."}) + "\n")
+    prompts.write_text(
+        json.dumps({"key": "q1", "question": "What is 2 + 3?"})
+        + "\n"
+        + json.dumps({"key": "q2", "question": "Name a colour."})
+        + "\n"
+    )
     assert main(["generate", str(run), "--data", str(prompts), "--max-new-tokens", "2"]) == 2
     assert "prompts.jsonl:1: missing field `instruction`" in capsys.readouterr().err
-    assert main(["generate", str(run), "--data", str(prompts), "--max-new-tokens", "2", "--set", "data.columns={instruction: question, id: key}"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--data",
+                str(prompts),
+                "--max-new-tokens",
+                "2",
+                "--set",
+                "data.columns={instruction: question, id: key}",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.strip().splitlines()] == ["q1", "q2"]
 
 
@@ -164,7 +205,9 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     config, run = finished_run
     calls = []
 
-    def evaluated(config, strategies, scores=None):  # the real evaluation is tested above; this test is about when it runs
+    def evaluated(
+        config, strategies, scores=None
+    ):  # the real evaluation is tested above; this test is about when it runs
         calls.append((config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
@@ -177,10 +220,20 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
     other.write_text(json.dumps({"instruction": "3 + 3?", "output": "6", "source": "math"}) + "\n")
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single,oracle"]) == 0
-    assert "re-run evaluate: test data, stage scores/test changed" in capsys.readouterr().out  # and the matrix it looks up
+    assert (
+        "re-run evaluate: test data, stage scores/test changed" in capsys.readouterr().out
+    )  # and the matrix it looks up
     assert main(["run", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert calls == [(str(other), ["single"]), (str(other), ["single", "oracle"]), (str(other), ["single", "oracle"]),
-                     ("mix4-packaged:test", STRATEGIES)]
+    assert calls == [
+        (str(other), ["single"]),
+        (str(other), ["single", "oracle"]),
+        (str(other), ["single", "oracle"]),
+        ("mix4-packaged:test", STRATEGIES),
+    ]
     timed = next(line for line in printed.splitlines() if "seconds per stage run now:" in line)
-    assert "seconds per stage run now: scores/test" in timed and "evaluate" in timed and "skipped (done earlier, same inputs): data, warmup" in printed
+    assert (
+        "seconds per stage run now: scores/test" in timed
+        and "evaluate" in timed
+        and "skipped (done earlier, same inputs): data, warmup" in printed
+    )

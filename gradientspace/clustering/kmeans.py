@@ -19,7 +19,6 @@ import torch
 from gradientspace.gradients.consumers import GradientConsumer
 
 
-
 class RademacherProjector(GradientConsumer):
     """Projects gradients to k dims with a ±1/√k matrix that is regenerated block by block, never stored.
 
@@ -46,7 +45,7 @@ class RademacherProjector(GradientConsumer):
         out = torch.zeros(len(rows), self.k, device=rows.device)
         for j in range(math.ceil(self.dim / self.block_rows)):
             start = j * self.block_rows
-            out += rows[:, start:start + self.block_rows].float() @ self.block(j, rows.device)
+            out += rows[:, start : start + self.block_rows].float() @ self.block(j, rows.device)
         return out
 
     def add(self, rows: torch.Tensor, indices: list[int]) -> None:
@@ -89,8 +88,10 @@ class ExactStore(GradientConsumer):
     def __init__(self, dim: int, expected_rows: int, max_bytes: int):
         needed = dim * expected_rows * 4
         if needed > max_bytes:
-            raise ValueError(f"method `exact` would hold {needed / 2**30:.1f} GiB of gradients ({expected_rows} × {dim}); "
-                             f"raise config key `cluster.exact_max_bytes` ({max_bytes / 2**30:.1f} GiB) or use `gradientspace`")
+            raise ValueError(
+                f"method `exact` would hold {needed / 2**30:.1f} GiB of gradients ({expected_rows} × {dim}); "
+                f"raise config key `cluster.exact_max_bytes` ({max_bytes / 2**30:.1f} GiB) or use `gradientspace`"
+            )
         self.dim = dim
         self.rows: list[torch.Tensor] = []
         self.indices: list[int] = []
@@ -128,6 +129,7 @@ SILHOUETTE_SAMPLE = 10_000  # the silhouette is O(n²) in memory and time; it is
 
 # scikit-learn (with scipy) is imported where it is used: it takes seconds to import, and only the stages that cluster need it
 
+
 def _kmeans(k: int, n: int, seed: int, n_init: int, minibatch_above: int):
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
@@ -145,12 +147,20 @@ def _fit(unit: np.ndarray, k: int, seed: int, n_init: int, minibatch_above: int)
         return _kmeans(k, len(unit), seed, n_init, minibatch_above).fit_predict(unit)
 
 
-def spherical_kmeans(features, k: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE) -> np.ndarray:
+def spherical_kmeans(
+    features, k: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE
+) -> np.ndarray:
     return _fit(_unit_rows(features), k, seed, n_init, minibatch_above)
 
 
-def choose_k(features, k_max: int, seed: int, n_init: int = 10, minibatch_above: int = MINIBATCH_ABOVE,
-             silhouette_sample: int = SILHOUETTE_SAMPLE) -> tuple[int, dict[int, float]]:
+def choose_k(
+    features,
+    k_max: int,
+    seed: int,
+    n_init: int = 10,
+    minibatch_above: int = MINIBATCH_ABOVE,
+    silhouette_sample: int = SILHOUETTE_SAMPLE,
+) -> tuple[int, dict[int, float]]:
     """K in 2..min(k_max, N − 1) with the best cosine silhouette (on a seeded sample of rows); returns (K, {K: silhouette}).
 
     The search stops at the first K that leaves a cluster empty: the rows hold fewer distinct
@@ -182,9 +192,11 @@ def label_metrics(labels, sources) -> dict[str, float]:
     from sklearn.metrics.cluster import contingency_matrix
 
     matrix = contingency_matrix(sources, labels)
-    return {"nmi": float(normalized_mutual_info_score(sources, labels)),
-            "ari": float(adjusted_rand_score(sources, labels)),
-            "purity": float(matrix.max(axis=0).sum() / matrix.sum())}
+    return {
+        "nmi": float(normalized_mutual_info_score(sources, labels)),
+        "ari": float(adjusted_rand_score(sources, labels)),
+        "purity": float(matrix.max(axis=0).sum() / matrix.sum()),
+    }
 
 
 def within_cluster_cosine(coordinates: torch.Tensor, labels) -> float:
@@ -228,7 +240,11 @@ def interference(coordinates: torch.Tensor, labels, energy: float = 0.9) -> dict
         share = values.square().cumsum(0) / values.square().sum()
         leading = directions[: int((share < energy).sum()) + 1]
         inside = (members @ leading.T).square().sum() / members.square().sum().clamp(min=1e-300)
-        statistics[str(cluster)] = {"size": len(members), "mean_cosine": float(cosine), "outside_energy": float(1 - inside)}
+        statistics[str(cluster)] = {
+            "size": len(members),
+            "mean_cosine": float(cosine),
+            "outside_energy": float(1 - inside),
+        }
     return statistics
 
 

@@ -22,7 +22,7 @@ A new method is one class here and one line in `PARTITIONERS`: `cluster.method` 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -91,6 +91,7 @@ class RandomGroups(Partitioner):
 
 class SourceLabels(Partitioner):
     """The records' own labels: the oracle's partition, never a clustering method (its K is the number of labels)."""
+
     name = "label"
 
     @staticmethod
@@ -101,13 +102,16 @@ class SourceLabels(Partitioner):
         return [names.index(r.source) for r in records], names
 
 
-PARTITIONERS: dict[str, Partitioner] = {p.name: p for p in (
-    SketchCoordinates(),
-    # like for like with the sketch: as many dimensions as its rank unless `cluster.projection_dim` says otherwise
-    RandomProjection("random-projection", lambda config: config.cluster.projection_dim or config.sketch.rank),
-    PromptEmbeddings(),
-    RandomGroups(),
-    ExactGradients(),
-)}
+PARTITIONERS: dict[str, Partitioner] = {
+    p.name: p
+    for p in (
+        SketchCoordinates(),
+        # like for like with the sketch: as many dimensions as its rank unless `cluster.projection_dim` says otherwise
+        RandomProjection("random-projection", lambda config: config.cluster.projection_dim or config.sketch.rank),
+        PromptEmbeddings(),
+        RandomGroups(),
+        ExactGradients(),
+    )
+}
 CHOICES["cluster.method"] = tuple(PARTITIONERS)  # config validation accepts exactly the registered methods
 GRADIENT_METHODS = tuple(name for name, p in PARTITIONERS.items() if p.reads_gradients)

@@ -20,21 +20,29 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gradientspace import distributed
-from gradientspace.clustering.kmeans import (ExactStore, RademacherProjector, choose_k, composition, label_metrics,
-                      interference, random_labels, spherical_kmeans, within_cluster_cosine)
+from gradientspace.clustering.kmeans import (
+    ExactStore,
+    RademacherProjector,
+    choose_k,
+    composition,
+    interference,
+    label_metrics,
+    random_labels,
+    spherical_kmeans,
+    within_cluster_cosine,
+)
+from gradientspace.clustering.partitioners import PARTITIONERS
+from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import ConfigError, RunConfig, internal_rank
-from gradientspace.gradients.consumers import GradientConsumer
 from gradientspace.data.records import Record, fingerprint, shuffled_length_batches, tokenize, validation_ids
+from gradientspace.experts.strategies import get
+from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
+from gradientspace.gradients.consumers import GradientConsumer
 from gradientspace.gradients.engine import layout_of, stream_gradients
+from gradientspace.gradients.sketch import OnlineSVD, SketchResult
 from gradientspace.models.loading import LoadedModel, pick_device
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
-from gradientspace.gradients.sketch import OnlineSVD, SketchResult
-from gradientspace.clustering.partitioners import PARTITIONERS
-from gradientspace.clustering.terms import cluster_terms
-from gradientspace.experts.strategies import get
-from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
-
 
 PROMPT_CHARS = 300  # of each prompt kept in samples.jsonl, for the report's cluster browser
 
@@ -49,21 +57,28 @@ class ClusterOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)
     interference: dict[str, dict[str, float]] = field(default_factory=dict)  # per cluster, `cluster.interference`
-    terms: dict[str, list[str]] = field(default_factory=dict)  # per cluster, its most distinctive terms (`terms.cluster_terms`)
+    terms: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # per cluster, its most distinctive terms (`terms.cluster_terms`)
 
 
 # ---------------------------------------------------------------- data
 
+
 class DataStage(Stage):
     """Records the records a run trains on (`samples.jsonl`, for the report) and how many were cut by `data.max_length`."""
+
     name = "data"
 
     def inputs(self, run: Run) -> dict[str, str]:
         """The data file's content (not its path), how it is read, and the tokenizer that truncates it."""
         config = run.config
         settings = {k: v for k, v in asdict(config.data).items() if k != "path"}
-        return {"data content": fingerprint(config.data.path, config.data.subset, config.data.split), "data settings": config_hash(settings, config.seed),
-                "tokenizer": config_hash(config.model.name)}
+        return {
+            "data content": fingerprint(config.data.path, config.data.subset, config.data.split),
+            "data settings": config_hash(settings, config.seed),
+            "tokenizer": config_hash(config.model.name),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
         from gradientspace.models.loading import load_tokenizer
@@ -72,13 +87,30 @@ class DataStage(Stage):
         records, report = run.loaded_records
         # counted on training samples (prompt + response), the way warm-up and experts tokenise them
         truncated = sum(e.truncated for e in tokenize(records, load_tokenizer(run.config.model.name), data.max_length))
-        write_jsonl(run.path("samples.jsonl"), [{"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
-                                                for i, r in enumerate(records)])
-        record.update(outputs=["samples.jsonl"], records=report.records, skipped_bad=report.skipped, first_errors=report.first_errors,
-                      truncated=truncated)
-        note(f"data: {report.records} records" + (f", {report.skipped} bad ones skipped" if report.skipped else "")
-             + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
-             + (" (most samples lose tokens: consider a larger data.max_length)" if truncated > report.records / 2 else ""))
+        write_jsonl(
+            run.path("samples.jsonl"),
+            [
+                {"index": i, "id": r.id, "source": r.source, "prompt": r.prompt_text[:PROMPT_CHARS]}
+                for i, r in enumerate(records)
+            ],
+        )
+        record.update(
+            outputs=["samples.jsonl"],
+            records=report.records,
+            skipped_bad=report.skipped,
+            first_errors=report.first_errors,
+            truncated=truncated,
+        )
+        note(
+            f"data: {report.records} records"
+            + (f", {report.skipped} bad ones skipped" if report.skipped else "")
+            + f", {truncated} truncated to data.max_length = {data.max_length} tokens"
+            + (
+                " (most samples lose tokens: consider a larger data.max_length)"
+                if truncated > report.records / 2
+                else ""
+            )
+        )
 
 
 # ---------------------------------------------------------------- warm-up
@@ -94,6 +126,7 @@ def warmup_subset(records: list[Record], config: RunConfig) -> list[Record]:
 
 class WarmupStage(Stage):
     """The warm-up adapter (fixed epochs on a random fraction): the point the gradients are taken at, and its Adam moments."""
+
     name = "warmup"
 
     def requires(self, run: Run):
@@ -101,23 +134,39 @@ class WarmupStage(Stage):
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
-        return {"model": config_hash(asdict(config.model)), "warm-up settings": config_hash(asdict(config.warmup), config.seed)}
+        return {
+            "model": config_hash(asdict(config.model)),
+            "warm-up settings": config_hash(asdict(config.warmup), config.seed),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record.update(train_warmup(run.path("warmup"), run.config, run.records, run.model(), key),
-                      outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"])
+        record.update(
+            train_warmup(run.path("warmup"), run.config, run.records, run.model(), key),
+            outputs=["warmup/adapter_model.safetensors", "warmup/optimizer.safetensors"],
+        )
 
 
 def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded: LoadedModel, key: str) -> dict:
     """Train the warm-up adapter into `folder` (resuming a checkpoint of the same `key`); returns the training summary."""
     examples = tokenize(warmup_subset(records, config), loaded.tokenizer, config.data.max_length, "response")
-    plan = TrainPlan(config.warmup.epochs, config.warmup.learning_rate, config.warmup.batch_size, config.seed,
-                     schedule="constant", warmup_ratio=0.0, patience=None, report_to=tuple(config.train.report_to),
-                     logs=folder.parent / "logs" / folder.name)
-    return train_adapter(loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up")
+    plan = TrainPlan(
+        config.warmup.epochs,
+        config.warmup.learning_rate,
+        config.warmup.batch_size,
+        config.seed,
+        schedule="constant",
+        warmup_ratio=0.0,
+        patience=None,
+        report_to=tuple(config.train.report_to),
+        logs=folder.parent / "logs" / folder.name,
+    )
+    return train_adapter(
+        loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up"
+    )
 
 
 # ---------------------------------------------------------------- gradient pass
+
 
 class GradientConsumers:
     """What the gradient pass feeds: the sketch always, plus a projector or an exact store if asked, and each sample's loss.
@@ -126,10 +175,26 @@ class GradientConsumers:
     alike; each is named after the file it ends in (`RUN/<name>.safetensors`).
     """
 
-    def __init__(self, dim: int, n: int, config: RunConfig, device: torch.device, projection_dims: tuple[int, ...] = (), exact: bool = False):
-        self.parts: dict[str, GradientConsumer] = {"sketch": OnlineSVD(
-            dim, config.sketch.rank, internal_rank(config.sketch), config.sketch.block_size, dtype=getattr(torch, config.sketch.dtype),
-            device=device, reorthonormalize_every=config.sketch.reorthonormalize_every)}
+    def __init__(
+        self,
+        dim: int,
+        n: int,
+        config: RunConfig,
+        device: torch.device,
+        projection_dims: tuple[int, ...] = (),
+        exact: bool = False,
+    ):
+        self.parts: dict[str, GradientConsumer] = {
+            "sketch": OnlineSVD(
+                dim,
+                config.sketch.rank,
+                internal_rank(config.sketch),
+                config.sketch.block_size,
+                dtype=getattr(torch, config.sketch.dtype),
+                device=device,
+                reorthonormalize_every=config.sketch.reorthonormalize_every,
+            )
+        }
         self.parts.update({f"projection-{k}": RademacherProjector(dim, k, seed=config.seed) for k in projection_dims})
         if exact:
             self.parts["gradients-exact"] = ExactStore(dim, n, config.cluster.exact_max_bytes)
@@ -145,7 +210,11 @@ class GradientConsumers:
         self.losses.update(zip(indices, losses.tolist()))
 
     def state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, part in self.parts.items() for k, v in part.state_dict().items()}
+        tensors = {
+            f"{name}.{k}": v.detach().cpu().contiguous()
+            for name, part in self.parts.items()
+            for k, v in part.state_dict().items()
+        }
         tensors["loss.indices"] = torch.tensor(list(self.losses), dtype=torch.long)
         tensors["loss.values"] = torch.tensor(list(self.losses.values()), dtype=torch.float64)
         return tensors
@@ -159,7 +228,7 @@ class GradientConsumers:
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> GradientConsumers:
         for name, part in self.parts.items():
-            part.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
+            part.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
         self.losses = dict(zip(tensors["loss.indices"].tolist(), tensors["loss.values"].tolist()))
         return self
 
@@ -171,12 +240,22 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 def gradient_batches(records: list[Record], loaded: LoadedModel, config: RunConfig):
     examples = tokenize(records, loaded.tokenizer, config.data.max_length, config.gradients.tokens)
-    batches = shuffled_length_batches(examples, config.gradients.batch_size, config.gradients.chunk_size, seed=config.seed)
+    batches = shuffled_length_batches(
+        examples, config.gradients.batch_size, config.gradients.chunk_size, seed=config.seed
+    )
     return examples, batches
 
 
-def run_gradient_pass(run: Run, records: list[Record], loaded: LoadedModel, warmup_dir: Path, checkpoint_key: str,
-                      projection_dims: tuple[int, ...] = (), exact: bool = False, stage_name: str = "gradients") -> GradientConsumers:
+def run_gradient_pass(
+    run: Run,
+    records: list[Record],
+    loaded: LoadedModel,
+    warmup_dir: Path,
+    checkpoint_key: str,
+    projection_dims: tuple[int, ...] = (),
+    exact: bool = False,
+    stage_name: str = "gradients",
+) -> GradientConsumers:
     """Stream every sample's exact LoRA gradient (w.r.t. the warm-up adapter) into the consumers.
 
     Under torchrun each rank takes every world-size-th batch into its own consumers, and the shards
@@ -191,7 +270,11 @@ def run_gradient_pass(run: Run, records: list[Record], loaded: LoadedModel, warm
     layout = layout_of(loaded.model)
     examples, batches = gradient_batches(records, loaded, config)
     rank, world_size = distributed.world()
-    adam = load_adam_state(warmup_dir / "optimizer.safetensors", layout, loaded.device) if config.gradients.adam_precondition else None
+    adam = (
+        load_adam_state(warmup_dir / "optimizer.safetensors", layout, loaded.device)
+        if config.gradients.adam_precondition
+        else None
+    )
     consumers = GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
     checkpoint = run.path("checkpoints", f"{stage_name}.rank{rank}.safetensors")
     # a shard's state is only valid for the same inputs and the same split of batches across ranks
@@ -207,21 +290,37 @@ def run_gradient_pass(run: Run, records: list[Record], loaded: LoadedModel, warm
             start = int(meta["next_batch"])
             note(f"gradients: resuming from the checkpoint after batch {start}")
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
-    progress = tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine[:start]), desc=f"gradients ({config.gradients.tokens})",
-                    unit="sample", dynamic_ncols=True,
-                    # only rank 0 shows it; left unset on rank 0 so that TQDM_DISABLE=1 still hides it
-                    **({"disable": True} if not distributed.is_main() else {}))
+    progress = tqdm(
+        total=sum(len(b) for b in mine),
+        initial=sum(len(b) for b in mine[:start]),
+        desc=f"gradients ({config.gradients.tokens})",
+        unit="sample",
+        dynamic_ncols=True,
+        # only rank 0 shows it; left unset on rank 0 so that TQDM_DISABLE=1 still hides it
+        **({"disable": True} if not distributed.is_main() else {}),
+    )
     every = config.gradients.checkpoint_every or default_checkpoint_every(len(mine))
-    for number, indices, grads, losses in stream_gradients(loaded.model, mine, loaded.tokenizer.pad_token_id, loaded.device,
-                                                           adam, config.gradients.normalize, start=start, progress=progress,
-                                                           checkpointing=config.gradients.activation_checkpointing):
+    for number, indices, grads, losses in stream_gradients(
+        loaded.model,
+        mine,
+        loaded.tokenizer.pad_token_id,
+        loaded.device,
+        adam,
+        config.gradients.normalize,
+        start=start,
+        progress=progress,
+        checkpointing=config.gradients.activation_checkpointing,
+    ):
         consumers.add(grads, indices, losses)
         if (number + 1) % every == 0 and number + 1 < len(mine):
             _save_tensors(checkpoint, consumers.state(), {"next_batch": str(number + 1), "key": checkpoint_key})
     progress.close()
     if world_size > 1:  # rank 0 ends with every shard merged in; the others' consumers are done with
         fresh = lambda: GradientConsumers(layout.dim, len(records), config, loaded.device, projection_dims, exact)
-        consumers = distributed.tree_merge(consumers, GradientConsumers.state, lambda t: fresh().restore(t), loaded.device) or consumers
+        consumers = (
+            distributed.tree_merge(consumers, GradientConsumers.state, lambda t: fresh().restore(t), loaded.device)
+            or consumers
+        )
     checkpoint.unlink(missing_ok=True)
     return consumers
 
@@ -235,10 +334,18 @@ def save_gradient_outputs(run: Run, consumers: GradientConsumers, layout_json: d
     config = run.config
     result = consumers.sketch.result()
     order = torch.argsort(result.indices)  # store in dataset order: row i is sample i
-    tensors = {"basis": result.basis.float().cpu().contiguous(), "singular_values": result.singular_values.cpu(),
-               "coordinates": result.coordinates[order].cpu().contiguous(), "indices": result.indices[order],
-               "energy_curve": torch.tensor(consumers.sketch.energy_curve(), dtype=torch.float64)}
-    _save_tensors(run.path("sketch.safetensors"), tensors, {"captured_energy": str(result.captured_energy), "rank": str(config.sketch.rank)})
+    tensors = {
+        "basis": result.basis.float().cpu().contiguous(),
+        "singular_values": result.singular_values.cpu(),
+        "coordinates": result.coordinates[order].cpu().contiguous(),
+        "indices": result.indices[order],
+        "energy_curve": torch.tensor(consumers.sketch.energy_curve(), dtype=torch.float64),
+    }
+    _save_tensors(
+        run.path("sketch.safetensors"),
+        tensors,
+        {"captured_energy": str(result.captured_energy), "rank": str(config.sketch.rank)},
+    )
     outputs = ["sketch.safetensors"]
     for name, part in consumers.parts.items():
         if name == "sketch":
@@ -247,17 +354,26 @@ def save_gradient_outputs(run: Run, consumers: GradientConsumers, layout_json: d
         _save_tensors(run.path(f"{name}.safetensors"), {"features": features[np.argsort(indices)].contiguous()}, {})
         outputs.append(f"{name}.safetensors")
     losses = [consumers.losses[i] for i in sorted(consumers.losses)]
-    stage.update(outputs=outputs, samples=len(result.indices), dim=layout_json["dim"], layout=layout_json,
-                 captured_energy=result.captured_energy, energy_curve=[round(e, 5) for e in consumers.sketch.energy_curve()],
-                 mean_warmup_loss=float(np.mean(losses)) if losses else None)
+    stage.update(
+        outputs=outputs,
+        samples=len(result.indices),
+        dim=layout_json["dim"],
+        layout=layout_json,
+        captured_energy=result.captured_energy,
+        energy_curve=[round(e, 5) for e in consumers.sketch.energy_curve()],
+        mean_warmup_loss=float(np.mean(losses)) if losses else None,
+    )
     return result
 
 
 # ---------------------------------------------------------------- clustering
 
+
 def projection_dims(config: RunConfig) -> tuple[int, ...]:
     """Every random projection the gradient pass must write: the clustering method's and the asked strategies' partitioners'."""
-    partitioners = [PARTITIONERS[config.cluster.method]] + [get(s).partitioner for s in config.experts.strategies if get(s).partitioner]
+    partitioners = [PARTITIONERS[config.cluster.method]] + [
+        get(s).partitioner for s in config.experts.strategies if get(s).partitioner
+    ]
     return tuple(sorted({dim for p in partitioners if (dim := p.projection_dim(config))}))
 
 
@@ -273,7 +389,14 @@ def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) 
         k = k if isinstance(k, int) else min(config.cluster.k_max, n - 1)
         return random_labels(n, k, seed), k, details
     if k == "auto":
-        k, scores = choose_k(features, config.cluster.k_max, seed, config.cluster.n_init, config.cluster.minibatch_above, config.cluster.silhouette_sample)
+        k, scores = choose_k(
+            features,
+            config.cluster.k_max,
+            seed,
+            config.cluster.n_init,
+            config.cluster.minibatch_above,
+            config.cluster.silhouette_sample,
+        )
         details["silhouette"] = scores
         say_chosen_k(k, scores, config.cluster.k_max, n)
     if k > n:
@@ -281,8 +404,10 @@ def assign(features: torch.Tensor | None, n: int, config: RunConfig, seed: int) 
     labels = spherical_kmeans(features, k, seed, config.cluster.n_init, config.cluster.minibatch_above)
     sizes = np.bincount(labels, minlength=k)
     if (sizes == 0).any():
-        raise ConfigError(f"config key `cluster.k`: k-means left {int((sizes == 0).sum())} of {k} clusters empty (sizes {sizes.tolist()}): "
-                          f"the {n} samples' {config.cluster.method} features form fewer than {k} distinct points; lower K")
+        raise ConfigError(
+            f"config key `cluster.k`: k-means left {int((sizes == 0).sum())} of {k} clusters empty (sizes {sizes.tolist()}): "
+            f"the {n} samples' {config.cluster.method} features form fewer than {k} distinct points; lower K"
+        )
     return labels, k, details
 
 
@@ -293,16 +418,23 @@ def say_chosen_k(k: int, scores: dict[int, float], k_max: int, n: int) -> None:
     if len(scores) < 2:
         return
     if k == max(scores) and k in (k_max, n - 1):
-        why = f"`cluster.k_max` = {k_max}: raise it to look further" if k == k_max else f"N − 1 for {n} samples: more data would allow a larger K"
+        why = (
+            f"`cluster.k_max` = {k_max}: raise it to look further"
+            if k == k_max
+            else f"N − 1 for {n} samples: more data would allow a larger K"
+        )
         warn(f"k auto: the best K, {k}, is the largest searched, the limit set by {why}")
     elif k == 2:
-        warn("k auto: the best K is 2, the smallest searched; the silhouette cannot score K = 1, so the data may form no clusters at all")
+        warn(
+            "k auto: the best K is 2, the smallest searched; the silhouette cannot score K = 1, so the data may form no clusters at all"
+        )
 
 
 class GradientStage(Stage):
     """Every sample's exact LoRA gradient w.r.t. the warm-up adapter, streamed into the sketch (and projections).
 
     Every rank streams its shard of the batches; the shards meet in rank 0's consumers, which writes the outputs."""
+
     name = "gradients"
     placement = Placement.EVERY
 
@@ -313,19 +445,25 @@ class GradientStage(Stage):
         config = run.config
         # checkpoint_every changes when state is saved, not what is computed
         settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
-        return {"gradient settings": config_hash(settings), "sketch settings": config_hash(asdict(config.sketch)),
-                "projections": config_hash(projection_dims(config), PARTITIONERS[config.cluster.method].exact_gradients)}
+        return {
+            "gradient settings": config_hash(settings),
+            "sketch settings": config_hash(asdict(config.sketch)),
+            "projections": config_hash(projection_dims(config), PARTITIONERS[config.cluster.method].exact_gradients),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
         loaded = run.model()
         exact = PARTITIONERS[run.config.cluster.method].exact_gradients
-        consumers = run_gradient_pass(run, run.records, loaded, run.path("warmup"), key, projection_dims(run.config), exact)
+        consumers = run_gradient_pass(
+            run, run.records, loaded, run.path("warmup"), key, projection_dims(run.config), exact
+        )
         if run.is_main:
             save_gradient_outputs(run, consumers, layout_of(loaded.model).to_json(), record)
 
 
 class ClusterStage(Stage):
     """K clusters of the samples, by the configured method; `clusters.jsonl`, the label metrics and the interference statistics."""
+
     name = "cluster"
 
     def requires(self, run: Run):
@@ -350,8 +488,15 @@ class ClusterStage(Stage):
         if all(s is not None for s in sources):
             metrics.update(label_metrics(labels, sources))
             record["composition"] = composition(labels, sources)
-        record.update(outputs=["clusters.jsonl"], method=method, k=k, sizes=np.bincount(labels, minlength=k).tolist(), metrics=metrics,
-                      terms=cluster_terms(records, labels, k, seed=config.seed), **details)
+        record.update(
+            outputs=["clusters.jsonl"],
+            method=method,
+            k=k,
+            sizes=np.bincount(labels, minlength=k).tolist(),
+            metrics=metrics,
+            terms=cluster_terms(records, labels, k, seed=config.seed),
+            **details,
+        )
 
 
 def cluster(run: Run | RunConfig) -> ClusterOutcome:
@@ -363,7 +508,16 @@ def cluster(run: Run | RunConfig) -> ClusterOutcome:
     run = as_run(run)
     config = run.config
     run.directory.set_config(config.to_dict())
-    entry, = run.build(ClusterStage())
+    (entry,) = run.build(ClusterStage())
     labels = [row["cluster"] for row in map(json.loads, run.path("clusters.jsonl").read_text().splitlines())]
-    return ClusterOutcome(run.directory.root, config.cluster.method, entry["k"], labels, [r.id for r in run.records],
-                          entry.get("metrics", {}), entry["sizes"], entry.get("interference", {}), entry.get("terms", {}))
+    return ClusterOutcome(
+        run.directory.root,
+        config.cluster.method,
+        entry["k"],
+        labels,
+        [r.id for r in run.records],
+        entry.get("metrics", {}),
+        entry["sizes"],
+        entry.get("interference", {}),
+        entry.get("terms", {}),
+    )

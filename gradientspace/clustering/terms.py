@@ -15,14 +15,16 @@ one every cluster uses (`the`, `answer`) scores near zero. Counting is scikit-le
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from gradientspace.data.records import Record
 
 TERMS_PER_CLUSTER = 8
-TERMS_SAMPLE = 100_000  # records counted at most (a seeded sample): the terms of a million records are those of a hundred thousand
+TERMS_SAMPLE = (
+    100_000  # records counted at most (a seeded sample): the terms of a million records are those of a hundred thousand
+)
 
 
 def record_text(record: Record) -> str:
@@ -42,14 +44,19 @@ def class_tfidf(counts, labels: np.ndarray, groups: int) -> np.ndarray:
     return tf * idf
 
 
-def cluster_terms(records: Sequence[Record], labels: Sequence[int], groups: int, top: int = TERMS_PER_CLUSTER,
-                  seed: int = 0) -> dict[str, list[str]]:
+def cluster_terms(
+    records: Sequence[Record], labels: Sequence[int], groups: int, top: int = TERMS_PER_CLUSTER, seed: int = 0
+) -> dict[str, list[str]]:
     """Each group's `top` most distinctive terms (by class-based TF-IDF), keyed by the group's number as a string.
 
     A group whose records hold no countable word (numbers only, or too few records) gets an empty list."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    chosen = sorted(random.Random(f"terms-{seed}").sample(range(len(records)), TERMS_SAMPLE)) if len(records) > TERMS_SAMPLE else range(len(records))
+    chosen = (
+        sorted(random.Random(f"terms-{seed}").sample(range(len(records)), TERMS_SAMPLE))
+        if len(records) > TERMS_SAMPLE
+        else range(len(records))
+    )
     texts = [record_text(records[i]) for i in chosen]
     # words of two letters or more; numbers and code punctuation carry no name
     vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[^\W\d_]{2,}\b", lowercase=True)

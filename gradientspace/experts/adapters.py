@@ -27,15 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from gradientspace import distributed
-from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, tokenize
-from gradientspace.models.loading import LoadedModel
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.clustering.terms import cluster_terms
-from gradientspace.runner import Run, as_run
-from gradientspace.runs import Placement, Stage, config_hash, write_json
+from gradientspace.config import RunConfig
+from gradientspace.data.records import Record, tokenize
 from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
 from gradientspace.experts.train import TrainPlan, train_adapter
+from gradientspace.models.loading import LoadedModel
+from gradientspace.runner import Run, as_run
+from gradientspace.runs import Placement, Stage, config_hash, write_json
 
 
 def fresh_lora_state(model, seed: int) -> dict[str, torch.Tensor]:
@@ -58,10 +58,18 @@ def generalist_folder(run: Run) -> Path:
 def _plan(config: RunConfig, branch: bool, logs: Path) -> TrainPlan:
     experts = config.experts
     epochs = experts.branch_epochs if branch and not experts.equal_budget else experts.epochs
-    return TrainPlan(epochs, experts.branch_learning_rate if branch else experts.learning_rate, experts.batch_size, config.seed,
-                     schedule=experts.schedule, warmup_ratio=experts.warmup_ratio,
-                     patience=None if experts.equal_budget else experts.patience, snapshot_epochs=tuple(experts.snapshot_epochs),
-                     report_to=tuple(config.train.report_to), logs=logs)
+    return TrainPlan(
+        epochs,
+        experts.branch_learning_rate if branch else experts.learning_rate,
+        experts.batch_size,
+        config.seed,
+        schedule=experts.schedule,
+        warmup_ratio=experts.warmup_ratio,
+        patience=None if experts.equal_budget else experts.patience,
+        snapshot_epochs=tuple(experts.snapshot_epochs),
+        report_to=tuple(config.train.report_to),
+        logs=logs,
+    )
 
 
 class PartitionStage(Stage):
@@ -76,7 +84,10 @@ class PartitionStage(Stage):
         return [self.strategy.partition_reads(ClusterStage(), DataStage())]
 
     def inputs(self, run: Run) -> dict[str, str]:
-        return {"strategy": self.strategy.name, "partition settings": config_hash(asdict(run.config.cluster), run.config.seed)}
+        return {
+            "strategy": self.strategy.name,
+            "partition settings": config_hash(asdict(run.config.cluster), run.config.seed),
+        }
 
     def run(self, run: Run, key: str, record: dict) -> None:
         labels, names = self.strategy.partition(run, run.config, run.records)
@@ -84,11 +95,23 @@ class PartitionStage(Stage):
         trained_groups = {label for r, label in zip(run.records, labels) if r.id not in run.validation_ids}
         empty = [name for group, name in enumerate(names) if group not in trained_groups]
         folder = self.strategy.folder(run)
-        write_json(folder / "partition.json", {"strategy": self.strategy.name, "groups": names, "empty": empty,
-                                               "assignment": {r.id: l for r, l in zip(run.records, labels)}})
+        write_json(
+            folder / "partition.json",
+            {
+                "strategy": self.strategy.name,
+                "groups": names,
+                "empty": empty,
+                "assignment": {r.id: l for r, l in zip(run.records, labels)},
+            },
+        )
         terms = cluster_terms(run.records, labels, len(names), seed=run.config.seed)
-        record.update(groups=names, sizes=sizes, empty=empty, terms={name: terms[str(group)] for group, name in enumerate(names)},
-                      outputs=[str((folder / "partition.json").relative_to(run.directory.root))])
+        record.update(
+            groups=names,
+            sizes=sizes,
+            empty=empty,
+            terms={name: terms[str(group)] for group, name in enumerate(names)},
+            outputs=[str((folder / "partition.json").relative_to(run.directory.root))],
+        )
 
 
 def read_partition(run: Run, strategy: str) -> dict:
@@ -136,9 +159,14 @@ class AdapterStage(Stage):
         ignored += get(self.strategy).ignored_settings()
         config = run.config
         train, validation = group_records(run, self.strategy, self.group)
-        return {"model": config_hash(asdict(self.model_config(run))),
-                "training settings": config_hash({k: v for k, v in asdict(config.experts).items() if k not in ignored}, config.seed),
-                "training records": config_hash(sorted(r.id for r in train)), "validation records": config_hash(sorted(r.id for r in validation))}
+        return {
+            "model": config_hash(asdict(self.model_config(run))),
+            "training settings": config_hash(
+                {k: v for k, v in asdict(config.experts).items() if k not in ignored}, config.seed
+            ),
+            "training records": config_hash(sorted(r.id for r in train)),
+            "validation records": config_hash(sorted(r.id for r in validation)),
+        }
 
     def initial_state(self, run: Run, loaded: LoadedModel) -> dict[str, torch.Tensor]:
         start = get(self.strategy).start(run.config)
@@ -156,9 +184,17 @@ class AdapterStage(Stage):
         set_peft_model_state_dict(loaded.model, self.initial_state(run, loaded))
         to_examples = lambda rs: tokenize(rs, loaded.tokenizer, config.data.max_length, "response")
         branch = get(self.strategy).start(config) == "generalist"
-        result = train_adapter(loaded.model, to_examples(train), to_examples(validation), loaded.tokenizer.pad_token_id,
-                               loaded.device, _plan(config, branch, run.path("logs", self.strategy, self.group)), folder, key,
-                               desc=f"{self.strategy} adapter {self.group}")
+        result = train_adapter(
+            loaded.model,
+            to_examples(train),
+            to_examples(validation),
+            loaded.tokenizer.pad_token_id,
+            loaded.device,
+            _plan(config, branch, run.path("logs", self.strategy, self.group)),
+            folder,
+            key,
+            desc=f"{self.strategy} adapter {self.group}",
+        )
         record.update(result, outputs=[str((folder / "adapter_model.safetensors").relative_to(run.directory.root))])
 
 
@@ -186,12 +222,29 @@ class StrategyAdapters(Stage):
     def run(self, run: Run, key: str, record: dict) -> None:
         partition = read_partition(run, self.strategy)
         names = partition["groups"]
-        summary = {"groups": names, "sizes": np.bincount(list(partition["assignment"].values()), minlength=len(names)).tolist(),
-                   "experts": {}, "empty": partition["empty"]}
+        summary = {
+            "groups": names,
+            "sizes": np.bincount(list(partition["assignment"].values()), minlength=len(names)).tolist(),
+            "experts": {},
+            "empty": partition["empty"],
+        }
         for name in names:
             entry = run.directory.stage_entry(f"experts/{self.strategy}/{name}") if name not in summary["empty"] else {}
-            summary["experts"][name] = {k: entry.get(k) for k in ("samples", "validation_samples", "steps", "epochs_run", "best_epoch", "tokens",
-                                                                   "train_seconds", "initial_eval_loss", "best_eval_loss", "rank")}
+            summary["experts"][name] = {
+                k: entry.get(k)
+                for k in (
+                    "samples",
+                    "validation_samples",
+                    "steps",
+                    "epochs_run",
+                    "best_epoch",
+                    "tokens",
+                    "train_seconds",
+                    "initial_eval_loss",
+                    "best_eval_loss",
+                    "rank",
+                )
+            }
         run.directory.record_section("experts", self.strategy, summary)
         record["summary"] = summary
 

@@ -41,38 +41,78 @@ def card_text(run, strategy: str, group: str, folder: Path, weight: float) -> st
     trained = run.stage_entry(f"experts/{strategy}/{group}")
     decision = run.stage_entry(f"keep/{strategy}").get("groups", {}).get(group)
     name = f"{strategy}-{group}"
-    metadata = ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation",
-                             tags=["gradientspace", "lora", strategy] + [f"term:{t}" for t in terms[:3]])
+    metadata = ModelCardData(
+        base_model=base,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["gradientspace", "lora", strategy] + [f"term:{t}" for t in terms[:3]],
+    )
 
-    lines = [f"---\n{metadata.to_yaml()}\n---", "",
-             f"# {name}: {', '.join(terms) if terms else 'group ' + group}", "",
-             f"A LoRA adapter of `{base}` made by GradientSpace: strategy `{strategy}` ({get(strategy).help}), group {group}"
-             + (f", blended with the fall-back adapter at λ = {weight:g}" if weight < 1 else "") + ".", "",
-             "## Data", "",
-             f"{len(members) - validation} training records and {validation} validation records: group {group} of {len(partition['groups'])} "
-             f"in the strategy's partition (`{partition_file(run, strategy)}`, record id → group).", ""]
+    lines = [
+        f"---\n{metadata.to_yaml()}\n---",
+        "",
+        f"# {name}: {', '.join(terms) if terms else 'group ' + group}",
+        "",
+        f"A LoRA adapter of `{base}` made by GradientSpace: strategy `{strategy}` ({get(strategy).help}), group {group}"
+        + (f", blended with the fall-back adapter at λ = {weight:g}" if weight < 1 else "")
+        + ".",
+        "",
+        "## Data",
+        "",
+        f"{len(members) - validation} training records and {validation} validation records: group {group} of {len(partition['groups'])} "
+        f"in the strategy's partition (`{partition_file(run, strategy)}`, record id → group).",
+        "",
+    ]
     if terms:
-        how = "class-based TF-IDF against the other groups" if len(partition["groups"]) > 1 else "the most frequent: the group is all the data"
+        how = (
+            "class-based TF-IDF against the other groups"
+            if len(partition["groups"]) > 1
+            else "the most frequent: the group is all the data"
+        )
         lines += [f"Most distinctive terms ({how}): {', '.join(terms)}.", ""]
     if labels:
-        lines += ["Labels (`source`): " + ", ".join(f"{label} {count}" for label, count in labels.most_common()) + ".", ""]
-    lines += ["## Validation", "",
-              f"The {'expert' if weight < 1 else 'adapter'}'s validation NLL per response token: {_nll(trained.get('initial_eval_loss'))} before training, "
-              f"{_nll(trained.get('best_eval_loss'))} at the epoch kept ({trained.get('best_epoch', '–')} of {trained.get('epochs_run', '–')} run, "
-              f"{trained.get('steps', '–')} steps).", ""]
+        lines += [
+            "Labels (`source`): " + ", ".join(f"{label} {count}" for label, count in labels.most_common()) + ".",
+            "",
+        ]
+    lines += [
+        "## Validation",
+        "",
+        f"The {'expert' if weight < 1 else 'adapter'}'s validation NLL per response token: {_nll(trained.get('initial_eval_loss'))} before training, "
+        f"{_nll(trained.get('best_eval_loss'))} at the epoch kept ({trained.get('best_epoch', '–')} of {trained.get('epochs_run', '–')} run, "
+        f"{trained.get('steps', '–')} steps).",
+        "",
+    ]
     if decision:
         served_nll = decision.get("candidate_nll", {}).get(str(float(weight)))
-        lines += [f"Keep decision on the {decision.get('validation_records')} validation records routed to this group: λ = {decision['lambda']:g}, "
-                  f"{decision['reason']}. Fall-back adapter's NLL there {_nll(decision.get('fallback_nll'))}, this adapter's {_nll(served_nll)}.", ""]
-    lines += ["## Use it", "", "With peft:", "", "```python",
-              "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-              f"model = PeftModel.from_pretrained(base, {str(folder)!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({base!r})", "```", "",
-              "With vLLM (the adapter answers requests whose `model` is its name):", "", "```bash",
-              f"vllm serve {base} --enable-lora --max-lora-rank {adapter.get('r', 8)} --lora-modules {name}={folder}", "```", "",
-              f"Routed behind the run's router: `gradientspace serve {run.directory.root}`, or `gradientspace route` in front of vLLM.", ""]
+        lines += [
+            f"Keep decision on the {decision.get('validation_records')} validation records routed to this group: λ = {decision['lambda']:g}, "
+            f"{decision['reason']}. Fall-back adapter's NLL there {_nll(decision.get('fallback_nll'))}, this adapter's {_nll(served_nll)}.",
+            "",
+        ]
+    lines += [
+        "## Use it",
+        "",
+        "With peft:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        f"model = PeftModel.from_pretrained(base, {str(folder)!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({base!r})",
+        "```",
+        "",
+        "With vLLM (the adapter answers requests whose `model` is its name):",
+        "",
+        "```bash",
+        f"vllm serve {base} --enable-lora --max-lora-rank {adapter.get('r', 8)} --lora-modules {name}={folder}",
+        "```",
+        "",
+        f"Routed behind the run's router: `gradientspace serve {run.directory.root}`, or `gradientspace route` in front of vLLM.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -32,11 +32,18 @@ import numpy as np
 
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record
-from gradientspace.experts.adapters import BLENDED, AdapterStage, StrategyAdapters, decided, served_fallback, served_groups
+from gradientspace.experts.adapters import (
+    BLENDED,
+    AdapterStage,
+    StrategyAdapters,
+    decided,
+    served_fallback,
+    served_groups,
+)
+from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
 from gradientspace.models.inference import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runs import Stage, config_hash, write_json
-from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -48,7 +55,9 @@ def bootstrap_upper_bound(differences: np.ndarray, confidence: float, seed: int)
     return float(np.quantile(means, confidence))
 
 
-def keep_rule(candidates: dict[float, list[float]], fallback: list[float], confidence: float, min_records: int, seed: int) -> dict:
+def keep_rule(
+    candidates: dict[float, list[float]], fallback: list[float], confidence: float, min_records: int, seed: int
+) -> dict:
     """The decision for one group: `candidates` maps λ to each record's NLL under that blend, `fallback` the fall-back adapter's."""
     base = np.asarray(fallback)
     means = {weight: float(np.mean(nll)) for weight, nll in candidates.items()}
@@ -56,13 +65,30 @@ def keep_rule(candidates: dict[float, list[float]], fallback: list[float], confi
     gain = np.asarray(candidates[best]) - base
     upper = bootstrap_upper_bound(gain, confidence, seed)
     if len(base) < min_records:
-        weight, reason = 0.0, f"{len(base)} validation record(s) routed to it, fewer than experts.keep_min_records = {min_records}"
+        weight, reason = (
+            0.0,
+            f"{len(base)} validation record(s) routed to it, fewer than experts.keep_min_records = {min_records}",
+        )
     elif upper >= 0:
-        weight, reason = 0.0, f"best blend λ = {best} changes NLL by {gain.mean():+.4f}, upper {confidence:.0%} bound {upper:+.4f} is not below 0"
+        weight, reason = (
+            0.0,
+            f"best blend λ = {best} changes NLL by {gain.mean():+.4f}, upper {confidence:.0%} bound {upper:+.4f} is not below 0",
+        )
     else:
-        weight, reason = best, f"λ = {best} changes NLL by {gain.mean():+.4f} (upper {confidence:.0%} bound {upper:+.4f})"
-    return {"lambda": weight, "reason": reason, "validation_records": len(base), "fallback_nll": float(base.mean()),
-            "candidate_nll": {str(w): m for w, m in means.items()}, "best_lambda": best, "gain": float(gain.mean()), "upper_bound": upper}
+        weight, reason = (
+            best,
+            f"λ = {best} changes NLL by {gain.mean():+.4f} (upper {confidence:.0%} bound {upper:+.4f})",
+        )
+    return {
+        "lambda": weight,
+        "reason": reason,
+        "validation_records": len(base),
+        "fallback_nll": float(base.mean()),
+        "candidate_nll": {str(w): m for w, m in means.items()},
+        "best_lambda": best,
+        "gain": float(gain.mean()),
+        "upper_bound": upper,
+    }
 
 
 def blend_name(strategy: str, group: str, weight: float) -> str:
@@ -81,19 +107,35 @@ def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: 
         members = [i for i, g in enumerate(groups) if g == index]
         expert = engine.own_adapter(strategy, index)
         if expert is None:
-            decisions[group] = {"lambda": 0.0, "reason": "no adapter was trained (no training records)", "validation_records": len(members)}
+            decisions[group] = {
+                "lambda": 0.0,
+                "reason": "no adapter was trained (no training records)",
+                "validation_records": len(members),
+            }
             continue
         if not members:
-            decisions[group] = {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}
+            decisions[group] = {
+                "lambda": 0.0,
+                "reason": "no validation record is routed to it",
+                "validation_records": 0,
+            }
             continue
         records = [validation[i] for i in members]
         candidates = {}
         for weight in sorted(set(experts.blend_weights)):
             adapter = expert if weight == 1 else blend_name(strategy, group, weight)
             if weight != 1:
-                engine.model.add_weighted_adapter([fallback, expert], [1 - weight, weight], adapter, combination_type="cat")
+                engine.model.add_weighted_adapter(
+                    [fallback, expert], [1 - weight, weight], adapter, combination_type="cat"
+                )
             candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
-        decisions[group] = keep_rule(candidates, [fallback_nll[i] for i in members], experts.keep_confidence, experts.keep_min_records, config.seed)
+        decisions[group] = keep_rule(
+            candidates,
+            [fallback_nll[i] for i in members],
+            experts.keep_confidence,
+            experts.keep_min_records,
+            config.seed,
+        )
     return decisions
 
 
@@ -103,7 +145,9 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
     tmp = folder / f"{BLENDED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     name = blend_name(strategy, group, weight)
-    engine.model.save_pretrained(str(tmp), selected_adapters=[name])  # peft saves a named adapter in a sub-folder of that name
+    engine.model.save_pretrained(
+        str(tmp), selected_adapters=[name]
+    )  # peft saves a named adapter in a sub-folder of that name
     shutil.rmtree(folder / BLENDED, ignore_errors=True)
     (tmp / name).replace(folder / BLENDED)
     shutil.rmtree(tmp)
@@ -127,8 +171,13 @@ class KeepStage(Stage):
 
     def inputs(self, run) -> dict[str, str]:
         experts = run.config.experts
-        return {"keep rule": config_hash(experts.blend_weights, experts.keep_confidence, experts.keep_min_records, run.config.seed),
-                "fall-back": get(self.strategy).falls_back_to(run.config), "validation records": config_hash(sorted(run.validation_ids))}
+        return {
+            "keep rule": config_hash(
+                experts.blend_weights, experts.keep_confidence, experts.keep_min_records, run.config.seed
+            ),
+            "fall-back": get(self.strategy).falls_back_to(run.config),
+            "validation records": config_hash(sorted(run.validation_ids)),
+        }
 
     def run(self, run, key: str, record: dict) -> None:
         engine = StrategyModel(run.config, [self.strategy], undecided=self.strategy)
@@ -139,13 +188,18 @@ class KeepStage(Stage):
             if 0 < decision["lambda"] < 1:
                 save_blend(engine, self.strategy, group, decision["lambda"])
                 outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
-        write_json(folder / "keep.json", {"strategy": self.strategy, "fallback": get(self.strategy).falls_back_to(run.config), "groups": decisions})
+        write_json(
+            folder / "keep.json",
+            {"strategy": self.strategy, "fallback": get(self.strategy).falls_back_to(run.config), "groups": decisions},
+        )
         record.update(groups=decisions, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
         # the strategy's summary in the manifest gains each expert's decision
         summary = run.directory.manifest.get("experts", {}).get(self.strategy)
         if summary:
             for group, decision in decisions.items():
-                summary["experts"].setdefault(group, {}).update(kept=decision["lambda"] > 0, **{k: decision.get(k) for k in ("lambda", "reason")})
+                summary["experts"].setdefault(group, {}).update(
+                    kept=decision["lambda"] > 0, **{k: decision.get(k) for k in ("lambda", "reason")}
+                )
             summary["fallback"] = [g for g, (path, _) in served_groups(run, self.strategy).items() if path is None]
             owner, path = served_fallback(run, self.strategy)
             summary["fallback_adapter"] = {"strategy": owner, "folder": str(path.relative_to(run.directory.root))}

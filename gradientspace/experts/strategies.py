@@ -44,7 +44,9 @@ from gradientspace.config import LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from
-GRADIENT_CLUSTERS = "routed"  # GradientSpace's own strategy: the gradient clusters, routed (what `export` and `generate` default to)
+GRADIENT_CLUSTERS = (
+    "routed"  # GradientSpace's own strategy: the gradient clusters, routed (what `export` and `generate` default to)
+)
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the fall-back serves the prompt
 # why the fall-back answered a prompt instead of the group's own adapter (`Choice.fallback`, the serving metrics)
 BELOW_THRESHOLD, NOT_SERVED = "below_threshold", "expert_not_served"
@@ -59,6 +61,7 @@ class PromptRouter(Protocol):
 
 class ServingModel(Protocol):
     """What a strategy reads of, and asks of, the model serving it (`models.inference.StrategyModel`)."""
+
     config: RunConfig
     generalist: str  # the adapter every strategy branches from
     groups: dict[str, list[str]]  # each trained strategy's group names
@@ -71,7 +74,9 @@ class ServingModel(Protocol):
     def load_gradient_oracle(self) -> None: ...
     def load_centroids(self) -> None: ...
     def gradient_oracle_groups(self, records: list[Record]) -> list[int]: ...
-    def prompt_gradients(self, records: list[Record]): ...  # unit instruction-token gradients w.r.t. the generalist [prompts, d]
+    def prompt_gradients(
+        self, records: list[Record]
+    ): ...  # unit instruction-token gradients w.r.t. the generalist [prompts, d]
 
 
 class RunFiles(Protocol):
@@ -84,6 +89,7 @@ class RunFiles(Protocol):
 class PipelineStages(Protocol):
     """The pipeline's stages by what they give (`commands.PipelineStages`), so that a strategy can say which it needs
     without importing the modules that import it."""
+
     run: object  # the `runner.Run` they belong to
 
     def clusters(self): ...  # the gradient clusters (and the sketch and warm-up they come from)
@@ -95,11 +101,14 @@ class PipelineStages(Protocol):
 @dataclass
 class Choice:
     """How one prompt is served: adapter weights (one adapter with weight 1 unless ensembling)."""
+
     weights: dict[str, float]
     expert: int | str  # the group served (ROUTER_UNSURE below the threshold)
     probability: float
     pick: int | None = None  # the router's top group before its threshold (None: no router chose)
-    fallback: str | None = None  # why the fall-back adapter answers rather than the group's own (BELOW_THRESHOLD, NOT_SERVED)
+    fallback: str | None = (
+        None  # why the fall-back adapter answers rather than the group's own (BELOW_THRESHOLD, NOT_SERVED)
+    )
 
     @property
     def single_adapter(self) -> str | None:
@@ -154,7 +163,9 @@ class Strategy(ABC):
         return labels, [str(i) for i in range(max(labels) + 1)]
 
     def labels(self, run: RunFiles, config: RunConfig, records: list[Record]) -> list[int]:
-        raise NotImplementedError(f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own")
+        raise NotImplementedError(
+            f"strategy `{self.name}` serves the adapters of `{self.owner}` and has no partition of its own"
+        )
 
     def start(self, config: RunConfig) -> str:
         """Where its adapters start: `fresh`, `warmup` or `generalist` (then they branch from it and are kept or dropped)."""
@@ -182,7 +193,9 @@ class Strategy(ABC):
 
     def serving_stages(self, stages: PipelineStages) -> list:
         """Every stage whose output serving it reads: its adapters and the generalist's (as kept or blended), and what routes."""
-        return [stages.served(owner) for owner in trained([self.name], stages.run.config)] + get(self.owner).routing_stages(stages)
+        return [stages.served(owner) for owner in trained([self.name], stages.run.config)] + get(
+            self.owner
+        ).routing_stages(stages)
 
     def prepare(self, model: ServingModel) -> None:
         """Load into the serving model what `choose` reads beyond the adapters (a router, a gradient space)."""
@@ -236,7 +249,11 @@ class ContinuedGeneralist(Strategy):
     schedule of its own; this arm gives one adapter the same extra annealing at the cost of one more expert, so
     routed experts are compared with a baseline that had the same schedule treatment.
     """
-    name, help = "single-continued", "the generalist continued on all the data with the experts' branch schedule (the annealed baseline)"
+
+    name, help = (
+        "single-continued",
+        "the generalist continued on all the data with the experts' branch schedule (the annealed baseline)",
+    )
 
     def check_config(self, config):
         if config.experts.init != "generalist":
@@ -271,7 +288,9 @@ class TrueLabels(Strategy):
 
     def choose(self, model, records):
         names = model.groups[self.name]
-        return [model.serve_group(self.name, names.index(r.source) if r.source in names else ROUTER_UNSURE) for r in records]
+        return [
+            model.serve_group(self.name, names.index(r.source) if r.source in names else ROUTER_UNSURE) for r in records
+        ]
 
     def serving_groups(self, model, records):
         names = model.groups[self.name]
@@ -359,7 +378,10 @@ class ProjectionClusters(RoutedPartition):
 
 
 class GradientOracle(Strategy):
-    name, help = "gradient-oracle", "routed's experts, each test record sent by its own response gradient (no router can)"
+    name, help = (
+        "gradient-oracle",
+        "routed's experts, each test record sent by its own response gradient (no router can)",
+    )
 
     @property
     def owner(self) -> str:
@@ -379,7 +401,11 @@ class GradientOracle(Strategy):
 class ElreaEnsemble(Strategy):
     """Every expert and the generalist, next-token logits mixed per prompt by how its instruction gradient (w.r.t. the
     generalist, ELREA's base) resembles each cluster's mean gradient: softmax over z-scored cosine similarities."""
-    name, help = "elrea-ensemble", "ELREA-style mixture of every expert and the generalist, weighted by gradient similarity"
+
+    name, help = (
+        "elrea-ensemble",
+        "ELREA-style mixture of every expert and the generalist, weighted by gradient similarity",
+    )
 
     @property
     def owner(self) -> str:
@@ -410,18 +436,21 @@ class ElreaEnsemble(Strategy):
         return choices
 
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    GradientClusters(),
-    OneAdapter("single", "one LoRA (rank r) on everything: the generalist"),
-    OneAdapter("single-wide", "one LoRA of rank K·r on everything: as many parameters as K experts", wide=True),
-    ContinuedGeneralist(),
-    GradientOracle(),
-    TrueLabels(),
-    RandomClusters(),
-    EmbeddingClusters(),
-    ProjectionClusters(),
-    ElreaEnsemble(),
-)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        GradientClusters(),
+        OneAdapter("single", "one LoRA (rank r) on everything: the generalist"),
+        OneAdapter("single-wide", "one LoRA of rank K·r on everything: as many parameters as K experts", wide=True),
+        ContinuedGeneralist(),
+        GradientOracle(),
+        TrueLabels(),
+        RandomClusters(),
+        EmbeddingClusters(),
+        ProjectionClusters(),
+        ElreaEnsemble(),
+    )
+}
 LIST_CHOICES["experts.strategies"] = STRATEGIES  # config validation accepts exactly the registered names
 
 
@@ -446,7 +475,12 @@ def routed(names: list[str], config: RunConfig) -> list[str]:
 def decides_on_validation(config: RunConfig) -> bool:
     """Whether adapters branched from the generalist are kept, blended or dropped on the validation split (`keep.py`)."""
     experts = config.experts
-    return experts.init == "generalist" and not experts.equal_budget and experts.keep == "validation" and config.data.validation_fraction > 0
+    return (
+        experts.init == "generalist"
+        and not experts.equal_budget
+        and experts.keep == "validation"
+        and config.data.validation_fraction > 0
+    )
 
 
 def best_single_fallback(config: RunConfig) -> bool:
@@ -458,4 +492,3 @@ def best_single_fallback(config: RunConfig) -> bool:
 def cluster_count(run: RunFiles) -> int:
     """K of the run's gradient clusters: the controls use the same K."""
     return int(run.stage_entry("cluster")["k"])
-

@@ -22,9 +22,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,7 +44,9 @@ class TrainPlan:
     warmup_ratio: float = 0.1  # share of all steps spent ramping the learning rate up
     patience: int | None = 1  # epochs without validation improvement before stopping; None = fixed epochs
     snapshot_epochs: tuple[int, ...] = ()  # keep the adapter as it was after these epochs, in `epoch-<e>/`
-    sampling: str = "group_by_length"  # Trainer's train_sampling_strategy; `sequential` keeps the given order (benchmarks)
+    sampling: str = (
+        "group_by_length"  # Trainer's train_sampling_strategy; `sequential` keeps the given order (benchmarks)
+    )
     report_to: tuple[str, ...] = ()  # Trainer's trackers (`train.report_to`): tensorboard, wandb, mlflow…
     logs: Path | None = None  # where TensorBoard writes this adapter's curves (`RUN/logs/<adapter>/`)
 
@@ -84,7 +86,9 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = response_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]).mean()
-            return (loss, {}) if return_outputs else loss  # no logits: validation reads only the loss (`prediction_loss_only`)
+            return (
+                (loss, {}) if return_outputs else loss
+            )  # no logits: validation reads only the loss (`prediction_loss_only`)
 
     return ResponseLossTrainer
 
@@ -153,14 +157,32 @@ def _one_process() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def train_adapter(model, train: list[Example], validation: list[Example], pad_id: int, device: torch.device, plan: TrainPlan,
-                  out_dir: Path, key: str, desc: str) -> dict:
+def train_adapter(
+    model,
+    train: list[Example],
+    validation: list[Example],
+    pad_id: int,
+    device: torch.device,
+    plan: TrainPlan,
+    out_dir: Path,
+    key: str,
+    desc: str,
+) -> dict:
     with _one_process():
         return _train_adapter(model, train, validation, pad_id, device, plan, out_dir, key, desc)
 
 
-def _train_adapter(model, train: list[Example], validation: list[Example], pad_id: int, device: torch.device, plan: TrainPlan,
-                   out_dir: Path, key: str, desc: str) -> dict:
+def _train_adapter(
+    model,
+    train: list[Example],
+    validation: list[Example],
+    pad_id: int,
+    device: torch.device,
+    plan: TrainPlan,
+    out_dir: Path,
+    key: str,
+    desc: str,
+) -> dict:
     """Train the model's active LoRA adapter; `out_dir` becomes a plain peft folder.
 
     Checkpoints go to `<out_dir>.trainer-<key>/` and are resumed from only when the key matches;
@@ -176,23 +198,48 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
     has_validation = bool(validation)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
-        output_dir=str(work_dir), num_train_epochs=plan.max_epochs, learning_rate=plan.learning_rate,
-        per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size * 2,
-        lr_scheduler_type=plan.schedule, warmup_steps=plan.warmup_ratio, weight_decay=0.0,
-        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
-        eval_strategy="epoch" if has_validation else "no", prediction_loss_only=True, save_strategy="epoch",
-        load_best_model_at_end=has_validation and plan.patience is not None, metric_for_best_model="eval_loss",
-        greater_is_better=False, save_total_limit=2, logging_steps=1, seed=plan.seed, data_seed=plan.seed,
-        report_to=[tracker for tracker in plan.report_to if tracker != "tensorboard"], run_name=desc,
-        bf16=bf16, use_cpu=device.type == "cpu", remove_unused_columns=False, train_sampling_strategy=plan.sampling,
-        dataloader_num_workers=0, disable_tqdm=False, label_names=["labels"],
+        output_dir=str(work_dir),
+        num_train_epochs=plan.max_epochs,
+        learning_rate=plan.learning_rate,
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size * 2,
+        lr_scheduler_type=plan.schedule,
+        warmup_steps=plan.warmup_ratio,
+        weight_decay=0.0,
+        adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1],
+        adam_epsilon=ADAM_EPS,
+        eval_strategy="epoch" if has_validation else "no",
+        prediction_loss_only=True,
+        save_strategy="epoch",
+        load_best_model_at_end=has_validation and plan.patience is not None,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        save_total_limit=2,
+        logging_steps=1,
+        seed=plan.seed,
+        data_seed=plan.seed,
+        report_to=[tracker for tracker in plan.report_to if tracker != "tensorboard"],
+        run_name=desc,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,
+        train_sampling_strategy=plan.sampling,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        label_names=["labels"],
     )
     resume = get_last_checkpoint(str(work_dir)) if work_dir.exists() else None
     seconds_file = work_dir / "train_seconds.json"
     seconds_before = json.loads(seconds_file.read_text())["seconds"] if resume and seconds_file.exists() else 0.0
-    trainer = _trainer_class()(model=model, args=args, train_dataset=_ExampleDataset(train),
-                               eval_dataset=_ExampleDataset(validation) if has_validation else None, data_collator=_collator(pad_id),
-                               callbacks=_callbacks(plan, out_dir, has_validation, seconds_file, seconds_before))
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=_ExampleDataset(train),
+        eval_dataset=_ExampleDataset(validation) if has_validation else None,
+        data_collator=_collator(pad_id),
+        callbacks=_callbacks(plan, out_dir, has_validation, seconds_file, seconds_before),
+    )
     _quiet_progress(trainer)
     initial = None
     if has_validation:
@@ -202,8 +249,11 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
         else:
             initial = trainer.evaluate()["eval_loss"]
             write_json(initial_file, {"eval_loss": initial})
-    print(f"{desc}: {'resuming from ' + Path(resume).name if resume else 'training'} "
-          f"({len(train)} samples, {len(validation)} validation)", flush=True)
+    print(
+        f"{desc}: {'resuming from ' + Path(resume).name if resume else 'training'} "
+        f"({len(train)} samples, {len(validation)} validation)",
+        flush=True,
+    )
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
     history = trainer.state.log_history
@@ -212,18 +262,35 @@ def _train_adapter(model, train: list[Example], validation: list[Example], pad_i
     epochs_run = round(trainer.state.epoch or 0)
     tokens_per_epoch = sum(sum(1 for label in e.labels if label != -100) for e in train)
     summary = {
-        "steps": trainer.state.global_step, "epochs_run": epochs_run, "max_epochs": plan.max_epochs,
-        "samples": len(train), "validation_samples": len(validation), "tokens": tokens_per_epoch * epochs_run,
+        "steps": trainer.state.global_step,
+        "epochs_run": epochs_run,
+        "max_epochs": plan.max_epochs,
+        "samples": len(train),
+        "validation_samples": len(validation),
+        "tokens": tokens_per_epoch * epochs_run,
         "train_seconds": round(seconds_before + output.metrics.get("train_runtime", 0.0), 2),
-        "initial_eval_loss": initial, "best_epoch": best["epoch"] if best and plan.patience is not None else epochs_run,
-        "best_eval_loss": best["eval_loss"] if best and plan.patience is not None else (validation_curve[-1]["eval_loss"] if validation_curve else None),
+        "initial_eval_loss": initial,
+        "best_epoch": best["epoch"] if best and plan.patience is not None else epochs_run,
+        "best_eval_loss": best["eval_loss"]
+        if best and plan.patience is not None
+        else (validation_curve[-1]["eval_loss"] if validation_curve else None),
     }
     if trainer.is_world_process_zero():
         _save_adapter(model, out_dir)
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        _save_moments(optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad], out_dir / "optimizer.safetensors")
-        write_json(out_dir / "trainer_log.json", {**summary, "validation_curve": validation_curve,
-                                                  "loss": [round(h["loss"], 5) for h in history if "loss" in h]})
+        _save_moments(
+            optimizer,
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            out_dir / "optimizer.safetensors",
+        )
+        write_json(
+            out_dir / "trainer_log.json",
+            {
+                **summary,
+                "validation_curve": validation_curve,
+                "loss": [round(h["loss"], 5) for h in history if "loss" in h],
+            },
+        )
         shutil.rmtree(work_dir, ignore_errors=True)
     return summary
 

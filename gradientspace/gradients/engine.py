@@ -23,8 +23,8 @@ The flattened layout of a gradient vector is `GradientLayout`: LoRA modules in n
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ ADAM_EPS = 1e-8
 
 @dataclass
 class GradientLayout:
-    names: list[str]          # parameter names, as in model.named_parameters()
+    names: list[str]  # parameter names, as in model.named_parameters()
     shapes: list[tuple[int, ...]]
 
     @property
@@ -81,11 +81,15 @@ def mean_loss_of_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tor
     same numbers in the same order as a full-grid cross-entropy with `ignore_index` would."""
     labelled = targets != IGNORE
     token_losses = F.cross_entropy(logits[labelled].float(), targets[labelled], reduction="none")
-    losses = torch.zeros(labelled.shape, dtype=token_losses.dtype, device=token_losses.device).masked_scatter(labelled, token_losses)
+    losses = torch.zeros(labelled.shape, dtype=token_losses.dtype, device=token_losses.device).masked_scatter(
+        labelled, token_losses
+    )
     return losses.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
 
 
-def response_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def response_losses(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """`per_sample_mean_loss` of the model's forward, with the output layer run only where a loss is taken.
 
     The output layer is a [hidden × vocabulary] matmul at every position; on a small model with a
@@ -98,7 +102,9 @@ def response_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     if not _keeps_some_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return per_sample_mean_loss(logits, labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting
+    ).logits
     return mean_loss_of_predictions(logits, labels[:, predicting + 1])
 
 
@@ -107,7 +113,7 @@ def _keeps_some_logits(model: torch.nn.Module) -> bool:
     return _forward_takes_logits_to_keep(type(base))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_takes_logits_to_keep(model_class: type) -> bool:
     # read once per model class: `response_losses` runs on every training step and every scored batch
     import inspect
@@ -119,8 +125,10 @@ def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout
     """Every parameter that trains must have columns in the gradient; anything else is a silent hole."""
     missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in set(layout.names))
     if missing:
-        raise ValueError(f"trainable parameters outside the LoRA gradient layout: {', '.join(missing[:5])}"
-                         f"{' …' if len(missing) > 5 else ''} (only lora_A/lora_B Linear weights are supported)")
+        raise ValueError(
+            f"trainable parameters outside the LoRA gradient layout: {', '.join(missing[:5])}"
+            f"{' …' if len(missing) > 5 else ''} (only lora_A/lora_B Linear weights are supported)"
+        )
 
 
 def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -146,7 +154,7 @@ class PerSampleGradients:
         self._keep: torch.Tensor | None = None
         self._handles = []
 
-    def __enter__(self) -> "PerSampleGradients":
+    def __enter__(self) -> PerSampleGradients:
         # Adapters loaded for inference are frozen; their outputs must still carry a graph.
         self._frozen = [m.weight for _, m in self.modules if not m.weight.requires_grad]
         for weight in self._frozen:
@@ -187,12 +195,17 @@ class PerSampleGradients:
                 self._buffer[:, start:stop] = torch.einsum("bto,bti->boi", grad.float(), x).reshape(len(x), -1)
 
             output.register_hook(write)
+
         return forward_hook
 
-    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample gradients [batch, dim] float32, per-sample losses [batch]) for one padded batch."""
         if not self._handles:
-            raise RuntimeError("use PerSampleGradients as a context manager: `with PerSampleGradients(model) as engine:`")
+            raise RuntimeError(
+                "use PerSampleGradients as a context manager: `with PerSampleGradients(model) as engine:`"
+            )
         was_training = self.model.training
         self.model.eval()  # no dropout: gradients must be exact and repeatable
         for layer in _checkpointed_layers(self.model) if self.checkpointing else []:
@@ -222,6 +235,7 @@ class PerSampleGradients:
 @dataclass
 class AdamState:
     """Warm-up optimizer moments, flattened in the gradient layout."""
+
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     step: int
@@ -232,8 +246,8 @@ class AdamState:
         step = self.step + 1
         m = beta1 * self.exp_avg + (1 - beta1) * grads
         v = beta2 * self.exp_avg_sq + (1 - beta2) * grads.square()
-        m_hat = m / (1 - beta1 ** step)
-        v_hat = v / (1 - beta2 ** step)
+        m_hat = m / (1 - beta1**step)
+        v_hat = v / (1 - beta2**step)
         return m_hat / (v_hat.sqrt() + ADAM_EPS)
 
 
@@ -246,9 +260,17 @@ def transform(grads: torch.Tensor, adam: AdamState | None, normalize: bool) -> t
     return grads
 
 
-def stream_gradients(model: torch.nn.Module, batches: list[list[Example]], pad_id: int, device: torch.device,
-                     adam: AdamState | None = None, normalize: bool = True, start: int = 0, progress=None,
-                     checkpointing: bool = False) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
+def stream_gradients(
+    model: torch.nn.Module,
+    batches: list[list[Example]],
+    pad_id: int,
+    device: torch.device,
+    adam: AdamState | None = None,
+    normalize: bool = True,
+    start: int = 0,
+    progress=None,
+    checkpointing: bool = False,
+) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
     """Yield (batch number, sample indices, gradients [b, dim] in float32 on `device`, losses) per batch.
 
     Memory is one batch of gradients at a time, whatever the number of samples. `start` skips

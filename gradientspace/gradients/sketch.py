@@ -34,18 +34,20 @@ from gradientspace.gradients.consumers import GradientConsumer
 
 @dataclass
 class SketchResult:
-    basis: torch.Tensor          # U, d×r
+    basis: torch.Tensor  # U, d×r
     singular_values: torch.Tensor  # S, r
-    coordinates: torch.Tensor    # N×r, row i = Uᵀ g of the i-th sample in `indices`
-    indices: torch.Tensor        # N dataset indices, in arrival order
-    captured_energy: float       # ΣS² / Σ‖g‖²
+    coordinates: torch.Tensor  # N×r, row i = Uᵀ g of the i-th sample in `indices`
+    indices: torch.Tensor  # N dataset indices, in arrival order
+    captured_energy: float  # ΣS² / Σ‖g‖²
 
 
 # Rows of U rotated per step of an in-place update: bounds the temporary to ROW_CHUNK×r'.
 ROW_CHUNK = 1 << 16
 
 
-def _rotate_rows_(U: torch.Tensor, rotation: torch.Tensor, Q: torch.Tensor | None = None, Q_rotation: torch.Tensor | None = None) -> torch.Tensor:
+def _rotate_rows_(
+    U: torch.Tensor, rotation: torch.Tensor, Q: torch.Tensor | None = None, Q_rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """U @ rotation (+ Q @ Q_rotation), written over U's own storage when the result is no wider."""
     width = rotation.shape[1]
     out = U if width <= U.shape[1] else torch.empty(U.shape[0], width, dtype=U.dtype, device=U.device)
@@ -84,14 +86,22 @@ def gram(U: torch.Tensor) -> torch.Tensor:
     """UᵀU accumulated in float64 by row chunks (a float32 product over 10⁷ rows would hide 1e-6 errors)."""
     total = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64, device=U.device)
     for start in range(0, U.shape[0], ROW_CHUNK):
-        chunk = U[start:start + ROW_CHUNK].double()
+        chunk = U[start : start + ROW_CHUNK].double()
         total += chunk.T @ chunk
     return total
 
 
 class OnlineSVD(GradientConsumer):
-    def __init__(self, dim: int, rank: int, internal_rank: int | None = None, block_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", reorthonormalize_every: int = 32):
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        internal_rank: int | None = None,
+        block_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        reorthonormalize_every: int = 32,
+    ):
         self.dim, self.rank = dim, rank
         self.reorthonormalize_every = reorthonormalize_every
         self.updates = 0
@@ -127,7 +137,7 @@ class OnlineSVD(GradientConsumer):
         columns = torch.empty(self.dim, sum(len(p) for p in self._pending), dtype=self.dtype, device=self.device)
         start = 0
         for block in self._pending:
-            columns[:, start:start + len(block)] = block.T
+            columns[:, start : start + len(block)] = block.T
             start += len(block)
         indices = torch.tensor(self._pending_indices, dtype=torch.long)
         self._pending, self._pending_indices = [], []
@@ -167,7 +177,9 @@ class OnlineSVD(GradientConsumer):
         if not self.S.shape[0]:
             return
         lower = torch.linalg.cholesky(gram(self.U))  # UᵀU = LLᵀ: near I, so Cholesky is well conditioned
-        inverse = torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=lower.dtype, device=lower.device), upper=False)
+        inverse = torch.linalg.solve_triangular(
+            lower, torch.eye(len(lower), dtype=lower.dtype, device=lower.device), upper=False
+        )
         # U = (U L⁻ᵀ) Lᵀ, and Lᵀ diag(S) = u s vhᵀ, so U diag(S) Vᵀ = (U L⁻ᵀ u) diag(s) (V vh)ᵀ.
         u, s, vh = torch.linalg.svd(lower.T * self.S.double())
         # u ≈ I (L is near I and S is sorted): keep it so, or every pass could flip a component's sign.
@@ -180,9 +192,13 @@ class OnlineSVD(GradientConsumer):
     def orthogonality_error(self) -> float:
         """‖UᵀU − I‖₂: how far rounding has pulled the basis from orthonormal."""
         self.flush()
-        return float(torch.linalg.matrix_norm(gram(self.U) - torch.eye(self.U.shape[1], dtype=torch.float64, device=self.U.device), ord=2))
+        return float(
+            torch.linalg.matrix_norm(
+                gram(self.U) - torch.eye(self.U.shape[1], dtype=torch.float64, device=self.U.device), ord=2
+            )
+        )
 
-    def merge(self, other: "OnlineSVD") -> "OnlineSVD":
+    def merge(self, other: OnlineSVD) -> OnlineSVD:
         """Fold the sketch of a disjoint shard into this one (multi-process runs)."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge sketches of dimension {self.dim} and {other.dim}")
@@ -215,14 +231,20 @@ class OnlineSVD(GradientConsumer):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         pending = torch.cat(self._pending) if self._pending else torch.zeros(0, self.dim, dtype=self.dtype)
-        return {"U": self.U, "S": self.S, "V": self.V, "indices": self.indices,
-                "pending": pending, "pending_indices": torch.tensor(self._pending_indices, dtype=torch.long),
-                "total_energy": torch.tensor(self.total_energy, dtype=torch.float64)}
+        return {
+            "U": self.U,
+            "S": self.S,
+            "V": self.V,
+            "indices": self.indices,
+            "pending": pending,
+            "pending_indices": torch.tensor(self._pending_indices, dtype=torch.long),
+            "total_energy": torch.tensor(self.total_energy, dtype=torch.float64),
+        }
 
     def metadata(self) -> dict[str, str]:
         return {"rank": str(self.rank), "internal_rank": str(self.internal_rank), "block_size": str(self.block_size)}
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> "OnlineSVD":
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> OnlineSVD:
         self.U, self.S, self.V = (tensors[n].to(self.device, self.dtype) for n in ("U", "S", "V"))
         self.indices = tensors["indices"].cpu()
         self.total_energy = float(tensors["total_energy"])
@@ -231,14 +253,20 @@ class OnlineSVD(GradientConsumer):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> "OnlineSVD":
+    def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> OnlineSVD:
         """A sketch rebuilt from `save`'s file alone (its settings are in the file's metadata)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
         tensors = load_file(str(path))
-        sketch = cls(tensors["U"].shape[0], int(meta["rank"]), int(meta["internal_rank"]), int(meta["block_size"]),
-                     dtype=tensors["U"].dtype, device=device)
+        sketch = cls(
+            tensors["U"].shape[0],
+            int(meta["rank"]),
+            int(meta["internal_rank"]),
+            int(meta["block_size"]),
+            dtype=tensors["U"].dtype,
+            device=device,
+        )
         sketch.load_state_dict(tensors)
         return sketch

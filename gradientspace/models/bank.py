@@ -54,7 +54,7 @@ class AdapterBank:
         self.model.load_adapter(str(folder), adapter_name=name)
         self.model.eval()
 
-    def stacked(self, adapters: list[str]) -> "StackedLoRA":
+    def stacked(self, adapters: list[str]) -> StackedLoRA:
         """The given adapters stacked for batches that mix them (`decode(..., stack=...)`)."""
         return StackedLoRA(self.model, adapters)
 
@@ -67,7 +67,9 @@ class AdapterBank:
         return response_losses(self.model, input_ids, mask, labels).tolist()
 
     @torch.no_grad()
-    def mixture_nll(self, weights: dict[str, float], input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    def mixture_nll(
+        self, weights: dict[str, float], input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> list[float]:
         """The same under a mixture of adapters' next-token logits."""
         logits, _ = self.mixed_logits(weights, input_ids, mask)
         return per_sample_mean_loss(logits, labels).tolist()
@@ -87,8 +89,15 @@ class AdapterBank:
     # ---------------------------------------------------------------- decoding
 
     @torch.no_grad()
-    def decode(self, prompts: list[list[int]], adapters: list[str], max_new_tokens: int, stopping_criteria=None,
-               logits_processor=None, stack: "StackedLoRA | None" = None) -> list[list[int]]:
+    def decode(
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        max_new_tokens: int,
+        stopping_criteria=None,
+        logits_processor=None,
+        stack: StackedLoRA | None = None,
+    ) -> list[list[int]]:
         """The new tokens of each prompt, row b decoded with adapter `adapters[b]`, up to its first end-of-turn id.
 
         One `generate` call: rows on one adapter through peft's own path, rows on several through `stack`
@@ -106,9 +115,16 @@ class AdapterBank:
             self.model.set_adapter(adapters[0])
             adapter_context = contextlib.nullcontext()
         with adapter_context:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=sorted(self.eos_ids), pad_token_id=pad, stopping_criteria=stopping_criteria,
-                                      logits_processor=logits_processor)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=pad,
+                stopping_criteria=stopping_criteria,
+                logits_processor=logits_processor,
+            )
         rows = []
         for row in out[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
@@ -116,7 +132,9 @@ class AdapterBank:
         return rows
 
     @torch.no_grad()
-    def decode_mixture(self, weights: dict[str, float], prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+    def decode_mixture(
+        self, weights: dict[str, float], prompt_ids: list[int], max_new_tokens: int
+    ) -> tuple[list[int], float, float]:
         """Greedy decoding of one prompt under a mixture of adapters, a KV cache per adapter; returns (new tokens,
         first-token seconds, total seconds)."""
         start = time.perf_counter()
@@ -179,6 +197,7 @@ class StackedLoRA:
 def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
     def hook(module, args, output):
         return output + ((args[0] @ a_cat.T) * mask) @ b_cat.T
+
     return hook
 
 

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
 from gradientspace.experts.adapters import generalist_folder, recorded_fallback, served_fallback, served_groups
+from gradientspace.experts.strategies import BELOW_THRESHOLD, GENERALIST, NOT_SERVED, ROUTER_UNSURE, Choice, get
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import AdapterBank, FirstToken
 from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runs import RunDirectory, atomic_path, write_json
-from gradientspace.experts.strategies import BELOW_THRESHOLD, GENERALIST, NOT_SERVED, ROUTER_UNSURE, Choice, get
 
 WARMUP = "warmup"
 
@@ -51,12 +51,16 @@ class StrategyModel:
     its keep stage decided against (`keep.json`), but `undecided`: the keep stage deciding that strategy reads its adapters
     as trained and its fall-back as the config says (`Strategy.falls_back_to`)."""
 
-    def __init__(self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, undecided: str | None = None):
+    def __init__(
+        self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, undecided: str | None = None
+    ):
         self.config, self.run = config, RunDirectory(config.out)
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
         generalist = generalist_folder(self.run) / suffix
         if not (generalist / "adapter_model.safetensors").exists():
-            raise FileNotFoundError(f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)")
+            raise FileNotFoundError(
+                f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)"
+            )
         self.generalist = self.adapter_name(GENERALIST, "0")
         self.bank = AdapterBank(config.model.name, config.model.device, self.generalist, generalist)
         self.folders: dict[str, Path] = {self.generalist: generalist}  # adapter name → the folder it was loaded from
@@ -65,16 +69,24 @@ class StrategyModel:
         self.oracle_space: tuple[torch.Tensor, torch.Tensor] | None = None
         self.centroids: torch.Tensor | None = None
         owners = list(dict.fromkeys(get(s).owner for s in strategies))
-        self.fallbacks = {o: get(o).falls_back_to(config) if o == undecided else recorded_fallback(self.run, o) for o in owners}
+        self.fallbacks = {
+            o: get(o).falls_back_to(config) if o == undecided else recorded_fallback(self.run, o) for o in owners
+        }
         loaded = list(dict.fromkeys([GENERALIST, *self.fallbacks.values(), *owners]))
         for strategy in loaded:
             folder = get(strategy).folder(self.run)
             if not (folder / "partition.json").exists():
-                raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies")
+                raise FileNotFoundError(
+                    f"{folder} has no experts: run `gradientspace train-experts` with `{strategy}` among experts.strategies"
+                )
             self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
             for group, (path, _) in served_groups(self.run, strategy, apply_decisions=strategy != undecided).items():
                 name = self.adapter_name(strategy, group)
-                if path is not None and name not in self.bank and (path / suffix / "adapter_model.safetensors").exists():
+                if (
+                    path is not None
+                    and name not in self.bank
+                    and (path / suffix / "adapter_model.safetensors").exists()
+                ):
                     self.bank.load(name, path / suffix)
                     self.folders[name] = path / suffix
         for strategy in dict.fromkeys(loaded + list(strategies)):
@@ -97,7 +109,9 @@ class StrategyModel:
 
     def load_router(self, strategy: str) -> None:
         if strategy not in self.routers:
-            self.routers[strategy] = Router.load(get(strategy).router_folder(self.run), self.device, threshold=threshold_override(self.config))
+            self.routers[strategy] = Router.load(
+                get(strategy).router_folder(self.run), self.device, threshold=threshold_override(self.config)
+            )
 
     def load_gradient_oracle(self) -> None:
         if self.oracle_space is None:
@@ -106,7 +120,9 @@ class StrategyModel:
 
     def load_centroids(self) -> None:
         if self.centroids is None:
-            self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(self.device)
+            self.centroids = load_file(str(self.run.path("elrea", "centroids.safetensors")))["centroids"].to(
+                self.device
+            )
 
     def load_folder(self, folder: Path) -> str:
         """The adapter loaded from `folder`, loaded first where none was (an adapter that is not served: a dropped expert)."""
@@ -151,14 +167,18 @@ class StrategyModel:
         choices = get(strategy).choose(self, records)
         return choices, time.perf_counter() - start
 
-    def gradients(self, records: list[Record], adapter: str, tokens: str, adam=None, normalize: bool = True) -> torch.Tensor:
+    def gradients(
+        self, records: list[Record], adapter: str, tokens: str, adam=None, normalize: bool = True
+    ) -> torch.Tensor:
         """Per-record LoRA gradients w.r.t. one adapter (the engine of the clustering pass), one row per record."""
         self.model.set_adapter(adapter)
         examples = tokenize(records, self.tokenizer, self.config.data.max_length, tokens)
         rows = []
         with PerSampleGradients(self.model) as engine:
             for start in range(0, len(examples), 8):
-                input_ids, mask, labels = (t.to(self.device) for t in collate(examples[start:start + 8], self.tokenizer.pad_token_id))
+                input_ids, mask, labels = (
+                    t.to(self.device) for t in collate(examples[start : start + 8], self.tokenizer.pad_token_id)
+                )
                 grads, _ = engine.batch(input_ids, mask, labels)
                 rows.append(transform(grads, adam, normalize=normalize))
         return torch.cat(rows)
@@ -177,13 +197,17 @@ class StrategyModel:
     def sketch_coordinates(self, records: list[Record]) -> torch.Tensor:
         """Each record's own response gradient (w.r.t. the warm-up adapter, transformed as the clustering pass did) on the
         sketch basis, unit norm, [records, r] float64: the space the gradient clusters were found in."""
-        from gradientspace.gradients.engine import layout_of
         from gradientspace.experts.train import load_adam_state
+        from gradientspace.gradients.engine import layout_of
 
         self.load_gradient_oracle()
         gradients = self.config.gradients
         self.model.set_adapter(WARMUP)
-        adam = load_adam_state(self.run.path("warmup", "optimizer.safetensors"), layout_of(self.model), self.device) if gradients.adam_precondition else None
+        adam = (
+            load_adam_state(self.run.path("warmup", "optimizer.safetensors"), layout_of(self.model), self.device)
+            if gradients.adam_precondition
+            else None
+        )
         grads = self.gradients(records, WARMUP, gradients.tokens, adam, gradients.normalize)
         return torch.nn.functional.normalize(grads.double().cpu() @ self.oracle_space[0], dim=1)
 
@@ -205,7 +229,7 @@ class StrategyModel:
             by_adapter.setdefault(choice.single_adapter, []).append(i)
         for adapter, members in by_adapter.items():
             for start in range(0, len(members), batch_size if adapter is not None else 1):
-                batch = members[start:start + (batch_size if adapter is not None else 1)]
+                batch = members[start : start + (batch_size if adapter is not None else 1)]
                 input_ids, mask, labels = (t.to(self.device) for t in collate([examples[i] for i in batch], pad))
                 if adapter is None:
                     values = self.bank.mixture_nll(choices[batch[0]].weights, input_ids, mask, labels)
@@ -217,8 +241,14 @@ class StrategyModel:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, strategy: str, records: list[Record], max_new_tokens: int = 128, progress: bool = False,
-                 batch_size: int = 8) -> list[Generation]:
+    def generate(
+        self,
+        strategy: str,
+        records: list[Record],
+        max_new_tokens: int = 128,
+        progress: bool = False,
+        batch_size: int = 8,
+    ) -> list[Generation]:
         """Route, then decode each prompt with its adapter(s) (`AdapterBank.decode`; a mixture: `decode_mixture`).
 
         Prompts that share one adapter are decoded together, `batch_size` at a time; every ensemble
@@ -231,25 +261,48 @@ class StrategyModel:
         results: list[Generation | None] = [None] * len(records)
         choices, routing_seconds = self.choose(strategy, records)
         per_prompt_routing = routing_seconds / max(len(records), 1)
-        prompts = [self.tokenizer(prompt_text(self.tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
+        prompts = [
+            self.tokenizer(prompt_text(self.tokenizer, r), add_special_tokens=False)["input_ids"] for r in records
+        ]
         by_adapter: dict[str | None, list[int]] = {}
         for i, choice in enumerate(choices):
             by_adapter.setdefault(choice.single_adapter, []).append(i)
-        bar = tqdm(total=len(records), desc=f"generate ({strategy})", dynamic_ncols=True, **({} if progress else {"disable": True}))
+        bar = tqdm(
+            total=len(records),
+            desc=f"generate ({strategy})",
+            dynamic_ncols=True,
+            **({} if progress else {"disable": True}),
+        )
         for adapter, members in by_adapter.items():
             step = batch_size if adapter is not None else 1
             for start in range(0, len(members), step):
-                batch = members[start:start + step]
+                batch = members[start : start + step]
                 if adapter is None:
-                    new, first, total = self.bank.decode_mixture(choices[batch[0]].weights, prompts[batch[0]], max_new_tokens)
+                    new, first, total = self.bank.decode_mixture(
+                        choices[batch[0]].weights, prompts[batch[0]], max_new_tokens
+                    )
                     rows = [new]
                 else:
                     clock = FirstToken()
-                    rows = self.bank.decode([prompts[i] for i in batch], [adapter] * len(batch), max_new_tokens, StoppingCriteriaList([clock]))
+                    rows = self.bank.decode(
+                        [prompts[i] for i in batch],
+                        [adapter] * len(batch),
+                        max_new_tokens,
+                        StoppingCriteriaList([clock]),
+                    )
                     first, total = clock.seconds(), time.perf_counter() - clock.start
                 for i, new in zip(batch, rows):
-                    results[i] = Generation(self.tokenizer.decode(new, skip_special_tokens=True), choices[i].expert, choices[i].probability,
-                                            per_prompt_routing, first, len(new), total, adapter, choices[i].fallback)
+                    results[i] = Generation(
+                        self.tokenizer.decode(new, skip_special_tokens=True),
+                        choices[i].expert,
+                        choices[i].probability,
+                        per_prompt_routing,
+                        first,
+                        len(new),
+                        total,
+                        adapter,
+                        choices[i].fallback,
+                    )
                 bar.update(len(batch))
         bar.close()
         return results
@@ -270,7 +323,7 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
     sums = None
     with PerSampleGradients(model) as engine:
         for start in tqdm(range(0, len(examples), 8), desc="elrea centroids", dynamic_ncols=True):
-            batch = examples[start:start + 8]
+            batch = examples[start : start + 8]
             grads, _ = engine.batch(*(t.to(device) for t in collate(batch, tokenizer.pad_token_id)))
             grads = transform(grads, None, normalize=True)
             if sums is None:
@@ -279,7 +332,9 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
                 sums[labels[example.index]] += row
                 sums[-1] += row
     counts = torch.bincount(torch.tensor(labels), minlength=len(groups)).tolist() + [len(records)]
-    centroids = (sums / torch.tensor(counts, device=device, dtype=torch.float64).clamp(min=1).unsqueeze(1)).float().cpu()
+    centroids = (
+        (sums / torch.tensor(counts, device=device, dtype=torch.float64).clamp(min=1).unsqueeze(1)).float().cpu()
+    )
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -297,21 +352,29 @@ def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tenso
     labels = torch.tensor([json.loads(line)["cluster"] for line in run.path("clusters.jsonl").read_text().splitlines()])
     unit = torch.nn.functional.normalize(sketch["coordinates"].double(), dim=1)
     k = int(labels.max()) + 1
-    centroids = torch.stack([unit[labels == c].mean(dim=0) if (labels == c).any() else torch.zeros(unit.shape[1], dtype=unit.dtype)
-                             for c in range(k)])
+    centroids = torch.stack(
+        [
+            unit[labels == c].mean(dim=0) if (labels == c).any() else torch.zeros(unit.shape[1], dtype=unit.dtype)
+            for c in range(k)
+        ]
+    )
     return sketch["basis"].double(), torch.nn.functional.normalize(centroids, dim=1)
 
 
-def best_threshold(top_probabilities: list[float], expert_nll: list[float], fallback_nll: list[float]) -> tuple[float, float]:
+def best_threshold(
+    top_probabilities: list[float], expert_nll: list[float], fallback_nll: list[float]
+) -> tuple[float, float]:
     """(threshold, mean NLL) minimising the validation NLL of "expert if probability ≥ threshold, else the fall-back".
 
     Candidates are 0 (always the expert) and every observed probability, plus one above them all
     (always the fall-back); ties go to the lowest threshold, which trusts the router most.
     """
     candidates = sorted({0.0, *top_probabilities, 1.0 + 1e-9})
+
     def mean_nll(threshold: float) -> float:
         chosen = [e if p >= threshold else g for p, e, g in zip(top_probabilities, expert_nll, fallback_nll)]
         return sum(chosen) / max(len(chosen), 1)
+
     scored = [(round(mean_nll(t), 10), t) for t in candidates]
     value, threshold = min(scored, key=lambda pair: (pair[0], pair[1]))
     return threshold, value
@@ -330,9 +393,14 @@ def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Recor
     fallback = [engine.serve_group(strategy, ROUTER_UNSURE) for _ in validation]
     expert_nll, fallback_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(fallback, validation)
     threshold, value = best_threshold(top.tolist(), expert_nll, fallback_nll)
-    details = {"threshold": threshold, "validation_records": len(validation), "validation_nll": value, "fallback": engine.fallback_for(strategy),
-               "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
-               "validation_nll_always_fallback": sum(fallback_nll) / max(len(validation), 1)}
+    details = {
+        "threshold": threshold,
+        "validation_records": len(validation),
+        "validation_nll": value,
+        "fallback": engine.fallback_for(strategy),
+        "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
+        "validation_nll_always_fallback": sum(fallback_nll) / max(len(validation), 1),
+    }
     write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
     return details
 
@@ -345,6 +413,7 @@ GENERALIST_MODEL = "generalist"
 @dataclass
 class ServedAdapter:
     """One adapter behind a routed server: its public model id, the router output it answers, its peft folder."""
+
     name: str
     expert: int
     folder: Path
@@ -364,8 +433,11 @@ def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedA
     folder = get(strategy).folder(run)
     if not (folder / "partition.json").exists():
         raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
-    experts = [ServedAdapter(f"expert-{group}", i, path) for i, (group, (path, _)) in enumerate(served_groups(run, strategy).items())
-               if path is not None and (path / "adapter_model.safetensors").exists()]
+    experts = [
+        ServedAdapter(f"expert-{group}", i, path)
+        for i, (group, (path, _)) in enumerate(served_groups(run, strategy).items())
+        if path is not None and (path / "adapter_model.safetensors").exists()
+    ]
     owner, fallback = served_fallback(run, strategy)
     return experts + [ServedAdapter(GENERALIST_MODEL if owner == GENERALIST else owner, ROUTER_UNSURE, fallback)]
 

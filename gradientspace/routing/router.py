@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
 from gradientspace.routing.encoder import embed_texts, load_encoder, mean_pool
 from gradientspace.runs import Stage, atomic_path, config_hash, write_json
-from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -62,8 +62,15 @@ class Router:
             tokenizer, model = self.encoder
             model.save_pretrained(folder / "encoder")
             tokenizer.save_pretrained(folder / "encoder")
-        write_json(folder / "router.json", {"classes": self.head.out_features, "threshold": self.threshold,
-                                            "finetuned_encoder": self.encoder is not None, **details})
+        write_json(
+            folder / "router.json",
+            {
+                "classes": self.head.out_features,
+                "threshold": self.threshold,
+                "finetuned_encoder": self.encoder is not None,
+                **details,
+            },
+        )
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, threshold: float | None = None) -> Router:
@@ -75,7 +82,10 @@ class Router:
         if info["finetuned_encoder"]:
             from transformers import AutoModel, AutoTokenizer
 
-            encoder = (AutoTokenizer.from_pretrained(folder / "encoder"), AutoModel.from_pretrained(folder / "encoder").to(device).eval())
+            encoder = (
+                AutoTokenizer.from_pretrained(folder / "encoder"),
+                AutoModel.from_pretrained(folder / "encoder").to(device).eval(),
+            )
         return cls(head, info["threshold"] if threshold is None else threshold, encoder, device)
 
 
@@ -96,8 +106,19 @@ def _accuracy(router: Router, texts: list[str], labels: list[int]) -> float | No
     return float((predicted == torch.tensor(labels)).float().mean())
 
 
-def train_router(texts: list[str], labels: list[int], classes: int, device: torch.device, *, epochs: int, learning_rate: float,
-                 validation_fraction: float, threshold: float, seed: int, finetune_encoder: bool = False) -> tuple[Router, dict]:
+def train_router(
+    texts: list[str],
+    labels: list[int],
+    classes: int,
+    device: torch.device,
+    *,
+    epochs: int,
+    learning_rate: float,
+    validation_fraction: float,
+    threshold: float,
+    seed: int,
+    finetune_encoder: bool = False,
+) -> tuple[Router, dict]:
     """Fit the head (and optionally the encoder) with cross-entropy; returns (router, details with held-out accuracy)."""
     train_idx, held_idx = stratified_split(labels, validation_fraction, seed)
     torch.manual_seed(seed)
@@ -117,14 +138,20 @@ def train_router(texts: list[str], labels: list[int], classes: int, device: torc
     else:
         tokenizer, model = load_encoder(device)
         model.train()
-        optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": 2e-5}, {"params": head.parameters(), "lr": learning_rate}])
+        optimizer = torch.optim.AdamW(
+            [{"params": model.parameters(), "lr": 2e-5}, {"params": head.parameters(), "lr": learning_rate}]
+        )
         generator = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
             for start in range(0, len(order), 16):
-                batch = order[start:start + 16]
-                encoded = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
-                pooled = torch.nn.functional.normalize(mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1)
+                batch = order[start : start + 16]
+                encoded = tokenizer(
+                    [texts[i] for i in batch], padding=True, truncation=True, max_length=256, return_tensors="pt"
+                ).to(device)
+                pooled = torch.nn.functional.normalize(
+                    mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1
+                )
                 loss = torch.nn.functional.cross_entropy(head(pooled), y[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -136,8 +163,13 @@ def train_router(texts: list[str], labels: list[int], classes: int, device: torc
         accuracy = lambda idx: _accuracy(router, [texts[i] for i in idx], [labels[i] for i in idx])
     else:  # the frozen encoder's embeddings are already on the device: no second encoder pass
         accuracy = lambda idx: float((head(features[idx]).argmax(dim=1) == y[idx]).float().mean()) if idx else None
-    details = {"train_samples": len(train_idx), "heldout_samples": len(held_idx), "loss_curve": curve,
-               "train_accuracy": accuracy(train_idx), "heldout_accuracy": accuracy(held_idx)}
+    details = {
+        "train_samples": len(train_idx),
+        "heldout_samples": len(held_idx),
+        "loss_curve": curve,
+        "train_accuracy": accuracy(train_idx),
+        "heldout_accuracy": accuracy(held_idx),
+    }
     return router, details
 
 
@@ -166,8 +198,13 @@ class RouterStage(Stage):
     def inputs(self, run) -> dict[str, str]:
         from dataclasses import asdict
 
-        settings = {k: v for k, v in asdict(run.config.router).items() if k != "threshold"}  # the threshold is chosen after training
-        return {"router settings": config_hash(settings, run.config.seed), "training records": config_hash(sorted(r.id for r in run.training))}
+        settings = {
+            k: v for k, v in asdict(run.config.router).items() if k != "threshold"
+        }  # the threshold is chosen after training
+        return {
+            "router settings": config_hash(settings, run.config.seed),
+            "training records": config_hash(sorted(r.id for r in run.training)),
+        }
 
     def run(self, run, key: str, record: dict) -> None:
         from gradientspace.models.loading import pick_device
@@ -176,14 +213,29 @@ class RouterStage(Stage):
         partition = json.loads((get(self.strategy).folder(run) / "partition.json").read_text())
         records = run.training
         labels = [partition["assignment"][r.id] for r in records]
-        router, details = train_router([r.prompt_text for r in records], labels, len(partition["groups"]), pick_device(config.model.device),
-                                       epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
-                                       learning_rate=config.router.learning_rate, validation_fraction=config.router.validation_fraction,
-                                       threshold=fixed_threshold(config), seed=config.seed, finetune_encoder=config.router.finetune_encoder)
+        router, details = train_router(
+            [r.prompt_text for r in records],
+            labels,
+            len(partition["groups"]),
+            pick_device(config.model.device),
+            epochs=config.router.epochs if not config.router.finetune_encoder else min(config.router.epochs, 3),
+            learning_rate=config.router.learning_rate,
+            validation_fraction=config.router.validation_fraction,
+            threshold=fixed_threshold(config),
+            seed=config.seed,
+            finetune_encoder=config.router.finetune_encoder,
+        )
         router.save(folder, details)
-        run.directory.record_section("router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")})
-        record.update(outputs=[str((folder / name).relative_to(run.directory.root)) for name in ("router.json", "head.safetensors")],
-                      heldout_accuracy=details["heldout_accuracy"], train_accuracy=details["train_accuracy"])
+        run.directory.record_section(
+            "router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")}
+        )
+        record.update(
+            outputs=[
+                str((folder / name).relative_to(run.directory.root)) for name in ("router.json", "head.safetensors")
+            ],
+            heldout_accuracy=details["heldout_accuracy"],
+            train_accuracy=details["train_accuracy"],
+        )
 
 
 def train_routers(run, strategies: list[str] | None = None) -> dict:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI imports BackendError without loading torch
     from gradientspace.models.inference import ServedAdapter
 
+
 class BackendError(ValueError):
     """A run cannot be served by the backend, or the upstream is not serving it; the message says which file or name."""
 
@@ -56,7 +57,19 @@ class VLLM(Backend):
         return name  # vLLM names a request's LoRA by its own name
 
     def launch_command(self, base, modules, rank, adapters, listen):
-        return ["vllm", "serve", base, *listen, "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(adapters), "--lora-modules", *modules]
+        return [
+            "vllm",
+            "serve",
+            base,
+            *listen,
+            "--enable-lora",
+            "--max-lora-rank",
+            str(rank),
+            "--max-loras",
+            str(adapters),
+            "--lora-modules",
+            *modules,
+        ]
 
 
 class SGLang(Backend):
@@ -66,8 +79,21 @@ class SGLang(Backend):
         return f"{base}:{name}"
 
     def launch_command(self, base, modules, rank, adapters, listen):
-        return ["python", "-m", "sglang.launch_server", "--model-path", base, *listen, "--enable-lora", "--max-lora-rank", str(rank),
-                "--max-loras-per-batch", str(adapters), "--lora-paths", *modules]
+        return [
+            "python",
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            base,
+            *listen,
+            "--enable-lora",
+            "--max-lora-rank",
+            str(rank),
+            "--max-loras-per-batch",
+            str(adapters),
+            "--lora-paths",
+            *modules,
+        ]
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (VLLM(), SGLang())}
@@ -83,14 +109,18 @@ def adapter_rank(folder: Path, backend: Backend) -> int:
     """The folder's largest LoRA rank, after checking the backend can load the adapter."""
     config_file = folder / "adapter_config.json"
     if not config_file.exists() or not (folder / "adapter_model.safetensors").exists():
-        raise BackendError(f"{folder}: not a peft adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+        raise BackendError(
+            f"{folder}: not a peft adapter folder (needs adapter_config.json and adapter_model.safetensors)"
+        )
     config = json.loads(config_file.read_text())
     name = backend.name
     problems = {
-        "peft_type": config.get("peft_type") != "LORA" and f"is {config.get('peft_type')!r}; {name} serves LORA adapters only",
-        "modules_to_save": bool(config.get("modules_to_save")) and f"is {config['modules_to_save']}; {name} loads only the LoRA matrices, so those fully trained modules would be lost",
+        "peft_type": config.get("peft_type") != "LORA"
+        and f"is {config.get('peft_type')!r}; {name} serves LORA adapters only",
+        "modules_to_save": bool(config.get("modules_to_save"))
+        and f"is {config['modules_to_save']}; {name} loads only the LoRA matrices, so those fully trained modules would be lost",
         "use_dora": bool(config.get("use_dora")) and f"is true; {name} does not load DoRA adapters",
-        "bias": config.get("bias", "none") != "none" and f"is {config.get('bias')!r}; {name} needs bias \"none\"",
+        "bias": config.get("bias", "none") != "none" and f'is {config.get("bias")!r}; {name} needs bias "none"',
     }
     for key, problem in problems.items():
         if problem:
@@ -111,7 +141,9 @@ def launch_command(backend: str, base: str, served: list[ServedAdapter], port: i
     server = get_backend(backend)
     rank = max(adapter_rank(s.folder, server) for s in served)
     modules = [f"{s.name}={s.folder.resolve()}" for s in served]
-    return server.launch_command(base, modules, server.allowed_rank(rank), len(served), ["--port", str(port)] if port else [])
+    return server.launch_command(
+        base, modules, server.allowed_rank(rank), len(served), ["--port", str(port)] if port else []
+    )
 
 
 def backend_command(run_dir: str | Path, base_model: str, backend: str, port: int | None = None) -> str:

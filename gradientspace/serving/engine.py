@@ -37,15 +37,15 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from gradientspace.data.records import Record, prompt_text
-from gradientspace.models.inference import StrategyModel, serving_names, served_adapters
+from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
 
 
 @dataclass
@@ -64,11 +64,14 @@ class Sampling:
 @dataclass
 class Route:
     """Which adapter answers a request: its public model id, the router's expert id and top probability."""
+
     model: str
     expert: int | str
     probability: float
     pick: int | None = None  # the router's top group before its threshold (None: pinned, or no router)
-    fallback: str | None = None  # why the fall-back adapter answers (`strategies.BELOW_THRESHOLD`, `NOT_SERVED`), else None
+    fallback: str | None = (
+        None  # why the fall-back adapter answers (`strategies.BELOW_THRESHOLD`, `NOT_SERVED`), else None
+    )
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Request:
     Kinds, in order: `routed` (a Route), any number of `text` (str), then `done` (the finish
     reason: stop | length | cancelled) or `error` (a message); `done` or `error` may come first.
     """
+
     record: Record  # its prompt text is what the router reads
     prompt_ids: list[int]
     sampling: Sampling
@@ -126,16 +130,16 @@ class _Row:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         stops = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in request.sampling.stop) if i >= 0]
         if stops:
-            self._send(text[:min(stops)])
+            self._send(text[: min(stops)])
             return self._end("stop")
         if len(self.tokens) >= request.sampling.max_tokens:
             self._send(text)
             return self._end("length")
-        self._send(text[:len(text) - _held_back(text, request.sampling.stop)])
+        self._send(text[: len(text) - _held_back(text, request.sampling.stop)])
 
     def _send(self, text: str) -> None:
         if len(text) > self.sent:
-            self.request.emit("text", text[self.sent:])
+            self.request.emit("text", text[self.sent :])
             self.sent = len(text)
 
     def _end(self, reason: str) -> None:
@@ -189,9 +193,9 @@ class RowSampler(LogitsProcessor):
             sampling = row.request.sampling
             if sampling.temperature <= 0 or row.finish is not None:
                 continue
-            row_scores = TemperatureLogitsWarper(sampling.temperature)(input_ids[i:i + 1], scores[i:i + 1].float())
+            row_scores = TemperatureLogitsWarper(sampling.temperature)(input_ids[i : i + 1], scores[i : i + 1].float())
             if sampling.top_p < 1:
-                row_scores = TopPLogitsWarper(sampling.top_p)(input_ids[i:i + 1], row_scores)
+                row_scores = TopPLogitsWarper(sampling.top_p)(input_ids[i : i + 1], row_scores)
             token = int(torch.multinomial(torch.softmax(row_scores, dim=-1).cpu(), 1, generator=row.generator))
             scores[i] = float("-inf")
             scores[i, token] = 0.0
@@ -205,10 +209,19 @@ class EngineBusy(Exception):
 class Engine:
     """Owns a StrategyModel in one worker thread; `submit` may be called from any thread."""
 
-    def __init__(self, model: StrategyModel, strategy: str = "routed", max_batch_size: int = 16, batch_window: float = 0.01, max_queued: int = 256):
+    def __init__(
+        self,
+        model: StrategyModel,
+        strategy: str = "routed",
+        max_batch_size: int = 16,
+        batch_window: float = 0.01,
+        max_queued: int = 256,
+    ):
         self.model, self.strategy = model, strategy
         self.max_batch_size, self.batch_window = max_batch_size, batch_window
-        self.on_batch: Callable[[int], None] = lambda size: None  # told each generate call's rows (the server's metrics)
+        self.on_batch: Callable[[int], None] = lambda size: (
+            None
+        )  # told each generate call's rows (the server's metrics)
         self.tokenizer = model.tokenizer
         self.adapters = serving_names(model, strategy)  # public id → loaded adapter
         self.public = {adapter: name for name, adapter in self.adapters.items()}
@@ -261,7 +274,9 @@ class Engine:
         """Blocking: one chat request through the same queue and batches as the server's; (request, text, route)."""
         events: queue.Queue = queue.Queue()
         _, prompt_ids = self.chat_prompt(record.messages)
-        request = self.submit(Request(record, prompt_ids, sampling, lambda kind, value: events.put((kind, value)), pinned))
+        request = self.submit(
+            Request(record, prompt_ids, sampling, lambda kind, value: events.put((kind, value)), pinned)
+        )
         text, route = [], None
         while True:
             kind, value = events.get()
@@ -278,7 +293,7 @@ class Engine:
         self._queue.put(None)
         self._worker.join()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -338,8 +353,9 @@ class Engine:
 
     def _route(self, batch: list[Request]) -> list[tuple[str, Route]]:
         """(adapter, Route) of each request: pinned, or chosen by the router in one pass."""
-        routes: list[tuple[str, Route] | None] = [(self.adapters[r.pinned], Route(r.pinned, self.experts[r.pinned], 1.0)) if r.pinned else None
-                                                  for r in batch]
+        routes: list[tuple[str, Route] | None] = [
+            (self.adapters[r.pinned], Route(r.pinned, self.experts[r.pinned], 1.0)) if r.pinned else None for r in batch
+        ]
         unpinned = [i for i, r in enumerate(batch) if not r.pinned]
         if unpinned:
             choices, seconds = self.model.choose(self.strategy, [batch[i].record for i in unpinned])
@@ -347,8 +363,16 @@ class Engine:
                 if choice.single_adapter is None:
                     raise ValueError(f"strategy `{self.strategy}` mixes adapters per prompt; it cannot be served")
                 batch[i].routing_seconds = seconds
-                routes[i] = (choice.single_adapter, Route(self.public.get(choice.single_adapter, choice.single_adapter), choice.expert,
-                                                          choice.probability, choice.pick, choice.fallback))
+                routes[i] = (
+                    choice.single_adapter,
+                    Route(
+                        self.public.get(choice.single_adapter, choice.single_adapter),
+                        choice.expert,
+                        choice.probability,
+                        choice.pick,
+                        choice.fallback,
+                    ),
+                )
         return routes
 
     def _decode_isolating(self, rows: list[_Row]) -> None:
@@ -382,9 +406,14 @@ class Engine:
         self.stats["mixed_batches"] += int(len({row.adapter for row in rows}) > 1)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         self.on_batch(len(rows))
-        self.model.bank.decode([row.input_ids() for row in rows], [row.adapter for row in rows], max(row.tokens_left() for row in rows),
-                               stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
-                               logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []), stack=self.stacked)
+        self.model.bank.decode(
+            [row.input_ids() for row in rows],
+            [row.adapter for row in rows],
+            max(row.tokens_left() for row in rows),
+            stopping_criteria=StoppingCriteriaList([RowStops(rows)]),
+            logits_processor=LogitsProcessorList([RowSampler(rows)] if sampling else []),
+            stack=self.stacked,
+        )
         for row in rows:
             if row.finish is None:  # generate ran out of steps before the row's own check
                 row.end_at_length()

@@ -16,6 +16,7 @@ import secrets
 import socket
 
 from gradientspace.config import ConfigError
+
 from .protocol import APIError
 
 API_KEY_VARIABLE = "GRADIENTSPACE_API_KEY"
@@ -27,7 +28,9 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as err:
-        raise ConfigError(f"config key `serve.host`: {host!r} is not an address of this machine ({err}); use 127.0.0.1, 0.0.0.0 or ::") from None
+        raise ConfigError(
+            f"config key `serve.host`: {host!r} is not an address of this machine ({err}); use 127.0.0.1, 0.0.0.0 or ::"
+        ) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse a port in TIME_WAIT
     try:
@@ -36,7 +39,9 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         if err.errno == errno.EADDRINUSE:
-            raise ConfigError(f"config key `serve.port`: {host}:{port} is already in use by another process; choose another with --port") from None
+            raise ConfigError(
+                f"config key `serve.port`: {host}:{port} is already in use by another process; choose another with --port"
+            ) from None
         key = "serve.port" if err.errno == errno.EACCES else "serve.host"
         raise ConfigError(f"config key `{key}`: cannot listen on {host}:{port} ({err.strerror})") from None
     return sock
@@ -70,8 +75,12 @@ class RequireAPIKey:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             sent = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(sent, self.expected):
-                refusal = APIError(401, "Incorrect or missing API key: send the server's key as `Authorization: Bearer KEY`",
-                                   code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+                refusal = APIError(
+                    401,
+                    "Incorrect or missing API key: send the server's key as `Authorization: Bearer KEY`",
+                    code="invalid_api_key",
+                    headers={"www-authenticate": "Bearer"},
+                )
                 return await refusal.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -88,7 +97,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and not declared.isdigit():
-            return await APIError(400, f"Content-Length {declared.decode(errors='replace')!r} is not a number").response()(scope, receive, send)
+            return await APIError(
+                400, f"Content-Length {declared.decode(errors='replace')!r} is not a number"
+            ).response()(scope, receive, send)
         if declared is not None and int(declared) > self.limit:
             return await self._too_large(int(declared))(scope, receive, send)
         chunks, size = [], 0
@@ -116,5 +127,8 @@ class BodyLimit:
 
     def _too_large(self, size: int | None):
         sent = f"{size} bytes" if size is not None else "more"
-        return APIError(413, f"The request body is {sent}; this server accepts at most {self.limit} bytes (serve.max_body_bytes)",
-                        code="request_too_large").response()
+        return APIError(
+            413,
+            f"The request body is {sent}; this server accepts at most {self.limit} bytes (serve.max_body_bytes)",
+            code="request_too_large",
+        ).response()

@@ -8,7 +8,7 @@ sizes and finished requests directly: prometheus_client's metrics are thread-saf
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -18,7 +18,13 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}  # of `serve` and `route` alike
+ENDPOINTS = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+}  # of `serve` and `route` alike
 PROBABILITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -27,25 +33,69 @@ class ServerMetrics:
 
     def __init__(self, queue_depth: Callable[[], int] | None, endpoints: set[str]):
         self.registry = CollectorRegistry()
-        self.endpoints = endpoints  # other paths are counted as "other", so a scan of random URLs cannot grow the label set
+        self.endpoints = (
+            endpoints  # other paths are counted as "other", so a scan of random URLs cannot grow the label set
+        )
         registry = self.registry
-        self.requests = Counter("gradientspace_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=registry)
-        self.by_expert = Counter("gradientspace_expert_requests", "Generation requests by the adapter that answered them", ["expert"], registry=registry)
-        self.router_picks = Counter("gradientspace_router_picks", "Routed requests by the router's top group, before its threshold",
-                                    ["group"], registry=registry)
-        self.fallbacks = Counter("gradientspace_fallback_requests", "Routed requests the fall-back adapter answered, by why: the router "
-                                 "was below its threshold, or the group's expert is not served", ["reason"], registry=registry)
-        self.prompt_tokens = Counter("gradientspace_prompt_tokens", "Prompt tokens of the generation requests that reached the engine", registry=registry)
+        self.requests = Counter(
+            "gradientspace_requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.by_expert = Counter(
+            "gradientspace_expert_requests",
+            "Generation requests by the adapter that answered them",
+            ["expert"],
+            registry=registry,
+        )
+        self.router_picks = Counter(
+            "gradientspace_router_picks",
+            "Routed requests by the router's top group, before its threshold",
+            ["group"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "gradientspace_fallback_requests",
+            "Routed requests the fall-back adapter answered, by why: the router "
+            "was below its threshold, or the group's expert is not served",
+            ["reason"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "gradientspace_prompt_tokens",
+            "Prompt tokens of the generation requests that reached the engine",
+            registry=registry,
+        )
         self.generation_tokens = Counter("gradientspace_generation_tokens", "Tokens generated", registry=registry)
-        self.failed = Counter("gradientspace_engine_failed_requests", "Requests the engine answered with an error", registry=registry)
-        self.router_probability = Histogram("gradientspace_router_top_probability", "The router's top probability per routed request",
-                                            buckets=PROBABILITY_BUCKETS, registry=registry)
+        self.failed = Counter(
+            "gradientspace_engine_failed_requests", "Requests the engine answered with an error", registry=registry
+        )
+        self.router_probability = Histogram(
+            "gradientspace_router_top_probability",
+            "The router's top probability per routed request",
+            buckets=PROBABILITY_BUCKETS,
+            registry=registry,
+        )
         if queue_depth is not None:
-            Gauge("gradientspace_queue_depth", "Requests waiting for a batch", registry=registry).set_function(queue_depth)
-        self.batch_size = Histogram("gradientspace_batch_size", "Rows per generate call", buckets=BATCH_BUCKETS, registry=registry)
-        self.time_to_first_token = Histogram("gradientspace_time_to_first_token_seconds", "From queued to first token",
-                                             buckets=LATENCY_BUCKETS, registry=registry)
-        self.latency = Histogram("gradientspace_request_latency_seconds", "From queued to the last token", buckets=LATENCY_BUCKETS, registry=registry)
+            Gauge("gradientspace_queue_depth", "Requests waiting for a batch", registry=registry).set_function(
+                queue_depth
+            )
+        self.batch_size = Histogram(
+            "gradientspace_batch_size", "Rows per generate call", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.time_to_first_token = Histogram(
+            "gradientspace_time_to_first_token_seconds",
+            "From queued to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "gradientspace_request_latency_seconds",
+            "From queued to the last token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
 
     def observe(self, request: Request, kind: str, value: object) -> None:
         """One engine event of `request` (called by the worker thread)."""

@@ -30,14 +30,31 @@ PROBABILITY_HEADER = "x-gradientspace-probability"
 class APIError(Exception):
     """An error a client caused or must hear about, answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type,
+            param,
+            code,
+            headers,
+        )
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
-                            status_code=self.status, headers=self.headers)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+            status_code=self.status,
+            headers=self.headers,
+        )
 
 
 class TextPart(BaseModel):
@@ -65,13 +82,14 @@ def _asks_for_nothing(value: Any, neutral: tuple) -> bool:
 
 class Sampled(BaseModel):
     """What both endpoints share."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # a 64-bit integer, as OpenAI's and torch's
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's and torch's
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,8 +97,17 @@ class Sampled(BaseModel):
     # Fields this server does not implement, with the values that ask for nothing (clients send
     # those by default, so they pass); any other value is refused. OpenAI's, then vLLM's.
     NOT_IMPLEMENTED: ClassVar[dict[str, tuple]] = {
-        "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
-        "best_of": (1,), "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "min_tokens": (0,), "ignore_eos": (False,),
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+        "presence_penalty": (0, 0.0),
+        "frequency_penalty": (0, 0.0),
+        "logit_bias": ({},),
+        "best_of": (1,),
+        "top_k": (-1, 0),
+        "min_p": (0, 0.0),
+        "repetition_penalty": (1, 1.0),
+        "min_tokens": (0,),
+        "ignore_eos": (False,),
         "use_beam_search": (False,),
     }
 
@@ -92,11 +119,17 @@ class Sampled(BaseModel):
 
     def unsupported(self) -> None:
         if self.n != 1:
-            raise APIError(400, f"n = {self.n}: this server returns one choice per request; send n = 1 (or several requests)", param="n")
+            raise APIError(
+                400,
+                f"n = {self.n}: this server returns one choice per request; send n = 1 (or several requests)",
+                param="n",
+            )
         extra = self.model_extra or {}
         for name, neutral in self.NOT_IMPLEMENTED.items():
             if not _asks_for_nothing(extra.get(name), neutral):
-                raise APIError(400, f"`{name}` is not supported by this server (got {extra[name]!r}); leave it out", param=name)
+                raise APIError(
+                    400, f"`{name}` is not supported by this server (got {extra[name]!r}); leave it out", param=name
+                )
 
 
 class ChatRequest(Sampled):
@@ -104,9 +137,18 @@ class ChatRequest(Sampled):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     NOT_IMPLEMENTED = {
-        **Sampled.NOT_IMPLEMENTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-        "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (),
-        "reasoning_effort": (), "store": (False,),
+        **Sampled.NOT_IMPLEMENTED,
+        "tools": ([],),
+        "tool_choice": ("none",),
+        "functions": ([],),
+        "function_call": ("none",),
+        "response_format": ({"type": "text"},),
+        "modalities": (["text"],),
+        "audio": (),
+        "prediction": (),
+        "web_search_options": (),
+        "reasoning_effort": (),
+        "store": (False,),
     }
 
     def turns(self) -> list[dict[str, str]]:
@@ -142,8 +184,20 @@ def model_list(served: list[ServedAdapter], base: str) -> dict:
     """`GET /v1/models`: the routing alias, then every served expert and the fall-back adapter, each an adapter of `base`."""
     created = int(time.time())
     ids = [ROUTED_MODEL] + [s.name for s in served]
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "gradientspace", "root": base, "parent": base}
-                                       for name in ids]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "gradientspace",
+                "root": base,
+                "parent": base,
+            }
+            for name in ids
+        ],
+    }
 
 
 def resolve_model(name: str, served: list[ServedAdapter]) -> str | None:
@@ -153,7 +207,9 @@ def resolve_model(name: str, served: list[ServedAdapter]) -> str | None:
     if any(s.name == name for s in served):
         return name
     known = ", ".join([ROUTED_MODEL] + [s.name for s in served])
-    raise APIError(404, f"The model `{name}` does not exist. This server has: {known}", param="model", code="model_not_found")
+    raise APIError(
+        404, f"The model `{name}` does not exist. This server has: {known}", param="model", code="model_not_found"
+    )
 
 
 def route_headers(model: str, probability: float) -> dict[str, str]:
@@ -174,7 +230,9 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):  # an unknown route (404), a wrong method (405)
         kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
-        return APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", type=kind, headers=err.headers).response()
+        return APIError(
+            err.status_code, f"{request.method} {request.url.path}: {err.detail}", type=kind, headers=err.headers
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 
 import httpx
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -28,11 +29,20 @@ from gradientspace.config import RunConfig, ServeConfig
 from gradientspace.experts.strategies import BELOW_THRESHOLD, NOT_SERVED, ROUTER_UNSURE, get
 from gradientspace.models.inference import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
+
 from .backends import BackendError, upstream_model
 from .engine import Route
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on, upstream_api_key
 from .metrics import ENDPOINTS, CountStatuses, ServerMetrics
-from .protocol import APIError, ChatRequest, CompletionRequest, install_error_handlers, model_list, resolve_model, route_headers
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    install_error_handlers,
+    model_list,
+    resolve_model,
+    route_headers,
+)
 
 RELAYED_HEADERS = ("content-type", "content-encoding", "cache-control")
 HEALTH_TIMEOUT_S = 5.0  # `/health` asks the upstream; a probe must not hang as long as a generation may
@@ -43,26 +53,34 @@ def upstream_root(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1")
 
 
-def upstream_base(url: str, backend: str, served: list[ServedAdapter], timeout: float = 10.0, key: str | None = None) -> str:
+def upstream_base(
+    url: str, backend: str, served: list[ServedAdapter], timeout: float = 10.0, key: str | None = None
+) -> str:
     """The base model the upstream serves, after checking it lists every served adapter."""
     try:
         response = httpx.get(f"{upstream_root(url)}/v1/models", timeout=timeout, headers=upstream_headers(key))
         if response.status_code == 401:
-            raise BackendError(f"upstream {url}: GET /v1/models needs a key it was not given"
-                               f"{' (the one given was refused)' if key else ''}: give `--upstream-api-key` (or $GRADIENTSPACE_UPSTREAM_API_KEY)")
+            raise BackendError(
+                f"upstream {url}: GET /v1/models needs a key it was not given"
+                f"{' (the one given was refused)' if key else ''}: give `--upstream-api-key` (or $GRADIENTSPACE_UPSTREAM_API_KEY)"
+            )
         response.raise_for_status()
         cards = response.json()["data"]
     except BackendError:  # said already, in its own words (a ValueError, which the next line would wrap)
         raise
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-        raise BackendError(f"upstream {url}: GET /v1/models failed ({err}); is the {backend} server running there?") from None
+        raise BackendError(
+            f"upstream {url}: GET /v1/models failed ({err}); is the {backend} server running there?"
+        ) from None
     ids = [card["id"] for card in cards]
     bases = [card["id"] for card in cards if not card.get("parent")] or ids[:1]
     base = bases[0] if bases else ""
     missing = [s.name for s in served if s.name not in ids and upstream_model(backend, s.name, base) not in ids]
     if missing:
-        raise BackendError(f"upstream {url} does not serve {', '.join(missing)} (it lists {', '.join(ids) or 'nothing'}); "
-                           f"start it with the command `gradientspace backend-command RUN --backend {backend}` prints")
+        raise BackendError(
+            f"upstream {url} does not serve {', '.join(missing)} (it lists {', '.join(ids) or 'nothing'}); "
+            f"start it with the command `gradientspace backend-command RUN --backend {backend}` prints"
+        )
     return base
 
 
@@ -70,11 +88,22 @@ def upstream_headers(key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-def create_route_app(router: Router, served: list[ServedAdapter], base: str, upstream: str, backend: str,
-                     settings: ServeConfig | None = None, api_key: str | None = None, upstream_key: str | None = None) -> FastAPI:
+def create_route_app(
+    router: Router,
+    served: list[ServedAdapter],
+    base: str,
+    upstream: str,
+    backend: str,
+    settings: ServeConfig | None = None,
+    api_key: str | None = None,
+    upstream_key: str | None = None,
+) -> FastAPI:
     settings = settings or ServeConfig()
-    client = httpx.AsyncClient(base_url=upstream_root(upstream), timeout=httpx.Timeout(settings.upstream_timeout_s, connect=10.0),
-                               headers=upstream_headers(upstream_key))
+    client = httpx.AsyncClient(
+        base_url=upstream_root(upstream),
+        timeout=httpx.Timeout(settings.upstream_timeout_s, connect=10.0),
+        headers=upstream_headers(upstream_key),
+    )
     metrics = ServerMetrics(None, ENDPOINTS)
 
     @contextlib.asynccontextmanager
@@ -83,8 +112,12 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
         await client.aclose()
 
     hidden = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="GradientSpace router", description=f"Routes each request to one LoRA expert served by {backend} at {upstream}",
-                  lifespan=lifespan, **hidden)
+    app = FastAPI(
+        title="GradientSpace router",
+        description=f"Routes each request to one LoRA expert served by {backend} at {upstream}",
+        lifespan=lifespan,
+        **hidden,
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # added last = runs first: count, then key, then size
     if api_key:
@@ -98,8 +131,14 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
         try:
             (await client.get("/v1/models", timeout=HEALTH_TIMEOUT_S)).raise_for_status()
         except httpx.HTTPError as err:
-            return JSONResponse({"status": "unavailable", **state, "reason": f"upstream GET /v1/models failed: {type(err).__name__}: {err}"},
-                                status_code=503)
+            return JSONResponse(
+                {
+                    "status": "unavailable",
+                    **state,
+                    "reason": f"upstream GET /v1/models failed: {type(err).__name__}: {err}",
+                },
+                status_code=503,
+            )
         return {"status": "ok", **state}
 
     @app.get("/metrics")
@@ -133,22 +172,51 @@ def create_route_app(router: Router, served: list[ServedAdapter], base: str, ups
         # the client's own Authorization is this router's key: only the upstream's key (the client's default header) goes on
         forwarded = {k: v for k, v in http.headers.items() if k.lower() == "accept"}
         try:
-            response = await client.send(client.build_request("POST", http.url.path, json=payload, headers=forwarded), stream=True)
+            response = await client.send(
+                client.build_request("POST", http.url.path, json=payload, headers=forwarded), stream=True
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-            raise APIError(502, f"upstream {upstream} is unreachable: {type(err).__name__}: {err}", type="server_error", code="upstream_unreachable") from None
+            raise APIError(
+                502,
+                f"upstream {upstream} is unreachable: {type(err).__name__}: {err}",
+                type="server_error",
+                code="upstream_unreachable",
+            ) from None
         except httpx.TimeoutException:
-            raise APIError(504, f"upstream {upstream} did not answer within serve.upstream_timeout_s = {settings.upstream_timeout_s:g} s",
-                           type="server_error", code="upstream_timeout") from None
+            raise APIError(
+                504,
+                f"upstream {upstream} did not answer within serve.upstream_timeout_s = {settings.upstream_timeout_s:g} s",
+                type="server_error",
+                code="upstream_timeout",
+            ) from None
         except httpx.HTTPError as err:
-            raise APIError(502, f"upstream {upstream} failed: {type(err).__name__}: {err}", type="server_error", code="upstream_unreachable") from None
+            raise APIError(
+                502,
+                f"upstream {upstream} failed: {type(err).__name__}: {err}",
+                type="server_error",
+                code="upstream_unreachable",
+            ) from None
         metrics.routed(chosen)
-        headers = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS} | route_headers(chosen.model, chosen.probability)
-        return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=headers, background=BackgroundTask(response.aclose))
+        headers = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS} | route_headers(
+            chosen.model, chosen.probability
+        )
+        return StreamingResponse(
+            response.aiter_raw(),
+            status_code=response.status_code,
+            headers=headers,
+            background=BackgroundTask(response.aclose),
+        )
 
     return app
 
 
-def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | None = None, upstream_key_flag: str | None = None) -> None:
+def route(
+    config: RunConfig,
+    upstream: str,
+    backend: str,
+    api_key_flag: str | None = None,
+    upstream_key_flag: str | None = None,
+) -> None:
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
     from gradientspace.models.inference import served_adapters
     from gradientspace.models.loading import pick_device
@@ -159,8 +227,13 @@ def route(config: RunConfig, upstream: str, backend: str, api_key_flag: str | No
         run = RunDirectory(config.out)
         served = served_adapters(run)
         base = upstream_base(upstream, backend, served, key=upstream_key)
-        router = Router.load(get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config))
-        print(f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
-              f"(base {base}); listening on http://{settings.host}:{settings.port}/v1", flush=True)
+        router = Router.load(
+            get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config)
+        )
+        print(
+            f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "
+            f"(base {base}); listening on http://{settings.host}:{settings.port}/v1",
+            flush=True,
+        )
         app = create_route_app(router, served, base, upstream, backend, settings, key, upstream_key)
         serve_on(sock, app, settings.host, settings.port)

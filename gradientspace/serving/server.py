@@ -24,17 +24,27 @@ import asyncio
 import json
 import time
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gradientspace.config import RunConfig, ServeConfig
 from gradientspace.models.inference import ServedAdapter
+
 from .engine import Engine, EngineBusy, Request, Route, Sampling
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
 from .metrics import ENDPOINTS, CountStatuses, ServerMetrics
-from .protocol import (APIError, ChatRequest, CompletionRequest, completion_id, install_error_handlers, model_list,
-                       resolve_model, route_headers)
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    completion_id,
+    install_error_handlers,
+    model_list,
+    resolve_model,
+    route_headers,
+)
 
 DISCONNECT_POLL_SECONDS = 0.25
 RETRY_AFTER_SECONDS = 1
@@ -43,7 +53,15 @@ RETRY_AFTER_SECONDS = 1
 class _Pending:
     """A submitted request as the event loop sees it: the worker's events arrive on an asyncio queue."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics, record, prompt_ids: list[int], sampling: Sampling, pinned: str | None):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ServerMetrics,
+        record,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        pinned: str | None,
+    ):
         self.loop, self.metrics = asyncio.get_running_loop(), metrics
         self.events: asyncio.Queue = asyncio.Queue()
         self.request = Request(record, prompt_ids, sampling, self.emit, pinned)
@@ -52,8 +70,13 @@ class _Pending:
         except ValueError as err:
             raise APIError(400, str(err)) from None
         except EngineBusy as err:
-            raise APIError(503, f"The server is overloaded ({err}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
-                           code="server_overloaded", headers={"retry-after": str(RETRY_AFTER_SECONDS)}) from None
+            raise APIError(
+                503,
+                f"The server is overloaded ({err}); retry after {RETRY_AFTER_SECONDS} s",
+                type="server_error",
+                code="server_overloaded",
+                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+            ) from None
 
     def emit(self, kind: str, value: object) -> None:
         """Called by the engine's worker thread."""
@@ -74,7 +97,9 @@ class _Pending:
                     return "done", "cancelled"
 
 
-def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings: ServeConfig, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, served: list[ServedAdapter], base: str, settings: ServeConfig, api_key: str | None = None
+) -> FastAPI:
     """The app in front of `engine`; with `api_key`, every /v1 route requires it."""
     hidden = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="GradientSpace", description="Routed LoRA experts behind an OpenAI-compatible API", **hidden)
@@ -111,27 +136,49 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
     def budget(prompt_tokens: int, requested: int | None, param: str) -> int:
         limit = engine.context_length
         if limit is not None and prompt_tokens >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt alone has {prompt_tokens} tokens",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens; the prompt alone has {prompt_tokens} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
-            raise APIError(400, f"The prompt has {prompt_tokens} tokens; this server accepts at most {settings.max_prompt_tokens} "
-                                f"(serve.max_prompt_tokens)", param=param, code="prompt_too_long")
+            raise APIError(
+                400,
+                f"The prompt has {prompt_tokens} tokens; this server accepts at most {settings.max_prompt_tokens} "
+                f"(serve.max_prompt_tokens)",
+                param=param,
+                code="prompt_too_long",
+            )
         if limit is None:
             return requested or settings.default_max_tokens
         if requested and prompt_tokens + requested > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested {prompt_tokens + requested} "
-                                f"({prompt_tokens} in the prompt, {requested} for the completion)", param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens; you requested {prompt_tokens + requested} "
+                f"({prompt_tokens} in the prompt, {requested} for the completion)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return min(requested or settings.default_max_tokens, limit - prompt_tokens)
 
     # the most prompt tokens any request may have, and the characters beyond which a prompt surely has more
-    prompt_limit = min((n for n in (settings.max_prompt_tokens, engine.context_length and engine.context_length - 1) if n), default=None)
+    prompt_limit = min(
+        (n for n in (settings.max_prompt_tokens, engine.context_length and engine.context_length - 1) if n),
+        default=None,
+    )
     prompt_characters = prompt_limit and prompt_limit * engine.longest_token
 
     def surely_too_long(characters: int, param: str) -> None:
         """Refuses, without tokenising it, a prompt whose length in characters alone proves it has too many tokens."""
         if prompt_characters and characters > prompt_characters:
-            raise APIError(400, f"The prompt has {characters} characters, so at least {characters // engine.longest_token} tokens; this "
-                                f"server accepts at most {prompt_limit}", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"The prompt has {characters} characters, so at least {characters // engine.longest_token} tokens; this "
+                f"server accepts at most {prompt_limit}",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def respond(body: ChatRequest | CompletionRequest, http: HTTPRequest, chat: bool):
         # the cheap checks first, then tokenising (in the thread pool), then the checks that need the tokens
@@ -144,7 +191,13 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
         else:
             surely_too_long(len(body.text()), "prompt")
             record, prompt_ids = await run_in_threadpool(engine.text_prompt, body.text())
-        sampling = Sampling(budget(len(prompt_ids), body.token_budget(), "messages" if chat else "prompt"), body.temperature, body.top_p, stops, body.seed)
+        sampling = Sampling(
+            budget(len(prompt_ids), body.token_budget(), "messages" if chat else "prompt"),
+            body.temperature,
+            body.top_p,
+            stops,
+            body.seed,
+        )
         pending = _Pending(engine, metrics, record, prompt_ids, sampling, pinned)
         kind, route = await pending.next(http)
         if kind == "error":
@@ -155,7 +208,9 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
         headers = route_headers(route.model, route.probability)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(stream(pending, http, shape, len(prompt_ids), usage), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                stream(pending, http, shape, len(prompt_ids), usage), media_type="text/event-stream", headers=headers
+            )
         text = []
         while True:
             kind, value = await pending.next(http)
@@ -165,9 +220,11 @@ def create_app(engine: Engine, served: list[ServedAdapter], base: str, settings:
                 raise APIError(500, str(value), type="server_error")
             else:
                 break
-        return JSONResponse(shape.whole("".join(text), value, _usage(len(prompt_ids), pending.request)), headers=headers)
+        return JSONResponse(
+            shape.whole("".join(text), value, _usage(len(prompt_ids), pending.request)), headers=headers
+        )
 
-    async def stream(pending: _Pending, http: HTTPRequest, shape: "_Shape", prompt_tokens: int, usage: bool):
+    async def stream(pending: _Pending, http: HTTPRequest, shape: _Shape, prompt_tokens: int, usage: bool):
         try:
             yield _sse(shape.chunk("", None, first=True))
             while True:
@@ -196,15 +253,33 @@ class _Shape:
         self.chat, self.id, self.route, self.created = chat, id, route, int(time.time())
 
     def _envelope(self, object: str) -> dict:
-        return {"id": self.id, "object": object, "created": self.created, "model": self.route.model,
-                "gradientspace": {"expert": self.route.model, "router_expert": self.route.expert, "probability": round(self.route.probability, 4)}}
+        return {
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.route.model,
+            "gradientspace": {
+                "expert": self.route.model,
+                "router_expert": self.route.expert,
+                "probability": round(self.route.probability, 4),
+            },
+        }
 
     def whole(self, text: str, finish: str, usage: dict) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion"), "choices": [choice], "usage": usage}
+        return {
+            **self._envelope("chat.completion" if self.chat else "text_completion"),
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def chunk(self, text: str, finish: str | None, first: bool = False) -> dict:
         if self.chat:
@@ -216,7 +291,11 @@ class _Shape:
 
 
 def _usage(prompt_tokens: int, request: Request) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": request.completion_tokens, "total_tokens": prompt_tokens + request.completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": request.completion_tokens,
+        "total_tokens": prompt_tokens + request.completion_tokens,
+    }
 
 
 def _sse(data: dict | str) -> str:
@@ -238,8 +317,11 @@ def serve(config: RunConfig, api_key_flag: str | None = None) -> None:
     settings, key = config.serve, api_key(api_key_flag)
     with listen(settings.host, settings.port) as sock:
         app, engine = build(config, api_key=key)
-        print(f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
-              f"on http://{settings.host}:{settings.port}/v1 ({'API key required' if key else 'no API key'}; metrics at /metrics)", flush=True)
+        print(
+            f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
+            f"on http://{settings.host}:{settings.port}/v1 ({'API key required' if key else 'no API key'}; metrics at /metrics)",
+            flush=True,
+        )
         try:
             serve_on(sock, app, settings.host, settings.port)
         finally:
