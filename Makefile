@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # bench/gpu_check.py on a GPU machine that can download nothing, with its own python3 (no .venv): the wheels in .whl/
-# and the tiny-random model folder in .gpu-cache/ travel with the checkout (README, Development, says how to fetch them).
+# and the tiny-random model folder in .gpu-cache/ travel with the checkout (docs/development.md says how to fetch them).
 GPU_CHECK_OUT ?= bench/out/gpu-check.json
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile .whl/*.whl; fi

@@ -33,8 +33,8 @@ from gradientspace.config import load_config
 from gradientspace.data.records import load_records
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.gradients.sketch import OnlineSVD
+from gradientspace.models.encoder import embed_texts
 from gradientspace.models.loading import load_lora_model
-from gradientspace.routing.encoder import embed_texts
 from gradientspace.runs import config_hash, peak_memory_mb
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

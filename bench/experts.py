@@ -4,7 +4,7 @@ For each data set (../shared/data/mix4, skills4), training size (`--per-label` r
 and seed, one run directory goes through the default protocol: the generalist (`single`) trains
 with early stopping on the validation split; every expert branches from it and stops on its own
 cluster's validation share; each is then kept, blended with the generalist or dropped on the
-validation records its router sends it (`gradientspace/experts/keep.py`); the router threshold is chosen on
+validation records its router sends it (`gradientspace/routing/keep.py`); the router threshold is chosen on
 validation. Every arm is scored on the validation split (where the single adapter of record is
 chosen), then the test split (`--test-per-label` per label) is scored once, at the end. Arms:
 
@@ -54,12 +54,13 @@ import numpy as np
 
 from gradientspace import distributed
 from gradientspace.clustering.stages import cluster
-from gradientspace.commands import EvaluateStage, ScoreStage, decide_experts, router_thresholds, serving_stages
+from gradientspace.commands import decide_experts, router_thresholds
 from gradientspace.config import load_config
-from gradientspace.evaluation.evaluate import evaluate_strategies
-from gradientspace.evaluation.scores import Scores
+from gradientspace.evaluation.evaluate import EvaluateStage, evaluate_strategies
+from gradientspace.evaluation.scores import Scores, ScoreStage
 from gradientspace.experts.adapters import train_experts
 from gradientspace.experts.strategies import STRATEGIES, get
+from gradientspace.routing.pipeline import serving_stages
 from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl

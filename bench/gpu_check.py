@@ -586,8 +586,8 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
 
 def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
     from gradientspace.data.records import tokenize
-    from gradientspace.experts.train import TrainPlan, train_adapter
     from gradientspace.models.loading import load_tokenizer
+    from gradientspace.models.train import TrainPlan, train_adapter
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
@@ -636,8 +636,8 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     from gradientspace.config import load_config
     from gradientspace.experts.adapters import generalist_folder
     from gradientspace.experts.strategies import get
+    from gradientspace.models.encoder import embed_texts
     from gradientspace.models.loading import load_tokenizer
-    from gradientspace.routing.encoder import embed_texts
     from gradientspace.routing.router import Router
     from gradientspace.runs import RunDirectory, write_json
 

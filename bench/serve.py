@@ -186,7 +186,7 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
 
     from gradientspace.data.records import prompt_text
     from gradientspace.models.bank import StackedLoRA
-    from gradientspace.models.inference import serving_names
+    from gradientspace.routing.model import serving_names
 
     adapters = list(serving_names(model).values())
     rows = [adapters[i % len(adapters)] for i in range(len(records))]
@@ -306,7 +306,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.routing.model import StrategyModel
 
     model = StrategyModel(config_from_run(run), ["elrea-ensemble"])  # holds the routed experts too
     results["one batch decoded in-process"] = mixed_batch_decode(

@@ -24,7 +24,7 @@ from gradientspace.clustering.stages import cluster
 from gradientspace.commands import decide_experts, router_thresholds
 from gradientspace.config import config_from_run
 from gradientspace.experts.adapters import train_experts
-from gradientspace.models.inference import StrategyModel
+from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import train_routers
 from gradientspace.runner import Run
 

@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 
 from gradientspace.clustering.stages import cluster
 from gradientspace.config import load_config
+from gradientspace.models.encoder import embed_texts
 from gradientspace.models.loading import pick_device
-from gradientspace.routing.encoder import embed_texts
 from gradientspace.runner import Run
 from gradientspace.runs import write_json, write_jsonl
 from gradientspace.selection import mean_cosine, target_features

@@ -22,9 +22,9 @@ import torch
 
 from gradientspace.config import ModelConfig
 from gradientspace.data.records import collate, load_records, shuffled_length_batches, tokenize
-from gradientspace.experts.train import TrainPlan, train_adapter
 from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, per_sample_mean_loss
 from gradientspace.models.loading import load_lora_model
+from gradientspace.models.train import TrainPlan, train_adapter
 
 SHARED_MIX4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mix4" / "train.jsonl"
 

@@ -16,7 +16,7 @@ from gradientspace.commands import run_all
 from gradientspace.config import RunConfig, config_from_run, load_config
 from gradientspace.evaluation.evaluate import evaluate_strategies
 from gradientspace.experts.adapters import train_experts
-from gradientspace.models.inference import StrategyModel
+from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import train_routers
 
 __all__ = [

@@ -11,6 +11,7 @@ from gradientspace.config import (
     RunConfig,
     config_from_run,
     config_keys,
+    configuration_markdown,
     key_default,
     key_help,
     load_config,
@@ -181,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from gradientspace.data.records import Record, load_records
-    from gradientspace.models.inference import StrategyModel, serving_names
+    from gradientspace.routing.model import StrategyModel, serving_names
     from gradientspace.runs import RunDirectory
 
     config = _run_config(args, {"threshold": "router.threshold"})
@@ -237,6 +238,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_config_keys(args: argparse.Namespace) -> int:
     import textwrap
 
+    if args.markdown:
+        sys.stdout.write(configuration_markdown())
+        return 0
     for key, _ in config_keys():
         print(f"{key}: {key_default(key)}")
         print(
@@ -572,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser(
         "config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)"
+    )
+    keys.add_argument(
+        "--markdown", action="store_true", help="print them as docs/configuration.md (one table per section)"
     )
     keys.set_defaults(func=cmd_config_keys)
     return parser

@@ -863,3 +863,45 @@ def key_help(key: str) -> str:
     if "path" in item.metadata:
         parts.append(PATH_NOTE)
     return " ".join(parts)
+
+
+CONFIGURATION_INTRO = """One YAML file maps onto typed dataclasses (`gradientspace/config.py`, each field with its help);
+unknown keys are refused with their dotted name. Flags override the file, and `--set KEY=VALUE`
+overrides any key (`--set 'data.columns={instruction: question}'`). Relative paths in a YAML file
+(`out`, `data.path`, `evaluate.data`, a local `model.name` folder) are read against the YAML file's
+folder, so a config means the same from any working directory (`configs/demo.yaml` says
+`out: ../runs/demo`); paths given as flags or `--set` are read against the working directory.
+
+```yaml
+model:    {name: smollm2-135m, lora_rank: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}
+data:     {path: my_data.jsonl, max_length: 256}
+sketch:   {rank: 16}          # internal_rank defaults to 4 × rank
+cluster:  {method: gradientspace, k: 4}
+experts:  {strategies: [routed, single]}
+```"""
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every key with its default and help, written from the fields themselves so it cannot drift."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- written by `gradientspace config-keys --markdown`: edit a key's help in gradientspace/config.py, not here -->",
+        "",
+        CONFIGURATION_INTRO,
+    ]
+    section = None
+    for key, _ in config_keys():
+        group = key.split(".")[0] if "." in key else "run"
+        if group != section:
+            lines += [
+                "",
+                f"## `{group}`" if group != "run" else "## The run",
+                "",
+                "| key | default | what it does |",
+                "| --- | --- | --- |",
+            ]
+            section = group
+        cell = key_help(key).replace("|", "\\|")
+        lines.append(f"| `{key}` | `{key_default(key)}` | {cell} |")
+    return "\n".join(lines) + "\n"

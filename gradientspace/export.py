@@ -48,7 +48,7 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
     """The records' columns, their sketch coordinates (N×r, dataset order) and each cluster's summary."""
     from safetensors.torch import load_file
 
-    from gradientspace.models.inference import served_adapters
+    from gradientspace.routing.model import served_adapters
 
     records = run.records
     clusters = [json.loads(line)["cluster"] for line in run.path("clusters.jsonl").read_text().splitlines()]

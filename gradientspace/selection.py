@@ -23,8 +23,8 @@ from gradientspace.clustering.kmeans import RademacherProjector
 from gradientspace.clustering.stages import gradient_batches
 from gradientspace.config import ConfigError, RunConfig
 from gradientspace.data.records import Record, RecordTable, load_records, original_rows
-from gradientspace.experts.train import load_adam_state
 from gradientspace.gradients.engine import layout_of, stream_gradients
+from gradientspace.models.train import load_adam_state
 from gradientspace.runner import Run
 from gradientspace.runs import atomic_path
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradientspace.models.inference import ServedAdapter
+from gradientspace.routing.model import ServedAdapter
 from gradientspace.serving import backends
 from gradientspace.serving.backends import BACKENDS, BackendError, launch_command, upstream_model
 

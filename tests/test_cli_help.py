@@ -111,7 +111,7 @@ def test_the_scoring_pass_shows_a_progress_bar_and_scores_as_one_call(quiet_run)
     from gradientspace.config import config_from_run
     from gradientspace.data.records import load_records
     from gradientspace.evaluation.evaluate import scored
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.routing.model import StrategyModel
 
     run, _, _, stderr = quiet_run
     assert (

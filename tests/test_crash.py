@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 # Each run is a child of a fork server that has imported the package, transformers' Trainer and peft once: a fresh
 # interpreter would spend most of each short run importing them again (the chain below starts 14 runs).
 FORKS = multiprocessing.get_context("forkserver")
-FORKS.set_forkserver_preload(["gradientspace.cli", "gradientspace.experts.train", "peft", "transformers.trainer"])
+FORKS.set_forkserver_preload(["gradientspace.cli", "gradientspace.models.train", "peft", "transformers.trainer"])
 
 
 def run_child(argv: list[str], kill_in: str | None, stdout: str, stderr: str) -> None:

@@ -8,7 +8,8 @@ from conftest import write_records
 from gradientspace import cluster, load_config
 from gradientspace.data.records import load_records, validation_ids
 from gradientspace.experts.adapters import decided, train_experts
-from gradientspace.models.inference import StrategyModel, best_threshold
+from gradientspace.routing.model import StrategyModel
+from gradientspace.routing.threshold import best_threshold
 
 pytestmark = pytest.mark.heavy  # a clustered run shared by the file, experts trained twice
 

@@ -14,7 +14,7 @@ def test_export_is_read_back_by_datasets_and_numpy_and_matches_the_run(served_ti
 
     from gradientspace.config import config_from_run
     from gradientspace.experts.adapters import read_partition
-    from gradientspace.models.inference import served_adapters
+    from gradientspace.routing.model import served_adapters
     from gradientspace.runner import Run
 
     run = Run(config_from_run(served_tiny_run))

@@ -73,3 +73,35 @@ def test_no_module_of_the_package_imports_itself_back():
     graph = import_graph()
     assert len(graph) > 20  # every module was read
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+# The layers, bottom first (DEVELOPERS.md, Layout): a module imports only from its own layer or below.
+LAYERS = [
+    ["config", "data", "distributed", "runs"],
+    ["gradients"],
+    ["models"],
+    ["runner"],
+    ["clustering"],
+    ["experts"],
+    ["routing"],
+    ["evaluation", "serving"],
+    ["preflight", "commands", "export", "selection", "cli"],
+]
+# each import that runs back up, with why it stands
+ALLOWED_UPWARD = {
+    # the gradient pass writes the random projections the asked strategies' partitions will read
+    ("gradientspace.clustering.stages", "gradientspace.experts.strategies"),
+}
+
+
+def layer(module: str) -> int:
+    part = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def test_the_folders_are_the_layers():
+    graph = import_graph()
+    placed = {module: layer(module) for module in graph}  # every module lies in a layer (a new folder must be placed)
+    upward = {(a, b) for a, targets in graph.items() for b in targets if placed[b] > placed[a]}
+    assert upward == ALLOWED_UPWARD, sorted(upward - ALLOWED_UPWARD)
+    assert len(ALLOWED_UPWARD) <= 2

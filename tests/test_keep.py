@@ -12,7 +12,7 @@ from conftest import write_records
 from gradientspace import cluster, load_config
 from gradientspace.clustering.kmeans import interference
 from gradientspace.experts.adapters import served_groups, train_experts
-from gradientspace.experts.keep import bootstrap_upper_bound, keep_rule
+from gradientspace.routing.keep import bootstrap_upper_bound, keep_rule
 from gradientspace.routing.router import train_routers
 from gradientspace.runs import RunDirectory
 
@@ -188,8 +188,8 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from gradientspace.experts.cards import CardStage
     from gradientspace.runner import Run
+    from gradientspace.serving.cards import CardStage
 
     run = Run(routed_run)
     strategies = ["single", "single-continued", "routed"]
@@ -233,7 +233,7 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
     are made of the experts' keys (the stage graph), so a stale threshold cannot be reused."""
     from dataclasses import replace
 
-    from gradientspace.commands import ThresholdStage
+    from gradientspace.routing.threshold import ThresholdStage
     from gradientspace.runner import Run
 
     config = routed_run
@@ -261,10 +261,10 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     from peft import PeftModel
 
     from gradientspace.commands import validation_records
-    from gradientspace.experts.keep import blend_name, save_blend
     from gradientspace.experts.strategies import Choice
-    from gradientspace.models.inference import StrategyModel
     from gradientspace.models.loading import load_base_model
+    from gradientspace.routing.keep import blend_name, save_blend
+    from gradientspace.routing.model import StrategyModel
 
     config = routed_run
     engine = StrategyModel(config, ["routed"], undecided="routed")
@@ -282,7 +282,7 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
     reloaded = engine.nll_for_choices([Choice({"reloaded": 1.0}, 0, 1.0)] * len(records), records)
     assert reloaded == pytest.approx(in_memory, abs=1e-5)
     # a group decided at λ = 0.75 is served from that folder, by `serve` and by the vLLM launch command alike
-    from gradientspace.models.inference import served_adapters
+    from gradientspace.routing.model import served_adapters
     from gradientspace.runs import write_json
     from gradientspace.serving.backends import launch_command
 
@@ -315,7 +315,7 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
     from gradientspace.commands import decide_experts, router_thresholds, validation_records
     from gradientspace.experts import keep
     from gradientspace.experts.strategies import ROUTER_UNSURE, Choice
-    from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
+    from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
     config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
     real = keep.keep_rule

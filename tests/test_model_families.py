@@ -79,7 +79,7 @@ def test_the_end_of_an_answer_comes_from_the_template_and_the_generation_config(
 
 
 def test_generate_and_serve_run_on_another_familys_template(llama3_style_model, tmp_path, capsys):
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.routing.model import StrategyModel
 
     config = tiny_run_config(
         tmp_path, ["single"], evaluate="limit: 4, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1"

@@ -15,7 +15,7 @@ from gradientspace.cli import main
 from gradientspace.config import config_from_run
 from gradientspace.evaluation.scores import Scores, evaluation_records
 from gradientspace.experts.strategies import Choice
-from gradientspace.models.inference import StrategyModel
+from gradientspace.routing.model import StrategyModel
 
 pytestmark = pytest.mark.heavy
 STRATEGIES = ["routed", "single", "single-continued"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
-from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
+from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")

@@ -14,7 +14,7 @@ import pytest
 
 from gradientspace.cli import main
 from gradientspace.config import ServeConfig, config_from_run
-from gradientspace.models.inference import served_adapters
+from gradientspace.routing.model import served_adapters
 from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")

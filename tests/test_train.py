@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from gradientspace.config import ModelConfig
 from gradientspace.data.records import collate, tokenize
-from gradientspace.experts import train as train_module
-from gradientspace.experts.train import TrainPlan, train_adapter
 from gradientspace.gradients.engine import per_sample_mean_loss
+from gradientspace.models import train as train_module
 from gradientspace.models.loading import load_lora_model
+from gradientspace.models.train import TrainPlan, train_adapter
 
 
 def fresh():

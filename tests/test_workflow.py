@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
-from gradientspace import commands
 from gradientspace.cli import main
 from gradientspace.config import load_config
+from gradientspace.evaluation import evaluate as evaluation
+from gradientspace.routing import ensemble
 
 pytestmark = pytest.mark.heavy  # one whole `run` shared by the file
 
@@ -71,8 +72,8 @@ def test_expert_folders_load_with_plain_peft_and_match_single_nll(finished_run):
 
     from gradientspace.data.records import collate, load_records, tokenize
     from gradientspace.gradients.engine import per_sample_mean_loss
-    from gradientspace.models.inference import StrategyModel
     from gradientspace.models.loading import load_base_model, load_tokenizer
+    from gradientspace.routing.model import StrategyModel
 
     config_path, run = finished_run
     config = load_config(config_path)
@@ -105,8 +106,8 @@ def test_run_resumes_without_retraining(finished_run, monkeypatch):
 
     monkeypatch.setattr(adapters, "train_adapter", must_not_run)
     monkeypatch.setattr(stages, "run_gradient_pass", must_not_run)
-    monkeypatch.setattr(commands, "evaluate_strategies", must_not_run)
-    monkeypatch.setattr(commands, "compute_elrea_centroids", must_not_run)
+    monkeypatch.setattr(evaluation, "evaluate_strategies", must_not_run)
+    monkeypatch.setattr(ensemble, "compute_elrea_centroids", must_not_run)
     assert main(["run", str(config)]) == 0
 
 
@@ -152,7 +153,7 @@ def test_generate_reads_a_file_through_the_column_mapping(finished_run, tmp_path
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
     """Left-padded batches per adapter decode the same tokens as the batch-1 greedy loop."""
     from gradientspace.data.records import load_records
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.routing.model import StrategyModel
 
     config_path, _ = finished_run
     records, _ = load_records("mix4-packaged:test", limit=6, per_source=5)
@@ -211,7 +212,7 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
         calls.append((config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
-    monkeypatch.setattr(commands, "evaluate_strategies", evaluated)
+    monkeypatch.setattr(evaluation, "evaluate_strategies", evaluated)
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"instruction": "2 + 2?", "output": "4", "source": "math"}) + "\n")
     assert main(["evaluate", str(run), "--data", str(other), "--strategies", "single"]) == 0

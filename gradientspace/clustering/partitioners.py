@@ -80,7 +80,7 @@ class PromptEmbeddings(Partitioner):
     name = "embedding"
 
     def features(self, run, records, device):
-        from gradientspace.routing.encoder import embed_texts
+        from gradientspace.models.encoder import embed_texts
 
         return embed_texts([r.prompt_text for r in records], device)
 

@@ -35,12 +35,12 @@ from gradientspace.clustering.partitioners import PARTITIONERS
 from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import ConfigError, RunConfig, internal_rank
 from gradientspace.data.records import Record, fingerprint, shuffled_length_batches, tokenize, validation_ids
-from gradientspace.experts.strategies import get
-from gradientspace.experts.train import TrainPlan, load_adam_state, train_adapter
+from gradientspace.experts.strategies import get  # up a layer: the projections the asked strategies will read
 from gradientspace.gradients.consumers import GradientConsumer
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.gradients.sketch import OnlineSVD, SketchResult
 from gradientspace.models.loading import LoadedModel, pick_device
+from gradientspace.models.train import TrainPlan, load_adam_state, train_adapter
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
 

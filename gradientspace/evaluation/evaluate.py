@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import re
 import statistics
+from dataclasses import asdict
 
 from gradientspace import distributed
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record
+from gradientspace.data.records import Record, fingerprint
 from gradientspace.evaluation.metrics import METRICS
-from gradientspace.evaluation.scores import evaluation_records
-from gradientspace.runs import RunDirectory, write_json
+from gradientspace.evaluation.scores import SPLITS, Scores, ScoreStage, evaluation_records
+from gradientspace.routing.pipeline import serving_stages
+from gradientspace.runner import Run
+from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, write_json
 
 
 def extract_code(text: str) -> str:
@@ -61,7 +64,7 @@ def evaluate_strategies(
     Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
     With `scores` (the records' `evaluation.scores.Scores`), a record served by one adapter has its NLL looked up there.
     """
-    from gradientspace.models.inference import StrategyModel
+    from gradientspace.routing.model import StrategyModel
 
     strategies = strategies or list(config.experts.strategies)
     if records is None:
@@ -310,3 +313,33 @@ def markdown_table(results: dict, strategies: list[str]) -> str:
             f"{fmt(speed['first_token_ms'], '.1f')} | {fmt(speed['tokens_per_second'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+class EvaluateStage(Stage):
+    """Every asked strategy on the test data: NLL (looked up in the test score matrix), answer accuracy, latency (`eval.json`,
+    `eval.md`); each rank its shard."""
+
+    name = "evaluate"
+    placement = Placement.EVERY
+
+    def __init__(self, strategies: list[str]):
+        self.strategies = strategies
+
+    def requires(self, run: Run):
+        # both matrices: the validation one for questions asked later, the test one that the NLL is looked up in
+        return [stage for strategy in self.strategies for stage in serving_stages(run, strategy)] + [
+            ScoreStage(split) for split in SPLITS if split != "validation" or run.validation_ids
+        ]
+
+    def inputs(self, run: Run) -> dict[str, str]:
+        config = run.config
+        return {
+            "strategies": config_hash(self.strategies),
+            "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
+            "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
+            "model": config_hash(asdict(config.model)),
+        }
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")))
+        record["outputs"] = ["eval.json", "eval.md"]

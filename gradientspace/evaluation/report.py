@@ -21,16 +21,13 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from safetensors.torch import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from gradientspace.experts.adapters import served_fallback, served_groups  # noqa: E402
-from gradientspace.experts.strategies import GENERALIST, STRATEGIES  # noqa: E402
-from gradientspace.runs import RunDirectory, RunError, atomic_path  # noqa: E402
+from gradientspace.experts.adapters import served_fallback, served_groups
+from gradientspace.experts.strategies import GENERALIST, STRATEGIES
+from gradientspace.runner import Run
+from gradientspace.runs import RunDirectory, RunError, Stage, atomic_path
 
 
 def _rows(path: Path) -> list[dict]:
@@ -51,7 +48,20 @@ def _json(path: Path) -> dict:
         raise RunError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); re-run the stage that wrote it") from None
 
 
+def _subplots(*args, **kwargs):
+    """pyplot's `subplots`, imported on first use: matplotlib takes a second to import, and every command imports this
+    module for its stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
@@ -68,7 +78,7 @@ def sketch_map(run: RunDirectory, out: Path) -> Path | None:
     panels = [("cluster", [str(c) for c in clusters])] + (
         [("source", sources)] if all(s is not None for s in sources) else []
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
+    figure, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     for axis, (title, labels) in zip(axes[0], panels):
         for label in sorted(set(labels)):
             mask = np.array([l == label for l in labels])
@@ -87,7 +97,7 @@ def composition_heatmap(run: RunDirectory, out: Path) -> Path | None:
     clusters = sorted(table, key=int)
     sources = sorted({s for row in table.values() for s in row})
     matrix = np.array([[table[c].get(s, 0) for s in sources] for c in clusters])
-    figure, axis = plt.subplots(figsize=(1.2 * len(sources) + 2, 0.6 * len(clusters) + 1.8))
+    figure, axis = _subplots(figsize=(1.2 * len(sources) + 2, 0.6 * len(clusters) + 1.8))
     image = axis.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
         axis.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
@@ -103,7 +113,7 @@ def energy_curve(run: RunDirectory, out: Path) -> Path | None:
     if not curve:
         return None
     rank = run.manifest.get("config", {}).get("sketch", {}).get("rank")
-    figure, axis = plt.subplots(figsize=(5.5, 4))
+    figure, axis = _subplots(figsize=(5.5, 4))
     axis.plot(range(1, len(curve) + 1), curve, marker=".")
     if rank:
         axis.axvline(rank, color="grey", linestyle="--", label=f"reported rank r = {rank}")
@@ -121,7 +131,7 @@ def nll_bars(results: dict, out: Path) -> Path | None:
         return None
     domains = results["domains"] + ["overall"]
     width = 0.8 / len(strategies)
-    figure, axis = plt.subplots(figsize=(1.6 * len(domains) + 3, 4.2))
+    figure, axis = _subplots(figsize=(1.6 * len(domains) + 3, 4.2))
     for i, strategy in enumerate(strategies):
         values = [results[strategy][d]["nll"] or 0 for d in domains]
         axis.bar(np.arange(len(domains)) + i * width, values, width, label=strategy)
@@ -140,7 +150,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     strategies = list(latency)
     routing = [latency[s]["routing_ms"] or 0 for s in strategies]
     first = [latency[s]["first_token_ms"] or 0 for s in strategies]
-    figure, axis = plt.subplots(figsize=(1.4 * len(strategies) + 3, 4.2))
+    figure, axis = _subplots(figsize=(1.4 * len(strategies) + 3, 4.2))
     axis.bar(strategies, routing, label="routing / gradient")
     axis.bar(strategies, first, bottom=routing, label="first token")
     axis.set_ylabel("milliseconds per request")
@@ -156,7 +166,7 @@ def silhouette_curve(run: RunDirectory, out: Path) -> Path | None:
     scores = {int(k): v for k, v in (entry.get("silhouette") or {}).items()}
     if not scores:
         return None
-    figure, axis = plt.subplots(figsize=(5.5, 4))
+    figure, axis = _subplots(figsize=(5.5, 4))
     axis.plot(sorted(scores), [scores[k] for k in sorted(scores)], marker="o")
     if entry.get("k") in scores:
         axis.axvline(entry["k"], color="grey", linestyle="--", label=f"chosen K = {entry['k']}")
@@ -176,7 +186,7 @@ def loss_curves(run: RunDirectory, out: Path) -> Path | None:
     )
     if not files:
         return None
-    figure, (train_axis, validation_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (train_axis, validation_axis) = _subplots(1, 2, figsize=(11, 4.2))
     for path in files:
         log = json.loads(path.read_text())
         label = str(path.parent.relative_to(run.root))
@@ -465,3 +475,16 @@ def make_report(run_dir: str | Path) -> list[Path]:
     ]
     figures = [f for f in figures if f is not None]
     return figures + [write_html(run, figures, results)]
+
+
+class ReportStage(Stage):
+    """Figures and `report.html`: cheap, and they read everything, so they are redrawn every time."""
+
+    name = "report"
+    always = True
+
+    def inputs(self, run: Run) -> dict[str, str]:
+        return {}
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory.root)]

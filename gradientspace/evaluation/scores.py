@@ -25,18 +25,21 @@ re-decides byte for byte.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gradientspace import distributed
-from gradientspace.data.records import Record, collate, load_records, tokenize
+from gradientspace.data.records import Record, collate, fingerprint, load_records, tokenize
 from gradientspace.experts.adapters import read_partition, served_groups
 from gradientspace.experts.strategies import get, routed, trained
-from gradientspace.models.inference import StrategyModel
-from gradientspace.routing.encoder import embed_texts
-from gradientspace.runs import atomic_path, write_json
+from gradientspace.models.encoder import embed_texts
+from gradientspace.routing.model import StrategyModel
+from gradientspace.routing.pipeline import serving_stages
+from gradientspace.runner import Run
+from gradientspace.runs import Placement, Stage, atomic_path, config_hash, write_json
 
 SPLITS = ("validation", "test")
 BATCH_SIZE = 8
@@ -241,3 +244,36 @@ class Scores:
     def strategy_nll(self, strategy: str) -> list[float | None]:
         """Each record's NLL as `strategy` serves it (None for a record served by a mixture of adapters)."""
         return [None if c is None else float(self.nll[i, c]) for i, c in enumerate(self.info["served"][strategy])]
+
+
+class ScoreStage(Stage):
+    """A split's score matrices (`evaluation/scores.py`): every record under every adapter the run's strategies trained or
+    blended, and what each router said of it; each rank scores its shard. The test split's is built by the evaluation, after
+    every decision."""
+
+    placement = Placement.EVERY
+
+    def __init__(self, split: str):
+        self.split, self.name = split, f"scores/{split}"
+
+    def requires(self, run: Run):
+        return [stage for strategy in run.config.experts.strategies for stage in serving_stages(run, strategy)]
+
+    def inputs(self, run: Run) -> dict[str, str]:
+        config = run.config
+        if self.split == "validation":
+            records = {"validation records": config_hash(sorted(run.validation_ids))}
+        else:
+            records = {
+                "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
+                "test selection": config_hash(config.evaluate.limit, config.data.per_source, config.seed),
+            }
+        return {
+            **records,
+            "strategies": config_hash(config.experts.strategies),
+            "model": config_hash(asdict(config.model), config.data.max_length),
+        }
+
+    def run(self, run: Run, key: str, record: dict) -> None:
+        records = run.validation if self.split == "validation" else evaluation_records(run.config)
+        record["outputs"] = write_scores(run, list(run.config.experts.strategies), self.split, records)

@@ -32,8 +32,8 @@ from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, tokenize
 from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
-from gradientspace.experts.train import TrainPlan, train_adapter
 from gradientspace.models.loading import LoadedModel
+from gradientspace.models.train import TrainPlan, train_adapter
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, config_hash, write_json
 

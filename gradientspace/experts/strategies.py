@@ -60,7 +60,7 @@ class PromptRouter(Protocol):
 
 
 class ServingModel(Protocol):
-    """What a strategy reads of, and asks of, the model serving it (`models.inference.StrategyModel`)."""
+    """What a strategy reads of, and asks of, the model serving it (`routing.model.StrategyModel`)."""
 
     config: RunConfig
     generalist: str  # the adapter every strategy branches from
@@ -87,7 +87,7 @@ class RunFiles(Protocol):
 
 
 class PipelineStages(Protocol):
-    """The pipeline's stages by what they give (`commands.PipelineStages`), so that a strategy can say which it needs
+    """The pipeline's stages by what they give (`routing.pipeline.PipelineStages`), so that a strategy can say which it needs
     without importing the modules that import it."""
 
     run: object  # the `runner.Run` they belong to

@@ -2,7 +2,7 @@
 
 `evaluate`, `generate` and `serve` all score and decode through this class, so a prompt gets the
 same tokens whichever command asks. It knows adapters by name only: which adapter serves a prompt
-is the strategies' business (`models.inference.StrategyModel` holds a bank and the strategies).
+is the strategies' business (`routing.model.StrategyModel` holds a bank and the strategies).
 
 Decoding is transformers' `generate`, left-padded, greedy unless a logits processor samples, ending
 a row at any of the model's end-of-turn ids (`loading.end_of_turn_ids`). Rows bound for different

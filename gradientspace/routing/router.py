@@ -4,7 +4,7 @@ Trained on prompt text → group id of the training records (never on `source`),
 stratified held-out split whose accuracy is reported. At inference one encoder forward picks
 the expert; a top probability below `threshold` sends the prompt to the generalist (single)
 adapter instead, reported as expert -1. The router never sees the validation split, so the
-threshold can be chosen there honestly (`models.inference.calibrate_threshold`).
+threshold can be chosen there honestly (`routing.threshold.calibrate_threshold`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
-from gradientspace.routing.encoder import embed_texts, load_encoder, mean_pool
+from gradientspace.models.encoder import embed_texts, load_encoder, mean_pool
 from gradientspace.runs import Stage, atomic_path, config_hash, write_json
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports BackendError without loading torch
-    from gradientspace.models.inference import ServedAdapter
+    from gradientspace.routing.model import ServedAdapter
 
 
 class BackendError(ValueError):
@@ -148,8 +148,8 @@ def launch_command(backend: str, base: str, served: list[ServedAdapter], port: i
 
 def backend_command(run_dir: str | Path, base_model: str, backend: str, port: int | None = None) -> str:
     """`gradientspace backend-command RUN --backend vllm|sglang`: the launch command as one shell line."""
-    from gradientspace.models.inference import served_adapters
     from gradientspace.models.loading import resolve
+    from gradientspace.routing.model import served_adapters
     from gradientspace.runs import RunDirectory
 
     return shlex.join(launch_command(backend, resolve(base_model), served_adapters(RunDirectory(run_dir)), port))

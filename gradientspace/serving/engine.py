@@ -45,7 +45,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from gradientspace.data.records import Record, prompt_text
-from gradientspace.models.inference import StrategyModel, served_adapters, serving_names
+from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
 
 @dataclass

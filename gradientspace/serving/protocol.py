@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gradientspace.models.inference import ServedAdapter
+from gradientspace.routing.model import ServedAdapter
 
 ROUTED_MODEL = "gradientspace"
 EXPERT_HEADER = "x-gradientspace-expert"

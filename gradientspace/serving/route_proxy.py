@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 
 from gradientspace.config import RunConfig, ServeConfig
 from gradientspace.experts.strategies import BELOW_THRESHOLD, NOT_SERVED, ROUTER_UNSURE, get
-from gradientspace.models.inference import ServedAdapter
+from gradientspace.routing.model import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
 
 from .backends import BackendError, upstream_model
@@ -218,8 +218,8 @@ def route(
     upstream_key_flag: str | None = None,
 ) -> None:
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
-    from gradientspace.models.inference import served_adapters
     from gradientspace.models.loading import pick_device
+    from gradientspace.routing.model import served_adapters
     from gradientspace.runs import RunDirectory
 
     settings, key, upstream_key = config.serve, api_key(api_key_flag), upstream_api_key(upstream_key_flag)

@@ -30,7 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gradientspace.config import RunConfig, ServeConfig
-from gradientspace.models.inference import ServedAdapter
+from gradientspace.routing.model import ServedAdapter
 
 from .engine import Engine, EngineBusy, Request, Route, Sampling
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
@@ -304,7 +304,7 @@ def _sse(data: dict | str) -> str:
 
 def build(config: RunConfig, strategy: str = "routed", api_key: str | None = None) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
-    from gradientspace.models.inference import StrategyModel, served_adapters
+    from gradientspace.routing.model import StrategyModel, served_adapters
 
     model = StrategyModel(config, [strategy])
     settings = config.serve

@@ -41,7 +41,7 @@ from gradientspace.experts.adapters import (
     served_groups,
 )
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
-from gradientspace.models.inference import StrategyModel
+from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runs import Stage, config_hash, write_json
 

@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from gradientspace.experts.adapters import PartitionStage, read_partition, served_groups
-from gradientspace.experts.keep import served_stage
 from gradientspace.experts.strategies import get
+from gradientspace.routing.keep import served_stage
 from gradientspace.runs import Stage, atomic_path
 
 CARD = "README.md"

@@ -23,9 +23,8 @@ from gradientspace.experts.adapters import generalist_folder, recorded_fallback,
 from gradientspace.experts.strategies import BELOW_THRESHOLD, GENERALIST, NOT_SERVED, ROUTER_UNSURE, Choice, get
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import AdapterBank, FirstToken
-from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
 from gradientspace.routing.router import Router, threshold_override
-from gradientspace.runs import RunDirectory, atomic_path, write_json
+from gradientspace.runs import RunDirectory
 
 WARMUP = "warmup"
 
@@ -197,8 +196,8 @@ class StrategyModel:
     def sketch_coordinates(self, records: list[Record]) -> torch.Tensor:
         """Each record's own response gradient (w.r.t. the warm-up adapter, transformed as the clustering pass did) on the
         sketch basis, unit norm, [records, r] float64: the space the gradient clusters were found in."""
-        from gradientspace.experts.train import load_adam_state
         from gradientspace.gradients.engine import layout_of
+        from gradientspace.models.train import load_adam_state
 
         self.load_gradient_oracle()
         gradients = self.config.gradients
@@ -308,40 +307,6 @@ class StrategyModel:
         return results
 
 
-def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
-    """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data."""
-    from peft import PeftModel
-
-    run = RunDirectory(config.out)
-    path = run.path("elrea", "centroids.safetensors")
-    partition = json.loads((get("routed").folder(run) / "partition.json").read_text())
-    groups, labels = partition["groups"], [partition["assignment"][r.id] for r in records]
-    device = pick_device(config.model.device)
-    tokenizer = load_tokenizer(config.model.name)
-    model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(generalist_folder(run))).eval()
-    examples = tokenize(records, tokenizer, config.data.max_length, "instruction")
-    sums = None
-    with PerSampleGradients(model) as engine:
-        for start in tqdm(range(0, len(examples), 8), desc="elrea centroids", dynamic_ncols=True):
-            batch = examples[start : start + 8]
-            grads, _ = engine.batch(*(t.to(device) for t in collate(batch, tokenizer.pad_token_id)))
-            grads = transform(grads, None, normalize=True)
-            if sums is None:
-                sums = torch.zeros(len(groups) + 1, grads.shape[1], device=device, dtype=torch.float64)
-            for example, row in zip(batch, grads):
-                sums[labels[example.index]] += row
-                sums[-1] += row
-    counts = torch.bincount(torch.tensor(labels), minlength=len(groups)).tolist() + [len(records)]
-    centroids = (
-        (sums / torch.tensor(counts, device=device, dtype=torch.float64).clamp(min=1).unsqueeze(1)).float().cpu()
-    )
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"centroids": centroids.contiguous()}, str(tmp))
-    return path
-
-
 def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tensor]:
     """(sketch basis [d, r], unit centroids of the gradient clusters in sketch coordinates [K, r]), in float64.
 
@@ -359,50 +324,6 @@ def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tenso
         ]
     )
     return sketch["basis"].double(), torch.nn.functional.normalize(centroids, dim=1)
-
-
-def best_threshold(
-    top_probabilities: list[float], expert_nll: list[float], fallback_nll: list[float]
-) -> tuple[float, float]:
-    """(threshold, mean NLL) minimising the validation NLL of "expert if probability ≥ threshold, else the fall-back".
-
-    Candidates are 0 (always the expert) and every observed probability, plus one above them all
-    (always the fall-back); ties go to the lowest threshold, which trusts the router most.
-    """
-    candidates = sorted({0.0, *top_probabilities, 1.0 + 1e-9})
-
-    def mean_nll(threshold: float) -> float:
-        chosen = [e if p >= threshold else g for p, e, g in zip(top_probabilities, expert_nll, fallback_nll)]
-        return sum(chosen) / max(len(chosen), 1)
-
-    scored = [(round(mean_nll(t), 10), t) for t in candidates]
-    value, threshold = min(scored, key=lambda pair: (pair[0], pair[1]))
-    return threshold, value
-
-
-def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
-    """Choose the router threshold on the validation split, against the strategy's fall-back adapter, and store it in the
-    router's `router.json`."""
-    run = RunDirectory(config.out)
-    folder = get(strategy).router_folder(run)
-    info = json.loads((folder / "router.json").read_text())
-    engine = StrategyModel(config, [strategy])
-    probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
-    top, choice = probabilities.max(dim=1)
-    experts = [engine.serve_group(strategy, int(c), float(p)) for c, p in zip(choice, top)]
-    fallback = [engine.serve_group(strategy, ROUTER_UNSURE) for _ in validation]
-    expert_nll, fallback_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(fallback, validation)
-    threshold, value = best_threshold(top.tolist(), expert_nll, fallback_nll)
-    details = {
-        "threshold": threshold,
-        "validation_records": len(validation),
-        "validation_nll": value,
-        "fallback": engine.fallback_for(strategy),
-        "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
-        "validation_nll_always_fallback": sum(fallback_nll) / max(len(validation), 1),
-    }
-    write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
-    return details
 
 
 # ------------------------------------------------------------------ serving: what a routed server answers with
