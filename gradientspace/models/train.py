@@ -157,22 +157,8 @@ def _one_process() -> Iterator[None]:
         os.environ.update(saved)
 
 
+@_one_process()  # a context decorator: entered anew on every call
 def train_adapter(
-    model,
-    train: list[Example],
-    validation: list[Example],
-    pad_id: int,
-    device: torch.device,
-    plan: TrainPlan,
-    out_dir: Path,
-    key: str,
-    desc: str,
-) -> dict:
-    with _one_process():
-        return _train_adapter(model, train, validation, pad_id, device, plan, out_dir, key, desc)
-
-
-def _train_adapter(
     model,
     train: list[Example],
     validation: list[Example],
