@@ -16,7 +16,7 @@ from gradientspace.config import (
     key_help,
     load_config,
 )
-from gradientspace.experts.strategies import GRADIENT_CLUSTERS, STRATEGIES, routed
+from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, STRATEGIES, routed
 from gradientspace.serving.backends import BACKENDS
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
@@ -313,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if entry.get("groups") and strategy.startswith("keep/"):
             print(_decision_line(strategy.split("/", 1)[1], entry["groups"]))
     latency = result["eval"].get("latency", {})
-    single_ms = (latency.get("single") or {}).get("total_first_token_ms")
+    single_ms = (latency.get(GENERALIST) or {}).get("total_first_token_ms")
     if single_ms:
         print(
             "time to first token vs single: "
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
     generate.add_argument(
         "--strategy",
-        default="routed",
+        default=GRADIENT_CLUSTERS,
         help=f"how each prompt picks its adapter, one of {', '.join(STRATEGIES)} (default routed)",
     )
     generate.add_argument("--threshold", type=float, help="for this command only")

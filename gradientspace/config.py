@@ -235,7 +235,7 @@ class ClusterConfig:
 @dataclass
 class ExpertsConfig:
     strategies: list[str] = field(
-        default_factory=lambda: ["routed", "single", "random-clusters"],
+        default_factory=lambda: list(DEFAULT_STRATEGIES),
         metadata={
             "help": "Strategies to build and evaluate. `single` (the generalist) is always trained: the others branch from it; the adapter they fall back to is `experts.fallback`."
         },
@@ -539,6 +539,8 @@ CHOICES = {
 # The names a list key may hold, registered by the module that defines them (`experts/strategies.py` registers its registry
 # under `experts.strategies`), so that a strategy added there is accepted here and this module imports no stage.
 LIST_CHOICES: dict[str, Mapping[str, object]] = {}
+# the strategies a run builds unless told otherwise, named by the strategy registry when it is imported (as LIST_CHOICES)
+DEFAULT_STRATEGIES: list[str] = []
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

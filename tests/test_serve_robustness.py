@@ -405,7 +405,7 @@ class HeldWorker:
         assert self.inside.wait(60)
 
     def emit(self, kind, value):
-        if kind == "routed":
+        if kind == "route":
             self.inside.set()
             self.release.wait(60)
 

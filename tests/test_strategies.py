@@ -70,3 +70,22 @@ def test_a_strategy_added_to_the_registry_runs_end_to_end(tmp_path, monkeypatch)
     assert result["eval"]["alternating"]["overall"]["nll"] > 0
     served = set(result["eval"]["per_record"]["alternating"]["adapter"])
     assert served <= {"alternating__0", "alternating__1", "single__0"} and served
+
+
+def test_no_module_outside_the_registry_names_a_strategy():
+    """Behaviour lives on the strategy objects: a strategy's name as a string literal anywhere else in the package would be a
+    branch on it (the registry's constants, `GENERALIST` and `GRADIENT_CLUSTERS`, name the two the pipeline is built around)."""
+    import ast
+    from pathlib import Path
+
+    import gradientspace
+
+    package = Path(gradientspace.__file__).parent
+    named = []
+    for path in sorted(package.rglob("*.py")):
+        if path == Path(strategies.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in STRATEGIES:
+                named.append(f"{path.relative_to(package)}:{node.lineno} {node.value!r}")
+    assert not named, named

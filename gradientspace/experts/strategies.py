@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gradientspace.clustering.partitioners import PARTITIONERS, Partitioner, RandomProjection, SourceLabels
-from gradientspace.config import LIST_CHOICES, RunConfig
+from gradientspace.config import DEFAULT_STRATEGIES, LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from
@@ -452,6 +452,7 @@ STRATEGIES: dict[str, Strategy] = {
     )
 }
 LIST_CHOICES["experts.strategies"] = STRATEGIES  # config validation accepts exactly the registered names
+DEFAULT_STRATEGIES[:] = [GRADIENT_CLUSTERS, GENERALIST, RandomClusters.name]  # ours, the one adapter, and the control
 
 
 def get(name: str) -> Strategy:

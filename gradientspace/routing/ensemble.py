@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, generalist_folder
-from gradientspace.experts.strategies import GENERALIST, get
+from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, get
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
 from gradientspace.runner import Run
@@ -28,7 +28,7 @@ def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
 
     run = RunDirectory(config.out)
     path = run.path("elrea", "centroids.safetensors")
-    partition = json.loads((get("routed").folder(run) / "partition.json").read_text())
+    partition = json.loads((get(GRADIENT_CLUSTERS).folder(run) / "partition.json").read_text())
     groups, labels = partition["groups"], [partition["assignment"][r.id] for r in records]
     device = pick_device(config.model.device)
     tokenizer = load_tokenizer(config.model.name)
@@ -62,7 +62,7 @@ class CentroidStage(Stage):
     name = "elrea-centroids"
 
     def requires(self, run: Run):
-        return [PartitionStage("routed"), AdapterStage(GENERALIST, "0")]
+        return [PartitionStage(GRADIENT_CLUSTERS), AdapterStage(GENERALIST, "0")]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {}

@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record, collate, tokenize
 from gradientspace.experts.adapters import generalist_folder, recorded_fallback, served_fallback, served_groups
-from gradientspace.experts.strategies import BELOW_THRESHOLD, GENERALIST, NOT_SERVED, ROUTER_UNSURE, Choice, get
+from gradientspace.experts.strategies import (
+    BELOW_THRESHOLD,
+    GENERALIST,
+    GRADIENT_CLUSTERS,
+    NOT_SERVED,
+    ROUTER_UNSURE,
+    Choice,
+    get,
+)
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import AdapterBank, FirstToken
 from gradientspace.routing.router import Router, threshold_override
@@ -344,7 +352,7 @@ class ServedAdapter:
         return self.expert == ROUTER_UNSURE
 
 
-def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedAdapter]:
+def served_adapters(run: RunDirectory, strategy: str = GRADIENT_CLUSTERS) -> list[ServedAdapter]:
     """Every expert that is served (kept, or blended with the fall-back), then the fall-back that answers every other router
     output: public id `generalist`, or the name of the strategy whose adapter it is (`single-continued`).
 
@@ -363,7 +371,7 @@ def served_adapters(run: RunDirectory, strategy: str = "routed") -> list[ServedA
     return experts + [ServedAdapter(GENERALIST_MODEL if owner == GENERALIST else owner, ROUTER_UNSURE, fallback)]
 
 
-def serving_names(model: StrategyModel, strategy: str = "routed") -> dict[str, str]:
+def serving_names(model: StrategyModel, strategy: str = GRADIENT_CLUSTERS) -> dict[str, str]:
     """Public model id → the adapter `model` loaded for it, for every served adapter."""
     owner = get(strategy).owner
     return {served.name: model.adapter_for(owner, served.expert) for served in served_adapters(model.run, owner)}

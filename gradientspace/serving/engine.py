@@ -45,6 +45,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from gradientspace.data.records import Record, prompt_text
+from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
 
@@ -78,7 +79,7 @@ class Route:
 class Request:
     """One generation request and what the worker reports back through `emit(kind, value)`.
 
-    Kinds, in order: `routed` (a Route), any number of `text` (str), then `done` (the finish
+    Kinds, in order: `route` (a Route), any number of `text` (str), then `done` (the finish
     reason: stop | length | cancelled) or `error` (a message); `done` or `error` may come first.
     """
 
@@ -212,7 +213,7 @@ class Engine:
     def __init__(
         self,
         model: StrategyModel,
-        strategy: str = "routed",
+        strategy: str = GRADIENT_CLUSTERS,
         max_batch_size: int = 16,
         batch_window: float = 0.01,
         max_queued: int = 256,
@@ -280,7 +281,7 @@ class Engine:
         text, route = [], None
         while True:
             kind, value = events.get()
-            if kind == "routed":
+            if kind == "route":
                 route = value
             elif kind == "text":
                 text.append(value)
@@ -343,7 +344,7 @@ class Engine:
         rows = []
         for request, (adapter, route) in zip(batch, routes):
             try:
-                request.emit("routed", route)
+                request.emit("route", route)
             except Exception as err:  # its own consumer failed: only it is dropped
                 self.stats["failed_requests"] += 1
                 _tell_error(request, err)

@@ -99,7 +99,7 @@ class ServerMetrics:
 
     def observe(self, request: Request, kind: str, value: object) -> None:
         """One engine event of `request` (called by the worker thread)."""
-        if kind == "routed":
+        if kind == "route":
             self.routed(value)
             self.prompt_tokens.inc(len(request.prompt_ids))
         elif kind == "error":

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from gradientspace.config import RunConfig, ServeConfig
-from gradientspace.experts.strategies import BELOW_THRESHOLD, NOT_SERVED, ROUTER_UNSURE, get
+from gradientspace.experts.strategies import BELOW_THRESHOLD, GRADIENT_CLUSTERS, NOT_SERVED, ROUTER_UNSURE, get
 from gradientspace.routing.model import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
 
@@ -228,7 +228,9 @@ def route(
         served = served_adapters(run)
         base = upstream_base(upstream, backend, served, key=upstream_key)
         router = Router.load(
-            get("routed").router_folder(run), pick_device(config.model.device), threshold=threshold_override(config)
+            get(GRADIENT_CLUSTERS).router_folder(run),
+            pick_device(config.model.device),
+            threshold=threshold_override(config),
         )
         print(
             f"gradientspace: routing to {', '.join(s.name for s in served)} on {backend} at {upstream} "

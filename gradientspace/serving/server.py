@@ -30,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gradientspace.config import RunConfig, ServeConfig
+from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.routing.model import ServedAdapter
 
 from .engine import Engine, EngineBusy, Request, Route, Sampling
@@ -302,7 +303,7 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build(config: RunConfig, strategy: str = "routed", api_key: str | None = None) -> tuple[FastAPI, Engine]:
+def build(config: RunConfig, strategy: str = GRADIENT_CLUSTERS, api_key: str | None = None) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
     from gradientspace.routing.model import StrategyModel, served_adapters
 
