@@ -30,7 +30,7 @@ from gradientspace.clustering.kmeans import (
 )
 from gradientspace.clustering.stages import gradient_batches, train_warmup
 from gradientspace.config import load_config
-from gradientspace.data.records import load_records
+from gradientspace.data.loading import load_records
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.gradients.sketch import OnlineSVD
 from gradientspace.models.encoder import embed_texts

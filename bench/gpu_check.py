@@ -279,7 +279,7 @@ def filled_records(count: int, seed: int = 0):
 
 def device_batches(tokenizer, sizes: Sizes, count: int, device, seed: int = 0) -> list:
     """`count` padded batches of `sizes.batch_size` full-length samples, already on the device."""
-    from gradientspace.data.records import collate, tokenize
+    from gradientspace.data.tokens import collate, tokenize
 
     examples = tokenize(filled_records(count * sizes.batch_size, seed), tokenizer, sizes.tokens)
     return [
@@ -585,7 +585,7 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
 
 
 def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
-    from gradientspace.data.records import tokenize
+    from gradientspace.data.tokens import tokenize
     from gradientspace.models.loading import load_tokenizer
     from gradientspace.models.train import TrainPlan, train_adapter
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.records import collate, load_records, shuffled_length_batches, tokenize
+from gradientspace.data.loading import load_records
+from gradientspace.data.tokens import collate, shuffled_length_batches, tokenize
 from gradientspace.gradients.engine import PerSampleGradients, layout_of, per_sample_mean_loss
 from gradientspace.models.loading import load_lora_model
 

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gradientspace.data.records import IGNORE
+from gradientspace.data.tokens import IGNORE
 from gradientspace.gradients.engine import per_sample_mean_loss
 
 

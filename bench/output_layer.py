@@ -19,7 +19,8 @@ import time
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.records import IGNORE, collate, load_records, tokenize
+from gradientspace.data.loading import load_records
+from gradientspace.data.tokens import IGNORE, collate, tokenize
 from gradientspace.gradients.engine import per_sample_mean_loss, response_losses
 from gradientspace.models.loading import load_lora_model
 

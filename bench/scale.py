@@ -185,7 +185,8 @@ def engine_case(variant: str, dtype: str, targets: str, batch_size: int, max_len
     import torch
 
     from gradientspace.config import ModelConfig
-    from gradientspace.data.records import Record, collate, tokenize
+    from gradientspace.data.records import Record
+    from gradientspace.data.tokens import collate, tokenize
     from gradientspace.gradients.engine import PerSampleGradients, layout_of, per_sample_mean_loss
     from gradientspace.models.loading import load_lora_model
 
@@ -269,7 +270,9 @@ def loader_case(records: int, num_proc: int, mode: str, tokenize_records: int = 
     import resource
     import shutil
 
-    from gradientspace.data.records import _parse_record, load_dataset_records, tokenize_dataset
+    from gradientspace.data.loading import load_dataset_records
+    from gradientspace.data.records import _parse_record
+    from gradientspace.data.tokens import tokenize_dataset
     from gradientspace.models.loading import load_tokenizer
 
     path = synthetic_jsonl(records)

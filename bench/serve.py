@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from gradientspace.config import ServeConfig, config_from_run, load_config
-from gradientspace.data.records import load_records
+from gradientspace.data.loading import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def mixed_batch_decode(model, records, max_tokens: int, repeats: int = 2) -> dic
     through peft's `adapter_names` and through the adapter bank's StackedLoRA."""
     import torch
 
-    from gradientspace.data.records import prompt_text
+    from gradientspace.data.tokens import prompt_text
     from gradientspace.models.bank import StackedLoRA
     from gradientspace.routing.model import serving_names
 

@@ -181,7 +181,8 @@ def _decision_line(strategy: str, decisions: dict[str, dict]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from gradientspace.data.records import Record, load_records
+    from gradientspace.data.loading import load_records
+    from gradientspace.data.records import Record
     from gradientspace.routing.model import StrategyModel, serving_names
     from gradientspace.runs import RunDirectory
 

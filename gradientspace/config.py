@@ -17,7 +17,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from gradientspace.data.records import RECIPES, EncodingFault, decode_utf8, shaped_like_hub_id
+from gradientspace.data.loading import shaped_like_hub_id
+from gradientspace.data.recipes import RECIPES
+from gradientspace.data.records import EncodingFault, decode_utf8
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import fingerprint
+from gradientspace.data.loading import fingerprint
 from gradientspace.experts.adapters import read_partition
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.runner import Run

@@ -20,18 +20,10 @@ from pathlib import Path
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import (
-    RECIPES,
-    BadRecord,
-    DataError,
-    Record,
-    check_columns,
-    data_path_problem,
-    fingerprint,
-    is_hub_id,
-    load_records,
-    template_overhead,
-)
+from gradientspace.data.loading import data_path_problem, fingerprint, is_hub_id, load_records
+from gradientspace.data.recipes import RECIPES
+from gradientspace.data.records import BadRecord, DataError, Record, check_columns
+from gradientspace.data.tokens import template_overhead
 from gradientspace.experts.strategies import get
 from gradientspace.models.loading import check_model_name, load_tokenizer
 from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest

@@ -23,7 +23,8 @@ from functools import cached_property
 
 from gradientspace import distributed
 from gradientspace.config import ModelConfig, RunConfig
-from gradientspace.data.records import LoadReport, Record, load_records, validation_ids
+from gradientspace.data.loading import load_records
+from gradientspace.data.records import LoadReport, Record, validation_ids
 from gradientspace.models.loading import LoadedModel, load_lora_model
 from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, content_key, note
 

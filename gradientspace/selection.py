@@ -22,7 +22,8 @@ import torch
 from gradientspace.clustering.kmeans import RademacherProjector
 from gradientspace.clustering.stages import gradient_batches
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.records import Record, RecordTable, load_records, original_rows
+from gradientspace.data.loading import RecordTable, load_records, original_rows
+from gradientspace.data.records import Record
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.models.train import load_adam_state
 from gradientspace.runner import Run

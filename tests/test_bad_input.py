@@ -942,7 +942,7 @@ def saved_dataset(c: "Case") -> Path:
     """The records as a saved `datasets` folder (a data path that is a folder)."""
     from datasets import Dataset
 
-    from gradientspace.data.records import datasets_progress
+    from gradientspace.data.loading import datasets_progress
 
     with datasets_progress(False):  # the case's stderr must hold only the error line
         Dataset.from_list(GOOD_ROWS).save_to_disk(str(c.user / "dataset"))
@@ -998,14 +998,14 @@ def test_the_matrix_is_large_enough():
 
 def test_an_unreadable_data_file_is_named_in_one_line(tmp_path, capsys, monkeypatch):
     """Root reads any file, so the refusal is the operating system's answer to `open`, given here."""
-    from gradientspace.data import records
+    from gradientspace.data import loading
 
     data = jsonl(tmp_path / "d.jsonl", GOOD_ROWS)
 
     def refused(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(records, "open", refused, raising=False)
+    monkeypatch.setattr(loading, "open", refused, raising=False)
     assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     assert (
         capsys.readouterr().err.strip()

@@ -109,7 +109,7 @@ def test_ordinary_commands_print_no_library_warning(quiet_run):
 
 def test_the_scoring_pass_shows_a_progress_bar_and_scores_as_one_call(quiet_run):
     from gradientspace.config import config_from_run
-    from gradientspace.data.records import load_records
+    from gradientspace.data.loading import load_records
     from gradientspace.evaluation.evaluate import scored
     from gradientspace.routing.model import StrategyModel
 

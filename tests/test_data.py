@@ -4,16 +4,10 @@ import re
 import pytest
 from conftest import make_records
 
-from gradientspace.data.records import (
-    IGNORE,
-    DataError,
-    Record,
-    gutenberg_body,
-    load_records,
-    mix4_packaged,
-    shuffled_length_batches,
-    tokenize,
-)
+from gradientspace.data.loading import load_records
+from gradientspace.data.recipes import gutenberg_body, mix4_packaged
+from gradientspace.data.records import DataError, Record
+from gradientspace.data.tokens import IGNORE, shuffled_length_batches, tokenize
 
 
 def write_jsonl(path, rows):
@@ -120,7 +114,7 @@ def test_a_dataset_id_in_the_hugging_face_cache_is_read_by_subset_and_split(tmp_
     import datasets
 
     from gradientspace.config import load_config
-    from gradientspace.data.records import fingerprint
+    from gradientspace.data.loading import fingerprint
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tool's default: offline, so only the cache is read
@@ -347,7 +341,8 @@ def test_validation_split_is_seeded_stratified_and_disjoint_from_the_warmup():
 
 
 def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_path, tiny):
-    from gradientspace.data.records import ExampleTable, LazyBatch, RecordTable
+    from gradientspace.data.loading import RecordTable
+    from gradientspace.data.tokens import ExampleTable, LazyBatch
 
     rows = [
         {"id": r.id, "instruction": r.messages[0]["content"], "output": r.response, "source": r.source}

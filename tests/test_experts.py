@@ -6,7 +6,8 @@ import pytest
 from conftest import write_records
 
 from gradientspace import cluster, load_config
-from gradientspace.data.records import load_records, validation_ids
+from gradientspace.data.loading import load_records
+from gradientspace.data.records import validation_ids
 from gradientspace.experts.adapters import decided, train_experts
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.threshold import best_threshold

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_records
 
-from gradientspace.data.records import collate, tokenize
+from gradientspace.data.tokens import collate, tokenize
 from gradientspace.gradients.engine import AdamState, PerSampleGradients, layout_of, per_sample_mean_loss, transform
 
 

@@ -221,7 +221,8 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
 
 
 def _split(config) -> dict[str, bool]:
-    from gradientspace.data.records import load_records, validation_ids
+    from gradientspace.data.loading import load_records
+    from gradientspace.data.records import validation_ids
 
     records, _ = load_records(config.data.path)
     held = validation_ids(records, config.data.validation_fraction, config.seed)
@@ -313,8 +314,8 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
     from safetensors.torch import load_file
 
     from gradientspace.commands import decide_experts, router_thresholds, validation_records
-    from gradientspace.experts import keep
     from gradientspace.experts.strategies import ROUTER_UNSURE, Choice
+    from gradientspace.routing import keep
     from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
     config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))

@@ -9,7 +9,8 @@ from conftest import tiny_run_config
 
 from gradientspace.cli import main
 from gradientspace.config import config_from_run
-from gradientspace.data.records import Record, prompt_text
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import prompt_text
 from gradientspace.models.loading import end_of_turn_ids, load_tokenizer
 
 LLAMA3_TEMPLATE = (

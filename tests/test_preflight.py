@@ -3,7 +3,7 @@
 import pytest
 
 from gradientspace.config import ConfigError, load_config
-from gradientspace.data.records import template_overhead
+from gradientspace.data.tokens import template_overhead
 from gradientspace.models.loading import ModelError, check_model_name, load_tokenizer
 from gradientspace.preflight import check_max_length, check_output_dir
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.records import load_records, tokenize
+from gradientspace.data.loading import load_records
+from gradientspace.data.tokens import tokenize
 from gradientspace.models.loading import load_lora_model
 
 pytestmark = pytest.mark.slow

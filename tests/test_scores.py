@@ -66,7 +66,7 @@ def test_every_record_is_scored_under_every_adapter_as_one_record_alone_would_be
 
 
 def test_the_routers_and_features_are_stored_per_record(run_dir):
-    from gradientspace.data.records import tokenize
+    from gradientspace.data.tokens import tokenize
     from gradientspace.models.loading import load_base_model, load_tokenizer
     from gradientspace.runner import Run
 

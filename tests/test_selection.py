@@ -46,7 +46,7 @@ def test_target_coordinates_are_the_naive_gradient_in_the_sketch_basis(alpaca_ru
     from test_gradients import naive_gradients
 
     from gradientspace.config import config_from_run
-    from gradientspace.data.records import tokenize
+    from gradientspace.data.tokens import tokenize
     from gradientspace.runner import Run
     from gradientspace.selection import target_features
 
@@ -122,7 +122,7 @@ def test_select_writes_the_top_records_as_the_file_holds_them(alpaca_run, tmp_pa
 
     run = Run(config_from_run(root / "run"))
     pool = load_file(str(root / "run" / "sketch.safetensors"))["coordinates"].numpy()
-    from gradientspace.data.records import load_records
+    from gradientspace.data.loading import load_records
 
     targets = target_features(run, load_records(str(target))[0])["sketch"]
     scores = mean_cosine(pool, targets)

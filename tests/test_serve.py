@@ -238,7 +238,8 @@ def reference_answer(run_dir, folder, prompt: str, max_tokens: int) -> str:
     """The naive reference: the adapter folder alone on the base model, batch 1, transformers' greedy generate."""
     from peft import PeftModel
 
-    from gradientspace.data.records import Record, prompt_text
+    from gradientspace.data.records import Record
+    from gradientspace.data.tokens import prompt_text
     from gradientspace.models.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer("tiny-random")

@@ -8,7 +8,7 @@ from conftest import make_records
 from safetensors.torch import load_file
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.records import collate, tokenize
+from gradientspace.data.tokens import collate, tokenize
 from gradientspace.gradients.engine import per_sample_mean_loss
 from gradientspace.models import train as train_module
 from gradientspace.models.loading import load_lora_model

@@ -70,7 +70,8 @@ def test_expert_folders_load_with_plain_peft_and_match_single_nll(finished_run):
     """The `single` strategy's NLL equals scoring its adapter folder loaded by PeftModel.from_pretrained."""
     from peft import PeftModel
 
-    from gradientspace.data.records import collate, load_records, tokenize
+    from gradientspace.data.loading import load_records
+    from gradientspace.data.tokens import collate, tokenize
     from gradientspace.gradients.engine import per_sample_mean_loss
     from gradientspace.models.loading import load_base_model, load_tokenizer
     from gradientspace.routing.model import StrategyModel
@@ -152,7 +153,7 @@ def test_generate_reads_a_file_through_the_column_mapping(finished_run, tmp_path
 
 def test_batched_generation_equals_one_prompt_at_a_time(finished_run):
     """Left-padded batches per adapter decode the same tokens as the batch-1 greedy loop."""
-    from gradientspace.data.records import load_records
+    from gradientspace.data.loading import load_records
     from gradientspace.routing.model import StrategyModel
 
     config_path, _ = finished_run

@@ -34,7 +34,9 @@ from gradientspace.clustering.kmeans import (
 from gradientspace.clustering.partitioners import PARTITIONERS
 from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import ConfigError, RunConfig, internal_rank
-from gradientspace.data.records import Record, fingerprint, shuffled_length_batches, tokenize, validation_ids
+from gradientspace.data.loading import fingerprint
+from gradientspace.data.records import Record, validation_ids
+from gradientspace.data.tokens import shuffled_length_batches, tokenize
 from gradientspace.experts.strategies import get  # up a layer: the projections the asked strategies will read
 from gradientspace.gradients.consumers import GradientConsumer
 from gradientspace.gradients.engine import layout_of, stream_gradients

@@ -20,7 +20,8 @@ from dataclasses import asdict
 
 from gradientspace import distributed
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, fingerprint
+from gradientspace.data.loading import fingerprint
+from gradientspace.data.records import Record
 from gradientspace.evaluation.metrics import METRICS
 from gradientspace.evaluation.scores import SPLITS, Scores, ScoreStage, evaluation_records
 from gradientspace.routing.pipeline import serving_stages

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from gradientspace import distributed
-from gradientspace.data.records import Record, collate, fingerprint, load_records, tokenize
+from gradientspace.data.loading import fingerprint, load_records
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import read_partition, served_groups
 from gradientspace.experts.strategies import get, routed, trained
 from gradientspace.models.encoder import embed_texts

@@ -30,7 +30,8 @@ from gradientspace import distributed
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, tokenize
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import tokenize
 from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
 from gradientspace.models.loading import LoadedModel
 from gradientspace.models.train import TrainPlan, train_adapter

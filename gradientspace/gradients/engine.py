@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradientspace.data.records import IGNORE, Example, collate
+from gradientspace.data.tokens import IGNORE, Example, collate
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.records import hub_allowed
+from gradientspace.data.loading import hub_allowed
 
 ALL_LINEAR = "all-linear"
 
@@ -265,7 +265,8 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
     """The token ids that end an answer, from the model's own files: the tokenizer's end of sequence, the generation
     config's (Llama 3 lists two), and the token the chat template closes an assistant turn with (ChatML's `<|im_end|>`,
     Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), read off the template rather than assumed."""
-    from gradientspace.data.records import Record, templated
+    from gradientspace.data.records import Record
+    from gradientspace.data.tokens import templated
 
     ids: set[int | None] = set()
     for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):

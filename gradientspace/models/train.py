@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradientspace.data.records import Example, collate
+from gradientspace.data.tokens import Example, collate
 from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, response_losses
 from gradientspace.runs import atomic_path, write_json
 

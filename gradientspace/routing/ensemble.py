@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, collate, tokenize
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, generalist_folder
 from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, get
 from gradientspace.gradients.engine import PerSampleGradients, transform

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gradientspace.config import RunConfig
-from gradientspace.data.records import Record, collate, tokenize
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import generalist_folder, recorded_fallback, served_fallback, served_groups
 from gradientspace.experts.strategies import (
     BELOW_THRESHOLD,
@@ -263,7 +264,7 @@ class StrategyModel:
         """
         from transformers import StoppingCriteriaList
 
-        from gradientspace.data.records import prompt_text
+        from gradientspace.data.tokens import prompt_text
 
         results: list[Generation | None] = [None] * len(records)
         choices, routing_seconds = self.choose(strategy, records)

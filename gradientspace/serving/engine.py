@@ -44,7 +44,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from gradientspace.data.records import Record, prompt_text
+from gradientspace.data.records import Record
+from gradientspace.data.tokens import prompt_text
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
