@@ -20,11 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cached_property
+from pathlib import Path
 
 from gradientspace import distributed
 from gradientspace.config import ModelConfig, RunConfig
 from gradientspace.data.loading import load_records
 from gradientspace.data.records import LoadReport, Record, validation_ids
+from gradientspace.models.bank import AdapterBank
 from gradientspace.models.loading import LoadedModel, load_lora_model
 from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, content_key, note
 
@@ -44,6 +46,7 @@ class Run:
         self.rank, self.world_size = distributed.world()
         self.built: dict[str, dict] = {}  # stage name → manifest entry, for the stages this command has built
         self.models: dict[str, LoadedModel] = {}
+        self.adapter_bank: AdapterBank | None = None
 
     # ------------------------------------------------------------ what stages read
 
@@ -105,6 +108,15 @@ class Run:
         if name not in self.models:
             self.models[name] = load_lora_model(model, seed=self.config.seed)
         return self.models[name]
+
+    def bank(self, first_name: str, first_folder: Path) -> AdapterBank:
+        """The process's one adapter bank (the base of `model.*`, loaded on first use), with `first_folder` loaded as
+        `first_name`: every stage that scores or decodes shares it, adding the adapters it reads."""
+        if self.adapter_bank is None:
+            self.adapter_bank = AdapterBank(self.config.model, first_name, first_folder)
+        else:
+            self.adapter_bank.load(first_name, first_folder)
+        return self.adapter_bank
 
     # ------------------------------------------------------------ building
 

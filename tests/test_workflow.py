@@ -36,8 +36,32 @@ def finished_run(tmp_path_factory):
         experts="branch_epochs: 2, snapshot_epochs: [1], keep: all",
         evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1",
     )
-    assert main(["run", str(config)]) == 0
+    from gradientspace.models import bank, loading
+
+    real = loading.load_base_model
+    loads = []
+
+    def counted(module):
+        def load(name, device, dtype=torch.float32):
+            loads.append(module)
+            return real(name, device, dtype)
+
+        return load
+
+    with pytest.MonkeyPatch.context() as patch:  # every base-model load of the whole run, by who asked
+        patch.setattr(loading, "load_base_model", counted("training"))
+        patch.setattr(bank, "load_base_model", counted("bank"))
+        assert main(["run", str(config)]) == 0
+    (root / "base-loads.json").write_text(json.dumps(loads))
     return config, root / "run"
+
+
+def test_a_run_loads_the_base_once_for_training_each_shape_and_once_for_everything_that_scores(finished_run):
+    """One adapter bank per process serves keep, thresholds, centroids, score matrices and evaluation; training loads the
+    LoRA-wrapped base once per model shape (`model.*`, and `single-wide`'s wider LoRA)."""
+    config, run = finished_run
+    loads = json.loads((run.parent / "base-loads.json").read_text())
+    assert sorted(loads) == ["bank", "training", "training"]
 
 
 def test_run_writes_every_stage(finished_run):

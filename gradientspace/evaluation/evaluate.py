@@ -59,6 +59,7 @@ def evaluate_strategies(
     adapter_epoch: int | None = None,
     write: bool = True,
     scores=None,
+    command_run=None,
 ) -> dict | None:
     """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
 
@@ -71,7 +72,7 @@ def evaluate_strategies(
     if records is None:
         records = evaluation_records(config)
     domains = sorted({r.source or "all" for r in records})
-    engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch)
+    engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch, command_run=command_run)
     settings = config.evaluate
     metrics = [METRICS[name] for name in settings.metrics]
     results: dict = {
@@ -342,5 +343,5 @@ class EvaluateStage(Stage):
         }
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")))
+        evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")), command_run=run)
         record["outputs"] = ["eval.json", "eval.md"]

@@ -130,7 +130,7 @@ def prompt_hidden_states(engine: StrategyModel, records: list[Record], max_lengt
 def score_shard(run, strategies: list[str], split: str, records: list[Record]) -> dict:
     """Everything the matrices hold for `records` (one rank's shard), with the adapter columns of `scored_folders`."""
     config = run.config
-    engine = StrategyModel(config, strategies)
+    engine = StrategyModel(config, strategies, command_run=run)
     folders = scored_folders(run, strategies)
     adapters = [engine.load_folder(folder) for folder in folders]
     column = {

@@ -23,36 +23,72 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import time
 from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria
 
+from gradientspace.config import ModelConfig
 from gradientspace.gradients.engine import per_sample_mean_loss, response_losses
-from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device
+from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device, resolve_dtype
+
+
+def _files_of(folder: Path) -> tuple:
+    """What an adapter folder holds, as far as reloading goes: its weights file's identity, size and time."""
+    weights = (Path(folder) / "adapter_model.safetensors").resolve()
+    status = weights.stat()
+    return (str(weights), status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 class AdapterBank:
-    """The base model with named adapters (the first one given at construction; `load` adds more)."""
+    """The base model, loaded once, with named adapters (the first one given at construction; `load` adds more).
 
-    def __init__(self, model_name: str, device: str, first_name: str, first_folder: Path):
+    One bank serves a whole process: every stage that scores or decodes asks the run for it
+    (`runner.Run.bank`), so the base is loaded once, in the dtype `model.dtype` asks for. `load` keeps
+    an adapter already loaded from the same files and replaces one whose files changed (an adapter
+    retrained in the same process) or that came from another folder under the same name.
+    """
+
+    def __init__(self, model: ModelConfig, first_name: str, first_folder: Path):
         from peft import PeftModel
 
-        self.device = pick_device(device)
-        self.tokenizer = load_tokenizer(model_name)
-        base = load_base_model(model_name, self.device)
+        self.device = pick_device(model.device)
+        self.tokenizer = load_tokenizer(model.name)
+        base = load_base_model(model.name, self.device, resolve_dtype(model.dtype, self.device))
         self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.model = PeftModel.from_pretrained(base, str(first_folder), adapter_name=first_name).eval()
+        self.sources = {first_name: _files_of(first_folder)}
 
     def __contains__(self, name: str) -> bool:
         return name in self.model.peft_config
 
     def load(self, name: str, folder: Path) -> None:
-        self.model.load_adapter(str(folder), adapter_name=name)
+        """Adapter `name` from `folder`: kept where it was loaded from the same files, (re)loaded otherwise."""
+        files = _files_of(folder)
+        if self.sources.get(name) == files:
+            return
+        if name in self.model.peft_config and not self._same_shape(name, folder):  # a blend under an expert's name
+            others = [other for other in self.model.peft_config if other != name]
+            if name in self.model.active_adapters and others:
+                self.model.set_adapter(others[0])
+            self.model.delete_adapter(name)
+        self.model.load_adapter(str(folder), adapter_name=name)  # same shape: the new weights written over the old
+        self.sources[name] = files
         self.model.eval()
+
+    def _same_shape(self, name: str, folder: Path) -> bool:
+        """Whether the adapter in `folder` has the rank, scale and target modules of the one loaded as `name`."""
+        saved = json.loads((Path(folder) / "adapter_config.json").read_text())
+        loaded = self.model.peft_config[name]
+        return (saved.get("r"), saved.get("lora_alpha"), sorted(saved.get("target_modules") or [])) == (
+            loaded.r,
+            loaded.lora_alpha,
+            sorted(loaded.target_modules or []),
+        )
 
     def stacked(self, adapters: list[str]) -> StackedLoRA:
         """The given adapters stacked for batches that mix them (`decode(..., stack=...)`)."""

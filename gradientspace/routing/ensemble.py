@@ -12,28 +12,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradientspace.config import RunConfig
-from gradientspace.data.records import Record
 from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, generalist_folder
 from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, get
 from gradientspace.gradients.engine import PerSampleGradients, transform
-from gradientspace.models.loading import load_base_model, load_tokenizer, pick_device
+from gradientspace.routing.model import StrategyModel
 from gradientspace.runner import Run
-from gradientspace.runs import RunDirectory, Stage, atomic_path
+from gradientspace.runs import Stage, atomic_path
 
 
-def compute_elrea_centroids(config: RunConfig, records: list[Record]) -> Path:
-    """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data."""
-    from peft import PeftModel
-
-    run = RunDirectory(config.out)
+def compute_elrea_centroids(command_run: Run) -> Path:
+    """Mean unit instruction-token gradient (w.r.t. the generalist, ELREA's base) of each gradient cluster, plus of all data,
+    on the run's one adapter bank."""
+    config, records, run = command_run.config, command_run.records, command_run.directory
     path = run.path("elrea", "centroids.safetensors")
     partition = json.loads((get(GRADIENT_CLUSTERS).folder(run) / "partition.json").read_text())
     groups, labels = partition["groups"], [partition["assignment"][r.id] for r in records]
-    device = pick_device(config.model.device)
-    tokenizer = load_tokenizer(config.model.name)
-    model = PeftModel.from_pretrained(load_base_model(config.model.name, device), str(generalist_folder(run))).eval()
+    generalist = StrategyModel.adapter_name(GENERALIST, "0")
+    bank = command_run.bank(generalist, generalist_folder(run))
+    bank.model.set_adapter(generalist)
+    model, device, tokenizer = bank.model, bank.device, bank.tokenizer
     examples = tokenize(records, tokenizer, config.data.max_length, "instruction")
     sums = None
     with PerSampleGradients(model) as engine:
@@ -69,5 +67,5 @@ class CentroidStage(Stage):
         return {}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        compute_elrea_centroids(run.config, run.records)
+        compute_elrea_centroids(run)
         record["outputs"] = ["elrea/centroids.safetensors"]

@@ -33,6 +33,7 @@ from gradientspace.experts.strategies import (
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import AdapterBank, FirstToken
 from gradientspace.routing.router import Router, threshold_override
+from gradientspace.runner import Run
 from gradientspace.runs import RunDirectory
 
 WARMUP = "warmup"
@@ -60,7 +61,12 @@ class StrategyModel:
     as trained and its fall-back as the config says (`Strategy.falls_back_to`)."""
 
     def __init__(
-        self, config: RunConfig, strategies: list[str], adapter_epoch: int | None = None, undecided: str | None = None
+        self,
+        config: RunConfig,
+        strategies: list[str],
+        adapter_epoch: int | None = None,
+        undecided: str | None = None,
+        command_run: Run | None = None,
     ):
         self.config, self.run = config, RunDirectory(config.out)
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
@@ -70,7 +76,12 @@ class StrategyModel:
                 f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)"
             )
         self.generalist = self.adapter_name(GENERALIST, "0")
-        self.bank = AdapterBank(config.model.name, config.model.device, self.generalist, generalist)
+        # within a command, the run's one bank (the base loaded once per process); alone (serve, generate), a bank of its own
+        self.bank = (
+            command_run.bank(self.generalist, generalist)
+            if command_run
+            else AdapterBank(config.model, self.generalist, generalist)
+        )
         self.folders: dict[str, Path] = {self.generalist: generalist}  # adapter name → the folder it was loaded from
         self.groups: dict[str, list[str]] = {}
         self.routers: dict[str, Router] = {}
@@ -90,11 +101,7 @@ class StrategyModel:
             self.groups[strategy] = json.loads((folder / "partition.json").read_text())["groups"]
             for group, (path, _) in served_groups(self.run, strategy, apply_decisions=strategy != undecided).items():
                 name = self.adapter_name(strategy, group)
-                if (
-                    path is not None
-                    and name not in self.bank
-                    and (path / suffix / "adapter_model.safetensors").exists()
-                ):
+                if path is not None and (path / suffix / "adapter_model.safetensors").exists():
                     self.bank.load(name, path / suffix)
                     self.folders[name] = path / suffix
         for strategy in dict.fromkeys(loaded + list(strategies)):

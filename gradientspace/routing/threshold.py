@@ -39,13 +39,15 @@ def best_threshold(
     return threshold, value
 
 
-def calibrate_threshold(config: RunConfig, strategy: str, validation: list[Record]) -> dict:
+def calibrate_threshold(
+    config: RunConfig, strategy: str, validation: list[Record], command_run: Run | None = None
+) -> dict:
     """Choose the router threshold on the validation split, against the strategy's fall-back adapter, and store it in the
     router's `router.json`."""
     run = RunDirectory(config.out)
     folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
-    engine = StrategyModel(config, [strategy])
+    engine = StrategyModel(config, [strategy], command_run=command_run)
     probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
     top, choice = probabilities.max(dim=1)
     experts = [engine.serve_group(strategy, int(c), float(p)) for c, p in zip(choice, top)]
@@ -78,7 +80,7 @@ class ThresholdStage(Stage):
         return {"validation records": config_hash(sorted(run.validation_ids))}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record.update(calibrate_threshold(run.config, self.strategy, run.validation))
+        record.update(calibrate_threshold(run.config, self.strategy, run.validation, command_run=run))
         record["outputs"] = [
             str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))
         ]
