@@ -162,7 +162,7 @@ class StrategyModel:
         if group == ROUTER_UNSURE:
             return None
         name = self.adapter_name(strategy, self.groups[strategy][group])
-        return name if name in self.bank else None
+        return name if name in self.folders else None  # loaded for this model (the shared bank holds others')
 
     def fallback_for(self, strategy: str) -> str:
         """The adapter answering what `strategy` sends to none of its own (`recorded_fallback`): the single adapter of
