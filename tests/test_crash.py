@@ -64,8 +64,8 @@ def gradientspace_run(config, kill_in: str | None = None) -> subprocess.Complete
 def one_stage_of_each_kind(manifest: dict) -> list[str]:
     """data, warmup, gradients, cluster, a partition, the generalist, a branched expert (it resumes from another starting
     point than the generalist), a strategy's adapters, a router, keep decision (the fall-back's, `single-continued`, comes
-    first) and threshold (the same code for every strategy: a second routed strategy would only repeat these kinds), a
-    score matrix, evaluate, report."""
+    first) and threshold (the same code for every strategy: a second routed strategy would only repeat these kinds), the
+    model cards, a score matrix, evaluate, report."""
     chosen, kinds = [], set()
     for name in manifest["stages"]:
         kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name.split("/")[0]
@@ -107,6 +107,7 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
         "router/routed",
         "keep/single-continued",
         "threshold/routed",
+        "cards/single",
         "scores/validation",
         "evaluate",
         "report",

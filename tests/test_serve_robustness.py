@@ -458,7 +458,7 @@ def test_a_request_that_breaks_the_router_or_its_own_consumer_fails_alone(served
     monkeypatch.setattr(engine.model, "choose", choose_refusing_poison)
     held = HeldWorker(engine)
     good = [Collected(engine, prompt, 3) for prompt in ("What is 2 + 3?", "def add(a, b):", "Why is the sky blue?")]
-    poisoned, deaf = Collected(engine, "poison", 3), Collected(engine, "Name a prime.", 3, breaks_on="routed")
+    poisoned, deaf = Collected(engine, "poison", 3), Collected(engine, "Name a prime.", 3, breaks_on="route")
     for collected in [good[0], poisoned, good[1], deaf, good[2]]:
         engine.submit(collected.request)
     held.release.set()

@@ -232,8 +232,8 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     calls = []
 
     def evaluated(
-        config, strategies, scores=None
-    ):  # the real evaluation is tested above; this test is about when it runs
+        config, strategies, scores=None, command_run=None
+    ):  # the real one is tested above; this is about when it runs
         calls.append((config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
