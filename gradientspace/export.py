@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from gradientspace.config import ConfigError, RunConfig
-from gradientspace.data.loading import fingerprint
 from gradientspace.experts.adapters import read_partition
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.runner import Run
@@ -91,18 +90,7 @@ def export_run(config: RunConfig, out: str | Path, fmt: str = "datasets", strate
     run = Run(config)
     out = Path(out)
     check_export_folder(out, run.directory.root)
-    for stage in ("data", "gradients", "cluster"):
-        if not run.stage_entry(stage).get("done"):
-            raise ConfigError(
-                f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first"
-            )
-    if run.stage_entry("data")["inputs"].get("data content") != fingerprint(
-        config.data.path, config.data.subset, config.data.split
-    ):
-        raise ConfigError(
-            f"config key `data.path`: {config.data.path} holds other records than the run was made from; "
-            "export reads the records from it, so restore the file the run read"
-        )
+    run.require_clustered("data", "gradients", "cluster")
     columns, coordinates, summary = _columns(run, strategy)
     rank = coordinates.shape[1]
     features = Features(

@@ -23,8 +23,8 @@ from functools import cached_property
 from pathlib import Path
 
 from gradientspace import distributed
-from gradientspace.config import ModelConfig, RunConfig
-from gradientspace.data.loading import load_records
+from gradientspace.config import ConfigError, ModelConfig, RunConfig
+from gradientspace.data.loading import fingerprint, load_records
 from gradientspace.data.records import LoadReport, Record, validation_ids
 from gradientspace.models.bank import AdapterBank
 from gradientspace.models.loading import LoadedModel, load_lora_model
@@ -117,6 +117,20 @@ class Run:
         else:
             self.adapter_bank.load(first_name, first_folder)
         return self.adapter_bank
+
+    def require_clustered(self, *stages: str) -> None:
+        """For a command that reads the run's arrays beside its records (`export`, `select`): `stages` are finished, and
+        the data file still holds the records the run was made from, so row i of an array is still record i."""
+        for stage in stages:
+            if not self.stage_entry(stage).get("done"):
+                raise ConfigError(
+                    f"{self.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first"
+                )
+        data = self.config.data
+        if self.stage_entry("data")["inputs"].get("data content") != fingerprint(data.path, data.subset, data.split):
+            raise ConfigError(
+                f"config key `data.path`: {data.path} holds other records than the run was made from; restore the file the run read"
+            )
 
     # ------------------------------------------------------------ building
 

@@ -93,7 +93,7 @@ def mean_cosine(pool: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (unit(pool.astype(np.float64)) @ unit(targets.astype(np.float64)).T).mean(axis=1)
 
 
-def check_selection_file(out: Path, run_root: Path, target: str) -> None:
+def check_selection_file(out: Path, run_root: Path) -> None:
     if out.suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--out {out}: name a {', '.join(OUTPUT_SUFFIXES)} file")
     if out.exists() or out.is_symlink():
@@ -137,12 +137,8 @@ def select_records(config: RunConfig, target: str, top: str, out: str | Path) ->
 
     run = Run(config)
     out = Path(out)
-    check_selection_file(out, run.directory.root, target)
-    for stage in ("warmup", "gradients"):
-        if not run.stage_entry(stage).get("done"):
-            raise ConfigError(
-                f"{run.directory.root}: stage `{stage}` is not finished; run `gradientspace cluster` on it first"
-            )
+    check_selection_file(out, run.directory.root)
+    run.require_clustered("data", "warmup", "gradients")
     targets, _ = load_records(target, columns=config.data.columns)
     records = run.records
     count = parse_top(top, len(records))

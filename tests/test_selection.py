@@ -182,3 +182,25 @@ def test_select_writes_the_top_records_as_the_file_holds_them(alpaca_run, tmp_pa
     from datasets import Dataset
 
     assert Dataset.from_parquet(str(tmp_path / "more.parquet")).to_list() == chosen[:3]
+
+
+def test_select_and_export_refuse_a_data_file_that_changed_since_the_run(alpaca_run, tmp_path, capsys):
+    """Row i of the sketch is record i of the file the run read: with another file the rows would name other records."""
+    root, _ = alpaca_run
+    data = root / "train.jsonl"
+    kept = data.read_text()
+    target = tmp_path / "target.jsonl"
+    target.write_text(json.dumps({"instruction": "alpha beta", "output": "gamma"}) + "\n")
+    try:
+        data.write_text(kept + json.dumps({"instruction": "a new record", "output": "its answer"}) + "\n")
+        for command in (
+            ["select", "--target", str(target), "--top", "2", "--out", str(tmp_path / "c.jsonl")],
+            ["export", "--out", str(tmp_path / "export")],
+        ):
+            assert main([command[0], str(root / "run"), *command[1:]]) == 2
+            err = capsys.readouterr().err
+            assert f"config key `data.path`: {data} holds other records than the run was made from" in err
+            assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "export").exists()
+    finally:
+        data.write_text(kept)
