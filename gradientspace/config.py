@@ -797,6 +797,11 @@ def validate(config: RunConfig) -> None:
                 errors.append(
                     f"config key `model.device`: {config.model.device!r} but CUDA is not available here (use auto or cpu)"
                 )
+            elif device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                errors.append(
+                    f"config key `model.device`: {config.model.device!r} would put every rank of this torchrun job on one GPU; "
+                    "use auto (each rank on its LOCAL_RANK's GPU)"
+                )
     if errors:
         raise ConfigError(errors[0])
 

@@ -170,3 +170,47 @@ def test_tensorboard_curves_land_under_the_runs_logs_and_match_the_trainer_log(t
     assert [step for step, _ in curve] == list(range(1, summary["steps"] + 1))  # one point per optimizer step
     assert [round(value, 5) for _, value in curve] == pytest.approx(logged, abs=1e-5)
     assert not (tmp_path / "run" / "warmup" / "runs").exists()  # nothing left where Trainer would have put it
+
+
+@pytest.mark.parametrize("visible", [1, 2, 8])
+def test_a_ranks_trainer_uses_its_own_gpu_and_the_configs_batch_however_many_gpus_it_sees(
+    visible, monkeypatch, tmp_path
+):
+    """On a GPU node Trainer's one-process job would take cuda:0 and split each batch over every visible GPU
+    (DataParallel, batch × GPUs, fewer steps): bound, rank 3 trains on cuda:3 (or its only GPU), n_gpu 1, batch as given."""
+    from transformers import TrainingArguments
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    from gradientspace.models.loading import pick_device
+
+    device = pick_device("auto")
+    assert device == torch.device("cuda", 3 % visible)
+    with train_module._one_process():
+        plain = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[])
+        assert (plain.device.index, plain.n_gpu, plain.train_batch_size) == (0, visible, 8 * visible)  # what was wrong
+        current.clear()
+        bound = train_module._arguments_on(device)(
+            output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[]
+        )
+        assert (bound.device, bound.n_gpu, bound.train_batch_size) == (device, 1, 8)
+    assert current == [str(device)]  # cuda:0 was never made current (a CUDA context on GPU 0 for every rank)
+
+
+def test_a_pinned_gpu_under_torchrun_is_refused_and_experts_are_dealt_whatever_the_gpus(monkeypatch):
+    from gradientspace.config import ConfigError, load_config
+    from gradientspace.experts.adapters import spread_over_ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        ConfigError, match=r"config key `model.device`: 'cuda:1' would put every rank of this torchrun job on one GPU"
+    ):
+        load_config(None, {"model.device": "cuda:1"})
+    assert load_config(None, {"model.device": "cuda"}).model.device == "cuda"
+    monkeypatch.setattr("gradientspace.distributed.world", lambda: (1, 2))
+    assert spread_over_ranks()  # 8 GPUs seen: each rank still trains its own share

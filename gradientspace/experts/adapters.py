@@ -298,11 +298,9 @@ def spread_over_ranks() -> bool:
     """Whether, under torchrun, each rank trains its share of the adapters (else rank 0 trains them all while the others wait).
 
     Trainer runs one-process jobs here (each adapter is small; DDP would synchronise every step for
-    nothing), and in that mode it puts the model on cuda:0 and splits batches over every GPU the
-    process sees. So adapters are spread only where that is the rank's own device: on CPUs, or
-    where each process sees one GPU (e.g. CUDA_VISIBLE_DEVICES set per rank by the launcher).
-    """
-    return distributed.world()[1] > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() == 1)
+    nothing), each bound to its rank's own device (`models.train._arguments_on`), so every rank can
+    train its share however many GPUs it sees."""
+    return distributed.world()[1] > 1
 
 
 def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:

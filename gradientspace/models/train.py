@@ -140,6 +140,31 @@ def _quiet_progress(trainer) -> None:
     trainer.add_callback(LossInBar())
 
 
+def _arguments_on(device: torch.device):
+    """transformers' TrainingArguments bound to `device`, one GPU: a one-process job puts the model on cuda:0 and splits each
+    batch over every GPU the process sees (DataParallel: a batch of 8 on 8 GPUs becomes 64, with 8× fewer steps). Bound,
+    every rank trains on its own GPU with the batch the config says, whatever the number of visible GPUs."""
+    from functools import cached_property
+    from unittest import mock
+
+    from transformers import TrainingArguments
+
+    class OnOneDevice(TrainingArguments):
+        @cached_property
+        def _setup_devices(self) -> torch.device:
+            if device.type != "cuda":
+                return TrainingArguments._setup_devices.func(self)
+            # transformers would make cuda:0 current in every rank, and since CUDA 12 that creates a context (hundreds of
+            # MB) on GPU 0 for each of them: its choice is replaced, so it is not made current either
+            with mock.patch.object(torch.cuda, "set_device", lambda _: None):
+                TrainingArguments._setup_devices.func(self)
+            self._n_gpu = 1
+            torch.cuda.set_device(device)
+            return device
+
+    return OnOneDevice
+
+
 @contextlib.contextmanager
 def _one_process() -> Iterator[None]:
     """Let Trainer see a one-process job even under torchrun.
@@ -176,14 +201,13 @@ def train_adapter(
     best epoch's; its validation NLL before training (`initial_eval_loss`) is recorded too, so a
     caller can tell whether training helped at all.
     """
-    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     out_dir = Path(out_dir)
     work_dir = out_dir.with_name(f"{out_dir.name}.trainer-{key}")
     has_validation = bool(validation)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
+    args = _arguments_on(device)(
         output_dir=str(work_dir),
         num_train_epochs=plan.max_epochs,
         learning_rate=plan.learning_rate,
