@@ -199,6 +199,12 @@ class RunLock:
             raise RunBusy(
                 f"{self.path.parent} is in use by {self._describe(holder)}; wait for it to finish (or stop it), then run this command again"
             ) from None
+        except OSError as err:  # a filesystem without working locks: NFS mounted `nolock`, Lustre without `-o flock`
+            handle.close()
+            raise RunError(
+                f"cannot lock {self.path}: flock failed ({err.strerror}) on its {filesystem_of(self.path)} filesystem; "
+                "mount it with locking (NFS: without `nolock`; Lustre: `-o flock`) or put the run directory on a filesystem that has it"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(
@@ -229,6 +235,19 @@ class RunLock:
             self.handle = None
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem `path` lies on (`nfs4`, `lustre`, `ext4`…), read from /proc/mounts; `unknown` elsewhere."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines() if len(line.split()) > 2]
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    found = [
+        (point, kind) for point, kind in mounts if resolved == point or resolved.startswith(point.rstrip("/") + "/")
+    ]
+    return max(found, key=lambda item: len(item[0]))[1] if found else "unknown"
+
+
 @contextlib.contextmanager
 def locked(root: str | Path) -> Iterator[None]:
     """Hold the run's lock for the block: rank 0 takes it, and every rank learns whether it did.
@@ -243,11 +262,15 @@ def locked(root: str | Path) -> Iterator[None]:
     if lock is not None:
         try:
             lock.acquire()
-        except RunBusy as err:
-            refusal = str(err)
+        except (
+            RunBusy,
+            RunError,
+        ) as err:  # busy, or a filesystem that cannot lock: every rank stops with the same line
+            refusal = (isinstance(err, RunBusy), str(err))
     refusal = distributed.from_main(refusal)
     if refusal:
-        raise RunBusy(refusal)
+        busy, message = refusal
+        raise (RunBusy if busy else RunError)(message)
     try:
         yield
     finally:

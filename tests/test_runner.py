@@ -369,10 +369,17 @@ def test_under_torchrun_every_rank_stops_when_rank_zero_finds_the_run_busy(tmp_p
 
     monkeypatch.setattr(distributed, "init", lambda: None)
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
-    monkeypatch.setattr(distributed, "from_main", lambda item: "run is in use by process 7")
+    monkeypatch.setattr(distributed, "from_main", lambda item: (True, "run is in use by process 7"))
     with pytest.raises(runs.RunBusy, match="in use by process 7"):
         with runs.locked(tmp_path / "run"):
             raise AssertionError("rank 1 went on")
+    monkeypatch.setattr(distributed, "from_main", lambda item: (False, "cannot lock run/.lock: flock failed"))
+    with pytest.raises(
+        runs.RunError, match="cannot lock"
+    ) as refused:  # rank 0's filesystem cannot lock: rank 1 stops too
+        with runs.locked(tmp_path / "run"):
+            raise AssertionError("rank 1 went on")
+    assert not isinstance(refused.value, runs.RunBusy)
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr(
         distributed, "from_main", lambda item: item
@@ -380,6 +387,39 @@ def test_under_torchrun_every_rank_stops_when_rank_zero_finds_the_run_busy(tmp_p
     with runs.locked(tmp_path / "run"):
         pass
     assert not (tmp_path / "run").exists()
+
+
+def test_a_filesystem_that_cannot_lock_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """NFS mounted `nolock` or Lustre without `-o flock` answer flock with ENOLCK or EOPNOTSUPP: one line, no traceback."""
+    import errno
+    from pathlib import Path
+
+    from gradientspace import runs
+    from gradientspace.cli import main
+
+    real = runs.fcntl.flock
+
+    def no_locks(handle, operation):  # only on the run's filesystem: `datasets` takes its own file locks elsewhere
+        if str(getattr(handle, "name", "")).startswith(str(tmp_path / "run")):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(handle, operation)
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(6)))
+    assert (
+        main(["cluster", "--model", "tiny-random", "--data", str(data), "--k", "2", "--out", str(tmp_path / "run")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert (
+        f"cannot lock {tmp_path / 'run' / '.lock'}: flock failed (No locks available) on its {runs.filesystem_of(tmp_path)} filesystem"
+        in lines[0]
+    )
+    assert "NFS: without `nolock`; Lustre: `-o flock`" in lines[0]
+    assert runs.filesystem_of(Path("/proc")) == "proc"  # the mount table is read (Linux): the longest mount point wins
 
 
 # ---------------------------------------------------------------- the stage graph, on toy stages (no model)
