@@ -193,11 +193,14 @@ def test_a_ranks_trainer_uses_its_own_gpu_and_the_configs_batch_however_many_gpu
         plain = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[])
         assert (plain.device.index, plain.n_gpu, plain.train_batch_size) == (0, visible, 8 * visible)  # what was wrong
         current.clear()
-        bound = train_module._arguments_on(device)(
-            output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[]
+        bound = train_module.OnOneDevice(
+            device=device, output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[]
         )
         assert (bound.device, bound.n_gpu, bound.train_batch_size) == (device, 1, 8)
     assert current == [str(device)]  # cuda:0 was never made current (a CUDA context on GPU 0 for every rank)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(bound)).bound_device == device  # Trainer saves its arguments in every checkpoint
 
 
 def test_a_pinned_gpu_under_torchrun_is_refused_and_experts_are_dealt_whatever_the_gpus(monkeypatch):

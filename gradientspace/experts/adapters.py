@@ -298,7 +298,7 @@ def spread_over_ranks() -> bool:
     """Whether, under torchrun, each rank trains its share of the adapters (else rank 0 trains them all while the others wait).
 
     Trainer runs one-process jobs here (each adapter is small; DDP would synchronise every step for
-    nothing), each bound to its rank's own device (`models.train._arguments_on`), so every rank can
+    nothing), each bound to its rank's own device (`models.train.OnOneDevice`), so every rank can
     train its share however many GPUs it sees."""
     return distributed.world()[1] > 1
 

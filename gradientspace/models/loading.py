@@ -105,7 +105,8 @@ def cache_dir() -> Path:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested != "auto":
+    """`auto`: this rank's GPU (LOCAL_RANK) where there is one, else the CPU; a bare `cuda` is this rank's GPU too."""
+    if requested not in ("auto", "cuda"):
         return torch.device(requested)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -24,10 +24,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import TrainingArguments
 
 from gradientspace.data.tokens import Example, collate
 from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, response_losses
@@ -140,29 +143,28 @@ def _quiet_progress(trainer) -> None:
     trainer.add_callback(LossInBar())
 
 
-def _arguments_on(device: torch.device):
-    """transformers' TrainingArguments bound to `device`, one GPU: a one-process job puts the model on cuda:0 and splits each
-    batch over every GPU the process sees (DataParallel: a batch of 8 on 8 GPUs becomes 64, with 8× fewer steps). Bound,
-    every rank trains on its own GPU with the batch the config says, whatever the number of visible GPUs."""
-    from functools import cached_property
-    from unittest import mock
+class OnOneDevice(TrainingArguments):
+    """transformers' TrainingArguments bound to one device (`device=`), one GPU: a one-process job would put the model on
+    cuda:0 and split each batch over every GPU the process sees (DataParallel: a batch of 8 on 8 GPUs becomes 64, with 8×
+    fewer steps). Bound, every rank trains on its own GPU with the batch the config says, whatever the GPUs it sees.
+    A module-level class: Trainer pickles its arguments into every checkpoint."""
 
-    from transformers import TrainingArguments
+    def __init__(self, *args, device: torch.device | None = None, **kwargs):
+        self.bound_device = device  # before the dataclass's __post_init__, which may already ask for the device
+        super().__init__(*args, **kwargs)
 
-    class OnOneDevice(TrainingArguments):
-        @cached_property
-        def _setup_devices(self) -> torch.device:
-            if device.type != "cuda":
-                return TrainingArguments._setup_devices.func(self)
-            # transformers would make cuda:0 current in every rank, and since CUDA 12 that creates a context (hundreds of
-            # MB) on GPU 0 for each of them: its choice is replaced, so it is not made current either
-            with mock.patch.object(torch.cuda, "set_device", lambda _: None):
-                TrainingArguments._setup_devices.func(self)
-            self._n_gpu = 1
-            torch.cuda.set_device(device)
-            return device
-
-    return OnOneDevice
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = getattr(self, "bound_device", None)
+        if device is None or device.type != "cuda":
+            return TrainingArguments._setup_devices.func(self)
+        # transformers would make cuda:0 current in every rank, and since CUDA 12 that creates a context (hundreds of MB)
+        # on GPU 0 for each of them: its choice is replaced, so it is not made current either
+        with mock.patch.object(torch.cuda, "set_device", lambda _: None):
+            TrainingArguments._setup_devices.func(self)
+        self._n_gpu = 1
+        torch.cuda.set_device(device)
+        return device
 
 
 @contextlib.contextmanager
@@ -207,7 +209,8 @@ def train_adapter(
     work_dir = out_dir.with_name(f"{out_dir.name}.trainer-{key}")
     has_validation = bool(validation)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    args = _arguments_on(device)(
+    args = OnOneDevice(
+        device=device,
         output_dir=str(work_dir),
         num_train_epochs=plan.max_epochs,
         learning_rate=plan.learning_rate,
