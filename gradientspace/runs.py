@@ -262,11 +262,10 @@ def locked(root: str | Path) -> Iterator[None]:
     if lock is not None:
         try:
             lock.acquire()
-        except (
-            RunBusy,
-            RunError,
-        ) as err:  # busy, or a filesystem that cannot lock: every rank stops with the same line
+        except RunError as err:  # busy, or a filesystem that cannot lock: every rank stops with the same line
             refusal = (isinstance(err, RunBusy), str(err))
+        except OSError as err:  # the folder or the lock file cannot be made or written (permissions, a full disk)
+            refusal = (False, f"cannot take the run's lock {lock.path}: {err.strerror or err}")
     refusal = distributed.from_main(refusal)
     if refusal:
         busy, message = refusal

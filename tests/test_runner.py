@@ -672,3 +672,17 @@ def test_commands_that_only_read_a_run_name_a_corrupt_output_in_one_line(served_
             f"`experts/routed/1` wrote it (truncated or edited); `gradientspace run` on the run's config "
             f"(or `gradientspace evaluate {run}`) rebuilds it"
         ), (command, err)
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_on_every_rank(tmp_path, monkeypatch):
+    """A read-only folder or a full disk while taking the lock: rank 0 says why and the others stop with it, no traceback."""
+    from gradientspace import runs
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs.RunLock, "acquire", lambda self: full())
+    with pytest.raises(runs.RunError, match=r"cannot take the run's lock .*\.lock: No space left on device") as refused:
+        with runs.locked(tmp_path / "run"):
+            raise AssertionError("the command went on")
+    assert not isinstance(refused.value, runs.RunBusy)

@@ -72,13 +72,20 @@ class AdapterBank:
         if self.sources.get(name) == files:
             return
         if name in self.model.peft_config and not self._same_shape(name, folder):  # a blend under an expert's name
-            others = [other for other in self.model.peft_config if other != name]
-            if name in self.model.active_adapters and others:
-                self.model.set_adapter(others[0])
-            self.model.delete_adapter(name)
+            self.drop(name)
         self.model.load_adapter(str(folder), adapter_name=name)  # same shape: the new weights written over the old
         self.sources[name] = files
         self.model.eval()
+
+    def drop(self, name: str) -> None:
+        """Remove adapter `name` where it is loaded (another becomes active if it was): a candidate blend once decided."""
+        if name not in self.model.peft_config:
+            return
+        others = [other for other in self.model.peft_config if other != name]
+        if name in self.model.active_adapters and others:
+            self.model.set_adapter(others[0])
+        self.model.delete_adapter(name)
+        self.sources.pop(name, None)
 
     def _same_shape(self, name: str, folder: Path) -> bool:
         """Whether the adapter in `folder` has the rank, scale and target modules of the one loaded as `name`."""

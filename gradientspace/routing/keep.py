@@ -125,6 +125,9 @@ def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: 
         for weight in sorted(set(experts.blend_weights)):
             adapter = expert if weight == 1 else blend_name(strategy, group, weight)
             if weight != 1:
+                engine.bank.drop(
+                    adapter
+                )  # peft would keep an older blend of that name (the bank outlives this decision)
                 engine.model.add_weighted_adapter(
                     [fallback, expert], [1 - weight, weight], adapter, combination_type="cat"
                 )
@@ -188,6 +191,9 @@ class KeepStage(Stage):
             if 0 < decision["lambda"] < 1:
                 save_blend(engine, self.strategy, group, decision["lambda"])
                 outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
+        for group in decisions:  # the run's one bank keeps serving adapters; the candidates are done with
+            for weight in run.config.experts.blend_weights:
+                engine.bank.drop(blend_name(self.strategy, group, weight))
         write_json(
             folder / "keep.json",
             {"strategy": self.strategy, "fallback": get(self.strategy).falls_back_to(run.config), "groups": decisions},
