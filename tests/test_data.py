@@ -219,6 +219,9 @@ def test_parquet_and_json_files(tmp_path):
 def test_unknown_path_and_suffix(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_records(str(tmp_path / "missing.jsonl"))
+    # a file ending, never read as a dataset id
+    with pytest.raises(DataError, match="data path missing.CSV does not exist"):
+        load_records("missing.CSV")
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported"):
         load_records(str(tmp_path / "d.csv"))

@@ -48,7 +48,8 @@ def _record_features():
     )
 
 
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+# a missing path ending like a data file is a file the user meant, never a dataset id (the error says the file is missing)
+DATA_FILE_ENDINGS = (".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv", ".txt", ".arrow", ".xlsx")
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -56,7 +57,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 def shaped_like_hub_id(path: str) -> bool:
     """`path` could name a Hugging Face dataset (`name` or `owner/name`, no data file's suffix)."""
-    return path not in RECIPES and HUB_ID.fullmatch(path) is not None and not path.endswith(FILE_SUFFIXES)
+    return path not in RECIPES and HUB_ID.fullmatch(path) is not None and not path.lower().endswith(DATA_FILE_ENDINGS)
 
 
 def is_hub_id(path: str) -> bool:
