@@ -27,7 +27,7 @@ from gradientspace.config import ConfigError, RunConfig
 from gradientspace.experts.adapters import read_partition
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.runner import Run
-from gradientspace.runs import write_json
+from gradientspace.runs import content_key, note, write_json
 
 FORMATS = ("datasets", "parquet", "jsonl")
 
@@ -65,8 +65,17 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
         "split": ["validation" if r.id in run.validation_ids else "train" for r in records],
         "cluster": clusters,
     }
-    decided = run.stage_entry(f"adapters/{strategy}").get("done")
-    if decided:  # the group's expert where it is served, else the fall-back, named as `serve` names them
+    partitioned = run.stage_entry(f"partition/{strategy}").get("inputs", {}).get("stage cluster")
+    if partitioned not in (
+        None,
+        content_key(run.stage_entry("cluster")),
+    ):  # experts of clusters made before a re-cluster
+        note(
+            f"export: no `adapter` column: {strategy}'s experts were trained on an earlier clustering; run `gradientspace run` again"
+        )
+    elif run.stage_entry(f"adapters/{strategy}").get(
+        "done"
+    ):  # the group's expert where served, else the fall-back, as serve names them
         served = served_adapters(run.directory, strategy)
         by_group = {adapter.name.removeprefix("expert-"): adapter.name for adapter in served if not adapter.is_fallback}
         partition = read_partition(run, strategy)

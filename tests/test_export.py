@@ -84,3 +84,16 @@ def test_export_never_writes_over_a_folder_or_into_the_run(served_tiny_run, tmp_
     assert not (served_tiny_run / "export").exists()
     if where == "non-empty":
         assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_export_names_no_adapter_for_clusters_the_experts_were_not_trained_on(served_tiny_run, tmp_path):
+    """After a re-cluster whose experts were not retrained, a record's cluster and its group's expert no longer agree."""
+    from conftest import copied_run
+    from datasets import load_from_disk
+
+    run = copied_run(served_tiny_run, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["cluster"]["key"] = "another-clustering"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert "adapter" not in load_from_disk(str(tmp_path / "export" / "records")).column_names
