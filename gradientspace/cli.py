@@ -524,19 +524,24 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--backend", required=True, choices=list(BACKENDS), help="the server to print the command for")
     backend.add_argument("--port", type=int, help="port the backend listens on (its own default when left out)")
 
-    report = sub.add_parser("report", help="PNG figures of a run and one self-contained report.html")
-    report.add_argument("run", help="run directory")
-    report.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
-    report.set_defaults(func=cmd_report)
+    def reading_command(name: str, help_text: str, func, run_help: str) -> argparse.ArgumentParser:
+        """A command that only reads a run (no config flags, nothing rebuilt)."""
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("run", help=run_help)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+        )
+        command.set_defaults(func=func)
+        return command
 
-    export = sub.add_parser(
+    reading_command("report", "PNG figures of a run and one self-contained report.html", cmd_report, "run directory")
+    export = reading_command(
         "export",
-        help="the training records with their cluster, sketch coordinates and serving adapter, "
+        "the training records with their cluster, sketch coordinates and serving adapter, "
         "as a datasets folder (or Parquet, JSONL) and a .npy memory map",
+        cmd_export,
+        "run directory (clustered at least)",
     )
-    export.add_argument("run", help="run directory (clustered at least)")
     export.add_argument("--out", required=True, help="a new (or empty) folder to write the export into")
     export.add_argument(
         "--format",
@@ -549,17 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=GRADIENT_CLUSTERS,
         help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})",
     )
-    export.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
-    export.set_defaults(func=cmd_export)
 
-    select = sub.add_parser(
+    select = reading_command(
         "select",
-        help="the training records most like a target task's, by gradient similarity in the sketch (LESS), "
+        "the training records most like a target task's, by gradient similarity in the sketch (LESS), "
         "written in the data file's own layout",
+        cmd_select,
+        "run directory (clustered at least)",
     )
-    select.add_argument("run", help="run directory (clustered at least)")
     select.add_argument(
         "--target",
         required=True,
@@ -570,10 +572,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", required=True, help="how many records to keep: a count (200) or a share of the run's records (5%%)"
     )
     select.add_argument("--out", required=True, help="a new .jsonl, .json or .parquet file for the chosen records")
-    select.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
-    select.set_defaults(func=cmd_select)
 
     keys = sub.add_parser(
         "config-keys", help="every config key with its default and help (YAML sections, `--set KEY=VALUE`)"
