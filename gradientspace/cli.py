@@ -139,11 +139,18 @@ def _run_config(args: argparse.Namespace, flags: dict[str, str] | None = None):
     return config_from_run(args.run, _overrides(args, flags or {}))
 
 
-def _verified(run) -> None:
+def _verified(run):
     """A command that only reads a run first checks that every finished stage's outputs are as written."""
-    from gradientspace.runs import RunDirectory
+    out = run.config.out
+    run.directory.verify(f"`gradientspace run` on the run's config (or `gradientspace evaluate {out}`) rebuilds it")
+    return run
 
-    RunDirectory(run).verify(f"`gradientspace run` on the run's config (or `gradientspace evaluate {run}`) rebuilds it")
+
+def _opened(config):
+    """The run object of a command that reads a run (its directory opened once, handed to what the command calls)."""
+    from gradientspace.runner import Run
+
+    return _verified(Run(config))
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
@@ -184,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gradientspace.data.loading import load_records
     from gradientspace.data.records import Record
     from gradientspace.routing.model import StrategyModel, serving_names
-    from gradientspace.runs import RunDirectory
+    from gradientspace.runner import Run
 
     config = _run_config(args, {"threshold": "router.threshold"})
     if (args.prompt is None) == (args.data is None):
@@ -194,15 +201,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # not a config key, so no `check` covers it
         raise ConfigError(f"--max-new-tokens: {args.max_new_tokens} must be at least 1")
     _strategies(args.strategy, "--strategy")
-    RunDirectory(config.out).require(
-        "warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first"
-    )
-    _verified(config.out)
+    run = Run(config)
+    run.directory.require("warmup", f"run `gradientspace run` or `gradientspace train-router {config.out}` first")
+    _verified(run)
     if args.prompt:
         records = [Record("prompt", [{"role": "user", "content": args.prompt}], "")]
     else:  # the run's column mapping applies, as it does to evaluate.data
         records = load_records(args.data, skip_bad=args.skip_bad, prompts_only=True, columns=config.data.columns)[0]
-    engine = StrategyModel(config, [args.strategy])
+    engine = StrategyModel(run, [args.strategy])
     public = {adapter: name for name, adapter in serving_names(engine, args.strategy).items()}
     for record, generation in zip(
         records, engine.generate(args.strategy, records, args.max_new_tokens, progress=len(records) > 1)
@@ -262,8 +268,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     config = config_from_run(args.run)
     _strategies(args.strategy, "--strategy")
-    _verified(args.run)
-    out = export_run(config, args.out, args.format, args.strategy)
+    out = export_run(_opened(config), args.out, args.format, args.strategy)
     print(
         f"exported {args.run} to {out}: records ({args.format}), clusters.json, sketch/coordinates.npy and sketch/info.json"
     )
@@ -273,9 +278,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from gradientspace.selection import select_records
 
-    config = config_from_run(args.run)
-    _verified(args.run)
-    summary = select_records(config, args.target, args.top, args.out)
+    summary = select_records(_opened(config_from_run(args.run)), args.target, args.top, args.out)
     labels = f"; labels: {', '.join(f'{k} {v}' for k, v in summary['labels'].items())}" if summary["labels"] else ""
     print(
         f"selected {summary['chosen']} of {summary['of']} records for the {summary['targets']} target records (mean cosine "
@@ -288,9 +291,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Read-only: draws what the run holds so far, and writes nothing to its manifest (the run may be in progress elsewhere)."""
     from gradientspace.evaluation.report import make_report
 
-    config_from_run(args.run)  # a missing or corrupt run fails here, in one line
-    _verified(args.run)
-    for figure in make_report(args.run):
+    run = _opened(config_from_run(args.run))  # a missing or corrupt run fails here, in one line
+    for figure in make_report(run.directory):
         print(figure)
     return 0
 
@@ -300,16 +302,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from gradientspace.commands import run_all
     from gradientspace.evaluation.evaluate import markdown_table
-    from gradientspace.runs import RunDirectory
+    from gradientspace.runner import Run
 
     config = load_config(args.config, _overrides(args, {"out": "out"}))
     started, start = time.time(), time.perf_counter()
-    result = run_all(config, overwrite=args.overwrite)
+    run = Run(config)
+    result = run_all(run, overwrite=args.overwrite)
     if result.get("eval") is None:  # a non-zero rank of a multi-process run
         return 0
     print("\n" + markdown_table(result["eval"], list(config.experts.strategies)))
 
-    manifest = RunDirectory(config.out).manifest
+    manifest = run.directory.manifest
     for strategy, entry in manifest["stages"].items():
         if entry.get("groups") and strategy.startswith("keep/"):
             print(_decision_line(strategy.split("/", 1)[1], entry["groups"]))
@@ -372,9 +375,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from gradientspace.serving.server import serve
 
-    config = _run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"})
-    _verified(args.run)
-    serve(config, args.api_key)
+    serve(_opened(_run_config(args, {**SERVE_FLAGS, "max_batch_size": "serve.max_batch_size"})), args.api_key)
     return 0
 
 
@@ -382,9 +383,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from gradientspace.serving.route_proxy import route
 
-    config = _run_config(args, SERVE_FLAGS)
-    _verified(args.run)
-    route(config, args.upstream, args.backend, args.api_key, args.upstream_api_key)
+    route(_opened(_run_config(args, SERVE_FLAGS)), args.upstream, args.backend, args.api_key, args.upstream_api_key)
     return 0
 
 
@@ -393,9 +392,7 @@ def cmd_backend_command(args: argparse.Namespace) -> int:
 
     if args.port is not None and not 1 <= args.port <= 65535:  # not a config key, so no `check` covers it
         raise ConfigError(f"--port: {args.port} is not a TCP port (1 to 65535)")
-    model = _run_config(args).model.name
-    _verified(args.run)
-    print(backend_command(args.run, model, args.backend, args.port))
+    print(backend_command(_opened(_run_config(args)), args.backend, args.port))
     return 0
 
 

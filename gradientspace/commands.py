@@ -65,7 +65,7 @@ def elrea_centroids(run: Run | RunConfig) -> str:
 
 
 def run_until(
-    config: RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False
+    run: Run | RunConfig, last: str = "report", strategies: list[str] | None = None, overwrite: bool = False
 ) -> dict:
     """Check everything cheap first, then build every stage up to `last` (one of STEPS), skipping finished ones.
 
@@ -75,8 +75,9 @@ def run_until(
     and the report is drawn by rank 0.
     """
     new_command()
+    run = as_run(run)
+    config = run.config
     wanted = list(strategies or config.experts.strategies)
-    run = Run(config)
     preflight(run, evaluate=STEPS.index(last) >= STEPS.index("evaluate"), overwrite=overwrite)
     with locked(config.out):  # a second command on this run stops here, naming this one
         result: dict = {"cluster": cluster(run)}
@@ -100,6 +101,6 @@ def run_until(
         return result
 
 
-def run_all(config: RunConfig, overwrite: bool = False) -> dict:
+def run_all(run: Run | RunConfig, overwrite: bool = False) -> dict:
     """`gradientspace run CONFIG`: every stage."""
-    return run_until(config, "report", overwrite=overwrite)
+    return run_until(run, "report", overwrite=overwrite)

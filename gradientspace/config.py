@@ -54,6 +54,13 @@ class ModelConfig:
     device: str = field(
         default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`…"}
     )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "added_later": True,
+            "help": "`none`, or `nf4`: the base model's Linear layers held in 4 bits (bitsandbytes NF4, as QLoRA; transformers' `BitsAndBytesConfig`) for the gradient pass, every adapter's training, scoring and `serve`, computing in `model.dtype`'s precision; LoRA weights and per-sample gradients stay float32. Needs the `quantization` extra: pip install 'gradientspace[quantization]'.",
+        },
+    )
 
 
 @dataclass
@@ -338,6 +345,12 @@ class ExpertsConfig:
 
 @dataclass
 class TrainConfig:
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each decoder layer's activations in backward while the warm-up and every adapter train (Trainer's gradient checkpointing): the same adapters, about a third more compute, and activation memory of one layer instead of all of them (what lets a 70 B base train on one 80 GB GPU: `bench/results/scale.md`)."
+        },
+    )
     report_to: list[str] = field(
         default_factory=list,
         metadata={
@@ -532,6 +545,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.quantization": ("none", "nf4"),
     "gradients.tokens": ("response", "instruction"),
     "sketch.dtype": ("float64", "float32"),
     "experts.init": ("generalist", "warmup", "fresh"),
@@ -851,6 +865,16 @@ def config_keys(cls: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, 
             yield from config_keys(hints[item.name], key)
         else:
             yield key, item
+
+
+def keyed(section: Any) -> dict[str, Any]:
+    """A config section as stage keys hash it: a key added after runs were made (`added_later`) is left out while at its
+    default, so upgrading the package does not re-run the stages of an existing run that never set it."""
+    values = dataclasses.asdict(section)
+    for item in dataclasses.fields(section):
+        if item.metadata.get("added_later") and values[item.name] == item.default:
+            del values[item.name]
+    return values
 
 
 def key_default(key: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 from gradientspace.config import ConfigError, RunConfig
 from gradientspace.experts.adapters import read_partition
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
-from gradientspace.runner import Run
+from gradientspace.runner import Run, as_run
 from gradientspace.runs import content_key, note, write_json
 
 FORMATS = ("datasets", "parquet", "jsonl")
@@ -90,13 +90,13 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
     return columns, coordinates, summary
 
 
-def export_run(config: RunConfig, out: str | Path, fmt: str = "datasets", strategy: str = GRADIENT_CLUSTERS) -> Path:
+def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", strategy: str = GRADIENT_CLUSTERS) -> Path:
     """Write the export of the run `config.out` into `out` (see the module's help); returns `out`."""
     from datasets import Dataset, Features, List, Value
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    run = Run(config)
+    run = as_run(run)
     out = Path(out)
     check_export_folder(out, run.directory.root)
     run.require_clustered("data", "gradients", "cluster")
@@ -141,9 +141,9 @@ def export_run(config: RunConfig, out: str | Path, fmt: str = "datasets", strate
                 "what": "top-r left singular vectors U (d×r) of the normalised per-sample LoRA gradients; coordinates = Uᵀg",
             },
             "captured_energy": gradients.get("captured_energy"),
-            "model": config.model.name,
-            "lora_rank": config.model.lora_rank,
-            "gradient_tokens": config.gradients.tokens,
+            "model": run.config.model.name,
+            "lora_rank": run.config.model.lora_rank,
+            "gradient_tokens": run.config.gradients.tokens,
             "config_key": gradients.get("key"),
             "run": str(run.directory.root.resolve()),
         },

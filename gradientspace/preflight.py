@@ -2,12 +2,12 @@
 
 `config.validate` (run by `load_config`) checks what the config alone can tell. These checks
 need more, and all of it is cheap: the model name against the aliases, local folders and the
-Hugging Face cache; `data.max_length` against the tokenizer's chat template; the data's records
-and K against their number and their distinct contents; the test data; the output directory
-being new, empty or a run (never a folder of the user's), writable, and holding none of the
-input files; and an existing run in that directory. Nothing here writes, so a command that
-fails its checks leaves the run directory (and its manifest) as it was; the run's lock is
-taken only after them (`commands.run_until`).
+Hugging Face cache; the package `model.quantization` needs; `data.max_length` against the
+tokenizer's chat template; the data's records and K against their number and their distinct
+contents; the test data; the output directory being new, empty or a run (never a folder of the
+user's), writable, and holding none of the input files; and an existing run in that directory.
+Nothing here writes, so a command that fails its checks leaves the run directory (and its
+manifest) as it was; the run's lock is taken only after them (`commands.run_until`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from gradientspace.data.recipes import RECIPES
 from gradientspace.data.records import BadRecord, DataError, Record, check_columns
 from gradientspace.data.tokens import template_overhead
 from gradientspace.experts.strategies import get
-from gradientspace.models.loading import check_model_name, load_tokenizer
-from gradientspace.runs import LOCK_NAME, RunDirectory, is_run_manifest
+from gradientspace.models.loading import check_model_name, load_tokenizer, quantization_problem
+from gradientspace.runner import Run
+from gradientspace.runs import LOCK_NAME, is_run_manifest, read_manifest
 
 # The sections that decide the clustering stages (data, warm-up, gradients, cluster): a run made
 # with other values there is another run. Later sections (experts, router, evaluate) may change
@@ -64,8 +65,8 @@ def check_output_dir(out: str) -> None:
                 "give a new or empty folder, so that no file of yours is overwritten"
             )
         if entries and not is_run_manifest(
-            RunDirectory(path).manifest
-        ):  # a manifest that is not JSON fails here, naming the file
+            read_manifest(manifest)
+        ):  # a manifest that is not JSON fails here, naming it
             raise ConfigError(
                 f"config key `out`: {manifest} was not written by gradientspace (it has no `config` and `stages`); "
                 "give a new or empty folder, so that no file of yours is overwritten"
@@ -107,17 +108,21 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def check_existing_run(config: RunConfig, overwrite: bool) -> None:
+def check_existing_run(command: Run, overwrite: bool) -> None:
     """Refuse an output directory that holds a run made with another config for its clustering stages."""
-    run = RunDirectory(config.out)  # a corrupt manifest.json fails here, naming the file
+    config, run = command.config, command.directory  # a corrupt manifest.json fails here, naming the file
     done = [s for s in ("data", "warmup", "gradients", "cluster") if run.stage_entry(s).get("done")]
     if overwrite or not done or not isinstance(run.manifest.get("config"), dict):
         return
     before, now = _flat(run.manifest["config"]), _flat(config.to_dict())
+    at_default = _flat(RunConfig().to_dict())
     differing = [
         f"{key} {before.get(key)!r} → {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
-        if key.split(".")[0] in RUN_IDENTITY and key not in NOT_IDENTITY and before.get(key) != now.get(key)
+        if key.split(".")[0] in RUN_IDENTITY
+        and key not in NOT_IDENTITY
+        and before.get(key) != now.get(key)
+        and not (key not in before and now.get(key) == at_default.get(key))  # a key added since, left at its default
     ]
     recorded = run.stage_entry("data").get("inputs", {}).get("data content")
     if before.get("data.path") != config.data.path and recorded not in (
@@ -231,17 +236,26 @@ def check_trackers(report_to: list[str]) -> None:
             raise ConfigError(f"config key `train.report_to`: `{tracker}` is not installed{extra}")
 
 
+def check_quantization(config: RunConfig) -> None:
+    """`model.quantization: nf4` needs bitsandbytes (the `quantization` extra): without it the base model's first load,
+    after the data stage, would stop on transformers' ImportError."""
+    problem = quantization_problem(config.model.quantization)
+    if problem:
+        raise ConfigError(problem)
+
+
 def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
     """Every check that can fail before the expensive work, cheapest first; raises on the first failure.
 
     `run` is the command's `runner.Run`: the records are read through it, so the stages reuse them."""
     config = run.config
     check_model_name(config.model.name)
+    check_quantization(config)
     check_columns(config.data.columns)
     check_trackers(config.train.report_to)
     check_output_dir(config.out)
     check_inputs_outside_run(config, evaluate)
-    check_existing_run(config, overwrite)
+    check_existing_run(run, overwrite)
     if evaluate:
         check_eval_data(config)
     check_records(config, run)

@@ -10,9 +10,9 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 
 | placement | who runs it | the other ranks |
 | --- | --- | --- |
-| `MAIN` | rank 0 | wait at a barrier, then read the manifest rank 0 wrote |
-| `EVERY` | every rank, on its own shard | meet at a barrier after it |
-| `SPREAD` | siblings built together are dealt by `work`, the most first to the least-loaded rank | rank 0 records the entries it gathers; all meet after |
+| `MAIN` | rank 0 | wait until rank 0 sends them its manifest (`RunDirectory.share_main`: sent, not re-read from a shared disk) |
+| `EVERY` | every rank, on its own shard | meet at a barrier after it, then take rank 0's manifest |
+| `SPREAD` | siblings built together are dealt by `work`, the most first to the least-loaded rank | rank 0 records the entries it gathers and sends its manifest |
 """
 
 from __future__ import annotations
@@ -159,13 +159,12 @@ class Run:
         if stage.placement is Placement.MAIN and self.world_size > 1:
             if self.is_main:
                 self.directory.execute(stage, {**stage.inputs(self), **parent_keys}, self)
-            distributed.barrier()  # the other ranks wait while rank 0 works, then read what it wrote
-            self.directory.reload()
+            self.directory.share_main()  # the other ranks wait here while rank 0 works, then take what it recorded
             return self.directory.stage_entry(stage.name)
         entry = self.directory.execute(stage, {**stage.inputs(self), **parent_keys}, self)
         if self.world_size > 1:  # EVERY: no rank reads the stage's outputs before every shard is in
             distributed.barrier()
-            self.directory.reload()
+            self.directory.share_main()
             return self.directory.stage_entry(stage.name)  # rank 0's, with the digests every rank's dependents key on
         return entry
 
@@ -200,7 +199,6 @@ class Run:
                     ):
                         note(f"{name}: trained on rank {other}")
                         self.directory.record_stage(name, entry)
-        distributed.barrier()
-        self.directory.reload()
+        self.directory.share_main()
         for stage in stages:
             self.built[stage.name] = self.directory.stage_entry(stage.name)

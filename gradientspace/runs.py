@@ -324,6 +324,19 @@ class Stage(ABC):
         """Do the work. Checkpoints go in folders named by `key`; `record` collects `outputs` (paths in the run) and details."""
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A run's `manifest.json` (empty if there is none); one line naming the file if it is not a manifest."""
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not valid JSON ({err}); move it away to start the run over") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        raise RunError(f"{path}: expected an object with a `stages` mapping; move it away to start the run over")
+    return manifest
+
+
 class RunDirectory:
     """A run directory and its manifest: what a run wrote, readable without its config (serving, reports)."""
 
@@ -334,19 +347,13 @@ class RunDirectory:
 
     def reload(self) -> None:
         """Read the manifest from disk (rank 0, or another process, may have written since)."""
-        self.manifest: dict[str, Any] = {}
-        if self.manifest_path.exists():
-            try:
-                self.manifest = json.loads(self.manifest_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RunError(
-                    f"{self.manifest_path} is not valid JSON ({err}); move it away to start the run over"
-                ) from None
-            if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("stages", {}), dict):
-                raise RunError(
-                    f"{self.manifest_path}: expected an object with a `stages` mapping; move it away to start the run over"
-                )
+        self.manifest = read_manifest(self.manifest_path)
         self.manifest.setdefault("stages", {})
+
+    def share_main(self) -> None:
+        """Under torchrun, every rank takes the manifest as rank 0 holds it, sent rather than re-read: on a filesystem
+        shared between nodes with attribute caching (NFS), another node may read an older manifest for a while."""
+        self.manifest = distributed.from_main(self.manifest)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

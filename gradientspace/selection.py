@@ -26,7 +26,7 @@ from gradientspace.data.loading import RecordTable, load_records, original_rows
 from gradientspace.data.records import Record
 from gradientspace.gradients.engine import layout_of, stream_gradients
 from gradientspace.models.train import load_adam_state
-from gradientspace.runner import Run
+from gradientspace.runner import Run, as_run
 from gradientspace.runs import atomic_path
 
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -129,13 +129,14 @@ def as_rows(records, chosen: list[int], config: RunConfig) -> list[dict]:
     ]
 
 
-def select_records(config: RunConfig, target: str, top: str, out: str | Path) -> dict:
+def select_records(run: Run | RunConfig, target: str, top: str, out: str | Path) -> dict:
     """Rank the run's records by their gradients' mean cosine to the target records' and write the top ones to `out`.
 
     Returns a summary: how many were chosen, the score range, and the chosen records' label mix where labels exist."""
     from safetensors.torch import load_file
 
-    run = Run(config)
+    run = as_run(run)
+    config = run.config
     out = Path(out)
     check_selection_file(out, run.directory.root)
     run.require_clustered("data", "warmup", "gradients")

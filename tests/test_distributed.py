@@ -14,32 +14,52 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.heavy  # torchrun runs of two processes
 
 
-def test_two_process_run_gives_the_same_clusters_adapters_and_evaluation(tmp_path):
-    """`torchrun --nproc_per_node 2 … run`: the gradient pass is sharded, the experts and the evaluation are spread over the two ranks.
+def run_command(launchers: list[list[str]], timeout: int = 900) -> None:
+    """Start every launcher at once (one per node), wait for all; each must succeed."""
+    agents = [
+        subprocess.Popen(
+            launcher,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for launcher in launchers
+    ]
+    for agent in agents:
+        _, stderr = agent.communicate(timeout=timeout)
+        assert agent.returncode == 0, stderr[-2000:]
+
+
+def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluation(tmp_path):
+    """Two torchrun agents, as on two nodes (`--nnodes 2 --nproc_per_node 1` on 127.0.0.1, each rank its node's local rank 0):
+    the gradient pass is sharded, the experts and the evaluation are spread over the two ranks, and the other rank learns
+    what rank 0 decided from rank 0 itself (the manifest is sent, not re-read from the shared folder).
 
     Rank 0's cluster stage is slowed down on purpose (`slow_rank0.py`), so a rank that read the clusters
     before rank 0 wrote them would fail every time, not only on a slow machine.
     """
+    import socket
+
     from conftest import tiny_run_config
 
     outputs = {}
     slowed = str(Path(__file__).with_name("slow_rank0.py"))
-    for name, launcher in (
-        ("one", [sys.executable, slowed]),
-        ("two", [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", slowed]),
-    ):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    nodes = [
+        [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1"]
+        + ["--master_port", str(port), slowed]
+        for node in (0, 1)
+    ]
+    for name, launchers in (("one", [[sys.executable, slowed]]), ("two", nodes)):
         (tmp_path / name).mkdir()
         # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
         config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
         config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
-        result = subprocess.run(
-            [*launcher, "run", str(config)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            timeout=900,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        run_command([[*launcher, "run", str(config)] for launcher in launchers])
         run = tmp_path / name / "run"
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         outputs[name] = {

@@ -44,3 +44,30 @@ def test_model_names_from_the_hugging_face_cache_are_accepted_offline(tmp_path, 
         check_model_name("not a repo id!")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed: the hub decides
     check_model_name("acme/other")
+
+
+def test_a_key_added_later_leaves_a_run_made_before_it_valid_while_at_its_default(tmp_path):
+    """`model.quantization` came after runs existed: at its default a run that never set it is not another run (same
+    stage keys, accepted by `run`), and set to something else it is."""
+    import json
+    from dataclasses import asdict
+
+    from gradientspace.config import keyed
+    from gradientspace.preflight import check_existing_run
+    from gradientspace.runner import Run
+
+    config = load_config(None, {"out": str(tmp_path / "run")})
+    recorded = config.to_dict()
+    del recorded["model"]["quantization"]  # the config as a run made before the key recorded it
+    before = asdict(config.model)
+    del before["quantization"]
+    assert keyed(config.model) == before  # the stage keys hash the model section as they did
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(
+        json.dumps({"config": recorded, "stages": {"data": {"done": True, "key": "k"}}})
+    )
+    check_existing_run(Run(config), overwrite=False)
+    quantized = load_config(None, {"out": str(tmp_path / "run"), "model.quantization": "nf4"})
+    assert "quantization" in keyed(quantized.model)
+    with pytest.raises(ConfigError, match=r"model.quantization None → 'nf4'"):
+        check_existing_run(Run(quantized), overwrite=False)

@@ -501,12 +501,18 @@ def as_rank_one_of_two(monkeypatch) -> None:
 
 
 def test_rank_zero_stages_make_the_other_ranks_wait_and_spread_stages_are_dealt(tmp_path, monkeypatch):
-    """On rank 1 of 2: a MAIN stage is rank 0's (rank 1 waits at a barrier and reads the manifest), a SPREAD group is dealt."""
+    """On rank 1 of 2: a MAIN stage is rank 0's (rank 1 waits for rank 0's manifest, sent to it), a SPREAD group is dealt."""
     from gradientspace.runs import Placement
 
     as_rank_one_of_two(monkeypatch)
     waits: list[str] = []
     monkeypatch.setattr(distributed, "barrier", lambda: waits.append("barrier"))
+
+    def from_rank_zero(manifest):  # what rank 0 would send: its manifest, which records the stages it ran
+        waits.append("manifest")
+        return manifest
+
+    monkeypatch.setattr(distributed, "from_main", from_rank_zero)
     log: list[str] = []
     main_stage = Toy("main", log=log)
     spread = [Toy(f"s{i}", (main_stage,), log) for i in range(4)]
@@ -515,7 +521,7 @@ def test_rank_zero_stages_make_the_other_ranks_wait_and_spread_stages_are_dealt(
     run = toy_run(tmp_path)
     run.build(*spread)
     assert log == ["s1", "s3"]  # rank 1's deal; `main` is rank 0's
-    assert waits == ["barrier", "barrier"]  # after rank 0's stage, and after the spread group
+    assert waits == ["manifest", "manifest"]  # after rank 0's stage, and after the spread group
 
 
 def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a_rank(tmp_path, monkeypatch):

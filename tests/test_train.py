@@ -217,3 +217,29 @@ def test_a_pinned_gpu_under_torchrun_is_refused_and_experts_are_dealt_whatever_t
     assert load_config(None, {"model.device": "cuda"}).model.device == "cuda"
     monkeypatch.setattr("gradientspace.distributed.world", lambda: (1, 2))
     assert spread_over_ranks()  # 8 GPUs seen: each rank still trains its own share
+
+
+def test_activation_checkpointing_trains_the_same_adapter(tmp_path):
+    """`train.activation_checkpointing` recomputes each layer in backward: the memory changes, the adapter does not."""
+    adapters = {}
+    for checkpointing in (False, True):
+        plan = TrainPlan(
+            max_epochs=1,
+            learning_rate=1e-2,
+            batch_size=4,
+            seed=0,
+            patience=None,
+            activation_checkpointing=checkpointing,
+        )
+        loaded = fresh()
+        train, _ = split(loaded, n=12, held=0)
+        folder = tmp_path / str(checkpointing)
+        summary = train_adapter(
+            loaded.model, train, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, "k", "t"
+        )
+        assert summary["steps"] == 3
+        assert loaded.model.base_model.model.is_gradient_checkpointing == checkpointing  # Trainer turned it on, or not
+        adapters[checkpointing] = load_file(str(folder / "adapter_model.safetensors"))
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, plain in adapters[False].items():
+        assert torch.allclose(adapters[True][name], plain, atol=1e-6), name

@@ -42,9 +42,9 @@ def finished_run(tmp_path_factory):
     loads = []
 
     def counted(module):
-        def load(name, device, dtype=torch.float32):
+        def load(*args, **kwargs):
             loads.append(module)
-            return real(name, device, dtype)
+            return real(*args, **kwargs)
 
         return load
 
@@ -231,10 +231,8 @@ def test_evaluate_reruns_exactly_when_its_inputs_change(finished_run, tmp_path, 
     config, run = finished_run
     calls = []
 
-    def evaluated(
-        config, strategies, scores=None, command_run=None
-    ):  # the real one is tested above; this is about when it runs
-        calls.append((config.evaluate.data, list(strategies)))
+    def evaluated(command, strategies, scores=None):  # the real one is tested above; this is about when it runs
+        calls.append((command.config.evaluate.data, list(strategies)))
         return json.loads((run / "eval.json").read_text())
 
     monkeypatch.setattr(evaluation, "evaluate_strategies", evaluated)

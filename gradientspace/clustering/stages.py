@@ -33,7 +33,7 @@ from gradientspace.clustering.kmeans import (
 )
 from gradientspace.clustering.partitioners import PARTITIONERS
 from gradientspace.clustering.terms import cluster_terms
-from gradientspace.config import ConfigError, RunConfig, internal_rank
+from gradientspace.config import ConfigError, RunConfig, internal_rank, keyed
 from gradientspace.data.loading import fingerprint
 from gradientspace.data.records import Record, validation_ids
 from gradientspace.data.tokens import shuffled_length_batches, tokenize
@@ -137,7 +137,7 @@ class WarmupStage(Stage):
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
         return {
-            "model": config_hash(asdict(config.model)),
+            "model": config_hash(keyed(config.model)),
             "warm-up settings": config_hash(asdict(config.warmup), config.seed),
         }
 
@@ -160,6 +160,7 @@ def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded:
         warmup_ratio=0.0,
         patience=None,
         report_to=tuple(config.train.report_to),
+        activation_checkpointing=config.train.activation_checkpointing,
         logs=folder.parent / "logs" / folder.name,
     )
     return train_adapter(

@@ -19,14 +19,14 @@ import statistics
 from dataclasses import asdict
 
 from gradientspace import distributed
-from gradientspace.config import RunConfig
+from gradientspace.config import RunConfig, keyed
 from gradientspace.data.loading import fingerprint
 from gradientspace.data.records import Record
 from gradientspace.evaluation.metrics import METRICS
 from gradientspace.evaluation.scores import SPLITS, Scores, ScoreStage, evaluation_records
 from gradientspace.routing.pipeline import serving_stages
-from gradientspace.runner import Run
-from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, write_json
+from gradientspace.runner import Run, as_run
+from gradientspace.runs import Placement, Stage, config_hash, write_json
 
 
 def extract_code(text: str) -> str:
@@ -53,13 +53,12 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate_strategies(
-    config: RunConfig,
+    run: Run | RunConfig,
     strategies: list[str] | None = None,
     records: list[Record] | None = None,
     adapter_epoch: int | None = None,
     write: bool = True,
     scores=None,
-    command_run=None,
 ) -> dict | None:
     """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
 
@@ -68,11 +67,13 @@ def evaluate_strategies(
     """
     from gradientspace.routing.model import StrategyModel
 
+    run = as_run(run)
+    config = run.config
     strategies = strategies or list(config.experts.strategies)
     if records is None:
         records = evaluation_records(config)
     domains = sorted({r.source or "all" for r in records})
-    engine = StrategyModel(config, strategies, adapter_epoch=adapter_epoch, command_run=command_run)
+    engine = StrategyModel(run, strategies, adapter_epoch=adapter_epoch)
     settings = config.evaluate
     metrics = [METRICS[name] for name in settings.metrics]
     results: dict = {
@@ -136,7 +137,6 @@ def evaluate_strategies(
     if not distributed.is_main():
         return None
     if write:
-        run = RunDirectory(config.out)
         name = "eval.json" if adapter_epoch is None else f"eval-epoch-{adapter_epoch}.json"
         write_json(run.path(name), results)
         (run.path(name.replace(".json", ".md"))).write_text(markdown_table(results, strategies))
@@ -339,9 +339,9 @@ class EvaluateStage(Stage):
             "strategies": config_hash(self.strategies),
             "test data": fingerprint(config.evaluate.data, config.data.subset, config.evaluate.split),
             "evaluation settings": config_hash(asdict(config.evaluate), asdict(config.router), config.seed),
-            "model": config_hash(asdict(config.model)),
+            "model": config_hash(keyed(config.model)),
         }
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        evaluate_strategies(run.config, self.strategies, scores=Scores(run.path("scores", "test")), command_run=run)
+        evaluate_strategies(run, self.strategies, scores=Scores(run.path("scores", "test")))
         record["outputs"] = ["eval.json", "eval.md"]

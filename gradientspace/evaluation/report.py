@@ -458,9 +458,8 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
     return run.path("report.html")
 
 
-def make_report(run_dir: str | Path) -> list[Path]:
+def make_report(run: RunDirectory) -> list[Path]:
     """Every figure the run's files allow, then report.html; returns their paths."""
-    run = RunDirectory(run_dir)
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
     results = _json(run.path("eval.json")) if run.path("eval.json").exists() else {}
@@ -487,4 +486,4 @@ class ReportStage(Stage):
         return {}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory.root)]
+        record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory)]

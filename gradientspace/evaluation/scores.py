@@ -25,13 +25,13 @@ re-decides byte for byte.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gradientspace import distributed
+from gradientspace.config import keyed
 from gradientspace.data.loading import fingerprint, load_records
 from gradientspace.data.records import Record
 from gradientspace.data.tokens import collate, tokenize
@@ -130,7 +130,7 @@ def prompt_hidden_states(engine: StrategyModel, records: list[Record], max_lengt
 def score_shard(run, strategies: list[str], split: str, records: list[Record]) -> dict:
     """Everything the matrices hold for `records` (one rank's shard), with the adapter columns of `scored_folders`."""
     config = run.config
-    engine = StrategyModel(config, strategies, command_run=run)
+    engine = StrategyModel(run, strategies)
     folders = scored_folders(run, strategies)
     adapters = [engine.load_folder(folder) for folder in folders]
     column = {
@@ -273,7 +273,7 @@ class ScoreStage(Stage):
         return {
             **records,
             "strategies": config_hash(config.experts.strategies),
-            "model": config_hash(asdict(config.model), config.data.max_length),
+            "model": config_hash(keyed(config.model), config.data.max_length),
         }
 
     def run(self, run: Run, key: str, record: dict) -> None:

@@ -69,6 +69,7 @@ def _plan(config: RunConfig, branch: bool, logs: Path) -> TrainPlan:
         patience=None if experts.equal_budget else experts.patience,
         snapshot_epochs=tuple(experts.snapshot_epochs),
         report_to=tuple(config.train.report_to),
+        activation_checkpointing=config.train.activation_checkpointing,
         logs=logs,
     )
 

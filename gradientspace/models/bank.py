@@ -56,7 +56,7 @@ class AdapterBank:
 
         self.device = pick_device(model.device)
         self.tokenizer = load_tokenizer(model.name)
-        base = load_base_model(model.name, self.device, resolve_dtype(model.dtype, self.device))
+        base = load_base_model(model.name, self.device, resolve_dtype(model.dtype, self.device), model.quantization)
         self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -203,13 +203,16 @@ class StackedLoRA:
     """Every LoRA layer's adapters stacked, so a batch mixing adapters costs two matmuls per layer (module docstring)."""
 
     def __init__(self, peft_model, adapters: list[str]):
-        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
 
         self.peft_model, self.adapters = peft_model, list(dict.fromkeys(adapters))
         self.layers = []  # (module, A_cat [R, in], scaled B_cat [out, R], each adapter's column span)
         with torch.no_grad():
             for module in peft_model.modules():
-                if isinstance(module, LoraLinear) and all(a in module.lora_A for a in self.adapters):
+                # every LoRA layer over a Linear: peft's `lora.Linear`, and its `Linear4bit` over a 4-bit base
+                if isinstance(module, LoraLayer) and all(
+                    a in module.lora_A and isinstance(module.lora_A[a], torch.nn.Linear) for a in self.adapters
+                ):
                     a_cat = torch.cat([module.lora_A[a].weight for a in self.adapters])
                     b_cat = torch.cat([module.lora_B[a].weight * module.scaling[a] for a in self.adapters], dim=1)
                     ends = torch.tensor([module.lora_A[a].weight.shape[0] for a in self.adapters]).cumsum(0).tolist()
@@ -239,7 +242,9 @@ class StackedLoRA:
 
 def _stacked_update(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
     def hook(module, args, output):
-        return output + ((args[0] @ a_cat.T) * mask) @ b_cat.T
+        # in the LoRA weights' float32 and back, as peft's own LoRA forward does over a bf16 or 4-bit base
+        update = ((args[0].to(a_cat.dtype) @ a_cat.T) * mask) @ b_cat.T
+        return output + update.to(output.dtype)
 
     return hook
 

@@ -9,13 +9,20 @@ A model name is a Hugging Face id or local folder, or a built-in alias:
   (chat template included), for tests.
 transformers dequantises a GGUF file to fp32; it is converted once into a plain HF folder under the
 cache dir, so later loads are fast.
+
+`model.quantization: nf4` loads the base's Linear layers in 4 bits through transformers'
+`BitsAndBytesConfig` (bitsandbytes `Linear4bit`, QLoRA's NF4), computing in `model.dtype`'s
+precision; peft wraps those layers with float32 LoRA weights, so the gradient engine, the trainer
+and the bank see the same model either way.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,13 @@ from gradientspace.config import ModelConfig
 from gradientspace.data.loading import hub_allowed
 
 ALL_LINEAR = "all-linear"
+
+# Wherever bitsandbytes is installed, peft imports it with itself, and on a CPU with AVX512-BF16 bitsandbytes then warns
+# that it could not fetch its fused CPU inference kernel from the Hugging Face hub: a line on stderr in every process,
+# quantized or not. That kernel serves only the repacked weight layout `_keep_4bit_weights_unpacked` switches off.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
 
 
 @dataclass(frozen=True)
@@ -288,16 +302,78 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return getattr(torch, requested)
 
 
-def load_base_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+QUANTIZATION_INSTALL = "pip install 'gradientspace[quantization]'"
+
+
+def quantization_problem(quantization: str) -> str | None:
+    """Why `model.quantization` cannot load here (its package is missing), in one line naming the key; None when it can."""
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        return (
+            f"config key `model.quantization`: `{quantization}` needs bitsandbytes, which is not installed: "
+            f"{QUANTIZATION_INSTALL}"
+        )
+    return None
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for `model.quantization` (None for `none`): NF4 weights, matmuls in `compute_dtype`."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # double quantisation (QLoRA's): the per-block scales in 8 bits too, 0.37 bits less per weight (3 GiB at 70 B)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _keep_4bit_weights_unpacked(model: torch.nn.Module) -> None:
+    """Switch off bitsandbytes' CPU repacking of 4-bit weights, on every `Linear4bit` of the model.
+
+    On a CPU with AVX512-BF16, `bnb.nn.Linear4bit.forward` in eval mode with an input that needs no
+    gradient (any `torch.no_grad()` forward: Trainer's evaluation, the bank's scoring, even layer 0's
+    q/k/v inside the gradient pass) rewrites the layer's weight in place into a packed layout with
+    bfloat16 scales (`_convert_weight_packed_for_cpu`), for its fused inference kernel. It never
+    converts back: every later forward, training ones included, goes through `gemv_4bit`, an op with
+    no autograd formula, so no gradient flows back through the base layers and the LoRA weights below
+    them get wrong gradients, with only torch's "an autograd kernel was not registered" warning (and
+    the bfloat16 kernel changes the forward too). The layer reads its per-instance flag
+    `support_avx512bf16_for_cpu` (set from `has_avx512bf16()` at construction) before repacking:
+    cleared, the weights stay in the layout bitsandbytes' autograd and `dequantize_4bit` read, on every
+    CPU. A checkpoint saved already in 4 bits loads as `Linear4bit` too, whatever `model.quantization`
+    says, so this runs on every model loaded.
+    """
+    bnb = sys.modules.get("bitsandbytes")  # a model can hold a Linear4bit only once bitsandbytes is imported
+    if bnb is None:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, quantization: str = "none"):
+    """The base model on `device`: its weights in `dtype`, or its Linear layers in 4 bits computing in `dtype` (`nf4`)."""
     from transformers import AutoModelForCausalLM
 
+    problem = quantization_problem(quantization)
+    if problem:
+        raise ModelError(problem)
+    quantized = quantization_config(quantization, dtype)
+    # transformers quantises while it loads, onto the device the map names; a 4-bit model is not moved afterwards
+    placement = {} if quantized is None else {"quantization_config": quantized, "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, local_files_only=not hub_allowed())
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(name), dtype=dtype, local_files_only=not hub_allowed(), **placement
+        )
     except OSError as err:
         raise ModelError(
             f"cannot load model `{name}` (no network here: give a local folder or a built-in alias): {err}"
         ) from None
-    return model.to(device)
+    _keep_4bit_weights_unpacked(model)
+    return model if quantized is not None else model.to(device)
 
 
 def lora_config(config: ModelConfig):
@@ -329,8 +405,8 @@ def load_lora_model(config: ModelConfig, adapter: str | Path | None = None, seed
 
     device = pick_device(config.device)
     tokenizer = load_tokenizer(config.name)
-    # peft keeps the adapter weights in float32 over a half-precision base (autocast_adapter_dtype).
-    base = load_base_model(config.name, device, resolve_dtype(config.dtype, device))
+    # peft keeps the adapter weights in float32 over a half-precision or 4-bit base (autocast_adapter_dtype).
+    base = load_base_model(config.name, device, resolve_dtype(config.dtype, device), config.quantization)
     if adapter is None:
         torch.manual_seed(seed)
         try:

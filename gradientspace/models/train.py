@@ -51,6 +51,7 @@ class TrainPlan:
         "group_by_length"  # Trainer's train_sampling_strategy; `sequential` keeps the given order (benchmarks)
     )
     report_to: tuple[str, ...] = ()  # Trainer's trackers (`train.report_to`): tensorboard, wandb, mlflow…
+    activation_checkpointing: bool = False  # `train.activation_checkpointing`: recompute activations in backward
     logs: Path | None = None  # where TensorBoard writes this adapter's curves (`RUN/logs/<adapter>/`)
 
 
@@ -167,6 +168,17 @@ class OnOneDevice(TrainingArguments):
         return device
 
 
+def _checkpointing(enabled: bool) -> dict:
+    """Trainer's activation checkpointing where asked, under the name this transformers knows (5.x renamed
+    `gradient_checkpointing`); non-reentrant, since the frozen base's inputs need no gradient, which the reentrant
+    variant would require of them."""
+    if not enabled:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 @contextlib.contextmanager
 def _one_process() -> Iterator[None]:
     """Let Trainer see a one-process job even under torchrun.
@@ -234,6 +246,7 @@ def train_adapter(
         data_seed=plan.seed,
         report_to=[tracker for tracker in plan.report_to if tracker != "tensorboard"],
         run_name=desc,
+        **_checkpointing(plan.activation_checkpointing),
         bf16=bf16,
         use_cpu=device.type == "cpu",
         remove_unused_columns=False,

@@ -183,7 +183,7 @@ class KeepStage(Stage):
         }
 
     def run(self, run, key: str, record: dict) -> None:
-        engine = StrategyModel(run.config, [self.strategy], undecided=self.strategy, command_run=run)
+        engine = StrategyModel(run, [self.strategy], undecided=self.strategy)
         decisions = decide(engine, run.config, self.strategy, run.validation)
         folder = get(self.strategy).folder(run)
         outputs = [folder / "keep.json"]

@@ -31,9 +31,9 @@ from gradientspace.experts.strategies import (
     get,
 )
 from gradientspace.gradients.engine import PerSampleGradients, transform
-from gradientspace.models.bank import AdapterBank, FirstToken
+from gradientspace.models.bank import FirstToken
 from gradientspace.routing.router import Router, threshold_override
-from gradientspace.runner import Run
+from gradientspace.runner import Run, as_run
 from gradientspace.runs import RunDirectory
 
 WARMUP = "warmup"
@@ -62,13 +62,13 @@ class StrategyModel:
 
     def __init__(
         self,
-        config: RunConfig,
+        run: Run | RunConfig,
         strategies: list[str],
         adapter_epoch: int | None = None,
         undecided: str | None = None,
-        command_run: Run | None = None,
     ):
-        self.config, self.run = config, RunDirectory(config.out)
+        command = as_run(run)  # a config alone (serve, generate): a run object of its own, with its own bank
+        self.config, self.run = command.config, command.directory
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
         generalist = generalist_folder(self.run) / suffix
         if not (generalist / "adapter_model.safetensors").exists():
@@ -76,12 +76,9 @@ class StrategyModel:
                 f"{generalist} has no adapter: run `gradientspace train-experts` (the generalist `single` is trained first)"
             )
         self.generalist = self.adapter_name(GENERALIST, "0")
-        # within a command, the run's one bank (the base loaded once per process); alone (serve, generate), a bank of its own
-        self.bank = (
-            command_run.bank(self.generalist, generalist)
-            if command_run
-            else AdapterBank(config.model, self.generalist, generalist)
-        )
+        self.bank = command.bank(
+            self.generalist, generalist
+        )  # the command's one bank: the base loaded once per process
         self.folders: dict[str, Path] = {self.generalist: generalist}  # adapter name → the folder it was loaded from
         self.groups: dict[str, list[str]] = {}
         self.routers: dict[str, Router] = {}
@@ -89,7 +86,7 @@ class StrategyModel:
         self.centroids: torch.Tensor | None = None
         owners = list(dict.fromkeys(get(s).owner for s in strategies))
         self.fallbacks = {
-            o: get(o).falls_back_to(config) if o == undecided else recorded_fallback(self.run, o) for o in owners
+            o: get(o).falls_back_to(self.config) if o == undecided else recorded_fallback(self.run, o) for o in owners
         }
         loaded = list(dict.fromkeys([GENERALIST, *self.fallbacks.values(), *owners]))
         for strategy in loaded:

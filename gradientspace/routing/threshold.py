@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 
-from gradientspace.config import RunConfig
-from gradientspace.data.records import Record
 from gradientspace.experts.adapters import AdapterStage
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, get
 from gradientspace.routing.keep import served_stage
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runner import Run
-from gradientspace.runs import RunDirectory, Stage, config_hash, write_json
+from gradientspace.runs import Stage, config_hash, write_json
 
 
 def best_threshold(
@@ -39,15 +37,13 @@ def best_threshold(
     return threshold, value
 
 
-def calibrate_threshold(
-    config: RunConfig, strategy: str, validation: list[Record], command_run: Run | None = None
-) -> dict:
+def calibrate_threshold(run: Run, strategy: str) -> dict:
     """Choose the router threshold on the validation split, against the strategy's fall-back adapter, and store it in the
     router's `router.json`."""
-    run = RunDirectory(config.out)
+    validation = run.validation
     folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
-    engine = StrategyModel(config, [strategy], command_run=command_run)
+    engine = StrategyModel(run, [strategy])
     probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
     top, choice = probabilities.max(dim=1)
     experts = [engine.serve_group(strategy, int(c), float(p)) for c, p in zip(choice, top)]
@@ -80,7 +76,7 @@ class ThresholdStage(Stage):
         return {"validation records": config_hash(sorted(run.validation_ids))}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record.update(calibrate_threshold(run.config, self.strategy, run.validation, command_run=run))
+        record.update(calibrate_threshold(run, self.strategy))
         record["outputs"] = [
             str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))
         ]

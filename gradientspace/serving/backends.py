@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports BackendError without loading torch
     from gradientspace.routing.model import ServedAdapter
+    from gradientspace.runner import Run
 
 
 class BackendError(ValueError):
@@ -146,10 +147,10 @@ def launch_command(backend: str, base: str, served: list[ServedAdapter], port: i
     )
 
 
-def backend_command(run_dir: str | Path, base_model: str, backend: str, port: int | None = None) -> str:
+def backend_command(run: Run, backend: str, port: int | None = None) -> str:
     """`gradientspace backend-command RUN --backend vllm|sglang`: the launch command as one shell line."""
     from gradientspace.models.loading import resolve
     from gradientspace.routing.model import served_adapters
-    from gradientspace.runs import RunDirectory
 
-    return shlex.join(launch_command(backend, resolve(base_model), served_adapters(RunDirectory(run_dir)), port))
+    base = resolve(run.config.model.name)
+    return shlex.join(launch_command(backend, base, served_adapters(run.directory), port))

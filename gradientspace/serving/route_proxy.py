@@ -25,10 +25,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from gradientspace.config import RunConfig, ServeConfig
+from gradientspace.config import ServeConfig
 from gradientspace.experts.strategies import BELOW_THRESHOLD, GRADIENT_CLUSTERS, NOT_SERVED, ROUTER_UNSURE, get
 from gradientspace.routing.model import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
+from gradientspace.runner import Run
 
 from .backends import BackendError, upstream_model
 from .engine import Route
@@ -211,7 +212,7 @@ def create_route_app(
 
 
 def route(
-    config: RunConfig,
+    run: Run,
     upstream: str,
     backend: str,
     api_key_flag: str | None = None,
@@ -220,12 +221,11 @@ def route(
     """`gradientspace route RUN`: binds the port, checks the upstream, loads the router, then blocks until interrupted."""
     from gradientspace.models.loading import pick_device
     from gradientspace.routing.model import served_adapters
-    from gradientspace.runs import RunDirectory
 
+    config = run.config
     settings, key, upstream_key = config.serve, api_key(api_key_flag), upstream_api_key(upstream_key_flag)
     with listen(settings.host, settings.port) as sock:
-        run = RunDirectory(config.out)
-        served = served_adapters(run)
+        served = served_adapters(run.directory)
         base = upstream_base(upstream, backend, served, key=upstream_key)
         router = Router.load(
             get(GRADIENT_CLUSTERS).router_folder(run),

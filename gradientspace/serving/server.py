@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gradientspace.config import RunConfig, ServeConfig
 from gradientspace.experts.strategies import GRADIENT_CLUSTERS
 from gradientspace.routing.model import ServedAdapter
+from gradientspace.runner import Run
 
 from .engine import Engine, EngineBusy, Request, Route, Sampling
 from .guards import BodyLimit, RequireAPIKey, api_key, listen, serve_on
@@ -303,21 +304,25 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build(config: RunConfig, strategy: str = GRADIENT_CLUSTERS, api_key: str | None = None) -> tuple[FastAPI, Engine]:
+def build(
+    run: Run | RunConfig, strategy: str = GRADIENT_CLUSTERS, api_key: str | None = None
+) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
     from gradientspace.routing.model import StrategyModel, served_adapters
 
-    model = StrategyModel(config, [strategy])
+    model = StrategyModel(run, [strategy])
+    config = model.config
     settings = config.serve
     engine = Engine(model, strategy, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_queued)
     return create_app(engine, served_adapters(model.run, strategy), config.model.name, settings, api_key), engine
 
 
-def serve(config: RunConfig, api_key_flag: str | None = None) -> None:
+def serve(run: Run, api_key_flag: str | None = None) -> None:
     """`gradientspace serve RUN`: binds the port, then loads the model, then blocks until interrupted."""
+    config = run.config
     settings, key = config.serve, api_key(api_key_flag)
     with listen(settings.host, settings.port) as sock:
-        app, engine = build(config, api_key=key)
+        app, engine = build(run, api_key=key)
         print(
             f"gradientspace: {config.model.name} with {', '.join(engine.adapters)} (model `gradientspace` routes) "
             f"on http://{settings.host}:{settings.port}/v1 ({'API key required' if key else 'no API key'}; metrics at /metrics)",
