@@ -158,10 +158,7 @@ TINY_SIZES = Sizes(
     train_steps=2,
     serve_tokens=4,
     serve_requests={1: 2, 16: 32},
-    tests=[
-        "tests/test_gradients.py::test_padding_does_not_leak",
-        "tests/test_sketch.py::test_exact_when_data_rank_fits",
-    ],
+    tests=["tests/test_gradients.py::test_padding_does_not_leak"],  # one pytest process: the part's mechanism, cheaply
     budgets=dict.fromkeys(["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"], 300),
 )
 TOTAL_BUDGET_S = 470  # full sizes: every part's timeout is also cut to what is left of this

@@ -88,12 +88,15 @@ evaluate: {{data: "mix4-packaged:test", {evaluate}}}
     return config
 
 
-@pytest.fixture(scope="session")
-def served_tiny_run(tmp_path_factory):
-    """A whole tiny run of `routed` and `single` with every expert served (`keep: all`), built once per test session and
-    shared by every pytest-xdist worker (the first builds it under a file lock in the session's folder). Read it, or copy
-    it before changing it (`copied_run`)."""
+def shared_run(tmp_path_factory, name: str, config_of, record_warnings: bool = False):
+    """A whole tiny run built once per test session and shared by every pytest-xdist worker (the first to ask builds it
+    under a file lock in the session's folder). `config_of(root)` writes its config. With `record_warnings`, every
+    warning and all stderr of the build are kept beside it (`build-warnings.json`) for tests about what users see."""
+    import contextlib
+    import io
+    import json
     import os
+    import warnings
 
     from filelock import FileLock
 
@@ -105,12 +108,42 @@ def served_tiny_run(tmp_path_factory):
         if os.environ.get("PYTEST_XDIST_WORKER")
         else tmp_path_factory.getbasetemp()
     )
-    root = session / "served-tiny-run"
-    with FileLock(str(session / "served-tiny-run.lock")):
+    root = session / name
+    with FileLock(str(session / f"{name}.lock")):
         if not (root / "run" / "eval.json").exists():
             root.mkdir(exist_ok=True)
-            assert main(["run", str(tiny_run_config(root, ["routed", "single"], experts="keep: all"))]) == 0
+            stderr = io.StringIO()
+            with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
+                warnings.simplefilter("default")  # what a user's shell shows: each warning once per place
+                code = main(["run", str(config_of(root))])
+            assert code == 0, stderr.getvalue()[-2000:]
+            if record_warnings:
+                shown = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+                (root / "build-warnings.json").write_text(json.dumps({"warnings": shown, "stderr": stderr.getvalue()}))
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def served_tiny_run(tmp_path_factory):
+    """A whole tiny run of `routed` and `single` with every expert served (`keep: all`), shared by the session (see
+    `shared_run`; its build's warnings are kept). Read it, or copy it before changing it (`copied_run`)."""
+    config_of = lambda root: tiny_run_config(root, ["routed", "single"], experts="keep: all")
+    return shared_run(tmp_path_factory, "served-tiny-run", config_of, record_warnings=True)
+
+
+def decided_run_config(root):
+    """`routed` and `single` with the keep rule deciding (the continued generalist, keep, blend, the threshold), and a
+    sketch whose internal rank exceeds the sample count: exact, so a sharded gradient pass gives the same clusters."""
+    config = tiny_run_config(root, ["routed", "single"])
+    config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
+    return config
+
+
+@pytest.fixture(scope="session")
+def decided_tiny_run(tmp_path_factory):
+    """A whole run of `decided_run_config`, shared by the session: the reference a killed, a two-node or a changed run of
+    the same config is compared with. Read it, or copy it before changing it."""
+    return shared_run(tmp_path_factory, "decided-tiny-run", decided_run_config)
 
 
 def copied_run(run, destination):

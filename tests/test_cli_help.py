@@ -5,7 +5,6 @@ import argparse
 import warnings
 
 import pytest
-from conftest import tiny_run_config
 
 from gradientspace.cli import build_parser, main
 from gradientspace.config import config_keys, key_default, key_help, load_config
@@ -80,30 +79,32 @@ def test_config_keys_lists_every_key_with_its_default_and_help(capsys):
 
 
 @pytest.fixture(scope="module")
-def quiet_run(tmp_path_factory):
-    """A whole tiny run, then `generate` and `report`, recording every warning and what went to stderr."""
+def quiet_run(served_tiny_run, tmp_path_factory):
+    """The shared tiny run (whose build kept its warnings and stderr), then `generate` and `report` on a copy of it,
+    recording every warning and what went to stderr: what a user sees from a whole `run` and the commands after it."""
     import contextlib
     import io
+    import json
 
-    root = tmp_path_factory.mktemp("quiet")
-    config = tiny_run_config(
-        root, ["routed", "single"], experts="keep: all"
-    )  # every expert served: several adapters to score
+    from conftest import copied_run
+
+    run = copied_run(served_tiny_run, tmp_path_factory.mktemp("quiet"))
+    built = json.loads((served_tiny_run.parent / "build-warnings.json").read_text())
     stderr = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
         warnings.simplefilter("default")  # what a user's shell shows: each warning once per place
         codes = [
-            main(["run", str(config)]),
-            main(["generate", str(root / "run"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "2"]),
-            main(["report", str(root / "run")]),
+            main(["generate", str(run), "--prompt", "What is 2 + 3?", "--max-new-tokens", "2"]),
+            main(["report", str(run)]),
         ]
-    return root / "run", codes, caught, stderr.getvalue()
+    shown = built["warnings"] + [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+    return run, codes, shown, built["stderr"] + stderr.getvalue()
 
 
 def test_ordinary_commands_print_no_library_warning(quiet_run):
-    _, codes, caught, stderr = quiet_run
-    assert codes == [0, 0, 0]
-    assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+    _, codes, shown, stderr = quiet_run
+    assert codes == [0, 0]
+    assert not shown, shown
     assert "Warning" not in stderr
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import decided_run_config
 from safetensors.torch import load_file
 
 # Each run is a child of a fork server that has imported the package, transformers' Trainer and peft once: a fresh
@@ -86,14 +86,9 @@ def outputs(run_dir) -> dict:
 
 
 @pytest.mark.heavy
-def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
-    (tmp_path / "whole").mkdir()
-    (tmp_path / "killed").mkdir()
-    whole_config = tiny_run_config(tmp_path / "whole", ["routed", "single"])
-    killed_config = tiny_run_config(tmp_path / "killed", ["routed", "single"])
-    whole = gradientspace_run(whole_config)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    stages = one_stage_of_each_kind(json.loads((tmp_path / "whole" / "run" / "manifest.json").read_text()))
+def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(decided_tiny_run, tmp_path):
+    killed_config = decided_run_config(tmp_path)  # the shared uninterrupted run's config, another folder
+    stages = one_stage_of_each_kind(json.loads((decided_tiny_run / "manifest.json").read_text()))
     assert {
         "data",
         "warmup",
@@ -120,13 +115,13 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(tmp_path):
         if previous:  # the stage killed last time is resumed (said so), finished, and the run goes on to this one
             assert f"resume {previous}: interrupted earlier" in died.stdout, (previous, died.stdout[-2000:])
         previous = stage
-        entry = json.loads((tmp_path / "killed" / "run" / "manifest.json").read_text())["stages"][stage]
+        entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][stage]
         assert entry["done"] is False, stage  # the manifest never calls a killed stage done
     again = gradientspace_run(killed_config)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "run report: redone every time" in again.stdout
 
-    expected, got = outputs(tmp_path / "whole" / "run"), outputs(tmp_path / "killed" / "run")
+    expected, got = outputs(decided_tiny_run), outputs(tmp_path / "run")
     assert got["clusters"] == expected["clusters"]
     assert got["adapters"].keys() == expected["adapters"].keys() and expected["adapters"]
     for name, tensors in expected["adapters"].items():

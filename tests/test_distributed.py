@@ -31,7 +31,7 @@ def run_command(launchers: list[list[str]], timeout: int = 900) -> None:
         assert agent.returncode == 0, stderr[-2000:]
 
 
-def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluation(tmp_path):
+def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluation(decided_tiny_run, tmp_path):
     """Two torchrun agents, as on two nodes (`--nnodes 2 --nproc_per_node 1` on 127.0.0.1, each rank its node's local rank 0):
     the gradient pass is sharded, the experts and the evaluation are spread over the two ranks, and the other rank learns
     what rank 0 decided from rank 0 itself (the manifest is sent, not re-read from the shared folder).
@@ -41,7 +41,7 @@ def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluati
     """
     import socket
 
-    from conftest import tiny_run_config
+    from conftest import decided_run_config
 
     outputs = {}
     slowed = str(Path(__file__).with_name("slow_rank0.py"))
@@ -54,13 +54,9 @@ def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluati
         + ["--master_port", str(port), slowed]
         for node in (0, 1)
     ]
-    for name, launchers in (("one", [[sys.executable, slowed]]), ("two", nodes)):
-        (tmp_path / name).mkdir()
-        # internal rank above N: both sketches are exact, so the clusters cannot depend on how the pass was sharded
-        config = tiny_run_config(tmp_path / name, ["routed", "single"], evaluate="limit: 4")
-        config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
-        run_command([[*launcher, "run", str(config)] for launcher in launchers])
-        run = tmp_path / name / "run"
+    # its sketch's internal rank exceeds N: both sketches are exact, so the clusters cannot depend on the sharding
+    run_command([[*node, "run", str(decided_run_config(tmp_path))] for node in nodes])
+    for name, run in (("one", decided_tiny_run), ("two", tmp_path / "run")):
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         outputs[name] = {
             "sketch": load_file(str(run / "sketch.safetensors")),

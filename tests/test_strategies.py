@@ -57,10 +57,14 @@ def test_config_and_cli_accept_exactly_the_registry(tmp_path, capsys):
 
 
 @pytest.mark.heavy
-def test_a_strategy_added_to_the_registry_runs_end_to_end(tmp_path, monkeypatch):
+def test_a_strategy_added_to_the_registry_runs_end_to_end(served_tiny_run, tmp_path, monkeypatch):
+    """Added to a copy of a finished run (its clustering and generalist are reused): partitioned, trained, routed, kept,
+    thresholded and evaluated like a shipped strategy."""
+    from conftest import copied_run
+
     monkeypatch.setitem(strategies.STRATEGIES, AlternatingGroups.name, AlternatingGroups())
-    config = load_config(tiny_run_config(tmp_path, ["single", "alternating"], evaluate="limit: 4"))
-    result = run_all(config)
+    copied_run(served_tiny_run, tmp_path)
+    result = run_all(load_config(tiny_run_config(tmp_path, ["single", "alternating"], experts="keep: all")))
     partition = json.loads((tmp_path / "run" / "strategies" / "alternating" / "partition.json").read_text())
     assert partition["groups"] == ["0", "1"]
     assert (
