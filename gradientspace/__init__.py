@@ -11,24 +11,33 @@ Python API (mirrors the CLI):
     # or all of it: run_all(config)     # gradientspace run CONFIG
 """
 
-from gradientspace.clustering.stages import ClusterOutcome, cluster
-from gradientspace.commands import run_all
-from gradientspace.config import RunConfig, config_from_run, load_config
-from gradientspace.evaluation.evaluate import evaluate_strategies
-from gradientspace.experts.adapters import train_experts
-from gradientspace.routing.model import StrategyModel
-from gradientspace.routing.router import train_routers
+from importlib import import_module
 
-__all__ = [
-    "RunConfig",
-    "load_config",
-    "config_from_run",
-    "cluster",
-    "ClusterOutcome",
-    "train_experts",
-    "train_routers",
-    "StrategyModel",
-    "evaluate_strategies",
-    "run_all",
-]
+# name → the module that defines it, imported on first use: a process that needs one light module (a launcher's
+# child, `gradientspace.config`) does not pay seconds for torch, transformers and peft
+_API = {
+    "RunConfig": "gradientspace.config",
+    "load_config": "gradientspace.config",
+    "config_from_run": "gradientspace.config",
+    "cluster": "gradientspace.clustering.stages",
+    "ClusterOutcome": "gradientspace.clustering.stages",
+    "train_experts": "gradientspace.experts.adapters",
+    "train_routers": "gradientspace.routing.router",
+    "StrategyModel": "gradientspace.routing.model",
+    "evaluate_strategies": "gradientspace.evaluation.evaluate",
+    "run_all": "gradientspace.commands",
+}
+__all__ = list(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'gradientspace' has no attribute {name!r}")
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -105,3 +105,15 @@ def test_the_folders_are_the_layers():
     upward = {(a, b) for a, targets in graph.items() for b in targets if placed[b] > placed[a]}
     assert upward == ALLOWED_UPWARD, sorted(upward - ALLOWED_UPWARD)
     assert len(ALLOWED_UPWARD) <= 2
+
+
+def test_a_light_module_does_not_import_the_whole_package():
+    """The public API is imported on first use: a process that needs only the config (or a launcher's child that needs one
+    module) does not pay seconds for torch, transformers and peft; the names still resolve."""
+    import subprocess
+    import sys
+
+    probe = "import sys, gradientspace.config; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert gradientspace.run_all.__module__ == "gradientspace.commands"
+    assert set(gradientspace.__all__) <= set(dir(gradientspace))
