@@ -80,6 +80,7 @@ def run_until(
     wanted = list(strategies or config.experts.strategies)
     preflight(run, evaluate=STEPS.index(last) >= STEPS.index("evaluate"), overwrite=overwrite)
     with locked(config.out):  # a second command on this run stops here, naming this one
+        run.directory.reload()  # preflight read the manifest before the lock: another command may have written since
         result: dict = {"cluster": cluster(run)}
         if last == "cluster":
             return result

@@ -348,7 +348,7 @@ class TrainConfig:
     activation_checkpointing: bool = field(
         default=False,
         metadata={
-            "help": "Recompute each decoder layer's activations in backward while the warm-up and every adapter train (Trainer's gradient checkpointing): the same adapters, about a third more compute, and activation memory of one layer instead of all of them (what lets a 70 B base train on one 80 GB GPU: `bench/results/scale.md`)."
+            "help": "Recompute each decoder layer's activations in backward while the warm-up and every adapter train (Trainer's gradient checkpointing): the same adapters, about half as much compute again over a frozen base (one more forward pass), and only each layer's input kept instead of all its activations (with `model.quantization: nf4`, what the 70 B plan of `bench/results/scale.md` needs to train on 80 GB)."
         },
     )
     report_to: list[str] = field(

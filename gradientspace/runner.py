@@ -17,13 +17,15 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
-from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from gradientspace import distributed
-from gradientspace.config import ConfigError, ModelConfig, RunConfig
+from gradientspace.config import ConfigError, ModelConfig, RunConfig, keyed
 from gradientspace.data.loading import fingerprint, load_records
 from gradientspace.data.records import LoadReport, Record, validation_ids
 from gradientspace.models.bank import AdapterBank
@@ -104,7 +106,7 @@ class Run:
     def model(self, model: ModelConfig | None = None) -> LoadedModel:
         """The LoRA-wrapped base model (`model.*`, or another shape such as `single-wide`'s), loaded on first use."""
         model = model or self.config.model
-        name = config_hash(asdict(model))
+        name = config_hash(keyed(model))
         if name not in self.models:
             self.models[name] = load_lora_model(model, seed=self.config.seed)
         return self.models[name]
@@ -113,6 +115,12 @@ class Run:
         """The process's one adapter bank (the base of `model.*`, loaded on first use), with `first_folder` loaded as
         `first_name`: every stage that scores or decodes shares it, adding the adapters it reads."""
         if self.adapter_bank is None:
+            # every adapter is trained before anything is scored: the training models go first, so that a process never
+            # holds two bases at once (at 70 B in 4 bits, two bases alone are 74 GiB); a later training reloads its own
+            self.models.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.adapter_bank = AdapterBank(self.config.model, first_name, first_folder)
         else:
             self.adapter_bank.load(first_name, first_folder)

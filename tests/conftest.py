@@ -109,8 +109,9 @@ def shared_run(tmp_path_factory, name: str, config_of, record_warnings: bool = F
         else tmp_path_factory.getbasetemp()
     )
     root = session / name
+    built = root / "built"  # written last: a build that failed part way is never taken for a finished run
     with FileLock(str(session / f"{name}.lock")):
-        if not (root / "run" / "eval.json").exists():
+        if not built.exists():
             root.mkdir(exist_ok=True)
             stderr = io.StringIO()
             with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
@@ -120,6 +121,7 @@ def shared_run(tmp_path_factory, name: str, config_of, record_warnings: bool = F
             if record_warnings:
                 shown = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
                 (root / "build-warnings.json").write_text(json.dumps({"warnings": shown, "stderr": stderr.getvalue()}))
+            built.touch()
     return root / "run"
 
 

@@ -14,21 +14,24 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.heavy  # torchrun runs of two processes
 
 
-def run_command(launchers: list[list[str]], timeout: int = 900) -> None:
-    """Start every launcher at once (one per node), wait for all; each must succeed."""
-    agents = [
-        subprocess.Popen(
-            launcher,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        for launcher in launchers
-    ]
-    for agent in agents:
-        _, stderr = agent.communicate(timeout=timeout)
-        assert agent.returncode == 0, stderr[-2000:]
+def run_command(launchers: list[list[str]], logs: Path, timeout: int = 900) -> None:
+    """Start every launcher at once (one per node), wait for all; each must succeed. Their stderr goes to files (a pipe
+    left unread while another agent is awaited could fill and stall it); whatever happens, none outlives the test (an
+    agent whose peer died would wait in a collective for hours)."""
+    agents = []
+    try:
+        for node, launcher in enumerate(launchers):
+            with open(logs / f"node{node}.stderr", "w") as stderr:
+                agents.append(
+                    subprocess.Popen(
+                        launcher, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"}
+                    )
+                )
+        for node, agent in enumerate(agents):
+            assert agent.wait(timeout=timeout) == 0, (logs / f"node{node}.stderr").read_text()[-2000:]
+    finally:
+        for agent in agents:
+            agent.kill()
 
 
 def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluation(decided_tiny_run, tmp_path):
@@ -55,7 +58,7 @@ def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluati
         for node in (0, 1)
     ]
     # its sketch's internal rank exceeds N: both sketches are exact, so the clusters cannot depend on the sharding
-    run_command([[*node, "run", str(decided_run_config(tmp_path))] for node in nodes])
+    run_command([[*node, "run", str(decided_run_config(tmp_path))] for node in nodes], tmp_path)
     for name, run in (("one", decided_tiny_run), ("two", tmp_path / "run")):
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         outputs[name] = {

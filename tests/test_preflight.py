@@ -71,3 +71,22 @@ def test_a_key_added_later_leaves_a_run_made_before_it_valid_while_at_its_defaul
     assert "quantization" in keyed(quantized.model)
     with pytest.raises(ConfigError, match=r"model.quantization None → 'nf4'"):
         check_existing_run(Run(quantized), overwrite=False)
+
+
+def test_every_key_hashes_the_model_section_through_keyed():
+    """`asdict` of a model config would put a key added later into a stage's key even at its default, re-running every
+    run made before it: the model section reaches every key through `config.keyed`."""
+    import ast
+    from pathlib import Path
+
+    import gradientspace
+
+    package = Path(gradientspace.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(node, "func", None)
+            called = getattr(name, "id", None) or getattr(name, "attr", None)
+            if isinstance(node, ast.Call) and called == "asdict" and "model" in ast.unparse(node.args[0]):
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not found, found

@@ -257,3 +257,18 @@ def test_nf4_without_bitsandbytes_is_refused_in_one_line(tmp_path, monkeypatch, 
     assert not (tmp_path / "run" / "manifest.json").exists()
     with pytest.raises(ModelError, match="`model.quantization`: `nf4` needs bitsandbytes"):
         load_base_model("tiny-random", torch.device("cpu"), quantization="nf4")
+
+
+def test_an_older_bitsandbytes_is_refused_in_one_line(monkeypatch):
+    """Before 0.50 bitsandbytes had no CPU backend: named with the version found, not an error deep in transformers."""
+    import importlib.metadata
+
+    from gradientspace.models import loading
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5" if name == "bitsandbytes" else real(name))
+    assert loading.quantization_problem("nf4") == (
+        "config key `model.quantization`: `nf4` needs bitsandbytes, at least 0.50, and 0.45.5 is installed: "
+        "pip install 'gradientspace[quantization]'"
+    )
+    assert loading.quantization_problem("none") is None

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from gradientspace import distributed
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.clustering.terms import cluster_terms
-from gradientspace.config import RunConfig
+from gradientspace.config import RunConfig, keyed
 from gradientspace.data.records import Record
 from gradientspace.data.tokens import tokenize
 from gradientspace.experts.strategies import GENERALIST, decides_on_validation, get, trained
@@ -162,7 +162,7 @@ class AdapterStage(Stage):
         config = run.config
         train, validation = group_records(run, self.strategy, self.group)
         return {
-            "model": config_hash(asdict(self.model_config(run))),
+            "model": config_hash(keyed(self.model_config(run))),
             "training settings": config_hash(
                 {k: v for k, v in asdict(config.experts).items() if k not in ignored}, config.seed
             ),

@@ -305,14 +305,25 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 QUANTIZATION_INSTALL = "pip install 'gradientspace[quantization]'"
 
 
+BITSANDBYTES_AT_LEAST = "0.50"  # the first with a CPU backend: an older one fails deep inside transformers on a CPU
+
+
 def quantization_problem(quantization: str) -> str | None:
-    """Why `model.quantization` cannot load here (its package is missing), in one line naming the key; None when it can."""
-    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        return (
-            f"config key `model.quantization`: `{quantization}` needs bitsandbytes, which is not installed: "
-            f"{QUANTIZATION_INSTALL}"
-        )
-    return None
+    """Why `model.quantization` cannot load here (its package is missing or too old), in one line naming the key; None
+    when it can."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        installed = "which is not installed"
+    elif Version(version("bitsandbytes")) < Version(BITSANDBYTES_AT_LEAST):
+        installed = f"at least {BITSANDBYTES_AT_LEAST}, and {version('bitsandbytes')} is installed"
+    else:
+        return None
+    return f"config key `model.quantization`: `{quantization}` needs bitsandbytes, {installed}: {QUANTIZATION_INSTALL}"
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
