@@ -17,19 +17,16 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-
-import torch
 
 from gradientspace import distributed
 from gradientspace.config import ConfigError, ModelConfig, RunConfig, keyed
 from gradientspace.data.loading import fingerprint, load_records
 from gradientspace.data.records import LoadReport, Record, validation_ids
 from gradientspace.models.bank import AdapterBank
-from gradientspace.models.loading import LoadedModel, load_lora_model
+from gradientspace.models.loading import LoadedModel, load_base_for, load_tokenizer, pick_device, wrap_lora
 from gradientspace.runs import Placement, RunDirectory, Stage, config_hash, content_key, note
 
 
@@ -47,7 +44,9 @@ class Run:
         self.config = config
         self.rank, self.world_size = distributed.world()
         self.built: dict[str, dict] = {}  # stage name → manifest entry, for the stages this command has built
-        self.models: dict[str, LoadedModel] = {}
+        self.base = None  # the process's one base model (`model.*`), loaded on first use; training and the bank wrap it
+        self.trainable: LoadedModel | None = None  # the base wrapped with a fresh LoRA adapter of one shape
+        self.trainable_shape: str | None = None
         self.adapter_bank: AdapterBank | None = None
 
     # ------------------------------------------------------------ what stages read
@@ -103,25 +102,37 @@ class Run:
         """The records adapters, routers and the warm-up train on: everything but the validation split."""
         return [r for r in self.records if r.id not in self.validation_ids]
 
+    def base_model(self):
+        """The base model of `model.*`, loaded once per process: the training adapters and the bank wrap it in turn."""
+        if self.base is None:
+            self.base = load_base_for(self.config.model)
+        return self.base
+
     def model(self, model: ModelConfig | None = None) -> LoadedModel:
-        """The LoRA-wrapped base model (`model.*`, or another shape such as `single-wide`'s), loaded on first use."""
+        """The base with a fresh LoRA adapter of `model.*`'s shape, or of another one (`single-wide`'s wider LoRA on the
+        same base): wrapped on first use, and wrapped anew when another shape is asked for."""
         model = model or self.config.model
-        name = config_hash(keyed(model))
-        if name not in self.models:
-            self.models[name] = load_lora_model(model, seed=self.config.seed)
-        return self.models[name]
+        shape = config_hash(keyed(model))
+        if self.trainable_shape != shape:
+            self._unwrap()
+            device = pick_device(model.device)
+            wrapped = wrap_lora(self.base_model(), model, self.config.seed)
+            self.trainable, self.trainable_shape = LoadedModel(wrapped, load_tokenizer(model.name), device), shape
+        return self.trainable
+
+    def _unwrap(self) -> None:
+        """Give the base back from what wraps it now (a training adapter, or the bank's adapters), as it was loaded."""
+        for holder in (self.trainable, self.adapter_bank):
+            if holder is not None:
+                holder.model.unload()
+        self.trainable = self.trainable_shape = self.adapter_bank = None
 
     def bank(self, first_name: str, first_folder: Path) -> AdapterBank:
         """The process's one adapter bank (the base of `model.*`, loaded on first use), with `first_folder` loaded as
         `first_name`: every stage that scores or decodes shares it, adding the adapters it reads."""
         if self.adapter_bank is None:
-            # every adapter is trained before anything is scored: the training models go first, so that a process never
-            # holds two bases at once (at 70 B in 4 bits, two bases alone are 74 GiB); a later training reloads its own
-            self.models.clear()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.adapter_bank = AdapterBank(self.config.model, first_name, first_folder)
+            self._unwrap()  # every adapter is trained before anything is scored; a later training wraps the base anew
+            self.adapter_bank = AdapterBank(self.config.model, first_name, first_folder, base=self.base_model())
         else:
             self.adapter_bank.load(first_name, first_folder)
         return self.adapter_bank

@@ -36,32 +36,27 @@ def finished_run(tmp_path_factory):
         experts="branch_epochs: 2, snapshot_epochs: [1], keep: all",
         evaluate="limit: 8, generate_per_domain: 1, max_new_tokens: 4, latency_prompts: 1, humaneval_problems: 1",
     )
-    from gradientspace.models import bank, loading
+    from gradientspace.models import loading
 
     real = loading.load_base_model
     loads = []
 
-    def counted(module):
-        def load(*args, **kwargs):
-            loads.append(module)
-            return real(*args, **kwargs)
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
 
-        return load
-
-    with pytest.MonkeyPatch.context() as patch:  # every base-model load of the whole run, by who asked
-        patch.setattr(loading, "load_base_model", counted("training"))
-        patch.setattr(bank, "load_base_model", counted("bank"))
+    with pytest.MonkeyPatch.context() as patch:  # every base-model load of the whole run, whoever asks
+        patch.setattr(loading, "load_base_model", counted)
         assert main(["run", str(config)]) == 0
     (root / "base-loads.json").write_text(json.dumps(loads))
     return config, root / "run"
 
 
-def test_a_run_loads_the_base_once_for_training_each_shape_and_once_for_everything_that_scores(finished_run):
-    """One adapter bank per process serves keep, thresholds, centroids, score matrices and evaluation; training loads the
-    LoRA-wrapped base once per model shape (`model.*`, and `single-wide`'s wider LoRA)."""
+def test_a_run_loads_the_base_once(finished_run):
+    """One base model per process: the warm-up, every adapter of every shape (`single-wide`'s wider LoRA included) and
+    then the one adapter bank (keep, thresholds, centroids, score matrices, evaluation) wrap it in turn."""
     config, run = finished_run
-    loads = json.loads((run.parent / "base-loads.json").read_text())
-    assert sorted(loads) == ["bank", "training", "training"]
+    assert json.loads((run.parent / "base-loads.json").read_text()) == ["tiny-random"]
 
 
 def test_run_writes_every_stage(finished_run):

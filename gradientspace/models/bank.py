@@ -32,7 +32,7 @@ from transformers import StoppingCriteria
 
 from gradientspace.config import ModelConfig
 from gradientspace.gradients.engine import per_sample_mean_loss, response_losses
-from gradientspace.models.loading import end_of_turn_ids, load_base_model, load_tokenizer, pick_device, resolve_dtype
+from gradientspace.models.loading import end_of_turn_ids, load_base_for, load_tokenizer, pick_device
 
 
 def _files_of(folder: Path) -> tuple:
@@ -51,12 +51,13 @@ class AdapterBank:
     retrained in the same process) or that came from another folder under the same name.
     """
 
-    def __init__(self, model: ModelConfig, first_name: str, first_folder: Path):
+    def __init__(self, model: ModelConfig, first_name: str, first_folder: Path, base=None):
+        """`base`: the base model `model.*` names, already loaded (the run's, `runner.Run`); loaded here if None."""
         from peft import PeftModel
 
         self.device = pick_device(model.device)
         self.tokenizer = load_tokenizer(model.name)
-        base = load_base_model(model.name, self.device, resolve_dtype(model.dtype, self.device), model.quantization)
+        base = base if base is not None else load_base_for(model)
         self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

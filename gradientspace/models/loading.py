@@ -410,20 +410,33 @@ class LoadedModel:
     device: torch.device
 
 
+def load_base_for(config: ModelConfig):
+    """The base model `model.*` names, on the device and in the precision (or 4 bits) it asks for."""
+    device = pick_device(config.device)
+    return load_base_model(config.name, device, resolve_dtype(config.dtype, device), config.quantization)
+
+
+def wrap_lora(base, config: ModelConfig, seed: int = 0):
+    """`base` with one fresh LoRA adapter of `config`'s rank, scale and targets, its initial weights drawn from `seed`.
+    peft wraps the base's layers in place; `unload()` on the result gives the base back as it was."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    try:
+        # peft keeps the adapter weights in float32 over a half-precision or 4-bit base (autocast_adapter_dtype)
+        return get_peft_model(base, lora_config(config))
+    except ValueError as err:
+        raise ModelError(f"config key `model.target_modules` {config.target_modules}: {err}") from None
+
+
 def load_lora_model(config: ModelConfig, adapter: str | Path | None = None, seed: int = 0) -> LoadedModel:
     """Base model + one LoRA adapter: a fresh one (seeded) or one loaded from a peft folder."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     device = pick_device(config.device)
-    tokenizer = load_tokenizer(config.name)
-    # peft keeps the adapter weights in float32 over a half-precision or 4-bit base (autocast_adapter_dtype).
-    base = load_base_model(config.name, device, resolve_dtype(config.dtype, device), config.quantization)
+    base = load_base_for(config)
     if adapter is None:
-        torch.manual_seed(seed)
-        try:
-            model = get_peft_model(base, lora_config(config))
-        except ValueError as err:
-            raise ModelError(f"config key `model.target_modules` {config.target_modules}: {err}") from None
+        model = wrap_lora(base, config, seed)
     else:
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    return LoadedModel(model.to(device), tokenizer, device)
+    return LoadedModel(model.to(device), load_tokenizer(config.name), device)
