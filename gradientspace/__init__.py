@@ -13,6 +13,11 @@ Python API (mirrors the CLI):
 
 from importlib import import_module
 
+# the registries the config reads its choices and defaults from (`experts.strategies`, `evaluate.metrics`): imported
+# with the package, so that `load_config` and `gradientspace config-keys` know them whatever else was imported
+import gradientspace.evaluation.metrics  # noqa: F401
+import gradientspace.experts.strategies  # noqa: F401
+
 # name → the module that defines it, imported on first use: a process that needs one light module (a launcher's
 # child, `gradientspace.config`) does not pay seconds for torch, transformers and peft
 _API = {

@@ -109,11 +109,16 @@ def test_the_folders_are_the_layers():
 
 def test_a_light_module_does_not_import_the_whole_package():
     """The public API is imported on first use: a process that needs only the config (or a launcher's child that needs one
-    module) does not pay seconds for torch, transformers and peft; the names still resolve."""
+    module) does not pay seconds for transformers and peft; the names still resolve, and the registries the config
+    reads (strategies, metrics) are there without them: their names are the choices and defaults `load_config` checks."""
     import subprocess
     import sys
 
-    probe = "import sys, gradientspace.config; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+    probe = (
+        "import sys; from gradientspace import load_config; config = load_config(None, {}); "
+        "print(sorted({'transformers', 'peft'} & set(sys.modules)), config.experts.strategies, config.evaluate.metrics)"
+    )
+    printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert printed == "[] ['routed', 'single', 'random-clusters'] ['exact_match', 'rouge_l']\n", printed
     assert gradientspace.run_all.__module__ == "gradientspace.commands"
     assert set(gradientspace.__all__) <= set(dir(gradientspace))
