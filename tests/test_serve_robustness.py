@@ -720,7 +720,7 @@ def test_a_port_in_use_fails_before_the_model_loads(run_dir, capsys, no_model_lo
 
 # ------------------------------------------------------------------ the soak
 
-SOAK_REQUESTS, SOAK_CLIENTS, MALFORMED_EVERY = 2000, 32, 10
+SOAK_REQUESTS, SOAK_CLIENTS, MALFORMED_EVERY = 1000, 32, 10
 # malformed for both endpoints; `prompt` replaces the prompt (or the message) text
 SOAK_MALFORMED = [
     {"seed": 2**64},
@@ -821,7 +821,7 @@ def soak(url: str, requests: int = SOAK_REQUESTS, clients: int = SOAK_CLIENTS) -
 
 @pytest.mark.heavy
 def test_soak_no_good_request_fails_and_health_answers_throughout(served):
-    """2 000 requests from 32 clients, one in ten malformed: every good one a 200, every malformed one a 4xx.
+    """1 000 requests from 32 clients, one in ten malformed: every good one a 200, every malformed one a 4xx.
 
     Memory growth and /health latency are recorded (printed as JSON, `pytest -s`) and bounded
     only loosely: how fast this machine is must not decide whether the test passes.
