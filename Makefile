@@ -46,7 +46,7 @@ test-fast: $(STAMP)
 GPU_CHECK_OUT ?= bench/out/gpu-check.json
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile .whl/*.whl; fi
-	$(if $(wildcard .gpu-cache),GRADIENTSPACE_CACHE=$(CURDIR)/.gpu-cache) PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(if $(wildcard .gpu-cache),GRADIENTSPACE_CACHE=$(CURDIR)/.gpu-cache) PYTHONPATH=$(CURDIR)$(if $(wildcard .gpu-site),:$(CURDIR)/.gpu-site) $(PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,8 +1,8 @@
 """The GPU check: what a GPU user needs to know, measured in one go inside a short GPU slot.
 
-One H100/H200-class GPU, at most 8 minutes, nothing downloaded there: every model is built at
+One H100/H200-class GPU, at most 9½ minutes, nothing downloaded there: every model is built at
 random from a Llama config (no weights travel) with the tokenizer of the package's `tiny-random`
-alias. Six parts, each in its own process with its own time budget (a part that fails or runs out
+alias. Eight parts, each in its own process with its own time budget (a part that fails or runs out
 of time records its error, and the next one starts); the JSON is rewritten atomically after each
 part and a part writes its numbers as it goes, so a killed run still leaves what it measured.
 
@@ -17,6 +17,14 @@ part and a part writes its numbers as it goes, so a killed run still leaves what
                 seconds per 1 000 samples, ‖UᵀU − I‖, and hours per rank for 1 M samples on 8 GPUs
                 against the plan's.
   trainer     : `train_adapter` (transformers' Trainer) steps/s for one adapter on the 1 B shape.
+  quantized   : `model.quantization: nf4` on the 1 B shape, the random base saved and loaded back in 4 bits through
+                `load_base_model`: its per-sample gradients (computing in float32) against one backward per sample
+                and against a float32 twin over the dequantised weights (the bar: 1e-5); in the run's dtype, the
+                hooked pass's samples/s and peak memory (to set beside `gradients`'), the 4-bit model's footprint,
+                and `train_adapter` steps/s for one adapter, its LoRA weights float32 and changed.
+  placement   : `gradientspace run` (tiny-random) under torchrun, one rank per visible GPU, through
+                bench/placement.py: every rank's model, Trainers, routers, encoder, bank and sketch on its
+                own GPU, nothing on another rank's, Trainer without DataParallel.
   serve       : `gradientspace serve` on the 1 B shape with 4 experts and a generalist (a run folder
                 made of random adapters and a random MiniLM-shaped router): requests/s at 1 and 16
                 clients, routed against single, through bench/serve.py's clients.
@@ -24,7 +32,7 @@ part and a part writes its numbers as it goes, so a killed run still leaves what
                 on whatever `pick_device` chooses (CUDA there), one pytest per file; a test that needs
                 a package or model absent from the machine is listed as unavailable, not as failed.
 
-    python bench/gpu_check.py --out bench/out/gpu-check.json          # a CUDA device, ≤ 8 minutes
+    python bench/gpu_check.py --out bench/out/gpu-check.json          # a CUDA device, ≤ 9½ minutes
     python bench/gpu_check.py --tiny --out /tmp/gpu-check.json        # tiny shapes, any device
     python bench/gpu_check.py --parts sketch,serve --budget serve=150 # some parts; another budget for one
 
@@ -120,6 +128,7 @@ class Sizes:
     sketch_block: int
     sketch_internal_rank: int
     train_steps: int
+    quantized_tokens: int  # tokens of the longer sample in each batch of the 4-bit exactness check (float32)
     serve_tokens: int  # completion tokens per request
     serve_requests: dict  # clients → requests per mode
     tests: list[str]
@@ -138,11 +147,21 @@ FULL = Sizes(
     sketch_block=64,
     sketch_internal_rank=64,
     train_steps=16,
+    quantized_tokens=128,  # the 1 B model in float32, one backward per sample: short, so the check costs seconds
     serve_tokens=32,
     serve_requests={1: 8, 16: 64},
     tests=CUDA_TESTS,
-    # 455 s of parts, leaving the parent's own start and the per-part interpreter starts inside 8 minutes
-    budgets={"gradients": 60, "gradients_8b": 75, "sketch": 45, "trainer": 50, "serve": 95, "tests": 130},
+    # 545 s of parts (about 1.5× what each took on an H200), leaving the parent's own start and the per-part interpreter starts inside TOTAL_BUDGET_S
+    budgets={
+        "gradients": 40,
+        "gradients_8b": 40,
+        "sketch": 25,
+        "trainer": 40,
+        "quantized": 60,
+        "placement": 100,
+        "serve": 90,
+        "tests": 150,
+    },
 )
 TINY_SIZES = Sizes(
     small=TINY,
@@ -156,12 +175,16 @@ TINY_SIZES = Sizes(
     sketch_block=16,
     sketch_internal_rank=16,
     train_steps=2,
+    quantized_tokens=64,
     serve_tokens=4,
     serve_requests={1: 2, 16: 32},
     tests=["tests/test_gradients.py::test_padding_does_not_leak"],  # one pytest process: the part's mechanism, cheaply
-    budgets=dict.fromkeys(["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"], 300),
+    budgets=dict.fromkeys(
+        ["gradients", "gradients_8b", "sketch", "trainer", "quantized", "placement", "serve", "tests"], 300
+    ),
 )
-TOTAL_BUDGET_S = 470  # full sizes: every part's timeout is also cut to what is left of this
+# Full sizes: every part's timeout is also cut to what is left of this (a 10-minute GPU slot with the wheels' install)
+TOTAL_BUDGET_S = 570
 
 
 # ---------------------------------------------------------------- shared helpers (run inside a part's process)
@@ -581,28 +604,17 @@ def part_sketch(sizes: Sizes, scratch: Path, out: Partial) -> None:
     )
 
 
-def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
+def timed_training(model, tokenizer, sizes: Sizes, device, scratch: Path) -> dict:
+    """`train_adapter` of `sizes.train_steps` steps on the model's adapter, after a two-step run (kernel selection and
+    the optimizer's first allocations are not the steady rate): its rates, wall seconds and peak memory."""
     from gradientspace.data.tokens import tokenize
-    from gradientspace.models.loading import load_tokenizer
     from gradientspace.models.train import TrainPlan, train_adapter
 
-    device, dtype = device_and_dtype()
-    tokenizer = load_tokenizer("tiny-random")
-    model = with_lora(random_base(sizes.small, tokenizer, device, dtype))
     examples = tokenize(filled_records(sizes.train_steps * sizes.batch_size), tokenizer, sizes.tokens)
     plan = TrainPlan(
         1, 1e-4, sizes.batch_size, seed=0, schedule="constant", warmup_ratio=0.0, patience=None, sampling="sequential"
     )
     pad = tokenizer.pad_token_id
-    out.update(
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        shape=sizes.small,
-        lora=LORA,
-        batch_size=sizes.batch_size,
-        tokens=sizes.tokens,
-    )
-    # A two-step run first: kernel selection and the optimizer's first allocations are not the steady rate.
     train_adapter(
         model, examples[: 2 * sizes.batch_size], [], pad, device, plan, scratch / "warm", "gpu-check", "warm-up"
     )
@@ -614,13 +626,309 @@ def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
             ),
             device,
         )
+    return {
+        "steps": summary["steps"],
+        "steps_per_second": round(summary["steps"] / summary["train_seconds"], 3),
+        "samples_per_second": round(summary["samples"] / summary["train_seconds"], 2),
+        "wall_seconds_with_setup_and_save": round(wall, 2),
+        "peak_memory_gib": memory["gib"],
+        "memory_kind": memory["kind"],
+    }
+
+
+def part_trainer(sizes: Sizes, scratch: Path, out: Partial) -> None:
+    from gradientspace.models.loading import load_tokenizer
+
+    device, dtype = device_and_dtype()
+    tokenizer = load_tokenizer("tiny-random")
+    model = with_lora(random_base(sizes.small, tokenizer, device, dtype))
     out.update(
-        steps=summary["steps"],
-        steps_per_second=round(summary["steps"] / summary["train_seconds"], 3),
-        samples_per_second=round(summary["samples"] / summary["train_seconds"], 2),
-        wall_seconds_with_setup_and_save=round(wall, 2),
-        peak_memory_gib=memory["gib"],
-        memory_kind=memory["kind"],
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        shape=sizes.small,
+        lora=LORA,
+        batch_size=sizes.batch_size,
+        tokens=sizes.tokens,
+    )
+    out.update(**timed_training(model, tokenizer, sizes, device, scratch))
+
+
+def hooked_rows(model, batches):
+    """The engine's per-sample gradient rows of every batch, stacked."""
+    import torch
+
+    from gradientspace.gradients.engine import PerSampleGradients
+
+    with PerSampleGradients(model) as engine:
+        return torch.cat([engine.batch(*batch)[0] for batch in batches])
+
+
+def per_sample_backward_rows(model, batches):
+    """The reference the engine is held to (tests/test_gradients.py's `naive_gradients`): one forward and backward per
+    sample, its padding cut off, read from the LoRA weights' `.grad` in the engine's layout."""
+    import torch
+
+    from gradientspace.gradients.engine import layout_of, per_sample_mean_loss
+
+    parameters = dict(model.named_parameters())
+    names = layout_of(model).names
+    rows = []
+    model.eval()
+    for input_ids, mask, labels in batches:
+        for row in range(len(input_ids)):
+            length = int(mask[row].sum())  # collate pads on the right
+            model.zero_grad(set_to_none=True)
+            logits = model(
+                input_ids=input_ids[row : row + 1, :length],
+                attention_mask=mask[row : row + 1, :length],
+                use_cache=False,
+            ).logits
+            per_sample_mean_loss(logits, labels[row : row + 1, :length]).sum().backward()
+            rows.append(torch.cat([parameters[name].grad.reshape(-1).float() for name in names]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+def max_relative_error(rows, reference) -> float:
+    """The worst sample's ‖row − reference‖ / ‖reference‖ (tests/test_gradients.py's `relative_error`)."""
+    return float(((rows - reference).norm(dim=1) / reference.norm(dim=1)).max())
+
+
+def part_quantized(sizes: Sizes, scratch: Path, out: Partial) -> None:
+    """The base goes through the package's own 4-bit path (`load_base_model(..., "nf4")`) from a saved folder, as a
+    user's model does; the exactness check computes in float32, the rates in the run's dtype, each its own load."""
+    import torch
+
+    from gradientspace.data.tokens import collate, tokenize
+    from gradientspace.models.loading import load_base_model, load_tokenizer, quantization_problem
+
+    problem = quantization_problem("nf4")
+    if problem:  # bitsandbytes is an optional extra: its absence is this check's finding, not a failure of the part
+        out.update(not_run=problem)
+        return
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    device, dtype = device_and_dtype()
+    tokenizer = load_tokenizer("tiny-random")
+    pad = tokenizer.pad_token_id
+    folder = scratch / "base"
+    base = random_base(sizes.small, tokenizer, device, dtype)
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out.update(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        shape=sizes.small,
+        lora=LORA,
+        quantization="nf4, double quantisation (the package's `quantization_config`)",
+        bitsandbytes=bnb.__version__,
+        memory_footprint_gib={"unquantized": round(base.get_memory_footprint() / 2**30, 3)},
+    )
+    del base
+    free_memory()
+
+    # Two batches of a full sample beside one of half its length: the engine's padding runs over the 4-bit base too.
+    records = filled_records(4, seed=1)
+    pairs = [
+        tuple(t.to(device) for t in collate([long, short], pad))
+        for long, short in zip(
+            tokenize(records[::2], tokenizer, sizes.quantized_tokens),
+            tokenize(records[1::2], tokenizer, sizes.quantized_tokens // 2),
+        )
+    ]
+    four_bit = with_lora(load_base_model(str(folder), device, torch.float32, "nf4"))
+    hooked = hooked_rows(four_bit, pairs)
+    exactness = {
+        "compute_dtype": "float32",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,  # were it on, CUDA would round float32 matmuls to TF32
+        "samples": len(hooked),
+        "tokens": [pair[1].sum(1).tolist() for pair in pairs],  # each batch's samples
+        "hooked_vs_per_sample_backward": max_relative_error(hooked, per_sample_backward_rows(four_bit, pairs)),
+    }
+    out.update(exactness=exactness)
+    # The twin is the same network with the 4-bit rounding made explicit: the 4-bit base may change the weights and
+    # nothing else, so the rows must match a plain float32 model over the dequantised weights. Over the saved weights
+    # themselves they differ by the rounding's own effect, the scale the twin's error is read against.
+    twin = with_lora(load_base_model(str(folder), device, torch.float32))
+    lora = dict(four_bit.named_parameters())
+    with torch.no_grad():
+        for name, parameter in twin.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(lora[name])
+    exactness.update(hooked_vs_unquantized_float32=max_relative_error(hooked, per_sample_backward_rows(twin, pairs)))
+    quantized_modules = dict(four_bit.named_modules())
+    replaced = 0
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if isinstance(quantized_modules.get(name), bnb.nn.Linear4bit):
+                weight = quantized_modules[name].weight
+                module.weight.copy_(dequantize_4bit(weight.data, weight.quant_state))
+                replaced += 1
+    del four_bit, quantized_modules, lora
+    free_memory()
+    exactness.update(
+        four_bit_layers=replaced,
+        hooked_vs_dequantised_float32_twin=max_relative_error(hooked, per_sample_backward_rows(twin, pairs)),
+    )
+    exactness["within_1e-5"] = (
+        max(exactness["hooked_vs_per_sample_backward"], exactness["hooked_vs_dequantised_float32_twin"]) <= 1e-5
+    )
+    out.update(exactness=exactness)
+    del twin
+    free_memory()
+
+    base = load_base_model(str(folder), device, dtype, "nf4")
+    out.update(
+        memory_footprint_gib={**out.data["memory_footprint_gib"], "nf4": round(base.get_memory_footprint() / 2**30, 3)}
+    )
+    model = with_lora(base)
+    batches = device_batches(tokenizer, sizes, sizes.batches, device)
+    samples = sizes.batches * sizes.batch_size
+    with peak_memory(device) as memory:
+        hooked_pass(model, batches[:1])  # warms kernels and the allocator; one batch's peak is a pass's peak
+    seconds = [timed(lambda: hooked_pass(model, batches), device) for _ in range(2)]
+    out.update(
+        hooked={
+            "batch_size": sizes.batch_size,
+            "tokens": sizes.tokens,
+            "samples": samples,
+            "seconds": [round(s, 3) for s in seconds],
+            "samples_per_second": round(samples / min(seconds), 2),
+            "peak_memory_gib": memory["gib"],
+            "memory_kind": memory["kind"],
+        }
+    )
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    training = timed_training(model, tokenizer, sizes, device, scratch)
+    after = dict(model.named_parameters())
+    out.update(
+        training={
+            **training,
+            "lora_dtypes": sorted({str(after[name].dtype).removeprefix("torch.") for name in before}),
+            "lora_tensors": len(before),
+            "lora_tensors_changed": sum(not torch.equal(after[name], value) for name, value in before.items()),
+        }
+    )
+
+
+def placement_data(folder: Path, count: int, seed: int) -> Path:
+    """Alpaca-style records in three sources, short enough for a run of seconds."""
+    import random
+
+    rng = random.Random(seed)
+    words = "gradient sketch cluster expert router token sample basis rank memory adapter batch".split()
+    rows = [
+        {
+            "instruction": " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))),
+            "output": " ".join(rng.choice(words) for _ in range(rng.randint(2, 10))),
+            "source": f"s{i % 3}",
+        }
+        for i in range(count)
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"records-{seed}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def part_placement(sizes: Sizes, scratch: Path, out: Partial) -> None:
+    """`gradientspace run` (tiny-random, routed and single) under torchrun with one rank per visible GPU, through
+    bench/placement.py: each rank's model, Trainers, routers, encoder, bank and sketch on its own GPU, no tensor on
+    another rank's, Trainer without DataParallel. The router's encoder is a random MiniLM-shaped BERT (the packaged
+    one is too big to travel)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from gradientspace.models.loading import load_tokenizer
+
+    ranks = max(1, torch.cuda.device_count())
+    tokenizer = load_tokenizer("tiny-random")
+    encoder = scratch / "encoder"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), **MINILM)).save_pretrained(encoder)
+    tokenizer.save_pretrained(encoder)
+    config = scratch / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "out": str(scratch / "run"),
+                "model": {"name": "tiny-random", "lora_rank": 2},
+                "data": {"path": str(placement_data(scratch, 24, seed=0)), "max_length": 96},
+                "warmup": {"fraction": 0.25},
+                "sketch": {"rank": 4},
+                "cluster": {"k": 3, "projection_dim": 16},
+                "experts": {"epochs": 2, "strategies": ["routed", "single"]},
+                "router": {"epochs": 20},
+                "evaluate": {
+                    "data": str(placement_data(scratch, 8, seed=1)),
+                    "generate_per_domain": 1,
+                    "max_new_tokens": 4,
+                    "latency_prompts": 1,
+                },
+            }
+        )
+    )
+    out.update(ranks=ranks, visible_gpus=torch.cuda.device_count())
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--standalone", "--nproc_per_node", str(ranks)] if Path(torchrun).exists() else None
+    launcher = launcher or [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+    ]
+    try:
+        completed = subprocess.run(
+            [*launcher, str(BENCH / "placement.py"), "--encoder", str(encoder), "--out", str(scratch / "placement")]
+            + ["run", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=sizes.budgets["placement"] - 10,
+        )
+        failure = None if completed.returncode == 0 else f"run exited {completed.returncode}"
+        output = completed.stdout + completed.stderr
+    except subprocess.TimeoutExpired as timeout:
+        failure = f"run timed out after {timeout.timeout:.0f} s"
+        output = "".join(
+            part.decode() if isinstance(part, bytes) else part or "" for part in (timeout.stdout, timeout.stderr)
+        )
+    manifest = scratch / "run" / "manifest.json"
+    if manifest.exists():  # where the time went, finished or not
+        stages = json.loads(manifest.read_text())["stages"]
+        out.update(stage_seconds={name: entry.get("seconds") for name, entry in stages.items()})
+    if failure:
+        raise RuntimeError(f"{failure}: {output[-1500:]}")
+    per_rank = {}
+    for rank in range(ranks):
+        placed = json.loads((scratch / "placement" / f"rank{rank}.json").read_text())
+        own = placed["pick_device"]
+        kinds = ("base_model", "encoder", "routers", "banks", "sketches")
+        per_rank[rank] = {
+            "pick_device": own,
+            "cuda_asked": placed["cuda_asked"],
+            "elsewhere": placed["elsewhere"],
+            **{
+                kind: sorted(
+                    {e["device"] for e in placed[kind]} | {e.get("weights", e["device"]) for e in placed[kind]}
+                )
+                for kind in kinds
+            },
+            "trainings": placed["trainings"],
+        }
+        per_rank[rank]["on_its_own_device"] = (
+            not placed["elsewhere"]
+            and all(set(per_rank[rank][kind]) <= {own} for kind in kinds)
+            # n_gpu: 1 on a GPU, whatever the GPUs the rank sees; transformers says 0 on a CPU
+            and all(t["device"] == own == t["model"] and t["n_gpu"] == int(own != "cpu") for t in placed["trainings"])
+        )
+    out.update(
+        per_rank=per_rank,
+        every_rank_on_its_own_device=all(r["on_its_own_device"] for r in per_rank.values()),
+        adapters_per_rank={rank: len(r["trainings"]) for rank, r in per_rank.items()},
     )
 
 
@@ -743,6 +1051,8 @@ PARTS = {
     "gradients_8b": part_gradients_8b,
     "sketch": part_sketch,
     "trainer": part_trainer,
+    "quantized": part_quantized,
+    "placement": part_placement,
     "serve": part_serve,
     "tests": part_tests,
 }
@@ -842,7 +1152,7 @@ def main() -> None:
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    started = time.perf_counter()  # before torch's import: the 8 minutes are the whole command's
+    started = time.perf_counter()  # before torch's import: the 9½ minutes are the whole command's
     if args.child:
         return child(args.child, args.tiny, args.child_out, args.child_budget)
     try:

@@ -17,13 +17,21 @@ def tiny():
     """tiny-random with LoRA whose B is non-zero, so both A and B have non-trivial gradients."""
     import torch
 
-    loaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=4, lora_alpha=8), seed=0)
+    # float32 on any device: the tests hold gradients to 1e-5 (gpu_check runs them on CUDA, where `auto` is bf16)
+    loaded = load_lora_model(ModelConfig(name="tiny-random", lora_rank=4, lora_alpha=8, dtype="float32"), seed=0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return loaded
+
+
+def collated(examples, pad_id: int, model) -> tuple:
+    """`collate`'s padded batch on the model's device (the CPU here; CUDA where gpu_check runs the tests)."""
+    from gradientspace.data.tokens import collate
+
+    return tuple(t.to(model.device) for t in collate(examples, pad_id))
 
 
 def make_records(n: int, seed: int = 0) -> list[Record]:

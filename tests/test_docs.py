@@ -51,6 +51,7 @@ NOT_RUN = {
     ("README.md", "make demo"): "sets up .venv, then runs `gradientspace run configs/demo.yaml`",
     ("README.md", "make test"): "CI itself, which runs this file",
     ("docs/development.md", "python3 -m pip download"): "fetches wheels from PyPI for the GPU machine: the network",
+    ("docs/development.md", ".venv/bin/python bench/gpu_site.py"): "copies installed packages for the GPU machine",
     ("docs/development.md", "mkdir -p .gpu-cache"): "copies tiny-random's folder for the GPU machine: a file copy",
     ("docs/pipeline.md", "skip data: done"): "output: the lines a re-run prints",
 }

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.heavy  # bench/gpu_check.py --tiny: six parts, each its own process
+pytestmark = pytest.mark.heavy  # bench/gpu_check.py --tiny: eight parts, each its own process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-PARTS = ["gradients", "gradients_8b", "sketch", "trainer", "serve", "tests"]
+PARTS = ["gradients", "gradients_8b", "sketch", "trainer", "quantized", "placement", "serve", "tests"]
 
 
 def numbers(tree):
@@ -76,6 +76,28 @@ def test_trainer_and_server_report_throughput(tiny_result):
         }  # routed, never the generalist
         assert serve[clients]["single"]["experts"] == {"generalist": serve[clients]["single"]["requests"]}
     assert len(serve["16_clients"]["routed"]["experts"]) >= 2  # the router spreads prompts, so batches can mix experts
+
+
+def test_quantized_part_is_exact_and_trains_in_float32_lora(tiny_result):
+    quantized = tiny_result["parts"]["quantized"]
+    if "not_run" in quantized:
+        pytest.skip(quantized["not_run"])
+    exactness = quantized["exactness"]
+    assert exactness["four_bit_layers"] == 14  # q, k, v, o, gate, up, down of both layers
+    assert exactness["within_1e-5"]  # float32 on a CPU
+    assert exactness["hooked_vs_unquantized_float32"] > 1e-3  # the rounding is real: the twin's match is not vacuous
+    assert quantized["hooked"]["samples_per_second"] > 0 and quantized["hooked"]["peak_memory_gib"] > 0
+    training = quantized["training"]
+    assert training["steps"] >= 1 and training["steps_per_second"] > 0
+    assert training["lora_dtypes"] == ["float32"] and training["lora_tensors_changed"] == training["lora_tensors"] > 0
+
+
+def test_placement_part_runs_a_whole_run_and_reads_each_ranks_devices(tiny_result):
+    placement = tiny_result["parts"]["placement"]
+    assert placement["ranks"] == 1 and placement["every_rank_on_its_own_device"]  # no GPU here: one rank, the CPU
+    (rank,) = placement["per_rank"].values()
+    assert rank["banks"] == rank["sketches"] == rank["routers"] == ["cpu"] and rank["elsewhere"] == []
+    assert {t["adapter"] for t in rank["trainings"]} >= {"warm-up", "single adapter 0", "routed adapter 0"}
 
 
 def test_test_part_ran_the_selected_tests(tiny_result):

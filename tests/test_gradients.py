@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_records
+from conftest import collated, make_records
 
-from gradientspace.data.tokens import collate, tokenize
+from gradientspace.data.tokens import tokenize
 from gradientspace.gradients.engine import AdamState, PerSampleGradients, layout_of, per_sample_mean_loss, transform
 
 
@@ -16,7 +16,7 @@ def naive_gradients(model, examples, pad_id):
     model.eval()
     for example in examples:
         model.zero_grad(set_to_none=True)
-        input_ids, mask, labels = collate([example], pad_id)
+        input_ids, mask, labels = collated([example], pad_id, model)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
         per_sample_mean_loss(logits, labels).sum().backward()
         rows.append(torch.cat([parameters[name].grad.reshape(-1) for name in layout.names]))
@@ -29,7 +29,7 @@ def hooked_gradients(model, examples, pad_id, batch_size):
     with PerSampleGradients(model) as engine:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            grads, _ = engine.batch(*collate(batch, pad_id))
+            grads, _ = engine.batch(*collated(batch, pad_id, model))
             for example, row in zip(batch, grads):
                 rows[example.index] = row
     return torch.stack([rows[e.index] for e in examples])
@@ -79,18 +79,40 @@ def test_adam_and_normalised_variants(tiny):
     hooked = hooked_gradients(tiny.model, examples, tiny.tokenizer.pad_token_id, batch_size=3)
     dim = naive.shape[1]
     generator = torch.Generator().manual_seed(3)
-    adam = AdamState(torch.randn(dim, generator=generator) * 1e-3, torch.rand(dim, generator=generator) * 1e-5, step=7)
+    moments = (torch.randn(dim, generator=generator) * 1e-3, torch.rand(dim, generator=generator) * 1e-5)
+    adam = AdamState(*(moment.to(naive.device) for moment in moments), step=7)  # on the gradients' device, as loaded
     # Reference Adam step written out from the definition (bias-corrected moments after one more step).
     m = 0.9 * adam.exp_avg + 0.1 * naive
     v = 0.999 * adam.exp_avg_sq + 0.001 * naive**2
     expected = (m / (1 - 0.9**8)) / ((v / (1 - 0.999**8)).sqrt() + 1e-8)
     assert relative_error(transform(hooked, adam, normalize=False), expected) < 1e-5
     normalised = transform(hooked, adam, normalize=True)
-    assert torch.allclose(normalised.norm(dim=1), torch.ones(len(examples)), atol=1e-5)
+    assert torch.allclose(normalised.norm(dim=1).cpu(), torch.ones(len(examples)), atol=1e-5)
     assert relative_error(normalised, expected / expected.norm(dim=1, keepdim=True)) < 1e-5
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tiny):
+@pytest.mark.parametrize("names", ["activation", "gradient"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny, names, monkeypatch):
+    """With either of transformers' names for it: an older 5.x has only `gradient_checkpointing_enable`."""
+    from transformers import PreTrainedModel
+
+    if names == "gradient" and hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+        # the API of an older transformers 5.x (5.17): only the old names, doing what the new ones do now
+        enable, disable = (
+            PreTrainedModel.activation_checkpointing_enable,
+            PreTrainedModel.activation_checkpointing_disable,
+        )
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_disable")
+        monkeypatch.setattr(
+            PreTrainedModel,
+            "gradient_checkpointing_enable",
+            lambda model, gradient_checkpointing_kwargs=None: enable(
+                model, activation_checkpointing_kwargs=gradient_checkpointing_kwargs
+            ),
+            raising=False,
+        )
+        monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_disable", disable, raising=False)
     examples = tokenize(make_records(7), tiny.tokenizer, max_length=128)
     naive = naive_gradients(tiny.model, examples, tiny.tokenizer.pad_token_id)
     rows = []
@@ -98,7 +120,9 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny):
         checkpointed = [m for m in tiny.model.modules() if getattr(m, "gradient_checkpointing", False)]
         assert checkpointed, "checkpointing must actually be switched on inside the engine"
         for start in range(0, len(examples), 4):
-            rows.append(engine.batch(*collate(examples[start : start + 4], tiny.tokenizer.pad_token_id))[0])
+            rows.append(
+                engine.batch(*collated(examples[start : start + 4], tiny.tokenizer.pad_token_id, tiny.model))[0]
+            )
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules()), (
         "switched off again on exit"
     )
@@ -117,7 +141,7 @@ def test_per_sample_gradients_sum_to_the_batch_gradient_and_leave_grad_alone(tin
         "an earlier .grad must survive the engine"
     )
     tiny.model.zero_grad(set_to_none=True)
-    input_ids, mask, labels = collate(examples, tiny.tokenizer.pad_token_id)
+    input_ids, mask, labels = collated(examples, tiny.tokenizer.pad_token_id, tiny.model)
     per_sample_mean_loss(tiny.model(input_ids=input_ids, attention_mask=mask).logits, labels).sum().backward()
     batch = torch.cat([parameters[n].grad.reshape(-1) for n in layout.names])
     tiny.model.zero_grad(set_to_none=True)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_records
+from conftest import collated, make_records
 from safetensors.torch import load_file
 
 from gradientspace.config import ModelConfig
-from gradientspace.data.tokens import collate, tokenize
+from gradientspace.data.tokens import tokenize
 from gradientspace.gradients.engine import per_sample_mean_loss
 from gradientspace.models import train as train_module
 from gradientspace.models.loading import load_lora_model
@@ -29,7 +29,7 @@ def mean_nll(model, examples, pad_id) -> float:
     with torch.no_grad():
         return sum(
             float(per_sample_mean_loss(model(input_ids=i, attention_mask=m).logits, l)[0])
-            for i, m, l in (collate([e], pad_id) for e in examples)
+            for i, m, l in (collated([e], pad_id, model) for e in examples)
         ) / len(examples)
 
 

@@ -163,7 +163,7 @@ class PerSampleGradients:
         for position, (_, module) in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._hook(position)))
         if self.checkpointing:
-            self._base().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            self._checkpointing("enable", {"use_reentrant": True})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -173,9 +173,17 @@ class PerSampleGradients:
             handle.remove()
         self._handles.clear()
         if self.checkpointing:
-            self._base().activation_checkpointing_disable()
+            self._checkpointing("disable")
             self._base().disable_input_require_grads()
         self._buffer = self._keep = None
+
+    def _checkpointing(self, switch: str, options: dict | None = None) -> None:
+        """transformers 5.x renamed `gradient_checkpointing_enable` / `_disable` to `activation_checkpointing_*` (5.17, on
+        the GPU machine, has only the old names; 5.25 both): whichever this transformers has."""
+        base = self._base()
+        name = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
+        kwargs = {} if options is None else {f"{name}_checkpointing_kwargs": options}
+        getattr(base, f"{name}_checkpointing_{switch}")(**kwargs)
 
     def _base(self):
         """The transformers model under peft's wrapper: it owns the checkpointing switches."""

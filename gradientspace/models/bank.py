@@ -61,7 +61,11 @@ class AdapterBank:
         self.eos_ids = end_of_turn_ids(self.tokenizer, base.generation_config)
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
         self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        self.model = PeftModel.from_pretrained(base, str(first_folder), adapter_name=first_name).eval()
+        # peft loads an adapter's file onto its own guess, `cuda`, which safetensors reads as GPU 0 whatever the rank's
+        # device: every rank would open a context on GPU 0 and stage its adapters there
+        self.model = PeftModel.from_pretrained(
+            base, str(first_folder), adapter_name=first_name, torch_device=str(self.device)
+        ).eval()
         self.sources = {first_name: _files_of(first_folder)}
 
     def __contains__(self, name: str) -> bool:
@@ -74,7 +78,8 @@ class AdapterBank:
             return
         if name in self.model.peft_config and not self._same_shape(name, folder):  # a blend under an expert's name
             self.drop(name)
-        self.model.load_adapter(str(folder), adapter_name=name)  # same shape: the new weights written over the old
+        # same shape: the new weights written over the old
+        self.model.load_adapter(str(folder), adapter_name=name, torch_device=str(self.device))
         self.sources[name] = files
         self.model.eval()
 

@@ -438,5 +438,5 @@ def load_lora_model(config: ModelConfig, adapter: str | Path | None = None, seed
     if adapter is None:
         model = wrap_lora(base, config, seed)
     else:
-        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True, torch_device=str(device))
     return LoadedModel(model.to(device), load_tokenizer(config.name), device)

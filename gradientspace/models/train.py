@@ -18,6 +18,7 @@ the gradient pass and trains adapters on rank 0 alone (see `_one_process`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -280,7 +281,9 @@ def train_adapter(
         f"({len(train)} samples, {len(validation)} validation)",
         flush=True,
     )
-    output = trainer.train(resume_from_checkpoint=resume)
+    # Trainer reloads the best epoch's adapter through peft, which would read it onto GPU 0 (`bank.AdapterBank`): bound
+    with mock.patch.object(model, "load_adapter", functools.partial(model.load_adapter, torch_device=str(device))):
+        output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
     history = trainer.state.log_history
     validation_curve = [{"epoch": round(h["epoch"]), "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]

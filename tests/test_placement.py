@@ -1,0 +1,99 @@
+"""On a GPU node every rank works on its own GPU: `run` under a 2-process torchrun with `torch.cuda` faked at 8 GPUs
+(bench/placement.py: the GPU code paths taken, the tensors made on the CPU, each GPU asked for recorded)."""
+
+import contextlib
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import decided_run_config
+from safetensors.torch import load_file
+from test_distributed import run_command
+from test_train import fresh, split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import placement  # noqa: E402  (bench/ is not a package)
+
+from gradientspace.models.loading import pick_device  # noqa: E402
+from gradientspace.models.train import TrainPlan, train_adapter  # noqa: E402
+
+PROBE = Path(__file__).resolve().parents[1] / "bench" / "placement.py"
+
+
+def run_outputs(run: Path) -> dict:
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    return {
+        "steps": {name: entry["steps"] for name, entry in stages.items() if "steps" in entry},
+        "clusters": (run / "clusters.jsonl").read_text(),
+        "keep": {str(p.relative_to(run)): json.loads(p.read_text()) for p in run.rglob("keep.json")},
+        "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.rglob("adapter_model.safetensors")},
+    }
+
+
+@pytest.mark.heavy
+def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_run(decided_tiny_run, tmp_path):
+    """Model, every Trainer, routers, encoder, bank and sketch of rank r on cuda:r and no tensor on another GPU (peft's
+    own adapter loading once put every rank's on GPU 0); Trainer without DataParallel (n_gpu 1, the config's batch);
+    the experts dealt over both ranks; and the run is the one-process CPU run: the same optimizer steps per adapter,
+    clusters, keep decisions and adapters."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    launcher += ["--master_port", str(port), str(PROBE), "--fake-gpus", "8", "--out", str(tmp_path / "placement")]
+    run_command([[*launcher, "run", str(decided_run_config(tmp_path))]], tmp_path)
+
+    trained = {}
+    for rank in (0, 1):
+        placed = json.loads((tmp_path / "placement" / f"rank{rank}.json").read_text())
+        own = f"cuda:{rank}"
+        assert placed["pick_device"] == own and placed["backend"] == "nccl"
+        assert placed["cuda_asked"] == [own] and placed["elsewhere"] == [], placed["elsewhere"]
+        assert set(placed["set_device"]) == {own}  # cuda:0 never made current on rank 1 (a context on GPU 0)
+        for kind in ("base_model", "encoder", "routers", "banks", "sketches"):
+            assert placed[kind] and {entry["device"] for entry in placed[kind]} == {own}, kind
+        assert placed["trainings"]
+        for training in placed["trainings"]:
+            assert (training["device"], training["n_gpu"]) == (own, 1), training
+            assert training["train_batch_size"] == (4 if training["adapter"] == "warm-up" else 8), training
+        trained[rank] = {training["adapter"] for training in placed["trainings"]}
+    assert "warm-up" in trained[0] and any(name.startswith("routed") for name in trained[1])  # dealt over the ranks
+
+    one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
+    assert eight["steps"] == one["steps"] and one["steps"]["experts/single/0"] == 4  # 16 samples, batch 8, 2 epochs
+    assert eight["clusters"] == one["clusters"] and eight["keep"] == one["keep"]
+    assert eight["adapters"].keys() == one["adapters"].keys()
+    for name, tensors in one["adapters"].items():
+        assert all(torch.allclose(eight["adapters"][name][k], v, atol=1e-6) for k, v in tensors.items()), name
+
+
+def test_trainer_takes_the_same_steps_whatever_the_gpus_it_sees(tmp_path):
+    """The real Trainer, in this process, with 1, 2 and 8 GPUs faked: the batch is the plan's and the steps are the
+    CPU's (DataParallel would have made a batch of 8 × GPUs and fewer steps), on this process's GPU only."""
+    steps = {}
+    for visible in (0, 1, 2, 8):
+        loaded = fresh()
+        train, _ = split(loaded, n=20, held=0)
+        plan = TrainPlan(max_epochs=2, learning_rate=1e-3, batch_size=4, seed=0, patience=None)
+        placements = placement.Placements(local_rank=0)
+        with placement.fake_gpus(visible, placements) if visible else contextlib.nullcontext():
+            device = pick_device("auto") if visible else torch.device("cpu")
+            with placement.GpuRequests(placements, fake=bool(visible)):
+                summary = train_adapter(
+                    loaded.model,
+                    train,
+                    [],
+                    loaded.tokenizer.pad_token_id,
+                    device,
+                    plan,
+                    tmp_path / str(visible),
+                    "k",
+                    "t",
+                )
+        steps[visible] = summary["steps"]
+        assert placements.data["cuda_asked"] == ({"cuda:0"} if visible else set())
+    assert steps == {0: 10, 1: 10, 2: 10, 8: 10}  # 20 samples, batch 4, 2 epochs
