@@ -69,10 +69,10 @@ def run_until(
 ) -> dict:
     """Check everything cheap first, then build every stage up to `last` (one of STEPS), skipping finished ones.
 
-    Under torchrun every rank takes its shard of the gradient pass, of the adapters after the
-    generalist (`experts.adapters.spread_over_ranks`) and of the evaluation; the warm-up, the generalist,
-    routers, keep decisions and thresholds run on rank 0 while the others wait (`runner.Run.build`),
-    and the report is drawn by rank 0.
+    Under torchrun every rank takes its shard of the gradient pass, of each batch of the warm-up and
+    the generalist (DDP), of the adapters after the generalist and of the evaluation; routers, keep
+    decisions and thresholds run on rank 0 while the others wait (`runner.Run.build`), and the
+    report is drawn by rank 0.
     """
     new_command()
     run = as_run(run)

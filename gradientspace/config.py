@@ -173,6 +173,13 @@ class GradientConfig:
             "help": "Recompute each decoder layer in backward instead of keeping its activations (less memory, ~1/3 more compute): for large models and batches."
         },
     )
+    shard_model: str = field(
+        default="none",
+        metadata={
+            "added_later": True,
+            "help": "`none`: every rank holds the whole base for its shard of the gradient pass; `fsdp`: the pass runs over a copy of the base sharded across the ranks by FSDP2 (`fully_shard`, each decoder layer's weights gathered only while it runs): the same gradients, so the same clusters. Under torchrun with 2 or more processes only, and not with `model.quantization: nf4`.",
+        },
+    )
 
 
 @dataclass
@@ -547,6 +554,7 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.quantization": ("none", "nf4"),
     "gradients.tokens": ("response", "instruction"),
+    "gradients.shard_model": ("none", "fsdp"),
     "sketch.dtype": ("float64", "float32"),
     "experts.init": ("generalist", "warmup", "fresh"),
     "experts.fallback": ("best-single", "generalist"),
@@ -772,6 +780,11 @@ def validate(config: RunConfig) -> None:
         errors.append(
             f"config key `sketch.internal_rank`: {config.sketch.internal_rank} must be at least `sketch.rank` ({config.sketch.rank})"
         )
+    if config.gradients.shard_model == "fsdp" and config.model.quantization != "none":
+        errors.append(
+            f"config key `gradients.shard_model`: `fsdp` cannot shard a 4-bit base (`model.quantization: {config.model.quantization}`); "
+            "set one of them to `none`"
+        )
     if not config.model.target_modules:
         errors.append("config key `model.target_modules`: must name at least one module")
     if not config.experts.strategies:
@@ -818,6 +831,18 @@ def validate(config: RunConfig) -> None:
                 )
     if errors:
         raise ConfigError(errors[0])
+
+
+def sharding_problem(gradients: GradientConfig, world_size: int) -> str | None:
+    """Why `gradients.shard_model` cannot run in a job of `world_size` processes, in one line naming the key; None when it
+    can. Asked before the first stage (`preflight`) and by the gradient pass, not by `validate`: a one-process command
+    that only reads a run made under torchrun (`export`, `select`, `serve`) loads the same config."""
+    if gradients.shard_model == "fsdp" and world_size < 2:
+        return (
+            "config key `gradients.shard_model`: `fsdp` shards the base over the processes of a torchrun job, and this is "
+            "one process: launch with `torchrun --nproc_per_node N` (N ≥ 2), or set it to `none`"
+        )
+    return None
 
 
 def config_from_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -7,8 +7,9 @@ state to rank r − s, which merges it. Each round moves one shard state (d×r' 
 per pair, all pairs at once, and rank 0 ends with everything. Evaluation is sharded too (each
 rank scores every world-size-th test record, `gather_to_main` brings them to rank 0), and so
 are the adapters after the generalist (every strategy's in one deal, the largest first to the
-least-loaded rank; one-process Trainer jobs; see `experts.adapters.spread_over_ranks`); the
-warm-up, the generalist, routers and thresholds train on rank 0 while the others wait.
+least-loaded rank; one-process Trainer jobs, `experts.adapters.AdapterStage`); the warm-up and
+the generalist train on every rank together (DDP, `models.train.TrainPlan.data_parallel`);
+routers and thresholds run on rank 0 while the others wait.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def from_main(item: Any) -> Any:
     box = [item]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def smallest(value: int) -> int:
+    """The smallest of every rank's `value` (`value` itself in a one-process run)."""
+    size = world()[1]
+    if size == 1:
+        return value
+    values = [None] * size
+    torch.distributed.all_gather_object(values, value)
+    return min(values)
+
+
+def fully_shard(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device) -> None:
+    """Shard `model` over every rank with FSDP2, in place, onto `device`: each of `layers` a unit of its own (its weights
+    gathered only while it runs forward or backward), then the rest of `model` as the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    for layer in layers:
+        shard(layer, mesh=mesh)
+    shard(model, mesh=mesh)
 
 
 def gather_to_main(item: Any) -> list[Any] | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gradientspace.clustering.partitioners import GRADIENT_METHODS
-from gradientspace.config import ConfigError, RunConfig
+from gradientspace.config import ConfigError, RunConfig, sharding_problem
 from gradientspace.data.loading import data_path_problem, fingerprint, is_hub_id, load_records
 from gradientspace.data.recipes import RECIPES
 from gradientspace.data.records import BadRecord, DataError, Record, check_columns
@@ -35,8 +35,9 @@ from gradientspace.runs import LOCK_NAME, is_run_manifest, read_manifest
 RUN_IDENTITY = ("seed", "model", "data", "warmup", "gradients", "sketch", "cluster")
 NOT_IDENTITY = {
     "gradients.checkpoint_every",
+    "gradients.shard_model",
     "data.path",
-}  # when state is saved; the data's content is compared instead
+}  # when state is saved, whether the base is sharded (the same gradients); the data's content is compared instead
 
 
 def check_output_dir(out: str) -> None:
@@ -251,6 +252,8 @@ def preflight(run, *, evaluate: bool = False, overwrite: bool = False) -> None:
     config = run.config
     check_model_name(config.model.name)
     check_quantization(config)
+    if problem := sharding_problem(config.gradients, run.world_size):
+        raise ConfigError(problem)
     check_columns(config.data.columns)
     check_trackers(config.train.report_to)
     check_output_dir(config.out)

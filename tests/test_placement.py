@@ -30,6 +30,7 @@ def run_outputs(run: Path) -> dict:
         "clusters": (run / "clusters.jsonl").read_text(),
         "keep": {str(p.relative_to(run)): json.loads(p.read_text()) for p in run.rglob("keep.json")},
         "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.rglob("adapter_model.safetensors")},
+        "losses": {str(p.relative_to(run)): json.loads(p.read_text())["loss"] for p in run.rglob("trainer_log.json")},
     }
 
 
@@ -37,8 +38,8 @@ def run_outputs(run: Path) -> dict:
 def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_run(decided_tiny_run, tmp_path):
     """Model, every Trainer, routers, encoder, bank and sketch of rank r on cuda:r and no tensor on another GPU (peft's
     own adapter loading once put every rank's on GPU 0); Trainer without DataParallel (n_gpu 1, the config's batch);
-    the experts dealt over both ranks; and the run is the one-process CPU run: the same optimizer steps per adapter,
-    clusters, keep decisions and adapters."""
+    the warm-up and the generalist trained by both ranks together (DDP), the experts dealt over them; and the run is the
+    one-process CPU run: the same optimizer steps and loss curves per adapter, clusters, keep decisions and adapters."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -61,11 +62,15 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
             assert (training["device"], training["n_gpu"]) == (own, 1), training
             assert training["train_batch_size"] == (4 if training["adapter"] == "warm-up" else 8), training
         trained[rank] = {training["adapter"] for training in placed["trainings"]}
-    assert "warm-up" in trained[0] and any(name.startswith("routed") for name in trained[1])  # dealt over the ranks
+    assert {"warm-up", "single adapter 0"} <= trained[0] & trained[1]  # data-parallel: both ranks train them
+    assert any(name.startswith("routed") for name in trained[1] - trained[0])  # the experts dealt over the ranks
 
     one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
     assert eight["steps"] == one["steps"] and one["steps"]["experts/single/0"] == 4  # 16 samples, batch 8, 2 epochs
     assert eight["clusters"] == one["clusters"] and eight["keep"] == one["keep"]
+    assert eight["losses"].keys() == one["losses"].keys() and "warmup/trainer_log.json" in one["losses"]
+    for name, curve in one["losses"].items():  # DDP's averaged shares are the one-process global batches
+        assert torch.allclose(torch.tensor(eight["losses"][name]), torch.tensor(curve), atol=1e-5), name
     assert eight["adapters"].keys() == one["adapters"].keys()
     for name, tensors in one["adapters"].items():
         assert all(torch.allclose(eight["adapters"][name][k], v, atol=1e-6) for k, v in tensors.items()), name

@@ -189,7 +189,7 @@ def test_a_ranks_trainer_uses_its_own_gpu_and_the_configs_batch_however_many_gpu
 
     device = pick_device("auto")
     assert device == torch.device("cuda", 3 % visible)
-    with train_module._one_process():
+    with train_module._processes(data_parallel=False):
         plain = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[])
         assert (plain.device.index, plain.n_gpu, plain.train_batch_size) == (0, visible, 8 * visible)  # what was wrong
         current.clear()
@@ -205,7 +205,8 @@ def test_a_ranks_trainer_uses_its_own_gpu_and_the_configs_batch_however_many_gpu
 
 def test_a_pinned_gpu_under_torchrun_is_refused_and_experts_are_dealt_whatever_the_gpus(monkeypatch):
     from gradientspace.config import ConfigError, load_config
-    from gradientspace.experts.adapters import spread_over_ranks
+    from gradientspace.experts.adapters import AdapterStage
+    from gradientspace.runs import Placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -216,7 +217,9 @@ def test_a_pinned_gpu_under_torchrun_is_refused_and_experts_are_dealt_whatever_t
         load_config(None, {"model.device": "cuda:1"})
     assert load_config(None, {"model.device": "cuda"}).model.device == "cuda"
     monkeypatch.setattr("gradientspace.distributed.world", lambda: (1, 2))
-    assert spread_over_ranks()  # 8 GPUs seen: each rank still trains its own share
+    # 8 GPUs seen: the experts are still dealt over the ranks, the generalist still trained by all of them together
+    assert AdapterStage("routed", "0").placement is Placement.SPREAD
+    assert AdapterStage("single", "0").placement is Placement.EVERY
 
 
 def test_activation_checkpointing_trains_the_same_adapter(tmp_path):
@@ -243,3 +246,47 @@ def test_activation_checkpointing_trains_the_same_adapter(tmp_path):
     assert adapters[True].keys() == adapters[False].keys()
     for name, plain in adapters[False].items():
         assert torch.allclose(adapters[True][name], plain, atol=1e-6), name
+
+
+def test_each_rank_takes_its_share_of_every_global_batch_weighted_to_the_one_process_loss():
+    """A data-parallel adapter (`TrainPlan.data_parallel`): each global batch of the one-process order is cut into the
+    ranks' shares, a rank left without a sample gets one weighted 0, and the shares' losses averaged as DDP averages their
+    gradients give the one-process gradient of the global batch's mean loss, the short last batch included."""
+    order = list(range(10))  # batches of 4: [0-3], [4-7], [8, 9]
+    shares = {rank: list(train_module._RankShare(order, 4, rank, 3)) for rank in range(3)}
+    assert [[i for i, *_ in batch] for batch in shares[0]] == [[0, 1], [4, 5], [8]]
+    assert [[i for i, *_ in batch] for batch in shares[2]] == [
+        [0],
+        [4],
+        [8],
+    ]  # nothing of its own: the first, unweighted
+    assert [[w for _, w, _ in batch] for batch in shares[2]] == [[0.0], [0.0], [0.0]]
+    assert {n for batches in shares.values() for batch in batches for *_, n in batch} == {4, 2}
+    assert len(train_module._RankShare(order, 4, 0, 3)) == 3  # one step per global batch, as one process takes
+
+    loaded = fresh()
+    examples, _ = split(loaded, n=10, held=0)
+    dataset, collate_rows = (
+        train_module._ExampleDataset(examples),
+        train_module._collator(loaded.tokenizer.pad_token_id),
+    )
+    trainer = object.__new__(train_module._trainer_class())  # compute_loss reads only the number of ranks
+    trainer.args = type("Args", (), {"world_size": 3})()
+    lora = [p for p in loaded.model.parameters() if p.requires_grad]
+
+    def gradient(loss):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, lora)])
+
+    for step, batch in enumerate([[0, 1, 2, 3], [8, 9]]):
+        one = collate_rows([dataset[i] for i in batch])
+        expected = gradient(trainer.compute_loss(loaded.model, one))  # the plain mean over the global batch
+        averaged = (
+            sum(
+                gradient(
+                    trainer.compute_loss(loaded.model, collate_rows([dataset[item] for item in shares[rank][2 * step]]))
+                )
+                for rank in range(3)
+            )
+            / 3
+        )
+        assert torch.allclose(averaged, expected, atol=1e-6, rtol=1e-5)

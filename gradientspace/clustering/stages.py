@@ -33,15 +33,15 @@ from gradientspace.clustering.kmeans import (
 )
 from gradientspace.clustering.partitioners import PARTITIONERS
 from gradientspace.clustering.terms import cluster_terms
-from gradientspace.config import ConfigError, RunConfig, internal_rank, keyed
+from gradientspace.config import ConfigError, RunConfig, internal_rank, keyed, sharding_problem
 from gradientspace.data.loading import fingerprint
 from gradientspace.data.records import Record, validation_ids
 from gradientspace.data.tokens import shuffled_length_batches, tokenize
 from gradientspace.experts.strategies import get  # up a layer: the projections the asked strategies will read
 from gradientspace.gradients.consumers import GradientConsumer
-from gradientspace.gradients.engine import layout_of, stream_gradients
+from gradientspace.gradients.engine import decoder_layers, layout_of, stream_gradients
 from gradientspace.gradients.sketch import OnlineSVD, SketchResult
-from gradientspace.models.loading import LoadedModel, pick_device
+from gradientspace.models.loading import LoadedModel, load_base_model, pick_device, resolve_dtype, wrap_lora
 from gradientspace.models.train import TrainPlan, load_adam_state, train_adapter
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
@@ -130,6 +130,7 @@ class WarmupStage(Stage):
     """The warm-up adapter (fixed epochs on a random fraction): the point the gradients are taken at, and its Adam moments."""
 
     name = "warmup"
+    placement = Placement.EVERY  # every rank trains it together (data-parallel): the others would only wait for it
 
     def requires(self, run: Run):
         return [DataStage()]
@@ -163,6 +164,7 @@ def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded:
         activation_checkpointing=config.train.activation_checkpointing,
         logs=folder.parent / "logs" / folder.name,
     )
+    plan.data_parallel = distributed.world()[1] > 1
     return train_adapter(
         loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up"
     )
@@ -249,6 +251,35 @@ def gradient_batches(records: list[Record], loaded: LoadedModel, config: RunConf
     return examples, batches
 
 
+def warmup_model(run: Run, warmup_dir: Path) -> LoadedModel:
+    """The base with the warm-up adapter: the model the gradient pass differentiates.
+
+    Under `gradients.shard_model: fsdp` it is a copy of its own, sharded over the ranks and dropped with the pass:
+    FSDP2's `fully_shard` turns a module's parameters into shards and its class into an FSDP one, in place and for
+    good, while the process's one base (`Run.base_model`) goes on to train and score every adapter after the pass.
+    """
+    from peft import set_peft_model_state_dict
+
+    from gradientspace.models.loading import load_tokenizer
+
+    config = run.config
+    adapter = load_file(str(warmup_dir / "adapter_model.safetensors"))
+    if config.gradients.shard_model == "none":
+        loaded = run.model()
+        set_peft_model_state_dict(loaded.model, adapter)
+        return loaded
+    if problem := sharding_problem(config.gradients, run.world_size):
+        raise ConfigError(problem)
+    device = pick_device(config.model.device)
+    # read into CPU memory: only this rank's shard of each weight is moved to the device
+    base = load_base_model(config.model.name, torch.device("cpu"), resolve_dtype(config.model.dtype, device))
+    model = wrap_lora(base, config.model, config.seed)
+    set_peft_model_state_dict(model, adapter)  # before sharding: the shards are cut from these weights
+    # peft's wrapper is the root unit (embeddings, final norm, output head): its forward is the one the engine calls
+    distributed.fully_shard(model, decoder_layers(model), device)
+    return LoadedModel(model, load_tokenizer(config.model.name), device)
+
+
 def run_gradient_pass(
     run: Run,
     records: list[Record],
@@ -259,17 +290,14 @@ def run_gradient_pass(
     exact: bool = False,
     stage_name: str = "gradients",
 ) -> GradientConsumers:
-    """Stream every sample's exact LoRA gradient (w.r.t. the warm-up adapter) into the consumers.
+    """Stream every sample's exact LoRA gradient (`loaded` holds the warm-up adapter: `warmup_model`) into the consumers.
 
     Under torchrun each rank takes every world-size-th batch into its own consumers, and the shards
     are merged into rank 0's as a tree of collectives (`distributed.tree_merge`). Resumes from
     `RUN/checkpoints/<stage>.rank<r>.safetensors` after an interruption, if it was written for the
     same `checkpoint_key` (the stage's key) and the same number of ranks.
     """
-    from peft import set_peft_model_state_dict
-
     config = run.config
-    set_peft_model_state_dict(loaded.model, load_file(str(warmup_dir / "adapter_model.safetensors")))
     layout = layout_of(loaded.model)
     examples, batches = gradient_batches(records, loaded, config)
     rank, world_size = distributed.world()
@@ -293,6 +321,8 @@ def run_gradient_pass(
             start = int(meta["next_batch"])
             note(f"gradients: resuming from the checkpoint after batch {start}")
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
+    sharded = config.gradients.shard_model == "fsdp"
+    schedule, first = equal_rounds(mine, start, batches) if sharded else (mine, start)
     progress = tqdm(
         total=sum(len(b) for b in mine),
         initial=sum(len(b) for b in mine[:start]),
@@ -303,16 +333,18 @@ def run_gradient_pass(
         **({"disable": True} if not distributed.is_main() else {}),
     )
     every = config.gradients.checkpoint_every or default_checkpoint_every(len(mine))
+    # a filler round runs the pass's first sample: any real one goes through the same layers, so the same collectives
     for number, indices, grads, losses in stream_gradients(
         loaded.model,
-        mine,
+        schedule,
         loaded.tokenizer.pad_token_id,
         loaded.device,
         adam,
         config.gradients.normalize,
-        start=start,
+        start=first,
         progress=progress,
         checkpointing=config.gradients.activation_checkpointing,
+        filler=[batches[0][0]] if sharded else (),
     ):
         consumers.add(grads, indices, losses)
         if (number + 1) % every == 0 and number + 1 < len(mine):
@@ -326,6 +358,17 @@ def run_gradient_pass(
         )
     checkpoint.unlink(missing_ok=True)
     return consumers
+
+
+def equal_rounds(mine: list, start: int, batches: list) -> tuple[list, int]:
+    """This rank's batches as rounds every rank runs alike, and the round they start at, for a model sharded over the
+    ranks: each forward and backward holds collectives, so a rank that ran fewer would leave the others waiting for
+    ever. Every rank starts at the earliest round any rank resumes from and runs as many rounds as the largest shard
+    has batches; a round a rank has no batch for (its shard is a batch short, or its own checkpoint already holds it)
+    is a filler round (None), whose gradients are dropped."""
+    rounds = math.ceil(len(batches) / distributed.world()[1])
+    schedule = [mine[i] if start <= i < len(mine) else None for i in range(rounds)]
+    return schedule, distributed.smallest(start)
 
 
 def default_checkpoint_every(batches: int) -> int:
@@ -446,8 +489,9 @@ class GradientStage(Stage):
 
     def inputs(self, run: Run) -> dict[str, str]:
         config = run.config
-        # checkpoint_every changes when state is saved, not what is computed
-        settings = {k: v for k, v in asdict(config.gradients).items() if k != "checkpoint_every"}
+        # when state is saved and whether the base is sharded change how the pass runs, not the gradients it computes
+        how = ("checkpoint_every", "shard_model")
+        settings = {k: v for k, v in keyed(config.gradients).items() if k not in how}
         return {
             "gradient settings": config_hash(settings),
             "sketch settings": config_hash(asdict(config.sketch)),
@@ -455,7 +499,7 @@ class GradientStage(Stage):
         }
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        loaded = run.model()
+        loaded = warmup_model(run, run.path("warmup"))
         exact = PARTITIONERS[run.config.cluster.method].exact_gradients
         consumers = run_gradient_pass(
             run, run.records, loaded, run.path("warmup"), key, projection_dims(run.config), exact

@@ -19,14 +19,13 @@ clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gradientspace import distributed
 from gradientspace.clustering.stages import ClusterStage, DataStage, WarmupStage
 from gradientspace.clustering.terms import cluster_terms
 from gradientspace.config import RunConfig, keyed
@@ -135,8 +134,8 @@ class AdapterStage(Stage):
     def __init__(self, strategy: str, group: str):
         self.name = f"experts/{strategy}/{group}"
         self.strategy, self.group = strategy, group
-        # the generalist trains first, on rank 0; every other adapter may train on any rank
-        self.placement = Placement.SPREAD if strategy != GENERALIST and spread_over_ranks() else Placement.MAIN
+        # the generalist trains first, on every rank together (data-parallel); every other adapter on one rank, any
+        self.placement = Placement.EVERY if strategy == GENERALIST else Placement.SPREAD
 
     def requires(self, run: Run):
         start = get(self.strategy).start(run.config)
@@ -192,7 +191,10 @@ class AdapterStage(Stage):
             to_examples(validation),
             loaded.tokenizer.pad_token_id,
             loaded.device,
-            _plan(config, branch, run.path("logs", self.strategy, self.group)),
+            replace(
+                _plan(config, branch, run.path("logs", self.strategy, self.group)),
+                data_parallel=self.placement is Placement.EVERY and run.world_size > 1,
+            ),
             folder,
             key,
             desc=f"{self.strategy} adapter {self.group}",
@@ -295,20 +297,12 @@ def served_fallback(run: Run, strategy: str) -> tuple[str, Path]:
     return (owner, path) if path is not None else (GENERALIST, generalist_folder(run))
 
 
-def spread_over_ranks() -> bool:
-    """Whether, under torchrun, each rank trains its share of the adapters (else rank 0 trains them all while the others wait).
-
-    Trainer runs one-process jobs here (each adapter is small; DDP would synchronise every step for
-    nothing), each bound to its rank's own device (`models.train.OnOneDevice`), so every rank can
-    train its share however many GPUs it sees."""
-    return distributed.world()[1] > 1
-
-
 def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:
     """`gradientspace train-experts RUN`: the Python API; each strategy's summary (on rank 0; {} on the others).
 
-    The generalist trains first (every expert branches from it); the other adapters are spread over
-    the ranks under torchrun (`spread_over_ranks`). The model is loaded only if some adapter must train.
+    The generalist trains first (every expert branches from it), data-parallel over the ranks under torchrun; the
+    other adapters are dealt over the ranks, each a one-process Trainer job on its rank's own device
+    (`models.train.OnOneDevice`: however many GPUs it sees). The model is loaded only if some adapter must train.
     """
     run = as_run(run)
     stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies, run.config)]

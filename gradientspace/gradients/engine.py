@@ -23,7 +23,7 @@ The flattened layout of a gradient vector is `GradientLayout`: LoRA modules in n
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +131,9 @@ def check_layout_covers_trainable(model: torch.nn.Module, layout: GradientLayout
         )
 
 
-def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' `GradientCheckpointingLayer`s): what activation checkpointing recomputes
+    and what `gradients.shard_model: fsdp` shards one by one."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -216,7 +218,7 @@ class PerSampleGradients:
             )
         was_training = self.model.training
         self.model.eval()  # no dropout: gradients must be exact and repeatable
-        for layer in _checkpointed_layers(self.model) if self.checkpointing else []:
+        for layer in decoder_layers(self.model) if self.checkpointing else []:
             layer.training = True  # transformers checkpoints only layers in training mode; their dropouts stay off
         # Zeros: a module off the loss path (none for attention/MLP projections) keeps a zero gradient.
         self._buffer = torch.zeros(len(input_ids), self.layout.dim, dtype=torch.float32, device=input_ids.device)
@@ -270,7 +272,7 @@ def transform(grads: torch.Tensor, adam: AdamState | None, normalize: bool) -> t
 
 def stream_gradients(
     model: torch.nn.Module,
-    batches: list[list[Example]],
+    batches: Sequence[Sequence[Example] | None],
     pad_id: int,
     device: torch.device,
     adam: AdamState | None = None,
@@ -278,15 +280,21 @@ def stream_gradients(
     start: int = 0,
     progress=None,
     checkpointing: bool = False,
+    filler: Sequence[Example] = (),
 ) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
     """Yield (batch number, sample indices, gradients [b, dim] in float32 on `device`, losses) per batch.
 
     Memory is one batch of gradients at a time, whatever the number of samples. `start` skips
-    batches already consumed by an interrupted pass.
+    batches already consumed by an interrupted pass. A batch given as None is a filler round:
+    `filler` goes forward and backward and nothing is yielded, for a model sharded over the ranks,
+    whose every forward and backward holds collectives: each rank must run as many as the others.
     """
     with PerSampleGradients(model, checkpointing) as engine:
         for number in range(start, len(batches)):
             batch = batches[number]
+            if batch is None:
+                engine.batch(*(t.to(device) for t in collate(filler, pad_id)))
+                continue
             input_ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))
             grads, losses = engine.batch(input_ids, mask, labels)
             yield number, [e.index for e in batch], transform(grads, adam, normalize), losses

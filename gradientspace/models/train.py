@@ -11,14 +11,17 @@ What the project adds to a stock `Trainer` is small and stated here:
   membership of a cluster…) can never resume stale state;
 - the final adapter is saved as a plain peft folder, with the optimizer's Adam moments (LESS-style
   preconditioning reads them) and `trainer_log.json` (losses, validation curve, steps, tokens, seconds).
-Schedules, mixed precision and gradient clipping are Trainer's. Under torchrun the pipeline shards
-the gradient pass and trains adapters on rank 0 alone (see `_one_process`).
+Schedules, mixed precision and gradient clipping are Trainer's. Under torchrun an adapter is either
+one rank's own (the experts, dealt over the ranks) or trained by every rank together with DDP
+(`TrainPlan.data_parallel`: the warm-up and the generalist), each global batch of the one-process
+order split over the ranks (`_RankShare`), so the steps, schedule and adapter are one process's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import shutil
@@ -54,10 +57,38 @@ class TrainPlan:
     report_to: tuple[str, ...] = ()  # Trainer's trackers (`train.report_to`): tensorboard, wandb, mlflow…
     activation_checkpointing: bool = False  # `train.activation_checkpointing`: recompute activations in backward
     logs: Path | None = None  # where TensorBoard writes this adapter's curves (`RUN/logs/<adapter>/`)
+    # every rank of the torchrun job trains this adapter together (DDP), each global batch split over the ranks: the
+    # warm-up and the generalist, which every other adapter waits for
+    data_parallel: bool = False
+
+
+class _RankShare(torch.utils.data.Sampler):
+    """This rank's share of each global batch of a data-parallel training, drawn from the sampler one process would use
+    (every rank draws the same order, and the same as one process: the random state is the same in each).
+
+    Each global batch (the config's batch size) is cut into contiguous shares, one per rank; a rank left without a
+    sample (the last batch smaller than the ranks) gets one sample weighted 0, so every rank runs the step's collectives.
+    An item is (index, weight, samples in the global batch): the loss of a share is scaled so that DDP's mean over the
+    ranks is the global batch's mean loss, as one process computes it."""
+
+    def __init__(self, order: torch.utils.data.Sampler, batch_size: int, rank: int, world: int):
+        self.order, self.batch_size, self.rank, self.world = order, batch_size, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        indices = list(self.order)
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start : start + self.batch_size]
+            size = -(-len(batch) // self.world)
+            share = batch[self.rank * size : (self.rank + 1) * size]
+            yield [(i, 1.0, len(batch)) for i in share] or [(batch[0], 0.0, len(batch))]
 
 
 class _ExampleDataset(torch.utils.data.Dataset):
-    """Examples as the dicts Trainer's length-grouped sampler reads (`input_ids` gives the length)."""
+    """Examples as the dicts Trainer's length-grouped sampler reads (`input_ids` gives the length); an item of a rank's
+    share (`_RankShare`) carries its weight and its global batch's size too."""
 
     def __init__(self, examples: list[Example]):
         self.examples = examples
@@ -65,16 +96,19 @@ class _ExampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        index, *share = item if isinstance(item, tuple) else (item,)
         example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        weighted = dict(zip(("weight", "global_batch"), share))
+        return {"input_ids": example.input_ids, "labels": example.labels, **weighted}
 
 
 def _collator(pad_id: int):
     def collate_dicts(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = [Example(i, row["input_ids"], row["labels"], False) for i, row in enumerate(rows)]
         input_ids, mask, labels = collate(batch, pad_id)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        shares = {key: torch.tensor([row[key] for row in rows]) for key in ("weight", "global_batch") if key in rows[0]}
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, **shares}
 
     return collate_dicts
 
@@ -90,10 +124,41 @@ def _trainer_class():
             self.model_accepts_loss_kwargs = False  # our loss is already a per-batch mean
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = response_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]).mean()
-            return (
-                (loss, {}) if return_outputs else loss
-            )  # no logits: validation reads only the loss (`prediction_loss_only`)
+            losses = response_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            if "weight" in inputs:  # a rank's share of a global batch (`_RankShare`); DDP then averages over the ranks
+                world = self.args.world_size
+                loss = (losses * inputs["weight"].to(losses)).sum() * world / inputs["global_batch"][0].to(losses)
+            else:
+                loss = losses.mean()
+            return (loss, {}) if return_outputs else loss  # no logits: validation reads only the loss
+
+        def get_train_dataloader(self):
+            if self.args.world_size == 1:
+                return super().get_train_dataloader()
+            # Trainer would deal whole batches to the ranks (another order, batches × ranks per step): each rank takes its
+            # share of every global batch of the one-process order instead, not resharded by accelerate
+            share = _RankShare(
+                self._get_train_sampler(),
+                self.args.per_device_train_batch_size,
+                self.args.process_index,
+                self.args.world_size,
+            )
+            return torch.utils.data.DataLoader(
+                self.train_dataset, batch_sampler=share, collate_fn=self.data_collator, num_workers=0
+            )
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.args.world_size == 1:
+                return super().get_eval_dataloader(eval_dataset)
+            # accelerate would pad the ranks' shards to equal batches with repeated records, which then weigh in the
+            # validation loss that picks the best epoch: every rank scores the whole (small) validation split instead, in
+            # one process's batches, and the mean over the gathered copies is one process's mean
+            return torch.utils.data.DataLoader(
+                eval_dataset or self.eval_dataset,
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=0,
+            )
 
     return ResponseLossTrainer
 
@@ -181,23 +246,25 @@ def _checkpointing(enabled: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _one_process() -> Iterator[None]:
-    """Let Trainer see a one-process job even under torchrun.
+def _processes(data_parallel: bool) -> Iterator[None]:
+    """Let Trainer see the torchrun job (a data-parallel adapter, DDP over every rank) or a one-process job even under
+    torchrun (an expert is one rank's own: a DDP wrap would wait at its first collective for ranks that never join).
 
-    Every adapter is one rank's own job (rank 0 trains the warm-up and the generalist while the
-    others wait; the experts are spread over the ranks), so Trainer must not wrap the model in DDP
-    (its first collective would wait for ranks that never join). accelerate decides from these
-    variables, once per process.
+    accelerate decides from these variables and keeps what it decided in a state shared by the whole process, so that
+    state is reset before each training: one process trains adapters of both kinds.
     """
+    from accelerate.state import AcceleratorState
+
     names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    saved = {} if data_parallel else {name: os.environ.pop(name) for name in names if name in os.environ}
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         yield
     finally:
         os.environ.update(saved)
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@_one_process()  # a context decorator: entered anew on every call
 def train_adapter(
     model,
     train: list[Example],
@@ -216,9 +283,15 @@ def train_adapter(
     best epoch's; its validation NLL before training (`initial_eval_loss`) is recorded too, so a
     caller can tell whether training helped at all.
     """
+    with _processes(plan.data_parallel):
+        return _train(model, train, validation, pad_id, device, plan, Path(out_dir), key, desc)
+
+
+def _train(model, train, validation, pad_id, device, plan: TrainPlan, out_dir: Path, key: str, desc: str) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
-    out_dir = Path(out_dir)
+    from gradientspace import distributed
+
     work_dir = out_dir.with_name(f"{out_dir.name}.trainer-{key}")
     has_validation = bool(validation)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -275,12 +348,15 @@ def train_adapter(
             initial = json.loads(initial_file.read_text())["eval_loss"]
         else:
             initial = trainer.evaluate()["eval_loss"]
-            write_json(initial_file, {"eval_loss": initial})
+            if trainer.is_world_process_zero():
+                write_json(initial_file, {"eval_loss": initial})
     print(
         f"{desc}: {'resuming from ' + Path(resume).name if resume else 'training'} "
         f"({len(train)} samples, {len(validation)} validation)",
         flush=True,
     )
+    # accelerate prepares a model once: the evaluation above prepared it unwrapped, and training would then skip DDP
+    vars(model).pop("_is_accelerate_prepared", None)
     # Trainer reloads the best epoch's adapter through peft, which would read it onto GPU 0 (`bank.AdapterBank`): bound
     with mock.patch.object(model, "load_adapter", functools.partial(model.load_adapter, torch_device=str(device))):
         output = trainer.train(resume_from_checkpoint=resume)
@@ -321,6 +397,12 @@ def train_adapter(
             },
         )
         shutil.rmtree(work_dir, ignore_errors=True)
+    if plan.data_parallel:
+        # DDP's hooks stay on the adapter's weights while its wrapper lives: a later backward (the gradient pass, one
+        # rank at a time) would wait in them for the other ranks. And no rank reads the adapter before rank 0 wrote it.
+        del trainer
+        gc.collect()
+        distributed.barrier()
     return summary
 
 
