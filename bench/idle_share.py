@@ -1,0 +1,136 @@
+"""How much of an 8-GPU node would sit idle during a run: its stages' times replayed on N ranks, with each stage placed
+where the code places it now and where it placed it before the warm-up and the generalist trained data-parallel and
+the routers, keep decisions and thresholds were dealt over the ranks (issue 33).
+
+    python bench/idle_share.py RUN/manifest.json … --recorded-ranks 2 --ranks 8 --out bench/results
+
+A manifest's stage seconds are turned into one process's seconds first (a stage every rank shared, `EVERY`, took
+`--recorded-ranks` times its seconds in one process; an adapter dealt to one rank took its own). Replayed on N ranks:
+a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
+ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
+(the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
+the least-loaded rank. The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gradientspace.runs import Placement  # noqa: E402
+
+# Where a stage ran under torchrun before this change (commit 1ba9b06), where it differs from now.
+BEFORE = {
+    "warmup": Placement.MAIN,
+    "experts/single/0": Placement.MAIN,
+    "router": Placement.MAIN,
+    "keep": Placement.MAIN,
+    "threshold": Placement.MAIN,
+}
+
+
+def placement_now(name: str) -> Placement:
+    """The placement of the stage called `name`, read off the stage class that makes it."""
+    from gradientspace.clustering.stages import ClusterStage, DataStage, GradientStage, WarmupStage
+    from gradientspace.evaluation.evaluate import EvaluateStage
+    from gradientspace.evaluation.scores import ScoreStage
+    from gradientspace.experts.adapters import AdapterStage
+    from gradientspace.routing.keep import KeepStage
+    from gradientspace.routing.router import RouterStage
+    from gradientspace.routing.threshold import ThresholdStage
+
+    kind, _, rest = name.partition("/")
+    fixed = {"data": DataStage, "warmup": WarmupStage, "gradients": GradientStage, "cluster": ClusterStage}
+    if kind in fixed:
+        return fixed[kind].placement
+    by_strategy = {"router": RouterStage, "keep": KeepStage, "threshold": ThresholdStage}
+    if kind in by_strategy:
+        return by_strategy[kind].placement
+    if kind == "experts":
+        strategy, group = rest.split("/")
+        return AdapterStage(strategy, group).placement
+    if kind == "scores":
+        return ScoreStage.placement
+    if kind == "evaluate":
+        return EvaluateStage.placement
+    return Placement.MAIN  # partitions, summaries, cards, the report: seconds or less, on rank 0
+
+
+def placement_before(name: str) -> Placement:
+    return BEFORE.get(name, BEFORE.get(name.partition("/")[0], placement_now(name)))
+
+
+def one_process_seconds(stages: dict, recorded_ranks: int) -> dict[str, float]:
+    return {
+        name: entry.get("seconds", 0.0) * (recorded_ranks if placement_now(name) is Placement.EVERY else 1)
+        for name, entry in stages.items()
+        if entry.get("done")
+    }
+
+
+def replay(seconds: dict[str, float], placement, ranks: int) -> dict:
+    """Wall and busy seconds of the stages, in manifest order, on `ranks` ranks."""
+    wall = busy = 0.0
+    names = list(seconds)
+    i = 0
+    while i < len(names):
+        name, where = names[i], placement(names[i])
+        if where is Placement.SPREAD:
+            kind, deal = name.partition("/")[0], []
+            for following in names[i:]:  # the run of stages of this kind, dealt together
+                if following.partition("/")[0] != kind or placement(following) is not Placement.SPREAD:
+                    break
+                deal.append(following)
+            load = [0.0] * ranks
+            for item in sorted(deal, key=lambda n: -seconds[n]):
+                load[load.index(min(load))] += seconds[item]
+            wall, busy, i = wall + max(load), busy + sum(load), i + len(deal)
+            continue
+        wall += seconds[name] / ranks if where is Placement.EVERY else seconds[name]
+        busy += seconds[name]
+        i += 1
+    return {"wall_seconds": round(wall, 1), "idle_share": round(1 - busy / (ranks * wall), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("manifests", nargs="+", type=Path)
+    parser.add_argument("--recorded-ranks", type=int, default=1, help="the ranks the runs were made with")
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    rows = []
+    for path in args.manifests:
+        seconds = one_process_seconds(json.loads(path.read_text())["stages"], args.recorded_ranks)
+        rows.append(
+            {
+                "run": path.parent.parent.name,
+                "one_process_seconds": round(sum(seconds.values()), 1),
+                "before": replay(seconds, placement_before, args.ranks),
+                "now": replay(seconds, placement_now, args.ranks),
+            }
+        )
+    result = {"ranks": args.ranks, "recorded_ranks": args.recorded_ranks, "runs": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "idle-share.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        f"# Idle share of {args.ranks} ranks, replayed from stage times (bench/idle_share.py)",
+        "",
+        "| run | one process (s) | wall before (s) | idle before | wall now (s) | idle now |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ] + [
+        f"| {r['run']} | {r['one_process_seconds']} | {r['before']['wall_seconds']} | {r['before']['idle_share']:.0%} "
+        f"| {r['now']['wall_seconds']} | {r['now']['idle_share']:.0%} |"
+        for r in rows
+    ]
+    (args.out / "idle-share.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
