@@ -113,6 +113,7 @@ def main() -> None:
                 "one_process_seconds": round(sum(seconds.values()), 1),
                 "before": replay(seconds, placement_before, args.ranks),
                 "now": replay(seconds, placement_now, args.ranks),
+                "stage_seconds": seconds,  # one process's: the replay can be redone from this file alone
             }
         )
     result = {"ranks": args.ranks, "recorded_ranks": args.recorded_ranks, "runs": rows}
@@ -120,6 +121,9 @@ def main() -> None:
     (args.out / "idle-share.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"# Idle share of {args.ranks} ranks, replayed from stage times (bench/idle_share.py)",
+        "",
+        f"Stage times of runs made on {args.recorded_ranks} process(es), as one process's (`idle-share.json` holds them); a"
+        " stage every rank shares is assumed to split perfectly, so both columns are lower bounds of the idle share.",
         "",
         "| run | one process (s) | wall before (s) | idle before | wall now (s) | idle now |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
