@@ -27,6 +27,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -146,6 +147,19 @@ def fake_gpus(count: int, placements: Placements):
             if hasattr(torch.cuda.random, name):  # `torch.cuda.random.get_rng_state` is a name of its own
                 stack.enter_context(mock.patch.object(torch.cuda.random, name, replacement))
         stack.enter_context(mock.patch.object(torch.distributed, "init_process_group", gloo_instead))
+        # accelerate (Trainer's DDP) asks torch's device-generic API which accelerator there is
+        accelerator = {
+            "current_accelerator": lambda *a, **k: torch.device("cuda"),
+            "is_available": lambda: True,
+            "device_count": lambda: count,
+            "current_device_index": lambda: current[0],
+            "set_device_index": set_device,
+            "synchronize": lambda *a, **k: None,
+            # the optimizer's step asks whether a graph is being captured on the accelerator's stream
+            "current_stream": lambda *a, **k: SimpleNamespace(is_capturing=lambda: False),
+        }
+        for name, replacement in accelerator.items():
+            stack.enter_context(mock.patch.object(torch.accelerator, name, replacement, create=True))
         yield
 
 
@@ -196,6 +210,8 @@ def recorded(placements: Placements):
                 "train_batch_size": trainer.args.train_batch_size,
                 "steps": result.global_step,
                 "model": device_of(trainer.model),
+                "world_size": trainer.args.world_size,  # 2 or more: trained by the ranks together
+                "wrapped": type(trainer.model_wrapped).__name__,
             },
         )
 

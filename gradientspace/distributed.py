@@ -31,8 +31,8 @@ def init() -> None:
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # the other ranks wait at a barrier while rank 0 trains the warm-up adapter, which on a large
-        # run takes longer than the default 30-minute collective timeout
+        # the other ranks wait at a barrier while rank 0 alone runs a stage (keep decisions, thresholds), which on a
+        # large run takes longer than the default 30-minute collective timeout
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=24))
         if backend == "nccl":  # object collectives (gather_to_main) stage their bytes on the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())

@@ -81,7 +81,8 @@ def test_a_run_on_two_nodes_gives_the_one_process_clusters_adapters_and_evaluati
     gram = lambda coordinates: coordinates.double() @ coordinates.double().T
     assert torch.allclose(gram(two["sketch"]["coordinates"]), gram(one["sketch"]["coordinates"]), atol=1e-5)
     assert two["clusters"] == one["clusters"]
-    # the generalist on rank 0, then the experts dealt by their size: rank 1 trained some, and every one is in rank 0's manifest
+    # the generalist trained by both ranks together (recorded by rank 0), then the experts dealt by their size: rank 1
+    # trained some, and every one is in rank 0's manifest
     assert two["ranks"].keys() == one["ranks"].keys() and two["ranks"]["experts/single/0"] == 0
     assert set(two["ranks"].values()) == {0, 1} and set(one["ranks"].values()) == {0}
     assert two["adapters"].keys() == one["adapters"].keys() and len(one["adapters"]) >= 2

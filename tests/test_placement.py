@@ -28,7 +28,7 @@ def run_outputs(run: Path) -> dict:
     return {
         "steps": {name: entry["steps"] for name, entry in stages.items() if "steps" in entry},
         "clusters": (run / "clusters.jsonl").read_text(),
-        "keep": {str(p.relative_to(run)): json.loads(p.read_text()) for p in run.rglob("keep.json")},
+        "keep": {str(p.relative_to(run)): json.loads(p.read_text()) for p in run.rglob("keep.json")},  # decisions, NLLs
         "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.rglob("adapter_model.safetensors")},
         "losses": {str(p.relative_to(run)): json.loads(p.read_text())["loss"] for p in run.rglob("trainer_log.json")},
     }
@@ -62,12 +62,20 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
             assert (training["device"], training["n_gpu"]) == (own, 1), training
             assert training["train_batch_size"] == (4 if training["adapter"] == "warm-up" else 8), training
         trained[rank] = {training["adapter"] for training in placed["trainings"]}
+        together = {t["adapter"]: (t["world_size"], t["wrapped"]) for t in placed["trainings"] if t["world_size"] > 1}
+        assert together == dict.fromkeys(["warm-up", "single adapter 0"], (2, "DistributedDataParallel"))
     assert {"warm-up", "single adapter 0"} <= trained[0] & trained[1]  # data-parallel: both ranks train them
     assert any(name.startswith("routed") for name in trained[1] - trained[0])  # the experts dealt over the ranks
 
     one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
     assert eight["steps"] == one["steps"] and one["steps"]["experts/single/0"] == 4  # 16 samples, batch 8, 2 epochs
-    assert eight["clusters"] == one["clusters"] and eight["keep"] == one["keep"]
+    assert eight["clusters"] == one["clusters"] and eight["keep"].keys() == one["keep"].keys()
+    for name, kept in one["keep"].items():  # the same decisions, on NLLs equal up to float rounding (DDP's sum order)
+        assert eight["keep"][name]["fallback"] == kept["fallback"], name
+        for group, decision in kept["groups"].items():
+            other = eight["keep"][name]["groups"][group]
+            assert (other["lambda"], other["reason"]) == (decision["lambda"], decision["reason"]), (name, group)
+            assert other.get("fallback_nll") == pytest.approx(decision.get("fallback_nll"), abs=1e-4), (name, group)
     assert eight["losses"].keys() == one["losses"].keys() and "warmup/trainer_log.json" in one["losses"]
     for name, curve in one["losses"].items():  # DDP's averaged shares are the one-process global batches
         assert torch.allclose(torch.tensor(eight["losses"][name]), torch.tensor(curve), atol=1e-5), name

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
+from gradientspace import distributed
 from gradientspace.data.tokens import Example, collate
 from gradientspace.gradients.engine import ADAM_BETAS, ADAM_EPS, AdamState, GradientLayout, response_losses
 from gradientspace.runs import atomic_path, write_json
@@ -150,9 +151,8 @@ def _trainer_class():
         def get_eval_dataloader(self, eval_dataset=None):
             if self.args.world_size == 1:
                 return super().get_eval_dataloader(eval_dataset)
-            # accelerate would pad the ranks' shards to equal batches with repeated records, which then weigh in the
-            # validation loss that picks the best epoch: every rank scores the whole (small) validation split instead, in
-            # one process's batches, and the mean over the gathered copies is one process's mean
+            # every rank scores the whole (small) validation split in one process's batches: the validation loss that
+            # picks the best epoch and stops training is then one process's, not a sum in another order over shards
             return torch.utils.data.DataLoader(
                 eval_dataset or self.eval_dataset,
                 batch_size=self.args.per_device_eval_batch_size,
@@ -186,7 +186,7 @@ def _callbacks(plan: TrainPlan, out_dir: Path, has_validation: bool, seconds_fil
                 _save_adapter(model, out_dir / f"epoch-{epoch}")
 
     callbacks = [SecondsAtCheckpoint()] + ([Snapshots()] if plan.snapshot_epochs else [])
-    if "tensorboard" in plan.report_to:
+    if "tensorboard" in plan.report_to and (distributed.is_main() or not plan.data_parallel):  # one writer per adapter
         # Trainer would write under its checkpoint folder, which is removed once the adapter is saved: the run's logs/ keeps them
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -257,11 +257,21 @@ def _processes(data_parallel: bool) -> Iterator[None]:
 
     names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     saved = {} if data_parallel else {name: os.environ.pop(name) for name in names if name in os.environ}
+    # DDP on the model's own device (`OnOneDevice`'s), not accelerate's cuda:LOCAL_RANK, which a process that sees fewer
+    # GPUs than its local rank does not have
+    bypass = {"ACCELERATE_BYPASS_DEVICE_MAP": "true"} if data_parallel else {}
+    before = {name: os.environ.get(name) for name in bypass}
+    os.environ.update(bypass)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         yield
     finally:
         os.environ.update(saved)
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -289,8 +299,6 @@ def train_adapter(
 
 def _train(model, train, validation, pad_id, device, plan: TrainPlan, out_dir: Path, key: str, desc: str) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
-
-    from gradientspace import distributed
 
     work_dir = out_dir.with_name(f"{out_dir.name}.trainer-{key}")
     has_validation = bool(validation)
@@ -330,6 +338,8 @@ def _train(model, train, validation, pad_id, device, plan: TrainPlan, out_dir: P
         label_names=["labels"],
     )
     resume = get_last_checkpoint(str(work_dir)) if work_dir.exists() else None
+    if plan.data_parallel:  # what every rank resumes from, and so which collectives it joins, is rank 0's reading
+        resume = distributed.from_main(resume)
     seconds_file = work_dir / "train_seconds.json"
     seconds_before = json.loads(seconds_file.read_text())["seconds"] if resume and seconds_file.exists() else 0.0
     trainer = _trainer_class()(
@@ -344,7 +354,10 @@ def _train(model, train, validation, pad_id, device, plan: TrainPlan, out_dir: P
     initial = None
     if has_validation:
         initial_file = work_dir / "initial_eval.json"
-        if resume and initial_file.exists():
+        stored = initial_file.exists()
+        if plan.data_parallel:
+            stored = distributed.from_main(stored)
+        if resume and stored:
             initial = json.loads(initial_file.read_text())["eval_loss"]
         else:
             initial = trainer.evaluate()["eval_loss"]
@@ -398,8 +411,8 @@ def _train(model, train, validation, pad_id, device, plan: TrainPlan, out_dir: P
         )
         shutil.rmtree(work_dir, ignore_errors=True)
     if plan.data_parallel:
-        # DDP's hooks stay on the adapter's weights while its wrapper lives: a later backward (the gradient pass, one
-        # rank at a time) would wait in them for the other ranks. And no rank reads the adapter before rank 0 wrote it.
+        # no rank reads the adapter before rank 0 has written it; the DDP wrapper is dropped now rather than whenever
+        # the collector finds it (it holds the adapter's weights and their gradient buckets)
         del trainer
         gc.collect()
         distributed.barrier()

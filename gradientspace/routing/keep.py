@@ -43,7 +43,7 @@ from gradientspace.experts.adapters import (
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import RouterStage
-from gradientspace.runs import Placement, Stage, config_hash, write_json
+from gradientspace.runs import Stage, config_hash, write_json
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -158,9 +158,6 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
 
 class KeepStage(Stage):
     """One strategy's keep / blend / fall-back decisions (`keep.json`, which names its fall-back) and its blended adapters."""
-
-    # one per strategy, each on its own validation records: a run's strategies are dealt over the ranks
-    placement = Placement.SPREAD
 
     def __init__(self, strategy: str):
         self.name = f"keep/{strategy}"

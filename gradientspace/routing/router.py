@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
 from gradientspace.models.encoder import embed_texts, load_encoder, mean_pool
-from gradientspace.runs import Placement, Stage, atomic_path, config_hash, write_json
+from gradientspace.runs import Stage, atomic_path, config_hash, write_json
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -185,9 +185,6 @@ def threshold_override(config) -> float | None:
 
 class RouterStage(Stage):
     """The router of one routed strategy, trained on its partition of the training part (never the validation split)."""
-
-    # one per routed strategy, each its own: the routers of a run are dealt over the ranks
-    placement = Placement.SPREAD
 
     def __init__(self, strategy: str):
         self.name = f"router/{strategy}"
