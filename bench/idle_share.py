@@ -1,6 +1,6 @@
 """How much of an 8-GPU node would sit idle during a run: its stages' times replayed on N ranks, with each stage placed
-where the code places it now and where it placed it before the warm-up and the generalist trained data-parallel and
-the routers, keep decisions and thresholds were dealt over the ranks (issue 33).
+where the code places it now and where it placed it before the warm-up and the generalist trained data-parallel
+(issue 33).
 
     python bench/idle_share.py RUN/manifest.json … --recorded-ranks 2 --ranks 8 --out bench/results
 
@@ -8,7 +8,7 @@ A manifest's stage seconds are turned into one process's seconds first (a stage 
 `--recorded-ranks` times its seconds in one process; an adapter dealt to one rank took its own). Replayed on N ranks:
 a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
 ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
-(the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
+(the experts) are dealt as the runner deals them, the longest first to
 the least-loaded rank. The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
 """
 
@@ -28,9 +28,6 @@ from gradientspace.runs import Placement  # noqa: E402
 BEFORE = {
     "warmup": Placement.MAIN,
     "experts/single/0": Placement.MAIN,
-    "router": Placement.MAIN,
-    "keep": Placement.MAIN,
-    "threshold": Placement.MAIN,
 }
 
 

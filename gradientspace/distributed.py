@@ -9,7 +9,7 @@ rank scores every world-size-th test record, `gather_to_main` brings them to ran
 are the adapters after the generalist (every strategy's in one deal, the largest first to the
 least-loaded rank; one-process Trainer jobs, `experts.adapters.AdapterStage`); the warm-up and
 the generalist train on every rank together (DDP, `models.train.TrainPlan.data_parallel`);
-the strategies' routers, keep decisions and thresholds are dealt over the ranks like the experts.
+routers, keep decisions and thresholds run on rank 0 while the others wait.
 """
 
 from __future__ import annotations
