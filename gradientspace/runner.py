@@ -157,7 +157,7 @@ class Run:
         """Build `targets` and everything they require that is not done; returns their manifest entries."""
         pending = [stage for stage in targets if stage.name not in self.built]
         parents = {stage.name: self._build_parents(stage) for stage in pending}
-        # a sibling built meanwhile as another's parent (a keep stage the next one falls back to) is not dealt again
+        # a sibling built meanwhile, as another sibling's parent, is not dealt again
         spread = [
             s for s in pending if s.placement is Placement.SPREAD and self.world_size > 1 and s.name not in self.built
         ]

@@ -41,7 +41,14 @@ from gradientspace.experts.strategies import get  # up a layer: the projections 
 from gradientspace.gradients.consumers import GradientConsumer
 from gradientspace.gradients.engine import decoder_layers, layout_of, stream_gradients
 from gradientspace.gradients.sketch import OnlineSVD, SketchResult
-from gradientspace.models.loading import LoadedModel, load_base_model, pick_device, resolve_dtype, wrap_lora
+from gradientspace.models.loading import (
+    LoadedModel,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    resolve_dtype,
+    wrap_lora,
+)
 from gradientspace.models.train import TrainPlan, load_adam_state, train_adapter
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, note, warn, write_jsonl
@@ -83,8 +90,6 @@ class DataStage(Stage):
         }
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        from gradientspace.models.loading import load_tokenizer
-
         data = run.config.data
         records, report = run.loaded_records
         # counted on training samples (prompt + response), the way warm-up and experts tokenise them
@@ -163,8 +168,8 @@ def train_warmup(folder: Path, config: RunConfig, records: list[Record], loaded:
         report_to=tuple(config.train.report_to),
         activation_checkpointing=config.train.activation_checkpointing,
         logs=folder.parent / "logs" / folder.name,
+        data_parallel=distributed.world()[1] > 1,
     )
-    plan.data_parallel = distributed.world()[1] > 1
     return train_adapter(
         loaded.model, examples, [], loaded.tokenizer.pad_token_id, loaded.device, plan, folder, key, desc="warm-up"
     )
@@ -259,8 +264,6 @@ def warmup_model(run: Run, warmup_dir: Path) -> LoadedModel:
     good, while the process's one base (`Run.base_model`) goes on to train and score every adapter after the pass.
     """
     from peft import set_peft_model_state_dict
-
-    from gradientspace.models.loading import load_tokenizer
 
     config = run.config
     adapter = load_file(str(warmup_dir / "adapter_model.safetensors"))

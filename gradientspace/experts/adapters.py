@@ -19,7 +19,7 @@ clusters' experts in `RUN/experts/<k>/`, every other strategy's adapters in `RUN
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ def generalist_folder(run: Run) -> Path:
     return get(GENERALIST).folder(run) / "0"
 
 
-def _plan(config: RunConfig, branch: bool, logs: Path) -> TrainPlan:
+def _plan(config: RunConfig, branch: bool, logs: Path, data_parallel: bool) -> TrainPlan:
     experts = config.experts
     epochs = experts.branch_epochs if branch and not experts.equal_budget else experts.epochs
     return TrainPlan(
@@ -70,6 +70,7 @@ def _plan(config: RunConfig, branch: bool, logs: Path) -> TrainPlan:
         report_to=tuple(config.train.report_to),
         activation_checkpointing=config.train.activation_checkpointing,
         logs=logs,
+        data_parallel=data_parallel,
     )
 
 
@@ -191,8 +192,10 @@ class AdapterStage(Stage):
             to_examples(validation),
             loaded.tokenizer.pad_token_id,
             loaded.device,
-            replace(
-                _plan(config, branch, run.path("logs", self.strategy, self.group)),
+            _plan(
+                config,
+                branch,
+                run.path("logs", self.strategy, self.group),
                 data_parallel=self.placement is Placement.EVERY and run.world_size > 1,
             ),
             folder,

@@ -256,23 +256,19 @@ def _processes(data_parallel: bool) -> Iterator[None]:
     from accelerate.state import AcceleratorState
 
     names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    saved = {} if data_parallel else {name: os.environ.pop(name) for name in names if name in os.environ}
-    # DDP on the model's own device (`OnOneDevice`'s), not accelerate's cuda:LOCAL_RANK, which a process that sees fewer
-    # GPUs than its local rank does not have
-    bypass = {"ACCELERATE_BYPASS_DEVICE_MAP": "true"} if data_parallel else {}
-    before = {name: os.environ.get(name) for name in bypass}
-    os.environ.update(bypass)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-        for name, value in before.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    with mock.patch.dict(os.environ):  # the environment as it was, on the way out
+        if data_parallel:
+            # DDP on the model's own device (`OnOneDevice`'s), not accelerate's cuda:LOCAL_RANK, which a process that
+            # sees fewer GPUs than its local rank does not have
+            os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
+        else:
+            for name in names:
+                os.environ.pop(name, None)
         AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def train_adapter(
