@@ -22,12 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gradientspace.experts.strategies import GENERALIST  # noqa: E402
 from gradientspace.runs import Placement  # noqa: E402
 
 # Where a stage ran under torchrun before this change (commit 1ba9b06), where it differs from now.
 BEFORE = {
     "warmup": Placement.MAIN,
-    "experts/single/0": Placement.MAIN,
+    f"experts/{GENERALIST}/0": Placement.MAIN,
 }
 
 
