@@ -1,6 +1,6 @@
 """How much of an 8-GPU node would sit idle during a run: its stages' times replayed on N ranks, with each stage placed
-where the code places it now and where it placed it before the warm-up and the generalist trained data-parallel
-(issue 33).
+where the code places it now and where it placed it before issue 33 (the warm-up and the generalist now train
+data-parallel; the routers, keep decisions and thresholds of the strategies are now dealt over the ranks).
 
     python bench/idle_share.py RUN/manifest.json … --recorded-ranks 2 --ranks 8 --out bench/results
 
@@ -8,8 +8,9 @@ A manifest's stage seconds are turned into one process's seconds first (a stage 
 `--recorded-ranks` times its seconds in one process; an adapter dealt to one rank took its own). Replayed on N ranks:
 a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
 ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
-(the experts) are dealt as the runner deals them, the longest first to
-the least-loaded rank. The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
+(the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
+the least-loaded rank, except the keep decision of a strategy another falls back to, which comes first, alone (the others
+are decided against it). The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ sys.path.insert(0, str(ROOT))
 from gradientspace.experts.strategies import GENERALIST  # noqa: E402
 from gradientspace.runs import Placement  # noqa: E402
 
-# Where a stage ran under torchrun before this change (commit 1ba9b06), where it differs from now.
+# Where a stage ran under torchrun before issue 33's changes (commit 1ba9b06), where it differs from now.
 BEFORE = {
     "warmup": Placement.MAIN,
     f"experts/{GENERALIST}/0": Placement.MAIN,
+    "router": Placement.MAIN,
+    "keep": Placement.MAIN,
+    "threshold": Placement.MAIN,
 }
 
 
@@ -71,8 +75,19 @@ def one_process_seconds(stages: dict, recorded_ranks: int) -> dict[str, float]:
     }
 
 
-def replay(seconds: dict[str, float], placement, ranks: int) -> dict:
-    """Wall and busy seconds of the stages, in manifest order, on `ranks` ranks."""
+def decided_first(manifest: dict) -> set[str]:
+    """The keep stages of the strategies others fall back to: the runner builds them alone before the others' deal."""
+    owners = {
+        summary["fallback_adapter"]["strategy"]
+        for summary in manifest.get("experts", {}).values()
+        if summary.get("fallback_adapter")
+    }
+    return {f"keep/{owner}" for owner in owners if f"keep/{owner}" in manifest["stages"]}
+
+
+def replay(seconds: dict[str, float], placement, ranks: int, alone: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Wall and busy seconds of the stages, in manifest order, on `ranks` ranks; a SPREAD stage in `alone` is a deal of
+    its own."""
     wall = busy = 0.0
     names = list(seconds)
     i = 0
@@ -82,6 +97,8 @@ def replay(seconds: dict[str, float], placement, ranks: int) -> dict:
             kind, deal = name.partition("/")[0], []
             for following in names[i:]:  # the run of stages of this kind, dealt together
                 if following.partition("/")[0] != kind or placement(following) is not Placement.SPREAD:
+                    break
+                if deal and (following in alone or deal[0] in alone):
                     break
                 deal.append(following)
             load = [0.0] * ranks
@@ -104,13 +121,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for path in args.manifests:
-        seconds = one_process_seconds(json.loads(path.read_text())["stages"], args.recorded_ranks)
+        manifest = json.loads(path.read_text())
+        seconds = one_process_seconds(manifest["stages"], args.recorded_ranks)
+        alone = decided_first(manifest)
         rows.append(
             {
                 "run": path.parent.parent.name,
                 "one_process_seconds": round(sum(seconds.values()), 1),
                 "before": replay(seconds, placement_before, args.ranks),
-                "now": replay(seconds, placement_now, args.ranks),
+                "now": replay(seconds, placement_now, args.ranks, alone),
+                "dealt_alone": sorted(alone),
                 "stage_seconds": seconds,  # one process's: the replay can be redone from this file alone
             }
         )

@@ -70,9 +70,9 @@ def run_until(
     """Check everything cheap first, then build every stage up to `last` (one of STEPS), skipping finished ones.
 
     Under torchrun every rank takes its shard of the gradient pass, of each batch of the warm-up and
-    the generalist (DDP), of the adapters after the generalist and of the evaluation; routers, keep
-    decisions and thresholds run on rank 0 while the others wait (`runner.Run.build`: they write the
-    manifest's summary sections), and the report is drawn by rank 0.
+    the generalist (DDP), of the adapters after the generalist and of the evaluation; the strategies'
+    routers, keep decisions and thresholds are dealt over the ranks (`runner.Run.build`), and the
+    report is drawn by rank 0.
     """
     new_command()
     run = as_run(run)

@@ -9,7 +9,7 @@ rank scores every world-size-th test record, `gather_to_main` brings them to ran
 are the adapters after the generalist (every strategy's in one deal, the largest first to the
 least-loaded rank; one-process Trainer jobs, `experts.adapters.AdapterStage`); the warm-up and
 the generalist train on every rank together (DDP, `models.train.TrainPlan.data_parallel`);
-routers, keep decisions and thresholds run on rank 0 while the others wait.
+the strategies' routers, keep decisions and thresholds are dealt over the ranks like the experts.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def init() -> None:
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # the other ranks wait at a barrier while rank 0 alone runs a stage (keep decisions, thresholds), which on a
-        # large run takes longer than the default 30-minute collective timeout
+        # a rank waits at a collective while another works alone (rank 0's stages, the longest expert of a deal), which
+        # on a large run takes longer than the default 30-minute collective timeout
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=24))
         if backend == "nccl":  # object collectives (gather_to_main) stage their bytes on the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())

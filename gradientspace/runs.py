@@ -290,7 +290,7 @@ class Placement(enum.Enum):
 
     MAIN = "rank 0"  # rank 0 runs it while the others wait, then every rank reads what it wrote
     EVERY = "every rank"  # every rank runs it on its own shard of the work (the gradient pass, the evaluation)
-    SPREAD = "spread"  # sibling stages built together are dealt over the ranks by their `work` (the adapters after the generalist)
+    SPREAD = "spread"  # sibling stages built together are dealt over the ranks by their `work` (the adapters after the generalist, the routers, keep decisions and thresholds)
 
 
 class Stage(ABC):
@@ -322,6 +322,18 @@ class Stage(ABC):
     @abstractmethod
     def run(self, run, key: str, record: dict[str, Any]) -> None:
         """Do the work. Checkpoints go in folders named by `key`; `record` collects `outputs` (paths in the run) and details."""
+
+
+SECTIONS = (
+    "sections"  # a stage record's summary items: moved into the manifest's own sections when the entry is recorded
+)
+
+
+def add_to_section(record: dict[str, Any], section: str, name: str, value: Any) -> None:
+    """One item of a summary section of the manifest (`experts`, `router`: one per strategy), carried by the stage's
+    `record` and written with its entry: on rank 0 when the stage ends, or when rank 0 records the entry of a stage
+    another rank ran (a SPREAD stage), so no rank's summary is lost."""
+    record.setdefault(SECTIONS, {}).setdefault(section, {})[name] = value
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -488,17 +500,11 @@ class RunDirectory:
             record["content"] = config_hash(record["digests"])
         self.record_stage(stage, record)
 
-    def record_section(self, section: str, name: str, value: Any) -> None:
-        """Write one item of a summary section (`experts`: per strategy) over the manifest as it is on disk now; rank 0."""
-        if distributed.is_main():
-            self.reload()
-        self.manifest.setdefault(section, {})[name] = value
-        self.save()
-
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         """Write one stage's entry over the manifest as it is on disk now, so no other stage's entry is lost.
 
-        Rank 0 writes; a stage another rank ran reaches the manifest when rank 0 records its gathered entry.
+        Rank 0 writes; a stage another rank ran reaches the manifest when rank 0 records its gathered entry, with the
+        summary items it added (`add_to_section`).
         """
         if distributed.is_main():
             self.reload()
@@ -507,5 +513,7 @@ class RunDirectory:
         ].values():  # a file this stage rewrote on purpose is now as this stage left it
             for output in set(other.get("digests", {})) & set(entry.get("digests", {})):
                 other["digests"][output] = entry["digests"][output]
-        self.manifest["stages"][stage] = entry
+        for section, items in entry.get(SECTIONS, {}).items():
+            self.manifest.setdefault(section, {}).update(items)
+        self.manifest["stages"][stage] = {name: value for name, value in entry.items() if name != SECTIONS}
         self.save()

@@ -6,10 +6,20 @@ from gradientspace.models.loading import load_lora_model
 
 
 def pytest_collection_modifyitems(items):
-    """Files with a `heavy` or `slow` test go first. pytest-xdist (`make test`) hands whole files to its workers in
-    collection order, so a long file picked up last would keep one worker busy while the other sits idle."""
-    heavy = {item.path for item in items if item.get_closest_marker("heavy") or item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in heavy)  # stable: files stay whole and in their order
+    """The longest files first, by the seconds their `heavy` marks say (a `slow` file without one counts ten).
+    pytest-xdist (`make test`, with --no-loadscope-reorder) hands whole files to its workers in collection order: a long
+    file picked up last would keep one worker busy while the others sit idle, and the short ones fill the end instead."""
+
+    def seconds(item) -> float:
+        heavy = item.get_closest_marker("heavy")
+        if heavy:
+            return heavy.kwargs.get("seconds", 10)
+        return 10 if item.get_closest_marker("slow") else 0
+
+    cost: dict = {}
+    for item in items:
+        cost[item.path] = max(cost.get(item.path, 0), seconds(item))
+    items.sort(key=lambda item: -cost[item.path])  # stable: files stay whole, equal ones in their order
 
 
 @pytest.fixture(scope="session")
@@ -141,10 +151,11 @@ def served_tiny_run(tmp_path_factory):
     return shared_run(tmp_path_factory, "served-tiny-run", config_of, record_warnings=True)
 
 
-def decided_run_config(root):
-    """`routed` and `single` with the keep rule deciding (the continued generalist, keep, blend, the threshold), and a
-    sketch whose internal rank exceeds the sample count: exact, so a sharded gradient pass gives the same clusters."""
-    config = tiny_run_config(root, ["routed", "single"])
+def decided_run_config(root, also: tuple[str, ...] = ()):
+    """`routed` and `single` (and the strategies `also` names) with the keep rule deciding (the continued generalist,
+    keep, blend, the threshold), and a sketch whose internal rank exceeds the sample count: exact, so a sharded gradient
+    pass gives the same clusters."""
+    config = tiny_run_config(root, ["routed", "single", *also])
     config.write_text(config.read_text().replace("sketch: {rank: 4}", "sketch: {rank: 4, internal_rank: 64}"))
     return config
 

@@ -442,14 +442,17 @@ def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
 
 def test_idle_share_replays_stage_times_on_the_ranks_as_the_runner_places_them():
     """One-process seconds: a MAIN stage holds rank 0 while 7 wait, EVERY is shared by all 8, SPREAD siblings are dealt
-    the longest first to the least-loaded rank; before the change the warm-up and the generalist ran on rank 0."""
+    the longest first to the least-loaded rank (a fall-back's keep decision alone, first); before issue 33 the warm-up,
+    the generalist, the routers and the keep decisions ran on rank 0."""
     seconds = {"warmup": 80.0, "gradients": 800.0, "experts/single/0": 160.0}
     seconds |= {f"experts/routed/{g}": 10.0 * (g + 1) for g in range(9)}  # 10 … 90: dealt over 8 ranks
-    seconds |= {"router/routed": 8.0, "report": 1.0}
-    now = idle_share.replay(seconds, idle_share.placement_now, 8)
+    seconds |= {"router/routed": 8.0, "router/embedding-clusters": 9.0}
+    seconds |= {"keep/single-continued": 30.0, "keep/routed": 20.0, "keep/embedding-clusters": 25.0, "report": 1.0}
+    now = idle_share.replay(seconds, idle_share.placement_now, 8, alone={"keep/single-continued"})
     before = idle_share.replay(seconds, idle_share.placement_before, 8)
-    # now: 10 + 100 + 20 (EVERY) + 90 (the longest expert; 10 joins the rank that has 20) + 8 + 1 (rank 0)
-    assert now["wall_seconds"] == 229.0
-    assert before["wall_seconds"] == 80 + 100 + 160 + 90 + 8 + 1
+    # now: 10 + 100 + 20 (EVERY) + 90 (the longest expert; 10 joins the rank that has 20) + 9 (the routers dealt)
+    # + 30 (the fall-back's keep decision, alone) + 25 (the other two dealt) + 1 (rank 0)
+    assert now["wall_seconds"] == 285.0
+    assert before["wall_seconds"] == 80 + 100 + 160 + 90 + 8 + 9 + 30 + 20 + 25 + 1
     busy = sum(seconds.values())
-    assert before["idle_share"] == round(1 - busy / (8 * 439.0), 3) and now["idle_share"] < before["idle_share"]
+    assert before["idle_share"] == round(1 - busy / (8 * 523.0), 3) and now["idle_share"] < before["idle_share"]

@@ -11,7 +11,7 @@ from gradientspace.config import config_keys, key_default, key_help, load_config
 from gradientspace.experts.adapters import served_groups
 from gradientspace.runs import RunDirectory
 
-pytestmark = pytest.mark.heavy  # one whole `run` through the CLI
+pytestmark = pytest.mark.heavy(seconds=15)  # one whole `run` through the CLI
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

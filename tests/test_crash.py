@@ -85,7 +85,7 @@ def outputs(run_dir) -> dict:
     return {"clusters": (run_dir / "clusters.jsonl").read_text(), "adapters": adapters, "nll": evaluation["per_record"]}
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=80)
 def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(decided_tiny_run, tmp_path):
     killed_config = decided_run_config(tmp_path)  # the shared uninterrupted run's config, another folder
     stages = one_stage_of_each_kind(json.loads((decided_tiny_run / "manifest.json").read_text()))

@@ -11,7 +11,7 @@ import torch
 from conftest import make_records
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.heavy  # torchrun runs of two processes
+pytestmark = pytest.mark.heavy(seconds=70)  # torchrun runs of two processes
 
 
 def run_command(launchers: list[list[str]], logs: Path, timeout: int = 900) -> None:

@@ -558,7 +558,9 @@ def test_make_demo_is_the_documented_run():
     ]
 
 
-@pytest.mark.parametrize("document", [pytest.param(d, marks=[pytest.mark.heavy] * (d in HEAVY)) for d in DOCUMENTS])
+@pytest.mark.parametrize(
+    "document", [pytest.param(d, marks=[pytest.mark.heavy(seconds=45)] * (d in HEAVY)) for d in DOCUMENTS]
+)
 def test_every_command_in_the_document_runs_on_tiny_random(document, request, tmp_path, capsys, monkeypatch):
     shown = snippets(document)
     for snippet in shown:

@@ -123,6 +123,30 @@ def test_router_learns_separable_prompts_and_respects_threshold():
     assert experts == [ROUTER_UNSURE] and picks == [1]  # the fall-back answers; the router's pick is still told
 
 
+def test_routers_sharing_the_packaged_encoder_embed_the_same_prompts_once(monkeypatch):
+    """Every routed strategy's router, then every strategy's choice, asks about the same prompts: embedded once, the same
+    rows as embedding them afresh; other prompts are embedded anew."""
+    from gradientspace.models.encoder import embed_texts
+    from gradientspace.routing import router as routing
+
+    calls = []
+    monkeypatch.setattr(
+        routing, "embed_texts", lambda texts, *a, **k: calls.append(texts) or embed_texts(texts, *a, **k)
+    )
+    monkeypatch.setattr(routing, "_LAST_EMBEDDED", {})
+    heads = [torch.nn.Linear(384, 3), torch.nn.Linear(384, 2)]
+    routers = [routing.Router(head, 0.0) for head in heads]
+    prompts = ["Solve 2 x + 3 = 7.", "Write a haiku about rain."]
+    first, second = (r.probabilities(prompts) for r in routers)
+    assert len(calls) == 1
+    expected = embed_texts(prompts, torch.device("cpu"))
+    with torch.no_grad():
+        for head, got in zip(heads, (first, second)):
+            assert torch.allclose(got, torch.softmax(head(expected), dim=1), atol=1e-6)
+        routers[0].probabilities(prompts[:1])
+    assert len(calls) == 2
+
+
 def test_stratified_split_keeps_every_group():
     train, held = stratified_split([0] * 10 + [1] * 5, 0.2, seed=0)
     assert len(held) == 3 and sorted(train + held) == list(range(15))

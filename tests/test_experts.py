@@ -12,7 +12,7 @@ from gradientspace.experts.adapters import decided, train_experts
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.threshold import best_threshold
 
-pytestmark = pytest.mark.heavy  # a clustered run shared by the file, experts trained twice
+pytestmark = pytest.mark.heavy(seconds=40)  # a clustered run shared by the file, experts trained twice
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_every_rank_runs_as_many_rounds_from_the_earliest_any_rank_resumes_from(
     assert equal_rounds(["b1"], 0, batches) == (["b1", None], 0)
 
 
-@pytest.mark.heavy  # a torchrun `cluster` of two processes
+@pytest.mark.heavy(seconds=20)  # a torchrun `cluster` of two processes
 def test_a_gradient_pass_sharded_over_two_ranks_gives_the_unsharded_clusters(decided_tiny_run, tmp_path):
     """Two gloo ranks, the base sharded by FSDP2 per decoder layer: the same sketch Gram matrix and the same clusters as the
     one-process unsharded run of the same config. The pass has an odd number of batches, so one rank's shard is a batch

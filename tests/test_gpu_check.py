@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.heavy  # bench/gpu_check.py --tiny: eight parts, each its own process
+pytestmark = pytest.mark.heavy(seconds=95)  # bench/gpu_check.py --tiny: eight parts, each its own process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"

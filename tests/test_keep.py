@@ -16,6 +16,8 @@ from gradientspace.routing.keep import bootstrap_upper_bound, keep_rule
 from gradientspace.routing.router import train_routers
 from gradientspace.runs import RunDirectory
 
+pytestmark = pytest.mark.heavy(seconds=45)  # tiny runs whose experts are kept, blended and dropped
+
 
 def test_the_upper_bound_of_constant_differences_is_the_constant_and_noise_around_zero_is_not_a_gain():
     assert bootstrap_upper_bound(np.full(10, -0.25), 0.95, seed=0) == pytest.approx(-0.25)

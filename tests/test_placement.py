@@ -23,10 +23,27 @@ from gradientspace.models.train import TrainPlan, train_adapter  # noqa: E402
 PROBE = Path(__file__).resolve().parents[1] / "bench" / "placement.py"
 
 
+EXTRA = "random-clusters"  # the 2-process run's second routed strategy, which the one-process run lacks
+
+
+def without_extra(outputs):
+    """A part of `run_outputs` without the second routed strategy's entries (the clusters' text is kept whole)."""
+    return {k: v for k, v in outputs.items() if EXTRA not in k} if isinstance(outputs, dict) else outputs
+
+
 def run_outputs(run: Path) -> dict:
-    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    stages = manifest["stages"]
     return {
         "steps": {name: entry["steps"] for name, entry in stages.items() if "steps" in entry},
+        # the summary sections, whichever rank ran the router or decided the experts
+        "router": manifest["router"],
+        "decided": {
+            strategy: {
+                group: (e.get("kept"), e.get("lambda"), e.get("reason")) for group, e in summary["experts"].items()
+            }
+            for strategy, summary in manifest["experts"].items()
+        },
         "clusters": (run / "clusters.jsonl").read_text(),
         "keep": {str(p.relative_to(run)): json.loads(p.read_text()) for p in run.rglob("keep.json")},  # decisions, NLLs
         "adapters": {str(p.relative_to(run)): load_file(str(p)) for p in run.rglob("adapter_model.safetensors")},
@@ -34,7 +51,7 @@ def run_outputs(run: Path) -> dict:
     }
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=60)
 def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_run(decided_tiny_run, tmp_path):
     """Model, every Trainer, routers, encoder, bank and sketch of rank r on cuda:r and no tensor on another GPU (peft's
     own adapter loading once put every rank's on GPU 0); Trainer without DataParallel (n_gpu 1, the config's batch);
@@ -46,7 +63,8 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     launcher = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     launcher += ["--master_port", str(port), str(PROBE), "--fake-gpus", "8", "--out", str(tmp_path / "placement")]
-    run_command([[*launcher, "run", str(decided_run_config(tmp_path))]], tmp_path)
+    # a second routed strategy: two routers, keep decisions and thresholds to deal over the ranks
+    run_command([[*launcher, "run", str(decided_run_config(tmp_path, also=("random-clusters",)))]], tmp_path)
 
     trained = {}
     for rank in (0, 1):
@@ -67,9 +85,17 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
     assert {"warm-up", "single adapter 0"} <= trained[0] & trained[1]  # data-parallel: both ranks train them
     assert any(name.startswith("routed") for name in trained[1] - trained[0])  # the experts dealt over the ranks
 
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    for name in ("router", "keep", "threshold"):  # dealt: routed's to rank 0, the second strategy's to rank 1
+        assert "rank" not in stages[f"{name}/routed"] and stages[f"{name}/{EXTRA}"]["rank"] == 1, name
     one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
+    # rank 1's summaries reached the manifest: its router's accuracies, its experts' decisions
+    assert eight["router"].keys() == {"routed", EXTRA} and eight["decided"][EXTRA]
+    assert all(kept is not None for kept, _, _ in eight["decided"][EXTRA].values())
+    eight = {part: without_extra(outputs) for part, outputs in eight.items()}  # the rest is the one-process run's
     assert eight["steps"] == one["steps"] and one["steps"]["experts/single/0"] == 4  # 16 samples, batch 8, 2 epochs
     assert eight["clusters"] == one["clusters"] and eight["keep"].keys() == one["keep"].keys()
+    assert eight["decided"] == one["decided"] and eight["router"].keys() == one["router"].keys()
     for name, kept in one["keep"].items():  # the same decisions, on NLLs equal up to float rounding (DDP's sum order)
         assert eight["keep"][name]["fallback"] == kept["fallback"], name
         for group, decision in kept["groups"].items():

@@ -180,7 +180,7 @@ def test_batches_mixing_adapters_apply_each_rows_own_over_a_4_bit_base(dtype):
 
 
 @needs_bitsandbytes
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=30)
 def test_a_tiny_run_in_4_bits(tmp_path, monkeypatch):
     """`gradientspace run` with `quantization: nf4`: the gradient pass, every adapter's training and the bank's scoring
     and decoding on a 4-bit base, LoRA in float32, no weight ever repacked."""

@@ -239,7 +239,7 @@ def test_a_checkpoint_from_another_world_size_is_not_resumed(tmp_path, monkeypat
     assert torch.allclose(a, b, atol=1e-10) and resumed.labels == clean.labels
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=100)
 def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(decided_tiny_run, tmp_path, capsys):
     """Asserted from the manifest: the adapters, thresholds and evaluation are redone; data, warm-up, gradients, clusters and routers are not."""
     import shutil
@@ -542,6 +542,37 @@ def test_spread_stages_are_dealt_by_their_work_so_one_long_stage_does_not_idle_a
     assert log == ["s1", "s2", "s3", "s4", "s5"]
 
 
+def test_a_spread_stage_another_rank_ran_brings_its_summary_items_to_rank_zeros_manifest(tmp_path, monkeypatch):
+    """The manifest's summary sections (`experts`, `router`) travel in a stage's record: a SPREAD stage dealt to rank 1
+    (which writes no manifest) has its item written by rank 0 when rank 0 records the entry it gathered. Both ranks are
+    played in turn on one run folder: rank 1 first, then rank 0 with what rank 1 sent."""
+    from gradientspace.runs import Placement, add_to_section
+
+    class Summarising(Toy):
+        placement = Placement.SPREAD
+
+        def run(self, run, key, record):
+            super().run(run, key, record)
+            add_to_section(record, "router", self.name, {"rank": run.rank})
+
+    monkeypatch.setattr(distributed, "init", lambda: None)
+    monkeypatch.setattr(distributed, "from_main", lambda manifest: manifest)
+    sent: list = []
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "gather_to_main", sent.append)
+    log: list[str] = []
+    toy_run(tmp_path).build(*[Summarising(f"s{i}", log=log) for i in range(2)])
+    assert log == ["s1"] and not (tmp_path / "run" / "manifest.json").exists()
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "gather_to_main", lambda ran: [ran, sent[0]])
+    toy_run(tmp_path).build(*[Summarising(f"s{i}", log=log) for i in range(2)])
+    assert log == ["s1", "s0"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["router"] == {"s0": {"rank": 0}, "s1": {"rank": 1}}
+    assert manifest["stages"]["s1"]["done"] and "sections" not in manifest["stages"]["s1"]  # kept once, in its section
+
+
 # ---------------------------------------------------------------- outputs verified, not trusted
 
 
@@ -618,7 +649,7 @@ def test_an_output_a_later_stage_rewrites_on_purpose_is_not_taken_for_corrupt(tm
     assert entries["a"]["digests"]["a"] == entries["amend"]["digests"]["a"]  # both entries know the file as it is now
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=100)
 def test_truncated_outputs_of_a_real_run_are_rebuilt_each_named(served_tiny_run, tmp_path, capsys):
     """An adapter, the sketch, the clusters and the evaluation; then the router's head; then the threshold's `router.json`,
     each truncated: the stage that wrote it re-runs, naming it, and the run ends whole with the files rebuilt as they were

@@ -17,7 +17,7 @@ from gradientspace.evaluation.scores import Scores, evaluation_records
 from gradientspace.experts.strategies import Choice
 from gradientspace.routing.model import StrategyModel
 
-pytestmark = pytest.mark.heavy
+pytestmark = pytest.mark.heavy(seconds=40)
 STRATEGIES = ["routed", "single", "single-continued"]
 
 

@@ -11,7 +11,7 @@ from gradientspace.data.records import Record
 from gradientspace.models.loading import end_of_turn_ids, load_tokenizer
 from gradientspace.runner import Run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy(seconds=30)]
 
 
 def test_cluster_train_and_generate_on_qwen2(tmp_path):

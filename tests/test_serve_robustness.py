@@ -819,7 +819,7 @@ def soak(url: str, requests: int = SOAK_REQUESTS, clients: int = SOAK_CLIENTS) -
     }
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=35)
 def test_soak_no_good_request_fails_and_health_answers_throughout(served):
     """1 000 requests from 32 clients, one in ten malformed: every good one a 200, every malformed one a 4xx.
 

@@ -56,7 +56,7 @@ def test_config_and_cli_accept_exactly_the_registry(tmp_path, capsys):
     assert "--strategies: 'alternating' is not a strategy" in capsys.readouterr().err
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=20)
 def test_a_strategy_added_to_the_registry_runs_end_to_end(served_tiny_run, tmp_path, monkeypatch):
     """Added to a copy of a finished run (its clustering and generalist are reused): partitioned, trained, routed, kept,
     thresholded and evaluated like a shipped strategy."""

@@ -11,7 +11,7 @@ from gradientspace.config import load_config
 from gradientspace.evaluation import evaluate as evaluation
 from gradientspace.routing import ensemble
 
-pytestmark = pytest.mark.heavy  # one whole `run` shared by the file
+pytestmark = pytest.mark.heavy(seconds=160)  # one whole `run` shared by the file
 
 STRATEGIES = [
     "routed",

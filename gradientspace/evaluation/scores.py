@@ -37,9 +37,9 @@ from gradientspace.data.records import Record
 from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import read_partition, served_groups
 from gradientspace.experts.strategies import get, routed, trained
-from gradientspace.models.encoder import embed_texts
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.pipeline import serving_stages
+from gradientspace.routing.router import shared_embeddings
 from gradientspace.runner import Run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, write_json
 
@@ -140,7 +140,7 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
     part: dict = {
         "nll": adapter_nll(engine, adapters, records, config.data.max_length, f"score matrix ({split})"),
         "hidden": prompt_hidden_states(engine, records, config.data.max_length),
-        "embedding": embed_texts([r.prompt_text for r in records], engine.device).float().cpu().numpy(),
+        "embedding": shared_embeddings([r.prompt_text for r in records], engine.device).float().numpy(),
         "routers": {},
         "served": {},
     }

@@ -35,7 +35,7 @@ from gradientspace.experts.strategies import GENERALIST, decides_on_validation, 
 from gradientspace.models.loading import LoadedModel
 from gradientspace.models.train import TrainPlan, train_adapter
 from gradientspace.runner import Run, as_run
-from gradientspace.runs import Placement, Stage, config_hash, write_json
+from gradientspace.runs import Placement, Stage, add_to_section, config_hash, write_json
 
 
 def fresh_lora_state(model, seed: int) -> dict[str, torch.Tensor]:
@@ -252,7 +252,7 @@ class StrategyAdapters(Stage):
                     "rank",
                 )
             }
-        run.directory.record_section("experts", self.strategy, summary)
+        add_to_section(record, "experts", self.strategy, summary)
         record["summary"] = summary
 
 

@@ -43,7 +43,7 @@ from gradientspace.experts.adapters import (
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, Choice, get
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import RouterStage
-from gradientspace.runs import Stage, config_hash, write_json
+from gradientspace.runs import Placement, Stage, add_to_section, config_hash, write_json
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -159,6 +159,8 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
 class KeepStage(Stage):
     """One strategy's keep / blend / fall-back decisions (`keep.json`, which names its fall-back) and its blended adapters."""
 
+    placement = Placement.SPREAD  # one per strategy, each on the validation records it routes: dealt over the ranks
+
     def __init__(self, strategy: str):
         self.name = f"keep/{strategy}"
         self.strategy = strategy
@@ -209,7 +211,7 @@ class KeepStage(Stage):
             summary["fallback"] = [g for g, (path, _) in served_groups(run, self.strategy).items() if path is None]
             owner, path = served_fallback(run, self.strategy)
             summary["fallback_adapter"] = {"strategy": owner, "folder": str(path.relative_to(run.directory.root))}
-            run.directory.record_section("experts", self.strategy, summary)
+            add_to_section(record, "experts", self.strategy, summary)
 
 
 def served_stage(run, strategy: str) -> Stage:
@@ -224,4 +226,8 @@ def keep_decisions(run, strategies: list[str]) -> dict[str, dict]:
 
     run = as_run(run)
     wanted = [s for s in strategies if isinstance(served_stage(run, s), KeepStage)]
+    # a strategy is decided against its fall-back as served: the fall-backs' decisions first, then the others dealt
+    # over the ranks together (a sibling built as another's parent is built alone)
+    fallbacks = {get(s).falls_back_to(run.config) for s in wanted}
+    run.build(*[KeepStage(s) for s in wanted if s in fallbacks])
     return {s: entry["groups"] for s, entry in zip(wanted, run.build(*[KeepStage(s) for s in wanted]))}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
 from gradientspace.models.encoder import embed_texts, load_encoder, mean_pool
-from gradientspace.runs import Stage, atomic_path, config_hash, write_json
+from gradientspace.runs import Placement, Stage, add_to_section, atomic_path, config_hash, write_json
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -44,7 +44,10 @@ class Router:
 
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> torch.Tensor:
-        embeddings = embed_texts(texts, self.device, encoder=self.encoder or _shared_encoder(self.device))
+        if self.encoder is None:
+            embeddings = shared_embeddings(texts, self.device)
+        else:
+            embeddings = embed_texts(texts, self.device, encoder=self.encoder)
         return torch.softmax(self.head(embeddings.to(self.device)), dim=1).cpu()
 
     def route(self, texts: list[str]) -> tuple[list[int], list[float], list[int]]:
@@ -97,6 +100,20 @@ def _shared_encoder(device: torch.device):
     if str(device) not in _ENCODERS:
         _ENCODERS[str(device)] = load_encoder(device)
     return _ENCODERS[str(device)]
+
+
+_LAST_EMBEDDED: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
+
+
+def shared_embeddings(texts: list[str], device: torch.device) -> torch.Tensor:
+    """The packaged MiniLM's embeddings of `texts`, on the CPU. Every router that does not fine-tune the encoder shares
+    it, and they are asked about the same prompts one after another (each routed strategy's router, then each strategy's
+    choice, the score matrices' prompt features), so the last texts embedded on a device are embedded once."""
+    key = tuple(texts)
+    last = _LAST_EMBEDDED.get(str(device))
+    if last is None or last[0] != key:
+        last = _LAST_EMBEDDED[str(device)] = (key, embed_texts(key, device, encoder=_shared_encoder(device)))
+    return last[1].clone()
 
 
 def _accuracy(router: Router, texts: list[str], labels: list[int]) -> float | None:
@@ -186,6 +203,10 @@ def threshold_override(config) -> float | None:
 class RouterStage(Stage):
     """The router of one routed strategy, trained on its partition of the training part (never the validation split)."""
 
+    placement = (
+        Placement.SPREAD
+    )  # one per routed strategy, each on its own partition: a run's routers are dealt over the ranks
+
     def __init__(self, strategy: str):
         self.name = f"router/{strategy}"
         self.strategy = strategy
@@ -226,9 +247,7 @@ class RouterStage(Stage):
             finetune_encoder=config.router.finetune_encoder,
         )
         router.save(folder, details)
-        run.directory.record_section(
-            "router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")}
-        )
+        add_to_section(record, "router", self.strategy, {k: details[k] for k in ("heldout_accuracy", "train_accuracy")})
         record.update(
             outputs=[
                 str((folder / name).relative_to(run.directory.root)) for name in ("router.json", "head.safetensors")

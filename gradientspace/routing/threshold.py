@@ -15,7 +15,7 @@ from gradientspace.routing.keep import served_stage
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.router import RouterStage
 from gradientspace.runner import Run
-from gradientspace.runs import Stage, config_hash, write_json
+from gradientspace.runs import Placement, Stage, config_hash, write_json
 
 
 def best_threshold(
@@ -64,6 +64,8 @@ def calibrate_threshold(run: Run, strategy: str) -> dict:
 
 class ThresholdStage(Stage):
     """`router.threshold: auto`: the router's threshold chosen on the validation split, after its experts are kept, blended or dropped."""
+
+    placement = Placement.SPREAD  # one per routed strategy: dealt over the ranks like the routers
 
     def __init__(self, strategy: str):
         self.name = f"threshold/{strategy}"
