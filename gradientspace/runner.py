@@ -17,9 +17,12 @@ torchrun is the stage's `placement`, and where the other ranks wait is decided h
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+
+import torch
 
 from gradientspace import distributed
 from gradientspace.config import ConfigError, ModelConfig, RunConfig, keyed
@@ -119,6 +122,15 @@ class Run:
             wrapped = wrap_lora(self.base_model(), model, self.config.seed)
             self.trainable, self.trainable_shape = LoadedModel(wrapped, load_tokenizer(model.name), device), shape
         return self.trainable
+
+    def release_base(self) -> None:
+        """Let go of the process's base model and what wraps it, for a stage that needs the memory for a model of its own
+        (the FSDP-sharded gradient pass); the next stage that asks for the base loads it again."""
+        self._unwrap()
+        self.base = None
+        gc.collect()  # peft's wrappers hold the base in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _unwrap(self) -> None:
         """Give the base back from what wraps it now (a training adapter, or the bank's adapters), as it was loaded."""

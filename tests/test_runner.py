@@ -495,6 +495,21 @@ def test_a_generator_of_requirements_sees_its_earlier_parents_done(tmp_path):
     assert log == ["first", "part0", "part1", "later"]
 
 
+def test_releasing_the_base_frees_it_and_the_next_stage_loads_it_again(tmp_path):
+    """The FSDP-sharded gradient pass lets go of the process's base first (else the whole base would sit on the device
+    beside its shards): nothing holds the released model, wrapped or not, and the next use loads a fresh one."""
+    import gc
+    import weakref
+
+    run = Run(load_config(None, {"out": str(tmp_path / "run"), "model": {"name": "tiny-random"}}))
+    base = weakref.ref(run.base_model())
+    run.model()  # wrapped with a training adapter, as after the warm-up
+    run.release_base()
+    gc.collect()
+    assert base() is None and run.trainable is None
+    assert run.base_model() is not None  # loaded again on first use
+
+
 def as_rank_one_of_two(monkeypatch) -> None:
     """This process plays rank 1 of a 2-process run; rank 0's side of every gather is absent."""
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))

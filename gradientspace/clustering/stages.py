@@ -261,7 +261,7 @@ def warmup_model(run: Run, warmup_dir: Path) -> LoadedModel:
 
     Under `gradients.shard_model: fsdp` it is a copy of its own, sharded over the ranks and dropped with the pass:
     FSDP2's `fully_shard` turns a module's parameters into shards and its class into an FSDP one, in place and for
-    good, while the process's one base (`Run.base_model`) goes on to train and score every adapter after the pass.
+    good; the process's one base (`Run.base_model`) is let go of first and loaded again by the first stage after the pass.
     """
     from peft import set_peft_model_state_dict
 
@@ -274,6 +274,7 @@ def warmup_model(run: Run, warmup_dir: Path) -> LoadedModel:
     if problem := sharding_problem(config.gradients, run.world_size):
         raise ConfigError(problem)
     device = pick_device(config.model.device)
+    run.release_base()  # the warm-up's whole base would sit on the device beside the shards all through the pass
     # read into CPU memory: only this rank's shard of each weight is moved to the device
     base = load_base_model(config.model.name, torch.device("cpu"), resolve_dtype(config.model.dtype, device))
     model = wrap_lora(base, config.model, config.seed)
