@@ -76,13 +76,12 @@ def one_process_seconds(stages: dict, recorded_ranks: int) -> dict[str, float]:
 
 
 def decided_first(manifest: dict) -> set[str]:
-    """The keep stages of the strategies others fall back to: the runner builds them alone before the others' deal."""
-    owners = {
-        summary["fallback_adapter"]["strategy"]
-        for summary in manifest.get("experts", {}).values()
-        if summary.get("fallback_adapter")
-    }
-    return {f"keep/{owner}" for owner in owners if f"keep/{owner}" in manifest["stages"]}
+    """The keep stages of the strategies others fall back to: the runner builds them alone before the others' deal. Read
+    off each keep stage's recorded `fall-back` input (the strategy it is decided against), not off the adapter served in
+    the end, which is the generalist where the fall-back lost on validation."""
+    stages = manifest["stages"]
+    owners = {entry["inputs"]["fall-back"] for name, entry in stages.items() if "fall-back" in entry.get("inputs", {})}
+    return {f"keep/{owner}" for owner in owners if f"keep/{owner}" in stages}
 
 
 def replay(seconds: dict[str, float], placement, ranks: int, alone: frozenset[str] | set[str] = frozenset()) -> dict:

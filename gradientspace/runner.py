@@ -231,7 +231,7 @@ class Run:
                         or not current.get("done")
                         or entry.get("finished_at") != current.get("finished_at")
                     ):
-                        note(f"{name}: trained on rank {other}")
+                        note(f"{name}: ran on rank {other}")
                         self.directory.record_stage(name, entry)
         self.directory.share_main()
         for stage in stages:

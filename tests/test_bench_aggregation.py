@@ -440,10 +440,25 @@ def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
     assert "**not from the protocol's commit** (left out)" in (tmp_path / "confirmatory.md").read_text()
 
 
+def test_idle_share_deals_the_fall_backs_keep_decision_alone_even_where_it_lost():
+    """The fall-back a strategy is decided against is its keep stage's recorded input: `single-continued` here, although
+    it lost on validation and the generalist is what every strategy serves in the end."""
+    manifest = {
+        "experts": {s: {"fallback_adapter": {"strategy": "single"}} for s in ("routed", "single-continued")},
+        "stages": {
+            "keep/single-continued": {"inputs": {"fall-back": "single"}},
+            "keep/routed": {"inputs": {"fall-back": "single-continued"}},
+            "keep/embedding-clusters": {"inputs": {"fall-back": "single-continued"}},
+            "router/routed": {"inputs": {}},
+        },
+    }
+    assert idle_share.decided_first(manifest) == {"keep/single-continued"}  # `single` has no keep stage
+
+
 def test_idle_share_replays_stage_times_on_the_ranks_as_the_runner_places_them():
     """One-process seconds: a MAIN stage holds rank 0 while 7 wait, EVERY is shared by all 8, SPREAD siblings are dealt
     the longest first to the least-loaded rank (a fall-back's keep decision alone, first); before issue 33 the warm-up,
-    the generalist, the routers and the keep decisions ran on rank 0."""
+    the generalist, the routers, the keep decisions and the thresholds ran on rank 0."""
     seconds = {"warmup": 80.0, "gradients": 800.0, "experts/single/0": 160.0}
     seconds |= {f"experts/routed/{g}": 10.0 * (g + 1) for g in range(9)}  # 10 … 90: dealt over 8 ranks
     seconds |= {"router/routed": 8.0, "router/embedding-clusters": 9.0}

@@ -553,8 +553,8 @@ class ClusterStage(Stage):
 def cluster(run: Run | RunConfig) -> ClusterOutcome:
     """`gradientspace cluster`: the Python API. Resumes when `config.out` holds a matching run.
 
-    Under torchrun rank 0 trains the warm-up, every rank takes its shard of the gradient pass, and
-    rank 0 clusters while the others wait (`runner.Run.build`).
+    Under torchrun every rank trains the warm-up together (DDP) and takes its shard of the gradient
+    pass, and rank 0 clusters while the others wait (`runner.Run.build`).
     """
     run = as_run(run)
     config = run.config

@@ -221,7 +221,7 @@ def served_stage(run, strategy: str) -> Stage:
 
 
 def keep_decisions(run, strategies: list[str]) -> dict[str, dict]:
-    """Each deciding strategy's decisions, by group (on rank 0); `run` is a `runner.Run` or a config to make one of."""
+    """Each deciding strategy's decisions, by group (on every rank); `run` is a `runner.Run` or a config to make one of."""
     from gradientspace.runner import as_run
 
     run = as_run(run)
