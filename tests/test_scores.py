@@ -65,6 +65,22 @@ def test_every_record_is_scored_under_every_adapter_as_one_record_alone_would_be
             np.testing.assert_allclose(scores.nll[:, column], alone, rtol=0, atol=1e-5, err_msg=f"{split} {folder}")
 
 
+def test_a_rank_with_no_records_scores_an_empty_shard_of_the_same_widths(run_dir):
+    """On 8 ranks a split of fewer than 8 records leaves some ranks nothing to score: their shard holds every array with
+    no rows and the widths of the others', so the gathered matrices stack."""
+    from gradientspace.evaluation.scores import score_shard
+    from gradientspace.runner import Run
+
+    run = Run(config_from_run(run_dir))
+    records = evaluation_records(run.config)
+    one, empty = (score_shard(run, STRATEGIES, "test", shard) for shard in (records[:1], []))
+    for name in ("nll", "hidden", "embedding", "sketch"):
+        assert one[name].shape[0] == 1 and empty[name].shape == (0, *one[name].shape[1:]), name
+    assert empty["routers"].keys() == one["routers"].keys() == {"routed"}
+    assert empty["routers"]["routed"].shape == (0, one["routers"]["routed"].shape[1])
+    assert all(served == [] for served in empty["served"].values())
+
+
 def test_the_routers_and_features_are_stored_per_record(run_dir):
     from gradientspace.data.tokens import tokenize
     from gradientspace.models.loading import load_base_model, load_tokenizer

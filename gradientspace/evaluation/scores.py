@@ -124,6 +124,8 @@ def prompt_hidden_states(engine: StrategyModel, records: list[Record], max_lengt
             pooled = (hidden.float() * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
             for i, row in zip(batch, pooled.cpu().numpy()):
                 rows[i] = row
+    if not rows:  # a rank's shard of a split smaller than the world: no rows, of the model's width
+        return np.zeros((0, engine.model.config.hidden_size), np.float32)
     return np.stack(rows).astype(np.float32)
 
 

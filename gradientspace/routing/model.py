@@ -193,7 +193,8 @@ class StrategyModel:
                 )
                 grads, _ = engine.batch(input_ids, mask, labels)
                 rows.append(transform(grads, adam, normalize=normalize))
-        return torch.cat(rows)
+        # a rank's shard of a split smaller than the world may hold no records: no rows, of the gradients' width
+        return torch.cat(rows) if rows else torch.zeros(0, engine.layout.dim, device=self.device)
 
     def prompt_gradients(self, records: list[Record]) -> torch.Tensor:
         """Unit-norm instruction-token gradients w.r.t. the generalist (ELREA's base adapter), one row per prompt."""
