@@ -1,11 +1,13 @@
 """How much of an 8-GPU node would sit idle during a run: its stages' times replayed on N ranks, with each stage placed
-where the code places it now and where it placed it before issue 33 (the warm-up and the generalist now train
-data-parallel; the routers, keep decisions and thresholds of the strategies are now dealt over the ranks).
+where the code places it now and where it placed it before issue 33 (the warm-up, the generalist and the other
+adapters on every record now train data-parallel; the routers, keep decisions and thresholds of the strategies are now
+dealt over the ranks).
 
     python bench/idle_share.py RUN/manifest.json … --recorded-ranks 2 --ranks 8 --out bench/results
 
-A manifest's stage seconds are turned into one process's seconds first (a stage every rank shared, `EVERY`, took
-`--recorded-ranks` times its seconds in one process; an adapter dealt to one rank took its own). Replayed on N ranks:
+A manifest's stage seconds are turned into one process's seconds first, by where the code that made the run placed
+each stage (the runs replayed here were made before issue 33, placed as `placement_before`): a stage every rank shared,
+`EVERY`, took `--recorded-ranks` times its seconds in one process; a stage one rank ran took its own. Replayed on N ranks:
 a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
 ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
 (the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
@@ -64,12 +66,15 @@ def placement_now(name: str) -> Placement:
 
 
 def placement_before(name: str) -> Placement:
+    if name.startswith("experts/") and name not in BEFORE:  # every adapter but the generalist was dealt
+        return Placement.SPREAD
     return BEFORE.get(name, BEFORE.get(name.partition("/")[0], placement_now(name)))
 
 
 def one_process_seconds(stages: dict, recorded_ranks: int) -> dict[str, float]:
+    """Each finished stage's seconds in one process, for a run made before issue 33 on `recorded_ranks` processes."""
     return {
-        name: entry.get("seconds", 0.0) * (recorded_ranks if placement_now(name) is Placement.EVERY else 1)
+        name: entry.get("seconds", 0.0) * (recorded_ranks if placement_before(name) is Placement.EVERY else 1)
         for name, entry in stages.items()
         if entry.get("done")
     }

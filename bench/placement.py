@@ -198,6 +198,7 @@ def recorded(placements: Placements):
     from gradientspace.gradients.sketch import OnlineSVD
     from gradientspace.models import encoder, loading
     from gradientspace.models.bank import AdapterBank
+    from gradientspace.routing import router as router_module
     from gradientspace.routing.router import Router
 
     def training(result, trainer, *args, **kwargs):
@@ -224,10 +225,15 @@ def recorded(placements: Placements):
                 "base_model", {"device": str(device), "weights": device_of(model)}
             ),
         ),
-        spy(
-            encoder,
-            "load_encoder",
-            lambda loaded, device: placements.add("encoder", {"device": str(device), "weights": device_of(loaded[1])}),
+        *(  # loaded where embed_texts is given none, and as the routers' shared encoder
+            spy(
+                module,
+                "load_encoder",
+                lambda loaded, device: placements.add(
+                    "encoder", {"device": str(device), "weights": device_of(loaded[1])}
+                ),
+            )
+            for module in (encoder, router_module)
         ),
         spy(
             Router,

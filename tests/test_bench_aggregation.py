@@ -455,19 +455,28 @@ def test_idle_share_deals_the_fall_backs_keep_decision_alone_even_where_it_lost(
     assert idle_share.decided_first(manifest) == {"keep/single-continued"}  # `single` has no keep stage
 
 
+def test_idle_share_counts_a_recorded_stage_as_the_code_that_ran_it_placed_it():
+    """The replayed runs were made before issue 33 on 2 processes: the gradient pass was shared (its seconds are half of
+    one process's), the generalist trained on rank 0 alone and single-continued on one rank (their own seconds)."""
+    stages = {"gradients": 100.0, "experts/single/0": 50.0, "experts/single-continued/0": 30.0, "keep/routed": 5.0}
+    recorded = {name: {"seconds": seconds, "done": True} for name, seconds in stages.items()}
+    assert idle_share.one_process_seconds(recorded, 2) == {**stages, "gradients": 200.0}
+
+
 def test_idle_share_replays_stage_times_on_the_ranks_as_the_runner_places_them():
     """One-process seconds: a MAIN stage holds rank 0 while 7 wait, EVERY is shared by all 8, SPREAD siblings are dealt
     the longest first to the least-loaded rank (a fall-back's keep decision alone, first); before issue 33 the warm-up,
-    the generalist, the routers, the keep decisions and the thresholds ran on rank 0."""
-    seconds = {"warmup": 80.0, "gradients": 800.0, "experts/single/0": 160.0}
+    the generalist, the routers, the keep decisions and the thresholds ran on rank 0, and single-continued was dealt."""
+    seconds = {"warmup": 80.0, "gradients": 800.0, "experts/single/0": 160.0, "experts/single-continued/0": 240.0}
     seconds |= {f"experts/routed/{g}": 10.0 * (g + 1) for g in range(9)}  # 10 … 90: dealt over 8 ranks
     seconds |= {"router/routed": 8.0, "router/embedding-clusters": 9.0}
     seconds |= {"keep/single-continued": 30.0, "keep/routed": 20.0, "keep/embedding-clusters": 25.0, "report": 1.0}
     now = idle_share.replay(seconds, idle_share.placement_now, 8, alone={"keep/single-continued"})
     before = idle_share.replay(seconds, idle_share.placement_before, 8)
-    # now: 10 + 100 + 20 (EVERY) + 90 (the longest expert; 10 joins the rank that has 20) + 9 (the routers dealt)
+    # now: 10 + 100 + 20 + 30 (EVERY) + 90 (the longest expert; 10 joins the rank that has 20) + 9 (the routers dealt)
     # + 30 (the fall-back's keep decision, alone) + 25 (the other two dealt) + 1 (rank 0)
-    assert now["wall_seconds"] == 285.0
-    assert before["wall_seconds"] == 80 + 100 + 160 + 90 + 8 + 9 + 30 + 20 + 25 + 1
+    assert now["wall_seconds"] == 315.0
+    # before: single-continued dealt with the experts, alone on its rank for 240 while the others take the nine
+    assert before["wall_seconds"] == 80 + 100 + 160 + 240 + 8 + 9 + 30 + 20 + 25 + 1
     busy = sum(seconds.values())
-    assert before["idle_share"] == round(1 - busy / (8 * 523.0), 3) and now["idle_share"] < before["idle_share"]
+    assert before["idle_share"] == round(1 - busy / (8 * 673.0), 3) and now["idle_share"] < before["idle_share"]

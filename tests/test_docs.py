@@ -425,7 +425,9 @@ class Docs:
     def stop(self) -> None:
         for server in self.started:
             server.uvicorn.should_exit = True
-            server.thread.join(60)
+            # a server still running after its test would print into the test's closed capture (on a loaded machine)
+            server.thread.join(300)
+            assert not server.thread.is_alive(), f"{server.snippet}: `{server.snippet.text}` did not stop in 300 s"
             assert server.status == [0], f"{server.snippet}: `{server.snippet.text}` ended with exit {server.status}"
 
     def url(self, snippet: Snippet, text: str) -> str:

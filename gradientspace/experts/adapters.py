@@ -135,8 +135,9 @@ class AdapterStage(Stage):
     def __init__(self, strategy: str, group: str):
         self.name = f"experts/{strategy}/{group}"
         self.strategy, self.group = strategy, group
-        # the generalist trains first, on every rank together (data-parallel); every other adapter on one rank, any
-        self.placement = Placement.EVERY if strategy == GENERALIST else Placement.SPREAD
+        # an adapter on every record (the generalist, first, and single-continued) trains on every rank together
+        # (data-parallel); an expert on one rank, any
+        self.placement = Placement.EVERY if get(strategy).one_adapter_on_every_record else Placement.SPREAD
 
     def requires(self, run: Run):
         start = get(self.strategy).start(run.config)
@@ -303,15 +304,14 @@ def served_fallback(run: Run, strategy: str) -> tuple[str, Path]:
 def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> dict:
     """`gradientspace train-experts RUN`: the Python API; each strategy's summary (on rank 0; {} on the others).
 
-    The generalist trains first (every expert branches from it), data-parallel over the ranks under torchrun; the
-    other adapters are dealt over the ranks, each a one-process Trainer job on its rank's own device
+    The generalist trains first (every expert branches from it), data-parallel over the ranks under torchrun, and so do
+    the other adapters on every record (`single-continued`, `single-wide`); the experts are dealt over the ranks, each a one-process Trainer job on its rank's own device
     (`models.train.OnOneDevice`: however many GPUs it sees). The model is loaded only if some adapter must train.
     """
     run = as_run(run)
     stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies, run.config)]
     run.build(*[PartitionStage(s.strategy) for s in stages])
-    # every strategy's adapters in one deal: a strategy with one long adapter (single-continued) then shares the ranks
-    # with the next strategy's experts instead of leaving a rank idle while it trains
+    # every strategy's experts in one deal (the adapters on every record train on every rank together first)
     run.build(*[adapter for s in stages for adapter in s.adapters(run)])
     entries = run.build(*stages)
     return {s.strategy: entry["summary"] for s, entry in zip(stages, entries)} if run.is_main else {}

@@ -126,6 +126,9 @@ class Strategy(ABC):
     name: str
     help: str
     partitioner: Partitioner | None = None  # how it groups the records, from the registry the cluster stage uses too
+    # one adapter on every training record: under torchrun all ranks train it together (DDP); dealt to one rank, it
+    # would keep that rank busy as long as the experts together while the others wait
+    one_adapter_on_every_record = False
 
     @property
     def owner(self) -> str:
@@ -212,6 +215,8 @@ class Strategy(ABC):
 class OneAdapter(Strategy):
     """One adapter on everything, trained from scratch: nothing to branch from, fall back to or route."""
 
+    one_adapter_on_every_record = True
+
     def __init__(self, name: str, help: str, wide: bool = False):
         self.name, self.help, self.wide = name, help, wide
 
@@ -254,6 +259,7 @@ class ContinuedGeneralist(Strategy):
         "single-continued",
         "the generalist continued on all the data with the experts' branch schedule (the annealed baseline)",
     )
+    one_adapter_on_every_record = True
 
     def check_config(self, config):
         if config.experts.init != "generalist":

@@ -13,7 +13,7 @@ What the project adds to a stock `Trainer` is small and stated here:
   preconditioning reads them) and `trainer_log.json` (losses, validation curve, steps, tokens, seconds).
 Schedules, mixed precision and gradient clipping are Trainer's. Under torchrun an adapter is either
 one rank's own (the experts, dealt over the ranks) or trained by every rank together with DDP
-(`TrainPlan.data_parallel`: the warm-up and the generalist), each global batch of the one-process
+(`TrainPlan.data_parallel`: the warm-up, the generalist and the other adapters on every record), each global batch of the one-process
 order split over the ranks (`_RankShare`), so the steps, schedule and adapter are one process's.
 """
 
@@ -59,7 +59,7 @@ class TrainPlan:
     activation_checkpointing: bool = False  # `train.activation_checkpointing`: recompute activations in backward
     logs: Path | None = None  # where TensorBoard writes this adapter's curves (`RUN/logs/<adapter>/`)
     # every rank of the torchrun job trains this adapter together (DDP), each global batch split over the ranks: the
-    # warm-up and the generalist, which every other adapter waits for
+    # warm-up and the generalist, which every other adapter waits for, and the other adapters on every record
     data_parallel: bool = False
 
 
