@@ -324,9 +324,8 @@ class Stage(ABC):
         """Do the work. Checkpoints go in folders named by `key`; `record` collects `outputs` (paths in the run) and details."""
 
 
-SECTIONS = (
-    "sections"  # a stage record's summary items: moved into the manifest's own sections when the entry is recorded
-)
+# a stage record's summary items: moved into the manifest's own sections when the entry is recorded
+SECTIONS = "sections"
 
 
 def add_to_section(record: dict[str, Any], section: str, name: str, value: Any) -> None:

@@ -305,8 +305,9 @@ def train_experts(run: Run | RunConfig, strategies: list[str] | None = None) -> 
     """`gradientspace train-experts RUN`: the Python API; each strategy's summary (on rank 0; {} on the others).
 
     The generalist trains first (every expert branches from it), data-parallel over the ranks under torchrun, and so do
-    the other adapters on every record (`single-continued`, `single-wide`); the experts are dealt over the ranks, each a one-process Trainer job on its rank's own device
-    (`models.train.OnOneDevice`: however many GPUs it sees). The model is loaded only if some adapter must train.
+    the other adapters on every record (`single-continued`, `single-wide`); the experts are dealt over the ranks, each a
+    one-process Trainer job on its rank's own device (`models.train.OnOneDevice`: however many GPUs it sees). The model
+    is loaded only if some adapter must train.
     """
     run = as_run(run)
     stages = [StrategyAdapters(s) for s in trained(strategies or run.config.experts.strategies, run.config)]

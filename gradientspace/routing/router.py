@@ -203,9 +203,8 @@ def threshold_override(config) -> float | None:
 class RouterStage(Stage):
     """The router of one routed strategy, trained on its partition of the training part (never the validation split)."""
 
-    placement = (
-        Placement.SPREAD
-    )  # one per routed strategy, each on its own partition: a run's routers are dealt over the ranks
+    # one per routed strategy, each on its own partition: a run's routers are dealt over the ranks
+    placement = Placement.SPREAD
 
     def __init__(self, strategy: str):
         self.name = f"router/{strategy}"
