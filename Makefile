@@ -28,12 +28,11 @@ demo: $(STAMP)
 # One pytest worker per core and one more, torch on one thread in each: tiny models gain nothing from more threads, and
 # two processes that both use every core slow each other far more than twice; the extra worker fills the time another
 # waits on a shared run's build, a subprocess or a server (2 cores: 385 s with 2 workers at 75 % of both cores, 322 s
-# with 3). A test file stays on one worker, so the runs its tests share are built once. pytest-xdist hands out the files
-# by their number of tests; with --no-loadscope-reorder (longest first, by tests/conftest.py's `heavy` marks) the README
-# docs test broke its worker's output capture for every later test (2026-12-04, not yet understood), so not yet.
+# with 3). A test file stays on one worker, so the runs its tests share are built once; --no-loadscope-reorder hands the
+# files out in collection order, the longest first (tests/conftest.py, by their `heavy` marks), not by number of tests.
 WORKERS := $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 # ruff: pyflakes, pycodestyle, import order and pyupgrade rules, and the formatter (settings in pyproject.toml)
 lint: $(STAMP)

@@ -1,7 +1,7 @@
 """How much of an 8-GPU node would sit idle during a run: its stages' times replayed on N ranks, with each stage placed
 where the code places it now and where it placed it before issue 33 (the warm-up, the generalist and the other
-adapters on every record now train data-parallel; the routers, keep decisions and thresholds of the strategies are now
-dealt over the ranks).
+adapters on every record now train data-parallel; the routers and thresholds of the strategies, and the keep decisions
+of their groups, are now dealt over the ranks).
 
     python bench/idle_share.py RUN/manifest.json … --recorded-ranks 2 --ranks 8 --out bench/results
 
@@ -11,8 +11,11 @@ each stage (the runs replayed here were made before issue 33, placed as `placeme
 a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
 ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
 (the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
-the least-loaded rank, except the keep decision of a strategy another falls back to, which comes first, alone (the others
-are decided against it). The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
+the least-loaded rank, except the keep decisions of a strategy another falls back to, which come first, alone (the others
+are decided against it). A run made before the keep decisions were dealt per group has one keep stage per strategy: for
+"now", its seconds are split over its groups in proportion to the validation records each was decided on (what a group
+stage scores; the fixed cost of each stage, loading the adapters and routing the validation split, is left out, so the
+split is optimistic). The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def placement_now(name: str) -> Placement:
     from gradientspace.evaluation.evaluate import EvaluateStage
     from gradientspace.evaluation.scores import ScoreStage
     from gradientspace.experts.adapters import AdapterStage
-    from gradientspace.routing.keep import KeepStage
+    from gradientspace.routing.keep import KeepGroupStage, KeepStage
     from gradientspace.routing.router import RouterStage
     from gradientspace.routing.threshold import ThresholdStage
 
@@ -52,7 +55,9 @@ def placement_now(name: str) -> Placement:
     fixed = {"data": DataStage, "warmup": WarmupStage, "gradients": GradientStage, "cluster": ClusterStage}
     if kind in fixed:
         return fixed[kind].placement
-    by_strategy = {"router": RouterStage, "keep": KeepStage, "threshold": ThresholdStage}
+    if kind == "keep":  # keep/<strategy>/<group> decides one group, keep/<strategy> writes the strategy's keep.json
+        return (KeepGroupStage if rest.count("/") else KeepStage).placement
+    by_strategy = {"router": RouterStage, "threshold": ThresholdStage}
     if kind in by_strategy:
         return by_strategy[kind].placement
     if kind == "experts":
@@ -80,13 +85,31 @@ def one_process_seconds(stages: dict, recorded_ranks: int) -> dict[str, float]:
     }
 
 
-def decided_first(manifest: dict) -> set[str]:
-    """The keep stages of the strategies others fall back to: the runner builds them alone before the others' deal. Read
-    off each keep stage's recorded `fall-back` input (the strategy it is decided against), not off the adapter served in
-    the end, which is the generalist where the fall-back lost on validation."""
+def keep_per_group(stages: dict, seconds: dict[str, float]) -> dict[str, float]:
+    """`seconds` with each strategy's one keep stage (a run made before they were dealt per group) split over its groups,
+    `keep/<strategy>/<group>`, in proportion to the validation records each group was decided on (evenly where none were)."""
+    if any(name.startswith("keep/") and name.count("/") == 2 for name in seconds):
+        return seconds  # recorded per group already
+    split = {}
+    for name, value in seconds.items():
+        groups = stages[name].get("groups") if name.startswith("keep/") else None
+        if not groups:
+            split[name] = value
+            continue
+        records = {group: decision.get("validation_records", 0) for group, decision in groups.items()}
+        total = sum(records.values())
+        for group, count in records.items():
+            split[f"{name}/{group}"] = value * (count / total if total else 1 / len(records))
+    return split
+
+
+def decided_first(manifest: dict, names) -> set[str]:
+    """Of the stage names `names`, the keep decisions of the strategies others fall back to: the runner builds them alone
+    before the others' deal. Read off each keep stage's recorded `fall-back` input (the strategy it is decided against),
+    not off the adapter served in the end, which is the generalist where the fall-back lost on validation."""
     stages = manifest["stages"]
     owners = {entry["inputs"]["fall-back"] for name, entry in stages.items() if "fall-back" in entry.get("inputs", {})}
-    return {f"keep/{owner}" for owner in owners if f"keep/{owner}" in stages}
+    return {name for name in names for owner in owners if name == f"keep/{owner}" or name.startswith(f"keep/{owner}/")}
 
 
 def replay(seconds: dict[str, float], placement, ranks: int, alone: frozenset[str] | set[str] = frozenset()) -> dict:
@@ -127,15 +150,17 @@ def main() -> None:
     for path in args.manifests:
         manifest = json.loads(path.read_text())
         seconds = one_process_seconds(manifest["stages"], args.recorded_ranks)
-        alone = decided_first(manifest)
+        now = keep_per_group(manifest["stages"], seconds)
+        alone = decided_first(manifest, now)
         rows.append(
             {
                 "run": path.parent.parent.name,
                 "one_process_seconds": round(sum(seconds.values()), 1),
                 "before": replay(seconds, placement_before, args.ranks),
-                "now": replay(seconds, placement_now, args.ranks, alone),
+                "now": replay(now, placement_now, args.ranks, alone),
                 "dealt_alone": sorted(alone),
-                "stage_seconds": seconds,  # one process's: the replay can be redone from this file alone
+                "stage_seconds": seconds,  # one process's, as recorded: "before" replays these
+                "stage_seconds_now": now,  # and "now" these (keep decisions split per group): redone from this file
             }
         )
     result = {"ranks": args.ranks, "recorded_ranks": args.recorded_ranks, "runs": rows}

@@ -8,7 +8,7 @@ from gradientspace.models.loading import load_lora_model
 def pytest_collection_modifyitems(items):
     """The longest files first, by the seconds their `heavy` marks say (a `slow` file without one counts ten): a long
     file picked up last would keep one worker busy while the others sit idle. pytest-xdist follows this order only with
-    --no-loadscope-reorder, which `make test` does not pass yet (see DEVELOPERS.md)."""
+    --no-loadscope-reorder, which `make test` passes."""
 
     def seconds(item) -> float:
         heavy = item.get_closest_marker("heavy")

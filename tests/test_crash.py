@@ -63,12 +63,13 @@ def gradientspace_run(config, kill_in: str | None = None) -> subprocess.Complete
 
 def one_stage_of_each_kind(manifest: dict) -> list[str]:
     """data, warmup, gradients, cluster, a partition, the generalist, a branched expert (it resumes from another starting
-    point than the generalist), a strategy's adapters, a router, keep decision (the fall-back's, `single-continued`, comes
-    first) and threshold (the same code for every strategy: a second routed strategy would only repeat these kinds), the
+    point than the generalist), a strategy's adapters, a router, a group's keep decision and its strategy's `keep.json` (the
+    fall-back's, `single-continued`, come first) and threshold (the same code for every strategy: a second routed strategy would only repeat these kinds), the
     model cards, a score matrix, evaluate, report."""
     chosen, kinds = [], set()
     for name in manifest["stages"]:
-        kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else name.split("/")[0]
+        # an expert's kind is its strategy's; a keep decision's group and its strategy's assembly are two kinds
+        kind = "/".join(name.split("/")[:2]) if name.startswith("experts/") else (name.split("/")[0], name.count("/"))
         if kind not in kinds:
             kinds.add(kind)
             chosen.append(name)
@@ -100,6 +101,7 @@ def test_a_run_killed_inside_each_stage_resumes_to_the_same_outputs(decided_tiny
         "experts/routed/0",
         "adapters/single",
         "router/routed",
+        "keep/single-continued/0",
         "keep/single-continued",
         "threshold/routed",
         "cards/single",

@@ -392,7 +392,9 @@ class Docs:
         """guards.serve_on, stoppable by the test: uvicorn on the socket `serve` or `route` bound, until told to exit."""
         import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        # log_config=None: uvicorn's own logging.config.dictConfig would close every handler of this process, absl's
+        # (imported by rouge-score) among them, which closes the stream it was made with: pytest's capture of a worker
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None))
         self.uvicorns.append(server)
         server.run(sockets=[sock])
 

@@ -12,6 +12,7 @@ from conftest import write_records
 from gradientspace import cluster, load_config
 from gradientspace.clustering.kmeans import interference
 from gradientspace.experts.adapters import served_groups, train_experts
+from gradientspace.experts.strategies import get
 from gradientspace.routing.keep import bootstrap_upper_bound, keep_rule
 from gradientspace.routing.router import train_routers
 from gradientspace.runs import RunDirectory
@@ -384,3 +385,36 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
     assert json.loads(run.path("experts", "keep.json").read_text())["fallback"] == "single"
     assert served_adapters(run)[-1].name == "generalist"
     assert StrategyModel(as_before, ["routed"]).fallback_for("routed") == engine.generalist
+
+
+def test_the_groups_of_every_strategy_but_the_fallback_are_decided_in_one_deal(routed_run, tmp_path, monkeypatch):
+    """Under torchrun the keep decisions are dealt over the ranks group by group: the fall-back's first (the others are
+    decided against it), then every group of every other strategy in one `build`, the runner's unit of dealing; each
+    strategy's `keep.json` holds its groups' decisions."""
+    from dataclasses import replace
+
+    from gradientspace.routing.keep import keep_decisions
+    from gradientspace.runner import Run
+
+    config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
+    strategies = ["routed", "single-continued", "random-clusters"]
+    run = Run(replace(config, experts=replace(config.experts, strategies=["single", *strategies])))
+    builds, build = [], run.build
+
+    def recording(*stages):
+        builds.append([stage.name for stage in stages if stage.name not in run.built])  # what this build runs
+        return build(*stages)
+
+    monkeypatch.setattr(run, "build", recording)
+    decisions = keep_decisions(run, strategies)
+    deals = [names for names in builds if names and all(n.startswith("keep/") and n.count("/") == 2 for n in names)]
+    groups = {s: json.loads(get(s).folder(run).joinpath("partition.json").read_text())["groups"] for s in strategies}
+    assert deals == [
+        ["keep/single-continued/0"],
+        [f"keep/{s}/{g}" for s in ("routed", "random-clusters") for g in groups[s]],
+    ]
+    for strategy in strategies:
+        written = json.loads(get(strategy).folder(run).joinpath("keep.json").read_text())["groups"]
+        assert decisions[strategy] == written and list(written) == groups[strategy]
+        for group, decision in written.items():
+            assert run.directory.stage_entry(f"keep/{strategy}/{group}")["decision"] == decision

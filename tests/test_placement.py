@@ -3,6 +3,7 @@
 
 import contextlib
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -87,8 +88,15 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
     assert trained[0] - trained[1] and trained[1] - trained[0]  # the experts dealt over the ranks
 
     stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
-    for name in ("router", "keep", "threshold"):  # dealt: routed's to rank 0, the second strategy's to rank 1
+    for name in ("router", "threshold"):  # dealt: routed's to rank 0, the second strategy's to rank 1
         assert "rank" not in stages[f"{name}/routed"] and stages[f"{name}/{EXTRA}"]["rank"] == 1, name
+    # the keep decisions dealt group by group (test_keep.py shows both strategies' groups go in one deal); each
+    # strategy's keep.json on rank 0
+    dealt = {
+        name: entry.get("rank", 0) for name, entry in stages.items() if re.fullmatch(rf"keep/(routed|{EXTRA})/\d", name)
+    }
+    assert len(dealt) == 6 and set(dealt.values()) == {0, 1}, dealt
+    assert "rank" not in stages["keep/routed"] and "rank" not in stages[f"keep/{EXTRA}"]
     one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
     # rank 1's summaries reached the manifest: its router's accuracies, its experts' decisions
     assert eight["router"].keys() == {"routed", EXTRA} and eight["decided"][EXTRA]

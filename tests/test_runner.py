@@ -255,9 +255,7 @@ def test_a_changed_learning_rate_retrains_the_adapters_and_nothing_upstream(deci
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     redone = {name for name in after if name in before and after[name]["finished_at"] != before[name]["finished_at"]}
     assert {"data", "warmup", "gradients", "cluster", "router/routed"}.isdisjoint(redone), redone
-    assert {n for n in after if n.startswith(("experts/", "adapters/", "scores/", "cards/"))} | {
-        "keep/routed",
-        "keep/single-continued",
+    assert {n for n in after if n.startswith(("experts/", "adapters/", "keep/", "scores/", "cards/"))} | {
         "threshold/routed",
         "evaluate",
         "report",

@@ -37,6 +37,8 @@ from gradientspace.experts.adapters import (
     AdapterStage,
     StrategyAdapters,
     decided,
+    group_records,
+    read_partition,
     served_fallback,
     served_groups,
 )
@@ -95,51 +97,29 @@ def blend_name(strategy: str, group: str, weight: float) -> str:
     return f"{StrategyModel.adapter_name(strategy, group)}__blend{round(weight * 1000)}"  # peft adapter names cannot hold a "."
 
 
-def decide(engine: StrategyModel, config: RunConfig, strategy: str, validation: list[Record]) -> dict[str, dict]:
-    """Every group's decision (`keep_rule`) against the strategy's fall-back, each blend built in the engine's model as one
-    adapter of the two ranks added."""
+def decide(engine: StrategyModel, config: RunConfig, strategy: str, group: str, validation: list[Record]) -> dict:
+    """One group's decision (`keep_rule`) on the validation records its strategy sends it, against the strategy's
+    fall-back on the same records; each blend is built in the engine's model as one adapter of the two ranks added."""
     experts = config.experts
-    groups = get(strategy).serving_groups(engine, validation)
+    index = engine.groups[strategy].index(group)
+    routed = get(strategy).serving_groups(engine, validation)
+    records = [record for record, g in zip(validation, routed) if g == index]
+    expert = engine.own_adapter(strategy, index)
+    if expert is None:
+        reason = "no adapter was trained (no training records)"
+        return {"lambda": 0.0, "reason": reason, "validation_records": len(records)}
+    if not records:
+        return {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}
     fallback = engine.fallback_for(strategy)
-    fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(validation), validation)
-    decisions = {}
-    for index, group in enumerate(engine.groups[strategy]):
-        members = [i for i, g in enumerate(groups) if g == index]
-        expert = engine.own_adapter(strategy, index)
-        if expert is None:
-            decisions[group] = {
-                "lambda": 0.0,
-                "reason": "no adapter was trained (no training records)",
-                "validation_records": len(members),
-            }
-            continue
-        if not members:
-            decisions[group] = {
-                "lambda": 0.0,
-                "reason": "no validation record is routed to it",
-                "validation_records": 0,
-            }
-            continue
-        records = [validation[i] for i in members]
-        candidates = {}
-        for weight in sorted(set(experts.blend_weights)):
-            adapter = expert if weight == 1 else blend_name(strategy, group, weight)
-            if weight != 1:
-                engine.bank.drop(
-                    adapter
-                )  # peft would keep an older blend of that name (the bank outlives this decision)
-                engine.model.add_weighted_adapter(
-                    [fallback, expert], [1 - weight, weight], adapter, combination_type="cat"
-                )
-            candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
-        decisions[group] = keep_rule(
-            candidates,
-            [fallback_nll[i] for i in members],
-            experts.keep_confidence,
-            experts.keep_min_records,
-            config.seed,
-        )
-    return decisions
+    fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(records), records)
+    candidates = {}
+    for weight in sorted(set(experts.blend_weights)):
+        adapter = expert if weight == 1 else blend_name(strategy, group, weight)
+        if weight != 1:
+            engine.bank.drop(adapter)  # peft would keep an older blend of that name (the bank outlives this decision)
+            engine.model.add_weighted_adapter([fallback, expert], [1 - weight, weight], adapter, combination_type="cat")
+        candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
+    return keep_rule(candidates, fallback_nll, experts.keep_confidence, experts.keep_min_records, config.seed)
 
 
 def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) -> None:
@@ -156,14 +136,15 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
     shutil.rmtree(tmp)
 
 
-class KeepStage(Stage):
-    """One strategy's keep / blend / fall-back decisions (`keep.json`, which names its fall-back) and its blended adapters."""
+class KeepGroupStage(Stage):
+    """One group's keep / blend / fall-back decision (in its record) and its blended adapter: the groups of every deciding
+    strategy are dealt over the ranks together."""
 
-    placement = Placement.SPREAD  # one per strategy, each on the validation records it routes: dealt over the ranks
+    placement = Placement.SPREAD
 
-    def __init__(self, strategy: str):
-        self.name = f"keep/{strategy}"
-        self.strategy = strategy
+    def __init__(self, strategy: str, group: str):
+        self.name = f"keep/{strategy}/{group}"
+        self.strategy, self.group = strategy, group
 
     def requires(self, run):
         yield StrategyAdapters(self.strategy)
@@ -173,6 +154,11 @@ class KeepStage(Stage):
             yield served_stage(run, fallback)
         if get(self.strategy).router_folder(run) is not None:  # the validation records go where its router sends them
             yield RouterStage(self.strategy)
+
+    def work(self, run) -> float:
+        # the records scored are those the router sends the group: its own share of the validation split comes closest
+        _, validation = group_records(run, self.strategy, self.group)
+        return float(len(validation))
 
     def inputs(self, run) -> dict[str, str]:
         experts = run.config.experts
@@ -186,21 +172,42 @@ class KeepStage(Stage):
 
     def run(self, run, key: str, record: dict) -> None:
         engine = StrategyModel(run, [self.strategy], undecided=self.strategy)
-        decisions = decide(engine, run.config, self.strategy, run.validation)
+        decision = decide(engine, run.config, self.strategy, self.group, run.validation)
+        outputs = []
+        if 0 < decision["lambda"] < 1:
+            save_blend(engine, self.strategy, self.group, decision["lambda"])
+            outputs.append(get(self.strategy).folder(run) / self.group / BLENDED / "adapter_model.safetensors")
+        for weight in run.config.experts.blend_weights:  # the run's one bank keeps serving adapters only
+            engine.bank.drop(blend_name(self.strategy, self.group, weight))
+        record.update(decision=decision, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
+
+
+class KeepStage(Stage):
+    """One strategy's keep / blend / fall-back decisions, one `KeepGroupStage` per group, in `keep.json` (which names its
+    fall-back) and in the manifest's summary of its experts."""
+
+    def __init__(self, strategy: str):
+        self.name = f"keep/{strategy}"
+        self.strategy = strategy
+
+    def requires(self, run):
+        yield StrategyAdapters(self.strategy)  # the partition names the groups
+        yield self.groups(run)
+
+    def groups(self, run) -> list[KeepGroupStage]:
+        return [KeepGroupStage(self.strategy, group) for group in read_partition(run, self.strategy)["groups"]]
+
+    def inputs(self, run) -> dict[str, str]:
+        return {"fall-back": get(self.strategy).falls_back_to(run.config)}
+
+    def run(self, run, key: str, record: dict) -> None:
+        decisions = {stage.group: run.directory.stage_entry(stage.name)["decision"] for stage in self.groups(run)}
         folder = get(self.strategy).folder(run)
-        outputs = [folder / "keep.json"]
-        for group, decision in decisions.items():
-            if 0 < decision["lambda"] < 1:
-                save_blend(engine, self.strategy, group, decision["lambda"])
-                outputs.append(folder / group / BLENDED / "adapter_model.safetensors")
-        for group in decisions:  # the run's one bank keeps serving adapters; the candidates are done with
-            for weight in run.config.experts.blend_weights:
-                engine.bank.drop(blend_name(self.strategy, group, weight))
         write_json(
             folder / "keep.json",
             {"strategy": self.strategy, "fallback": get(self.strategy).falls_back_to(run.config), "groups": decisions},
         )
-        record.update(groups=decisions, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
+        record.update(groups=decisions, outputs=[str((folder / "keep.json").relative_to(run.directory.root))])
         # the strategy's summary in the manifest gains each expert's decision
         summary = run.directory.manifest.get("experts", {}).get(self.strategy)
         if summary:
@@ -226,8 +233,10 @@ def keep_decisions(run, strategies: list[str]) -> dict[str, dict]:
 
     run = as_run(run)
     wanted = [s for s in strategies if isinstance(served_stage(run, s), KeepStage)]
-    # a strategy is decided against its fall-back as served: the fall-backs' decisions first, then the others dealt
-    # over the ranks together (a sibling built as another's parent is built alone)
+    # a strategy is decided against its fall-back as served: the fall-backs' decisions first, then every group of the
+    # others dealt over the ranks together (a sibling built as another's parent is built alone)
     fallbacks = {get(s).falls_back_to(run.config) for s in wanted}
     run.build(*[KeepStage(s) for s in wanted if s in fallbacks])
+    run.build(*[StrategyAdapters(s) for s in wanted])  # their partitions name the groups
+    run.build(*[group for s in wanted if s not in fallbacks for group in KeepStage(s).groups(run)])
     return {s: entry["groups"] for s, entry in zip(wanted, run.build(*[KeepStage(s) for s in wanted]))}
