@@ -11,8 +11,8 @@ each stage (the runs replayed here were made before issue 33, placed as `placeme
 a `MAIN` stage keeps rank 0 busy while the others wait; an `EVERY` stage keeps all N busy for 1/N of its seconds (an
 ideal split: the real one is no better, so the "now" column is a lower bound); consecutive `SPREAD` stages of one kind
 (the experts, the routers, the keep decisions, the thresholds) are dealt as the runner deals them, the longest first to
-the least-loaded rank, except the keep decisions of a strategy another falls back to, which come first, alone (the others
-are decided against it). A run made before the keep decisions were dealt per group has one keep stage per strategy: for
+the least-loaded rank (the keep decision of the strategy the others fall back to, one group, is an `EVERY` stage of its
+own before theirs). A run made before the keep decisions were dealt per group has one keep stage per strategy: for
 "now", its seconds are split over its groups in proportion to the validation records each was decided on (what a group
 stage scores; the fixed cost of each stage, loading the adapters and routing the validation split, is left out, so the
 split is optimistic). The idle share is 1 − busy / (N × wall). Writes `idle-share.json` and `idle-share.md`.
@@ -56,7 +56,8 @@ def placement_now(name: str) -> Placement:
     if kind in fixed:
         return fixed[kind].placement
     if kind == "keep":  # keep/<strategy>/<group> decides one group, keep/<strategy> writes the strategy's keep.json
-        return (KeepGroupStage if rest.count("/") else KeepStage).placement
+        strategy, _, group = rest.partition("/")
+        return KeepGroupStage(strategy, group).placement if group else KeepStage.placement
     by_strategy = {"router": RouterStage, "threshold": ThresholdStage}
     if kind in by_strategy:
         return by_strategy[kind].placement
@@ -103,18 +104,8 @@ def keep_per_group(stages: dict, seconds: dict[str, float]) -> dict[str, float]:
     return split
 
 
-def decided_first(manifest: dict, names) -> set[str]:
-    """Of the stage names `names`, the keep decisions of the strategies others fall back to: the runner builds them alone
-    before the others' deal. Read off each keep stage's recorded `fall-back` input (the strategy it is decided against),
-    not off the adapter served in the end, which is the generalist where the fall-back lost on validation."""
-    stages = manifest["stages"]
-    owners = {entry["inputs"]["fall-back"] for name, entry in stages.items() if "fall-back" in entry.get("inputs", {})}
-    return {name for name in names for owner in owners if name == f"keep/{owner}" or name.startswith(f"keep/{owner}/")}
-
-
-def replay(seconds: dict[str, float], placement, ranks: int, alone: frozenset[str] | set[str] = frozenset()) -> dict:
-    """Wall and busy seconds of the stages, in manifest order, on `ranks` ranks; a SPREAD stage in `alone` is a deal of
-    its own."""
+def replay(seconds: dict[str, float], placement, ranks: int) -> dict:
+    """Wall and busy seconds of the stages, in manifest order, on `ranks` ranks."""
     wall = busy = 0.0
     names = list(seconds)
     i = 0
@@ -124,8 +115,6 @@ def replay(seconds: dict[str, float], placement, ranks: int, alone: frozenset[st
             kind, deal = name.partition("/")[0], []
             for following in names[i:]:  # the run of stages of this kind, dealt together
                 if following.partition("/")[0] != kind or placement(following) is not Placement.SPREAD:
-                    break
-                if deal and (following in alone or deal[0] in alone):
                     break
                 deal.append(following)
             load = [0.0] * ranks
@@ -151,14 +140,12 @@ def main() -> None:
         manifest = json.loads(path.read_text())
         seconds = one_process_seconds(manifest["stages"], args.recorded_ranks)
         now = keep_per_group(manifest["stages"], seconds)
-        alone = decided_first(manifest, now)
         rows.append(
             {
                 "run": path.parent.parent.name,
                 "one_process_seconds": round(sum(seconds.values()), 1),
                 "before": replay(seconds, placement_before, args.ranks),
-                "now": replay(now, placement_now, args.ranks, alone),
-                "dealt_alone": sorted(alone),
+                "now": replay(now, placement_now, args.ranks),
                 "stage_seconds": seconds,  # one process's, as recorded: "before" replays these
                 "stage_seconds_now": now,  # and "now" these (keep decisions split per group): redone from this file
             }

@@ -440,23 +440,6 @@ def test_the_confirmatory_verdicts_follow_the_pre_registered_rules(tmp_path):
     assert "**not from the protocol's commit** (left out)" in (tmp_path / "confirmatory.md").read_text()
 
 
-def test_idle_share_deals_the_fall_backs_keep_decision_alone_even_where_it_lost():
-    """The fall-back a strategy is decided against is its keep stage's recorded input: `single-continued` here, although
-    it lost on validation and the generalist is what every strategy serves in the end."""
-    manifest = {
-        "experts": {s: {"fallback_adapter": {"strategy": "single"}} for s in ("routed", "single-continued")},
-        "stages": {
-            "keep/single-continued": {"inputs": {"fall-back": "single"}},
-            "keep/routed": {"inputs": {"fall-back": "single-continued"}},
-            "keep/embedding-clusters": {"inputs": {"fall-back": "single-continued"}},
-            "router/routed": {"inputs": {}},
-        },
-    }
-    assert idle_share.decided_first(manifest, manifest["stages"]) == {"keep/single-continued"}  # `single` has none
-    per_group = ["keep/single-continued/0", "keep/routed/0", "keep/routed/1", "keep/routed"]
-    assert idle_share.decided_first(manifest, per_group) == {"keep/single-continued/0"}
-
-
 def test_idle_share_splits_a_strategys_one_keep_stage_over_its_groups_by_their_validation_records():
     """A run made before the keep decisions were dealt per group: each group's share of its strategy's keep seconds is its
     share of the validation records decided on (evenly where none were); a run recorded per group is left as it is."""
@@ -486,7 +469,8 @@ def test_idle_share_counts_a_recorded_stage_as_the_code_that_ran_it_placed_it():
 
 def test_idle_share_replays_stage_times_on_the_ranks_as_the_runner_places_them():
     """One-process seconds: a MAIN stage holds rank 0 while 7 wait, EVERY is shared by all 8, SPREAD siblings are dealt
-    the longest first to the least-loaded rank (a fall-back's keep decisions alone, first; the others' groups together);
+    the longest first to the least-loaded rank (the others' keep decisions, group by group, after the fall-back's, whose
+    one group is EVERY's);
     before issue 33 the warm-up, the generalist, the routers, the keep decisions and the thresholds ran on rank 0, and
     single-continued was dealt."""
     seconds = {"warmup": 80.0, "gradients": 800.0, "experts/single/0": 160.0, "experts/single-continued/0": 240.0}
@@ -494,11 +478,11 @@ def test_idle_share_replays_stage_times_on_the_ranks_as_the_runner_places_them()
     seconds |= {"router/routed": 8.0, "router/embedding-clusters": 9.0}
     seconds |= {"keep/single-continued/0": 30.0, "keep/routed/0": 12.0, "keep/routed/1": 8.0}
     seconds |= {"keep/embedding-clusters/0": 15.0, "keep/embedding-clusters/1": 10.0, "report": 1.0}
-    now = idle_share.replay(seconds, idle_share.placement_now, 8, alone={"keep/single-continued/0"})
+    now = idle_share.replay(seconds, idle_share.placement_now, 8)
     before = idle_share.replay(seconds, idle_share.placement_before, 8)
     # now: 10 + 100 + 20 + 30 (EVERY) + 90 (the longest expert; 10 joins the rank that has 20) + 9 (the routers dealt)
-    # + 30 (the fall-back's keep decision, alone) + 15 (the other four groups dealt) + 1 (rank 0)
-    assert now["wall_seconds"] == 305.0
+    # + 3.75 (the fall-back's keep decision, its records shared by all 8) + 15 (the other four groups dealt) + 1
+    assert now["wall_seconds"] == 278.8
     # before: single-continued dealt with the experts, alone on its rank for 240 while the others take the nine
     assert before["wall_seconds"] == 80 + 100 + 160 + 240 + 8 + 9 + 30 + 20 + 25 + 1
     busy = sum(seconds.values())

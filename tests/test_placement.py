@@ -88,8 +88,7 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
     assert trained[0] - trained[1] and trained[1] - trained[0]  # the experts dealt over the ranks
 
     stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
-    for name in ("router", "threshold"):  # dealt: routed's to rank 0, the second strategy's to rank 1
-        assert "rank" not in stages[f"{name}/routed"] and stages[f"{name}/{EXTRA}"]["rank"] == 1, name
+    assert "rank" not in stages["router/routed"] and stages[f"router/{EXTRA}"]["rank"] == 1  # dealt over the ranks
     # the keep decisions dealt group by group (test_keep.py shows both strategies' groups go in one deal); each
     # strategy's keep.json on rank 0
     dealt = {
@@ -97,6 +96,14 @@ def test_with_8_gpus_every_rank_works_on_its_own_and_the_run_is_the_one_process_
     }
     assert len(dealt) == 6 and set(dealt.values()) == {0, 1}, dealt
     assert "rank" not in stages["keep/routed"] and "rank" not in stages[f"keep/{EXTRA}"]
+    # the fall-back's one decision, nothing to deal it with, scored by both ranks: each its share of the records
+    continued = stages["keep/single-continued/0"]
+    shares, routed = continued["records_per_rank"], continued["decision"]["validation_records"]
+    assert "rank" not in continued and len(shares) == 2 and min(shares) > 0 and sum(shares) == routed, shares
+    for strategy in ("routed", EXTRA):  # and so is each threshold: every validation record, shared by the ranks
+        threshold = stages[f"threshold/{strategy}"]
+        shares, validation = threshold["records_per_rank"], threshold["validation_records"]
+        assert "rank" not in threshold and len(shares) == 2 and min(shares) > 0 and sum(shares) == validation, shares
     one, eight = run_outputs(decided_tiny_run), run_outputs(tmp_path / "run")
     # rank 1's summaries reached the manifest: its router's accuracies, its experts' decisions
     assert eight["router"].keys() == {"routed", EXTRA} and eight["decided"][EXTRA]

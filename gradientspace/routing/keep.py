@@ -30,6 +30,7 @@ import shutil
 
 import numpy as np
 
+from gradientspace import distributed
 from gradientspace.config import RunConfig
 from gradientspace.data.records import Record
 from gradientspace.experts.adapters import (
@@ -97,29 +98,46 @@ def blend_name(strategy: str, group: str, weight: float) -> str:
     return f"{StrategyModel.adapter_name(strategy, group)}__blend{round(weight * 1000)}"  # peft adapter names cannot hold a "."
 
 
-def decide(engine: StrategyModel, config: RunConfig, strategy: str, group: str, validation: list[Record]) -> dict:
+def decide(
+    engine: StrategyModel, config: RunConfig, strategy: str, group: str, validation: list[Record], shared: bool = False
+) -> tuple[dict | None, list[int]]:
     """One group's decision (`keep_rule`) on the validation records its strategy sends it, against the strategy's
-    fall-back on the same records; each blend is built in the engine's model as one adapter of the two ranks added."""
+    fall-back on the same records, and how many of them each rank scored; each blend is built in the engine's model as
+    one adapter of the two ranks added. `shared`: every rank calls it and scores its strided share of the records, and
+    rank 0 decides on them all (the others get None)."""
     experts = config.experts
+    rank, world = distributed.world() if shared else (0, 1)
     index = engine.groups[strategy].index(group)
     routed = get(strategy).serving_groups(engine, validation)
+    routed = distributed.from_main(routed) if shared else routed  # one split of the records, whatever a rank's floats
     records = [record for record, g in zip(validation, routed) if g == index]
     expert = engine.own_adapter(strategy, index)
     if expert is None:
         reason = "no adapter was trained (no training records)"
-        return {"lambda": 0.0, "reason": reason, "validation_records": len(records)}
+        return {"lambda": 0.0, "reason": reason, "validation_records": len(records)}, []
     if not records:
-        return {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}
+        return {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}, []
+    mine = list(range(rank, len(records), world))
+    scored = [records[i] for i in mine]
     fallback = engine.fallback_for(strategy)
-    fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(records), records)
-    candidates = {}
+    nll = {"fall-back": engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(scored), scored)}
     for weight in sorted(set(experts.blend_weights)):
         adapter = expert if weight == 1 else blend_name(strategy, group, weight)
         if weight != 1:
             engine.bank.drop(adapter)  # peft would keep an older blend of that name (the bank outlives this decision)
             engine.model.add_weighted_adapter([fallback, expert], [1 - weight, weight], adapter, combination_type="cat")
-        candidates[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(records), records)
-    return keep_rule(candidates, fallback_nll, experts.keep_confidence, experts.keep_min_records, config.seed)
+        nll[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(scored), scored)
+    gathered = distributed.gather_to_main((mine, nll)) if shared else [(mine, nll)]
+    if gathered is None:
+        return None, []
+    whole = {name: [0.0] * len(records) for name in nll}  # each record's NLLs back in the records' order
+    for positions, part in gathered:
+        for name, values in part.items():
+            for position, value in zip(positions, values):
+                whole[name][position] = value
+    fallback_nll = whole.pop("fall-back")
+    decision = keep_rule(whole, fallback_nll, experts.keep_confidence, experts.keep_min_records, config.seed)
+    return decision, [len(positions) for positions, _ in gathered]
 
 
 def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) -> None:
@@ -138,13 +156,13 @@ def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) 
 
 class KeepGroupStage(Stage):
     """One group's keep / blend / fall-back decision (in its record) and its blended adapter: the groups of every deciding
-    strategy are dealt over the ranks together."""
-
-    placement = Placement.SPREAD
+    strategy are dealt over the ranks together; the one group of a strategy of one adapter, which has nothing to deal
+    it with (the fall-back the others wait for), is scored by every rank, each its share of the records."""
 
     def __init__(self, strategy: str, group: str):
         self.name = f"keep/{strategy}/{group}"
         self.strategy, self.group = strategy, group
+        self.placement = Placement.EVERY if get(strategy).one_adapter_on_every_record else Placement.SPREAD
 
     def requires(self, run):
         yield StrategyAdapters(self.strategy)
@@ -172,14 +190,17 @@ class KeepGroupStage(Stage):
 
     def run(self, run, key: str, record: dict) -> None:
         engine = StrategyModel(run, [self.strategy], undecided=self.strategy)
-        decision = decide(engine, run.config, self.strategy, self.group, run.validation)
-        outputs = []
-        if 0 < decision["lambda"] < 1:
-            save_blend(engine, self.strategy, self.group, decision["lambda"])
-            outputs.append(get(self.strategy).folder(run) / self.group / BLENDED / "adapter_model.safetensors")
+        shared = self.placement is Placement.EVERY
+        decision, scored = decide(engine, run.config, self.strategy, self.group, run.validation, shared)
+        if decision is not None:  # rank 0 of a shared decision, or the rank it was dealt to
+            outputs = []
+            if 0 < decision["lambda"] < 1:
+                save_blend(engine, self.strategy, self.group, decision["lambda"])
+                outputs.append(get(self.strategy).folder(run) / self.group / BLENDED / "adapter_model.safetensors")
+            record.update(decision=decision, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
+            record["records_per_rank"] = scored
         for weight in run.config.experts.blend_weights:  # the run's one bank keeps serving adapters only
             engine.bank.drop(blend_name(self.strategy, self.group, weight))
-        record.update(decision=decision, outputs=[str(p.relative_to(run.directory.root)) for p in outputs])
 
 
 class KeepStage(Stage):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from gradientspace import distributed
 from gradientspace.experts.adapters import AdapterStage
 from gradientspace.experts.strategies import GENERALIST, ROUTER_UNSURE, get
 from gradientspace.routing.keep import served_stage
@@ -37,19 +38,32 @@ def best_threshold(
     return threshold, value
 
 
-def calibrate_threshold(run: Run, strategy: str) -> dict:
+def calibrate_threshold(run: Run, strategy: str) -> dict | None:
     """Choose the router threshold on the validation split, against the strategy's fall-back adapter, and store it in the
-    router's `router.json`."""
+    router's `router.json`. Under torchrun every rank scores its strided share of the records and rank 0 chooses and
+    writes (the others get None)."""
     validation = run.validation
-    folder = get(strategy).router_folder(run)
-    info = json.loads((folder / "router.json").read_text())
+    rank, world = distributed.world()
+    mine = list(range(rank, len(validation), world))
+    scored = [validation[i] for i in mine]
     engine = StrategyModel(run, [strategy])
-    probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in validation])
-    top, choice = probabilities.max(dim=1)
-    experts = [engine.serve_group(strategy, int(c), float(p)) for c, p in zip(choice, top)]
-    fallback = [engine.serve_group(strategy, ROUTER_UNSURE) for _ in validation]
-    expert_nll, fallback_nll = engine.nll_for_choices(experts, validation), engine.nll_for_choices(fallback, validation)
-    threshold, value = best_threshold(top.tolist(), expert_nll, fallback_nll)
+    top, expert_nll, fallback_nll = [], [], []
+    if scored:  # a rank may have no share (more ranks than records)
+        probabilities = engine.routers[strategy].probabilities([r.prompt_text for r in scored])
+        top, choice = (values.tolist() for values in probabilities.max(dim=1))
+        experts = [engine.serve_group(strategy, c, p) for c, p in zip(choice, top)]
+        expert_nll = engine.nll_for_choices(experts, scored)
+        fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(scored), scored)
+    gathered = distributed.gather_to_main((mine, top, expert_nll, fallback_nll))
+    if gathered is None:
+        return None
+    whole = [[0.0] * len(validation) for _ in range(3)]  # top probability, expert NLL, fall-back NLL, in records' order
+    for positions, *parts in gathered:
+        for values, part in zip(whole, parts):
+            for position, value in zip(positions, part):
+                values[position] = value
+    top, expert_nll, fallback_nll = whole
+    threshold, value = best_threshold(top, expert_nll, fallback_nll)
     details = {
         "threshold": threshold,
         "validation_records": len(validation),
@@ -58,14 +72,16 @@ def calibrate_threshold(run: Run, strategy: str) -> dict:
         "validation_nll_always_expert": sum(expert_nll) / max(len(validation), 1),
         "validation_nll_always_fallback": sum(fallback_nll) / max(len(validation), 1),
     }
+    folder = get(strategy).router_folder(run)
+    info = json.loads((folder / "router.json").read_text())
     write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
-    return details
+    return {**details, "records_per_rank": [len(positions) for positions, *_ in gathered]}
 
 
 class ThresholdStage(Stage):
     """`router.threshold: auto`: the router's threshold chosen on the validation split, after its experts are kept, blended or dropped."""
 
-    placement = Placement.SPREAD  # one per routed strategy: dealt over the ranks like the routers
+    placement = Placement.EVERY  # every rank scores its share of the validation records
 
     def __init__(self, strategy: str):
         self.name = f"threshold/{strategy}"
@@ -78,10 +94,12 @@ class ThresholdStage(Stage):
         return {"validation records": config_hash(sorted(run.validation_ids))}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record.update(calibrate_threshold(run, self.strategy))
-        record["outputs"] = [
-            str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))
-        ]
+        details = calibrate_threshold(run, self.strategy)
+        if details is not None:  # rank 0
+            record.update(details)
+            record["outputs"] = [
+                str((get(self.strategy).router_folder(run) / "router.json").relative_to(run.directory.root))
+            ]
 
 
 def thresholds_chosen(run: Run) -> bool:
