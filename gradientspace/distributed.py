@@ -88,6 +88,26 @@ def gather_to_main(item: Any) -> list[Any] | None:
     return gathered
 
 
+def strided_share(count: int) -> list[int]:
+    """The positions of `count` items this rank takes: every world-size-th from its rank (all of them in one process)."""
+    rank, size = world()
+    return list(range(rank, count, size))
+
+
+def gathered_in_order(count: int, positions: list[int], columns: dict) -> tuple[dict, list[int]] | None:
+    """On rank 0, every rank's `columns` (name → one value per position it took, `strided_share`) back in the order of
+    the `count` items, and how many items each rank took; None on the other ranks."""
+    gathered = gather_to_main((positions, columns))
+    if gathered is None:
+        return None
+    whole = {name: [None] * count for name in columns}
+    for taken, part in gathered:
+        for name, values in part.items():
+            for position, value in zip(taken, values):
+                whole[name][position] = value
+    return whole, [len(taken) for taken, _ in gathered]
+
+
 def send_tensors(tensors: dict[str, torch.Tensor], dst: int, device: torch.device | str = "cpu") -> None:
     """Send a dict of tensors: names, shapes and dtypes first (as one object), then each tensor from `device` (NCCL: a GPU)."""
     header = [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()]]

@@ -106,7 +106,6 @@ def decide(
     one adapter of the two ranks added. `shared`: every rank calls it and scores its strided share of the records, and
     rank 0 decides on them all (the others get None)."""
     experts = config.experts
-    rank, world = distributed.world() if shared else (0, 1)
     index = engine.groups[strategy].index(group)
     routed = get(strategy).serving_groups(engine, validation)
     routed = distributed.from_main(routed) if shared else routed  # one split of the records, whatever a rank's floats
@@ -117,7 +116,7 @@ def decide(
         return {"lambda": 0.0, "reason": reason, "validation_records": len(records)}, []
     if not records:
         return {"lambda": 0.0, "reason": "no validation record is routed to it", "validation_records": 0}, []
-    mine = list(range(rank, len(records), world))
+    mine = distributed.strided_share(len(records)) if shared else list(range(len(records)))
     scored = [records[i] for i in mine]
     fallback = engine.fallback_for(strategy)
     nll = {"fall-back": engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(scored), scored)}
@@ -127,17 +126,13 @@ def decide(
             engine.bank.drop(adapter)  # peft would keep an older blend of that name (the bank outlives this decision)
             engine.model.add_weighted_adapter([fallback, expert], [1 - weight, weight], adapter, combination_type="cat")
         nll[weight] = engine.nll_for_choices([Choice({adapter: 1.0}, index, 1.0)] * len(scored), scored)
-    gathered = distributed.gather_to_main((mine, nll)) if shared else [(mine, nll)]
+    gathered = distributed.gathered_in_order(len(records), mine, nll) if shared else (nll, [len(records)])
     if gathered is None:
         return None, []
-    whole = {name: [0.0] * len(records) for name in nll}  # each record's NLLs back in the records' order
-    for positions, part in gathered:
-        for name, values in part.items():
-            for position, value in zip(positions, values):
-                whole[name][position] = value
+    whole, scored_per_rank = gathered
     fallback_nll = whole.pop("fall-back")
     decision = keep_rule(whole, fallback_nll, experts.keep_confidence, experts.keep_min_records, config.seed)
-    return decision, [len(positions) for positions, _ in gathered]
+    return decision, scored_per_rank
 
 
 def save_blend(engine: StrategyModel, strategy: str, group: str, weight: float) -> None:

@@ -43,8 +43,7 @@ def calibrate_threshold(run: Run, strategy: str) -> dict | None:
     router's `router.json`. Under torchrun every rank scores its strided share of the records and rank 0 chooses and
     writes (the others get None)."""
     validation = run.validation
-    rank, world = distributed.world()
-    mine = list(range(rank, len(validation), world))
+    mine = distributed.strided_share(len(validation))
     scored = [validation[i] for i in mine]
     engine = StrategyModel(run, [strategy])
     top, expert_nll, fallback_nll = [], [], []
@@ -54,15 +53,12 @@ def calibrate_threshold(run: Run, strategy: str) -> dict | None:
         experts = [engine.serve_group(strategy, c, p) for c, p in zip(choice, top)]
         expert_nll = engine.nll_for_choices(experts, scored)
         fallback_nll = engine.nll_for_choices([engine.serve_group(strategy, ROUTER_UNSURE)] * len(scored), scored)
-    gathered = distributed.gather_to_main((mine, top, expert_nll, fallback_nll))
+    columns = {"top": top, "expert": expert_nll, "fall-back": fallback_nll}
+    gathered = distributed.gathered_in_order(len(validation), mine, columns)
     if gathered is None:
         return None
-    whole = [[0.0] * len(validation) for _ in range(3)]  # top probability, expert NLL, fall-back NLL, in records' order
-    for positions, *parts in gathered:
-        for values, part in zip(whole, parts):
-            for position, value in zip(positions, part):
-                values[position] = value
-    top, expert_nll, fallback_nll = whole
+    whole, scored_per_rank = gathered
+    top, expert_nll, fallback_nll = whole["top"], whole["expert"], whole["fall-back"]
     threshold, value = best_threshold(top, expert_nll, fallback_nll)
     details = {
         "threshold": threshold,
@@ -75,7 +71,7 @@ def calibrate_threshold(run: Run, strategy: str) -> dict | None:
     folder = get(strategy).router_folder(run)
     info = json.loads((folder / "router.json").read_text())
     write_json(folder / "router.json", {**info, "threshold": threshold, "calibration": details})
-    return {**details, "records_per_rank": [len(positions) for positions, *_ in gathered]}
+    return {**details, "records_per_rank": scored_per_rank}
 
 
 class ThresholdStage(Stage):
