@@ -37,7 +37,8 @@ part and a part writes its numbers as it goes, so a killed run still leaves what
     python bench/gpu_check.py --parts sketch,serve --budget serve=150 # some parts; another budget for one
 
 `--tiny` runs every part at tiny shapes on whatever device there is (tests/test_gpu_check.py runs
-it, so the script cannot rot). Without it the script refuses to start where there is no CUDA.
+every part's code so, and the driver on two parts, so the script cannot rot). Without it the
+script refuses to start where there is no CUDA.
 """
 
 from __future__ import annotations

@@ -24,10 +24,12 @@ def run_child(argv: list[str], kill_in: str | None, stdout: str, stderr: str) ->
     a temp file and os.replace): the stage has started and written its temp file or checkpoint, and its output is not in
     place yet."""
     import torch
+    from conftest import freeze_imports
 
     from gradientspace import runs
     from gradientspace.cli import main
 
+    freeze_imports()  # what the fork server imported
     torch.set_num_threads(1)
     sys.stdout, sys.stderr = (
         open(stdout, "w", buffering=1),

@@ -1,5 +1,6 @@
 """bench/gpu_check.py at tiny shapes: every part runs and reports sane numbers, so the prepared GPU check cannot rot."""
 
+import contextlib
 import json
 import math
 import subprocess
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.heavy(seconds=95)  # bench/gpu_check.py --tiny: eight parts, each its own process
+pytestmark = pytest.mark.heavy(seconds=45)  # every part at tiny shapes, then the driver on two of them
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 PARTS = ["gradients", "gradients_8b", "sketch", "trainer", "quantized", "placement", "serve", "tests"]
+sys.path.insert(0, str(SCRIPT.parent))
+import gpu_check  # noqa: E402  (bench/ is not a package)
 
 
 def numbers(tree):
@@ -30,14 +33,21 @@ def numbers(tree):
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-check") / "gpu-check.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=ROOT, check=True, timeout=1800)
-    return json.loads(out.read_text())
+    """Each part's own code at tiny shapes, through `gpu_check.child` as the driver's process for the part runs it, but in
+    this process: a fresh interpreter per part would spend most of its seconds importing torch, transformers and peft
+    again. The driver itself (a process per part, its budget, the JSON) is run by the two tests at the end."""
+    folder = tmp_path_factory.mktemp("gpu-check")
+    parts = {}
+    for name in gpu_check.PARTS:
+        result_file = folder / f"{name}.json"
+        with contextlib.suppress(SystemExit):  # a part that fails records its error, then exits 1 for the driver
+            gpu_check.child(name, True, result_file, gpu_check.TINY_SIZES.budgets[name])
+        parts[name] = json.loads(result_file.read_text())
+    return {"parts": parts}
 
 
 def test_every_part_ran_without_error(tiny_result):
-    assert tiny_result["sizes"] == "tiny"
-    assert list(tiny_result["parts"]) == PARTS
+    assert list(gpu_check.PARTS) == PARTS  # the parts these tests know, in the driver's order
     for name, part in tiny_result["parts"].items():
         assert "error" not in part, f"{name}: {part['error']}"
         assert all(math.isfinite(v) for v in numbers(part)), name
@@ -127,6 +137,9 @@ def test_a_part_past_its_budget_is_killed_and_the_next_part_runs(tmp_path):
         check=True,
         timeout=900,
     )
-    parts = json.loads(out.read_text())["parts"]
+    result = json.loads(out.read_text())
+    assert result["sizes"] == "tiny" and result["budgets_s"]["serve"] == 1 and result["wall_seconds"] > 0
+    parts = result["parts"]
+    assert list(parts) == ["serve", "sketch"]  # the parts asked for, in that order, each in the driver's JSON
     assert parts["serve"]["error"].startswith("timed out after its budget of 1 s")
     assert "error" not in parts["sketch"] and parts["sketch"]["seconds_per_1000_samples"] > 0
