@@ -133,7 +133,7 @@ def test_routers_sharing_the_packaged_encoder_embed_the_same_prompts_once(monkey
     monkeypatch.setattr(
         routing, "embed_texts", lambda texts, *a, **k: calls.append(texts) or embed_texts(texts, *a, **k)
     )
-    monkeypatch.setattr(routing, "_LAST_EMBEDDED", {})
+    routing._embedded.cache_clear()
     heads = [torch.nn.Linear(384, 3), torch.nn.Linear(384, 2)]
     routers = [routing.Router(head, 0.0) for head in heads]
     prompts = ["Solve 2 x + 3 = 7.", "Write a haiku about rain."]
@@ -144,6 +144,8 @@ def test_routers_sharing_the_packaged_encoder_embed_the_same_prompts_once(monkey
         for head, got in zip(heads, (first, second)):
             assert torch.allclose(got, torch.softmax(head(expected), dim=1), atol=1e-6)
         routers[0].probabilities(prompts[:1])
+    assert len(calls) == 2
+    routers[1].probabilities(prompts)  # the first prompts are still kept: a run asks about its splits in turn
     assert len(calls) == 2
 
 

@@ -44,13 +44,11 @@ def embed_texts(
     batch_size: int | None = None,
     max_length: int = 256,
     encoder=None,
-    keep_on_device: bool = False,
 ) -> torch.Tensor:
     """Unit-norm 384-d embeddings, one row per text.
 
     `texts` may be any iterable (a generator over a million records): it is consumed one batch at
     a time, so only one batch of strings and tokens exists at once. Batches are larger on a GPU.
-    `keep_on_device` leaves the rows where they were computed (router training uses them there).
     """
     tokenizer, model = encoder or load_encoder(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
@@ -60,5 +58,5 @@ def embed_texts(
         pooled = torch.nn.functional.normalize(
             mean_pool(model(**encoded).last_hidden_state, encoded["attention_mask"]), dim=1
         )
-        rows.append(pooled if keep_on_device else pooled.cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 384, device=device if keep_on_device else "cpu")
+        rows.append(pooled.cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 384)

@@ -9,6 +9,7 @@ threshold can be chosen there honestly (`routing.threshold.calibrate_threshold`)
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,18 +103,20 @@ def _shared_encoder(device: torch.device):
     return _ENCODERS[str(device)]
 
 
-_LAST_EMBEDDED: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
+EMBEDDINGS_KEPT = 4  # sets of texts: the training prompts, the validation and test records, a few request prompts
+
+
+@functools.lru_cache(maxsize=EMBEDDINGS_KEPT)
+def _embedded(device: str, texts: tuple[str, ...]) -> torch.Tensor:
+    return embed_texts(texts, torch.device(device), encoder=_shared_encoder(torch.device(device)))
 
 
 def shared_embeddings(texts: list[str], device: torch.device) -> torch.Tensor:
     """The packaged MiniLM's embeddings of `texts`, on the CPU. Every router that does not fine-tune the encoder shares
-    it, and they are asked about the same prompts one after another (each routed strategy's router, then each strategy's
-    choice, the score matrices' prompt features), so the last texts embedded on a device are embedded once."""
-    key = tuple(texts)
-    last = _LAST_EMBEDDED.get(str(device))
-    if last is None or last[0] != key:
-        last = _LAST_EMBEDDED[str(device)] = (key, embed_texts(key, device, encoder=_shared_encoder(device)))
-    return last[1].clone()
+    it, and a run asks about a few sets of prompts in turn (the training prompts for each routed strategy's router, the
+    validation records for each keep decision and threshold, the test records for each strategy's evaluation and the
+    score matrices), so the last few sets embedded on a device are kept and each is embedded once."""
+    return _embedded(str(device), tuple(texts)).clone()
 
 
 def _accuracy(router: Router, texts: list[str], labels: list[int]) -> float | None:
@@ -143,7 +146,7 @@ def train_router(
     y = torch.tensor(labels, device=device)
     curve = []
     if not finetune_encoder:
-        features = embed_texts(texts, device, encoder=_shared_encoder(device), keep_on_device=True)
+        features = shared_embeddings(texts, device).to(device)  # the same prompts for each routed strategy's router
         optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-2)
         for _ in range(epochs):  # full batch: a few hundred 384-d rows
             loss = torch.nn.functional.cross_entropy(head(features[train_idx]), y[train_idx])
