@@ -126,14 +126,15 @@ def test_router_learns_separable_prompts_and_respects_threshold():
 def test_routers_sharing_the_packaged_encoder_embed_the_same_prompts_once(monkeypatch):
     """Every routed strategy's router, then every strategy's choice, asks about the same prompts: embedded once, the same
     rows as embedding them afresh; other prompts are embedded anew."""
+    from gradientspace.models import encoder
     from gradientspace.models.encoder import embed_texts
     from gradientspace.routing import router as routing
 
     calls = []
     monkeypatch.setattr(
-        routing, "embed_texts", lambda texts, *a, **k: calls.append(texts) or embed_texts(texts, *a, **k)
+        encoder, "embed_texts", lambda texts, *a, **k: calls.append(texts) or embed_texts(texts, *a, **k)
     )
-    routing._embedded.cache_clear()
+    encoder._embedded.cache_clear()
     heads = [torch.nn.Linear(384, 3), torch.nn.Linear(384, 2)]
     routers = [routing.Router(head, 0.0) for head in heads]
     prompts = ["Solve 2 x + 3 = 7.", "Write a haiku about rain."]

@@ -80,9 +80,9 @@ class PromptEmbeddings(Partitioner):
     name = "embedding"
 
     def features(self, run, records, device):
-        from gradientspace.models.encoder import embed_texts
+        from gradientspace.models.encoder import shared_embeddings
 
-        return embed_texts([r.prompt_text for r in records], device)
+        return shared_embeddings([r.prompt_text for r in records], device)  # the routers embed the same prompts
 
 
 class RandomGroups(Partitioner):

@@ -37,9 +37,9 @@ from gradientspace.data.records import Record
 from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import read_partition, served_groups
 from gradientspace.experts.strategies import get, routed, trained
+from gradientspace.models.encoder import shared_embeddings
 from gradientspace.routing.model import StrategyModel
 from gradientspace.routing.pipeline import serving_stages
-from gradientspace.routing.router import shared_embeddings
 from gradientspace.runner import Run
 from gradientspace.runs import Placement, Stage, atomic_path, config_hash, write_json
 

@@ -6,6 +6,7 @@ normalisation, as the sentence-transformers model card specifies.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterable
 from itertools import islice
@@ -60,3 +61,29 @@ def embed_texts(
         )
         rows.append(pooled.cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 384)
+
+
+_ENCODERS: dict[str, tuple] = {}
+
+
+def shared_encoder(device: torch.device):
+    """The packaged MiniLM, loaded once per process."""
+    if str(device) not in _ENCODERS:
+        _ENCODERS[str(device)] = load_encoder(device)
+    return _ENCODERS[str(device)]
+
+
+EMBEDDINGS_KEPT = 4  # sets of texts: the training prompts, the validation and test records, a few request prompts
+
+
+@functools.lru_cache(maxsize=EMBEDDINGS_KEPT)
+def _embedded(device: str, texts: tuple[str, ...]) -> torch.Tensor:
+    return embed_texts(texts, torch.device(device), encoder=shared_encoder(torch.device(device)))
+
+
+def shared_embeddings(texts: list[str], device: torch.device) -> torch.Tensor:
+    """The packaged MiniLM's embeddings of `texts`, on the CPU. A run asks about a few sets of prompts in turn (the
+    training prompts for the embedding baseline's partition and for each routed strategy's router, the validation
+    records for each keep decision and threshold, the test records for each strategy's evaluation and the score
+    matrices), so the last few sets embedded on a device are kept and each is embedded once."""
+    return _embedded(str(device), tuple(texts)).clone()

@@ -9,7 +9,6 @@ threshold can be chosen there honestly (`routing.threshold.calibrate_threshold`)
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradientspace.experts.strategies import ROUTER_UNSURE, get, routed
-from gradientspace.models.encoder import embed_texts, load_encoder, mean_pool
+from gradientspace.models.encoder import embed_texts, load_encoder, mean_pool, shared_embeddings
 from gradientspace.runs import Placement, Stage, add_to_section, atomic_path, config_hash, write_json
 
 
@@ -91,32 +90,6 @@ class Router:
                 AutoModel.from_pretrained(folder / "encoder").to(device).eval(),
             )
         return cls(head, info["threshold"] if threshold is None else threshold, encoder, device)
-
-
-_ENCODERS: dict[str, tuple] = {}
-
-
-def _shared_encoder(device: torch.device):
-    """The packaged MiniLM, loaded once per process."""
-    if str(device) not in _ENCODERS:
-        _ENCODERS[str(device)] = load_encoder(device)
-    return _ENCODERS[str(device)]
-
-
-EMBEDDINGS_KEPT = 4  # sets of texts: the training prompts, the validation and test records, a few request prompts
-
-
-@functools.lru_cache(maxsize=EMBEDDINGS_KEPT)
-def _embedded(device: str, texts: tuple[str, ...]) -> torch.Tensor:
-    return embed_texts(texts, torch.device(device), encoder=_shared_encoder(torch.device(device)))
-
-
-def shared_embeddings(texts: list[str], device: torch.device) -> torch.Tensor:
-    """The packaged MiniLM's embeddings of `texts`, on the CPU. Every router that does not fine-tune the encoder shares
-    it, and a run asks about a few sets of prompts in turn (the training prompts for each routed strategy's router, the
-    validation records for each keep decision and threshold, the test records for each strategy's evaluation and the
-    score matrices), so the last few sets embedded on a device are kept and each is embedded once."""
-    return _embedded(str(device), tuple(texts)).clone()
 
 
 def _accuracy(router: Router, texts: list[str], labels: list[int]) -> float | None:
