@@ -90,7 +90,7 @@ def evaluate_strategies(
             members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain]
         )
     rank, world = distributed.world()
-    mine = list(range(rank, len(records), world))  # a strided shard: every rank sees every domain
+    mine = distributed.strided_share(len(records))  # a strided shard: every rank sees every domain
     for strategy in strategies:
         choices, nll, by_index = _score_sharded(
             engine,

@@ -172,8 +172,7 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
 
 def write_scores(run, strategies: list[str], split: str, records: list[Record]) -> list[str]:
     """Score `records` (each rank its strided shard under torchrun) and write `RUN/scores/<split>/` on rank 0; its outputs."""
-    rank, world = distributed.world()
-    mine = list(range(rank, len(records), world))
+    mine = distributed.strided_share(len(records))
     gathered = distributed.gather_to_main((mine, score_shard(run, strategies, split, [records[i] for i in mine])))
     if gathered is None:
         return []
