@@ -194,9 +194,8 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     # `single-continued`) is chosen there. Its matrix is written before the test split's, which the evaluation reads.
     run.build(ScoreStage("validation"))
     validation = Scores(run.path("scores", "validation")) if distributed.is_main() else None
-    mixtures = [
-        s for s in args.strategies if validation and None in validation.strategy_nll(s)
-    ]  # the ensemble: scored anew
+    # the ensemble: scored anew, every rank its share (rank 0 alone reads the matrix, so it names them to the others)
+    mixtures = distributed.from_main([s for s in args.strategies if validation and None in validation.strategy_nll(s)])
     mixed = (
         evaluate_strategies(
             replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),

@@ -292,7 +292,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gradientspace.evaluation.report import make_report
 
     run = _opened(config_from_run(args.run))  # a missing or corrupt run fails here, in one line
-    for figure in make_report(run.directory):
+    for figure in make_report(run):
         print(figure)
     return 0
 
@@ -359,7 +359,8 @@ GENERATE_OUTPUT = """Prints one JSON line per prompt: {"id", "model", "expert", 
 is the adapter that answered, named as `serve` names it in its responses (`expert-2`, or the fall-back:
 `generalist` or `single-continued`); `expert` is the cluster the router chose, and -1 means its top
 probability was below router.threshold; `fallback` says why the fall-back answered (`below_threshold`,
-or `expert_not_served`: the cluster's expert was not kept), else null. `probability` is the router's top
+`expert_not_served`: the cluster's expert was not kept, or `unknown_label`: `--strategy oracle` and a
+`source` no expert was trained on), else null. `probability` is the router's top
 probability (1.0 for a strategy without a router)."""
 
 

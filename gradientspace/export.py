@@ -76,7 +76,7 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
     elif run.stage_entry(f"adapters/{strategy}").get(
         "done"
     ):  # the group's expert where served, else the fall-back, as serve names them
-        served = served_adapters(run.directory, strategy)
+        served = served_adapters(run, strategy)
         by_group = {adapter.name.removeprefix("expert-"): adapter.name for adapter in served if not adapter.is_fallback}
         partition = read_partition(run, strategy)
         fallback = served[-1].name

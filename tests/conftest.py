@@ -193,6 +193,15 @@ def copied_run(run, destination):
     return shutil.copytree(run, destination / "run")
 
 
+def opened_run(run_dir):
+    """The run object of a finished run directory with the config it was made with, as `serve`, `route` and
+    `backend-command` open it."""
+    from gradientspace.config import config_from_run
+    from gradientspace.runner import Run
+
+    return Run(config_from_run(run_dir))
+
+
 def accept_edits(run) -> None:
     """Record a run's outputs as they are now: a test that edits an adapter on purpose (outputs are verified before use)."""
     import json

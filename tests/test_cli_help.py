@@ -5,11 +5,11 @@ import argparse
 import warnings
 
 import pytest
+from conftest import opened_run
 
 from gradientspace.cli import build_parser, main
 from gradientspace.config import config_keys, key_default, key_help, load_config
 from gradientspace.experts.adapters import served_groups
-from gradientspace.runs import RunDirectory
 
 pytestmark = pytest.mark.heavy(seconds=15)  # one whole `run` through the CLI
 
@@ -131,6 +131,6 @@ def test_report_of_a_real_run_has_the_new_sections(quiet_run):
     page = (run / "report.html").read_text()
     for heading in ("<h2>Clustering</h2>", "<h2>Routing</h2>", "Scored on <code>mix4-packaged:test</code>"):
         assert heading in page
-    fallback = [g for g, (path, _) in served_groups(RunDirectory(run), "routed").items() if path is None]
+    fallback = [g for g, (path, _) in served_groups(opened_run(run), "routed").items() if path is None]
     for k in fallback:
         assert f"Served by expert <code>experts/{k}/</code>" not in page

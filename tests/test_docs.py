@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import copied_run, make_records, tiny_run_config
+from conftest import copied_run, make_records, opened_run, tiny_run_config
 
 from gradientspace.cli import main
 
@@ -286,14 +286,13 @@ class Docs:
 
     def generate(self, snippet, command):
         from gradientspace.routing.model import served_adapters
-        from gradientspace.runs import RunDirectory
 
         out = self.main(snippet, command)
         (line,) = [json.loads(text) for text in out.splitlines() if text.startswith("{")]
         shown = re.search(r"#\s*→\s*(\{.*)", snippet.text)  # the line the docs show it printing
         keys = re.findall(r'"(\w+)":', shown.group(1)) if shown else GENERATED
         assert list(line) == keys, f"{snippet}: prints {list(line)}, the docs show {keys}"
-        served = {s.name for s in served_adapters(RunDirectory(self.run_of(command)))}
+        served = {s.name for s in served_adapters(opened_run(self.run_of(command)))}
         assert line["model"] in served and isinstance(line["text"], str) and 0 < line["probability"] <= 1, line
 
     def evaluate(self, snippet, command):
@@ -320,12 +319,11 @@ class Docs:
 
     def backend_command(self, snippet, command):
         from gradientspace.routing.model import served_adapters
-        from gradientspace.runs import RunDirectory
 
         out = self.main(snippet, command)
         printed = shlex.split(out)
         assert "--enable-lora" in printed and option(printed, "--port") == option(command, "--port"), snippet
-        for served in served_adapters(RunDirectory(self.run_of(command))):
+        for served in served_adapters(opened_run(self.run_of(command))):
             assert f"{served.name}={served.folder.resolve()}" in printed, (snippet, served.name)
         for shown in snippet.shown:  # the launch line the docs show: the same flags, in the same order
             flags = [w for w in shown.split() if w.startswith("--")]

@@ -32,7 +32,7 @@ def test_export_is_read_back_by_datasets_and_numpy_and_matches_the_run(served_ti
     np.testing.assert_array_equal(np.asarray(records["coordinates"], dtype=np.float32), sketch)
 
     # each record's adapter: its cluster's expert where that is served, else the fall-back, as `serve` names them
-    served = {adapter.name for adapter in served_adapters(run.directory, "routed")}
+    served = {adapter.name for adapter in served_adapters(run, "routed")}
     partition = read_partition(run, "routed")
     for record_id, adapter in zip(records["id"], records["adapter"]):
         expert = f"expert-{partition['groups'][partition['assignment'][record_id]]}"

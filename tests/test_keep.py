@@ -3,6 +3,7 @@ and every stage that reads an adapter keyed by it."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from gradientspace.experts.adapters import served_groups, train_experts
 from gradientspace.experts.strategies import get
 from gradientspace.routing.keep import bootstrap_upper_bound, keep_rule
 from gradientspace.routing.router import train_routers
+from gradientspace.runner import Run
 from gradientspace.runs import RunDirectory
 
 pytestmark = pytest.mark.heavy(seconds=45)  # tiny runs whose experts are kept, blended and dropped
@@ -164,7 +166,7 @@ def test_decisions_are_made_on_the_records_the_router_sends_and_the_served_adapt
 
     monkeypatch.setattr(RoutedPartition, "serving_groups", recording)
     decisions = decide_experts(config)
-    run = RunDirectory(config.out)
+    run = Run(config)
     validation_ids = sorted(r for r, in_validation in _split(config).items() if in_validation)
     assert seen["routed"][0] == validation_ids  # every validation record, routed as a test prompt would be
     routed_counts = np.bincount(seen["routed"][1], minlength=3)
@@ -191,7 +193,6 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from gradientspace.runner import Run
     from gradientspace.serving.cards import CardStage
 
     run = Run(routed_run)
@@ -201,7 +202,7 @@ def test_every_served_adapter_folder_carries_a_model_card_that_the_hub_and_peft_
     for strategy in strategies:
         decisions = run.stage_entry(f"keep/{strategy}").get("groups", {})
         terms = run.stage_entry(f"partition/{strategy}")["terms"]
-        for group, (folder, _) in served_groups(run.directory, strategy).items():
+        for group, (folder, _) in served_groups(run, strategy).items():
             if folder is None:  # the fall-back answers this group: no folder of its own to describe
                 continue
             card = ModelCard.load(folder / "README.md")
@@ -238,7 +239,6 @@ def test_the_keep_decisions_threshold_and_evaluation_follow_the_experts_they_ser
     from dataclasses import replace
 
     from gradientspace.routing.threshold import ThresholdStage
-    from gradientspace.runner import Run
 
     config = routed_run
     before = RunDirectory(config.out).manifest["stages"]
@@ -294,9 +294,9 @@ def test_a_saved_blend_reloads_as_a_plain_peft_folder_with_the_same_losses(route
         RunDirectory(config.out).path("experts", "keep.json"),
         {"strategy": "routed", "groups": {"0": {"lambda": 0.75}, "1": {"lambda": 0.0}}},
     )
-    served = {s.name: s.folder for s in served_adapters(RunDirectory(config.out))}
+    served = {s.name: s.folder for s in served_adapters(Run(config))}
     assert served["expert-0"] == folder and "expert-1" not in served
-    command = launch_command("vllm", "base", served_adapters(RunDirectory(config.out)), 8001)
+    command = launch_command("vllm", "base", served_adapters(Run(config)), 8001)
     assert (
         f"expert-0={folder}" in command and command[command.index("--max-lora-rank") + 1] == "8"
     )  # rank 2r = 4, rounded up to vLLM's 8
@@ -375,7 +375,7 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
     assert calibration["fallback"] == "single-continued__0" and threshold == calibration["threshold"]
     assert calibration["validation_nll_always_fallback"] == pytest.approx(np.mean(fallback_nll), abs=1e-6)
     # what serves it: the public id names the continued adapter, from its blended folder, the same adapter the model loads
-    served = served_adapters(run)
+    served = served_adapters(Run(config))
     assert (served[-1].name, served[-1].folder) == ("single-continued", continued)
     assert serving_names(StrategyModel(config, ["routed"]))["single-continued"] == "single-continued__0"
 
@@ -383,7 +383,7 @@ def test_keep_blend_and_threshold_are_decided_against_the_best_single_adapter(ro
     as_before = replace(config, experts=replace(config.experts, fallback="generalist"))
     decide_experts(as_before)
     assert json.loads(run.path("experts", "keep.json").read_text())["fallback"] == "single"
-    assert served_adapters(run)[-1].name == "generalist"
+    assert served_adapters(Run(as_before))[-1].name == "generalist"
     assert StrategyModel(as_before, ["routed"]).fallback_for("routed") == engine.generalist
 
 
@@ -394,7 +394,6 @@ def test_the_groups_of_every_strategy_but_the_fallback_are_decided_in_one_deal(r
     from dataclasses import replace
 
     from gradientspace.routing.keep import keep_decisions
-    from gradientspace.runner import Run
 
     config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
     strategies = ["routed", "single-continued", "random-clusters"]
@@ -418,3 +417,39 @@ def test_the_groups_of_every_strategy_but_the_fallback_are_decided_in_one_deal(r
         assert decisions[strategy] == written and list(written) == groups[strategy]
         for group, decision in written.items():
             assert run.directory.stage_entry(f"keep/{strategy}/{group}")["decision"] == decision
+
+
+def test_switching_to_keep_all_serves_every_expert_as_trained_not_the_earlier_decisions(
+    routed_run, tmp_path, monkeypatch
+):
+    """`experts.keep: all` after a run that decided on validation: the earlier `keep.json` (blends, and the continued adapter
+    as the fall-back) is not read, so every expert is served as trained and the generalist answers below the threshold;
+    the evaluation and the score matrices run on it and serving names the generalist."""
+    from dataclasses import replace
+
+    from gradientspace.commands import decide_experts, run_until
+    from gradientspace.routing import keep
+    from gradientspace.routing.model import StrategyModel, served_adapters
+
+    config = replace(routed_run, out=str(shutil.copytree(routed_run.out, tmp_path / "run")))
+    real = keep.keep_rule
+    monkeypatch.setattr(
+        keep, "keep_rule", lambda candidates, *args, **kwargs: {**real(candidates, *args, **kwargs), "lambda": 0.5}
+    )
+    decide_experts(config)
+    assert json.loads(Path(config.out, "experts", "keep.json").read_text())["fallback"] == "single-continued"
+
+    every = replace(config, experts=replace(config.experts, keep="all"))
+    run = Run(every)
+    experts = get("routed").folder(run)
+    assert served_groups(run, "routed") == {g: (experts / g, 1.0) for g in served_groups(run, "routed")}
+    assert (served_adapters(run)[-1].name, served_adapters(run)[-1].folder) == (
+        "generalist",
+        run.path("strategies", "single", "0"),
+    )
+    engine = StrategyModel(every, ["routed"])
+    assert engine.fallback_for("routed") == engine.generalist
+    result = run_until(every, "evaluate")
+    assert set(result["eval"]) >= {"routed", "single", "single-continued"}
+    calibration = json.loads(run.path("router", "router.json").read_text())["calibration"]
+    assert calibration["fallback"] == engine.generalist  # the threshold chosen against the generalist again

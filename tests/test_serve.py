@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import accept_edits, copied_run
+from conftest import accept_edits, copied_run, opened_run
 from safetensors.torch import load_file, save_file
 
 from gradientspace.cli import main
@@ -70,7 +70,7 @@ class Background:
 def run_dir(tmp_path_factory, served_tiny_run):
     """A copy of the shared tiny run (every expert served) whose adapters are pushed far apart, so that each one answers differently."""
     run = copied_run(served_tiny_run, tmp_path_factory.mktemp("serve"))
-    for seed, served in enumerate(served_adapters(RunDirectory(run))):
+    for seed, served in enumerate(served_adapters(opened_run(run))):
         path = served.folder / "adapter_model.safetensors"
         generator = torch.Generator().manual_seed(seed)
         weights = {
@@ -266,7 +266,7 @@ def reference_answer(run_dir, folder, prompt: str, max_tokens: int) -> str:
 
 def test_concurrent_requests_to_different_experts_equal_each_alone(served, client, run_dir):
     server, engine = served
-    folders = {s.name: s.folder for s in served_adapters(RunDirectory(run_dir))}
+    folders = {s.name: s.folder for s in served_adapters(opened_run(run_dir))}
     models = [list(folders)[i % len(folders)] for i in range(8)]
     expected = [reference_answer(run_dir, folders[m], p, 8) for m, p in zip(models, PROMPTS)]
     assert len(set(expected)) > 4  # the adapters really answer differently
@@ -378,7 +378,7 @@ def router(run_dir):
 
 @pytest.mark.parametrize("backend", ["vllm", "sglang"])
 def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
-    adapters = served_adapters(RunDirectory(run_dir))
+    adapters = served_adapters(opened_run(run_dir))
     names = [s.name if backend == "vllm" else f"BASE:{s.name}" for s in adapters]
     stub = Stub(["BASE"] + names)
     assert upstream_base(stub.server.url, backend, adapters) == "BASE"
@@ -422,7 +422,7 @@ def test_route_rewrites_model_and_relays_bytes(backend, run_dir, router):
 
 
 def test_route_refuses_an_upstream_without_the_experts(run_dir):
-    adapters = served_adapters(RunDirectory(run_dir))
+    adapters = served_adapters(opened_run(run_dir))
     stub = Stub(["BASE", "expert-0", "generalist"])
     try:
         with pytest.raises(BackendError, match="expert-1, expert-2"):
@@ -434,7 +434,7 @@ def test_route_refuses_an_upstream_without_the_experts(run_dir):
 
 
 def test_route_answers_502_when_the_upstream_is_gone(run_dir, router):
-    adapters = served_adapters(RunDirectory(run_dir))
+    adapters = served_adapters(opened_run(run_dir))
     proxy = Background(create_route_app(router, adapters, "BASE", f"http://127.0.0.1:{free_port()}", "vllm"))
     try:
         response = httpx.post(
@@ -454,7 +454,7 @@ def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
 
     from gradientspace.config import ServeConfig
 
-    adapters = served_adapters(RunDirectory(run_dir))
+    adapters = served_adapters(opened_run(run_dir))
     stub = Stub(["BASE", *(s.name for s in adapters)], key="upstream-key")
     with pytest.raises(BackendError, match="needs a key it was not given: give `--upstream-api-key`"):
         upstream_base(stub.server.url, "vllm", adapters)
@@ -512,7 +512,7 @@ def test_route_keys_probes_times_out_and_counts_like_serve(run_dir, router):
 
 def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
     """`serve` speaks the API `route` expects of vLLM: routed through both, the answer is the server's own."""
-    adapters = served_adapters(RunDirectory(run_dir))
+    adapters = served_adapters(opened_run(run_dir))
     base = upstream_base(served[0].url, "vllm", adapters)
     proxy = Background(create_route_app(router, adapters, base, served[0].url, "vllm"))
     try:
@@ -538,7 +538,7 @@ def test_route_in_front_of_gradientspace_serve(served, client, run_dir, router):
 def test_backend_command(run_dir, capsys):
     from gradientspace.models.loading import resolve
 
-    folders = {s.name: s.folder.resolve() for s in served_adapters(RunDirectory(run_dir))}
+    folders = {s.name: s.folder.resolve() for s in served_adapters(opened_run(run_dir))}
     assert main(["backend-command", str(run_dir), "--backend", "vllm"]) == 0
     words = shlex.split(capsys.readouterr().out)
     assert words[:3] == ["vllm", "serve", resolve("tiny-random")]
@@ -597,6 +597,6 @@ def test_generate_names_what_answered_as_serve_does(run_dir, capsys):
         (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert line["fallback"] == reason
         if reason:
-            assert line["expert"] == -1 and line["model"] == served_adapters(RunDirectory(run_dir))[-1].name
+            assert line["expert"] == -1 and line["model"] == served_adapters(opened_run(run_dir))[-1].name
         else:
             assert line["model"] == f"expert-{line['expert']}"

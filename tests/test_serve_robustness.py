@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import opened_run
 
 from gradientspace.cli import main
 from gradientspace.config import ServeConfig, config_from_run
 from gradientspace.routing.model import served_adapters
-from gradientspace.runs import RunDirectory
 
 pytest.importorskip("fastapi")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -578,11 +578,11 @@ def test_api_key_guards_every_v1_route_and_docs_when_asked(run_dir, monkeypatch)
 
 
 def test_route_has_the_same_guards(run_dir, router):
-    stub = Stub(["BASE", *(s.name for s in served_adapters(RunDirectory(run_dir)))])
+    stub = Stub(["BASE", *(s.name for s in served_adapters(opened_run(run_dir)))])
     settings = ServeConfig(max_body_bytes=4096)
     proxy = Background(
         create_route_app(
-            router, served_adapters(RunDirectory(run_dir)), "BASE", stub.server.url, "vllm", settings, api_key="sekret"
+            router, served_adapters(opened_run(run_dir)), "BASE", stub.server.url, "vllm", settings, api_key="sekret"
         )
     )
     try:
@@ -647,7 +647,7 @@ def test_metrics_count_fallbacks_and_the_router_pick_behind_them(served, client)
     url, engine = served[0].url, served[1]
     router = engine.model.routers["routed"]
     fallback = httpx.get(f"{url}/health").json()["fallback"]
-    assert fallback == served_adapters(RunDirectory(engine.model.config.out))[-1].name
+    assert fallback == served_adapters(opened_run(engine.model.config.out))[-1].name
     before, threshold = metric_samples(url), router.threshold
     try:
         router.threshold = 1.01

@@ -141,6 +141,25 @@ def test_generate_command(finished_run, capsys):
     assert below["expert"] == -1 and below["fallback"] == "below_threshold"  # the fall-back answered
 
 
+def test_the_label_oracle_says_a_label_it_has_no_expert_for_is_why_the_fall_back_answered(
+    finished_run, tmp_path, capsys
+):
+    _, run = finished_run
+    prompts = tmp_path / "labelled.jsonl"
+    rows = [
+        {"id": "known", "instruction": "What is 2 + 3?", "source": "math"},
+        {"id": "new", "instruction": "Name a colour.", "source": "poetry"},
+    ]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = ["generate", str(run), "--data", str(prompts), "--strategy", "oracle", "--max-new-tokens", "2"]
+    assert main(command) == 0
+    lines = {line["id"]: line for line in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    groups = json.loads((run / "strategies" / "oracle" / "partition.json").read_text())["groups"]
+    assert lines["known"]["expert"] == groups.index("math") and lines["known"]["fallback"] is None
+    assert lines["known"]["model"] != lines["new"]["model"]  # its own expert, not the fall-back
+    assert lines["new"]["expert"] == -1 and lines["new"]["fallback"] == "unknown_label"
+
+
 def test_generate_reads_a_file_through_the_column_mapping(finished_run, tmp_path, capsys):
     _, run = finished_run
     prompts = tmp_path / "prompts.jsonl"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from gradientspace.experts.adapters import served_fallback, served_groups
 from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, STRATEGIES
 from gradientspace.runner import Run
-from gradientspace.runs import RunDirectory, RunError, Stage, atomic_path
+from gradientspace.runs import RunError, Stage, atomic_path
 
 
 def _rows(path: Path) -> list[dict]:
@@ -68,7 +68,7 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def sketch_map(run: RunDirectory, out: Path) -> Path | None:
+def sketch_map(run: Run, out: Path) -> Path | None:
     if not run.path("sketch.safetensors").exists() or not run.path("clusters.jsonl").exists():
         return None
     coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].double().numpy()
@@ -90,7 +90,7 @@ def sketch_map(run: RunDirectory, out: Path) -> Path | None:
     return _save(figure, out / "sketch_map.png")
 
 
-def composition_heatmap(run: RunDirectory, out: Path) -> Path | None:
+def composition_heatmap(run: Run, out: Path) -> Path | None:
     table = run.stage_entry("cluster").get("composition")
     if not table:
         return None
@@ -108,11 +108,11 @@ def composition_heatmap(run: RunDirectory, out: Path) -> Path | None:
     return _save(figure, out / "composition.png")
 
 
-def energy_curve(run: RunDirectory, out: Path) -> Path | None:
+def energy_curve(run: Run, out: Path) -> Path | None:
     curve = run.stage_entry("gradients").get("energy_curve")
     if not curve:
         return None
-    rank = run.manifest.get("config", {}).get("sketch", {}).get("rank")
+    rank = run.directory.manifest.get("config", {}).get("sketch", {}).get("rank")
     figure, axis = _subplots(figsize=(5.5, 4))
     axis.plot(range(1, len(curve) + 1), curve, marker=".")
     if rank:
@@ -160,7 +160,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     return _save(figure, out / "latency.png")
 
 
-def silhouette_curve(run: RunDirectory, out: Path) -> Path | None:
+def silhouette_curve(run: Run, out: Path) -> Path | None:
     """`k: auto`: the cosine silhouette of every K tried, the chosen K marked."""
     entry = run.stage_entry("cluster")
     scores = {int(k): v for k, v in (entry.get("silhouette") or {}).items()}
@@ -177,19 +177,19 @@ def silhouette_curve(run: RunDirectory, out: Path) -> Path | None:
     return _save(figure, out / "silhouette.png")
 
 
-def loss_curves(run: RunDirectory, out: Path) -> Path | None:
+def loss_curves(run: Run, out: Path) -> Path | None:
     """Training loss per step (moving average) and validation NLL per epoch of every adapter."""
     files = (
-        sorted(run.root.glob("warmup/trainer_log.json"))
-        + sorted(run.root.glob("experts/*/trainer_log.json"))
-        + sorted(run.root.glob("strategies/*/*/trainer_log.json"))
+        sorted(run.directory.root.glob("warmup/trainer_log.json"))
+        + sorted(run.directory.root.glob("experts/*/trainer_log.json"))
+        + sorted(run.directory.root.glob("strategies/*/*/trainer_log.json"))
     )
     if not files:
         return None
     figure, (train_axis, validation_axis) = _subplots(1, 2, figsize=(11, 4.2))
     for path in files:
         log = json.loads(path.read_text())
-        label = str(path.parent.relative_to(run.root))
+        label = str(path.parent.relative_to(run.directory.root))
         losses = log["loss"]
         if len(losses) > 1:
             window = max(1, len(losses) // 20)
@@ -246,7 +246,7 @@ def _result_table(results: dict, strategies: list[str]) -> str:
     return _table(cells(lines[0]), [cells(line) for line in lines[2:]])
 
 
-def cluster_browser(run: RunDirectory) -> str:
+def cluster_browser(run: Run) -> str:
     """Per cluster: its most distinctive terms, size, label composition, the prompts nearest its centroid (sketch coordinates), its adapter."""
     if not run.path("clusters.jsonl").exists() or not run.path("samples.jsonl").exists():
         return "<p>No clusters yet: run <code>gradientspace cluster</code>.</p>"
@@ -309,7 +309,7 @@ def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def clustering_section(run: RunDirectory) -> str:
+def clustering_section(run: Run) -> str:
     """How good the clusters are: the label metrics, the sketch's captured energy, and `k: auto`'s scores."""
     entry = run.stage_entry("cluster")
     if not entry.get("done"):
@@ -339,12 +339,12 @@ def clustering_section(run: RunDirectory) -> str:
     return "".join(parts)
 
 
-def _fallback_name(run: RunDirectory, strategy: str) -> str:
+def _fallback_name(run: Run, strategy: str) -> str:
     owner = served_fallback(run, strategy)[0]
     return "the generalist" if owner == GENERALIST else owner
 
 
-def routing_section(run: RunDirectory) -> str:
+def routing_section(run: Run) -> str:
     """Per routed strategy: the router's held-out accuracy, the threshold and how it was chosen, which experts fell back."""
 
     rows = []
@@ -401,9 +401,9 @@ def routing_section(run: RunDirectory) -> str:
     )
 
 
-def scored_data(run: RunDirectory, results: dict) -> str:
+def scored_data(run: Run, results: dict) -> str:
     """Which test data the results come from: the run's `evaluate.data` (the last `evaluate --data` sets it) and how much of it."""
-    settings = run.manifest.get("config", {}).get("evaluate", {})
+    settings = run.directory.manifest.get("config", {}).get("evaluate", {})
     limit = settings.get("limit")
     return (
         f"<p>Scored on <code>{html.escape(str(settings.get('data', '?')))}</code>: {results.get('test_records', '?')} test records"
@@ -416,8 +416,8 @@ def latency_note(results: dict) -> str:
     return "" if timed else "<p>Latency was not measured (<code>evaluate.latency_prompts: 0</code>).</p>"
 
 
-def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
-    config = run.manifest.get("config", {})
+def write_html(run: Run, figures: list[Path], results: dict) -> Path:
+    config = run.directory.manifest.get("config", {})
     stages = [
         [
             name,
@@ -426,7 +426,7 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
             str(e.get("key", ""))[:8],
             time.strftime("%Y-%m-%d %H:%M", time.localtime(e["finished_at"])) if e.get("finished_at") else "–",
         ]
-        for name, e in run.manifest["stages"].items()
+        for name, e in run.directory.manifest["stages"].items()
     ]
     strategies = [s for s in results if isinstance(results[s], dict) and "overall" in results[s]]
     images = "".join(
@@ -435,7 +435,7 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
         for f in figures
     )
     sections = [
-        f"<h1>GradientSpace run <code>{html.escape(str(run.root))}</code></h1>",
+        f"<h1>GradientSpace run <code>{html.escape(str(run.directory.root))}</code></h1>",
         "<h2>Results</h2>"
         + (
             _result_table(results, strategies) + scored_data(run, results) + latency_note(results)
@@ -450,7 +450,7 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
         "<h2>Config</h2>" + _table(["key", "value"], [[k, json.dumps(v)] for k, v in _flat(config)]),
     ]
     page = (
-        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>GradientSpace report: {html.escape(run.root.name)}</title>"
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>GradientSpace report: {html.escape(run.directory.root.name)}</title>"
         f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n"
     )
     with atomic_path(run.path("report.html")) as tmp:
@@ -458,7 +458,7 @@ def write_html(run: RunDirectory, figures: list[Path], results: dict) -> Path:
     return run.path("report.html")
 
 
-def make_report(run: RunDirectory) -> list[Path]:
+def make_report(run: Run) -> list[Path]:
     """Every figure the run's files allow, then report.html; returns their paths."""
     out = run.path("report")
     out.mkdir(parents=True, exist_ok=True)
@@ -486,4 +486,4 @@ class ReportStage(Stage):
         return {}
 
     def run(self, run: Run, key: str, record: dict) -> None:
-        record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run.directory)]
+        record["outputs"] = [str(f.relative_to(run.directory.root)) for f in make_report(run)]

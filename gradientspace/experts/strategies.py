@@ -49,7 +49,7 @@ GRADIENT_CLUSTERS = (
 )
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the fall-back serves the prompt
 # why the fall-back answered a prompt instead of the group's own adapter (`Choice.fallback`, the serving metrics)
-BELOW_THRESHOLD, NOT_SERVED = "below_threshold", "expert_not_served"
+BELOW_THRESHOLD, NOT_SERVED, UNKNOWN_LABEL = "below_threshold", "expert_not_served", "unknown_label"
 
 
 class PromptRouter(Protocol):
@@ -107,7 +107,7 @@ class Choice:
     probability: float
     pick: int | None = None  # the router's top group before its threshold (None: no router chose)
     fallback: str | None = (
-        None  # why the fall-back adapter answers rather than the group's own (BELOW_THRESHOLD, NOT_SERVED)
+        None  # why the fall-back adapter answers rather than the group's own (BELOW_THRESHOLD, NOT_SERVED, UNKNOWN_LABEL)
     )
 
     @property
@@ -293,9 +293,13 @@ class TrueLabels(Strategy):
         return self.partitioner.groups(records, "strategy `oracle`")
 
     def choose(self, model, records):
+        # a label no expert was trained on has no group: the fall-back answers it, and says that this is why
         names = model.groups[self.name]
         return [
-            model.serve_group(self.name, names.index(r.source) if r.source in names else ROUTER_UNSURE) for r in records
+            model.serve_group(self.name, names.index(r.source))
+            if r.source in names
+            else replace(model.serve_group(self.name, ROUTER_UNSURE), fallback=UNKNOWN_LABEL)
+            for r in records
         ]
 
     def serving_groups(self, model, records):

@@ -34,7 +34,6 @@ from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.models.bank import FirstToken
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runner import Run, as_run
-from gradientspace.runs import RunDirectory
 
 WARMUP = "warmup"
 
@@ -68,7 +67,7 @@ class StrategyModel:
         undecided: str | None = None,
     ):
         command = as_run(run)  # a config alone (serve, generate): a run object of its own, with its own bank
-        self.config, self.run = command.config, command.directory
+        self.config, self.run = command.config, command
         suffix = f"epoch-{adapter_epoch}" if adapter_epoch else ""
         generalist = generalist_folder(self.run) / suffix
         if not (generalist / "adapter_model.safetensors").exists():
@@ -321,7 +320,7 @@ class StrategyModel:
         return results
 
 
-def gradient_cluster_space(run: RunDirectory) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_cluster_space(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """(sketch basis [d, r], unit centroids of the gradient clusters in sketch coordinates [K, r]), in float64.
 
     The same space spherical k-means clustered: a training sample's coordinates are Uᵀg, so a new
@@ -358,7 +357,7 @@ class ServedAdapter:
         return self.expert == ROUTER_UNSURE
 
 
-def served_adapters(run: RunDirectory, strategy: str = GRADIENT_CLUSTERS) -> list[ServedAdapter]:
+def served_adapters(run: Run, strategy: str = GRADIENT_CLUSTERS) -> list[ServedAdapter]:
     """Every expert that is served (kept, or blended with the fall-back), then the fall-back that answers every other router
     output: public id `generalist`, or the name of the strategy whose adapter it is (`single-continued`).
 
@@ -367,7 +366,7 @@ def served_adapters(run: RunDirectory, strategy: str = GRADIENT_CLUSTERS) -> lis
     """
     folder = get(strategy).folder(run)
     if not (folder / "partition.json").exists():
-        raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.root}` first")
+        raise FileNotFoundError(f"{folder} has no experts: run `gradientspace train-experts {run.config.out}` first")
     experts = [
         ServedAdapter(f"expert-{group}", i, path)
         for i, (group, (path, _)) in enumerate(served_groups(run, strategy).items())

@@ -153,4 +153,4 @@ def backend_command(run: Run, backend: str, port: int | None = None) -> str:
     from gradientspace.routing.model import served_adapters
 
     base = resolve(run.config.model.name)
-    return shlex.join(launch_command(backend, base, served_adapters(run.directory), port))
+    return shlex.join(launch_command(backend, base, served_adapters(run), port))

@@ -225,7 +225,7 @@ def route(
     config = run.config
     settings, key, upstream_key = config.serve, api_key(api_key_flag), upstream_api_key(upstream_key_flag)
     with listen(settings.host, settings.port) as sock:
-        served = served_adapters(run.directory)
+        served = served_adapters(run)
         base = upstream_base(upstream, backend, served, key=upstream_key)
         router = Router.load(
             get(GRADIENT_CLUSTERS).router_folder(run),
