@@ -360,6 +360,7 @@ def test_file_records_are_an_arrow_table_tokenised_and_batched_like_lists(tmp_pa
     plain = tokenize(as_list, tiny.tokenizer, max_length=48)
     assert isinstance(table, ExampleTable) and len(table) == len(plain)
     assert all(table[i] == plain[i] for i in range(len(plain)))
+    assert table[3:11] == plain[3:11] and table[-2:] == plain[-2:]  # sliced as a list is
     lazy = shuffled_length_batches(table, 4, 16, seed=3)
     eager = shuffled_length_batches(plain, 4, 16, seed=3)
     assert isinstance(lazy[0], LazyBatch)

@@ -127,7 +127,9 @@ class ExampleTable(Sequence):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):  # a list's slice, as callers batching by position take one
+            return [self[i] for i in range(*index.indices(len(self)))]
         row = self.dataset[int(index)]
         return Example(int(index), row["input_ids"], row["labels"], row["truncated"])
 
