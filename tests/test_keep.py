@@ -451,5 +451,8 @@ def test_switching_to_keep_all_serves_every_expert_as_trained_not_the_earlier_de
     assert engine.fallback_for("routed") == engine.generalist
     result = run_until(every, "evaluate")
     assert set(result["eval"]) >= {"routed", "single", "single-continued"}
+    assert (
+        "single-continued__0" not in result["eval"]["experts_used"]["routed"]
+    )  # its prompts: experts or the generalist
     calibration = json.loads(run.path("router", "router.json").read_text())["calibration"]
     assert calibration["fallback"] == engine.generalist  # the threshold chosen against the generalist again
