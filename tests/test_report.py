@@ -5,16 +5,10 @@ import re
 
 import pytest
 import torch
+from conftest import opened_run
 from safetensors.torch import save_file
 
-from gradientspace import load_config
 from gradientspace.evaluation.report import make_report
-from gradientspace.runner import Run
-
-
-def _folder_as_run(folder):
-    """A hand-made run folder as the run object the report reads (its files; the config only names the folder)."""
-    return Run(load_config(None, {"out": str(folder)}))
 
 
 def test_cluster_browser_shows_the_prompts_nearest_each_centroid(tmp_path):
@@ -36,7 +30,7 @@ def test_cluster_browser_shows_the_prompts_nearest_each_centroid(tmp_path):
             {"config": {"seed": 0}, "stages": {"cluster": {"done": True, "key": "abc", "seconds": 1.5, "terms": terms}}}
         )
     )
-    page = next(p for p in make_report(_folder_as_run(tmp_path)) if p.name == "report.html").read_text()
+    page = next(p for p in make_report(opened_run(tmp_path)) if p.name == "report.html").read_text()
     assert "prompt &lt;" in page and "prompt <" not in page  # prompts are escaped, not markup
     shown = re.findall(r"<summary>cluster (\d+) · (\d+) samples(?: · ([^<]*))?</summary>(.*?)</details>", page)
     assert [(k, n, named) for k, n, named, _ in shown] == [
@@ -173,7 +167,7 @@ def test_report_shows_clustering_routing_fallbacks_and_the_scored_data(tmp_path)
             }
         )
     )
-    outputs = make_report(_folder_as_run(tmp_path))
+    outputs = make_report(opened_run(tmp_path))
     page = next(p for p in outputs if p.name == "report.html").read_text()
     assert "<code>held/test.jsonl</code>: 6 test records (evaluate.limit = 6)" in page
     for shown in ("0.5625", "0.6875", "0.7188", "0.8125", "0.9688", "0.4375, chosen on 9 validation records", "0.3125"):

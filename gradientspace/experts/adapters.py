@@ -272,14 +272,11 @@ def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict
     fall-back adapter (0 < λ < 1, `<group>/blended/`), or None (λ = 0: the fall-back serves the group, `served_fallback`).
 
     `keep.json` (written by the keep stage) holds the decisions; without it (or with `apply_decisions` off, which the
-    keep stage itself uses) every trained adapter is served as it is. It is read only while the run's config decides the
-    strategy (`decided`): after a switch to `experts.keep: all` an earlier keep stage's file is stale.
+    keep stage itself uses) every trained adapter is served as it is (`recorded_decisions`: never a stale file).
     """
     folder = get(strategy).folder(run)
     partition = json.loads((folder / "partition.json").read_text())
-    keep_file = folder / "keep.json"
-    applies = apply_decisions and decided(run.config, strategy) and keep_file.exists()
-    decisions = json.loads(keep_file.read_text())["groups"] if applies else {}
+    decisions = recorded_decisions(run, strategy).get("groups", {}) if apply_decisions else {}
     served = {}
     for group in partition["groups"]:
         weight = 0.0 if group in partition.get("empty", []) else decisions.get(group, {}).get("lambda", 1.0)
@@ -288,13 +285,17 @@ def served_groups(run: Run, strategy: str, apply_decisions: bool = True) -> dict
     return served
 
 
+def recorded_decisions(run: Run, strategy: str) -> dict:
+    """`keep.json` as the keep stage wrote it, while the run's config decides the strategy (`decided`); {} otherwise —
+    none written, or an earlier keep stage's, stale after a switch to `experts.keep: all`."""
+    keep_file = get(strategy).folder(run) / "keep.json"
+    return json.loads(keep_file.read_text()) if decided(run.config, strategy) and keep_file.exists() else {}
+
+
 def recorded_fallback(run: Run, strategy: str) -> str:
     """The strategy whose adapter answers what `strategy` sends to none of its own, as its keep stage decided against it
     (`keep.json`'s `fallback`); the generalist wherever nothing is decided under the run's config."""
-    keep_file = get(strategy).folder(run) / "keep.json"
-    if not (decided(run.config, strategy) and keep_file.exists()):
-        return GENERALIST
-    return json.loads(keep_file.read_text()).get("fallback", GENERALIST)
+    return recorded_decisions(run, strategy).get("fallback", GENERALIST)
 
 
 def served_fallback(run: Run, strategy: str) -> tuple[str, Path]:

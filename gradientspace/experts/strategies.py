@@ -293,14 +293,9 @@ class TrueLabels(Strategy):
         return self.partitioner.groups(records, "strategy `oracle`")
 
     def choose(self, model, records):
+        choices = [model.serve_group(self.name, group) for group in self.serving_groups(model, records)]
         # a label no expert was trained on has no group: the fall-back answers it, and says that this is why
-        names = model.groups[self.name]
-        return [
-            model.serve_group(self.name, names.index(r.source))
-            if r.source in names
-            else replace(model.serve_group(self.name, ROUTER_UNSURE), fallback=UNKNOWN_LABEL)
-            for r in records
-        ]
+        return [replace(c, fallback=UNKNOWN_LABEL) if c.expert == ROUTER_UNSURE else c for c in choices]
 
     def serving_groups(self, model, records):
         names = model.groups[self.name]
