@@ -47,7 +47,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -196,16 +195,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
     validation = Scores(run.path("scores", "validation")) if distributed.is_main() else None
     # the ensemble: scored anew, every rank its share (rank 0 alone reads the matrix, so it names them to the others)
     mixtures = distributed.from_main([s for s in args.strategies if validation and None in validation.strategy_nll(s)])
-    mixed = (
-        evaluate_strategies(
-            replace(config, evaluate=replace(config.evaluate, decode_all_domains=[], generate_per_domain=0)),
-            mixtures,
-            run.validation,
-            write=False,
-        )
-        if mixtures
-        else {}
-    )
+    mixed = evaluate_strategies(run, mixtures, run.validation, write=False, answers=False) if mixtures else {}
     run.build(EvaluateStage(args.strategies))
     if not distributed.is_main():
         return None

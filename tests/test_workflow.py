@@ -216,6 +216,37 @@ REPORT_FACTS = """({
 })"""
 
 
+def test_an_nll_only_evaluation_decodes_nothing_and_scores_as_the_evaluation_did(finished_run, monkeypatch):
+    """`answers=False` (bench/experts.py's validation scoring of the ensemble): the run's own model, no answer decoded,
+    no HumanEval or latency, and the NLL per record the evaluation gave (the run asks for all three answers)."""
+    from conftest import opened_run
+
+    from gradientspace.models import loading
+    from gradientspace.routing.model import StrategyModel
+
+    _, run = finished_run
+    command = opened_run(run)
+    command.base_model()  # loaded before counting: the scoring below must load no second one
+    loads = []
+    monkeypatch.setattr(loading, "load_base_model", lambda *args, **kwargs: loads.append(args[0]))
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("an NLL-only evaluation decoded")
+
+    monkeypatch.setattr(StrategyModel, "generate", must_not_decode)
+    monkeypatch.setattr(evaluation, "humaneval", must_not_decode)
+    monkeypatch.setattr(evaluation, "latency", must_not_decode)
+    strategies = ["routed", "elrea-ensemble"]
+    results = evaluation.evaluate_strategies(command, strategies, write=False, answers=False)
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert loads == [] and results["latency"] == {}
+    for strategy in strategies:
+        assert results["per_record"][strategy]["nll"] == pytest.approx(
+            evaluated["per_record"][strategy]["nll"], abs=1e-4
+        )
+        assert all(row["generated"] == 0 and "humaneval_pass@1" not in row for row in results[strategy].values())
+
+
 def test_report_html_in_headless_chromium(finished_run):
     """report.html loads with no console errors, no external resources, and its screenshot shows the table and every figure."""
     from chromium import chromium, load_page, region_std

@@ -59,11 +59,14 @@ def evaluate_strategies(
     adapter_epoch: int | None = None,
     write: bool = True,
     scores=None,
+    answers: bool = True,
 ) -> dict | None:
     """`gradientspace evaluate RUN`: the Python API. Returns the eval.json content (None on ranks other than 0).
 
     Under torchrun every rank scores its shard of the test records; rank 0 gathers, times latency and writes.
     With `scores` (the records' `evaluation.scores.Scores`), a record served by one adapter has its NLL looked up there.
+    `answers=False` scores NLL only, decoding nothing (no answer metrics, HumanEval or latency): a validation scoring, made with
+    the run's own model rather than a second one under an edited config.
     """
     from gradientspace.routing.model import StrategyModel
 
@@ -84,7 +87,7 @@ def evaluate_strategies(
         "metrics": settings.metrics,
     }
     to_generate = []
-    for domain in domains:
+    for domain in domains if answers else []:
         members = [i for i, r in enumerate(records) if (r.source or "all") == domain]
         to_generate.extend(
             members if domain in config.evaluate.decode_all_domains else members[: config.evaluate.generate_per_domain]
@@ -120,7 +123,7 @@ def evaluate_strategies(
                     )
             row["generated"] = len(decoded)
             table[domain] = row
-        if settings.humaneval_problems and settings.code_domain in domains:
+        if answers and settings.humaneval_problems and settings.code_domain in domains:
             table.setdefault(settings.code_domain, {})["humaneval_pass@1"] = humaneval(engine, strategy, config)
         adapters = [choice.single_adapter or "ensemble" for choice in choices]
         results[strategy] = table
@@ -129,7 +132,8 @@ def evaluate_strategies(
         servable = all(
             choice.single_adapter for choice in choices
         )  # one adapter per prompt: what a server can answer with
-        results["latency"][strategy] = latency(engine, strategy, records, config, servable)
+        if answers:
+            results["latency"][strategy] = latency(engine, strategy, records, config, servable)
         results.setdefault("experts_used", {})[strategy] = experts_used
         results.setdefault("samples", {})[strategy] = [
             {"id": records[i].id, "expert": g.expert, "text": g.text[:400]} for i, g in list(by_index.items())[:8]
