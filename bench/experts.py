@@ -166,6 +166,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict | None:
             "model.name": args.model,
             "data.path": str(folder / "train.jsonl"),
             "data.max_length": args.max_length,
+            "cluster.method": "gradientspace",  # the arm the benchmark measures: GradientSpace's gradient clusters
             "cluster.k": args.k,
             "cluster.projection_dim": 8192,
             "experts.strategies": args.strategies,
@@ -301,6 +302,7 @@ def main() -> None:
                     write_json(result_file, report)
                     print(f"wrote {result_file} and {scores}", file=sys.stderr)
                 distributed.barrier()  # every rank sees the file before the next run's check
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ CONFIG = {
     "data": {"path": "mix4-packaged", "per_source": 6, "max_length": 96},
     "warmup": {"fraction": 0.25},
     "sketch": {"rank": 4},
-    "cluster": {"k": 3, "projection_dim": 16},
+    "cluster": {"method": "gradientspace", "k": 3, "projection_dim": 16},
     "experts": {"epochs": 2, "strategies": STRATEGIES, "keep_min_records": 1},
     "router": {"epochs": 20},
     "evaluate": {

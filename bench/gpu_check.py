@@ -859,7 +859,7 @@ def part_placement(sizes: Sizes, scratch: Path, out: Partial) -> None:
                 "data": {"path": str(placement_data(scratch, 24, seed=0)), "max_length": 96},
                 "warmup": {"fraction": 0.25},
                 "sketch": {"rank": 4},
-                "cluster": {"k": 3, "projection_dim": 16},
+                "cluster": {"method": "gradientspace", "k": 3, "projection_dim": 16},
                 "experts": {"epochs": 2, "strategies": ["routed", "single"]},
                 "router": {"epochs": 20},
                 "evaluate": {

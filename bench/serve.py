@@ -52,6 +52,7 @@ def make_run(folder: Path, per_source: int) -> Path:
             "data.path": "mix4-packaged",
             "data.per_source": per_source,
             "data.max_length": 192,
+            "cluster.method": "gradientspace",
             "cluster.k": 4,
             "experts.epochs": 1,
             "experts.strategies": ["routed", "single", "elrea-ensemble"],

@@ -76,6 +76,7 @@ def bench_one(name: str, per_label: int, seed: int, args) -> dict:
             "seed": seed,
             "model.name": args.model,
             "data.path": str(folder / "train.jsonl"),
+            "cluster.method": "gradientspace",  # selection ranks records in the sketch the gradient pass makes
             "cluster.k": 4,
             "experts.strategies": ["projection-clusters"],
             **dict(item.split("=", 1) for item in args.set),

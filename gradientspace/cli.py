@@ -16,7 +16,7 @@ from gradientspace.config import (
     key_help,
     load_config,
 )
-from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, STRATEGIES, routed
+from gradientspace.experts.strategies import GENERALIST, ROUTED, STRATEGIES, routed
 from gradientspace.serving.backends import BACKENDS
 
 # flag → dotted config key; flags left unset keep the YAML (or default) value
@@ -269,9 +269,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = config_from_run(args.run)
     _strategies(args.strategy, "--strategy")
     out = export_run(_opened(config), args.out, args.format, args.strategy)
-    print(
-        f"exported {args.run} to {out}: records ({args.format}), clusters.json, sketch/coordinates.npy and sketch/info.json"
+    sketch = (
+        "sketch/coordinates.npy and sketch/info.json"
+        if (out / "sketch").exists()
+        else f"no sketch coordinates (the run made no gradient pass: `cluster.method: {config.cluster.method}`)"
     )
+    print(f"exported {args.run} to {out}: records ({args.format}), clusters.json, {sketch}")
     return 0
 
 
@@ -467,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--data", help="a data file of prompts (records' outputs are ignored)")
     generate.add_argument(
         "--strategy",
-        default=GRADIENT_CLUSTERS,
+        default=ROUTED,
         help=f"how each prompt picks its adapter, one of {', '.join(STRATEGIES)} (default routed)",
     )
     generate.add_argument("--threshold", type=float, help="for this command only")
@@ -549,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--strategy",
-        default=GRADIENT_CLUSTERS,
-        help=f"whose served adapter the `adapter` column names (default {GRADIENT_CLUSTERS})",
+        default=ROUTED,
+        help=f"whose served adapter the `adapter` column names (default {ROUTED})",
     )
 
     select = reading_command(
@@ -606,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        distributed.close()
+        return code
     except UsageError as err:
         _error(str(err))
         return 2
@@ -619,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         # every rank raised this together (rank 0's refusal, broadcast by `runs.locked`), so all can meet here: each
         # has said why it stops before any leaves, and torchrun, which stops the others when one exits, cuts no one short
         distributed.barrier()
+        distributed.close()
         return 75
     except (ConfigError, DataError, ModelError, RunError, FileNotFoundError, BackendError) as err:
         if debug:

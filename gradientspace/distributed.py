@@ -38,6 +38,17 @@ def init() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
+def close() -> None:
+    """Leave the process group, on a rank that has finished its command in step with the others.
+
+    A rank that exits with the group still open lets the interpreter tear down around gloo's worker threads, which may
+    still hold tensors of finished work: freeing them then takes a GIL that is gone, and the rank dies of SIGABRT while
+    its peers are still working (seen once in CI, on the rank that finished first). Not called on a failure: a rank
+    whose peers wait in a collective would wait with them here, where exiting lets torchrun stop them all."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

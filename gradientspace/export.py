@@ -8,6 +8,9 @@
                                 `numpy.load(mmap_mode="r")` maps, as LESS, TRAK and bergson leave gradient features
     DIR/sketch/info.json        shape, dtype, rank, the basis they are coordinates in, the model, the stage key
 
+The coordinates exist where the run made the gradient pass: a run clustered by `cluster.method: embedding` (the
+default) has none, and its export holds the records, their clusters and adapters, without the column and sketch/.
+
 A record's coordinates are Uᵀg: its normalised LoRA gradient (at the warm-up adapter) in the
 sketch's top-r left singular vectors U, which stay in `RUN/sketch.safetensors` (d×r: at d ≈ 2·10⁷
 too large to copy by default). The export is written beside DIR and renamed into place, so DIR is
@@ -25,7 +28,7 @@ import numpy as np
 
 from gradientspace.config import ConfigError, RunConfig
 from gradientspace.experts.adapters import read_partition
-from gradientspace.experts.strategies import GRADIENT_CLUSTERS
+from gradientspace.experts.strategies import ROUTED
 from gradientspace.runner import Run, as_run
 from gradientspace.runs import content_key, note, write_json
 
@@ -44,17 +47,23 @@ def check_export_folder(out: Path, run_root: Path) -> None:
 
 
 def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict]:
-    """The records' columns, their sketch coordinates (N×r, dataset order) and each cluster's summary."""
+    """The records' columns, their sketch coordinates (N×r, dataset order; None where the run made no gradient pass) and
+    each cluster's summary."""
     from safetensors.torch import load_file
 
     from gradientspace.routing.model import served_adapters
 
     records = run.records
     clusters = [json.loads(line)["cluster"] for line in run.path("clusters.jsonl").read_text().splitlines()]
-    coordinates = load_file(str(run.path("sketch.safetensors")))["coordinates"].float().numpy()
-    if not len(records) == len(clusters) == len(coordinates):
+    coordinates = (
+        load_file(str(run.path("sketch.safetensors")))["coordinates"].float().numpy()
+        if run.stage_entry("gradients").get("done")
+        else None
+    )
+    rows = len(records) if coordinates is None else len(coordinates)
+    if not len(records) == len(clusters) == rows:
         raise ConfigError(
-            f"{run.directory.root}: {len(records)} records, {len(clusters)} cluster assignments and {len(coordinates)} "
+            f"{run.directory.root}: {len(records)} records, {len(clusters)} cluster assignments and {rows} "
             "sketch rows do not match; re-run `gradientspace cluster` on it"
         )
     columns = {
@@ -90,7 +99,7 @@ def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict
     return columns, coordinates, summary
 
 
-def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", strategy: str = GRADIENT_CLUSTERS) -> Path:
+def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", strategy: str = ROUTED) -> Path:
     """Write the export of the run `config.out` into `out` (see the module's help); returns `out`."""
     from datasets import Dataset, Features, List, Value
 
@@ -99,9 +108,10 @@ def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", str
     run = as_run(run)
     out = Path(out)
     check_export_folder(out, run.directory.root)
-    run.require_clustered("data", "gradients", "cluster")
+    run.require_clustered("data", "cluster")
     columns, coordinates, summary = _columns(run, strategy)
-    rank = coordinates.shape[1]
+    if coordinates is not None:
+        columns["coordinates"] = coordinates.tolist()
     features = Features(
         {
             "id": Value("string"),
@@ -110,29 +120,41 @@ def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", str
             "response": Value("string"),
             "split": Value("string"),
             "cluster": Value("int32"),
-            "coordinates": List(Value("float32"), length=rank),
+            **({"coordinates": List(Value("float32"), length=coordinates.shape[1])} if coordinates is not None else {}),
             **({"adapter": Value("string")} if "adapter" in columns else {}),
         }
     )
-    dataset = Dataset.from_dict({**columns, "coordinates": coordinates.tolist()}, features=features)
+    dataset = Dataset.from_dict(columns, features=features)
 
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "sketch").mkdir(parents=True)
+    partial.mkdir(parents=True)
     if fmt == "datasets":
         dataset.save_to_disk(str(partial / "records"))
     elif fmt == "parquet":
         dataset.to_parquet(str(partial / "records.parquet"))
     else:
         dataset.to_json(str(partial / "records.jsonl"), lines=True, force_ascii=False)
-    np.save(partial / "sketch" / "coordinates.npy", np.ascontiguousarray(coordinates, dtype=np.float32))
+    if coordinates is not None:
+        write_sketch(run, coordinates, partial / "sketch")
+    write_json(partial / "clusters.json", {"method": run.stage_entry("cluster").get("method"), "clusters": summary})
+    if out.exists():
+        out.rmdir()  # empty, as checked
+    partial.rename(out)
+    return out
+
+
+def write_sketch(run: Run, coordinates: np.ndarray, folder: Path) -> None:
+    """The records' sketch coordinates as a memory-mappable .npy, and what they are coordinates in."""
+    folder.mkdir()
+    np.save(folder / "coordinates.npy", np.ascontiguousarray(coordinates, dtype=np.float32))
     gradients = run.stage_entry("gradients")
     write_json(
-        partial / "sketch" / "info.json",
+        folder / "info.json",
         {
             "shape": list(coordinates.shape),
             "dtype": "float32",
-            "rank": rank,
+            "rank": coordinates.shape[1],
             "rows": "the records of records/, in order (column `id`)",
             "basis": {
                 "file": str(run.path("sketch.safetensors").resolve()),
@@ -148,8 +170,3 @@ def export_run(run: Run | RunConfig, out: str | Path, fmt: str = "datasets", str
             "run": str(run.directory.root.resolve()),
         },
     )
-    write_json(partial / "clusters.json", {"method": run.stage_entry("cluster").get("method"), "clusters": summary})
-    if out.exists():
-        out.rmdir()  # empty, as checked
-    partial.rename(out)
-    return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gradientspace.clustering.kmeans import RademacherProjector
+from gradientspace.clustering.partitioners import PARTITIONERS
 from gradientspace.clustering.stages import gradient_batches
 from gradientspace.config import ConfigError, RunConfig
 from gradientspace.data.loading import RecordTable, load_records, original_rows
@@ -139,6 +140,11 @@ def select_records(run: Run | RunConfig, target: str, top: str, out: str | Path)
     config = run.config
     out = Path(out)
     check_selection_file(out, run.directory.root)
+    if not run.stage_entry("gradients").get("done") and not PARTITIONERS[config.cluster.method].reads_gradients:
+        raise ConfigError(
+            f"{run.directory.root}: select ranks records by their gradients, and this run made no gradient pass "
+            f"(`cluster.method: {config.cluster.method}` needs none); select from a run made with `--method gradientspace`"
+        )
     run.require_clustered("data", "warmup", "gradients")
     targets, _ = load_records(target, columns=config.data.columns)
     records = run.records

@@ -117,7 +117,7 @@ model: {{name: tiny-random, lora_rank: 2}}
 data: {{path: mix4-packaged, per_source: 5, max_length: 96}}
 warmup: {{fraction: 0.25}}
 sketch: {{rank: 4}}
-cluster: {{k: 3, projection_dim: 16}}
+cluster: {{method: gradientspace, k: 3, projection_dim: 16}}
 experts: {{epochs: 2, strategies: {json.dumps(strategies)}{", " + experts if experts else ""}}}
 router: {{epochs: 20}}
 evaluate: {{data: "mix4-packaged:test", {evaluate}}}

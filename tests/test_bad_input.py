@@ -23,6 +23,8 @@ from gradientspace.cli import main
 from gradientspace.runs import RunLock
 
 RUN_FLAGS = [
+    "--method",
+    "gradientspace",
     "--set",
     "model.lora_rank=2",
     "--set",

@@ -143,7 +143,7 @@ def test_fewer_distinct_points_than_k_is_an_error_naming_the_cause():
     rows = (
         torch.ones(12, 16) + torch.arange(12).remainder(2)[:, None] * torch.eye(16)[0]
     )  # 12 samples, 2 distinct directions
-    config = load_config(None, {"cluster.k": 3})
+    config = load_config(None, {"cluster.method": "gradientspace", "cluster.k": 3})
     with pytest.raises(
         ConfigError,
         match=r"config key `cluster.k`: k-means left 1 of 3 clusters empty \(sizes \[.*\]\): the 12 samples' "

@@ -28,7 +28,8 @@ def run_command(launchers: list[list[str]], logs: Path, timeout: int = 900) -> N
                     )
                 )
         for node, agent in enumerate(agents):
-            assert agent.wait(timeout=timeout) == 0, (logs / f"node{node}.stderr").read_text()[-2000:]
+            # torchrun's own report of a failed rank fills about 2000 characters: keep what the ranks printed before it
+            assert agent.wait(timeout=timeout) == 0, (logs / f"node{node}.stderr").read_text()[-8000:]
     finally:
         for agent in agents:
             agent.kill()

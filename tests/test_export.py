@@ -97,3 +97,42 @@ def test_export_names_no_adapter_for_clusters_the_experts_were_not_trained_on(se
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert "adapter" not in load_from_disk(str(tmp_path / "export" / "records")).column_names
+
+
+def test_a_default_run_clusters_prompt_embeddings_with_no_gradient_pass_and_exports_no_coordinates(tmp_path, capsys):
+    """`cluster.method` defaults to `embedding` (the pre-registered test's H2): no warm-up, no gradient pass, the clusters
+    of the `embedding-clusters` arm; export writes records and clusters without coordinates, and select, which ranks
+    records in the sketch, refuses the run in one line."""
+    from conftest import write_records
+
+    from gradientspace.config import config_from_run
+    from gradientspace.experts.strategies import get
+    from gradientspace.runner import Run
+
+    data = tmp_path / "train.jsonl"
+    write_records(data, 12)
+    run_dir = tmp_path / "run"
+    assert main(["cluster", "--model", "tiny-random", "--data", str(data), "--out", str(run_dir), "--k", "2"]) == 0
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert "warmup" not in stages and "gradients" not in stages and stages["cluster"]["method"] == "embedding"
+    assert not (run_dir / "sketch.safetensors").exists()
+    run = Run(config_from_run(run_dir))
+    clusters = [json.loads(line)["cluster"] for line in (run_dir / "clusters.jsonl").read_text().splitlines()]
+    assert clusters == get("embedding-clusters").labels(run, run.config, run.records)
+    capsys.readouterr()
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    assert "no sketch coordinates" in capsys.readouterr().out
+    from datasets import load_from_disk
+
+    records = load_from_disk(str(tmp_path / "export" / "records"))
+    assert "coordinates" not in records.column_names and records["cluster"] == clusters
+    assert not (tmp_path / "export" / "sketch").exists()
+
+    target = tmp_path / "target.jsonl"
+    write_records(target, 2)
+    argv = ["select", str(run_dir), "--target", str(target), "--top", "3", "--out", str(tmp_path / "chosen.jsonl")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "`cluster.method: embedding`" in error and "--method gradientspace" in error
+    assert not (tmp_path / "chosen.jsonl").exists()

@@ -17,6 +17,8 @@ COUNTED_CLI = """
 import json, os, sys
 from pathlib import Path
 
+import torch
+
 from gradientspace.cli import main
 from gradientspace.clustering import stages
 from gradientspace.gradients import engine
@@ -40,6 +42,7 @@ def counted_stream(*args, **kwargs):
 engine.PerSampleGradients.batch = counted_batch
 stages.stream_gradients = counted_stream
 code = main(sys.argv[2:])
+counts["group_left"] = not torch.distributed.is_initialized()
 Path(sys.argv[1], f"rank{os.environ['RANK']}.json").write_text(json.dumps(counts))
 sys.exit(code)
 """
@@ -102,6 +105,8 @@ def test_a_gradient_pass_sharded_over_two_ranks_gives_the_unsharded_clusters(dec
     batches = math.ceil(samples / GradientConfig().batch_size)
     assert batches % 2 == 1 and [c["batches"] for c in counts] == [(batches + 1) // 2, batches // 2], counts
     assert [c["passes"] for c in counts] == [(batches + 1) // 2] * 2, counts  # rank 1's last pass is the filler
+    # each rank left the process group before exiting: rank 1, done first, once died of SIGABRT in interpreter teardown
+    assert all(c["group_left"] for c in counts), counts
 
     sharded, unsharded = (
         load_file(str(run / "sketch.safetensors")),

@@ -9,7 +9,18 @@ from safetensors.torch import load_file
 
 from gradientspace.cli import main
 
-RUN_FLAGS = ["--k", "2", "--max-length", "64", "--rank", "4", "--set", "warmup.fraction=0.5"]
+RUN_FLAGS = [
+    "--method",
+    "gradientspace",
+    "--k",
+    "2",
+    "--max-length",
+    "64",
+    "--rank",
+    "4",
+    "--set",
+    "warmup.fraction=0.5",
+]
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,19 @@ def test_what_each_strategy_needs_trained():
         get("nope")
 
 
+def test_the_gradient_oracle_asks_for_the_gradient_pass_whatever_the_clusters_are_made_of(tmp_path):
+    """It routes by gradients on the sketch basis: at the default `cluster.method` (embedding), which needs no gradient
+    pass, serving it still builds the sketch (and the warm-up it is taken at); routed alone does not."""
+    from gradientspace.routing.pipeline import serving_stages
+    from gradientspace.runner import Run
+
+    run = Run(load_config(None, {"out": str(tmp_path / "run"), "experts.strategies": ["routed", "gradient-oracle"]}))
+    names = lambda strategy: {stage.name for stage in serving_stages(run, strategy)}
+    assert {"cluster", "gradients"} <= names("gradient-oracle") and "gradients" not in names("routed")
+    (gradients,) = [stage for stage in serving_stages(run, "gradient-oracle") if stage.name == "gradients"]
+    assert [stage.name for stage in gradients.requires(run)] == ["warmup"]
+
+
 def test_config_and_cli_accept_exactly_the_registry(tmp_path, capsys):
     for name in STRATEGIES:
         assert load_config(None, {"experts.strategies": [name]}).experts.strategies == [name]
@@ -78,7 +91,7 @@ def test_a_strategy_added_to_the_registry_runs_end_to_end(served_tiny_run, tmp_p
 
 def test_no_module_outside_the_registry_names_a_strategy():
     """Behaviour lives on the strategy objects: a strategy's name as a string literal anywhere else in the package would be a
-    branch on it (the registry's constants, `GENERALIST` and `GRADIENT_CLUSTERS`, name the two the pipeline is built around)."""
+    branch on it (the registry's constants, `GENERALIST` and `ROUTED`, name the two the pipeline is built around)."""
     import ast
     from pathlib import Path
 

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors.torch import load_file
 
 from gradientspace.experts.adapters import served_fallback, served_groups
-from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, STRATEGIES
+from gradientspace.experts.strategies import GENERALIST, ROUTED, STRATEGIES
 from gradientspace.runner import Run
 from gradientspace.runs import RunError, Stage, atomic_path
 
@@ -260,8 +260,8 @@ def cluster_browser(run: Run) -> str:
     composition = run.stage_entry("cluster").get("composition") or {}
     interference = run.stage_entry("cluster").get("interference") or {}
     terms = run.stage_entry("cluster").get("terms") or {}
-    served = served_groups(run, GRADIENT_CLUSTERS) if run.path("experts", "partition.json").exists() else {}
-    fallback = html.escape(_fallback_name(run, GRADIENT_CLUSTERS)) if served else None
+    served = served_groups(run, ROUTED) if run.path("experts", "partition.json").exists() else {}
+    fallback = html.escape(_fallback_name(run, ROUTED)) if served else None
     decisions = run.stage_entry("keep/routed").get("groups") or {}
     parts = []
     for k in sorted(set(clusters.tolist())):

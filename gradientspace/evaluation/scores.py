@@ -153,7 +153,7 @@ def score_shard(run, strategies: list[str], split: str, records: list[Record]) -
     for strategy in strategies:
         choices, _ = engine.choose(strategy, records)
         part["served"][strategy] = [column_of(c.single_adapter) if c.single_adapter else None for c in choices]
-    if engine.has_gradient_clusters():
+    if engine.has_sketch_space():
         part["sketch"] = engine.sketch_coordinates(records).numpy()
     part["folders"] = [str(f.relative_to(run.directory.root)) for f in folders]
     part["thresholds"] = {s: engine.routers[s].threshold for s in part["routers"]}

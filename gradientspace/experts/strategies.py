@@ -6,11 +6,11 @@ it; adding a strategy is adding one object here.
 
 | strategy | partition | adapter used for a prompt |
 | --- | --- | --- |
-| routed | gradient clusters (`clusters.jsonl`) | the expert its router picks (the fall-back below the threshold, or where the expert is not kept) |
+| routed | the clusters of `cluster.method` (`clusters.jsonl`): prompt embeddings by default, gradients with `gradientspace` | the expert its router picks (the fall-back below the threshold, or where the expert is not kept) |
 | single | everything in one group: the generalist | the generalist |
 | single-wide | everything, LoRA rank K·r (as many parameters as K experts) | that adapter |
 | single-continued | everything in one group, branched from the generalist with the experts' schedule (the annealed baseline) | that adapter if it beat the generalist on validation, else the generalist |
-| gradient-oracle | serves routed's experts | the expert whose centroid is nearest the prompt's own response gradient projected on the sketch basis: no router can see it, so routed vs gradient-oracle separates routing error from expert quality |
+| gradient-oracle | serves routed's experts | the expert whose centroid is nearest the prompt's own response gradient projected on the sketch basis (the gradient pass runs for it whatever `cluster.method` is): no router can see it, so routed vs gradient-oracle separates routing error from expert quality |
 | oracle | the true `source` labels | the expert of the prompt's label (the ceiling; needs `source`) |
 | random-clusters | balanced random groups, same K (the control) | that partition's expert, by its own router |
 | embedding-clusters | k-means on MiniLM prompt embeddings | that partition's expert, by its own router |
@@ -44,9 +44,7 @@ from gradientspace.config import DEFAULT_STRATEGIES, LIST_CHOICES, RunConfig
 from gradientspace.data.records import Record
 
 GENERALIST = "single"  # the adapter every other strategy branches from
-GRADIENT_CLUSTERS = (
-    "routed"  # GradientSpace's own strategy: the gradient clusters, routed (what `export` and `generate` default to)
-)
+ROUTED = "routed"  # the product's own strategy: the clusters of `cluster.method`, routed (`export` and `generate` default to it)
 ROUTER_UNSURE = -1  # a router's answer below its threshold: the fall-back serves the prompt
 # why the fall-back answered a prompt instead of the group's own adapter (`Choice.fallback`, the serving metrics)
 BELOW_THRESHOLD, NOT_SERVED, UNKNOWN_LABEL = "below_threshold", "expert_not_served", "unknown_label"
@@ -92,7 +90,8 @@ class PipelineStages(Protocol):
 
     run: object  # the `runner.Run` they belong to
 
-    def clusters(self): ...  # the gradient clusters (and the sketch and warm-up they come from)
+    def clusters(self): ...  # the clusters of `cluster.method` (and whatever they come from)
+    def gradients(self): ...  # the sketch: every training record's gradient on its basis (and the warm-up)
     def served(self, strategy: str): ...  # a strategy's adapters, as kept, blended or dropped
     def router(self, strategy: str) -> list: ...  # its router, and its threshold where it is chosen on validation
     def centroids(self): ...  # the ensemble's per-cluster mean gradients
@@ -326,8 +325,8 @@ class RoutedPartition(Strategy):
         return model.routers[self.name].probabilities([r.prompt_text for r in records]).argmax(dim=1).tolist()
 
 
-class GradientClusters(RoutedPartition):
-    name, help = "routed", "gradient clusters + MiniLM router (GradientSpace)"
+class RoutedClusters(RoutedPartition):
+    name, help = "routed", "the clusters of `cluster.method` (embedding by default, or gradientspace) + MiniLM router"
 
     def folder(self, run):
         return run.path("experts")  # the product's own experts sit at the top of the run
@@ -390,11 +389,12 @@ class GradientOracle(Strategy):
 
     @property
     def owner(self) -> str:
-        return GradientClusters.name
+        return RoutedClusters.name
 
     def serving_stages(self, stages):
-        # it routes by the warm-up's gradients projected on the sketch, onto the clusters
-        return super().serving_stages(stages) + [stages.clusters()]
+        # it routes by the warm-up's gradients projected on the sketch, onto the clusters: the sketch is made for it where
+        # the clusters did not need one (`cluster.method: embedding`)
+        return super().serving_stages(stages) + [stages.clusters(), stages.gradients()]
 
     def prepare(self, model):
         model.load_gradient_oracle()
@@ -414,7 +414,7 @@ class ElreaEnsemble(Strategy):
 
     @property
     def owner(self) -> str:
-        return GradientClusters.name
+        return RoutedClusters.name
 
     def serving_stages(self, stages):
         return super().serving_stages(stages) + [stages.centroids()]
@@ -444,7 +444,7 @@ class ElreaEnsemble(Strategy):
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        GradientClusters(),
+        RoutedClusters(),
         OneAdapter("single", "one LoRA (rank r) on everything: the generalist"),
         OneAdapter("single-wide", "one LoRA of rank K·r on everything: as many parameters as K experts", wide=True),
         ContinuedGeneralist(),
@@ -457,7 +457,7 @@ STRATEGIES: dict[str, Strategy] = {
     )
 }
 LIST_CHOICES["experts.strategies"] = STRATEGIES  # config validation accepts exactly the registered names
-DEFAULT_STRATEGIES[:] = [GRADIENT_CLUSTERS, GENERALIST, RandomClusters.name]  # ours, the one adapter, and the control
+DEFAULT_STRATEGIES[:] = [ROUTED, GENERALIST, RandomClusters.name]  # ours, the one adapter, and the control
 
 
 def get(name: str) -> Strategy:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from gradientspace.data.tokens import collate, tokenize
 from gradientspace.experts.adapters import AdapterStage, PartitionStage, generalist_folder
-from gradientspace.experts.strategies import GENERALIST, GRADIENT_CLUSTERS, get
+from gradientspace.experts.strategies import GENERALIST, ROUTED, get
 from gradientspace.gradients.engine import PerSampleGradients, transform
 from gradientspace.routing.model import StrategyModel
 from gradientspace.runner import Run
@@ -26,7 +26,7 @@ def compute_elrea_centroids(command_run: Run) -> Path:
     on the run's one adapter bank."""
     config, records, run = command_run.config, command_run.records, command_run.directory
     path = run.path("elrea", "centroids.safetensors")
-    partition = json.loads((get(GRADIENT_CLUSTERS).folder(run) / "partition.json").read_text())
+    partition = json.loads((get(ROUTED).folder(run) / "partition.json").read_text())
     groups, labels = partition["groups"], [partition["assignment"][r.id] for r in records]
     generalist = StrategyModel.adapter_name(GENERALIST, "0")
     bank = command_run.bank(generalist, generalist_folder(run))
@@ -61,7 +61,7 @@ class CentroidStage(Stage):
     name = "elrea-centroids"
 
     def requires(self, run: Run):
-        return [PartitionStage(GRADIENT_CLUSTERS), AdapterStage(GENERALIST, "0")]
+        return [PartitionStage(ROUTED), AdapterStage(GENERALIST, "0")]
 
     def inputs(self, run: Run) -> dict[str, str]:
         return {}

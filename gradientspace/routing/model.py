@@ -24,8 +24,8 @@ from gradientspace.experts.adapters import generalist_folder, recorded_fallback,
 from gradientspace.experts.strategies import (
     BELOW_THRESHOLD,
     GENERALIST,
-    GRADIENT_CLUSTERS,
     NOT_SERVED,
+    ROUTED,
     ROUTER_UNSURE,
     Choice,
     get,
@@ -203,7 +203,7 @@ class StrategyModel:
         """Each record's gradient cluster from its own response gradient, as the clustering pass computed it."""
         return (self.sketch_coordinates(records) @ self.oracle_space[1].T).argmax(dim=1).tolist()
 
-    def has_gradient_clusters(self) -> bool:
+    def has_sketch_space(self) -> bool:
         return self.run.path("clusters.jsonl").exists() and self.run.path("sketch.safetensors").exists()
 
     def sketch_coordinates(self, records: list[Record]) -> torch.Tensor:
@@ -357,7 +357,7 @@ class ServedAdapter:
         return self.expert == ROUTER_UNSURE
 
 
-def served_adapters(run: Run, strategy: str = GRADIENT_CLUSTERS) -> list[ServedAdapter]:
+def served_adapters(run: Run, strategy: str = ROUTED) -> list[ServedAdapter]:
     """Every expert that is served (kept, or blended with the fall-back), then the fall-back that answers every other router
     output: public id `generalist`, or the name of the strategy whose adapter it is (`single-continued`).
 
@@ -376,7 +376,7 @@ def served_adapters(run: Run, strategy: str = GRADIENT_CLUSTERS) -> list[ServedA
     return experts + [ServedAdapter(GENERALIST_MODEL if owner == GENERALIST else owner, ROUTER_UNSURE, fallback)]
 
 
-def serving_names(model: StrategyModel, strategy: str = GRADIENT_CLUSTERS) -> dict[str, str]:
+def serving_names(model: StrategyModel, strategy: str = ROUTED) -> dict[str, str]:
     """Public model id → the adapter `model` loaded for it, for every served adapter."""
     owner = get(strategy).owner
     return {served.name: model.adapter_for(owner, served.expert) for served in served_adapters(model.run, owner)}

@@ -1,9 +1,9 @@
-"""The stages a strategy asks for by what they give (`strategies.PipelineStages`): clusters, its served adapters, its router
-and threshold, the ensemble's centroids; `serving_stages`, every stage whose output serving a strategy reads."""
+"""The stages a strategy asks for by what they give (`strategies.PipelineStages`): clusters, the sketch, its served adapters,
+its router and threshold, the ensemble's centroids; `serving_stages`, every stage whose output serving a strategy reads."""
 
 from __future__ import annotations
 
-from gradientspace.clustering.stages import ClusterStage
+from gradientspace.clustering.stages import ClusterStage, GradientStage
 from gradientspace.experts.strategies import get
 from gradientspace.routing.ensemble import CentroidStage
 from gradientspace.routing.keep import served_stage
@@ -21,6 +21,9 @@ class PipelineStages:
 
     def clusters(self) -> Stage:
         return ClusterStage()
+
+    def gradients(self) -> Stage:
+        return GradientStage()
 
     def served(self, strategy: str) -> Stage:
         return served_stage(self.run, strategy)

@@ -46,7 +46,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from gradientspace.data.records import Record
 from gradientspace.data.tokens import prompt_text
-from gradientspace.experts.strategies import GRADIENT_CLUSTERS
+from gradientspace.experts.strategies import ROUTED
 from gradientspace.routing.model import StrategyModel, served_adapters, serving_names
 
 
@@ -214,7 +214,7 @@ class Engine:
     def __init__(
         self,
         model: StrategyModel,
-        strategy: str = GRADIENT_CLUSTERS,
+        strategy: str = ROUTED,
         max_batch_size: int = 16,
         batch_window: float = 0.01,
         max_queued: int = 256,

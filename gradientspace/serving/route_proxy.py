@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from gradientspace.config import ServeConfig
-from gradientspace.experts.strategies import BELOW_THRESHOLD, GRADIENT_CLUSTERS, NOT_SERVED, ROUTER_UNSURE, get
+from gradientspace.experts.strategies import BELOW_THRESHOLD, NOT_SERVED, ROUTED, ROUTER_UNSURE, get
 from gradientspace.routing.model import ServedAdapter
 from gradientspace.routing.router import Router, threshold_override
 from gradientspace.runner import Run
@@ -228,7 +228,7 @@ def route(
         served = served_adapters(run)
         base = upstream_base(upstream, backend, served, key=upstream_key)
         router = Router.load(
-            get(GRADIENT_CLUSTERS).router_folder(run),
+            get(ROUTED).router_folder(run),
             pick_device(config.model.device),
             threshold=threshold_override(config),
         )

@@ -30,7 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gradientspace.config import RunConfig, ServeConfig
-from gradientspace.experts.strategies import GRADIENT_CLUSTERS
+from gradientspace.experts.strategies import ROUTED
 from gradientspace.routing.model import ServedAdapter
 from gradientspace.runner import Run
 
@@ -304,9 +304,7 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build(
-    run: Run | RunConfig, strategy: str = GRADIENT_CLUSTERS, api_key: str | None = None
-) -> tuple[FastAPI, Engine]:
+def build(run: Run | RunConfig, strategy: str = ROUTED, api_key: str | None = None) -> tuple[FastAPI, Engine]:
     """The app and its engine for a run: the base model with every served adapter, and the router."""
     from gradientspace.routing.model import StrategyModel, served_adapters
 
