@@ -46,7 +46,7 @@ def check_export_folder(out: Path, run_root: Path) -> None:
         )
 
 
-def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray, dict]:
+def _columns(run: Run, strategy: str) -> tuple[dict[str, list], np.ndarray | None, dict]:
     """The records' columns, their sketch coordinates (N×r, dataset order; None where the run made no gradient pass) and
     each cluster's summary."""
     from safetensors.torch import load_file
